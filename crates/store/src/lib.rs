@@ -1,0 +1,340 @@
+//! Node state in sled: accepted manifests, the active and previous version of each
+//! model, per-version rollout state, and the peer book.
+//!
+//! Every change that touches more than one key runs in one sled transaction, so a crash
+//! leaves either all of it or none. A schema version is stored on first open and checked
+//! on every open after.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use slmesh_protocol::manifest::{SignedManifest, VerifiedManifest};
+use slmesh_protocol::rollout::RolloutState;
+use slmesh_protocol::trust::Tags;
+use slmesh_protocol::{wire, NodeId, ProtocolError};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+use std::collections::BTreeSet;
+use std::path::Path;
+use thiserror::Error;
+
+/// Bump when the layout of stored values changes; `open` refuses other versions.
+pub const SCHEMA_VERSION: u32 = 1;
+const SCHEMA_KEY: &[u8] = b"schema_version";
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("state database: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("state database at {path} has schema version {found}, this slmesh needs {expected}: use a matching slmesh, or move the folder away to start afresh")]
+    SchemaMismatch { path: String, found: u32, expected: u32 },
+    #[error("state database holds a damaged {what}: {reason}")]
+    Corrupt { what: &'static str, reason: String },
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// What a node holds of one model name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelState {
+    /// Highest version whose manifest was accepted.
+    pub latest_known: u64,
+    /// Versions whose verified files are on disk.
+    pub staged: BTreeSet<u64>,
+    pub active: Option<u64>,
+    /// The version active before `active`: kept on disk for an instant rollback.
+    pub previous: Option<u64>,
+    /// A version pinned by local config, if any.
+    pub pinned: Option<u64>,
+}
+
+impl ModelState {
+    /// Versions whose files must stay on disk.
+    pub fn keep(&self) -> BTreeSet<u64> {
+        self.active.iter().chain(self.previous.iter()).chain(self.pinned.iter()).copied().collect()
+    }
+}
+
+/// What a node knows of a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    pub node: NodeId,
+    pub addrs: Vec<String>,
+    pub tags: Tags,
+    /// Unix seconds.
+    pub last_seen: u64,
+    pub rtt_micros: Option<u64>,
+}
+
+pub struct Store {
+    db: sled::Db,
+    path: String,
+    meta: sled::Tree,
+    manifests: sled::Tree,
+    models: sled::Tree,
+    rollouts: sled::Tree,
+    peers: sled::Tree,
+}
+
+fn manifest_key(name: &str, version: u64) -> Vec<u8> {
+    let mut k = name.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn split_manifest_key(k: &[u8]) -> Option<(String, u64)> {
+    let (name, version) = k.split_at_checked(k.len().checked_sub(9)?)?;
+    let version: [u8; 8] = version.get(1..)?.try_into().ok()?;
+    Some((String::from_utf8(name.to_vec()).ok()?, u64::from_be_bytes(version)))
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T> {
+    wire::decode(bytes, what).map_err(|e| StoreError::Corrupt { what, reason: e.to_string() })
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    Ok(wire::encode(value)?)
+}
+
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<StoreError>>;
+
+fn abort<T>(e: StoreError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn tx_model(models: &TransactionalTree, name: &str) -> TxResult<ModelState> {
+    match models.get(name.as_bytes())? {
+        Some(b) => decode(&b, "model state").or_else(abort),
+        None => Ok(ModelState::default()),
+    }
+}
+
+fn tx_put<T: Serialize>(tree: &TransactionalTree, key: &[u8], value: &T) -> TxResult<()> {
+    let bytes = encode(value).or_else(abort)?;
+    tree.insert(key, bytes)?;
+    Ok(())
+}
+
+fn unwrap_tx<T>(r: std::result::Result<T, TransactionError<StoreError>>) -> Result<T> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Sled(e),
+    })
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = sled::Config::new().path(path).open()?;
+        let store = Store {
+            path: path.display().to_string(),
+            meta: db.open_tree("meta")?,
+            manifests: db.open_tree("manifests")?,
+            models: db.open_tree("models")?,
+            rollouts: db.open_tree("rollouts")?,
+            peers: db.open_tree("peers")?,
+            db,
+        };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    fn check_schema(&self) -> Result<()> {
+        let stored = self
+            .meta
+            .compare_and_swap(SCHEMA_KEY, None as Option<&[u8]>, Some(&SCHEMA_VERSION.to_le_bytes()[..]))?;
+        let found = match stored {
+            Ok(()) => {
+                self.db.flush()?;
+                return Ok(());
+            }
+            Err(cas) => cas.current.ok_or_else(|| StoreError::Corrupt {
+                what: "schema version",
+                reason: "vanished while opening".into(),
+            })?,
+        };
+        let found: [u8; 4] = found.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+            what: "schema version",
+            reason: format!("{} bytes", found.len()),
+        })?;
+        let found = u32::from_le_bytes(found);
+        if found != SCHEMA_VERSION {
+            return Err(StoreError::SchemaMismatch { path: self.path.clone(), found, expected: SCHEMA_VERSION });
+        }
+        Ok(())
+    }
+
+    /// Makes every change so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The highest accepted version of `name`: what a new manifest must beat.
+    pub fn latest_version(&self, name: &str) -> Result<Option<u64>> {
+        Ok(self.model(name)?.map(|m| m.latest_known).filter(|v| *v > 0))
+    }
+
+    pub fn model(&self, name: &str) -> Result<Option<ModelState>> {
+        self.models.get(name.as_bytes())?.map(|b| decode(&b, "model state")).transpose()
+    }
+
+    pub fn models(&self) -> Result<Vec<(String, ModelState)>> {
+        self.models
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let name = String::from_utf8(k.to_vec())
+                    .map_err(|_| StoreError::Corrupt { what: "model name", reason: "not UTF-8".into() })?;
+                Ok((name, decode(&v, "model state")?))
+            })
+            .collect()
+    }
+
+    /// Records a verified manifest, unless one of the same name and a version at least as
+    /// high is already held (checked again here, inside the transaction, so two racing
+    /// receivers cannot both win).
+    pub fn put_manifest(&self, verified: &VerifiedManifest) -> Result<()> {
+        let name = verified.manifest.name.as_str();
+        let version = verified.manifest.version;
+        let bytes = verified.signed.to_bytes()?;
+        unwrap_tx((&self.manifests, &self.models).transaction(|(manifests, models)| {
+            let mut state = tx_model(models, name)?;
+            if state.latest_known >= version {
+                return abort(StoreError::Protocol(ProtocolError::NotNewer {
+                    name: name.to_string(),
+                    offered: version,
+                    held: state.latest_known,
+                }));
+            }
+            state.latest_known = version;
+            manifests.insert(manifest_key(name, version), bytes.clone())?;
+            tx_put(models, name.as_bytes(), &state)
+        }))?;
+        self.flush()
+    }
+
+    pub fn manifest(&self, name: &str, version: u64) -> Result<Option<SignedManifest>> {
+        self.manifests
+            .get(manifest_key(name, version))?
+            .map(|b| SignedManifest::from_bytes(&b).map_err(|e| StoreError::Corrupt { what: "manifest", reason: e.to_string() }))
+            .transpose()
+    }
+
+    /// Every (name, version) with a stored manifest, in order.
+    pub fn manifest_versions(&self) -> Result<Vec<(String, u64)>> {
+        self.manifests
+            .iter()
+            .keys()
+            .map(|k| {
+                split_manifest_key(&k?).ok_or(StoreError::Corrupt { what: "manifest key", reason: "bad layout".into() })
+            })
+            .collect()
+    }
+
+    fn update_model<T>(
+        &self,
+        name: &str,
+        version: u64,
+        rollout: Option<&RolloutState>,
+        change: impl Fn(&mut ModelState) -> Result<T>,
+    ) -> Result<T> {
+        let key = manifest_key(name, version);
+        let out = unwrap_tx((&self.manifests, &self.models, &self.rollouts).transaction(|(manifests, models, rollouts)| {
+            if manifests.get(&key)?.is_none() {
+                return abort(StoreError::Refused(format!("no manifest for {name} version {version}")));
+            }
+            let mut state = tx_model(models, name)?;
+            let out = change(&mut state).or_else(abort)?;
+            tx_put(models, name.as_bytes(), &state)?;
+            if let Some(r) = rollout {
+                tx_put(rollouts, &key, r)?;
+            }
+            Ok(out)
+        }))?;
+        self.flush()?;
+        Ok(out)
+    }
+
+    /// Records that the verified files of a version are on disk.
+    pub fn mark_staged(&self, name: &str, version: u64, rollout: &RolloutState) -> Result<()> {
+        self.update_model(name, version, Some(rollout), |s| {
+            s.staged.insert(version);
+            Ok(())
+        })
+    }
+
+    /// Makes a staged version the active one; the active one becomes the previous.
+    pub fn activate(&self, name: &str, version: u64, rollout: &RolloutState) -> Result<()> {
+        self.update_model(name, version, Some(rollout), |s| {
+            if !s.staged.contains(&version) {
+                return Err(StoreError::Refused(format!("{name} version {version} is not staged")));
+            }
+            if s.active != Some(version) {
+                s.previous = s.active;
+                s.active = Some(version);
+            }
+            Ok(())
+        })
+    }
+
+    /// Goes back to the previous version; returns it. The rolled-back version's state
+    /// goes to `rollout`.
+    pub fn roll_back(&self, name: &str, rollout: &RolloutState) -> Result<u64> {
+        let state = self.model(name)?.ok_or_else(|| StoreError::Refused(format!("no model named {name}")))?;
+        let bad = state.active.ok_or_else(|| StoreError::Refused(format!("{name} has no active version")))?;
+        self.update_model(name, bad, Some(rollout), |s| {
+            let prev = s.previous.ok_or_else(|| StoreError::Refused(format!("{name} has no previous version to roll back to")))?;
+            s.active = Some(prev);
+            s.previous = None;
+            Ok(prev)
+        })
+    }
+
+    /// Forgets that a version's files are on disk (after garbage collection).
+    pub fn unstage(&self, name: &str, version: u64) -> Result<()> {
+        self.update_model(name, version, None, |s| {
+            if s.keep().contains(&version) {
+                return Err(StoreError::Refused(format!("{name} version {version} is active, previous or pinned")));
+            }
+            s.staged.remove(&version);
+            Ok(())
+        })
+    }
+
+    pub fn set_rollout(&self, name: &str, version: u64, rollout: &RolloutState) -> Result<()> {
+        self.update_model(name, version, Some(rollout), |_| Ok(()))
+    }
+
+    pub fn rollout(&self, name: &str, version: u64) -> Result<Option<RolloutState>> {
+        self.rollouts.get(manifest_key(name, version))?.map(|b| decode(&b, "rollout state")).transpose()
+    }
+
+    pub fn set_pin(&self, name: &str, pinned: Option<u64>) -> Result<()> {
+        unwrap_tx(self.models.transaction(|models| {
+            let mut state = tx_model(models, name)?;
+            state.pinned = pinned;
+            tx_put(models, name.as_bytes(), &state)
+        }))?;
+        self.flush()
+    }
+
+    pub fn upsert_peer(&self, peer: &PeerRecord) -> Result<()> {
+        self.peers.insert(peer.node.as_bytes(), encode(peer)?)?;
+        Ok(())
+    }
+
+    pub fn peers(&self) -> Result<Vec<PeerRecord>> {
+        self.peers.iter().values().map(|v| decode(&v?, "peer record")).collect()
+    }
+
+    pub fn remove_peer(&self, node: &NodeId) -> Result<()> {
+        self.peers.remove(node.as_bytes())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

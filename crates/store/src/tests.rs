@@ -1,0 +1,177 @@
+use super::*;
+use slmesh_protocol::hex32::Hex32;
+use slmesh_protocol::identity::{KeyKind, SecretKey};
+use slmesh_protocol::manifest::{verify_manifest, FileEntry, FileRole, InferenceDefaults, ModelFormat, ModelManifest, Variant};
+use slmesh_protocol::rollout::{RolloutPhase, RolloutPlan, TagSelector};
+use slmesh_protocol::TrustStore;
+
+fn publisher() -> (SecretKey, TrustStore) {
+    let key = SecretKey::from_seed(KeyKind::Publisher, [3; 32]);
+    let mut trust = TrustStore::new();
+    trust.add("release", key.public()).unwrap();
+    (key, trust)
+}
+
+fn verified(name: &str, version: u64) -> VerifiedManifest {
+    let (key, trust) = publisher();
+    let m = ModelManifest {
+        name: name.into(),
+        version,
+        created_at: 1,
+        description: String::new(),
+        variants: vec![Variant {
+            id: "q4_1".into(),
+            format: ModelFormat::Gguf,
+            quantization: "Q4_1".into(),
+            architecture: "llama".into(),
+            cpu_archs: vec![],
+            min_ram_bytes: 1,
+            selector: TagSelector::default(),
+            files: vec![FileEntry { role: FileRole::Weights, name: "m.gguf".into(), blake3: Hex32([1; 32]), size: 10 }],
+        }],
+        inference: InferenceDefaults::default(),
+        rollout: RolloutPlan::default(),
+    };
+    let bytes = SignedManifest::sign(&m, &key).unwrap().to_bytes().unwrap();
+    verify_manifest(&bytes, &trust, |_| None).unwrap()
+}
+
+fn state(phase: RolloutPhase) -> RolloutState {
+    RolloutState { phase, updated_at: 5, reason: String::new() }
+}
+
+#[test]
+fn manifests_stage_activate_and_roll_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.latest_version("m").unwrap(), None);
+    store.put_manifest(&verified("m", 1)).unwrap();
+    store.put_manifest(&verified("m", 2)).unwrap();
+    assert_eq!(store.latest_version("m").unwrap(), Some(2));
+    assert!(matches!(
+        store.put_manifest(&verified("m", 2)),
+        Err(StoreError::Protocol(ProtocolError::NotNewer { offered: 2, held: 2, .. }))
+    ));
+    assert!(matches!(store.activate("m", 1, &state(RolloutPhase::Active)), Err(StoreError::Refused(_))));
+    store.mark_staged("m", 1, &state(RolloutPhase::Staged)).unwrap();
+    store.activate("m", 1, &state(RolloutPhase::Active)).unwrap();
+    store.mark_staged("m", 2, &state(RolloutPhase::Staged)).unwrap();
+    store.activate("m", 2, &state(RolloutPhase::Active)).unwrap();
+    let s = store.model("m").unwrap().unwrap();
+    assert_eq!((s.active, s.previous), (Some(2), Some(1)));
+    assert_eq!(store.roll_back("m", &state(RolloutPhase::RolledBack)).unwrap(), 1);
+    let s = store.model("m").unwrap().unwrap();
+    assert_eq!((s.active, s.previous), (Some(1), None));
+    assert_eq!(store.rollout("m", 2).unwrap().unwrap().phase, RolloutPhase::RolledBack);
+    assert!(matches!(store.roll_back("m", &state(RolloutPhase::RolledBack)), Err(StoreError::Refused(_))));
+    assert!(matches!(store.unstage("m", 1), Err(StoreError::Refused(_))));
+    store.unstage("m", 2).unwrap();
+    assert_eq!(store.manifest_versions().unwrap(), vec![("m".to_string(), 1), ("m".to_string(), 2)]);
+    assert_eq!(store.manifest("m", 2).unwrap().unwrap(), verified("m", 2).signed);
+    assert!(matches!(store.mark_staged("m", 9, &state(RolloutPhase::Staged)), Err(StoreError::Refused(_))));
+}
+
+#[test]
+fn state_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.put_manifest(&verified("m", 4)).unwrap();
+        store.mark_staged("m", 4, &state(RolloutPhase::Staged)).unwrap();
+        store.set_pin("m", Some(4)).unwrap();
+        let peer = PeerRecord {
+            node: SecretKey::generate(KeyKind::Node).public(),
+            addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            tags: [("site".to_string(), "a".to_string())].into(),
+            last_seen: 9,
+            rtt_micros: Some(300),
+        };
+        store.upsert_peer(&peer).unwrap();
+        store.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let s = store.model("m").unwrap().unwrap();
+    assert_eq!((s.latest_known, s.pinned, s.staged.len()), (4, Some(4), 1));
+    assert_eq!(store.peers().unwrap().len(), 1);
+    assert_eq!(store.models().unwrap().len(), 1);
+}
+
+#[test]
+fn other_schema_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.meta.insert(SCHEMA_KEY, &99u32.to_le_bytes()).unwrap();
+        store.flush().unwrap();
+    }
+    let err = Store::open(dir.path()).err().unwrap();
+    assert!(matches!(err, StoreError::SchemaMismatch { found: 99, expected: SCHEMA_VERSION, .. }), "{err}");
+}
+
+#[test]
+fn damaged_values_are_reported_not_panicked_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.models.insert(b"m", &b"\xff\xff garbage"[..]).unwrap();
+    assert!(matches!(store.model("m"), Err(StoreError::Corrupt { .. })));
+    assert!(matches!(store.put_manifest(&verified("m", 1)), Err(StoreError::Corrupt { .. })));
+}
+
+const CHILD_ENV: &str = "SLMESH_STORE_CRASH_CHILD";
+
+/// Run in a child process by `kill_9_leaves_consistent_state`: churns through versions
+/// until it is killed.
+#[test]
+fn crash_child() {
+    let Ok(path) = std::env::var(CHILD_ENV) else { return };
+    let store = Store::open(Path::new(&path)).unwrap();
+    let start = store.latest_version("m").unwrap().unwrap_or(0) + 1;
+    for v in start.. {
+        store.put_manifest(&verified("m", v)).unwrap();
+        store.mark_staged("m", v, &state(RolloutPhase::Staged)).unwrap();
+        store.activate("m", v, &state(RolloutPhase::Active)).unwrap();
+        if v % 3 == 0 {
+            store.roll_back("m", &state(RolloutPhase::RolledBack)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn kill_9_leaves_consistent_state() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut last = 0;
+    for round in 0..4 {
+        let mut child = std::process::Command::new(&exe)
+            .args(["--exact", "tests::crash_child", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(400 + 150 * round));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+
+        let store = Store::open(dir.path()).unwrap();
+        let s = store.model("m").unwrap().unwrap_or_default();
+        // Every version a state names has its manifest; what is active was staged;
+        // previous is older than active; nothing goes backwards across crashes.
+        assert!(s.latest_known >= last, "round {round}: {} < {last}", s.latest_known);
+        last = s.latest_known;
+        for v in s.staged.iter().chain(s.active.iter()).chain(s.previous.iter()) {
+            assert!(store.manifest("m", *v).unwrap().is_some(), "round {round}: no manifest for {v}");
+            assert!(*v <= s.latest_known);
+        }
+        if let Some(a) = s.active {
+            assert!(s.staged.contains(&a));
+            assert_eq!(store.rollout("m", a).unwrap().unwrap().phase, RolloutPhase::Active);
+        }
+        if let (Some(a), Some(p)) = (s.active, s.previous) {
+            assert!(p < a, "round {round}: previous {p} not older than active {a}");
+        }
+    }
+    assert!(last > 0, "the child never committed anything");
+}

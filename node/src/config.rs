@@ -1,0 +1,230 @@
+//! The node's TOML configuration: what `slmesh init` writes and every command reads.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use slmesh_protocol::identity::PublicKey;
+use slmesh_protocol::trust::{validate_tags, Tags};
+use slmesh_protocol::TrustStore;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Folder for the node's key, certificate, state and model files. A relative path is
+    /// relative to the config file's folder.
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub tags: Tags,
+    #[serde(default)]
+    pub network: NetworkConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub trust: TrustConfig,
+    /// Model name -> version this node stays on, whatever rollouts say.
+    #[serde(default)]
+    pub pins: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// libp2p listen addresses (TCP and QUIC).
+    pub listen: Vec<String>,
+    /// libp2p addresses of peers to dial at start, with `/p2p/<peer id>`.
+    #[serde(default)]
+    pub bootstrap: Vec<String>,
+    /// Find peers on the local network by mDNS.
+    pub mdns: bool,
+    /// UDP address of the iroh endpoint that serves and fetches model blobs.
+    pub blobs_bind: String,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            listen: vec!["/ip4/0.0.0.0/tcp/4001".into(), "/ip4/0.0.0.0/udp/4001/quic-v1".into()],
+            bootstrap: vec![],
+            mdns: true,
+            blobs_bind: "0.0.0.0:4002".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Where the OpenAI-compatible and operations endpoints listen. Loopback by default:
+    /// prompts stay on this machine.
+    pub bind: String,
+    /// If set, requests need `Authorization: Bearer <token>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { bind: "127.0.0.1:8080".into(), bearer_token: None }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// Operator keys trusted to sign manifests, rollout commands and enrollment
+    /// certificates.
+    #[serde(default)]
+    pub publishers: Vec<TrustedPublisher>,
+    /// This node's enrollment certificate; relative to `data_dir`.
+    #[serde(default = "default_certificate")]
+    pub certificate: PathBuf,
+}
+
+fn default_certificate() -> PathBuf {
+    "node.cert".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedPublisher {
+    pub name: String,
+    /// The publisher's public key, 64 hex characters (`slmesh publisher keygen` prints it).
+    pub key: String,
+}
+
+impl Config {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Config {
+            data_dir,
+            tags: Tags::new(),
+            network: NetworkConfig::default(),
+            http: HttpConfig::default(),
+            trust: TrustConfig { publishers: vec![], certificate: default_certificate() },
+            pins: BTreeMap::new(),
+        }
+    }
+
+    /// Reads and checks a config file; relative paths in it become relative to its folder.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {} (create one with `slmesh init`)", path.display()))?;
+        let mut config: Config =
+            toml::from_str(&text).with_context(|| format!("config {} is not valid", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if config.data_dir.is_relative() {
+            config.data_dir = base.join(&config.data_dir);
+        }
+        config.validate().with_context(|| format!("config {} is not valid", path.display()))?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        validate_tags(&self.tags)?;
+        self.trust_store()?;
+        if self.http.bind.parse::<std::net::SocketAddr>().is_err() {
+            bail!("http.bind {:?} is not an address like 127.0.0.1:8080", self.http.bind);
+        }
+        if self.network.blobs_bind.parse::<std::net::SocketAddr>().is_err() {
+            bail!("network.blobs_bind {:?} is not an address like 0.0.0.0:4002", self.network.blobs_bind);
+        }
+        Ok(())
+    }
+
+    pub fn trust_store(&self) -> Result<TrustStore> {
+        let mut trust = TrustStore::new();
+        for p in &self.trust.publishers {
+            let key: PublicKey =
+                p.key.parse().map_err(|e| anyhow::anyhow!("trusted publisher {:?}: key {:?}: {e}", p.name, p.key))?;
+            trust.add(p.name.clone(), key)?;
+        }
+        Ok(trust)
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.data_dir.join("node.key")
+    }
+
+    pub fn certificate_path(&self) -> PathBuf {
+        self.data_dir.join(&self.trust.certificate)
+    }
+
+    /// The TOML `slmesh init` writes: every setting, with a comment saying what it does.
+    pub fn to_documented_toml(&self) -> Result<String> {
+        let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let list = |v: &[String]| format!("[{}]", v.iter().map(|s| q(s)).collect::<Vec<_>>().join(", "));
+        let mut out = String::new();
+        out.push_str("# slmesh node configuration, written by `slmesh init`. Every setting is shown with\n");
+        out.push_str("# its value; edit and restart the node to change one.\n\n");
+        out.push_str("# Folder for this node's key (node.key, mode 0600), enrollment certificate, state\n");
+        out.push_str("# database and model files. A relative path is relative to this file's folder.\n");
+        out.push_str(&format!("data_dir = {}\n\n", q(&self.data_dir.to_string_lossy())));
+        out.push_str("# This node's tags. Rollout plans and variants select nodes by them, and the\n");
+        out.push_str("# enrollment certificate must carry the same ones (`slmesh enroll --tag k=v`).\n[tags]\n");
+        for (k, v) in &self.tags {
+            out.push_str(&format!("{k} = {}\n", q(v)));
+        }
+        out.push_str("\n[network]\n");
+        out.push_str("# libp2p listen addresses: TCP and QUIC. Peers must be able to reach them.\n");
+        out.push_str(&format!("listen = {}\n", list(&self.network.listen)));
+        out.push_str("# Peers to dial at start, as libp2p addresses ending in /p2p/<peer id>.\n");
+        out.push_str(&format!("bootstrap = {}\n", list(&self.network.bootstrap)));
+        out.push_str("# Find peers on the local network by multicast DNS.\n");
+        out.push_str(&format!("mdns = {}\n", self.network.mdns));
+        out.push_str("# UDP address of the iroh endpoint that serves and fetches model files.\n");
+        out.push_str(&format!("blobs_bind = {}\n", q(&self.network.blobs_bind)));
+        out.push_str("\n[http]\n");
+        out.push_str("# OpenAI-compatible API and operations endpoints. Loopback by default, so\n");
+        out.push_str("# prompts never leave this machine; widen it only behind your own access control.\n");
+        out.push_str(&format!("bind = {}\n", q(&self.http.bind)));
+        out.push_str("# Require `Authorization: Bearer <token>` on every request:\n");
+        match &self.http.bearer_token {
+            Some(t) => out.push_str(&format!("bearer_token = {}\n", q(t))),
+            None => out.push_str("# bearer_token = \"change-me\"\n"),
+        }
+        out.push_str("\n[trust]\n");
+        out.push_str("# This node's enrollment certificate, relative to data_dir.\n");
+        out.push_str(&format!("certificate = {}\n", q(&self.trust.certificate.to_string_lossy())));
+        out.push_str("# Operator keys trusted to sign manifests, rollout commands and certificates.\n");
+        out.push_str("# Add one with: [[trust.publishers]] name = \"ops\" key = \"<64 hex characters>\"\n");
+        for p in &self.trust.publishers {
+            out.push_str(&format!("\n[[trust.publishers]]\nname = {}\nkey = {}\n", q(&p.name), q(&p.key)));
+        }
+        out.push_str("\n# Versions this node stays on whatever rollouts say, by model name:\n[pins]\n");
+        out.push_str("# smollm2-135m-instruct = 3\n");
+        for (name, v) in &self.pins {
+            out.push_str(&format!("{name} = {v}\n"));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_toml_parses_back_to_the_same_config() {
+        let mut c = Config::new("data".into());
+        c.tags.insert("site".into(), "berlin".into());
+        c.network.bootstrap.push("/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWxyz".into());
+        c.trust.publishers.push(TrustedPublisher { name: "ops".into(), key: "ab".repeat(32) });
+        c.pins.insert("m".into(), 3);
+        let text = c.to_documented_toml().unwrap();
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back, c);
+        let defaults = Config::new("d".into());
+        assert_eq!(toml::from_str::<Config>(&defaults.to_documented_toml().unwrap()).unwrap(), defaults);
+    }
+
+    #[test]
+    fn unknown_settings_and_bad_values_are_refused() {
+        assert!(toml::from_str::<Config>("data_dir = \"d\"\nlisten_adress = 1\n").is_err());
+        let mut c = Config::new("d".into());
+        c.http.bind = "localhost".into();
+        assert!(c.validate().is_err());
+        let mut c = Config::new("d".into());
+        c.trust.publishers.push(TrustedPublisher { name: "ops".into(), key: "zz".into() });
+        assert!(c.validate().unwrap_err().to_string().contains("ops"));
+    }
+}

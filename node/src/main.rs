@@ -1,0 +1,140 @@
+//! `slmesh`: one binary for every node of the mesh and for its operators.
+
+mod config;
+mod keys;
+mod manifest_cmd;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "slmesh",
+    version,
+    about = "Serve small language models on a fleet of edge machines, with no central server.",
+    long_about = "Serve small language models on a fleet of edge machines, with no central server.\n\n\
+        Operators create a publisher key, enroll nodes, and publish signed model manifests; \
+        nodes gossip the manifests, fetch the weights from each other and serve them locally.\n\n\
+        First steps on a node:\n  slmesh init --tag site=berlin\n  slmesh keygen\n\
+        and on the operator's machine:\n  slmesh publisher keygen --out ops.key\n  \
+        slmesh enroll --publisher-key ops.key --node <node id> --tag site=berlin --out node.cert"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a documented node configuration file with sensible defaults.
+    Init(config_cmd::InitArgs),
+    /// Create this node's identity key (ed25519; its libp2p PeerId and iroh EndpointId).
+    Keygen(keys::KeygenArgs),
+    /// Publisher (operator) keys, which sign manifests and certificates.
+    #[command(subcommand)]
+    Publisher(keys::PublisherCommand),
+    /// Sign an enrollment certificate that admits a node to the fleet (operator).
+    Enroll(keys::EnrollArgs),
+    /// Create, sign, verify and inspect model manifests.
+    #[command(subcommand)]
+    Manifest(manifest_cmd::ManifestCommand),
+}
+
+mod config_cmd {
+    use super::*;
+    use crate::config::{Config, TrustedPublisher};
+    use anyhow::{bail, Context};
+    use slmesh_protocol::trust::parse_tag;
+
+    #[derive(clap::Args)]
+    pub struct InitArgs {
+        /// Where to write the configuration.
+        #[arg(long, short, default_value = "slmesh.toml", env = "SLMESH_CONFIG")]
+        pub config: PathBuf,
+        /// Data folder, relative to the config file's folder.
+        #[arg(long, default_value = "slmesh-data")]
+        pub data_dir: PathBuf,
+        /// A tag of this node, as key=value (repeatable): e.g. --tag site=berlin --tag class=gateway.
+        #[arg(long = "tag", value_parser = parse_tag)]
+        pub tags: Vec<(String, String)>,
+        /// A trusted publisher key, as name=HEX or HEX (repeatable).
+        #[arg(long = "trust")]
+        pub trust: Vec<String>,
+        /// Address of the HTTP API.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        pub http_bind: String,
+        /// libp2p listen addresses (repeatable); default TCP and QUIC on port 4001.
+        #[arg(long = "listen")]
+        pub listen: Vec<String>,
+        /// A bootstrap peer's libp2p address (repeatable).
+        #[arg(long = "bootstrap")]
+        pub bootstrap: Vec<String>,
+        /// UDP address of the iroh blob endpoint.
+        #[arg(long)]
+        pub blobs_bind: Option<String>,
+        /// Turn mDNS discovery off.
+        #[arg(long)]
+        pub no_mdns: bool,
+        /// Replace an existing configuration file.
+        #[arg(long)]
+        pub force: bool,
+    }
+
+    pub fn init(args: InitArgs) -> Result<()> {
+        if args.config.exists() && !args.force {
+            bail!("{} already exists: pass --force to replace it", args.config.display());
+        }
+        let mut config = Config::new(args.data_dir);
+        config.tags = args.tags.into_iter().collect();
+        for (i, t) in args.trust.iter().enumerate() {
+            let (name, key) = match t.split_once('=') {
+                Some((n, k)) => (n.to_string(), k.to_string()),
+                None => (format!("publisher-{}", i + 1), t.clone()),
+            };
+            config.trust.publishers.push(TrustedPublisher { name, key });
+        }
+        config.http.bind = args.http_bind;
+        if !args.listen.is_empty() {
+            config.network.listen = args.listen;
+        }
+        config.network.bootstrap = args.bootstrap;
+        if let Some(b) = args.blobs_bind {
+            config.network.blobs_bind = b;
+        }
+        config.network.mdns = !args.no_mdns;
+        config.validate()?;
+        let text = config.to_documented_toml()?;
+        if let Some(parent) = args.config.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        std::fs::write(&args.config, text).with_context(|| format!("cannot write {}", args.config.display()))?;
+        println!("wrote {}", args.config.display());
+        if config.trust.publishers.is_empty() {
+            println!("note: no trusted publisher yet; add one under [trust] before the node can accept manifests");
+        }
+        println!("next: slmesh keygen --config {}", args.config.display());
+        Ok(())
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init(a) => config_cmd::init(a),
+        Command::Keygen(a) => keys::keygen(a),
+        Command::Publisher(c) => keys::publisher(c),
+        Command::Enroll(a) => keys::enroll(a),
+        Command::Manifest(c) => manifest_cmd::run(c),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

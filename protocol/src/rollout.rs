@@ -1,0 +1,163 @@
+//! The rollout plan a manifest carries: waves, a tag selector, gate thresholds.
+//! The engine that acts on it arrives with the rollout issue; the plan and its
+//! validation are part of the signed manifest now.
+
+use crate::error::ProtocolError;
+use crate::trust::Tags;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutPlan {
+    /// Cumulative fractions of the eligible fleet, strictly increasing, each in (0, 1].
+    pub waves: Vec<Wave>,
+    /// Which nodes the rollout is for at all.
+    #[serde(default)]
+    pub selector: TagSelector,
+    pub gates: Gates,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Wave {
+    /// Cumulative fraction of eligible nodes active once this wave is in, in (0, 1].
+    pub fraction: f64,
+    /// How long this wave must stay healthy before the next one starts.
+    pub soak_secs: u64,
+}
+
+/// Tag requirements: for every key, the node's tag value must be one of the listed
+/// values. An empty selector matches every node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagSelector {
+    #[serde(default)]
+    pub require: BTreeMap<String, Vec<String>>,
+}
+
+impl TagSelector {
+    pub fn matches(&self, tags: &Tags) -> bool {
+        self.require
+            .iter()
+            .all(|(key, allowed)| tags.get(key).is_some_and(|v| allowed.iter().any(|a| a == v)))
+    }
+
+    /// Why `tags` do not match, for error messages.
+    pub fn explain_mismatch(&self, tags: &Tags) -> Option<String> {
+        self.require.iter().find_map(|(key, allowed)| match tags.get(key) {
+            Some(v) if allowed.contains(v) => None,
+            Some(v) => Some(format!("tag {key}={v} is not one of {allowed:?}")),
+            None => Some(format!("node has no tag {key} (needs one of {allowed:?})")),
+        })
+    }
+}
+
+/// Health thresholds against the baseline (previous) version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gates {
+    /// Highest acceptable fraction of failed requests, in [0, 1].
+    pub max_error_rate: f64,
+    /// Highest acceptable p95 latency, as a multiple of the baseline's.
+    pub max_p95_latency_ratio: f64,
+    /// Highest acceptable p95 time to first token, as a multiple of the baseline's.
+    pub max_p95_ttft_ratio: f64,
+    /// Lowest acceptable tokens/s, as a fraction of the baseline's.
+    pub min_tokens_per_sec_ratio: f64,
+    /// No verdict before this many requests have been measured fleet-wide.
+    pub min_samples: u64,
+    /// No verdict before this many nodes have reported.
+    pub min_reporting_nodes: u32,
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Gates {
+            max_error_rate: 0.02,
+            max_p95_latency_ratio: 1.5,
+            max_p95_ttft_ratio: 1.5,
+            min_tokens_per_sec_ratio: 0.7,
+            min_samples: 50,
+            min_reporting_nodes: 1,
+        }
+    }
+}
+
+impl Default for RolloutPlan {
+    /// A canary of 5%, then 25%, then everyone; ten minutes of soak between waves.
+    fn default() -> Self {
+        RolloutPlan {
+            waves: vec![
+                Wave { fraction: 0.05, soak_secs: 600 },
+                Wave { fraction: 0.25, soak_secs: 600 },
+                Wave { fraction: 1.0, soak_secs: 0 },
+            ],
+            selector: TagSelector::default(),
+            gates: Gates::default(),
+        }
+    }
+}
+
+pub const MAX_WAVES: usize = 16;
+
+impl RolloutPlan {
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let bad = |r: String| Err(ProtocolError::invalid("rollout plan", r));
+        if self.waves.is_empty() || self.waves.len() > MAX_WAVES {
+            return bad(format!("needs 1 to {MAX_WAVES} waves, has {}", self.waves.len()));
+        }
+        let mut prev = 0.0;
+        for (i, w) in self.waves.iter().enumerate() {
+            if !(w.fraction > prev && w.fraction <= 1.0) {
+                return bad(format!(
+                    "wave {} has fraction {}: fractions are cumulative, strictly increasing, in (0, 1]",
+                    i + 1,
+                    w.fraction
+                ));
+            }
+            prev = w.fraction;
+        }
+        let g = &self.gates;
+        if !(0.0..=1.0).contains(&g.max_error_rate) {
+            return bad(format!("max_error_rate {} is not in [0, 1]", g.max_error_rate));
+        }
+        for (name, v) in [
+            ("max_p95_latency_ratio", g.max_p95_latency_ratio),
+            ("max_p95_ttft_ratio", g.max_p95_ttft_ratio),
+            ("min_tokens_per_sec_ratio", g.min_tokens_per_sec_ratio),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!("{name} {v} must be a positive number"));
+            }
+        }
+        crate::trust::validate_tags(
+            &self.selector.require.iter().map(|(k, _)| (k.clone(), String::new())).collect(),
+        )?;
+        Ok(())
+    }
+}
+
+/// Where one model version stands on one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutPhase {
+    /// Manifest accepted; nothing fetched yet.
+    Announced,
+    /// Blobs being fetched.
+    Fetching,
+    /// Verified files on disk, waiting for this node's wave.
+    Staged,
+    /// Serving.
+    Active,
+    /// The rollout of this version stopped (gate failed, or an operator aborted).
+    Halted,
+    /// Was active here, and was rolled back.
+    RolledBack,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutState {
+    pub phase: RolloutPhase,
+    /// Unix seconds of the last change.
+    pub updated_at: u64,
+    /// Why it is in this phase, when that is worth telling an operator.
+    #[serde(default)]
+    pub reason: String,
+}
