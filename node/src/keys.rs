@@ -18,20 +18,23 @@ pub struct KeygenArgs {
 }
 
 pub fn keygen(args: KeygenArgs) -> Result<()> {
-    let path = match args.out {
-        Some(p) => p,
+    let (path, cert_path) = match args.out {
+        Some(p) => (p, None),
         None => {
             let config = Config::load(&args.config)?;
             std::fs::create_dir_all(&config.data_dir)
                 .with_context(|| format!("cannot create data folder {}", config.data_dir.display()))?;
-            config.key_path()
+            (config.key_path(), Some(config.certificate_path()))
         }
     };
     let key = SecretKey::generate(KeyKind::Node);
     key.save(&path)?;
     print_node_ids(&key.public())?;
     println!("key:         {}", path.display());
-    println!("next: have an operator enroll this node id (slmesh enroll --node {})", key.public());
+    println!("next: have an operator enroll this node id (slmesh enroll --node {} ...)", key.public());
+    if let Some(cert) = cert_path {
+        println!("      and put the certificate at {}", cert.display());
+    }
     Ok(())
 }
 
@@ -99,7 +102,10 @@ pub fn parse_node_id(s: &str) -> Result<NodeId> {
 }
 
 pub fn unix_now() -> Result<u64> {
-    Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).context("system clock is before 1970")?.as_secs())
+    Ok(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("system clock is before 1970")?
+        .as_secs())
 }
 
 pub fn enroll(args: EnrollArgs) -> Result<()> {

@@ -184,7 +184,11 @@ pub fn create(args: &CreateArgs) -> Result<ModelManifest> {
         created_at: unix_now()?,
         description: args.description.clone(),
         variants,
-        inference: InferenceDefaults { max_tokens: args.max_tokens, temperature: args.temperature, ..Default::default() },
+        inference: InferenceDefaults {
+            max_tokens: args.max_tokens,
+            temperature: args.temperature,
+            ..Default::default()
+        },
         rollout: RolloutPlan {
             waves: if args.waves.is_empty() { defaults.waves } else { args.waves.clone() },
             selector,
@@ -248,7 +252,8 @@ fn read_limited(path: &Path) -> Result<Vec<u8>> {
 
 fn read_toml_manifest(path: &Path) -> Result<ModelManifest> {
     let bytes = read_limited(path)?;
-    let text = std::str::from_utf8(&bytes).map_err(|_| anyhow!("{} is neither a signed manifest nor TOML", path.display()))?;
+    let text =
+        std::str::from_utf8(&bytes).map_err(|_| anyhow!("{} is neither a signed manifest nor TOML", path.display()))?;
     toml::from_str(text).with_context(|| format!("{} is not a valid TOML manifest", path.display()))
 }
 
@@ -266,7 +271,10 @@ pub fn run(cmd: ManifestCommand) -> Result<()> {
                 std::fs::write(&args.out, text).with_context(|| format!("cannot write {}", args.out.display()))?;
                 for v in &manifest.variants {
                     let w = v.weights().ok_or_else(|| anyhow!("variant without weights"))?;
-                    eprintln!("variant {}: {} {} {} bytes blake3 {}", v.id, v.architecture, v.quantization, w.size, w.blake3);
+                    eprintln!(
+                        "variant {}: {} {} {} bytes blake3 {}",
+                        v.id, v.architecture, v.quantization, w.size, w.blake3
+                    );
                 }
                 eprintln!("wrote {}", args.out.display());
             }
@@ -280,8 +288,15 @@ pub fn run(cmd: ManifestCommand) -> Result<()> {
             if args.out.exists() {
                 bail!("{} already exists: remove it or choose another --out", args.out.display());
             }
-            std::fs::write(&args.out, signed.to_bytes()?).with_context(|| format!("cannot write {}", args.out.display()))?;
-            println!("signed {} version {} by {}: {}", manifest.name, manifest.version, key.public(), args.out.display());
+            std::fs::write(&args.out, signed.to_bytes()?)
+                .with_context(|| format!("cannot write {}", args.out.display()))?;
+            println!(
+                "signed {} version {} by {}: {}",
+                manifest.name,
+                manifest.version,
+                key.public(),
+                args.out.display()
+            );
             Ok(())
         }
         ManifestCommand::Verify(args) => verify(args),
@@ -302,8 +317,10 @@ fn verify(args: VerifyArgs) -> Result<()> {
         bail!("no trusted publisher keys: pass --trust HEX or --config FILE");
     }
     let bytes = read_limited(&args.manifest)?;
-    let signed = SignedManifest::from_bytes(&bytes).with_context(|| format!("{} is not a signed manifest", args.manifest.display()))?;
-    let v = verify_signed_manifest(signed, &trust, |_| None).with_context(|| format!("{} does not verify", args.manifest.display()))?;
+    let signed = SignedManifest::from_bytes(&bytes)
+        .with_context(|| format!("{} is not a signed manifest", args.manifest.display()))?;
+    let v = verify_signed_manifest(signed, &trust, |_| None)
+        .with_context(|| format!("{} does not verify", args.manifest.display()))?;
     println!("ok: {} version {} signed by {} ({})", v.manifest.name, v.manifest.version, v.publisher_name, v.publisher);
     if let Some(dir) = &args.files {
         let mut checked = 0;
@@ -315,7 +332,12 @@ fn verify(args: VerifyArgs) -> Result<()> {
                 }
                 let (hash, size) = hash_file(&path)?;
                 if size != f.size || hash != f.blake3 {
-                    bail!("{} does not match the manifest (size {size} vs {}, blake3 {hash} vs {})", path.display(), f.size, f.blake3);
+                    bail!(
+                        "{} does not match the manifest (size {size} vs {}, blake3 {hash} vs {})",
+                        path.display(),
+                        f.size,
+                        f.blake3
+                    );
                 }
                 checked += 1;
             }
@@ -350,10 +372,9 @@ fn inspect(args: InspectArgs) -> Result<()> {
         }
         Err(signed_err) => match read_toml_manifest(&args.manifest) {
             Ok(m) => (m, None, None, "none (unsigned TOML)"),
-            Err(toml_err) => bail!(
-                "{} is not a manifest: as signed: {signed_err}; as TOML: {toml_err:#}",
-                args.manifest.display()
-            ),
+            Err(toml_err) => {
+                bail!("{} is not a manifest: as signed: {signed_err}; as TOML: {toml_err:#}", args.manifest.display())
+            }
         },
     };
     let out = Inspected { signed_by: signer, protocol_version: version, signature, manifest: &manifest };

@@ -44,10 +44,7 @@ fn tiny_gguf(arch: &str, file_type: u32) -> Vec<u8> {
 }
 
 fn value_after<'a>(text: &'a str, label: &str) -> &'a str {
-    text.lines()
-        .find_map(|l| l.strip_prefix(label))
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("no {label} in {text}"))
+    text.lines().find_map(|l| l.strip_prefix(label)).map(str::trim).unwrap_or_else(|| panic!("no {label} in {text}"))
 }
 
 struct Fleet {
@@ -79,24 +76,53 @@ fn operator_workflow_end_to_end() {
     assert_eq!(std::fs::read_to_string(d.join("ops.key.pub")).unwrap().trim(), f.publisher_pub);
 
     // A node: config, key, enrollment.
-    ok(d, &["init", "--config", "node1/slmesh.toml", "--tag", "site=berlin", "--trust", &format!("ops={}", f.publisher_pub)]);
+    ok(
+        d,
+        &[
+            "init",
+            "--config",
+            "node1/slmesh.toml",
+            "--tag",
+            "site=berlin",
+            "--trust",
+            &format!("ops={}", f.publisher_pub),
+        ],
+    );
     let out = ok(d, &["keygen", "--config", "node1/slmesh.toml"]);
     let node_id = value_after(&out, "node id:").to_string();
     let peer_id = value_after(&out, "peer id:").to_string();
     assert!(d.join("node1/slmesh-data/node.key").exists());
     ok(d, &["enroll", "--publisher-key", "ops.key", "--node", &node_id, "--tag", "site=berlin", "--out", "node1.cert"]);
     // A peer id names the same node.
-    ok(d, &["enroll", "--publisher-key", "ops.key", "--node", &peer_id, "--tag", "site=berlin", "--out", "node1b.cert"]);
+    ok(
+        d,
+        &["enroll", "--publisher-key", "ops.key", "--node", &peer_id, "--tag", "site=berlin", "--out", "node1b.cert"],
+    );
     // A second keygen never overwrites the key.
     assert!(fails(d, &["keygen", "--config", "node1/slmesh.toml"]).contains("already exists"));
 
     // A manifest from a GGUF file: create, sign, verify, inspect.
     f.write("model-q4_1.gguf", &tiny_gguf("llama", 3));
     f.write("model-q8_0.gguf", &tiny_gguf("llama", 7));
-    ok(d, &[
-        "manifest", "create", "--name", "tiny", "--version", "2", "--wave", "0.1:5m", "--wave", "1:0",
-        "model-q8_0.gguf", "model-q4_1.gguf", "--out", "tiny.toml",
-    ]);
+    ok(
+        d,
+        &[
+            "manifest",
+            "create",
+            "--name",
+            "tiny",
+            "--version",
+            "2",
+            "--wave",
+            "0.1:5m",
+            "--wave",
+            "1:0",
+            "model-q8_0.gguf",
+            "model-q4_1.gguf",
+            "--out",
+            "tiny.toml",
+        ],
+    );
     let toml_text = std::fs::read_to_string(d.join("tiny.toml")).unwrap();
     assert!(toml_text.contains("quantization = \"Q8_0\""), "{toml_text}");
     let expected_hash = blake3::hash(&tiny_gguf("llama", 3)).to_hex().to_string();
@@ -115,7 +141,8 @@ fn operator_workflow_end_to_end() {
 
     // A changed file no longer matches.
     f.write("model-q4_1.gguf", &tiny_gguf("llama", 2));
-    assert!(fails(d, &["manifest", "verify", "--trust", &f.publisher_pub, "tiny.slm", "--files", "."]).contains("does not match"));
+    assert!(fails(d, &["manifest", "verify", "--trust", &f.publisher_pub, "tiny.slm", "--files", "."])
+        .contains("does not match"));
 }
 
 #[test]
@@ -146,7 +173,10 @@ fn unsupported_architecture_is_refused_unless_allowed() {
     f.write("gemma.gguf", &tiny_gguf("gemma3", 1));
     let err = fails(f.path(), &["manifest", "create", "--name", "m", "--version", "1", "gemma.gguf"]);
     assert!(err.contains("gemma3") && err.contains("mistral.rs"), "{err}");
-    ok(f.path(), &["manifest", "create", "--name", "m", "--version", "1", "gemma.gguf", "--allow-unsupported-architecture"]);
+    ok(
+        f.path(),
+        &["manifest", "create", "--name", "m", "--version", "1", "gemma.gguf", "--allow-unsupported-architecture"],
+    );
 }
 
 #[test]

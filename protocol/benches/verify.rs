@@ -4,7 +4,9 @@
 //! Run: `cargo bench -p slmesh-protocol --bench verify`
 
 use slmesh_protocol::identity::{KeyKind, SecretKey};
-use slmesh_protocol::manifest::{verify_manifest, FileEntry, FileRole, InferenceDefaults, ModelFormat, ModelManifest, SignedManifest, Variant};
+use slmesh_protocol::manifest::{
+    verify_manifest, FileEntry, FileRole, InferenceDefaults, ModelFormat, ModelManifest, SignedManifest, Variant,
+};
 use slmesh_protocol::rollout::{RolloutPlan, TagSelector};
 use slmesh_protocol::{Hex32, TrustStore};
 use std::hint::black_box;
@@ -19,7 +21,12 @@ fn manifest() -> ModelManifest {
         cpu_archs: vec![],
         min_ram_bytes: 512 << 20,
         selector: TagSelector::default(),
-        files: vec![FileEntry { role: FileRole::Weights, name: format!("model-{id}.gguf"), blake3: Hex32([7; 32]), size: 98_000_000 }],
+        files: vec![FileEntry {
+            role: FileRole::Weights,
+            name: format!("model-{id}.gguf"),
+            blake3: Hex32([7; 32]),
+            size: 98_000_000,
+        }],
     };
     ModelManifest {
         name: "smollm2-135m-instruct".into(),
@@ -69,5 +76,9 @@ fn main() {
     let full = rate("verify_manifest (decode, trust, sig, validate)", min, || {
         black_box(verify_manifest(black_box(&bytes), &trust, |_| Some(1))).expect("valid");
     });
-    println!("ratio full / baseline: {:.2}   goal: >= 20000 /s -> {}", full / baseline, if full >= 20_000.0 { "met" } else { "NOT met" });
+    println!(
+        "ratio full / baseline: {:.2}   goal: >= 20000 /s -> {}",
+        full / baseline,
+        if full >= 20_000.0 { "met" } else { "NOT met" }
+    );
 }

@@ -165,7 +165,8 @@ fn read_value<R: Read>(c: &mut Cursor<R>, value_type: u32, depth: u32) -> Result
             let count = c.u64()?;
             match fixed_size(item_type) {
                 Some(size) => {
-                    let total = count.checked_mul(size).ok_or_else(|| GgufError::Malformed("array too large".into()))?;
+                    let total =
+                        count.checked_mul(size).ok_or_else(|| GgufError::Malformed("array too large".into()))?;
                     c.skip(total)?;
                 }
                 None => {
@@ -299,9 +300,8 @@ pub fn read_header<R: Read>(reader: R, file_len: u64) -> Result<GgufInfo, GgufEr
         }
         let mut elements: u64 = 1;
         for _ in 0..n_dims {
-            elements = elements
-                .checked_mul(c.u64()?)
-                .ok_or_else(|| GgufError::Malformed("tensor size overflows".into()))?;
+            elements =
+                elements.checked_mul(c.u64()?).ok_or_else(|| GgufError::Malformed("tensor size overflows".into()))?;
         }
         let tensor_type = c.u32()?;
         let offset = c.u64()?;
@@ -459,15 +459,16 @@ impl GgufWriter {
             out.write_all(&offset.to_le_bytes())?;
             offset += (data.len() as u64 * 4).div_ceil(ALIGN) * ALIGN;
         }
-        while out.len() as u64 % ALIGN != 0 {
+        while !(out.len() as u64).is_multiple_of(ALIGN) {
             out.push(0);
         }
-        for (_, _, data) in &self.tensors {
+        for (i, (_, _, data)) in self.tensors.iter().enumerate() {
             let start = out.len();
             for v in data {
                 out.write_all(&v.to_le_bytes())?;
             }
-            while (out.len() - start) as u64 % ALIGN != 0 {
+            // Pad between tensors, not after the last: the file ends where the data does.
+            while i + 1 < self.tensors.len() && !((out.len() - start) as u64).is_multiple_of(ALIGN) {
                 out.push(0);
             }
         }
@@ -513,10 +514,7 @@ mod tests {
         let bytes = tiny().to_bytes();
         for cut in 0..bytes.len() {
             let err = read_header_from_slice(&bytes[..cut]).unwrap_err();
-            assert!(
-                matches!(err, GgufError::Truncated { .. } | GgufError::NotGguf { .. }),
-                "cut at {cut}: {err}"
-            );
+            assert!(matches!(err, GgufError::Truncated { .. } | GgufError::NotGguf { .. }), "cut at {cut}: {err}");
         }
     }
 

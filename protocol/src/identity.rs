@@ -202,10 +202,9 @@ impl SecretKey {
     /// Parses the text of a key file. `path` is only for error messages.
     pub fn parse_file_text(text: &str, expected: KeyKind, path: &Path) -> Result<Self, KeyFileError> {
         let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
-        let line = lines.next().ok_or_else(|| KeyFileError::Truncated {
-            path: path.to_path_buf(),
-            reason: "no key line".into(),
-        })?;
+        let line = lines
+            .next()
+            .ok_or_else(|| KeyFileError::Truncated { path: path.to_path_buf(), reason: "no key line".into() })?;
         let (label, hex_seed) = line.split_once(' ').unwrap_or((line, ""));
         let found = KeyKind::from_label(label).ok_or_else(|| KeyFileError::Foreign { path: path.to_path_buf() })?;
         if found != expected {
@@ -295,7 +294,8 @@ mod tests {
 
     #[test]
     fn non_ed25519_peer_id_is_refused() {
-        let peer = libp2p_identity::PeerId::random();
+        // An RSA-era peer id: a SHA-256 multihash, not an inlined ed25519 key.
+        let peer: libp2p_identity::PeerId = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N".parse().unwrap();
         assert!(matches!(PublicKey::from_peer_id(&peer), Err(KeyError::NotEd25519PeerId(_))));
     }
 

@@ -51,6 +51,8 @@ pub mod decoders {
             let text = String::from_utf8_lossy(b);
             identity::SecretKey::parse_file_text(&text, identity::KeyKind::Node, "fuzz".as_ref()).is_ok()
         }),
-        ("signed_open", |b| Signed::<manifest::ModelManifest>::from_bytes(b).and_then(|s| s.verify_self_signed()).is_ok()),
+        ("signed_open", |b| {
+            Signed::<manifest::ModelManifest>::from_bytes(b).and_then(|s| s.verify_self_signed()).is_ok()
+        }),
     ];
 }

@@ -81,7 +81,9 @@ impl std::str::FromStr for FileRole {
             "chat_template" | "chat-template" => FileRole::ChatTemplate,
             "config" => FileRole::Config,
             "other" => FileRole::Other,
-            _ => return Err(format!("unknown file role {s:?}: use weights, tokenizer, chat_template, config or other")),
+            _ => {
+                return Err(format!("unknown file role {s:?}: use weights, tokenizer, chat_template, config or other"))
+            }
         })
     }
 }
@@ -93,7 +95,8 @@ pub struct InferenceDefaults {
     /// Default and cap for `max_tokens` of one request.
     pub max_tokens: u32,
     pub context_length: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // No `skip_serializing_if` on wire types: bincode is not self-describing.
+    #[serde(default)]
     pub system_prompt: Option<String>,
 }
 
@@ -308,10 +311,7 @@ pub(crate) mod tests {
         let mut signed = SignedManifest::sign(&sample_manifest(3), &publisher).unwrap();
         let last = signed.body.len() - 1;
         signed.body[last] ^= 1;
-        assert!(matches!(
-            verify_signed_manifest(signed, &trust, |_| None),
-            Err(ProtocolError::BadSignature { .. })
-        ));
+        assert!(matches!(verify_signed_manifest(signed, &trust, |_| None), Err(ProtocolError::BadSignature { .. })));
     }
 
     #[test]
@@ -371,7 +371,10 @@ pub(crate) mod tests {
         let huge = vec![0u8; crate::MAX_MESSAGE_BYTES + 1];
         assert!(matches!(verify_manifest(&huge, &trust, |_| None), Err(ProtocolError::Oversize { .. })));
         for bytes in [&b""[..], b"\x01", b"not a manifest at all", &[0xff; 64]] {
-            assert!(matches!(verify_manifest(bytes, &trust, |_| None), Err(ProtocolError::Malformed { .. }) | Err(ProtocolError::UnknownProtocolVersion { .. })));
+            assert!(matches!(
+                verify_manifest(bytes, &trust, |_| None),
+                Err(ProtocolError::Malformed { .. }) | Err(ProtocolError::UnknownProtocolVersion { .. })
+            ));
         }
     }
 
@@ -383,10 +386,12 @@ pub(crate) mod tests {
         assert!(matches!(verify_manifest(&bytes, &trust, |_| None), Err(ProtocolError::Malformed { .. })));
     }
 
+    type Mutation = Box<dyn Fn(&mut ModelManifest)>;
+
     #[test]
     fn semantic_checks() {
         let (publisher, trust) = setup();
-        let cases: Vec<(&str, Box<dyn Fn(&mut ModelManifest)>)> = vec![
+        let cases: Vec<(&str, Mutation)> = vec![
             ("path in file name", Box::new(|m| m.variants[0].files[0].name = "../../etc/passwd".into())),
             ("bad model name", Box::new(|m| m.name = "Bad Name".into())),
             ("version zero", Box::new(|m| m.version = 0)),

@@ -35,9 +35,7 @@ pub struct TagSelector {
 
 impl TagSelector {
     pub fn matches(&self, tags: &Tags) -> bool {
-        self.require
-            .iter()
-            .all(|(key, allowed)| tags.get(key).is_some_and(|v| allowed.iter().any(|a| a == v)))
+        self.require.iter().all(|(key, allowed)| tags.get(key).is_some_and(|v| allowed.iter().any(|a| a == v)))
     }
 
     /// Why `tags` do not match, for error messages.
@@ -127,9 +125,11 @@ impl RolloutPlan {
                 return bad(format!("{name} {v} must be a positive number"));
             }
         }
-        crate::trust::validate_tags(
-            &self.selector.require.iter().map(|(k, _)| (k.clone(), String::new())).collect(),
-        )?;
+        for (key, values) in &self.selector.require {
+            for value in values {
+                crate::trust::validate_tag(key, value)?;
+            }
+        }
         Ok(())
     }
 }

@@ -81,15 +81,23 @@ pub fn validate_tags(tags: &Tags) -> Result<(), ProtocolError> {
         return Err(ProtocolError::invalid("tags", format!("{} tags, at most {MAX_TAGS}", tags.len())));
     }
     for (k, v) in tags {
-        let ok_key = !k.is_empty()
-            && k.len() <= MAX_TAG_LEN
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !ok_key {
-            return Err(ProtocolError::invalid("tags", format!("tag key {k:?}: use 1-{MAX_TAG_LEN} of a-z, 0-9, - _ .")));
-        }
-        if v.len() > MAX_TAG_LEN || v.chars().any(|c| c.is_control()) {
-            return Err(ProtocolError::invalid("tags", format!("tag value of {k:?} is too long or has control characters")));
-        }
+        validate_tag(k, v)?;
+    }
+    Ok(())
+}
+
+/// Checks one tag (or selector entry).
+pub fn validate_tag(k: &str, v: &str) -> Result<(), ProtocolError> {
+    let ok_key =
+        !k.is_empty() && k.len() <= MAX_TAG_LEN && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok_key {
+        return Err(ProtocolError::invalid("tags", format!("tag key {k:?}: use 1-{MAX_TAG_LEN} of a-z, 0-9, - _ .")));
+    }
+    if v.len() > MAX_TAG_LEN || v.chars().any(|c| c.is_control()) {
+        return Err(ProtocolError::invalid(
+            "tags",
+            format!("tag value of {k:?} is too long or has control characters"),
+        ));
     }
     Ok(())
 }

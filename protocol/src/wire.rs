@@ -6,24 +6,19 @@
 
 use crate::error::ProtocolError;
 use crate::MAX_MESSAGE_BYTES;
-use bincode::config::{Configuration, Fixint, LittleEndian, Limit};
+use bincode::config::{Configuration, Fixint, Limit, LittleEndian};
 use serde::{de::DeserializeOwned, Serialize};
 
 type WireConfig = Configuration<LittleEndian, Fixint, Limit<MAX_MESSAGE_BYTES>>;
 
 fn config() -> WireConfig {
-    bincode::config::standard()
-        .with_little_endian()
-        .with_fixed_int_encoding()
-        .with_limit::<MAX_MESSAGE_BYTES>()
+    bincode::config::standard().with_little_endian().with_fixed_int_encoding().with_limit::<MAX_MESSAGE_BYTES>()
 }
 
 /// Canonical bytes of a value.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, ProtocolError> {
-    let bytes = bincode::serde::encode_to_vec(value, config()).map_err(|e| ProtocolError::Malformed {
-        what: "value to encode",
-        reason: e.to_string(),
-    })?;
+    let bytes = bincode::serde::encode_to_vec(value, config())
+        .map_err(|e| ProtocolError::Malformed { what: "value to encode", reason: e.to_string() })?;
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(ProtocolError::Oversize { len: bytes.len(), max: MAX_MESSAGE_BYTES });
     }

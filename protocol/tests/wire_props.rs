@@ -4,7 +4,9 @@
 use proptest::prelude::*;
 use slmesh_protocol::hex32::Hex32;
 use slmesh_protocol::identity::{KeyKind, PublicKey, SecretKey};
-use slmesh_protocol::manifest::{FileEntry, FileRole, InferenceDefaults, ModelFormat, ModelManifest, SignedManifest, Variant};
+use slmesh_protocol::manifest::{
+    FileEntry, FileRole, InferenceDefaults, ModelFormat, ModelManifest, SignedManifest, Variant,
+};
 use slmesh_protocol::rollout::{Gates, RolloutPlan, TagSelector, Wave};
 use slmesh_protocol::trust::{Enrollment, EnrollmentCertificate};
 use slmesh_protocol::{decoders, wire};
@@ -22,7 +24,8 @@ fn finite() -> impl Strategy<Value = f64> {
 }
 
 fn selector() -> impl Strategy<Value = TagSelector> {
-    prop::collection::btree_map(name(), prop::collection::vec(name(), 0..3), 0..3).prop_map(|require| TagSelector { require })
+    prop::collection::btree_map(name(), prop::collection::vec(name(), 0..3), 0..3)
+        .prop_map(|require| TagSelector { require })
 }
 
 fn role() -> impl Strategy<Value = FileRole> {
@@ -99,7 +102,12 @@ fn manifest() -> impl Strategy<Value = ModelManifest> {
 
 fn enrollment() -> impl Strategy<Value = Enrollment> {
     (any::<[u8; 32]>(), prop::collection::btree_map(name(), ".{0,10}", 0..4), any::<u64>(), any::<u64>()).prop_map(
-        |(node, tags, issued_at, expires_at)| Enrollment { node: PublicKey::from_bytes(node), tags, issued_at, expires_at },
+        |(node, tags, issued_at, expires_at)| Enrollment {
+            node: PublicKey::from_bytes(node),
+            tags,
+            issued_at,
+            expires_at,
+        },
     )
 }
 

@@ -6,12 +6,12 @@
 //! on every open after.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
 use slmesh_protocol::manifest::{SignedManifest, VerifiedManifest};
 use slmesh_protocol::rollout::RolloutState;
 use slmesh_protocol::trust::Tags;
 use slmesh_protocol::{wire, NodeId, ProtocolError};
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::Transactional;
 use std::collections::BTreeSet;
 use std::path::Path;
 use thiserror::Error;
@@ -142,9 +142,8 @@ impl Store {
     }
 
     fn check_schema(&self) -> Result<()> {
-        let stored = self
-            .meta
-            .compare_and_swap(SCHEMA_KEY, None as Option<&[u8]>, Some(&SCHEMA_VERSION.to_le_bytes()[..]))?;
+        let stored =
+            self.meta.compare_and_swap(SCHEMA_KEY, None as Option<&[u8]>, Some(&SCHEMA_VERSION.to_le_bytes()[..]))?;
         let found = match stored {
             Ok(()) => {
                 self.db.flush()?;
@@ -155,10 +154,10 @@ impl Store {
                 reason: "vanished while opening".into(),
             })?,
         };
-        let found: [u8; 4] = found.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-            what: "schema version",
-            reason: format!("{} bytes", found.len()),
-        })?;
+        let found: [u8; 4] = found
+            .as_ref()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt { what: "schema version", reason: format!("{} bytes", found.len()) })?;
         let found = u32::from_le_bytes(found);
         if found != SCHEMA_VERSION {
             return Err(StoreError::SchemaMismatch { path: self.path.clone(), found, expected: SCHEMA_VERSION });
@@ -219,7 +218,10 @@ impl Store {
     pub fn manifest(&self, name: &str, version: u64) -> Result<Option<SignedManifest>> {
         self.manifests
             .get(manifest_key(name, version))?
-            .map(|b| SignedManifest::from_bytes(&b).map_err(|e| StoreError::Corrupt { what: "manifest", reason: e.to_string() }))
+            .map(|b| {
+                SignedManifest::from_bytes(&b)
+                    .map_err(|e| StoreError::Corrupt { what: "manifest", reason: e.to_string() })
+            })
             .transpose()
     }
 
@@ -242,18 +244,19 @@ impl Store {
         change: impl Fn(&mut ModelState) -> Result<T>,
     ) -> Result<T> {
         let key = manifest_key(name, version);
-        let out = unwrap_tx((&self.manifests, &self.models, &self.rollouts).transaction(|(manifests, models, rollouts)| {
-            if manifests.get(&key)?.is_none() {
-                return abort(StoreError::Refused(format!("no manifest for {name} version {version}")));
-            }
-            let mut state = tx_model(models, name)?;
-            let out = change(&mut state).or_else(abort)?;
-            tx_put(models, name.as_bytes(), &state)?;
-            if let Some(r) = rollout {
-                tx_put(rollouts, &key, r)?;
-            }
-            Ok(out)
-        }))?;
+        let out =
+            unwrap_tx((&self.manifests, &self.models, &self.rollouts).transaction(|(manifests, models, rollouts)| {
+                if manifests.get(&key)?.is_none() {
+                    return abort(StoreError::Refused(format!("no manifest for {name} version {version}")));
+                }
+                let mut state = tx_model(models, name)?;
+                let out = change(&mut state).or_else(abort)?;
+                tx_put(models, name.as_bytes(), &state)?;
+                if let Some(r) = rollout {
+                    tx_put(rollouts, &key, r)?;
+                }
+                Ok(out)
+            }))?;
         self.flush()?;
         Ok(out)
     }
@@ -286,7 +289,9 @@ impl Store {
         let state = self.model(name)?.ok_or_else(|| StoreError::Refused(format!("no model named {name}")))?;
         let bad = state.active.ok_or_else(|| StoreError::Refused(format!("{name} has no active version")))?;
         self.update_model(name, bad, Some(rollout), |s| {
-            let prev = s.previous.ok_or_else(|| StoreError::Refused(format!("{name} has no previous version to roll back to")))?;
+            let prev = s
+                .previous
+                .ok_or_else(|| StoreError::Refused(format!("{name} has no previous version to roll back to")))?;
             s.active = Some(prev);
             s.previous = None;
             Ok(prev)

@@ -1,7 +1,9 @@
 use super::*;
 use slmesh_protocol::hex32::Hex32;
 use slmesh_protocol::identity::{KeyKind, SecretKey};
-use slmesh_protocol::manifest::{verify_manifest, FileEntry, FileRole, InferenceDefaults, ModelFormat, ModelManifest, Variant};
+use slmesh_protocol::manifest::{
+    verify_manifest, FileEntry, FileRole, InferenceDefaults, ModelFormat, ModelManifest, Variant,
+};
 use slmesh_protocol::rollout::{RolloutPhase, RolloutPlan, TagSelector};
 use slmesh_protocol::TrustStore;
 
