@@ -98,21 +98,36 @@ fn parse_wave(s: &str) -> Result<Wave, String> {
     Ok(Wave { fraction, soak_secs: parse_duration_secs(soak)? })
 }
 
-/// Size and BLAKE3 of a file, hashed with memory mapping on every core.
-fn hash_file(path: &Path) -> Result<(Hex32, u64)> {
+/// A read-only memory map of a file: GGUF header and BLAKE3 read the same pages once.
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: the map is read-only and dropped before we return; a file changed under us
+    // by another process gives a wrong hash, which verification on every node catches.
+    unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn blake3_of(bytes: &[u8]) -> Hex32 {
     let mut hasher = blake3::Hasher::new();
-    hasher.update_mmap_rayon(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let size = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
-    Ok((Hex32(*hasher.finalize().as_bytes()), size))
+    hasher.update_rayon(bytes);
+    Hex32(*hasher.finalize().as_bytes())
+}
+
+/// Size and BLAKE3 of a file, hashed on every core.
+fn hash_file(path: &Path) -> Result<(Hex32, u64)> {
+    let map = map_file(path)?;
+    Ok((blake3_of(&map), map.len() as u64))
+}
+
+fn file_name_of(path: &Path) -> Result<String> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| is_safe_file_name(n))
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("{}: rename the file to a plain name of a-z, 0-9, - _ . +", path.display()))
 }
 
 fn file_entry(role: FileRole, path: &Path) -> Result<FileEntry> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| is_safe_file_name(n))
-        .ok_or_else(|| anyhow!("{}: rename the file to a plain name of a-z, 0-9, - _ . +", path.display()))?
-        .to_string();
+    let name = file_name_of(path)?;
     let (blake3, size) = hash_file(path)?;
     if size == 0 {
         bail!("{} is empty", path.display());
@@ -120,11 +135,13 @@ fn file_entry(role: FileRole, path: &Path) -> Result<FileEntry> {
     Ok(FileEntry { role, name, blake3, size })
 }
 
-pub fn describe_gguf(path: &Path) -> Result<gguf::GgufInfo> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let len = file.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
-    gguf::read_header(std::io::BufReader::with_capacity(1 << 20, file), len)
-        .with_context(|| format!("{} cannot be used as model weights", path.display()))
+/// Reads a GGUF file's header and hashes it: the weights entry of a variant.
+pub fn describe_gguf(path: &Path) -> Result<(gguf::GgufInfo, FileEntry)> {
+    let name = file_name_of(path)?;
+    let map = map_file(path)?;
+    let info = gguf::read_header_from_slice(&map)
+        .with_context(|| format!("{} cannot be used as model weights", path.display()))?;
+    Ok((info, FileEntry { role: FileRole::Weights, name, blake3: blake3_of(&map), size: map.len() as u64 }))
 }
 
 pub fn create(args: &CreateArgs) -> Result<ModelManifest> {
@@ -142,7 +159,7 @@ pub fn create(args: &CreateArgs) -> Result<ModelManifest> {
         .collect::<Result<Vec<_>>>()?;
     let mut variants = Vec::new();
     for path in &args.gguf {
-        let info = describe_gguf(path)?;
+        let (info, weights) = describe_gguf(path)?;
         if !args.allow_unsupported_architecture && !MISTRALRS_GGUF_ARCHITECTURES.contains(&info.architecture.as_str()) {
             bail!(
                 "{}: architecture {:?} cannot be served by mistral.rs 0.8.1 (it loads {}); pass --allow-unsupported-architecture to publish it anyway",
@@ -151,7 +168,6 @@ pub fn create(args: &CreateArgs) -> Result<ModelManifest> {
                 MISTRALRS_GGUF_ARCHITECTURES.join(", ")
             );
         }
-        let weights = file_entry(FileRole::Weights, path)?;
         let min_ram_bytes = match args.min_ram_mib {
             Some(mib) => mib << 20,
             None => weights.size + weights.size / 4 + (128 << 20),

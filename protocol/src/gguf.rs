@@ -53,13 +53,43 @@ pub struct GgufInfo {
 pub const MISTRALRS_GGUF_ARCHITECTURES: &[&str] =
     &["llama", "phi2", "phi3", "starcoder2", "qwen2", "qwen3", "qwen3moe"];
 
+/// Where header bytes come from: a reader, or a slice (which skips without copying).
+trait Source {
+    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()>;
+    fn skip(&mut self, n: u64) -> io::Result<u64>;
+}
+
+struct ReaderSource<R>(R);
+
+impl<R: Read> Source for ReaderSource<R> {
+    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read_exact(buf)
+    }
+    fn skip(&mut self, n: u64) -> io::Result<u64> {
+        io::copy(&mut (&mut self.0).take(n), &mut io::sink())
+    }
+}
+
+struct SliceSource<'a>(&'a [u8]);
+
+impl Source for SliceSource<'_> {
+    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        Read::read_exact(&mut self.0, buf)
+    }
+    fn skip(&mut self, n: u64) -> io::Result<u64> {
+        let n = usize::try_from(n).unwrap_or(usize::MAX).min(self.0.len());
+        self.0 = &self.0[n..];
+        Ok(n as u64)
+    }
+}
+
 struct Cursor<R> {
     inner: R,
     pos: u64,
     len: u64,
 }
 
-impl<R: Read> Cursor<R> {
+impl<R: Source> Cursor<R> {
     fn truncated(&self, n: u64) -> GgufError {
         GgufError::Truncated { needed: self.pos.saturating_add(n), have: self.len }
     }
@@ -92,7 +122,7 @@ impl<R: Read> Cursor<R> {
 
     fn skip(&mut self, n: u64) -> Result<(), GgufError> {
         self.ensure(n)?;
-        let copied = io::copy(&mut (&mut self.inner).take(n), &mut io::sink())?;
+        let copied = self.inner.skip(n)?;
         if copied != n {
             return Err(self.truncated(n));
         }
@@ -142,7 +172,7 @@ fn fixed_size(value_type: u32) -> Option<u64> {
     }
 }
 
-fn read_value<R: Read>(c: &mut Cursor<R>, value_type: u32, depth: u32) -> Result<Scalar, GgufError> {
+fn read_value<R: Source>(c: &mut Cursor<R>, value_type: u32, depth: u32) -> Result<Scalar, GgufError> {
     Ok(match value_type {
         0 => Scalar::Int(u8::from_le_bytes(c.bytes()?) as i128),
         1 => Scalar::Int(i8::from_le_bytes(c.bytes()?) as i128),
@@ -247,7 +277,16 @@ fn file_type_name(ft: i128) -> String {
 /// Reads the header of a GGUF file of `file_len` bytes from `reader` (positioned at its
 /// start; buffer it).
 pub fn read_header<R: Read>(reader: R, file_len: u64) -> Result<GgufInfo, GgufError> {
-    let mut c = Cursor { inner: reader, pos: 0, len: file_len };
+    parse(Cursor { inner: ReaderSource(reader), pos: 0, len: file_len })
+}
+
+/// Reads the header of a GGUF file in memory (or memory-mapped).
+pub fn read_header_from_slice(bytes: &[u8]) -> Result<GgufInfo, GgufError> {
+    parse(Cursor { inner: SliceSource(bytes), pos: 0, len: bytes.len() as u64 })
+}
+
+fn parse<R: Source>(mut c: Cursor<R>) -> Result<GgufInfo, GgufError> {
+    let file_len = c.len;
     let magic: [u8; 4] = match c.bytes() {
         Ok(m) => m,
         Err(GgufError::Truncated { .. }) if file_len < 4 => {
@@ -338,11 +377,6 @@ pub fn read_header<R: Read>(reader: R, file_len: u64) -> Result<GgufInfo, GgufEr
         _ => None,
     };
     Ok(GgufInfo { version, architecture, name, quantization, context_length, tensor_count, data_offset, required_len })
-}
-
-/// Reads the header of a GGUF file in memory.
-pub fn read_header_from_slice(bytes: &[u8]) -> Result<GgufInfo, GgufError> {
-    read_header(bytes, bytes.len() as u64)
 }
 
 /// A metadata value for [`GgufWriter`].
