@@ -13,6 +13,7 @@ gguf="$("$repo/tests/fetch-demo-model.sh")"
 echo "$gguf"
 
 work="${SLMESH_DEMO_DIR:-$(mktemp -d)}"
+mkdir -p "$work"
 cd "$work"
 echo "== working in $work"
 "$slmesh" publisher keygen --out ops.key

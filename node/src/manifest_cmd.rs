@@ -158,8 +158,10 @@ pub fn create(args: &CreateArgs) -> Result<ModelManifest> {
         })
         .collect::<Result<Vec<_>>>()?;
     let mut variants = Vec::new();
+    let mut infos_context = Vec::new();
     for path in &args.gguf {
         let (info, weights) = describe_gguf(path)?;
+        infos_context.extend(info.context_length);
         if !args.allow_unsupported_architecture && !MISTRALRS_GGUF_ARCHITECTURES.contains(&info.architecture.as_str()) {
             bail!(
                 "{}: architecture {:?} cannot be served by mistral.rs 0.8.1 (it loads {}); pass --allow-unsupported-architecture to publish it anyway",
@@ -193,6 +195,10 @@ pub fn create(args: &CreateArgs) -> Result<ModelManifest> {
     for (k, v) in &args.select {
         selector.require.entry(k.clone()).or_default().push(v.clone());
     }
+    // The context every variant supports, capped by the usual default.
+    let context_length = infos_context.iter().copied().min().map_or(InferenceDefaults::default().context_length, |c| {
+        u32::try_from(c).unwrap_or(u32::MAX).min(InferenceDefaults::default().context_length)
+    });
     let defaults = RolloutPlan::default();
     let manifest = ModelManifest {
         name: args.name.clone(),
