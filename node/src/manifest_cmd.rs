@@ -209,6 +209,7 @@ pub fn create(args: &CreateArgs) -> Result<ModelManifest> {
         inference: InferenceDefaults {
             max_tokens: args.max_tokens,
             temperature: args.temperature,
+            context_length,
             ..Default::default()
         },
         rollout: RolloutPlan {
