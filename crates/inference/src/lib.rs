@@ -1,1 +1,214 @@
-//! placeholder
+//! The mistral.rs engine manager of a node.
+//!
+//! A model version is loaded from local files only (token source none, CPU, no hub),
+//! after its GGUF header was read and checked here: mistral.rs 0.8.1 panics on an
+//! architecture it cannot load, so such a file is refused before it gets there, and the
+//! loader runs in its own task so that any other panic is an error, not a dead node.
+//! Every version must pass a smoke test before it may serve.
+//!
+//! Hot swap: the new version loads beside the running one; the switch is one pointer
+//! swap; requests in flight hold their own reference to the old version and finish on
+//! it; the old engine stops when the last of them lets go.
+
+use mistralrs::{
+    ChatCompletionResponse, GgufModelBuilder, Model, RequestBuilder, TextMessageRole, TextMessages, TokenSource,
+};
+use slmesh_protocol::gguf::{self, GgufError, GgufInfo, MISTRALRS_GGUF_ARCHITECTURES};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum InferenceError {
+    #[error("model file {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("model file {path} is not loadable: {source}")]
+    BadGguf { path: PathBuf, source: GgufError },
+    #[error("model file {path} has architecture {architecture:?}, which mistral.rs 0.8.1 cannot load (it loads {supported})")]
+    UnsupportedArchitecture { path: PathBuf, architecture: String, supported: String },
+    #[error("mistral.rs could not load {path}: {reason}")]
+    LoadFailed { path: PathBuf, reason: String },
+    #[error("{model} failed its smoke test: {reason}")]
+    SmokeTestFailed { model: String, reason: String },
+    #[error("no model is active")]
+    NoActiveModel,
+    #[error("no previous version to roll back to")]
+    NoPreviousVersion,
+    #[error("generation failed: {0}")]
+    Generation(String),
+}
+
+pub type Result<T, E = InferenceError> = std::result::Result<T, E>;
+
+/// Which files make up one model version on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub version: u64,
+    /// The GGUF weights; tokenizer and chat template come from its metadata.
+    pub gguf: PathBuf,
+}
+
+impl ModelSpec {
+    /// `name@version`: how the endpoint and the metrics name it.
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+}
+
+/// A model version loaded into mistral.rs and smoke-tested.
+pub struct LoadedModel {
+    pub spec: ModelSpec,
+    pub info: GgufInfo,
+    model: Model,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel").field("spec", &self.spec).field("info", &self.info).finish()
+    }
+}
+
+/// Reads and checks a GGUF header without mistral.rs.
+pub fn check_gguf(path: &Path) -> Result<GgufInfo> {
+    let io = |source| InferenceError::Io { path: path.to_path_buf(), source };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let info = gguf::read_header(std::io::BufReader::with_capacity(1 << 20, file), len)
+        .map_err(|source| InferenceError::BadGguf { path: path.to_path_buf(), source })?;
+    if !MISTRALRS_GGUF_ARCHITECTURES.contains(&info.architecture.as_str()) {
+        return Err(InferenceError::UnsupportedArchitecture {
+            path: path.to_path_buf(),
+            architecture: info.architecture,
+            supported: MISTRALRS_GGUF_ARCHITECTURES.join(", "),
+        });
+    }
+    Ok(info)
+}
+
+fn panic_text(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .map_or_else(|| "the loader panicked".into(), |m| format!("the loader panicked: {m}")),
+        Err(e) => format!("the loader task ended: {e}"),
+    }
+}
+
+/// The prompt every version must answer before it serves.
+const SMOKE_PROMPT: &str = "Reply with one word: hello.";
+const SMOKE_TOKENS: usize = 4;
+
+impl LoadedModel {
+    /// Loads a GGUF file through mistral.rs (CPU, local files only) and smoke-tests it.
+    pub async fn load(spec: ModelSpec) -> Result<Self> {
+        let path = spec.gguf.clone();
+        let info = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || check_gguf(&path))
+                .await
+                .map_err(|e| InferenceError::LoadFailed { path: spec.gguf.clone(), reason: panic_text(e) })??
+        };
+        let failed = |reason: String| InferenceError::LoadFailed { path: path.clone(), reason };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        // mistral.rs falls through to the hub when the folder does not exist: make sure it does.
+        let dir = std::fs::canonicalize(dir).map_err(|e| failed(format!("model folder: {e}")))?;
+        let file = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .ok_or_else(|| failed("file name is not UTF-8".into()))?
+            .to_string();
+        let dir_text = dir.to_str().ok_or_else(|| failed("folder name is not UTF-8".into()))?.to_string();
+        let model = tokio::spawn(async move {
+            GgufModelBuilder::new(dir_text, vec![file])
+                .with_token_source(TokenSource::None)
+                .with_force_cpu()
+                .build()
+                .await
+        })
+        .await
+        .map_err(|e| failed(panic_text(e)))?
+        .map_err(|e| failed(format!("{e:#}")))?;
+        let loaded = LoadedModel { spec, info, model };
+        loaded.smoke_test().await?;
+        Ok(loaded)
+    }
+
+    async fn smoke_test(&self) -> Result<()> {
+        let fail = |reason: String| InferenceError::SmokeTestFailed { model: self.spec.id(), reason };
+        let request = RequestBuilder::from(TextMessages::new().add_message(TextMessageRole::User, SMOKE_PROMPT))
+            .set_deterministic_sampler()
+            .set_sampler_max_len(SMOKE_TOKENS);
+        let response = self.model.send_chat_request(request).await.map_err(|e| fail(e.to_string()))?;
+        if response.usage.completion_tokens == 0 {
+            return Err(fail("it generated no tokens".into()));
+        }
+        Ok(())
+    }
+
+    /// One chat completion (non-streaming).
+    pub async fn chat(&self, request: RequestBuilder) -> Result<ChatCompletionResponse> {
+        self.model.send_chat_request(request).await.map_err(|e| InferenceError::Generation(e.to_string()))
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+}
+
+/// The node's serving slot: the active version, and what to roll back to.
+#[derive(Default)]
+pub struct Engine {
+    active: RwLock<Option<Arc<LoadedModel>>>,
+    previous: RwLock<Option<ModelSpec>>,
+    /// One activation at a time: two loads at once would double peak memory for nothing.
+    activating: tokio::sync::Mutex<()>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Engine {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The active version. Hold the `Arc` for the whole request: a swap then cannot
+    /// pull the model from under it.
+    pub fn active(&self) -> Option<Arc<LoadedModel>> {
+        self.active.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn previous(&self) -> Option<ModelSpec> {
+        self.previous.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Why the last activation was refused, if it was.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Loads and smoke-tests `spec` beside the active version, then swaps it in. On any
+    /// failure the active version keeps serving and the error says why.
+    pub async fn activate(&self, spec: ModelSpec) -> Result<()> {
+        let _one_at_a_time = self.activating.lock().await;
+        let result = LoadedModel::load(spec).await;
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = result.as_ref().err().map(|e| e.to_string());
+        let loaded = Arc::new(result?);
+        let old = self.active.write().unwrap_or_else(|e| e.into_inner()).replace(loaded);
+        if let Some(old) = old {
+            *self.previous.write().unwrap_or_else(|e| e.into_inner()) = Some(old.spec.clone());
+            tracing::info!(old = %old.spec.id(), "swapped; the old version stops when its last request ends");
+        }
+        Ok(())
+    }
+
+    /// Goes back to the previous version (loaded again from its files on disk).
+    pub async fn roll_back(&self) -> Result<()> {
+        let previous = self.previous().ok_or(InferenceError::NoPreviousVersion)?;
+        self.activate(previous).await
+    }
+}
+
+#[cfg(test)]
+mod tests;
