@@ -3,6 +3,7 @@
 mod config;
 mod keys;
 mod manifest_cmd;
+mod serve;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -40,6 +41,8 @@ enum Command {
     /// Create, sign, verify and inspect model manifests.
     #[command(subcommand)]
     Manifest(manifest_cmd::ManifestCommand),
+    /// Serve one local GGUF file over the OpenAI-compatible API (a single machine, no mesh).
+    Serve(serve::ServeArgs),
 }
 
 mod config_cmd {
@@ -126,6 +129,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Publisher(c) => keys::publisher(c),
         Command::Enroll(a) => keys::enroll(a),
         Command::Manifest(c) => manifest_cmd::run(c),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

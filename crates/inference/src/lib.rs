@@ -10,6 +10,8 @@
 //! swap; requests in flight hold their own reference to the old version and finish on
 //! it; the old engine stops when the last of them lets go.
 
+pub mod http;
+
 use mistralrs::{
     ChatCompletionResponse, GgufModelBuilder, Model, RequestBuilder, TextMessageRole, TextMessages, TokenSource,
 };

@@ -1,0 +1,148 @@
+//! `slmesh serve` as a real process with the demo model: answers, and bad input that
+//! gets a 4xx JSON error while the node keeps serving.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn demo_model() -> String {
+    if let Ok(p) = std::env::var("SLMESH_DEMO_GGUF") {
+        return p;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fetch-demo-model.sh");
+    let out = Command::new(script).output().expect("run tests/fetch-demo-model.sh");
+    assert!(out.status.success(), "fetch-demo-model.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+struct Node {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(extra: &[&str]) -> Node {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_slmesh"))
+        .args(["serve", "--model", &demo_model(), "--name", "smollm2", "--http-bind", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start slmesh serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
+    let addr = line.trim().rsplit("http://").next().unwrap_or_default().to_string();
+    assert!(line.starts_with("serving smollm2@1"), "unexpected: {line:?}");
+    Node { child, addr }
+}
+
+/// A plain HTTP/1.1 exchange: (status, body). Write errors are ignored (a server may
+/// answer before it reads a huge body).
+fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).expect("write head");
+    let mut writer = stream.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        for chunk in body.chunks(1 << 16) {
+            if writer.write_all(chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let _ = sender.join();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+fn post(addr: &str, body: impl Into<Vec<u8>>) -> (u16, serde_json::Value) {
+    let (status, body) =
+        http(addr, "POST", "/v1/chat/completions", &[("Content-Type", "application/json")], body.into());
+    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}")))
+}
+
+fn chat_ok(addr: &str) {
+    let (status, v) = post(
+        addr,
+        r#"{"model":"smollm2","messages":[{"role":"user","content":"Say hello."}],"max_tokens":8,"temperature":0}"#,
+    );
+    assert_eq!(status, 200, "{v}");
+    assert!(!v["choices"][0]["message"]["content"].as_str().unwrap_or_default().is_empty(), "{v}");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap_or(0) > 0, "{v}");
+    assert_eq!(v["model"], "smollm2@1");
+}
+
+#[test]
+fn serves_the_demo_model_and_refuses_bad_input() {
+    let node = start(&[]);
+    let addr = node.addr.as_str();
+    let (status, body) = http(addr, "GET", "/health", &[], vec![]);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(addr, "GET", "/v1/models", &[], vec![]);
+    assert_eq!(status, 200);
+    let models: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(models["data"][0]["id"], "smollm2");
+    chat_ok(addr);
+
+    let too_big = format!(r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#, "a".repeat(100 << 20));
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("malformed JSON", b"{\"messages\": [".to_vec(), 400),
+        ("missing messages", br#"{"model":"smollm2"}"#.to_vec(), 400),
+        ("unknown role", br#"{"messages":[{"role":"wizard","content":"hi"}]}"#.to_vec(), 400),
+        ("empty content", br#"{"messages":[{"role":"user","content":"  "}]}"#.to_vec(), 400),
+        ("max_tokens 1e9", br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":1000000000}"#.to_vec(), 400),
+        ("max_tokens 1e9 as float", br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":1e9}"#.to_vec(), 400),
+        ("invalid UTF-8", b"{\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}".to_vec(), 400),
+        ("unknown model", br#"{"model":"gpt-9","messages":[{"role":"user","content":"hi"}]}"#.to_vec(), 404),
+        ("100 MB body", too_big.into_bytes(), 413),
+    ];
+    for (what, body, expected) in cases {
+        let (status, v) = post(addr, body);
+        assert_eq!(status, expected, "{what}: {v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: no OpenAI error body: {v}");
+        assert_eq!(v["error"]["code"], expected, "{what}");
+    }
+    // Still serving after all of that.
+    chat_ok(addr);
+}
+
+#[test]
+fn bearer_token_is_required_when_set() {
+    let node = start(&["--bearer-token", "s3cret"]);
+    let (status, body) = http(&node.addr, "GET", "/v1/models", &[], vec![]);
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = http(&node.addr, "GET", "/v1/models", &[("Authorization", "Bearer s3cret")], vec![]);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_file_that_is_not_a_model_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("photo.gguf");
+    std::fs::write(&path, b"\x89PNG\r\n\x1a\n0000000000000000").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_slmesh"))
+        .args(["serve", "--model", path.to_str().unwrap(), "--http-bind", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a GGUF file"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
