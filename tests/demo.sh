@@ -6,7 +6,8 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/slmesh-target}"
 echo "== building slmesh (first build: 15-25 minutes)"
-cargo build --locked --quiet -p slmesh --manifest-path "$repo/Cargo.toml"
+# The same build as the tests (all targets), so that neither rebuilds the other's dependencies.
+cargo build --locked --quiet --workspace --all-targets --manifest-path "$repo/Cargo.toml"
 slmesh="$CARGO_TARGET_DIR/debug/slmesh"
 echo "== demo model"
 gguf="$("$repo/tests/fetch-demo-model.sh")"
@@ -27,3 +28,18 @@ model="$(basename "$gguf")"
 "$slmesh" manifest sign --key ops.key v1.toml --out v1.slm
 "$slmesh" manifest verify --config node1/slmesh.toml v1.slm --files .
 "$slmesh" manifest inspect v1.slm
+
+echo "== serving the verified model on this machine (the mesh and rollouts come with their issues)"
+"$slmesh" serve --model "$model" --name smollm2-135m-instruct --http-bind 127.0.0.1:0 > serve.out 2> serve.log &
+serve_pid=$!
+trap 'kill $serve_pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  grep -q '^serving' serve.out 2>/dev/null && break
+  kill -0 $serve_pid 2>/dev/null || { cat serve.log; exit 1; }
+  sleep 0.5
+done
+addr="$(sed -n 's|^serving .* on http://||p' serve.out)"
+echo "serving on http://$addr"
+curl -sS "http://$addr/v1/chat/completions" -H 'Content-Type: application/json' \
+  -d '{"model":"smollm2-135m-instruct","messages":[{"role":"user","content":"What is the capital of France? Answer in one sentence."}],"max_tokens":40,"temperature":0}' \
+  | python3 -c 'import json,sys; r=json.load(sys.stdin); print("answer:", r["choices"][0]["message"]["content"].strip()); print("usage:", r["usage"]["prompt_tokens"], "prompt tokens,", r["usage"]["completion_tokens"], "completion tokens")'
