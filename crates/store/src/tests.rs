@@ -124,6 +124,7 @@ const CHILD_ENV: &str = "SLMESH_STORE_CRASH_CHILD";
 /// Run in a child process by `kill_9_leaves_consistent_state`: churns through versions
 /// until it is killed.
 #[test]
+#[ignore = "a helper: kill_9_leaves_consistent_state runs it in a child process"]
 fn crash_child() {
     let Ok(path) = std::env::var(CHILD_ENV) else { return };
     let store = Store::open(Path::new(&path)).unwrap();
@@ -148,7 +149,7 @@ fn kill_9_leaves_consistent_state() {
     let mut last = 0;
     for round in 0..4 {
         let mut child = std::process::Command::new(&exe)
-            .args(["--exact", "tests::crash_child", "--nocapture", "--test-threads=1"])
+            .args(["--exact", "tests::crash_child", "--ignored", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, dir.path())
             .stdout(std::process::Stdio::null())
             .spawn()
