@@ -121,6 +121,38 @@ fn serves_the_demo_model_and_refuses_bad_input() {
     }
     // Still serving after all of that.
     chat_ok(addr);
+
+    // Streaming: server-sent events, content in deltas, usage on the last chunk, then [DONE].
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Content-Type", "application/json")],
+        br#"{"messages":[{"role":"user","content":"Name a colour."}],"max_tokens":6,"temperature":0,"stream":true}"#
+            .to_vec(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let events: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
+    let chunks: Vec<serde_json::Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("chunk JSON")).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert!(!text.trim().is_empty(), "{body}");
+    let usage = &chunks.last().expect("chunks")["usage"];
+    assert!(usage["completion_tokens"].as_u64().unwrap_or(0) > 0, "{body}");
+    assert!(chunks.iter().all(|c| c["model"] == "smollm2@1"));
+
+    // Metrics: three answered requests (two chats and the stream), the refusals by status.
+    let (status, text) = http(addr, "GET", "/metrics", &[], vec![]);
+    assert_eq!(status, 200);
+    let labels = r#"model="smollm2",version="1""#;
+    assert!(text.contains(&format!("slmesh_requests_total{{{labels}}} 3")), "{text}");
+    assert!(text.contains(&format!("slmesh_request_errors_total{{{labels}}} 0")), "{text}");
+    assert!(text.contains(&format!("slmesh_request_latency_seconds_count{{{labels}}} 3")), "{text}");
+    assert!(text.contains(&format!("slmesh_time_to_first_token_seconds_count{{{labels}}} 3")), "{text}");
+    assert!(text.contains("slmesh_http_rejected_total{code=\"400\"} 7"), "{text}");
+    assert!(text.contains("slmesh_http_rejected_total{code=\"413\"} 1"), "{text}");
+    assert!(text.contains(&format!("slmesh_active_model{{{labels}}} 1")), "{text}");
 }
 
 #[test]

@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod hex32;
 pub mod identity;
 pub mod manifest;
+pub mod metrics;
 pub mod rollout;
 pub mod select;
 pub mod signed;

@@ -7,20 +7,25 @@
 //! model name). A bounded number of requests run at once and a bounded number wait; past
 //! that the answer is 429, so load never grows an unbounded queue.
 
-use crate::Engine;
+use crate::{Engine, LoadedModel};
 use axum::body::{to_bytes, Body};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use mistralrs::{RequestBuilder, TextMessageRole, TextMessages};
+use mistralrs::{RequestBuilder, Response as EngineResponse, TextMessageRole, TextMessages, Usage};
 use serde::Deserialize;
 use serde_json::json;
+use slmesh_protocol::metrics::{NodeMetrics, RequestSample};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::Semaphore;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_stream::StreamExt;
 
 #[derive(Debug, Clone)]
 pub struct HttpLimits {
@@ -53,19 +58,36 @@ pub struct HttpState {
     engine: Arc<Engine>,
     limits: HttpLimits,
     bearer_token: Option<String>,
-    running: Semaphore,
+    running: Arc<Semaphore>,
     waiting: AtomicUsize,
+    metrics: Mutex<NodeMetrics>,
+    rejected: Mutex<BTreeMap<u16, u64>>,
 }
 
 impl HttpState {
     pub fn new(engine: Arc<Engine>, limits: HttpLimits, bearer_token: Option<String>) -> Arc<Self> {
         Arc::new(HttpState {
             engine,
-            running: Semaphore::new(limits.max_concurrent.max(1)),
+            running: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
             limits,
             bearer_token,
             waiting: AtomicUsize::new(0),
+            metrics: Mutex::new(NodeMetrics::default()),
+            rejected: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// A copy of what this node measured so far, per model version.
+    pub fn metrics(&self) -> NodeMetrics {
+        self.metrics.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn record(&self, model: &LoadedModel, sample: &RequestSample) {
+        self.metrics.lock().unwrap_or_else(|e| e.into_inner()).record(&model.spec.name, model.spec.version, sample);
+    }
+
+    fn count_rejected(&self, status: StatusCode) {
+        *self.rejected.lock().unwrap_or_else(|e| e.into_inner()).entry(status.as_u16()).or_default() += 1;
     }
 }
 
@@ -74,6 +96,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/metrics", get(metrics))
         .fallback(|| async { api_error(StatusCode::NOT_FOUND, "invalid_request_error", "no such endpoint", None) })
         .with_state(state)
 }
@@ -81,6 +104,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
 /// An error answered in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
 pub struct ApiError {
+    // Fields are private: build one with `api_error`.
     status: StatusCode,
     kind: &'static str,
     message: String,
@@ -134,6 +158,18 @@ async fn models(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Resu
         .into_iter()
         .collect();
     Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
+
+async fn metrics(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorized(&state, &headers)?;
+    let active = state.engine.active();
+    let rejected = state.rejected.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let text = crate::prometheus::render(
+        &state.metrics(),
+        &rejected,
+        active.as_ref().map(|m| (m.spec.name.as_str(), m.spec.version)),
+    );
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,8 +265,8 @@ fn build_request(req: &ChatRequest, limits: &HttpLimits) -> Result<RequestBuilde
 }
 
 /// Waits for a turn to generate, or refuses at once when too many already wait.
-async fn take_turn(state: &HttpState) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
-    if let Ok(permit) = state.running.try_acquire() {
+async fn take_turn(state: &HttpState) -> Result<OwnedSemaphorePermit, ApiError> {
+    if let Ok(permit) = state.running.clone().try_acquire_owned() {
         return Ok(permit);
     }
     if state.waiting.fetch_add(1, Ordering::SeqCst) >= state.limits.max_waiting {
@@ -242,17 +278,25 @@ async fn take_turn(state: &HttpState) -> Result<tokio::sync::SemaphorePermit<'_>
             None,
         ));
     }
-    let permit = state.running.acquire().await;
+    let permit = state.running.clone().acquire_owned().await;
     state.waiting.fetch_sub(1, Ordering::SeqCst);
     permit.map_err(|_| api_error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting down", None))
 }
 
-async fn chat_completions(
-    State(state): State<Arc<HttpState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    authorized(&state, &headers)?;
+async fn chat_completions(State(state): State<Arc<HttpState>>, headers: HeaderMap, body: Body) -> Response {
+    match chat_completions_inner(&state, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status.is_client_error() || e.status == StatusCode::SERVICE_UNAVAILABLE {
+                state.count_rejected(e.status);
+            }
+            e.into_response()
+        }
+    }
+}
+
+async fn chat_completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    authorized(state, headers)?;
     let bytes = to_bytes(body, state.limits.max_body_bytes).await.map_err(|_| {
         api_error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -263,9 +307,6 @@ async fn chat_completions(
     })?;
     let req: ChatRequest = serde_json::from_slice(&bytes)
         .map_err(|e| bad_request(format!("request body is not a valid chat completion request: {e}"), None))?;
-    if req.stream == Some(true) {
-        return Err(bad_request("stream: true is not supported yet", Some("stream")));
-    }
     let model = state.engine.active().ok_or_else(|| {
         api_error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "no model is active on this node yet", None)
     })?;
@@ -280,15 +321,111 @@ async fn chat_completions(
         }
     }
     let builder = build_request(&req, &state.limits)?;
-    let _turn = take_turn(&state).await?;
-    match tokio::time::timeout(state.limits.request_timeout, model.chat(builder)).await {
-        Err(_) => Err(api_error(StatusCode::GATEWAY_TIMEOUT, "server_error", "generation timed out", None)),
-        Ok(Err(e)) => Err(api_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string(), None)),
+    let start = Instant::now();
+    let turn = take_turn(state).await?;
+    if req.stream == Some(true) {
+        return Ok(stream_chat(state.clone(), model, builder, turn, start));
+    }
+    let queued = start.elapsed().as_secs_f64();
+    let result = tokio::time::timeout(state.limits.request_timeout, model.chat(builder)).await;
+    drop(turn);
+    let latency_secs = start.elapsed().as_secs_f64();
+    match result {
         Ok(Ok(mut response)) => {
+            state.record(&model, &sample_from_usage(latency_secs, queued, &response.usage));
             response.model = model.spec.id();
             Ok(Json(response).into_response())
         }
+        failed => {
+            state.record(&model, &RequestSample { latency_secs, error: true, ..Default::default() });
+            Err(match failed {
+                Err(_) => api_error(StatusCode::GATEWAY_TIMEOUT, "server_error", "generation timed out", None),
+                Ok(Err(e)) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string(), None),
+                Ok(Ok(_)) => unreachable!("handled above"),
+            })
+        }
     }
+}
+
+fn sample_from_usage(latency_secs: f64, queued_secs: f64, usage: &Usage) -> RequestSample {
+    RequestSample {
+        latency_secs,
+        ttft_secs: (usage.completion_tokens > 0).then(|| queued_secs + f64::from(usage.total_prompt_time_sec)),
+        prompt_tokens: usage.prompt_tokens as u64,
+        completion_tokens: usage.completion_tokens as u64,
+        tokens_per_sec: (usage.completion_tokens > 0).then_some(f64::from(usage.avg_compl_tok_per_sec)),
+        error: false,
+    }
+}
+
+/// `stream: true`: server-sent events, one per chunk, the last one with usage, then
+/// `data: [DONE]`. A client that goes away stops the stream; the turn is held until the
+/// generation ends.
+fn stream_chat(
+    state: Arc<HttpState>,
+    model: Arc<LoadedModel>,
+    builder: RequestBuilder,
+    turn: OwnedSemaphorePermit,
+    start: Instant,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(32);
+    tokio::spawn(async move {
+        let _turn = turn;
+        let mut first_token = None;
+        let mut usage = None;
+        let mut error = None;
+        let deadline = tokio::time::Instant::now() + state.limits.request_timeout;
+        match model.model().stream_chat_request(builder).await {
+            Err(e) => error = Some(e.to_string()),
+            Ok(mut stream) => loop {
+                let next = match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(Some(next)) => next,
+                    Ok(None) => break,
+                    Err(_) => {
+                        error = Some("generation timed out".into());
+                        break;
+                    }
+                };
+                match next {
+                    EngineResponse::Chunk(mut chunk) => {
+                        if first_token.is_none() && chunk.choices.iter().any(|c| c.delta.content.is_some()) {
+                            first_token = Some(start.elapsed().as_secs_f64());
+                        }
+                        chunk.model = model.spec.id();
+                        let last = chunk.usage.is_some();
+                        usage = chunk.usage.clone().or(usage);
+                        let data = serde_json::to_string(&chunk).unwrap_or_default();
+                        if tx.send(Event::default().data(data)).await.is_err() || last {
+                            break;
+                        }
+                    }
+                    EngineResponse::Done(_) => break,
+                    EngineResponse::ModelError(e, _) => {
+                        error = Some(e);
+                        break;
+                    }
+                    EngineResponse::InternalError(e) | EngineResponse::ValidationError(e) => {
+                        error = Some(e.to_string());
+                        break;
+                    }
+                    _ => {}
+                }
+            },
+        }
+        if let Some(e) = &error {
+            let body = json!({"error": {"message": e, "type": "server_error", "param": null, "code": 500}});
+            let _ = tx.send(Event::default().data(body.to_string())).await;
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+        let latency_secs = start.elapsed().as_secs_f64();
+        let mut sample = match (&usage, &error) {
+            (Some(u), None) => sample_from_usage(latency_secs, 0.0, u),
+            _ => RequestSample { latency_secs, error: error.is_some(), ..Default::default() },
+        };
+        sample.ttft_secs = first_token.or(sample.ttft_secs);
+        state.record(&model, &sample);
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, Infallible>)).into_response()
 }
 
 /// Serves the routes on `listener` until `shutdown` completes; requests in flight finish.

@@ -11,6 +11,7 @@
 //! it; the old engine stops when the last of them lets go.
 
 pub mod http;
+mod prometheus;
 
 use mistralrs::{
     ChatCompletionResponse, GgufModelBuilder, Model, RequestBuilder, TextMessageRole, TextMessages, TokenSource,
