@@ -4,19 +4,8 @@
 //! Run: `cargo install b3sum && cargo bench -p slmesh --bench manifest_create`
 //! (the demo model is fetched by tests/fetch-demo-model.sh, or set SLMESH_DEMO_GGUF).
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
-
-fn demo_gguf() -> PathBuf {
-    if let Ok(p) = std::env::var("SLMESH_DEMO_GGUF") {
-        return p.into();
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fetch-demo-model.sh");
-    let out = Command::new(script).output().expect("run tests/fetch-demo-model.sh");
-    assert!(out.status.success(), "fetch-demo-model.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
 
 fn median_secs(mut cmd: impl FnMut() -> Command, runs: usize) -> f64 {
     let mut times: Vec<f64> = (0..runs)
@@ -32,7 +21,7 @@ fn median_secs(mut cmd: impl FnMut() -> Command, runs: usize) -> f64 {
 }
 
 fn main() {
-    let gguf = demo_gguf();
+    let gguf = slmesh_e2e::demo_model();
     let size = std::fs::metadata(&gguf).expect("demo model").len();
     if Command::new("b3sum").arg("--version").output().is_err() {
         eprintln!("b3sum is not installed: cargo install b3sum");

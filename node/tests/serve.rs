@@ -1,20 +1,9 @@
 //! `slmesh serve` as a real process with the demo model: answers, and bad input that
 //! gets a 4xx JSON error while the node keeps serving.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use slmesh_e2e::{demo_model, http, post_json};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-fn demo_model() -> String {
-    if let Ok(p) = std::env::var("SLMESH_DEMO_GGUF") {
-        return p;
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fetch-demo-model.sh");
-    let out = Command::new(script).output().expect("run tests/fetch-demo-model.sh");
-    assert!(out.status.success(), "fetch-demo-model.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 struct Node {
     child: Child,
@@ -30,7 +19,15 @@ impl Drop for Node {
 
 fn start(extra: &[&str]) -> Node {
     let mut child = Command::new(env!("CARGO_BIN_EXE_slmesh"))
-        .args(["serve", "--model", &demo_model(), "--name", "smollm2", "--http-bind", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--model",
+            demo_model().to_str().expect("UTF-8 path"),
+            "--name",
+            "smollm2",
+            "--http-bind",
+            "127.0.0.1:0",
+        ])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -43,39 +40,8 @@ fn start(extra: &[&str]) -> Node {
     Node { child, addr }
 }
 
-/// A plain HTTP/1.1 exchange: (status, body). Write errors are ignored (a server may
-/// answer before it reads a huge body).
-fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let mut head =
-        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).expect("write head");
-    let mut writer = stream.try_clone().expect("clone");
-    let sender = std::thread::spawn(move || {
-        for chunk in body.chunks(1 << 16) {
-            if writer.write_all(chunk).is_err() {
-                break;
-            }
-        }
-    });
-    let mut raw = Vec::new();
-    let _ = stream.read_to_end(&mut raw);
-    let _ = sender.join();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
-}
-
 fn post(addr: &str, body: impl Into<Vec<u8>>) -> (u16, serde_json::Value) {
-    let (status, body) =
-        http(addr, "POST", "/v1/chat/completions", &[("Content-Type", "application/json")], body.into());
-    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}")))
+    post_json(addr, "/v1/chat/completions", body)
 }
 
 fn chat_ok(addr: &str) {

@@ -1,1 +1,54 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for tests that run real parts: the demo model, and a plain HTTP/1.1 client
+//! (std only) that can send what a well-behaved client would not.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The demo model's GGUF (SmolLM2-135M-Instruct, Q4_1), fetched once into the cache by
+/// `tests/fetch-demo-model.sh`, or `$SLMESH_DEMO_GGUF`.
+pub fn demo_model() -> PathBuf {
+    if let Ok(p) = std::env::var("SLMESH_DEMO_GGUF") {
+        return p.into();
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fetch-demo-model.sh");
+    let out = std::process::Command::new(script).output().expect("run tests/fetch-demo-model.sh");
+    assert!(out.status.success(), "fetch-demo-model.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// One HTTP/1.1 exchange over a fresh connection: (status, body). Write errors are
+/// ignored, since a server may answer before it has read a huge body.
+pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).expect("write head");
+    let mut writer = stream.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        for chunk in body.chunks(1 << 16) {
+            if writer.write_all(chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let _ = sender.join();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// POSTs JSON to `path` and parses the JSON answer.
+pub fn post_json(addr: &str, path: &str, body: impl Into<Vec<u8>>) -> (u16, serde_json::Value) {
+    let (status, body) = http(addr, "POST", path, &[("Content-Type", "application/json")], body.into());
+    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}")))
+}

