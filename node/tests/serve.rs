@@ -119,6 +119,17 @@ fn serves_the_demo_model_and_refuses_bad_input() {
     assert!(text.contains("slmesh_http_rejected_total{code=\"400\"} 7"), "{text}");
     assert!(text.contains("slmesh_http_rejected_total{code=\"413\"} 1"), "{text}");
     assert!(text.contains(&format!("slmesh_active_model{{{labels}}} 1")), "{text}");
+
+    // Plain completions.
+    let (status, v) = post_json(addr, "/v1/completions", r#"{"prompt":"The sky is","max_tokens":5,"temperature":0}"#);
+    assert_eq!(status, 200, "{v}");
+    assert!(!v["choices"][0]["text"].as_str().unwrap_or_default().is_empty(), "{v}");
+    assert_eq!(v["model"], "smollm2@1");
+    for bad in [r#"{"prompt":"  "}"#, r#"{"max_tokens":5}"#, r#"{"prompt":"x","max_tokens":0}"#, "[1,2"] {
+        let (status, v) = post_json(addr, "/v1/completions", bad);
+        assert_eq!(status, 400, "{bad}: {v}");
+        assert!(v["error"]["message"].is_string());
+    }
 }
 
 #[test]

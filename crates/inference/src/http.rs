@@ -15,7 +15,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use mistralrs::{RequestBuilder, Response as EngineResponse, TextMessageRole, TextMessages, Usage};
+use mistralrs::{RequestBuilder, Response as EngineResponse, SamplingParams, TextMessageRole, TextMessages, Usage};
 use serde::Deserialize;
 use serde_json::json;
 use slmesh_protocol::metrics::{NodeMetrics, RequestSample};
@@ -96,6 +96,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
         .route("/metrics", get(metrics))
         .fallback(|| async { api_error(StatusCode::NOT_FOUND, "invalid_request_error", "no such endpoint", None) })
         .with_state(state)
@@ -235,29 +236,13 @@ fn build_request(req: &ChatRequest, limits: &HttpLimits) -> Result<RequestBuilde
         }
         messages = messages.add_message(role, text);
     }
-    let max_tokens = match req.max_completion_tokens.as_ref().or(req.max_tokens.as_ref()) {
-        None => limits.default_max_tokens,
-        Some(n) => match n.as_u64() {
-            Some(n) if n >= 1 && n <= limits.max_tokens_cap as u64 => n as u32,
-            _ => {
-                return Err(bad_request(
-                    format!("max_tokens {n} must be a whole number from 1 to {}", limits.max_tokens_cap),
-                    Some("max_tokens"),
-                ))
-            }
-        },
-    };
+    let max_tokens = max_tokens(req.max_completion_tokens.as_ref().or(req.max_tokens.as_ref()), limits)?;
+    check_sampling(req.temperature, req.top_p)?;
     let mut builder = RequestBuilder::from(messages);
     if let Some(t) = req.temperature {
-        if !(0.0..=2.0).contains(&t) {
-            return Err(bad_request("temperature must be in [0, 2]", Some("temperature")));
-        }
         builder = if t == 0.0 { builder.set_deterministic_sampler() } else { builder.set_sampler_temperature(t) };
     }
     if let Some(p) = req.top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return Err(bad_request("top_p must be in (0, 1]", Some("top_p")));
-        }
         builder = builder.set_sampler_topp(p);
     }
     // After set_deterministic_sampler, which resets the length.
@@ -284,19 +269,68 @@ async fn take_turn(state: &HttpState) -> Result<OwnedSemaphorePermit, ApiError> 
 }
 
 async fn chat_completions(State(state): State<Arc<HttpState>>, headers: HeaderMap, body: Body) -> Response {
-    match chat_completions_inner(&state, &headers, body).await {
-        Ok(r) => r,
-        Err(e) => {
-            if e.status.is_client_error() || e.status == StatusCode::SERVICE_UNAVAILABLE {
-                state.count_rejected(e.status);
-            }
-            e.into_response()
+    chat_completions_inner(&state, &headers, body).await.unwrap_or_else(|e| refused(&state, e))
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    #[serde(default)]
+    model: Option<String>,
+    prompt: String,
+    #[serde(default)]
+    max_tokens: Option<serde_json::Number>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+async fn completions(State(state): State<Arc<HttpState>>, headers: HeaderMap, body: Body) -> Response {
+    completions_inner(&state, &headers, body).await.unwrap_or_else(|e| refused(&state, e))
+}
+
+async fn completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    authorized(state, headers)?;
+    let req: CompletionRequest = read_json(state, body, "completion request").await?;
+    let model = model_for(state, req.model.as_deref())?;
+    if req.prompt.trim().is_empty() {
+        return Err(bad_request("prompt is empty", Some("prompt")));
+    }
+    if req.stream == Some(true) {
+        return Err(bad_request("stream: true is supported on /v1/chat/completions only", Some("stream")));
+    }
+    check_sampling(req.temperature, req.top_p)?;
+    let mut sampling = SamplingParams::deterministic();
+    sampling.max_len = Some(max_tokens(req.max_tokens.as_ref(), &state.limits)? as usize);
+    sampling.temperature = req.temperature.filter(|t| *t > 0.0);
+    sampling.top_p = req.top_p;
+    let start = Instant::now();
+    let turn = take_turn(state).await?;
+    let queued = start.elapsed().as_secs_f64();
+    let result = tokio::time::timeout(state.limits.request_timeout, model.complete(req.prompt, sampling)).await;
+    drop(turn);
+    let latency_secs = start.elapsed().as_secs_f64();
+    match result {
+        Ok(Ok(mut response)) => {
+            state.record(&model, &sample_from_usage(latency_secs, queued, &response.usage));
+            response.model = model.spec.id();
+            Ok(Json(response).into_response())
+        }
+        Ok(Err(e)) => {
+            state.record(&model, &RequestSample { latency_secs, error: true, ..Default::default() });
+            Err(api_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string(), None))
+        }
+        Err(_) => {
+            state.record(&model, &RequestSample { latency_secs, error: true, ..Default::default() });
+            Err(api_error(StatusCode::GATEWAY_TIMEOUT, "server_error", "generation timed out", None))
         }
     }
 }
 
-async fn chat_completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
-    authorized(state, headers)?;
+/// Reads and parses a JSON body within the size limit.
+async fn read_json<T: serde::de::DeserializeOwned>(state: &HttpState, body: Body, what: &str) -> Result<T, ApiError> {
     let bytes = to_bytes(body, state.limits.max_body_bytes).await.map_err(|_| {
         api_error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -305,12 +339,15 @@ async fn chat_completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, bod
             None,
         )
     })?;
-    let req: ChatRequest = serde_json::from_slice(&bytes)
-        .map_err(|e| bad_request(format!("request body is not a valid chat completion request: {e}"), None))?;
+    serde_json::from_slice(&bytes).map_err(|e| bad_request(format!("request body is not a valid {what}: {e}"), None))
+}
+
+/// The active model, if the request names it (or names none).
+fn model_for(state: &HttpState, requested: Option<&str>) -> Result<Arc<LoadedModel>, ApiError> {
     let model = state.engine.active().ok_or_else(|| {
         api_error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "no model is active on this node yet", None)
     })?;
-    if let Some(name) = req.model.as_deref().filter(|n| !n.is_empty()) {
+    if let Some(name) = requested.filter(|n| !n.is_empty()) {
         if name != model.spec.name && name != model.spec.id() {
             return Err(api_error(
                 StatusCode::NOT_FOUND,
@@ -320,6 +357,44 @@ async fn chat_completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, bod
             ));
         }
     }
+    Ok(model)
+}
+
+/// Records a refusal by status and turns it into a response.
+fn refused(state: &HttpState, e: ApiError) -> Response {
+    if e.status.is_client_error() || e.status == StatusCode::SERVICE_UNAVAILABLE {
+        state.count_rejected(e.status);
+    }
+    e.into_response()
+}
+
+fn max_tokens(requested: Option<&serde_json::Number>, limits: &HttpLimits) -> Result<u32, ApiError> {
+    match requested {
+        None => Ok(limits.default_max_tokens),
+        Some(n) => match n.as_u64() {
+            Some(n) if n >= 1 && n <= limits.max_tokens_cap as u64 => Ok(n as u32),
+            _ => Err(bad_request(
+                format!("max_tokens {n} must be a whole number from 1 to {}", limits.max_tokens_cap),
+                Some("max_tokens"),
+            )),
+        },
+    }
+}
+
+fn check_sampling(temperature: Option<f64>, top_p: Option<f64>) -> Result<(), ApiError> {
+    if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+        return Err(bad_request("temperature must be in [0, 2]", Some("temperature")));
+    }
+    if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        return Err(bad_request("top_p must be in (0, 1]", Some("top_p")));
+    }
+    Ok(())
+}
+
+async fn chat_completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    authorized(state, headers)?;
+    let req: ChatRequest = read_json(state, body, "chat completion request").await?;
+    let model = model_for(state, req.model.as_deref())?;
     let builder = build_request(&req, &state.limits)?;
     let start = Instant::now();
     let turn = take_turn(state).await?;

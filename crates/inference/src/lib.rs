@@ -14,7 +14,8 @@ pub mod http;
 mod prometheus;
 
 use mistralrs::{
-    ChatCompletionResponse, GgufModelBuilder, Model, RequestBuilder, TextMessageRole, TextMessages, TokenSource,
+    ChatCompletionResponse, CompletionResponse, Constraint, GgufModelBuilder, Model, NormalRequest, Request,
+    RequestBuilder, RequestMessage, Response, SamplingParams, TextMessageRole, TextMessages, TokenSource,
 };
 use slmesh_protocol::gguf::{self, GgufError, GgufInfo, MISTRALRS_GGUF_ARCHITECTURES};
 use std::path::{Path, PathBuf};
@@ -154,6 +155,38 @@ impl LoadedModel {
     /// One chat completion (non-streaming).
     pub async fn chat(&self, request: RequestBuilder) -> Result<ChatCompletionResponse> {
         self.model.send_chat_request(request).await.map_err(|e| InferenceError::Generation(e.to_string()))
+    }
+
+    /// One plain-text completion (non-streaming) of `prompt`.
+    pub async fn complete(&self, prompt: String, sampling: SamplingParams) -> Result<CompletionResponse> {
+        let fail = |e: String| InferenceError::Generation(e);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let request = Request::Normal(Box::new(NormalRequest {
+            messages: RequestMessage::Completion { text: prompt, echo_prompt: false, best_of: None },
+            sampling_params: sampling,
+            response: tx,
+            return_logprobs: false,
+            is_streaming: false,
+            id: 0,
+            constraint: Constraint::None,
+            suffix: None,
+            tools: None,
+            tool_choice: None,
+            logits_processors: None,
+            return_raw_logits: false,
+            web_search_options: None,
+            model_id: None,
+            truncate_sequence: false,
+        }));
+        let sender = self.model.inner().get_sender(None).map_err(|e| fail(e.to_string()))?;
+        sender.send(request).await.map_err(|e| fail(e.to_string()))?;
+        match rx.recv().await {
+            Some(Response::CompletionDone(r)) => Ok(r),
+            Some(Response::CompletionModelError(e, _)) => Err(fail(e)),
+            Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => Err(fail(e.to_string())),
+            Some(_) => Err(fail("unexpected response kind from the engine".into())),
+            None => Err(fail("the engine stopped before answering".into())),
+        }
     }
 
     pub fn model(&self) -> &Model {
