@@ -1,0 +1,186 @@
+//! Completion tokens/s and time to first token through the HTTP endpoint (streaming SSE
+//! over loopback) against direct mistral.rs library calls (streaming) on the same loaded
+//! model, prompts and settings, at concurrency 1 and 4. Also the resident memory of this
+//! process once the demo model serves.
+//!
+//! Run: `cargo bench -p slmesh-inference --bench http_vs_direct`
+
+use mistralrs::{RequestBuilder, Response, TextMessageRole, TextMessages};
+use slmesh_inference::http::{self, HttpLimits, HttpState};
+use slmesh_inference::{Engine, LoadedModel, ModelSpec};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Instant;
+
+const PROMPTS: &[&str] = &[
+    "Explain in two sentences why the sky is blue.",
+    "Write a short poem about a lighthouse.",
+    "List three uses of a paperclip.",
+    "What is the capital of Italy, and what is it known for?",
+];
+const MAX_TOKENS: usize = 48;
+const REQUESTS: usize = 8;
+
+#[derive(Default, Clone, Copy)]
+struct Run {
+    tokens: usize,
+    ttft_sum: f64,
+    requests: usize,
+}
+
+impl Run {
+    fn add(&mut self, o: Run) {
+        self.tokens += o.tokens;
+        self.ttft_sum += o.ttft_sum;
+        self.requests += o.requests;
+    }
+}
+
+fn request(prompt: &str) -> RequestBuilder {
+    RequestBuilder::from(TextMessages::new().add_message(TextMessageRole::User, prompt))
+        .set_deterministic_sampler()
+        .set_sampler_max_len(MAX_TOKENS)
+}
+
+async fn direct_one(model: &LoadedModel, prompt: &str) -> Run {
+    let start = Instant::now();
+    let mut stream = model.model().stream_chat_request(request(prompt)).await.expect("stream");
+    let (mut ttft, mut tokens) = (None, 0);
+    while let Some(r) = stream.next().await {
+        match r {
+            Response::Chunk(c) => {
+                if ttft.is_none() && c.choices.iter().any(|ch| ch.delta.content.is_some()) {
+                    ttft = Some(start.elapsed().as_secs_f64());
+                }
+                if let Some(u) = c.usage {
+                    tokens = u.completion_tokens;
+                    break;
+                }
+            }
+            Response::Done(_) => break,
+            _ => panic!("generation failed"),
+        }
+    }
+    Run { tokens, ttft_sum: ttft.unwrap_or(0.0), requests: 1 }
+}
+
+fn http_one(addr: &str, prompt: &str) -> Run {
+    let body = serde_json::json!({
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": MAX_TOKENS, "temperature": 0, "stream": true
+    })
+    .to_string();
+    let start = Instant::now();
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let (mut ttft, mut tokens) = (None, 0);
+    for line in BufReader::new(s).lines() {
+        let Ok(line) = line else { break };
+        let Some(data) = line.trim_end().strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: serde_json::Value = serde_json::from_str(data).expect("chunk");
+        if ttft.is_none() && chunk["choices"][0]["delta"]["content"].is_string() {
+            ttft = Some(start.elapsed().as_secs_f64());
+        }
+        if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
+            tokens = n as usize;
+        }
+    }
+    Run { tokens, ttft_sum: ttft.unwrap_or(0.0), requests: 1 }
+}
+
+fn report(label: &str, run: Run, secs: f64) -> (f64, f64) {
+    let tps = run.tokens as f64 / secs;
+    let ttft = run.ttft_sum / run.requests as f64 * 1e3;
+    println!("{label:<28} {:>5} tokens in {secs:>6.2} s = {tps:>6.1} tok/s, mean TTFT {ttft:>7.1} ms", run.tokens);
+    (tps, ttft)
+}
+
+fn rss_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let (rss_before, _) = rss_mib();
+        let engine = Arc::new(Engine::new());
+        let gguf = slmesh_e2e::demo_model();
+        engine.activate(ModelSpec { name: "smollm2".into(), version: 1, gguf }).await.expect("load");
+        let model = engine.active().expect("active");
+        let limits = HttpLimits { max_concurrent: 4, ..HttpLimits::default() };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(http::serve(listener, HttpState::new(engine.clone(), limits, None), std::future::pending()));
+        // Warm up both paths.
+        direct_one(&model, PROMPTS[0]).await;
+        let a = addr.clone();
+        tokio::task::spawn_blocking(move || http_one(&a, PROMPTS[0])).await.expect("warm");
+
+        println!("demo model, {REQUESTS} requests of up to {MAX_TOKENS} tokens per run, deterministic sampling");
+        for concurrency in [1usize, 4] {
+            let per_worker = REQUESTS / concurrency;
+            let start = Instant::now();
+            let mut handles = Vec::new();
+            for w in 0..concurrency {
+                let model = model.clone();
+                handles.push(tokio::spawn(async move {
+                    let mut run = Run::default();
+                    for i in 0..per_worker {
+                        run.add(direct_one(&model, PROMPTS[(w + i) % PROMPTS.len()]).await);
+                    }
+                    run
+                }));
+            }
+            let mut direct = Run::default();
+            for h in handles {
+                direct.add(h.await.expect("worker"));
+            }
+            let (d_tps, d_ttft) =
+                report(&format!("direct, concurrency {concurrency}"), direct, start.elapsed().as_secs_f64());
+
+            let start = Instant::now();
+            let mut handles = Vec::new();
+            for w in 0..concurrency {
+                let addr = addr.clone();
+                handles.push(tokio::task::spawn_blocking(move || {
+                    let mut run = Run::default();
+                    for i in 0..per_worker {
+                        run.add(http_one(&addr, PROMPTS[(w + i) % PROMPTS.len()]));
+                    }
+                    run
+                }));
+            }
+            let mut over_http = Run::default();
+            for h in handles {
+                over_http.add(h.await.expect("worker"));
+            }
+            let (h_tps, h_ttft) =
+                report(&format!("HTTP, concurrency {concurrency}"), over_http, start.elapsed().as_secs_f64());
+            println!(
+                "ratio HTTP/direct at concurrency {concurrency}: tokens/s {:.3} (goal >= 0.97), TTFT {:.3}",
+                h_tps / d_tps,
+                h_ttft / d_ttft
+            );
+        }
+        let (rss, peak) = rss_mib();
+        println!("resident memory: {rss_before:.0} MiB before loading, {rss:.0} MiB serving (peak {peak:.0} MiB)");
+    });
+}
