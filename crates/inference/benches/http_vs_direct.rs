@@ -117,6 +117,22 @@ fn rss_mib() -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// The same prompts through llama.cpp, if a Python with llama_cpp is at hand
+/// ($SLMESH_LLAMA_CPP_PYTHON, or the venv that BENCHMARKS.md describes): (tok/s, TTFT ms).
+fn llama_cpp() -> Option<(f64, f64)> {
+    let python = std::env::var("SLMESH_LLAMA_CPP_PYTHON").unwrap_or_else(|_| {
+        format!("{}/.cache/slmesh-tools/llamacpp/bin/python", std::env::var("HOME").unwrap_or_default())
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/llama_cpp.py");
+    let out = std::process::Command::new(&python).arg(script).arg(slmesh_e2e::demo_model()).output().ok()?;
+    if !out.status.success() {
+        println!("llama.cpp: not measured ({python} with llama_cpp is not available)");
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some((v["tokens"].as_f64()? / v["secs"].as_f64()?, v["mean_ttft_ms"].as_f64()?))
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
@@ -134,6 +150,7 @@ fn main() {
         let a = addr.clone();
         tokio::task::spawn_blocking(move || http_one(&a, PROMPTS[0])).await.expect("warm");
 
+        let mut direct_c1 = None;
         println!("demo model, {REQUESTS} requests of up to {MAX_TOKENS} tokens per run, deterministic sampling");
         for concurrency in [1usize, 4] {
             let per_worker = REQUESTS / concurrency;
@@ -178,6 +195,15 @@ fn main() {
                 "ratio HTTP/direct at concurrency {concurrency}: tokens/s {:.3} (goal >= 0.97), TTFT {:.3}",
                 h_tps / d_tps,
                 h_ttft / d_ttft
+            );
+        }
+        if let Some((tps, ttft)) = llama_cpp() {
+            let (d_tps, d_ttft) = direct_c1.expect("measured");
+            println!("llama.cpp (llama-cpp-python), concurrency 1: {tps:.1} tok/s, mean TTFT {ttft:.1} ms");
+            println!(
+                "ratio slmesh direct/llama.cpp at concurrency 1: tokens/s {:.3}, TTFT {:.3}",
+                d_tps / tps,
+                d_ttft / ttft
             );
         }
         let (rss, peak) = rss_mib();
