@@ -150,7 +150,7 @@ fn main() {
         let a = addr.clone();
         tokio::task::spawn_blocking(move || http_one(&a, PROMPTS[0])).await.expect("warm");
 
-        let mut direct_c1 = None;
+        let mut direct_c1: Option<(f64, f64)> = None;
         println!("demo model, {REQUESTS} requests of up to {MAX_TOKENS} tokens per run, deterministic sampling");
         for concurrency in [1usize, 4] {
             let per_worker = REQUESTS / concurrency;
