@@ -172,6 +172,9 @@ fn main() {
             }
             let (d_tps, d_ttft) =
                 report(&format!("direct, concurrency {concurrency}"), direct, start.elapsed().as_secs_f64());
+            if concurrency == 1 {
+                direct_c1 = Some((d_tps, d_ttft));
+            }
 
             let start = Instant::now();
             let mut handles = Vec::new();
