@@ -155,3 +155,21 @@ fn a_file_that_is_not_a_model_is_refused_with_a_clear_error() {
     assert!(err.contains("not a GGUF file"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn a_full_queue_answers_429_and_the_node_recovers() {
+    let node = start(&["--max-concurrent", "1", "--max-waiting", "1"]);
+    let addr = node.addr.clone();
+    let long = r#"{"messages":[{"role":"user","content":"Write a long story about a dragon."}],"max_tokens":160,"temperature":0}"#;
+    let spawn = |addr: String| std::thread::spawn(move || post(&addr, long).0);
+    let generating = spawn(addr.clone());
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let waiting = spawn(addr.clone());
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let (status, v) = post(&addr, long);
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert_eq!(generating.join().unwrap(), 200);
+    assert_eq!(waiting.join().unwrap(), 200);
+    chat_ok(&addr);
+}

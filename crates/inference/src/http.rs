@@ -249,13 +249,24 @@ fn build_request(req: &ChatRequest, limits: &HttpLimits) -> Result<RequestBuilde
     Ok(builder.set_sampler_max_len(max_tokens as usize))
 }
 
+/// Counts a waiting request for as long as it lives, so that a client that gives up
+/// while waiting (its future dropped) leaves the count right.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Waits for a turn to generate, or refuses at once when too many already wait.
 async fn take_turn(state: &HttpState) -> Result<OwnedSemaphorePermit, ApiError> {
     if let Ok(permit) = state.running.clone().try_acquire_owned() {
         return Ok(permit);
     }
+    let waiting = Waiting(&state.waiting);
     if state.waiting.fetch_add(1, Ordering::SeqCst) >= state.limits.max_waiting {
-        state.waiting.fetch_sub(1, Ordering::SeqCst);
+        drop(waiting);
         return Err(api_error(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
@@ -264,7 +275,7 @@ async fn take_turn(state: &HttpState) -> Result<OwnedSemaphorePermit, ApiError> 
         ));
     }
     let permit = state.running.clone().acquire_owned().await;
-    state.waiting.fetch_sub(1, Ordering::SeqCst);
+    drop(waiting);
     permit.map_err(|_| api_error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting down", None))
 }
 
