@@ -73,12 +73,13 @@ fn http_one(addr: &str, prompt: &str) -> Run {
     .to_string();
     let start = Instant::now();
     let mut s = TcpStream::connect(addr).expect("connect");
-    write!(
-        s,
+    s.set_nodelay(true).expect("nodelay");
+    // One write: several small ones would meet Nagle's algorithm and delayed ACKs.
+    let request = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )
-    .expect("write");
+    );
+    s.write_all(request.as_bytes()).expect("write");
     let (mut ttft, mut tokens) = (None, 0);
     for line in BufReader::new(s).lines() {
         let Ok(line) = line else { break };
@@ -123,7 +124,7 @@ fn llama_cpp() -> Option<(f64, f64)> {
     let python = std::env::var("SLMESH_LLAMA_CPP_PYTHON").unwrap_or_else(|_| {
         format!("{}/.cache/slmesh-tools/llamacpp/bin/python", std::env::var("HOME").unwrap_or_default())
     });
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/llama_cpp.py");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/llama_cpp_reference.py");
     let out = std::process::Command::new(&python).arg(script).arg(slmesh_e2e::demo_model()).output().ok()?;
     if !out.status.success() {
         println!("llama.cpp: not measured ({python} with llama_cpp is not available)");

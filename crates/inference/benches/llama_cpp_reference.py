@@ -1,7 +1,7 @@
 """The prompts of benches/http_vs_direct.rs through llama.cpp (llama-cpp-python) on the
 same GGUF: the reference a user would otherwise pick. Prints one JSON line.
 
-Usage: python llama_cpp.py MODEL.gguf
+Usage: python llama_cpp_reference.py MODEL.gguf (not named llama_cpp.py: that would shadow the module)
 """
 import json
 import sys
