@@ -319,25 +319,7 @@ async fn completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, body: Bo
     sampling.top_p = req.top_p;
     let start = Instant::now();
     let turn = take_turn(state).await?;
-    let queued = start.elapsed().as_secs_f64();
-    let result = tokio::time::timeout(state.limits.request_timeout, model.complete(req.prompt, sampling)).await;
-    drop(turn);
-    let latency_secs = start.elapsed().as_secs_f64();
-    match result {
-        Ok(Ok(mut response)) => {
-            state.record(&model, &sample_from_usage(latency_secs, queued, &response.usage));
-            response.model = model.spec.id();
-            Ok(Json(response).into_response())
-        }
-        Ok(Err(e)) => {
-            state.record(&model, &RequestSample { latency_secs, error: true, ..Default::default() });
-            Err(api_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string(), None))
-        }
-        Err(_) => {
-            state.record(&model, &RequestSample { latency_secs, error: true, ..Default::default() });
-            Err(api_error(StatusCode::GATEWAY_TIMEOUT, "server_error", "generation timed out", None))
-        }
-    }
+    generate(state, &model, start, turn, model.complete(req.prompt, sampling)).await
 }
 
 /// Reads and parses a JSON body within the size limit.
@@ -412,24 +394,58 @@ async fn chat_completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, bod
     if req.stream == Some(true) {
         return Ok(stream_chat(state.clone(), model, builder, turn, start));
     }
+    generate(state, &model, start, turn, model.chat(builder)).await
+}
+
+/// A non-streaming answer of the engine.
+trait Answer: serde::Serialize {
+    fn usage(&self) -> &Usage;
+    fn set_model(&mut self, id: String);
+}
+
+impl Answer for mistralrs::ChatCompletionResponse {
+    fn usage(&self) -> &Usage {
+        &self.usage
+    }
+    fn set_model(&mut self, id: String) {
+        self.model = id;
+    }
+}
+
+impl Answer for mistralrs::CompletionResponse {
+    fn usage(&self) -> &Usage {
+        &self.usage
+    }
+    fn set_model(&mut self, id: String) {
+        self.model = id;
+    }
+}
+
+/// Runs one non-streaming generation under the request timeout, holding `turn`,
+/// records what it measured, and answers.
+async fn generate<R: Answer>(
+    state: &HttpState,
+    model: &LoadedModel,
+    start: Instant,
+    turn: OwnedSemaphorePermit,
+    work: impl std::future::Future<Output = crate::Result<R>>,
+) -> Result<Response, ApiError> {
     let queued = start.elapsed().as_secs_f64();
-    let result = tokio::time::timeout(state.limits.request_timeout, model.chat(builder)).await;
+    let result = tokio::time::timeout(state.limits.request_timeout, work).await;
     drop(turn);
     let latency_secs = start.elapsed().as_secs_f64();
+    let failed = |status, message: String| {
+        state.record(model, &RequestSample { latency_secs, error: true, ..Default::default() });
+        api_error(status, "server_error", message, None)
+    };
     match result {
-        Ok(Ok(mut response)) => {
-            state.record(&model, &sample_from_usage(latency_secs, queued, &response.usage));
-            response.model = model.spec.id();
-            Ok(Json(response).into_response())
+        Ok(Ok(mut answer)) => {
+            state.record(model, &sample_from_usage(latency_secs, queued, answer.usage()));
+            answer.set_model(model.spec.id());
+            Ok(Json(answer).into_response())
         }
-        failed => {
-            state.record(&model, &RequestSample { latency_secs, error: true, ..Default::default() });
-            Err(match failed {
-                Err(_) => api_error(StatusCode::GATEWAY_TIMEOUT, "server_error", "generation timed out", None),
-                Ok(Err(e)) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string(), None),
-                Ok(Ok(_)) => unreachable!("handled above"),
-            })
-        }
+        Ok(Err(e)) => Err(failed(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        Err(_) => Err(failed(StatusCode::GATEWAY_TIMEOUT, "generation timed out".into())),
     }
 }
 
