@@ -20,12 +20,15 @@ const PROMPTS: &[&str] = &[
     "What is the capital of Italy, and what is it known for?",
 ];
 const MAX_TOKENS: usize = 48;
-const REQUESTS: usize = 8;
+const REQUESTS: usize = 16;
 
 #[derive(Default, Clone, Copy)]
 struct Run {
     tokens: usize,
     ttft_sum: f64,
+    /// Prompt processing time as the engine reports it: TTFT minus this is what the path
+    /// itself adds before the first token.
+    prompt_time_sum: f64,
     requests: usize,
 }
 
@@ -33,6 +36,7 @@ impl Run {
     fn add(&mut self, o: Run) {
         self.tokens += o.tokens;
         self.ttft_sum += o.ttft_sum;
+        self.prompt_time_sum += o.prompt_time_sum;
         self.requests += o.requests;
     }
 }
@@ -46,7 +50,7 @@ fn request(prompt: &str) -> RequestBuilder {
 async fn direct_one(model: &LoadedModel, prompt: &str) -> Run {
     let start = Instant::now();
     let mut stream = model.model().stream_chat_request(request(prompt)).await.expect("stream");
-    let (mut ttft, mut tokens) = (None, 0);
+    let (mut ttft, mut tokens, mut prompt_time) = (None, 0, 0.0);
     while let Some(r) = stream.next().await {
         match r {
             Response::Chunk(c) => {
@@ -55,6 +59,7 @@ async fn direct_one(model: &LoadedModel, prompt: &str) -> Run {
                 }
                 if let Some(u) = c.usage {
                     tokens = u.completion_tokens;
+                    prompt_time = f64::from(u.total_prompt_time_sec);
                     break;
                 }
             }
@@ -62,7 +67,7 @@ async fn direct_one(model: &LoadedModel, prompt: &str) -> Run {
             _ => panic!("generation failed"),
         }
     }
-    Run { tokens, ttft_sum: ttft.unwrap_or(0.0), requests: 1 }
+    Run { tokens, ttft_sum: ttft.unwrap_or(0.0), prompt_time_sum: prompt_time, requests: 1 }
 }
 
 fn http_one(addr: &str, prompt: &str) -> Run {
@@ -80,7 +85,7 @@ fn http_one(addr: &str, prompt: &str) -> Run {
         body.len()
     );
     s.write_all(request.as_bytes()).expect("write");
-    let (mut ttft, mut tokens) = (None, 0);
+    let (mut ttft, mut tokens, mut prompt_time) = (None, 0, 0.0);
     for line in BufReader::new(s).lines() {
         let Ok(line) = line else { break };
         let Some(data) = line.trim_end().strip_prefix("data: ") else { continue };
@@ -93,15 +98,20 @@ fn http_one(addr: &str, prompt: &str) -> Run {
         }
         if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
             tokens = n as usize;
+            prompt_time = chunk["usage"]["total_prompt_time_sec"].as_f64().unwrap_or(0.0);
         }
     }
-    Run { tokens, ttft_sum: ttft.unwrap_or(0.0), requests: 1 }
+    Run { tokens, ttft_sum: ttft.unwrap_or(0.0), prompt_time_sum: prompt_time, requests: 1 }
 }
 
 fn report(label: &str, run: Run, secs: f64) -> (f64, f64) {
     let tps = run.tokens as f64 / secs;
     let ttft = run.ttft_sum / run.requests as f64 * 1e3;
-    println!("{label:<28} {:>5} tokens in {secs:>6.2} s = {tps:>6.1} tok/s, mean TTFT {ttft:>7.1} ms", run.tokens);
+    let added = (run.ttft_sum - run.prompt_time_sum) / run.requests as f64 * 1e3;
+    println!(
+        "{label:<28} {:>5} tokens in {secs:>6.2} s = {tps:>6.1} tok/s, mean TTFT {ttft:>7.1} ms (of which not prompt processing {added:>6.1} ms)",
+        run.tokens
+    );
     (tps, ttft)
 }
 
@@ -153,48 +163,49 @@ fn main() {
 
         let mut direct_c1: Option<(f64, f64)> = None;
         println!("demo model, {REQUESTS} requests of up to {MAX_TOKENS} tokens per run, deterministic sampling");
+        // Each round runs both paths (one request per worker each), so that drift in the
+        // engine's own speed over the run falls on both alike.
         for concurrency in [1usize, 4] {
-            let per_worker = REQUESTS / concurrency;
-            let start = Instant::now();
-            let mut handles = Vec::new();
-            for w in 0..concurrency {
-                let model = model.clone();
-                handles.push(tokio::spawn(async move {
-                    let mut run = Run::default();
-                    for i in 0..per_worker {
-                        run.add(direct_one(&model, PROMPTS[(w + i) % PROMPTS.len()]).await);
+            let (mut direct, mut over_http) = (Run::default(), Run::default());
+            let (mut direct_secs, mut http_secs) = (0.0, 0.0);
+            for round in 0..REQUESTS / concurrency {
+                let prompt = move |w: usize| PROMPTS[(w + round) % PROMPTS.len()];
+                // mistral.rs answers a prompt it has just seen more slowly (measured: its
+                // prompt time grows), so the path that goes second is at a disadvantage:
+                // alternate which one goes first.
+                let order = if round % 2 == 0 { [true, false] } else { [false, true] };
+                for direct_path in order {
+                    let start = Instant::now();
+                    if direct_path {
+                        let handles: Vec<_> = (0..concurrency)
+                            .map(|w| {
+                                let model = model.clone();
+                                tokio::spawn(async move { direct_one(&model, prompt(w)).await })
+                            })
+                            .collect();
+                        for h in handles {
+                            direct.add(h.await.expect("worker"));
+                        }
+                        direct_secs += start.elapsed().as_secs_f64();
+                    } else {
+                        let handles: Vec<_> = (0..concurrency)
+                            .map(|w| {
+                                let addr = addr.clone();
+                                tokio::task::spawn_blocking(move || http_one(&addr, prompt(w)))
+                            })
+                            .collect();
+                        for h in handles {
+                            over_http.add(h.await.expect("worker"));
+                        }
+                        http_secs += start.elapsed().as_secs_f64();
                     }
-                    run
-                }));
+                }
             }
-            let mut direct = Run::default();
-            for h in handles {
-                direct.add(h.await.expect("worker"));
-            }
-            let (d_tps, d_ttft) =
-                report(&format!("direct, concurrency {concurrency}"), direct, start.elapsed().as_secs_f64());
+            let (d_tps, d_ttft) = report(&format!("direct, concurrency {concurrency}"), direct, direct_secs);
             if concurrency == 1 {
                 direct_c1 = Some((d_tps, d_ttft));
             }
-
-            let start = Instant::now();
-            let mut handles = Vec::new();
-            for w in 0..concurrency {
-                let addr = addr.clone();
-                handles.push(tokio::task::spawn_blocking(move || {
-                    let mut run = Run::default();
-                    for i in 0..per_worker {
-                        run.add(http_one(&addr, PROMPTS[(w + i) % PROMPTS.len()]));
-                    }
-                    run
-                }));
-            }
-            let mut over_http = Run::default();
-            for h in handles {
-                over_http.add(h.await.expect("worker"));
-            }
-            let (h_tps, h_ttft) =
-                report(&format!("HTTP, concurrency {concurrency}"), over_http, start.elapsed().as_secs_f64());
+            let (h_tps, h_ttft) = report(&format!("HTTP, concurrency {concurrency}"), over_http, http_secs);
             println!(
                 "ratio HTTP/direct at concurrency {concurrency}: tokens/s {:.3} (goal >= 0.97), TTFT {:.3}",
                 h_tps / d_tps,
