@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod hex32;
 pub mod identity;
 pub mod manifest;
+pub mod mesh;
 pub mod metrics;
 pub mod rollout;
 pub mod select;
@@ -52,6 +53,9 @@ pub mod decoders {
             let text = String::from_utf8_lossy(b);
             identity::SecretKey::parse_file_text(&text, identity::KeyKind::Node, "fuzz".as_ref()).is_ok()
         }),
+        ("hello", |b| crate::mesh::Hello::from_bytes(b).is_ok()),
+        ("signed_have", |b| crate::mesh::SignedHave::from_bytes(b).and_then(|s| crate::mesh::verify_have(&s)).is_ok()),
+        ("manifest_digest", |b| crate::mesh::ManifestDigest::from_bytes(b).is_ok()),
         ("signed_open", |b| {
             Signed::<manifest::ModelManifest>::from_bytes(b).and_then(|s| s.verify_self_signed()).is_ok()
         }),

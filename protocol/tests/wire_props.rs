@@ -7,6 +7,7 @@ use slmesh_protocol::identity::{KeyKind, PublicKey, SecretKey};
 use slmesh_protocol::manifest::{
     FileEntry, FileRole, InferenceDefaults, ModelFormat, ModelManifest, SignedManifest, Variant,
 };
+use slmesh_protocol::mesh::{verify_have, HaveRecord, Hello, ManifestDigest, SignedHave};
 use slmesh_protocol::rollout::{Gates, RolloutPlan, TagSelector, Wave};
 use slmesh_protocol::trust::{Enrollment, EnrollmentCertificate};
 use slmesh_protocol::{decoders, wire};
@@ -140,6 +141,26 @@ proptest! {
         let cert = EnrollmentCertificate::sign(&e, &key).unwrap();
         let back = EnrollmentCertificate::from_bytes(&cert.to_bytes().unwrap()).unwrap();
         prop_assert_eq!(back.verify_self_signed().unwrap(), e);
+    }
+
+    #[test]
+    fn mesh_messages_round_trip(
+        e in enrollment(),
+        seed in any::<[u8; 32]>(),
+        addrs in prop::collection::vec("[0-9.:]{1,21}", 0..4),
+        blobs in prop::collection::vec(hex32(), 0..8),
+        seq in any::<u64>(),
+        latest in prop::collection::btree_map(name(), any::<u64>(), 0..8),
+    ) {
+        let operator = SecretKey::from_seed(KeyKind::Publisher, seed);
+        let hello = Hello { certificate: EnrollmentCertificate::sign(&e, &operator).unwrap(), blob_addrs: addrs.clone() };
+        prop_assert_eq!(Hello::from_bytes(&hello.to_bytes().unwrap()).unwrap(), hello);
+        let node = SecretKey::from_seed(KeyKind::Node, seed);
+        let have = HaveRecord { node: node.public(), seq, blobs, blob_addrs: addrs };
+        let signed = SignedHave::sign(&have, &node).unwrap();
+        prop_assert_eq!(verify_have(&SignedHave::from_bytes(&signed.to_bytes().unwrap()).unwrap()).unwrap(), have);
+        let digest = ManifestDigest { latest };
+        prop_assert_eq!(ManifestDigest::from_bytes(&digest.to_bytes().unwrap()).unwrap(), digest);
     }
 
     #[test]

@@ -1,0 +1,282 @@
+//! What nodes say to each other, and the pure decisions around it: admission of a peer,
+//! which blobs a peer holds, which providers to fetch from first, and what a peer has
+//! that this node lacks (anti-entropy). The mesh crate carries these bytes over libp2p;
+//! the simulator carries them over its simulated links.
+
+use crate::error::ProtocolError;
+use crate::hex32::Hex32;
+use crate::identity::NodeId;
+use crate::signed::{Signed, SignedKind};
+use crate::trust::{verify_certificate, Enrollment, EnrollmentCertificate, TrustStore};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Sent first on every new connection (over request-response): a peer that cannot show a
+/// valid certificate for its own key is disconnected and nothing it sent is accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub certificate: EnrollmentCertificate,
+    /// Where this node's iroh endpoint listens (socket addresses), for blob transfers.
+    pub blob_addrs: Vec<String>,
+}
+
+pub const MAX_ADDRS: usize = 16;
+pub const MAX_BLOBS_PER_HAVE: usize = 4096;
+pub const MAX_DIGEST_ENTRIES: usize = 4096;
+
+impl Hello {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
+        crate::wire::encode(&(crate::PROTOCOL_VERSION, self))
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        let (version, hello): (u16, Hello) = crate::wire::decode(bytes, "hello")?;
+        if version != crate::PROTOCOL_VERSION {
+            return Err(ProtocolError::UnknownProtocolVersion { got: version, supported: crate::PROTOCOL_VERSION });
+        }
+        if hello.blob_addrs.len() > MAX_ADDRS {
+            return Err(ProtocolError::invalid(
+                "hello",
+                format!("{} addresses, at most {MAX_ADDRS}", hello.blob_addrs.len()),
+            ));
+        }
+        Ok(hello)
+    }
+}
+
+/// Admits the peer whose transport identity is `peer` if its hello carries a valid
+/// certificate for that very key. Returns what the operator certified (its tags).
+pub fn admit(hello: &Hello, peer: &NodeId, trust: &TrustStore, now: u64) -> Result<Enrollment, ProtocolError> {
+    verify_certificate(&hello.certificate, trust, peer, now)
+}
+
+/// A node's announcement of the blobs it holds complete and can serve. Signed by the
+/// node itself; receivers accept it only from admitted peers, and keep the highest `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaveRecord {
+    pub node: NodeId,
+    /// Grows with every announcement of this node: a replayed older one is ignored.
+    pub seq: u64,
+    pub blobs: Vec<Hex32>,
+    pub blob_addrs: Vec<String>,
+}
+
+impl SignedKind for HaveRecord {
+    const DOMAIN: &'static [u8] = b"slmesh/have";
+    const WHAT: &'static str = "have record";
+}
+
+pub type SignedHave = Signed<HaveRecord>;
+
+/// Checks a have record: self-signed by the node it names, within limits.
+pub fn verify_have(signed: &SignedHave) -> Result<HaveRecord, ProtocolError> {
+    let have = signed.verify_self_signed()?;
+    if have.node != signed.signer {
+        return Err(ProtocolError::invalid("have record", "signed by another node than the one it names"));
+    }
+    if have.blobs.len() > MAX_BLOBS_PER_HAVE || have.blob_addrs.len() > MAX_ADDRS {
+        return Err(ProtocolError::invalid("have record", "too many blobs or addresses"));
+    }
+    Ok(have)
+}
+
+/// Who holds which blob, from the newest have record of each admitted peer.
+#[derive(Debug, Clone, Default)]
+pub struct BlobDirectory {
+    records: BTreeMap<NodeId, HaveRecord>,
+}
+
+impl BlobDirectory {
+    /// Takes a verified record; returns whether it was news (not older than what we hold).
+    pub fn update(&mut self, have: HaveRecord) -> bool {
+        match self.records.get(&have.node) {
+            Some(held) if held.seq >= have.seq => false,
+            _ => {
+                self.records.insert(have.node, have);
+                true
+            }
+        }
+    }
+
+    pub fn forget(&mut self, node: &NodeId) {
+        self.records.remove(node);
+    }
+
+    /// Every node that announced `blob`.
+    pub fn holders(&self, blob: &Hex32) -> Vec<NodeId> {
+        self.records.values().filter(|r| r.blobs.contains(blob)).map(|r| r.node).collect()
+    }
+
+    pub fn record(&self, node: &NodeId) -> Option<&HaveRecord> {
+        self.records.get(node)
+    }
+}
+
+/// What this node knows of a candidate provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderInfo {
+    pub node: NodeId,
+    pub site: Option<String>,
+    /// Measured round-trip time (libp2p ping), if any.
+    pub rtt_micros: Option<u64>,
+}
+
+/// Orders providers: same site first, then by measured round-trip time (unmeasured
+/// last), then by node id so that the order is deterministic.
+pub fn rank_providers(mut candidates: Vec<ProviderInfo>, my_site: Option<&str>) -> Vec<NodeId> {
+    candidates.sort_by_key(|p| {
+        let other_site = !(my_site.is_some() && p.site.as_deref() == my_site);
+        (other_site, p.rtt_micros.unwrap_or(u64::MAX), p.node)
+    });
+    candidates.into_iter().map(|p| p.node).collect()
+}
+
+/// A summary of the manifests a node holds: the newest version per model name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestDigest {
+    pub latest: BTreeMap<String, u64>,
+}
+
+impl ManifestDigest {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
+        crate::wire::encode(&(crate::PROTOCOL_VERSION, self))
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        let (version, digest): (u16, ManifestDigest) = crate::wire::decode(bytes, "manifest digest")?;
+        if version != crate::PROTOCOL_VERSION {
+            return Err(ProtocolError::UnknownProtocolVersion { got: version, supported: crate::PROTOCOL_VERSION });
+        }
+        if digest.latest.len() > MAX_DIGEST_ENTRIES {
+            return Err(ProtocolError::invalid("manifest digest", "too many entries"));
+        }
+        Ok(digest)
+    }
+
+    /// The model names for which `self` (a peer's digest) holds a newer version than
+    /// `mine`: what to ask that peer for.
+    pub fn newer_than(&self, mine: &ManifestDigest) -> Vec<(String, u64)> {
+        self.latest
+            .iter()
+            .filter(|(name, v)| mine.latest.get(*name).is_none_or(|held| held < *v))
+            .map(|(n, v)| (n.clone(), *v))
+            .collect()
+    }
+}
+
+/// What to do with a version whose files are staged. Until the rollout engine decides by
+/// waves and gates, a staged version is activated at once, unless the node is pinned to
+/// another version of that model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StagedDecision {
+    Activate,
+    Hold { reason: String },
+}
+
+pub fn on_staged(version: u64, active: Option<u64>, pinned: Option<u64>) -> StagedDecision {
+    match (pinned, active) {
+        (Some(pin), _) if pin != version => {
+            StagedDecision::Hold { reason: format!("pinned to version {pin} by local config") }
+        }
+        (_, Some(a)) if a == version => StagedDecision::Hold { reason: format!("version {a} is already active") },
+        // A pin may go back to an older version; without one, never.
+        (None, Some(a)) if a > version => {
+            StagedDecision::Hold { reason: format!("a newer version ({a}) is already active") }
+        }
+        _ => StagedDecision::Activate,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{KeyKind, SecretKey};
+
+    fn node(seed: u8) -> SecretKey {
+        SecretKey::from_seed(KeyKind::Node, [seed; 32])
+    }
+
+    #[test]
+    fn admission_needs_a_certificate_for_the_peer_itself() {
+        let operator = SecretKey::from_seed(KeyKind::Publisher, [1; 32]);
+        let mut trust = TrustStore::new();
+        trust.add("ops", operator.public()).unwrap();
+        let a = node(2);
+        let enrollment = Enrollment { node: a.public(), tags: Default::default(), issued_at: 10, expires_at: 100 };
+        let hello =
+            Hello { certificate: enrollment.sign(&operator).unwrap(), blob_addrs: vec!["127.0.0.1:4002".into()] };
+        let hello = Hello::from_bytes(&hello.to_bytes().unwrap()).unwrap();
+        assert!(admit(&hello, &a.public(), &trust, 50).is_ok());
+        // Someone replaying a's hello from another key is refused.
+        assert!(matches!(
+            admit(&hello, &node(3).public(), &trust, 50),
+            Err(ProtocolError::CertificateSubjectMismatch { .. })
+        ));
+        // A self-made certificate is refused.
+        let forged = Hello { certificate: enrollment.sign(&a).unwrap(), blob_addrs: vec![] };
+        assert!(matches!(admit(&forged, &a.public(), &trust, 50), Err(ProtocolError::UnknownKey { .. })));
+        assert!(matches!(admit(&hello, &a.public(), &trust, 100), Err(ProtocolError::CertificateExpired { .. })));
+    }
+
+    #[test]
+    fn have_records_are_self_signed_and_newest_wins() {
+        let a = node(4);
+        let blob = Hex32([7; 32]);
+        let record = |seq, blobs: Vec<Hex32>| HaveRecord { node: a.public(), seq, blobs, blob_addrs: vec![] };
+        let signed = SignedHave::sign(&record(2, vec![blob]), &a).unwrap();
+        let have = verify_have(&SignedHave::from_bytes(&signed.to_bytes().unwrap()).unwrap()).unwrap();
+        let mut dir = BlobDirectory::default();
+        assert!(dir.update(have));
+        assert_eq!(dir.holders(&blob), vec![a.public()]);
+        assert!(!dir.update(record(1, vec![])), "an older record must not replace a newer one");
+        assert!(!dir.update(record(2, vec![])), "a replay must not count");
+        assert_eq!(dir.holders(&blob), vec![a.public()]);
+        assert!(dir.update(record(3, vec![])));
+        assert!(dir.holders(&blob).is_empty());
+        // Speaking for another node is refused.
+        let b = node(5);
+        let lie = SignedHave::sign(&record(9, vec![blob]), &b).unwrap();
+        assert!(verify_have(&lie).is_err());
+    }
+
+    #[test]
+    fn providers_rank_same_site_then_rtt() {
+        let p = |seed, site: Option<&str>, rtt| ProviderInfo {
+            node: node(seed).public(),
+            site: site.map(str::to_string),
+            rtt_micros: rtt,
+        };
+        let ranked = rank_providers(
+            vec![
+                p(10, Some("b"), Some(100)),
+                p(11, Some("a"), Some(9_000)),
+                p(12, None, None),
+                p(13, Some("a"), Some(500)),
+                p(14, Some("b"), Some(50)),
+            ],
+            Some("a"),
+        );
+        let want: Vec<_> = [13, 11, 14, 10, 12].iter().map(|s| node(*s).public()).collect();
+        assert_eq!(ranked, want);
+    }
+
+    #[test]
+    fn anti_entropy_asks_for_what_is_newer() {
+        let mine = ManifestDigest { latest: [("a".to_string(), 3), ("b".to_string(), 5)].into() };
+        let theirs =
+            ManifestDigest { latest: [("a".to_string(), 4), ("b".to_string(), 5), ("c".to_string(), 1)].into() };
+        let theirs = ManifestDigest::from_bytes(&theirs.to_bytes().unwrap()).unwrap();
+        assert_eq!(theirs.newer_than(&mine), vec![("a".to_string(), 4), ("c".to_string(), 1)]);
+        assert!(mine.newer_than(&theirs).is_empty());
+    }
+
+    #[test]
+    fn staged_versions_activate_unless_pinned_or_older() {
+        assert_eq!(on_staged(2, Some(1), None), StagedDecision::Activate);
+        assert_eq!(on_staged(1, None, None), StagedDecision::Activate);
+        assert!(matches!(on_staged(2, Some(1), Some(1)), StagedDecision::Hold { .. }));
+        assert_eq!(on_staged(1, Some(2), Some(1)), StagedDecision::Activate);
+        assert!(matches!(on_staged(2, Some(3), None), StagedDecision::Hold { .. }));
+        assert!(matches!(on_staged(2, Some(2), Some(2)), StagedDecision::Hold { .. }));
+    }
+}
