@@ -26,14 +26,11 @@ pub const MAX_DIGEST_ENTRIES: usize = 4096;
 
 impl Hello {
     pub fn to_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
-        crate::wire::encode(&(crate::PROTOCOL_VERSION, self))
+        crate::wire::encode_versioned(self)
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProtocolError> {
-        let (version, hello): (u16, Hello) = crate::wire::decode(bytes, "hello")?;
-        if version != crate::PROTOCOL_VERSION {
-            return Err(ProtocolError::UnknownProtocolVersion { got: version, supported: crate::PROTOCOL_VERSION });
-        }
+        let hello: Hello = crate::wire::decode_versioned(bytes, "hello")?;
         if hello.blob_addrs.len() > MAX_ADDRS {
             return Err(ProtocolError::invalid(
                 "hello",
@@ -139,14 +136,11 @@ pub struct ManifestDigest {
 
 impl ManifestDigest {
     pub fn to_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
-        crate::wire::encode(&(crate::PROTOCOL_VERSION, self))
+        crate::wire::encode_versioned(self)
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProtocolError> {
-        let (version, digest): (u16, ManifestDigest) = crate::wire::decode(bytes, "manifest digest")?;
-        if version != crate::PROTOCOL_VERSION {
-            return Err(ProtocolError::UnknownProtocolVersion { got: version, supported: crate::PROTOCOL_VERSION });
-        }
+        let digest: ManifestDigest = crate::wire::decode_versioned(bytes, "manifest digest")?;
         if digest.latest.len() > MAX_DIGEST_ENTRIES {
             return Err(ProtocolError::invalid("manifest digest", "too many entries"));
         }
@@ -266,6 +260,12 @@ mod tests {
         let theirs =
             ManifestDigest { latest: [("a".to_string(), 4), ("b".to_string(), 5), ("c".to_string(), 1)].into() };
         let theirs = ManifestDigest::from_bytes(&theirs.to_bytes().unwrap()).unwrap();
+        let mut other_version = theirs.to_bytes().unwrap();
+        other_version[0] = 9;
+        assert!(matches!(
+            ManifestDigest::from_bytes(&other_version),
+            Err(ProtocolError::UnknownProtocolVersion { got: 9, .. })
+        ));
         assert_eq!(theirs.newer_than(&mine), vec![("a".to_string(), 4), ("c".to_string(), 1)]);
         assert!(mine.newer_than(&theirs).is_empty());
     }

@@ -40,3 +40,17 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T
     }
     Ok(value)
 }
+
+/// Canonical bytes of an unsigned message, prefixed with the protocol version.
+pub fn encode_versioned<T: Serialize>(value: &T) -> Result<Vec<u8>, ProtocolError> {
+    encode(&(crate::PROTOCOL_VERSION, value))
+}
+
+/// Decodes an unsigned message of untrusted bytes, refusing other protocol versions.
+pub fn decode_versioned<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, ProtocolError> {
+    let (version, value): (u16, T) = decode(bytes, what)?;
+    if version != crate::PROTOCOL_VERSION {
+        return Err(ProtocolError::UnknownProtocolVersion { got: version, supported: crate::PROTOCOL_VERSION });
+    }
+    Ok(value)
+}
