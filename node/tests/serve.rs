@@ -173,3 +173,24 @@ fn a_full_queue_answers_429_and_the_node_recovers() {
     assert_eq!(waiting.join().unwrap(), 200);
     chat_ok(&addr);
 }
+
+#[cfg(unix)]
+#[test]
+fn sigterm_lets_the_request_in_flight_finish_then_stops() {
+    let mut node = start(&[]);
+    let addr = node.addr.clone();
+    let in_flight = std::thread::spawn(move || {
+        post(
+            &addr,
+            r#"{"messages":[{"role":"user","content":"Tell me about rivers."}],"max_tokens":64,"temperature":0}"#,
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = node.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let (status, v) = in_flight.join().unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap_or(0) > 0);
+    let exit = node.child.wait().unwrap();
+    assert!(exit.success(), "slmesh serve exited with {exit}");
+}
