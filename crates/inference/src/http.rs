@@ -173,21 +173,28 @@ async fn metrics(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Res
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
+/// The fields that chat and plain completion requests share.
 #[derive(Debug, Deserialize)]
-struct ChatRequest {
+struct CommonParams {
     #[serde(default)]
     model: Option<String>,
-    messages: Vec<ChatMessage>,
     #[serde(default)]
     max_tokens: Option<serde_json::Number>,
-    #[serde(default)]
-    max_completion_tokens: Option<serde_json::Number>,
     #[serde(default)]
     temperature: Option<f64>,
     #[serde(default)]
     top_p: Option<f64>,
     #[serde(default)]
     stream: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    max_completion_tokens: Option<serde_json::Number>,
+    #[serde(flatten)]
+    common: CommonParams,
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,13 +243,13 @@ fn build_request(req: &ChatRequest, limits: &HttpLimits) -> Result<RequestBuilde
         }
         messages = messages.add_message(role, text);
     }
-    let max_tokens = max_tokens(req.max_completion_tokens.as_ref().or(req.max_tokens.as_ref()), limits)?;
-    check_sampling(req.temperature, req.top_p)?;
+    let max_tokens = max_tokens(req.max_completion_tokens.as_ref().or(req.common.max_tokens.as_ref()), limits)?;
+    check_sampling(req.common.temperature, req.common.top_p)?;
     let mut builder = RequestBuilder::from(messages);
-    if let Some(t) = req.temperature {
+    if let Some(t) = req.common.temperature {
         builder = if t == 0.0 { builder.set_deterministic_sampler() } else { builder.set_sampler_temperature(t) };
     }
-    if let Some(p) = req.top_p {
+    if let Some(p) = req.common.top_p {
         builder = builder.set_sampler_topp(p);
     }
     // After set_deterministic_sampler, which resets the length.
@@ -285,17 +292,9 @@ async fn chat_completions(State(state): State<Arc<HttpState>>, headers: HeaderMa
 
 #[derive(Debug, Deserialize)]
 struct CompletionRequest {
-    #[serde(default)]
-    model: Option<String>,
     prompt: String,
-    #[serde(default)]
-    max_tokens: Option<serde_json::Number>,
-    #[serde(default)]
-    temperature: Option<f64>,
-    #[serde(default)]
-    top_p: Option<f64>,
-    #[serde(default)]
-    stream: Option<bool>,
+    #[serde(flatten)]
+    common: CommonParams,
 }
 
 async fn completions(State(state): State<Arc<HttpState>>, headers: HeaderMap, body: Body) -> Response {
@@ -305,18 +304,18 @@ async fn completions(State(state): State<Arc<HttpState>>, headers: HeaderMap, bo
 async fn completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
     authorized(state, headers)?;
     let req: CompletionRequest = read_json(state, body, "completion request").await?;
-    let model = model_for(state, req.model.as_deref())?;
+    let model = model_for(state, req.common.model.as_deref())?;
     if req.prompt.trim().is_empty() {
         return Err(bad_request("prompt is empty", Some("prompt")));
     }
-    if req.stream == Some(true) {
+    if req.common.stream == Some(true) {
         return Err(bad_request("stream: true is supported on /v1/chat/completions only", Some("stream")));
     }
-    check_sampling(req.temperature, req.top_p)?;
+    check_sampling(req.common.temperature, req.common.top_p)?;
     let mut sampling = SamplingParams::deterministic();
-    sampling.max_len = Some(max_tokens(req.max_tokens.as_ref(), &state.limits)? as usize);
-    sampling.temperature = req.temperature.filter(|t| *t > 0.0);
-    sampling.top_p = req.top_p;
+    sampling.max_len = Some(max_tokens(req.common.max_tokens.as_ref(), &state.limits)? as usize);
+    sampling.temperature = req.common.temperature.filter(|t| *t > 0.0);
+    sampling.top_p = req.common.top_p;
     let start = Instant::now();
     let turn = take_turn(state).await?;
     generate(state, &model, start, turn, model.complete(req.prompt, sampling)).await
@@ -387,11 +386,11 @@ fn check_sampling(temperature: Option<f64>, top_p: Option<f64>) -> Result<(), Ap
 async fn chat_completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
     authorized(state, headers)?;
     let req: ChatRequest = read_json(state, body, "chat completion request").await?;
-    let model = model_for(state, req.model.as_deref())?;
+    let model = model_for(state, req.common.model.as_deref())?;
     let builder = build_request(&req, &state.limits)?;
     let start = Instant::now();
     let turn = take_turn(state).await?;
-    if req.stream == Some(true) {
+    if req.common.stream == Some(true) {
         return Ok(stream_chat(state.clone(), model, builder, turn, start));
     }
     generate(state, &model, start, turn, model.chat(builder)).await
