@@ -40,6 +40,13 @@ for _ in $(seq 1 120); do
 done
 addr="$(sed -n 's|^serving .* on http://||p' serve.out)"
 echo "serving on http://$addr"
-curl -sS "http://$addr/v1/chat/completions" -H 'Content-Type: application/json' \
-  -d '{"model":"smollm2-135m-instruct","messages":[{"role":"user","content":"What is the capital of France? Answer in one sentence."}],"max_tokens":40,"temperature":0}' \
-  | python3 -c 'import json,sys; r=json.load(sys.stdin); print("answer:", r["choices"][0]["message"]["content"].strip()); print("usage:", r["usage"]["prompt_tokens"], "prompt tokens,", r["usage"]["completion_tokens"], "completion tokens")'
+python3 - "$addr" <<'PY'
+import json, sys, urllib.request
+body = {"model": "smollm2-135m-instruct", "max_tokens": 40, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]}
+req = urllib.request.Request(f"http://{sys.argv[1]}/v1/chat/completions", json.dumps(body).encode(),
+                             {"Content-Type": "application/json"})
+r = json.load(urllib.request.urlopen(req, timeout=120))
+print("answer:", r["choices"][0]["message"]["content"].strip())
+print("usage:", r["usage"]["prompt_tokens"], "prompt tokens,", r["usage"]["completion_tokens"], "completion tokens")
+PY
