@@ -126,22 +126,17 @@ fn file_name_of(path: &Path) -> Result<String> {
         .ok_or_else(|| anyhow!("{}: rename the file to a plain name of a-z, 0-9, - _ . +", path.display()))
 }
 
-fn file_entry(role: FileRole, path: &Path) -> Result<FileEntry> {
+/// The manifest entry of a mapped file: its plain name, size and BLAKE3.
+fn entry_of(role: FileRole, path: &Path, map: &[u8]) -> Result<FileEntry> {
     let name = file_name_of(path)?;
-    let (blake3, size) = hash_file(path)?;
-    if size == 0 {
+    if map.is_empty() {
         bail!("{} is empty", path.display());
     }
-    Ok(FileEntry { role, name, blake3, size })
+    Ok(FileEntry { role, name, blake3: blake3_of(map), size: map.len() as u64 })
 }
 
-/// Reads a GGUF file's header and hashes it: the weights entry of a variant.
-pub fn describe_gguf(path: &Path) -> Result<(gguf::GgufInfo, FileEntry)> {
-    let name = file_name_of(path)?;
-    let map = map_file(path)?;
-    let info = gguf::read_header_from_slice(&map)
-        .with_context(|| format!("{} cannot be used as model weights", path.display()))?;
-    Ok((info, FileEntry { role: FileRole::Weights, name, blake3: blake3_of(&map), size: map.len() as u64 }))
+fn file_entry(role: FileRole, path: &Path) -> Result<FileEntry> {
+    entry_of(role, path, &map_file(path)?)
 }
 
 pub fn create(args: &CreateArgs) -> Result<ModelManifest> {
@@ -160,7 +155,11 @@ pub fn create(args: &CreateArgs) -> Result<ModelManifest> {
     let mut variants = Vec::new();
     let mut infos_context = Vec::new();
     for path in &args.gguf {
-        let (info, weights) = describe_gguf(path)?;
+        // Header first: a file that is not GGUF, or of an architecture nodes cannot load,
+        // is refused before 100 MB of it are hashed.
+        let map = map_file(path)?;
+        let info = gguf::read_header_from_slice(&map)
+            .with_context(|| format!("{} cannot be used as model weights", path.display()))?;
         infos_context.extend(info.context_length);
         if !args.allow_unsupported_architecture && !MISTRALRS_GGUF_ARCHITECTURES.contains(&info.architecture.as_str()) {
             bail!(
@@ -170,6 +169,7 @@ pub fn create(args: &CreateArgs) -> Result<ModelManifest> {
                 MISTRALRS_GGUF_ARCHITECTURES.join(", ")
             );
         }
+        let weights = entry_of(FileRole::Weights, path, &map)?;
         let min_ram_bytes = match args.min_ram_mib {
             Some(mib) => mib << 20,
             None => weights.size + weights.size / 4 + (128 << 20),
