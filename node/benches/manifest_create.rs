@@ -7,17 +7,16 @@
 use std::process::Command;
 use std::time::Instant;
 
-fn median_secs(mut cmd: impl FnMut() -> Command, runs: usize) -> f64 {
-    let mut times: Vec<f64> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            let out = cmd().output().expect("run");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
+fn time_secs(mut cmd: Command) -> f64 {
+    let start = Instant::now();
+    let out = cmd.output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    start.elapsed().as_secs_f64()
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
     times.sort_by(f64::total_cmp);
-    times[runs / 2]
+    times[times.len() / 2]
 }
 
 fn main() {
@@ -28,23 +27,19 @@ fn main() {
         std::process::exit(1);
     }
     let _ = std::fs::read(&gguf); // warm the page cache
-    let runs = 9;
-    let b3sum = median_secs(
-        || {
-            let mut c = Command::new("b3sum");
-            c.arg(&gguf);
-            c
-        },
-        runs,
-    );
-    let slmesh = median_secs(
-        || {
-            let mut c = Command::new(env!("CARGO_BIN_EXE_slmesh"));
-            c.args(["manifest", "create", "--name", "bench", "--version", "1"]).arg(&gguf);
-            c
-        },
-        runs,
-    );
+                                  // Runs alternate between the two commands, so that drift in the machine's speed
+                                  // (seen here: b3sum itself between 14 and 23 ms over an hour) falls on both alike.
+    let runs = 21;
+    let (mut b3sum_times, mut slmesh_times) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let mut b3sum = Command::new("b3sum");
+        b3sum.arg(&gguf);
+        b3sum_times.push(time_secs(b3sum));
+        let mut slmesh = Command::new(env!("CARGO_BIN_EXE_slmesh"));
+        slmesh.args(["manifest", "create", "--name", "bench", "--version", "1"]).arg(&gguf);
+        slmesh_times.push(time_secs(slmesh));
+    }
+    let (b3sum, slmesh) = (median(b3sum_times), median(slmesh_times));
     let mb = size as f64 / 1e6;
     println!("file: {} ({mb:.1} MB), median of {runs} runs each", gguf.display());
     println!("baseline b3sum:              {:>8.1} ms  ({:.0} MB/s)", b3sum * 1e3, mb / b3sum);
