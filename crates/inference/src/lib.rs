@@ -109,13 +109,11 @@ impl LoadedModel {
     /// Loads a GGUF file through mistral.rs (CPU, local files only) and smoke-tests it.
     pub async fn load(spec: ModelSpec) -> Result<Self> {
         let path = spec.gguf.clone();
-        let info = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || check_gguf(&path))
-                .await
-                .map_err(|e| InferenceError::LoadFailed { path: spec.gguf.clone(), reason: panic_text(e) })??
-        };
         let failed = |reason: String| InferenceError::LoadFailed { path: path.clone(), reason };
+        let header_path = path.clone();
+        let info = tokio::task::spawn_blocking(move || check_gguf(&header_path))
+            .await
+            .map_err(|e| failed(panic_text(e)))??;
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         // mistral.rs falls through to the hub when the folder does not exist: make sure it does.
         let dir = std::fs::canonicalize(dir).map_err(|e| failed(format!("model folder: {e}")))?;
