@@ -39,6 +39,31 @@ pub struct NetworkConfig {
     pub mdns: bool,
     /// UDP address of the iroh endpoint that serves and fetches model blobs.
     pub blobs_bind: String,
+    /// Transfers of one blob this node serves at a time; more fetchers try other peers.
+    #[serde(default = "default_upload_slots")]
+    pub upload_slots_per_blob: usize,
+    /// A node that published a version serves its files only while fewer than this many
+    /// peers hold them (0: always), so that peers, not the origin, spread them.
+    #[serde(default = "default_origin_copies")]
+    pub origin_copies: usize,
+    /// Cap on what this node uploads to peers, bytes per second (absent: no cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_upload_bytes_per_sec: Option<u64>,
+    /// Seconds between anti-entropy rounds (asking peers for manifests this node lacks).
+    #[serde(default = "default_sync_interval")]
+    pub sync_interval_secs: u64,
+}
+
+fn default_upload_slots() -> usize {
+    slmesh_protocol::mesh::UploadPolicy::default().slots_per_blob
+}
+
+fn default_origin_copies() -> usize {
+    slmesh_protocol::mesh::UploadPolicy::default().origin_copies
+}
+
+fn default_sync_interval() -> u64 {
+    30
 }
 
 impl Default for NetworkConfig {
@@ -48,6 +73,10 @@ impl Default for NetworkConfig {
             bootstrap: vec![],
             mdns: true,
             blobs_bind: "0.0.0.0:4002".into(),
+            upload_slots_per_blob: default_upload_slots(),
+            origin_copies: default_origin_copies(),
+            max_upload_bytes_per_sec: None,
+            sync_interval_secs: default_sync_interval(),
         }
     }
 }
@@ -115,6 +144,9 @@ impl Config {
         if config.data_dir.is_relative() {
             config.data_dir = base.join(&config.data_dir);
         }
+        // Absolute, so that nothing depends on the folder the node was started from.
+        config.data_dir = std::path::absolute(&config.data_dir)
+            .with_context(|| format!("data_dir {} cannot be made absolute", config.data_dir.display()))?;
         config.validate().with_context(|| format!("config {} is not valid", path.display()))?;
         Ok(config)
     }
@@ -173,6 +205,18 @@ impl Config {
         out.push_str(&format!("mdns = {}\n", self.network.mdns));
         out.push_str("# UDP address of the iroh endpoint that serves and fetches model files.\n");
         out.push_str(&format!("blobs_bind = {}\n", q(&self.network.blobs_bind)));
+        out.push_str("# Transfers of one model file this node serves at a time; more fetchers try other peers.\n");
+        out.push_str(&format!("upload_slots_per_blob = {}\n", self.network.upload_slots_per_blob));
+        out.push_str("# After publishing, serve a file only while fewer than this many peers hold it\n");
+        out.push_str("# (0: always), so that peers rather than the publisher spread it.\n");
+        out.push_str(&format!("origin_copies = {}\n", self.network.origin_copies));
+        out.push_str("# Cap on upload bandwidth to peers, in bytes per second:\n");
+        match self.network.max_upload_bytes_per_sec {
+            Some(b) => out.push_str(&format!("max_upload_bytes_per_sec = {b}\n")),
+            None => out.push_str("# max_upload_bytes_per_sec = 10000000\n"),
+        }
+        out.push_str("# Seconds between anti-entropy rounds (asking peers for manifests this node lacks).\n");
+        out.push_str(&format!("sync_interval_secs = {}\n", self.network.sync_interval_secs));
         out.push_str("\n[http]\n");
         out.push_str("# OpenAI-compatible API and operations endpoints. Loopback by default, so\n");
         out.push_str("# prompts never leave this machine; widen it only behind your own access control.\n");

@@ -1,6 +1,8 @@
 //! `slmesh`: one binary for every node of the mesh and for its operators.
 
+mod client;
 mod config;
+mod daemon;
 mod keys;
 mod manifest_cmd;
 mod serve;
@@ -43,6 +45,36 @@ enum Command {
     Manifest(manifest_cmd::ManifestCommand),
     /// Serve one local GGUF file over the OpenAI-compatible API (a single machine, no mesh).
     Serve(serve::ServeArgs),
+    /// Run this machine's node: join the mesh, fetch and serve the models it is given.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Publish a signed manifest through a running node: its files go into the node's
+    /// blob store and the manifest is gossiped to the mesh.
+    Publish(client::PublishArgs),
+    /// Show a running node's id, peers (RTT, site), models and fetches in progress.
+    Status(client::StatusArgs),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Start the node from its config and run until SIGINT or SIGTERM.
+    Run(daemon::RunArgs),
+}
+
+/// Logs go to stderr: text by default, JSON lines with `--log-json`. `RUST_LOG` filters.
+pub(crate) fn init_logging(json: bool) {
+    let filter =
+        // Kademlia warns about every bootstrap attempt before the first peer is known.
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,libp2p_kad=error,slmesh=info".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_env_filter(filter);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// iroh brings rustls with ring, libp2p-tls with aws-lc-rs: with both in the binary,
+/// rustls has no process default, and any library asking for one would panic. Ring it is.
+pub(crate) fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 mod config_cmd {
@@ -130,6 +162,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Enroll(a) => keys::enroll(a),
         Command::Manifest(c) => manifest_cmd::run(c),
         Command::Serve(a) => serve::run(a),
+        Command::Node(NodeCommand::Run(a)) => daemon::run(a),
+        Command::Publish(a) => client::publish(a),
+        Command::Status(a) => client::status(a),
     }
 }
 

@@ -56,6 +56,8 @@ pub mod decoders {
         ("hello", |b| crate::mesh::Hello::from_bytes(b).is_ok()),
         ("signed_have", |b| crate::mesh::SignedHave::from_bytes(b).and_then(|s| crate::mesh::verify_have(&s)).is_ok()),
         ("manifest_digest", |b| crate::mesh::ManifestDigest::from_bytes(b).is_ok()),
+        ("peer_request", |b| crate::mesh::PeerRequest::from_bytes(b).is_ok()),
+        ("peer_response", |b| crate::mesh::PeerResponse::from_bytes(b).is_ok()),
         ("signed_open", |b| {
             Signed::<manifest::ModelManifest>::from_bytes(b).and_then(|s| s.verify_self_signed()).is_ok()
         }),

@@ -158,6 +158,138 @@ impl ManifestDigest {
     }
 }
 
+/// Gossipsub topics. The version suffix changes with an incompatible message format.
+pub const TOPIC_MANIFESTS: &str = "slmesh/manifests/1";
+pub const TOPIC_HAVES: &str = "slmesh/haves/1";
+
+pub const MAX_SYNC_MANIFESTS: usize = 64;
+pub const MAX_SYNC_HAVES: usize = 1024;
+
+/// A request from one peer to another over the mesh's request-response protocol.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// The admission handshake: sent by both sides right after connecting.
+    Hello(Hello),
+    /// Anti-entropy: "this is what I hold; send me what is newer, and who holds what".
+    Sync(ManifestDigest),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PeerResponse {
+    Hello(Hello),
+    Sync(SyncReply),
+    /// The peer will not answer (for example: the asker is not admitted).
+    Refused(String),
+}
+
+/// What a peer sends back to a `Sync`: the newest manifest of each model the asker lacks,
+/// and the have records it knows. The asker verifies every one as if it were gossiped.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncReply {
+    pub manifests: Vec<crate::manifest::SignedManifest>,
+    pub haves: Vec<SignedHave>,
+}
+
+fn check_hello(hello: &Hello) -> Result<(), ProtocolError> {
+    if hello.blob_addrs.len() > MAX_ADDRS {
+        return Err(ProtocolError::invalid("hello", format!("{} addresses, at most {MAX_ADDRS}", hello.blob_addrs.len())));
+    }
+    Ok(())
+}
+
+impl PeerRequest {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
+        crate::wire::encode_versioned(self)
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        let request: PeerRequest = crate::wire::decode_versioned(bytes, "peer request")?;
+        match &request {
+            PeerRequest::Hello(h) => check_hello(h)?,
+            PeerRequest::Sync(d) if d.latest.len() > MAX_DIGEST_ENTRIES => {
+                return Err(ProtocolError::invalid("manifest digest", "too many entries"))
+            }
+            PeerRequest::Sync(_) => {}
+        }
+        Ok(request)
+    }
+}
+
+impl PeerResponse {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
+        crate::wire::encode_versioned(self)
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        let response: PeerResponse = crate::wire::decode_versioned(bytes, "peer response")?;
+        match &response {
+            PeerResponse::Hello(h) => check_hello(h)?,
+            PeerResponse::Sync(r) if r.manifests.len() > MAX_SYNC_MANIFESTS || r.haves.len() > MAX_SYNC_HAVES => {
+                return Err(ProtocolError::invalid("sync reply", "too many manifests or have records"))
+            }
+            _ => {}
+        }
+        Ok(response)
+    }
+}
+
+/// How a node answers a gossiped message, which gossipsub turns into forwarding (accept)
+/// or a peer-score penalty for the peer that forwarded it (reject).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GossipVerdict {
+    Accept,
+    /// Not forwarded, no penalty: valid but stale, or from a peer whose handshake is not
+    /// finished yet.
+    Ignore(String),
+    /// Not forwarded, and the forwarding peer is penalised.
+    Reject(String),
+}
+
+/// The verdict for a manifest that failed verification: a replay of an older version is
+/// merely stale; anything else (bad signature, unknown key, garbage) is an attack or a bug.
+pub fn manifest_verdict(result: &Result<(), ProtocolError>) -> GossipVerdict {
+    match result {
+        Ok(()) => GossipVerdict::Accept,
+        Err(e @ ProtocolError::NotNewer { .. }) => GossipVerdict::Ignore(e.to_string()),
+        Err(e) => GossipVerdict::Reject(e.to_string()),
+    }
+}
+
+/// How a provider shares its uplink. Seeding from the origin (the node that published a
+/// version) is the bottleneck of a fan-out: once enough peers hold a copy, the origin
+/// stops serving that blob and the mesh spreads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadPolicy {
+    /// Transfers of one blob at a time; more fetchers are refused and try another holder.
+    pub slots_per_blob: usize,
+    /// The origin serves a blob only while fewer than this many admitted peers hold it
+    /// (0: no limit).
+    pub origin_copies: usize,
+}
+
+impl Default for UploadPolicy {
+    fn default() -> Self {
+        UploadPolicy { slots_per_blob: 2, origin_copies: 2 }
+    }
+}
+
+/// Whether to serve one more fetcher of a blob. `other_holders`: admitted peers that
+/// announced the whole blob.
+pub fn upload_decision(
+    policy: &UploadPolicy,
+    uploading: usize,
+    originated: bool,
+    other_holders: usize,
+) -> Result<(), String> {
+    if policy.slots_per_blob > 0 && uploading >= policy.slots_per_blob {
+        return Err(format!("all {} upload slots of this blob are busy", policy.slots_per_blob));
+    }
+    if originated && policy.origin_copies > 0 && other_holders >= policy.origin_copies {
+        return Err(format!("{other_holders} peers hold this blob: fetch it from them"));
+    }
+    Ok(())
+}
+
 /// What to do with a version whose files are staged. Until the rollout engine decides by
 /// waves and gates, a staged version is activated at once, unless the node is pinned to
 /// another version of that model.
@@ -268,6 +400,43 @@ mod tests {
         ));
         assert_eq!(theirs.newer_than(&mine), vec![("a".to_string(), 4), ("c".to_string(), 1)]);
         assert!(mine.newer_than(&theirs).is_empty());
+    }
+
+    #[test]
+    fn peer_requests_round_trip_and_refuse_oversized_lists() {
+        let operator = SecretKey::from_seed(KeyKind::Publisher, [1; 32]);
+        let enrollment = Enrollment { node: node(2).public(), tags: Default::default(), issued_at: 1, expires_at: 9 };
+        let hello = Hello { certificate: enrollment.sign(&operator).unwrap(), blob_addrs: vec!["10.0.0.1:4002".into()] };
+        for request in [PeerRequest::Hello(hello.clone()), PeerRequest::Sync(ManifestDigest::default())] {
+            assert_eq!(PeerRequest::from_bytes(&request.to_bytes().unwrap()).unwrap(), request);
+        }
+        let too_many = Hello { blob_addrs: vec!["10.0.0.1:1".into(); MAX_ADDRS + 1], ..hello.clone() };
+        assert!(PeerRequest::from_bytes(&PeerRequest::Hello(too_many.clone()).to_bytes().unwrap()).is_err());
+        assert!(PeerResponse::from_bytes(&PeerResponse::Hello(too_many).to_bytes().unwrap()).is_err());
+        let reply = PeerResponse::Sync(SyncReply::default());
+        assert_eq!(PeerResponse::from_bytes(&reply.to_bytes().unwrap()).unwrap(), reply);
+        assert!(PeerResponse::from_bytes(b"\x01\x00\x07").is_err());
+    }
+
+    #[test]
+    fn stale_manifests_are_ignored_and_forgeries_rejected() {
+        assert_eq!(manifest_verdict(&Ok(())), GossipVerdict::Accept);
+        let stale = Err(ProtocolError::NotNewer { name: "m".into(), offered: 1, held: 2 });
+        assert!(matches!(manifest_verdict(&stale), GossipVerdict::Ignore(_)));
+        let forged = Err(ProtocolError::BadSignature { what: "manifest" });
+        assert!(matches!(manifest_verdict(&forged), GossipVerdict::Reject(_)));
+    }
+
+    #[test]
+    fn the_origin_stops_seeding_once_peers_hold_copies() {
+        let policy = UploadPolicy { slots_per_blob: 2, origin_copies: 2 };
+        assert!(upload_decision(&policy, 0, true, 0).is_ok());
+        assert!(upload_decision(&policy, 1, true, 1).is_ok());
+        assert!(upload_decision(&policy, 2, false, 0).is_err(), "slots are full");
+        assert!(upload_decision(&policy, 0, true, 2).is_err(), "two copies exist: the origin steps back");
+        assert!(upload_decision(&policy, 0, false, 9).is_ok(), "other holders keep serving");
+        let unlimited = UploadPolicy { slots_per_blob: 0, origin_copies: 0 };
+        assert!(upload_decision(&unlimited, 100, true, 100).is_ok());
     }
 
     #[test]

@@ -1,1 +1,428 @@
-//! placeholder
+//! The node's blob side: an iroh endpoint for closed networks (no relays, no n0 lookups,
+//! no portmapper; peers' addresses come from the libp2p mesh) and an iroh-blobs FsStore
+//! in the data folder. Serves the blobs it holds, counts (and optionally paces) what it
+//! uploads, and fetches blobs from a ranked list of providers: BLAKE3-verified as they
+//! stream, resumed from what is already on disk, falling back to the next provider when
+//! one fails or sends bytes that do not verify.
+
+use iroh::endpoint::{presets, PortmapperConfig};
+use iroh::protocol::Router;
+use iroh::{Endpoint, EndpointAddr, RelayMode};
+use iroh_blobs::api::remote::GetProgressItem;
+use iroh_blobs::api::blobs::{BlobStatus, ExportMode, ExportOptions};
+use iroh_blobs::provider::events::{
+    AbortReason, EventMask, EventSender, ProviderMessage, RequestMode, RequestUpdate, ThrottleMode,
+};
+use iroh_blobs::store::fs::FsStore;
+use iroh_blobs::store::GcConfig;
+use iroh_blobs::{BlobsProtocol, Hash};
+use n0_future::StreamExt;
+use slmesh_protocol::{Hex32, NodeId, SecretKey};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BlobError {
+    #[error("cannot bind the blob endpoint to {addr}: {reason}")]
+    Bind { addr: SocketAddr, reason: String },
+    #[error("cannot open the blob store in {path}: {reason}")]
+    Store { path: String, reason: String },
+    #[error("blob store: {0}")]
+    StoreOp(String),
+    #[error("cannot add {path} to the blob store: {reason}")]
+    Import { path: String, reason: String },
+    #[error("{path} hashes to {got}, the manifest says {want}")]
+    HashMismatch { path: String, got: String, want: String },
+    #[error("not enough free disk space in {path}: blob {hash} needs {needed} more bytes, {available} are free")]
+    DiskFull { path: String, hash: String, needed: u64, available: u64 },
+    #[error("no provider is known for blob {hash}")]
+    NoProvider { hash: String },
+    #[error("every provider of blob {hash} failed: {failures}")]
+    AllProvidersFailed { hash: String, failures: String },
+    #[error("cannot export blob {hash} to {path}: {reason}")]
+    Export { hash: String, path: String, reason: String },
+}
+
+pub type Result<T, E = BlobError> = std::result::Result<T, E>;
+
+pub struct BlobConfig {
+    /// The node's key: its iroh EndpointId is the same key as its libp2p PeerId.
+    pub secret: SecretKey,
+    /// UDP address to bind (port 0 picks one).
+    pub bind: SocketAddr,
+    /// Folder of the FsStore.
+    pub store_dir: PathBuf,
+    /// Caps what this node uploads to peers, in bytes per second (None: no cap).
+    pub max_upload_bytes_per_sec: Option<u64>,
+    /// How often the store deletes blobs no tag protects.
+    pub gc_interval: Duration,
+    /// Decides whether to serve one more fetcher of a blob.
+    pub gate: Arc<dyn UploadGate>,
+}
+
+/// The provider's admission of a fetch request: `uploading` is how many transfers of
+/// that blob run now. Refused fetchers try their next provider.
+pub trait UploadGate: Send + Sync {
+    fn allow(&self, blob: &Hex32, uploading: usize) -> Result<(), String>;
+}
+
+/// Serves everyone.
+pub struct ServeAll;
+
+impl UploadGate for ServeAll {
+    fn allow(&self, _: &Hex32, _: usize) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Payload bytes moved, for status and benchmarks.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub uploaded: AtomicU64,
+    pub downloaded: AtomicU64,
+    /// Fetch requests this node refused (its upload gate said no).
+    pub refused: AtomicU64,
+}
+
+/// Progress of one fetch, for `slmesh status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchProgress {
+    pub hash: Hex32,
+    pub size: u64,
+    /// Bytes on disk already when the fetch started (resumed).
+    pub had: u64,
+    /// Bytes received in this fetch so far.
+    pub received: u64,
+    pub provider: NodeId,
+}
+
+/// How one successful fetch went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchReport {
+    pub had: u64,
+    pub received: u64,
+    pub provider: Option<NodeId>,
+    /// Providers that failed first, with the reason.
+    pub failed: Vec<(NodeId, String)>,
+}
+
+pub struct BlobNode {
+    endpoint: Endpoint,
+    router: Router,
+    store: FsStore,
+    store_dir: PathBuf,
+    addrs: Mutex<HashMap<NodeId, Vec<SocketAddr>>>,
+    counters: Arc<Counters>,
+}
+
+const TAG_PREFIX: &str = "slmesh/";
+
+fn hash_of(h: &Hex32) -> Hash {
+    Hash::from_bytes(h.0)
+}
+
+fn hex_of(h: &Hash) -> Hex32 {
+    Hex32(*h.as_bytes())
+}
+
+fn tag_for(h: &Hex32) -> String {
+    format!("{TAG_PREFIX}{}", h.to_hex())
+}
+
+impl BlobNode {
+    pub async fn start(config: BlobConfig) -> Result<Self> {
+        let bind_err = |reason: String| BlobError::Bind { addr: config.bind, reason };
+        let endpoint = Endpoint::builder(presets::Minimal)
+            .secret_key(config.secret.iroh_secret_key())
+            .relay_mode(RelayMode::Disabled)
+            .portmapper_config(PortmapperConfig::Disabled)
+            .clear_address_lookup()
+            .clear_ip_transports()
+            .bind_addr(config.bind)
+            .map_err(|e| bind_err(e.to_string()))?
+            .alpns(vec![iroh_blobs::ALPN.to_vec()])
+            .bind()
+            .await
+            .map_err(|e| bind_err(e.to_string()))?;
+        std::fs::create_dir_all(&config.store_dir).map_err(|e| BlobError::Store {
+            path: config.store_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let db_path = config.store_dir.join("blobs.db");
+        let mut options = iroh_blobs::store::fs::options::Options::new(&config.store_dir);
+        options.gc = Some(GcConfig { interval: config.gc_interval, add_protected: None });
+        let store = FsStore::load_with_opts(db_path, options).await.map_err(|e| BlobError::Store {
+            path: config.store_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let counters = Arc::new(Counters::default());
+        let mask =
+            EventMask { throttle: ThrottleMode::Intercept, get: RequestMode::InterceptLog, ..EventMask::DEFAULT };
+        let (events, rx) = EventSender::channel(64, mask);
+        tokio::spawn(provider_events(rx, counters.clone(), config.max_upload_bytes_per_sec, config.gate));
+        let router = Router::builder(endpoint.clone())
+            .accept(iroh_blobs::ALPN, BlobsProtocol::new(&store, Some(events)))
+            .spawn();
+        Ok(BlobNode {
+            endpoint,
+            router,
+            store,
+            store_dir: config.store_dir,
+            addrs: Mutex::new(HashMap::new()),
+            counters,
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        NodeId::from_endpoint_id(&self.endpoint.id())
+    }
+
+    /// The sockets the endpoint listens on, as peers should dial them. An unspecified
+    /// bind address (0.0.0.0) is not dialable; the caller replaces it with the addresses
+    /// it knows for this host.
+    pub fn bound_addrs(&self) -> Vec<SocketAddr> {
+        self.endpoint.bound_sockets()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Remembers where a peer's blob endpoint listens (learned over the mesh).
+    pub fn learn(&self, node: NodeId, addrs: Vec<SocketAddr>) {
+        if let Ok(mut map) = self.addrs.lock() {
+            map.insert(node, addrs);
+        }
+    }
+
+    /// Adds a local file to the store (protected from GC by a tag) and checks that its
+    /// BLAKE3 hash is the expected one.
+    pub async fn import(&self, path: &Path, expected: &Hex32) -> Result<()> {
+        let import_err = |reason: String| BlobError::Import { path: path.display().to_string(), reason };
+        self.protect(expected).await?;
+        let tag = self.store.add_path(path).temp_tag().await.map_err(|e| import_err(e.to_string()))?;
+        let got = hex_of(&tag.hash());
+        if &got != expected {
+            return Err(BlobError::HashMismatch {
+                path: path.display().to_string(),
+                got: got.to_hex(),
+                want: expected.to_hex(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Tags a blob so that garbage collection keeps it (also while it is being fetched).
+    pub async fn protect(&self, hash: &Hex32) -> Result<()> {
+        self.store.tags().set(tag_for(hash), hash_of(hash)).await.map_err(|e| BlobError::StoreOp(e.to_string()))
+    }
+
+    /// Removes the protection of every blob not in `keep`; the store's GC deletes them.
+    /// Returns the blobs released.
+    pub async fn release_all_but(&self, keep: &[Hex32]) -> Result<Vec<Hex32>> {
+        let tags = self.store.tags().list_prefix(TAG_PREFIX).await.map_err(|e| BlobError::StoreOp(e.to_string()))?;
+        let tags: Vec<_> = tags.collect::<Vec<_>>().await;
+        let mut released = vec![];
+        for tag in tags {
+            let tag = tag.map_err(|e| BlobError::StoreOp(e.to_string()))?;
+            let hash = hex_of(&tag.hash);
+            if !keep.contains(&hash) {
+                self.store.tags().delete(&tag.name).await.map_err(|e| BlobError::StoreOp(e.to_string()))?;
+                released.push(hash);
+            }
+        }
+        Ok(released)
+    }
+
+    pub async fn is_complete(&self, hash: &Hex32) -> Result<bool> {
+        let status = self.store.blobs().status(hash_of(hash)).await.map_err(|e| BlobError::StoreOp(e.to_string()))?;
+        Ok(matches!(status, BlobStatus::Complete { .. }))
+    }
+
+    /// Bytes of `hash` held locally and verified.
+    pub async fn local_bytes(&self, hash: &Hex32) -> Result<u64> {
+        let local = self.store.remote().local(hash_of(hash)).await.map_err(|e| BlobError::StoreOp(e.to_string()))?;
+        Ok(local.local_bytes())
+    }
+
+    /// Fetches `hash` (of `size` bytes), trying `providers` in order. What is already on
+    /// disk is not fetched again. `progress` sees the bytes as they arrive.
+    pub async fn fetch(
+        &self,
+        hash: &Hex32,
+        size: u64,
+        providers: &[NodeId],
+        mut progress: impl FnMut(&FetchProgress),
+    ) -> Result<FetchReport> {
+        let had = self.local_bytes(hash).await?;
+        if self.is_complete(hash).await? {
+            return Ok(FetchReport { had, received: 0, provider: None, failed: vec![] });
+        }
+        self.check_disk_space(hash, size.saturating_sub(had))?;
+        self.protect(hash).await?;
+        if providers.is_empty() {
+            return Err(BlobError::NoProvider { hash: hash.to_hex() });
+        }
+        let mut failed = vec![];
+        let mut received_total = 0;
+        for provider in providers {
+            let had_now = self.local_bytes(hash).await?;
+            let mut report = FetchProgress { hash: *hash, size, had: had_now, received: 0, provider: *provider };
+            match self.fetch_from(hash, provider, &mut report, &mut progress).await {
+                Ok(()) => {
+                    received_total += report.received;
+                    if self.is_complete(hash).await? {
+                        return Ok(FetchReport { had, received: received_total, provider: Some(*provider), failed });
+                    }
+                    failed.push((*provider, "finished without the whole blob".to_string()));
+                }
+                Err(reason) => {
+                    received_total += report.received;
+                    tracing::warn!(blob = %hash.to_hex(), provider = %provider.short(), %reason, "provider failed, trying the next one");
+                    failed.push((*provider, reason));
+                }
+            }
+        }
+        let failures = failed.iter().map(|(p, r)| format!("{}: {r}", p.short())).collect::<Vec<_>>().join("; ");
+        Err(BlobError::AllProvidersFailed { hash: hash.to_hex(), failures })
+    }
+
+    async fn fetch_from(
+        &self,
+        hash: &Hex32,
+        provider: &NodeId,
+        report: &mut FetchProgress,
+        progress: &mut impl FnMut(&FetchProgress),
+    ) -> Result<(), String> {
+        let id = provider.endpoint_id().map_err(|e| e.to_string())?;
+        let addrs = self.addrs.lock().map_err(|_| "address book poisoned".to_string())?.get(provider).cloned();
+        let addrs = addrs.ok_or_else(|| "its blob address is not known yet".to_string())?;
+        let addr = addrs.into_iter().fold(EndpointAddr::new(id), |a, s| a.with_ip_addr(s));
+        let conn = tokio::time::timeout(Duration::from_secs(10), self.endpoint.connect(addr, iroh_blobs::ALPN))
+            .await
+            .map_err(|_| "connection timed out".to_string())?
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        let mut stream = self.store.remote().fetch(conn.clone(), hash_of(hash)).stream();
+        let mut last = 0u64;
+        let result = loop {
+            match stream.next().await {
+                Some(GetProgressItem::Progress(n)) => {
+                    let delta = n.saturating_sub(last);
+                    last = n;
+                    report.received = n;
+                    self.counters.downloaded.fetch_add(delta, Ordering::Relaxed);
+                    progress(report);
+                }
+                Some(GetProgressItem::Done(_)) => break Ok(()),
+                Some(GetProgressItem::Error(e)) => break Err(format!("{e}")),
+                None => break Err("transfer ended without a result".to_string()),
+            }
+        };
+        conn.close(0u32.into(), b"done");
+        result
+    }
+
+    fn check_disk_space(&self, hash: &Hex32, needed: u64) -> Result<()> {
+        let available = fs2::available_space(&self.store_dir).map_err(|e| BlobError::StoreOp(e.to_string()))?;
+        // Keep a margin for the outboard (about 1/256 of the data) and the database.
+        let needed_with_margin = needed + needed / 128 + (16 << 20);
+        if available < needed_with_margin {
+            return Err(BlobError::DiskFull {
+                path: self.store_dir.display().to_string(),
+                hash: hash.to_hex(),
+                needed: needed_with_margin,
+                available,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes a complete blob to `target` (a copy where the store cannot lend the file).
+    pub async fn export(&self, hash: &Hex32, target: &Path) -> Result<()> {
+        let export_err =
+            |reason: String| BlobError::Export { hash: hash.to_hex(), path: target.display().to_string(), reason };
+        // The store refuses relative targets.
+        let target = std::path::absolute(target).map_err(|e| export_err(e.to_string()))?;
+        self.store
+            .blobs()
+            .export_with_opts(ExportOptions { hash: hash_of(hash), mode: ExportMode::Copy, target })
+            .finish()
+            .await
+            .map_err(|e| export_err(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Stops serving and closes the store (the router's shutdown closes both).
+    pub async fn shutdown(self) {
+        if let Err(e) = self.router.shutdown().await {
+            tracing::warn!("blob endpoint shutdown: {e}");
+        }
+    }
+}
+
+/// Answers the provider's questions: whether to serve a fetch request (the upload gate,
+/// given how many transfers of that blob run now), and, per 16 KiB chunk, when to send
+/// it: counts uploaded bytes and, with a cap, paces chunks to stay under it.
+async fn provider_events(
+    mut rx: tokio::sync::mpsc::Receiver<ProviderMessage>,
+    counters: Arc<Counters>,
+    max_bytes_per_sec: Option<u64>,
+    gate: Arc<dyn UploadGate>,
+) {
+    let uploading: Arc<Mutex<HashMap<Hash, usize>>> = Default::default();
+    // The uplink is free again at `next_free`: a token bucket without burst credit.
+    let mut next_free = Instant::now();
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            ProviderMessage::Throttle(msg) => {
+                counters.uploaded.fetch_add(msg.inner.size, Ordering::Relaxed);
+                if let Some(cap) = max_bytes_per_sec.filter(|c| *c > 0) {
+                    let now = Instant::now();
+                    next_free = next_free.max(now) + Duration::from_secs_f64(msg.inner.size as f64 / cap as f64);
+                    tokio::time::sleep_until(next_free.into()).await;
+                }
+                msg.tx.send(Ok(())).await.ok();
+            }
+            ProviderMessage::GetRequestReceived(msg) => {
+                let hash = msg.inner.request.hash;
+                let running = uploading.lock().map(|m| m.get(&hash).copied().unwrap_or(0)).unwrap_or(0);
+                match gate.allow(&hex_of(&hash), running) {
+                    Ok(()) => {
+                        if let Ok(mut m) = uploading.lock() {
+                            *m.entry(hash).or_default() += 1;
+                        }
+                        msg.tx.send(Ok(())).await.ok();
+                        // The transfer's updates end with Completed or Aborted (or the
+                        // channel closing): then the slot is free again.
+                        let mut updates = msg.rx;
+                        let uploading = uploading.clone();
+                        tokio::spawn(async move {
+                            while let Ok(Some(update)) = updates.recv().await {
+                                if matches!(update, RequestUpdate::Completed(_) | RequestUpdate::Aborted(_)) {
+                                    break;
+                                }
+                            }
+                            if let Ok(mut m) = uploading.lock() {
+                                if let Some(n) = m.get_mut(&hash) {
+                                    *n = n.saturating_sub(1);
+                                }
+                            }
+                        });
+                    }
+                    Err(reason) => {
+                        tracing::debug!(blob = %hash, %reason, "refused a fetch");
+                        counters.refused.fetch_add(1, Ordering::Relaxed);
+                        msg.tx.send(Err(AbortReason::RateLimited)).await.ok();
+                    }
+                }
+            }
+            // Only throttle and get events are enabled in the mask; the rest need no answer.
+            _ => {}
+        }
+    }
+}

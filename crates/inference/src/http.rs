@@ -132,7 +132,8 @@ fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> ApiEr
     api_error(StatusCode::BAD_REQUEST, "invalid_request_error", message, param)
 }
 
-fn authorized(state: &HttpState, headers: &HeaderMap) -> Result<(), ApiError> {
+/// Checks the bearer token, if the node has one.
+pub fn authorized(state: &HttpState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &state.bearer_token else { return Ok(()) };
     let given =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
@@ -535,6 +536,15 @@ pub async fn serve(
     state: Arc<HttpState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_router(listener, router(state), shutdown).await
+}
+
+/// Serves any router (the inference routes merged with others) the same way.
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
     // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each
     // one back until the client acknowledges the last.
@@ -543,5 +553,5 @@ pub async fn serve(
             tracing::debug!("cannot set TCP_NODELAY: {e}");
         }
     });
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }

@@ -1,1 +1,581 @@
-//! placeholder
+//! The libp2p side of a node: TCP (noise, yamux) and QUIC transports; gossipsub with
+//! signed messages, strict validation and manual acceptance, and peer scoring that
+//! penalises peers forwarding rejected messages; identify; Kademlia (server mode, so a
+//! closed network without confirmed external addresses still answers); mDNS (optional);
+//! ping (its round-trip times feed provider ranking); and a request-response protocol
+//! that carries the admission handshake and anti-entropy.
+//!
+//! This crate moves bytes and reports events; it decides nothing. The node reads every
+//! message through the protocol core and tells the mesh what to accept, whom to refuse
+//! and what to send.
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, MessageId, ValidationMode};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    allow_block_list, identify, identity::Keypair, kad, mdns, noise, ping, request_response, tcp, yamux,
+    StreamProtocol, Swarm,
+};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+pub use libp2p::gossipsub::MessageId as GossipMessageId;
+pub use libp2p::{multiaddr, Multiaddr, PeerId};
+
+/// Largest request or response on the request-response protocol.
+pub const MAX_RPC_BYTES: usize = 4 << 20;
+/// Largest gossip message.
+pub const MAX_GOSSIP_BYTES: usize = 1 << 20;
+/// Connected peers the node tries to keep; more are found through Kademlia.
+pub const TARGET_PEERS: usize = 12;
+
+#[derive(Debug, Error)]
+pub enum MeshError {
+    #[error("invalid listen address {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+    #[error("cannot build the libp2p swarm: {0}")]
+    Build(String),
+    #[error("the mesh task has stopped")]
+    Stopped,
+}
+
+pub struct MeshConfig {
+    pub keypair: Keypair,
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub mdns: bool,
+    pub topics: Vec<String>,
+    /// How often to look for more peers through Kademlia and redial bootstrap peers.
+    pub discovery_interval: Duration,
+}
+
+/// What a gossip receiver decided about a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acceptance {
+    Accept,
+    Ignore,
+    Reject,
+}
+
+#[derive(Debug)]
+pub enum MeshEvent {
+    Listening(Multiaddr),
+    Connected {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    Disconnected {
+        peer: PeerId,
+    },
+    /// A gossip message waiting for a verdict: answer with `MeshHandle::report`.
+    Message {
+        id: MessageId,
+        /// The peer it came from (who gets penalised if it is rejected).
+        propagation_source: PeerId,
+        /// The peer that signed it at the gossipsub layer.
+        author: Option<PeerId>,
+        topic: String,
+        data: Vec<u8>,
+    },
+    /// A request from a peer: answer with `MeshHandle::respond`.
+    Request {
+        peer: PeerId,
+        id: u64,
+        data: Vec<u8>,
+    },
+    Rtt {
+        peer: PeerId,
+        rtt: Duration,
+    },
+}
+
+enum Command {
+    Publish { topic: String, data: Vec<u8>, done: oneshot::Sender<Result<(), String>> },
+    Report { id: MessageId, source: PeerId, acceptance: Acceptance },
+    Request { peer: PeerId, data: Vec<u8>, done: oneshot::Sender<Result<Vec<u8>, String>> },
+    Respond { id: u64, data: Vec<u8> },
+    Refuse { peer: PeerId },
+    Dial { addr: Multiaddr },
+    Info { done: oneshot::Sender<MeshInfo> },
+    Shutdown { done: oneshot::Sender<()> },
+}
+
+/// A snapshot for status pages.
+#[derive(Debug, Clone, Default)]
+pub struct MeshInfo {
+    pub peer_id: Option<PeerId>,
+    pub listen: Vec<Multiaddr>,
+    pub connected: Vec<(PeerId, Vec<Multiaddr>)>,
+    pub gossip_peers: usize,
+}
+
+/// Talks to the mesh task. Cheap to clone.
+#[derive(Clone)]
+pub struct MeshHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl MeshHandle {
+    async fn send(&self, c: Command) -> Result<(), MeshError> {
+        self.tx.send(c).await.map_err(|_| MeshError::Stopped)
+    }
+
+    /// Gossips `data` on `topic`. Fails with a reason when no peer listens yet; anti-entropy
+    /// delivers it later in that case.
+    pub async fn publish(&self, topic: &str, data: Vec<u8>) -> Result<(), String> {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::Publish { topic: topic.into(), data, done }).await.map_err(|e| e.to_string())?;
+        rx.await.map_err(|_| MeshError::Stopped.to_string())?
+    }
+
+    pub async fn report(&self, id: MessageId, source: PeerId, acceptance: Acceptance) {
+        let _ = self.send(Command::Report { id, source, acceptance }).await;
+    }
+
+    /// Sends a request and waits for the answer (or a timeout, or the peer going away).
+    pub async fn request(&self, peer: PeerId, data: Vec<u8>) -> Result<Vec<u8>, String> {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::Request { peer, data, done }).await.map_err(|e| e.to_string())?;
+        rx.await.map_err(|_| MeshError::Stopped.to_string())?
+    }
+
+    pub async fn respond(&self, id: u64, data: Vec<u8>) {
+        let _ = self.send(Command::Respond { id, data }).await;
+    }
+
+    /// Disconnects a peer and refuses its connections and gossip from now on.
+    pub async fn refuse(&self, peer: PeerId) {
+        let _ = self.send(Command::Refuse { peer }).await;
+    }
+
+    pub async fn dial(&self, addr: Multiaddr) {
+        let _ = self.send(Command::Dial { addr }).await;
+    }
+
+    pub async fn info(&self) -> Result<MeshInfo, MeshError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::Info { done }).await?;
+        rx.await.map_err(|_| MeshError::Stopped)
+    }
+
+    /// Closes every connection and stops the task.
+    pub async fn shutdown(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.send(Command::Shutdown { done }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    gossipsub: gossipsub::Behaviour,
+    identify: identify::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    ping: ping::Behaviour,
+    rpc: request_response::Behaviour<BytesCodec>,
+}
+
+/// Starts the swarm on the current tokio runtime. Events arrive on the returned receiver;
+/// if nobody reads them the mesh slows down rather than dropping anything.
+pub fn start(config: MeshConfig) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>), MeshError> {
+    let mut swarm = build_swarm(&config)?;
+    for addr in &config.listen {
+        swarm.listen_on(addr.clone()).map_err(|e| MeshError::Listen { addr: addr.to_string(), reason: e.to_string() })?;
+    }
+    for topic in &config.topics {
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&IdentTopic::new(topic))
+            .map_err(|e| MeshError::Build(format!("subscribe {topic}: {e}")))?;
+    }
+    let (tx, rx) = mpsc::channel(256);
+    let (events_tx, events) = mpsc::channel(1024);
+    let driver = Driver {
+        swarm,
+        events: events_tx,
+        commands: rx,
+        bootstrap: config.bootstrap.clone(),
+        discovery_interval: config.discovery_interval,
+        pending_requests: HashMap::new(),
+        inbound: HashMap::new(),
+        next_inbound: 0,
+        refused: HashSet::new(),
+    };
+    tokio::spawn(driver.run());
+    Ok((MeshHandle { tx }, events))
+}
+
+fn build_swarm(config: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
+    let build = |e: &dyn std::fmt::Display| MeshError::Build(e.to_string());
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| build(&e))?
+        .with_quic()
+        .with_behaviour(|key| {
+            let peer_id = key.public().to_peer_id();
+            let gossipsub = gossip_behaviour(key, &config.topics)?;
+            let mut kad = kad::Behaviour::with_config(
+                peer_id,
+                kad::store::MemoryStore::new(peer_id),
+                kad::Config::new(StreamProtocol::new("/slmesh/kad/1.0.0")),
+            );
+            kad.set_mode(Some(kad::Mode::Server));
+            let mdns = if config.mdns {
+                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                blocked: Default::default(),
+                gossipsub,
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/slmesh/1.0.0".into(), key.public()).with_push_listen_addr_updates(true),
+                ),
+                kad,
+                mdns: mdns.into(),
+                ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
+                rpc: request_response::Behaviour::new(
+                    [(StreamProtocol::new("/slmesh/peer/1"), request_response::ProtocolSupport::Full)],
+                    request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+                ),
+            })
+        })
+        .map_err(|e| build(&e))?
+        // Gossip and pings keep connections busy; a long idle timeout keeps a quiet mesh
+        // from falling apart between rollouts.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    Ok(swarm)
+}
+
+fn gossip_behaviour(key: &Keypair, topics: &[String]) -> Result<gossipsub::Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let config = gossipsub::ConfigBuilder::default()
+        .validation_mode(ValidationMode::Strict)
+        .validate_messages()
+        .max_transmit_size(MAX_GOSSIP_BYTES)
+        .heartbeat_interval(Duration::from_millis(700))
+        // Content addressing: the same record forwarded twice is one message.
+        .message_id_fn(|m: &gossipsub::Message| MessageId::from(blake3::hash(&m.data).to_hex().to_string()))
+        .build()?;
+    let mut behaviour = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), config)?;
+    let mut params = gossipsub::PeerScoreParams::default();
+    for topic in topics {
+        let mut t = gossipsub::TopicScoreParams::default();
+        // A rejected message (forged, unsigned by a trusted key, garbage) costs much more
+        // than anything a well-behaved peer earns, so such a peer drops out of the mesh.
+        t.invalid_message_deliveries_weight = -100.0;
+        t.invalid_message_deliveries_decay = 0.9;
+        t.topic_weight = 1.0;
+        params.topics.insert(IdentTopic::new(topic).hash(), t);
+    }
+    let thresholds = gossipsub::PeerScoreThresholds::default();
+    behaviour.with_peer_score(params, thresholds)?;
+    Ok(behaviour)
+}
+
+struct Driver {
+    swarm: Swarm<Behaviour>,
+    events: mpsc::Sender<MeshEvent>,
+    commands: mpsc::Receiver<Command>,
+    bootstrap: Vec<Multiaddr>,
+    discovery_interval: Duration,
+    pending_requests: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, String>>>,
+    inbound: HashMap<u64, request_response::ResponseChannel<Vec<u8>>>,
+    next_inbound: u64,
+    refused: HashSet<PeerId>,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        self.dial_bootstrap();
+        let mut discovery = tokio::time::interval(self.discovery_interval);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => {
+                    if !self.on_swarm_event(event).await {
+                        return;
+                    }
+                }
+                command = self.commands.recv() => match command {
+                    Some(Command::Shutdown { done }) => {
+                        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                        for p in peers {
+                            let _ = self.swarm.disconnect_peer_id(p);
+                        }
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(c) => self.on_command(c),
+                    None => return,
+                },
+                _ = discovery.tick() => self.discover(),
+            }
+        }
+    }
+
+    fn dial_bootstrap(&mut self) {
+        for addr in self.bootstrap.clone() {
+            if let Some(peer) = peer_of(&addr) {
+                if self.swarm.is_connected(&peer) || self.refused.contains(&peer) {
+                    continue;
+                }
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            }
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                tracing::debug!(%addr, "cannot dial bootstrap peer: {e}");
+            }
+        }
+    }
+
+    fn discover(&mut self) {
+        self.dial_bootstrap();
+        if self.swarm.connected_peers().count() > 0 {
+            // Finding our own id walks the DHT and fills the routing table with peers
+            // near us; RoutingUpdated then dials them while we have room.
+            let me = *self.swarm.local_peer_id();
+            self.swarm.behaviour_mut().kad.get_closest_peers(me);
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        let b = self.swarm.behaviour_mut();
+        match command {
+            Command::Publish { topic, data, done } => {
+                let r = b.gossipsub.publish(IdentTopic::new(topic), data).map(|_| ()).map_err(|e| e.to_string());
+                let _ = done.send(r);
+            }
+            Command::Report { id, source, acceptance } => {
+                let a = match acceptance {
+                    Acceptance::Accept => MessageAcceptance::Accept,
+                    Acceptance::Ignore => MessageAcceptance::Ignore,
+                    Acceptance::Reject => MessageAcceptance::Reject,
+                };
+                b.gossipsub.report_message_validation_result(&id, &source, a);
+            }
+            Command::Request { peer, data, done } => {
+                let id = b.rpc.send_request(&peer, data);
+                self.pending_requests.insert(id, done);
+            }
+            Command::Respond { id, data } => {
+                if let Some(channel) = self.inbound.remove(&id) {
+                    if b.rpc.send_response(channel, data).is_err() {
+                        tracing::debug!("a peer went away before its answer was sent");
+                    }
+                }
+            }
+            Command::Refuse { peer } => {
+                self.refused.insert(peer);
+                b.blocked.block_peer(peer);
+                b.gossipsub.blacklist_peer(&peer);
+                b.kad.remove_peer(&peer);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Command::Dial { addr } => {
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    tracing::debug!(%addr, "cannot dial: {e}");
+                }
+            }
+            Command::Info { done } => {
+                let gossip_peers = b.gossipsub.all_peers().count();
+                let connected = self.swarm.connected_peers().map(|p| (*p, vec![])).collect();
+                let info = MeshInfo {
+                    peer_id: Some(*self.swarm.local_peer_id()),
+                    listen: self.swarm.listeners().cloned().collect(),
+                    connected,
+                    gossip_peers,
+                };
+                let _ = done.send(info);
+            }
+            Command::Shutdown { .. } => unreachable!("handled by the loop"),
+        }
+    }
+
+    // Takes `&mut self` although it only reads: a `&Driver` held across an await would
+    // need the swarm to be `Sync`, which it is not.
+    async fn emit(&mut self, event: MeshEvent) -> bool {
+        let events = self.events.clone();
+        events.send(event).await.is_ok()
+    }
+
+    /// Returns false when the node stopped listening (the node is shutting down).
+    async fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) -> bool {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => return self.emit(MeshEvent::Listening(address)).await,
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                if num_established.get() == 1 {
+                    let addr = endpoint.get_remote_address().clone();
+                    return self.emit(MeshEvent::Connected { peer: peer_id, addr }).await;
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                return self.emit(MeshEvent::Disconnected { peer: peer_id }).await;
+            }
+            SwarmEvent::Behaviour(event) => return self.on_behaviour_event(event).await,
+            _ => {}
+        }
+        true
+    }
+
+    async fn on_behaviour_event(&mut self, event: BehaviourEvent) -> bool {
+        match event {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message }) => {
+                if self.refused.contains(&propagation_source) {
+                    self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        MessageAcceptance::Reject,
+                    );
+                    return true;
+                }
+                let event = MeshEvent::Message {
+                    id: message_id,
+                    propagation_source,
+                    author: message.source,
+                    topic: message.topic.into_string(),
+                    data: message.data,
+                };
+                return self.emit(event).await;
+            }
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                if !self.refused.contains(&peer_id) {
+                    for addr in info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, addresses, .. }) => {
+                let room = self.swarm.connected_peers().count() < TARGET_PEERS;
+                if room && !self.swarm.is_connected(&peer) && !self.refused.contains(&peer) {
+                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                        .addresses(addresses.into_vec())
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::debug!(%peer, "cannot dial a peer found in the DHT: {e}");
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    if self.refused.contains(&peer) || self.swarm.is_connected(&peer) {
+                        continue;
+                    }
+                    tracing::info!(%peer, %addr, "found a peer by mDNS");
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(vec![addr]).build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::debug!(%peer, "cannot dial a peer found by mDNS: {e}");
+                    }
+                }
+            }
+            BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. }) => {
+                return self.emit(MeshEvent::Rtt { peer, rtt }).await;
+            }
+            BehaviourEvent::Rpc(request_response::Event::Message { peer, message, .. }) => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let id = self.next_inbound;
+                    self.next_inbound += 1;
+                    self.inbound.insert(id, channel);
+                    return self.emit(MeshEvent::Request { peer, id, data: request }).await;
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(done) = self.pending_requests.remove(&request_id) {
+                        let _ = done.send(Ok(response));
+                    }
+                }
+            },
+            BehaviourEvent::Rpc(request_response::Event::OutboundFailure { request_id, error, .. }) => {
+                if let Some(done) = self.pending_requests.remove(&request_id) {
+                    let _ = done.send(Err(error.to_string()));
+                }
+            }
+            BehaviourEvent::Rpc(request_response::Event::InboundFailure { peer, error, .. }) => {
+                tracing::debug!(%peer, "inbound request failed: {error}");
+                // The channel of a failed inbound request is gone; forget it.
+                self.inbound.retain(|_, c| c.is_open());
+            }
+            _ => {}
+        }
+        true
+    }
+}
+
+/// The peer id at the end of a `/p2p/<id>` address, if any.
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+/// Length-prefixed bytes with a size cap: the request-response wire. The contents are the
+/// protocol core's versioned messages.
+#[derive(Clone, Default)]
+struct BytesCodec;
+
+async fn read_frame<T: futures::AsyncRead + Unpin + Send>(io: &mut T) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_RPC_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("message of {len} bytes, at most {MAX_RPC_BYTES}"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame<T: futures::AsyncWrite + Unpin + Send>(io: &mut T, data: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(data.len())
+        .ok()
+        .filter(|l| *l as usize <= MAX_RPC_BYTES)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "message too large to send"))?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(data).await?;
+    io.close().await
+}
+
+#[async_trait::async_trait]
+impl request_response::Codec for BytesCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_frame(io).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_frame(io).await
+    }
+
+    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &req).await
+    }
+
+    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: Vec<u8>) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &res).await
+    }
+}

@@ -1,0 +1,112 @@
+//! Operator commands that talk to a running node over its HTTP API: `slmesh status` and
+//! `slmesh publish`.
+
+use crate::config::Config;
+use crate::daemon::status::NodeStatus;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct NodeAddrArgs {
+    /// The node's configuration; its http.bind says where the node listens.
+    #[arg(long, short, default_value = "slmesh.toml", env = "SLMESH_CONFIG")]
+    pub config: PathBuf,
+    /// The node's HTTP address instead (e.g. 127.0.0.1:8080).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Bearer token, if the node needs one (default: the config's).
+    #[arg(long, env = "SLMESH_BEARER_TOKEN")]
+    pub bearer_token: Option<String>,
+}
+
+impl NodeAddrArgs {
+    fn resolve(&self) -> Result<(String, Option<String>)> {
+        if let Some(addr) = &self.node {
+            return Ok((addr.clone(), self.bearer_token.clone()));
+        }
+        let config = Config::load(&self.config)?;
+        let mut addr = config.http.bind.clone();
+        // A node bound to every interface is reached on loopback from its own machine.
+        if let Some(port) = addr.strip_prefix("0.0.0.0:") {
+            addr = format!("127.0.0.1:{port}");
+        }
+        Ok((addr, self.bearer_token.clone().or(config.http.bearer_token)))
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(600)).build()
+}
+
+fn call(req: ureq::Request, token: &Option<String>, body: Option<serde_json::Value>) -> Result<serde_json::Value> {
+    let url = req.url().to_string();
+    let req = match token {
+        Some(t) => req.set("Authorization", &format!("Bearer {t}")),
+        None => req,
+    };
+    let result = match body {
+        Some(b) => req.send_json(b),
+        None => req.call(),
+    };
+    match result {
+        Ok(resp) => resp.into_json().with_context(|| format!("{url} did not answer JSON")),
+        Err(ureq::Error::Status(code, resp)) => {
+            let body: serde_json::Value = resp.into_json().unwrap_or_default();
+            let message = body["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| body.to_string());
+            bail!("the node answered {code}: {message}")
+        }
+        Err(e) => Err(anyhow!("cannot reach the node at {url}: {e} (is `slmesh node run` running?)")),
+    }
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub node: NodeAddrArgs,
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    let (addr, token) = args.node.resolve()?;
+    let value = call(agent().get(&format!("http://{addr}/v1/status")), &token, None)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        let status: NodeStatus = serde_json::from_value(value).context("unexpected status from the node")?;
+        print!("{}", status.to_text());
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    pub node: NodeAddrArgs,
+    /// The signed manifest (`slmesh manifest sign` writes it).
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Folder holding the files the manifest names (default: the manifest's folder).
+    #[arg(long)]
+    pub files: Option<PathBuf>,
+}
+
+pub fn publish(args: PublishArgs) -> Result<()> {
+    let (addr, token) = args.node.resolve()?;
+    let bytes = std::fs::read(&args.manifest).with_context(|| format!("cannot read {}", args.manifest.display()))?;
+    let dir = match &args.files {
+        Some(d) => d.clone(),
+        None => match args.manifest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        },
+    };
+    let dir = std::fs::canonicalize(&dir).with_context(|| format!("no folder {}", dir.display()))?;
+    let body = serde_json::json!({ "manifest_hex": hex::encode(bytes), "files_dir": dir });
+    let answer = call(agent().post(&format!("http://{addr}/v1/publish")), &token, Some(body))?;
+    println!("{}", answer["message"].as_str().unwrap_or("published"));
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! The node's own HTTP routes, beside the OpenAI-compatible ones: status and publish.
+//! Bound where the inference API is (loopback by default) and behind the same bearer token.
+
+use super::core::Control;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use slmesh_inference::http::{api_error, authorized, ApiError, HttpState};
+use slmesh_protocol::manifest::SignedManifest;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Clone)]
+struct ApiState {
+    control: Control,
+    http: Arc<HttpState>,
+}
+
+/// `POST /v1/publish`: a signed manifest, and the folder on this machine holding its files.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PublishRequest {
+    /// The signed manifest (`slmesh manifest sign` output), hex-encoded.
+    pub manifest_hex: String,
+    /// Absolute path of the folder with the files the manifest names.
+    pub files_dir: PathBuf,
+}
+
+pub(super) fn router(control: Control, http: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/publish", post(publish))
+        .layer(DefaultBodyLimit::max(4 << 20))
+        .with_state(ApiState { control, http })
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    api_error(StatusCode::BAD_REQUEST, "invalid_request_error", message, None)
+}
+
+async fn status(State(s): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorized(&s.http, &headers)?;
+    let status = s
+        .control
+        .status()
+        .map_err(|e| api_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string(), None))?;
+    Ok(Json(status).into_response())
+}
+
+async fn publish(State(s): State<ApiState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    authorized(&s.http, &headers)?;
+    let request: PublishRequest =
+        serde_json::from_slice(&body).map_err(|e| invalid(format!("body is not a publish request: {e}")))?;
+    let bytes = hex::decode(request.manifest_hex.trim()).map_err(|e| invalid(format!("manifest_hex: {e}")))?;
+    let signed = SignedManifest::from_bytes(&bytes).map_err(|e| invalid(format!("manifest: {e}")))?;
+    if !request.files_dir.is_absolute() {
+        return Err(invalid("files_dir must be an absolute path on the node's machine"));
+    }
+    match s.control.publish(signed, request.files_dir).await {
+        Ok(message) => Ok(Json(serde_json::json!({ "published": true, "message": message })).into_response()),
+        Err(message) => Err(api_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", message, None)),
+    }
+}

@@ -1,0 +1,152 @@
+//! `slmesh node run`: the long-running node. One tokio runtime drives the libp2p mesh,
+//! the iroh blob endpoint, the inference engine and the HTTP API; every decision goes
+//! through the protocol core (admission, manifest verification, variant choice, provider
+//! ranking, what to activate).
+
+mod api;
+mod core;
+pub mod status;
+
+use crate::config::Config;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use slmesh_blobs::{BlobConfig, BlobNode};
+use slmesh_inference::http::{HttpLimits, HttpState};
+use slmesh_inference::Engine;
+use slmesh_protocol::identity::KeyKind;
+use slmesh_protocol::mesh::{UploadPolicy, TOPIC_HAVES, TOPIC_MANIFESTS};
+use slmesh_protocol::trust::verify_certificate;
+use slmesh_protocol::{EnrollmentCertificate, SecretKey};
+use slmesh_store::Store;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The node's configuration (written by `slmesh init`).
+    #[arg(long, short, default_value = "slmesh.toml", env = "SLMESH_CONFIG")]
+    pub config: PathBuf,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    crate::init_logging(args.log_json);
+    crate::install_crypto_provider();
+    let config = Config::load(&args.config)?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    runtime.block_on(run_node(config))
+}
+
+/// Everything a started node holds; `core::Node` drives it.
+pub(crate) struct Parts {
+    pub config: Config,
+    pub secret: SecretKey,
+    pub certificate: EnrollmentCertificate,
+    pub store: Arc<Store>,
+    pub blobs: Arc<BlobNode>,
+    pub engine: Arc<Engine>,
+    pub gate: Arc<core::GateState>,
+}
+
+async fn run_node(config: Config) -> Result<()> {
+    let secret = SecretKey::load(&config.key_path(), KeyKind::Node)
+        .with_context(|| format!("no node key (create one with `slmesh keygen`): {}", config.key_path().display()))?;
+    let trust = config.trust_store()?;
+    if trust.is_empty() {
+        bail!("no trusted publisher in the config: add one under [trust] (see `slmesh init --help`)");
+    }
+    let cert_path = config.certificate_path();
+    let cert_bytes = std::fs::read(&cert_path).with_context(|| {
+        format!(
+            "cannot read this node's enrollment certificate {} (an operator makes one with `slmesh enroll`)",
+            cert_path.display()
+        )
+    })?;
+    let certificate = EnrollmentCertificate::from_bytes(&cert_bytes)
+        .with_context(|| format!("{} is not an enrollment certificate", cert_path.display()))?;
+    let enrollment = verify_certificate(&certificate, &trust, &secret.public(), core::unix_now())
+        .with_context(|| format!("this node's certificate {} is not valid here", cert_path.display()))?;
+    if enrollment.tags != config.tags {
+        tracing::warn!(certified = ?enrollment.tags, configured = ?config.tags,
+            "the certificate's tags differ from the config's; peers see the certified ones");
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    let store = Arc::new(Store::open(&config.data_dir.join("state")).context("cannot open the state database")?);
+    for (name, version) in &config.pins {
+        store.set_pin(name, Some(*version))?;
+    }
+    let policy = UploadPolicy {
+        slots_per_blob: config.network.upload_slots_per_blob,
+        origin_copies: config.network.origin_copies,
+    };
+    let gate = Arc::new(core::GateState::new(policy));
+    let blobs = BlobNode::start(BlobConfig {
+        secret: secret.clone(),
+        bind: config.network.blobs_bind.parse().context("network.blobs_bind")?,
+        store_dir: config.data_dir.join("blobs"),
+        max_upload_bytes_per_sec: config.network.max_upload_bytes_per_sec,
+        gc_interval: Duration::from_secs(30),
+        gate: gate.clone(),
+    })
+    .await?;
+    let listen = config
+        .network
+        .listen
+        .iter()
+        .map(|a| a.parse().with_context(|| format!("network.listen: {a:?} is not a libp2p address")))
+        .collect::<Result<Vec<_>>>()?;
+    let bootstrap = config
+        .network
+        .bootstrap
+        .iter()
+        .map(|a| a.parse().with_context(|| format!("network.bootstrap: {a:?} is not a libp2p address")))
+        .collect::<Result<Vec<_>>>()?;
+    let (mesh, events) = slmesh_mesh::start(slmesh_mesh::MeshConfig {
+        keypair: secret.libp2p_keypair(),
+        listen,
+        bootstrap,
+        mdns: config.network.mdns,
+        topics: vec![TOPIC_MANIFESTS.to_string(), TOPIC_HAVES.to_string()],
+        discovery_interval: Duration::from_secs(10),
+    })?;
+    let http_listener = tokio::net::TcpListener::bind(&config.http.bind)
+        .await
+        .with_context(|| format!("cannot listen on {} (in use? change http.bind)", config.http.bind))?;
+    let http_addr = http_listener.local_addr()?;
+    let engine = Arc::new(Engine::new());
+    let parts = Parts {
+        config: config.clone(),
+        secret,
+        certificate,
+        store,
+        blobs: Arc::new(blobs),
+        engine: engine.clone(),
+        gate,
+    };
+    let (node, control) = core::Node::new(parts, trust, enrollment, mesh.clone(), http_addr);
+    let http_state = HttpState::new(engine, HttpLimits::default(), config.http.bearer_token.clone());
+    let router = api::router(control.clone(), http_state.clone()).merge(slmesh_inference::http::router(http_state));
+    let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
+    let http = tokio::spawn(slmesh_inference::http::serve_router(http_listener, router, async move {
+        let _ = stop_http_rx.await;
+    }));
+    tracing::info!(node = %control.me(), http = %http_addr, "node started");
+    println!("node {} serving http://{http_addr}", control.me());
+    let blobs = node.run(events, crate::serve::shutdown_signal()).await?;
+    // Requests in flight finish; then the mesh and blob endpoint close and the store flushes.
+    let _ = stop_http_tx.send(());
+    if let Ok(Err(e)) = http.await {
+        tracing::warn!("http server: {e}");
+    }
+    mesh.shutdown().await;
+    if let Some(blobs) = Arc::into_inner(blobs) {
+        blobs.shutdown().await;
+    }
+    eprintln!("stopped");
+    Ok(())
+}

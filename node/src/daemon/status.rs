@@ -1,0 +1,144 @@
+//! What `GET /v1/status` answers and `slmesh status` prints.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node_id: String,
+    pub peer_id: String,
+    pub tags: BTreeMap<String, String>,
+    pub listen: Vec<String>,
+    pub blob_addrs: Vec<String>,
+    pub peers: Vec<PeerStatus>,
+    pub models: Vec<ModelStatus>,
+    pub fetches: Vec<FetchStatus>,
+    /// The version the HTTP endpoint serves, as `name@version`.
+    pub serving: Option<String>,
+    pub uploaded_bytes: u64,
+    pub downloaded_bytes: u64,
+    pub refused_fetches: u64,
+    /// Peers refused at admission since start, with the reason.
+    pub refused_peers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub node_id: String,
+    pub peer_id: String,
+    pub site: Option<String>,
+    pub rtt_ms: Option<f64>,
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ModelStatus {
+    pub name: String,
+    pub latest_known: u64,
+    pub staged: Vec<u64>,
+    pub active: Option<u64>,
+    pub previous: Option<u64>,
+    pub pinned: Option<u64>,
+    /// The latest problem with this model, if any (no fitting variant, a failed fetch or
+    /// activation).
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FetchStatus {
+    pub model: String,
+    pub version: u64,
+    pub file: String,
+    pub size: u64,
+    /// Bytes on disk before this fetch (resumed).
+    pub had: u64,
+    pub received: u64,
+    pub provider: String,
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+impl NodeStatus {
+    /// The text `slmesh status` prints.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let tags: Vec<String> = self.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(out, "node     {}", self.node_id);
+        let _ = writeln!(out, "peer id  {}", self.peer_id);
+        let _ = writeln!(out, "tags     {}", if tags.is_empty() { "-".into() } else { tags.join(" ") });
+        let _ = writeln!(out, "serving  {}", self.serving.as_deref().unwrap_or("nothing yet"));
+        let _ = writeln!(
+            out,
+            "blobs    uploaded {}, downloaded {}, refused {} fetch(es)",
+            human_bytes(self.uploaded_bytes),
+            human_bytes(self.downloaded_bytes),
+            self.refused_fetches
+        );
+        let _ = writeln!(out, "\npeers ({})", self.peers.len());
+        for p in &self.peers {
+            let rtt = p.rtt_ms.map(|r| format!("{r:.2} ms")).unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                out,
+                "  {}  site={}  rtt={rtt}  {}",
+                short(&p.node_id),
+                p.site.as_deref().unwrap_or("-"),
+                p.addr
+            );
+        }
+        for (peer, reason) in &self.refused_peers {
+            let _ = writeln!(out, "  refused {peer}: {reason}");
+        }
+        let _ = writeln!(out, "\nmodels ({})", self.models.len());
+        for m in &self.models {
+            let v = |x: Option<u64>| x.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+            let staged: Vec<String> = m.staged.iter().map(u64::to_string).collect();
+            let _ = writeln!(
+                out,
+                "  {}  active={} previous={} latest={} staged=[{}]{}",
+                m.name,
+                v(m.active),
+                v(m.previous),
+                m.latest_known,
+                staged.join(","),
+                m.pinned.map(|p| format!(" pinned={p}")).unwrap_or_default()
+            );
+            if let Some(note) = &m.note {
+                let _ = writeln!(out, "    note: {note}");
+            }
+        }
+        let _ = writeln!(out, "\nfetches in progress ({})", self.fetches.len());
+        for f in &self.fetches {
+            let done = f.had + f.received;
+            let pct = if f.size == 0 { 100.0 } else { 100.0 * done as f64 / f.size as f64 };
+            let _ = writeln!(
+                out,
+                "  {}@{} {}  {} / {} ({pct:.0}%)  from {}",
+                f.model,
+                f.version,
+                f.file,
+                human_bytes(done),
+                human_bytes(f.size),
+                short(&f.provider)
+            );
+        }
+        out
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
