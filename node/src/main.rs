@@ -65,7 +65,7 @@ enum NodeCommand {
 pub(crate) fn init_logging(json: bool) {
     let filter =
         // Kademlia warns about every bootstrap attempt before the first peer is known.
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,libp2p_kad=error,slmesh=info".into());
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,libp2p_kad=error,mistralrs_core=error,slmesh=info".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_env_filter(filter);
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
@@ -112,6 +112,15 @@ mod config_cmd {
         /// Turn mDNS discovery off.
         #[arg(long)]
         pub no_mdns: bool,
+        /// After publishing, serve a file only while fewer than this many peers hold it (0: always).
+        #[arg(long)]
+        pub origin_copies: Option<usize>,
+        /// Transfers of one model file served at a time.
+        #[arg(long)]
+        pub upload_slots_per_blob: Option<usize>,
+        /// Cap on upload bandwidth to peers, bytes per second.
+        #[arg(long)]
+        pub max_upload_bytes_per_sec: Option<u64>,
         /// Replace an existing configuration file.
         #[arg(long)]
         pub force: bool,
@@ -139,6 +148,13 @@ mod config_cmd {
             config.network.blobs_bind = b;
         }
         config.network.mdns = !args.no_mdns;
+        if let Some(n) = args.origin_copies {
+            config.network.origin_copies = n;
+        }
+        if let Some(n) = args.upload_slots_per_blob {
+            config.network.upload_slots_per_blob = n;
+        }
+        config.network.max_upload_bytes_per_sec = args.max_upload_bytes_per_sec;
         config.validate()?;
         let text = config.to_documented_toml()?;
         if let Some(parent) = args.config.parent().filter(|p| !p.as_os_str().is_empty()) {

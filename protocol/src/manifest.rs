@@ -340,7 +340,7 @@ pub(crate) mod tests {
         let bytes = SignedManifest::sign(&sample_manifest(3), &stranger).unwrap().to_bytes().unwrap();
         let err = verify_manifest(&bytes, &trust, |_| None).unwrap_err();
         assert!(matches!(err, ProtocolError::UnknownKey { .. }), "{err}");
-        assert!(err.to_string().contains("trusted_publishers"));
+        assert!(err.to_string().contains("[trust] publishers"));
     }
 
     #[test]

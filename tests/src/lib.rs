@@ -1,6 +1,11 @@
 //! Helpers for tests that run real parts: the demo model, and a plain HTTP/1.1 client
 //! (std only) that can send what a well-behaved client would not.
 
+pub mod fleet;
+mod tiny_gguf;
+
+pub use tiny_gguf::tiny_llama_gguf;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;

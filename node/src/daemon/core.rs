@@ -142,6 +142,7 @@ impl Control {
 enum Internal {
     HelloAnswer { peer: PeerId, result: Result<Vec<u8>, String> },
     SyncAnswer { peer: PeerId, result: Result<Vec<u8>, String> },
+    RetryHello { peer: PeerId },
     FetchDone { name: String, version: u64, result: Result<PathBuf, String> },
     Activated { name: String, version: u64, result: Result<(), String> },
 }
@@ -164,6 +165,7 @@ pub(crate) struct Node {
     peers: HashMap<PeerId, Peer>,
     asked_hello: HashSet<PeerId>,
     conn_addrs: HashMap<PeerId, String>,
+    hello_attempts: HashMap<PeerId, u32>,
     directory: BlobDirectory,
     signed_haves: HashMap<NodeId, SignedHave>,
     my_have: Option<SignedHave>,
@@ -208,6 +210,7 @@ impl Node {
             peers: HashMap::new(),
             asked_hello: HashSet::new(),
             conn_addrs: HashMap::new(),
+            hello_attempts: HashMap::new(),
             directory: BlobDirectory::default(),
             signed_haves: HashMap::new(),
             my_have: None,
@@ -316,6 +319,7 @@ impl Node {
                 tracing::info!(%peer, "disconnected");
                 self.asked_hello.remove(&peer);
                 self.conn_addrs.remove(&peer);
+                self.hello_attempts.remove(&peer);
                 self.peers.remove(&peer);
                 lock(&self.shared).peers.remove(&peer);
                 self.update_gate();
@@ -532,9 +536,25 @@ impl Node {
                     Ok(PeerResponse::Refused(reason)) => tracing::warn!(%peer, "the peer refused us: {reason}"),
                     Ok(_) => self.refuse(peer, "answered hello with something else".into()).await,
                     Err(e) => {
+                        // A connection that lost a dial race, or a busy peer: ask again
+                        // shortly while the peer stays connected.
                         tracing::debug!(%peer, "hello failed: {e}");
                         self.asked_hello.remove(&peer);
+                        let attempts = self.hello_attempts.entry(peer).or_default();
+                        *attempts += 1;
+                        if *attempts <= 5 {
+                            let tx = self.internal_tx.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                let _ = tx.send(Internal::RetryHello { peer }).await;
+                            });
+                        }
                     }
+                }
+            }
+            Internal::RetryHello { peer } => {
+                if self.conn_addrs.contains_key(&peer) {
+                    self.ask_hello(peer);
                 }
             }
             Internal::SyncAnswer { peer, result } => {

@@ -1,0 +1,182 @@
+//! The mesh with real `slmesh node run` processes on 127.0.0.1: publish and fan-out,
+//! anti-entropy for a late node, a provider serving corrupt bytes, kill -9 during a
+//! fetch, and a node without a valid certificate.
+
+use slmesh_e2e::fleet::{model_field, Fleet, Running};
+use slmesh_e2e::{post_json, tiny_llama_gguf};
+use std::time::Duration;
+
+const MODEL: &str = "tiny";
+const WAIT: Duration = Duration::from_secs(120);
+
+fn fleet_with_model(padding_floats: usize) -> (Fleet, Vec<u8>) {
+    let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
+    let bytes = tiny_llama_gguf(1, padding_floats);
+    std::fs::write(fleet.path("tiny.gguf"), &bytes).expect("write model");
+    (fleet, bytes)
+}
+
+fn publish(fleet: &Fleet, node: &Running, version: u64) -> String {
+    let slm = fleet.signed_manifest(MODEL, version, "tiny.gguf");
+    fleet.slmesh(&["publish", "--node", &node.http, "--manifest", slm.to_str().expect("path")])
+}
+
+fn wait_active(node: &Running, version: u64) {
+    node.wait_status(&format!("{MODEL}@{version} active"), WAIT, |s| model_field(s, MODEL, "active") == Some(version));
+}
+
+fn staged_file(node: &Running, version: u64) -> Vec<u8> {
+    std::fs::read(node.node.data.join(format!("models/{MODEL}/{version}/tiny.gguf"))).expect("staged file")
+}
+
+fn peers(node: &Running) -> usize {
+    node.status()["peers"].as_array().map_or(0, Vec::len)
+}
+
+fn uploaded(node: &Running) -> u64 {
+    node.status()["uploaded_bytes"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn six_nodes_share_a_model_and_a_late_node_catches_up() {
+    let (fleet, model) = fleet_with_model(6 << 20); // about 24 MiB
+    let size = model.len() as u64;
+    let publisher = fleet.node("p", "a", &[]).start();
+    let boot = publisher.bootstrap_addr();
+    let nodes: Vec<Running> =
+        (1..=4).map(|i| fleet.node(&format!("n{i}"), "a", &["--bootstrap", &boot]).start()).collect();
+    publisher.wait_status("4 peers", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == 4));
+    // Let gossipsub exchange subscriptions so the publish is gossiped rather than synced.
+    std::thread::sleep(Duration::from_secs(2));
+    let said = publish(&fleet, &publisher, 1);
+    assert!(said.contains("published tiny@1"), "{said}");
+    wait_active(&publisher, 1);
+    for n in &nodes {
+        wait_active(n, 1);
+    }
+    // Started after the publish, with nothing new gossiped: it catches up by anti-entropy.
+    let late = fleet.node("late", "a", &["--bootstrap", &boot]).start();
+    wait_active(&late, 1);
+    assert!(late.log_text().contains("accepted manifest"), "the late node never accepted the manifest");
+    for n in nodes.iter().chain([&late]) {
+        assert!(staged_file(n, 1) == model, "{} staged different bytes", n.node.name);
+    }
+    let up = uploaded(&publisher);
+    eprintln!("publisher uploaded {up} bytes for a {size}-byte file to 5 nodes ({:.2}x)", up as f64 / size as f64);
+    assert!(up <= 2 * size + (1 << 20), "the publisher uploaded {up} bytes, more than 2x the file ({size})");
+    let received_from_peers: u64 =
+        nodes.iter().chain([&late]).map(|n| n.status()["downloaded_bytes"].as_u64().unwrap_or(0)).sum();
+    assert!(received_from_peers >= 5 * size, "nodes received {received_from_peers} bytes in all");
+    // The late node serves what it fetched.
+    let (code, answer) = post_json(
+        &late.http,
+        "/v1/chat/completions",
+        r#"{"model":"tiny","max_tokens":4,"messages":[{"role":"user","content":"hello world"}]}"#,
+    );
+    assert_eq!(code, 200, "{answer}");
+}
+
+/// Flips bytes in the middle of the only `.data` file of a node's blob store.
+fn corrupt_blob_store(data_dir: &std::path::Path) {
+    let dir = data_dir.join("blobs/data");
+    let file = std::fs::read_dir(&dir)
+        .expect("blob data folder")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "data"))
+        .expect("a .data file in the blob store");
+    let mut bytes = std::fs::read(&file).expect("read blob");
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 4096] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&file, bytes).expect("write blob");
+}
+
+#[test]
+fn a_corrupt_provider_is_detected_and_the_fetch_completes_from_another() {
+    let (fleet, model) = fleet_with_model(2 << 20);
+    let publisher = fleet.node("p", "a", &[]).start();
+    let boot = publisher.bootstrap_addr();
+    let bad = fleet.node("bad", "b", &["--bootstrap", &boot]).start();
+    let good = fleet.node("good", "c", &["--bootstrap", &boot]).start();
+    publisher.wait_status("2 peers", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == 2));
+    publish(&fleet, &publisher, 1);
+    wait_active(&bad, 1);
+    wait_active(&good, 1);
+    let bad_dir = bad.stop();
+    corrupt_blob_store(&bad_dir.data);
+    let bad = bad_dir.start();
+    let bad_addr = bad.bootstrap_addr();
+    // Same site as the corrupt node, and bootstrapped through it: it is asked first.
+    let fetcher = fleet.node("fetcher", "b", &["--bootstrap", &bad_addr]).start();
+    wait_active(&fetcher, 1);
+    assert!(staged_file(&fetcher, 1) == model, "corrupt bytes were staged");
+    let log = fetcher.log_text();
+    let bad_short = &bad.node.node_id[..10];
+    assert!(
+        log.lines().any(|l| l.contains("provider failed") && l.contains(bad_short)),
+        "the fetcher never saw the corrupt provider fail:\n{log}"
+    );
+}
+
+#[test]
+fn a_fetch_killed_with_sigkill_resumes_without_refetching() {
+    let (fleet, model) = fleet_with_model(6 << 20);
+    let size = model.len() as u64;
+    // A slow uplink, so that the fetch is still running when it is killed.
+    let publisher = fleet.node("p", "a", &["--max-upload-bytes-per-sec", "4000000"]).start();
+    let boot = publisher.bootstrap_addr();
+    let fetcher = fleet.node("f", "a", &["--bootstrap", &boot]).start();
+    publisher.wait_status("1 peer", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == 1));
+    publish(&fleet, &publisher, 1);
+    fetcher.wait_status("a third of the file", WAIT, |s| {
+        s["fetches"].as_array().and_then(|f| f.first()).is_some_and(|f| {
+            f["received"].as_u64().unwrap_or(0) + f["had"].as_u64().unwrap_or(0) > size / 3
+        })
+    });
+    let dir = fetcher.kill9();
+    let fetcher = dir.start();
+    wait_active(&fetcher, 1);
+    assert!(staged_file(&fetcher, 1) == model);
+    let log = fetcher.log_text();
+    let resumed_line = log.lines().rfind(|l| l.contains(" fetched ")).expect("a fetched line");
+    let had: u64 = resumed_line
+        .split("had=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("had= in the fetched line");
+    assert!(had > 0, "the restarted fetch started from zero: {resumed_line}");
+    let up = uploaded(&publisher);
+    eprintln!("resumed with {had} bytes on disk; the publisher sent {up} bytes for {size} ({:.3}x)", up as f64 / size as f64);
+    assert!(up * 10 < size * 11, "{up} bytes sent for a {size}-byte file: more than 1.1x");
+}
+
+#[test]
+fn a_node_without_a_valid_certificate_is_refused_and_nothing_it_sends_is_accepted() {
+    let (fleet, _) = fleet_with_model(0);
+    let honest = fleet.node("honest", "a", &[]).start();
+    let boot = honest.bootstrap_addr();
+    fleet.slmesh(&["publisher", "keygen", "--out", "rogue.key"]);
+    let rogue_pub = std::fs::read_to_string(fleet.path("rogue.key.pub")).expect("rogue key").trim().to_string();
+    // Its certificate is signed by a key the fleet does not trust; its own config trusts
+    // that key, so it starts, and it holds a manifest validly signed by the real operator.
+    let rogue = fleet
+        .node_signed_by("rogue", "a", &["--bootstrap", &boot], "rogue.key", &[&format!("rogue={rogue_pub}")])
+        .start();
+    let rogue_peer = rogue.status()["peer_id"].as_str().expect("peer id").to_string();
+    honest.wait_status("the rogue refused", WAIT, |s| {
+        s["refused_peers"].as_array().is_some_and(|r| r.iter().any(|p| p[0] == rogue_peer.as_str()))
+    });
+    let said = publish(&fleet, &rogue, 1);
+    assert!(said.contains("published"), "{said}");
+    // Give gossip, redials and anti-entropy time to try.
+    std::thread::sleep(Duration::from_secs(12));
+    let status = honest.status();
+    assert!(status["models"].as_array().is_some_and(Vec::is_empty), "the honest node accepted something: {status}");
+    assert_eq!(peers(&honest), 0, "the rogue is still a peer: {status}");
+    rogue.wait_status("no peers left", Duration::from_secs(20), |s| s["peers"].as_array().is_some_and(Vec::is_empty));
+    let reason = status["refused_peers"][0][1].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("unknown key"), "refusal reason: {reason}");
+}
