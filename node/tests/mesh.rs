@@ -180,3 +180,30 @@ fn a_node_without_a_valid_certificate_is_refused_and_nothing_it_sends_is_accepte
     let reason = status["refused_peers"][0][1].as_str().unwrap_or_default().to_string();
     assert!(reason.contains("unknown key"), "refusal reason: {reason}");
 }
+
+#[test]
+fn two_nodes_in_separate_network_namespaces_find_each_other_by_mdns_alone() {
+    let tag = format!("{}", std::process::id() % 10_000);
+    let (ns_a, ns_b) = match slmesh_e2e::fleet::linked_namespaces(&tag, 1) {
+        Ok(pair) => pair,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot create network namespaces here ({why})");
+            return;
+        }
+    };
+    let (fleet, _) = fleet_with_model(0);
+    // No bootstrap peers: mDNS is the only way to meet.
+    let network = ["--http-bind", "127.0.0.1:0", "--listen", "/ip4/0.0.0.0/tcp/4001", "--blobs-bind", "0.0.0.0:4002"];
+    let a = fleet.node_with_network("a", "a", &network).start_in(Some(&ns_a.name));
+    let b = fleet.node_with_network("b", "a", &network).start_in(Some(&ns_b.name));
+    let want_b = b.status()["node_id"].as_str().expect("node id").to_string();
+    a.wait_status("b found by mDNS and admitted", WAIT, |s| {
+        s["peers"].as_array().is_some_and(|p| p.iter().any(|p| p["node_id"] == want_b.as_str()))
+    });
+    let want_a = a.status()["node_id"].as_str().expect("node id").to_string();
+    b.wait_status("a admitted", WAIT, |s| {
+        s["peers"].as_array().is_some_and(|p| p.iter().any(|p| p["node_id"] == want_a.as_str()))
+    });
+    assert!(a.log_text().contains("found a peer by mDNS"), "{}", a.log_text());
+    drop((a, b));
+}

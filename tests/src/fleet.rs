@@ -30,6 +30,7 @@ pub struct Running {
     pub http: String,
     child: Child,
     log: PathBuf,
+    netns: Option<String>,
 }
 
 fn run_ok(cmd: &mut Command) -> String {
@@ -72,6 +73,11 @@ impl Fleet {
         self.node_signed_by(name, site, extra, "ops.key", &[])
     }
 
+    /// An enrolled node whose network settings are all in `network_args`.
+    pub fn node_with_network(&self, name: &str, site: &str, network_args: &[&str]) -> NodeDir {
+        self.make_node(name, site, network_args, "ops.key", &[])
+    }
+
     /// A node whose certificate `publisher_key` signed, trusting `ops` plus `also_trust`.
     pub fn node_signed_by(
         &self,
@@ -81,22 +87,19 @@ impl Fleet {
         publisher_key: &str,
         also_trust: &[&str],
     ) -> NodeDir {
+        let mut network = LOOPBACK.to_vec();
+        network.extend(extra);
+        self.make_node(name, site, &network, publisher_key, also_trust)
+    }
+
+    fn make_node(&self, name: &str, site: &str, network: &[&str], publisher_key: &str, also_trust: &[&str]) -> NodeDir {
         let config = self.path(&format!("{name}/slmesh.toml"));
         let config_s = config.to_string_lossy().to_string();
         let site_tag = format!("site={site}");
         let trust = format!("ops={}", self.ops_pub);
         let mut args = vec!["init", "--config", &config_s, "--tag", &site_tag, "--trust", &trust];
         args.extend(also_trust.iter().flat_map(|t| ["--trust", t]));
-        args.extend([
-            "--http-bind",
-            "127.0.0.1:0",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--blobs-bind",
-            "127.0.0.1:0",
-            "--no-mdns",
-        ]);
-        args.extend(extra);
+        args.extend(network);
         self.slmesh(&args);
         let out = self.slmesh(&["keygen", "--config", &config_s]);
         let node_id = out
@@ -120,13 +123,30 @@ impl Fleet {
     }
 }
 
+/// Loopback only, ports picked by the system, mDNS off.
+const LOOPBACK: [&str; 7] =
+    ["--http-bind", "127.0.0.1:0", "--listen", "/ip4/127.0.0.1/tcp/0", "--blobs-bind", "127.0.0.1:0", "--no-mdns"];
+
 impl NodeDir {
     pub fn start(&self) -> Running {
+        self.start_in(None)
+    }
+
+    /// Starts the node inside a network namespace (`ip netns exec`), or in this one.
+    pub fn start_in(&self, netns: Option<&str>) -> Running {
         let out_path = self.data.with_file_name(format!("{}.out", self.name));
         let log = self.data.with_file_name(format!("{}.log", self.name));
         let stdout = std::fs::File::create(&out_path).expect("stdout file");
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-        let child = Command::new(&self.bin)
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = command
             .args(["node", "run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "warn,libp2p_kad=error,mistralrs_core=error,slmesh=debug")
@@ -134,7 +154,8 @@ impl NodeDir {
             .stderr(Stdio::from(stderr))
             .spawn()
             .expect("start slmesh node run");
-        let mut running = Running { node: self.clone(), http: String::new(), child, log };
+        let mut running =
+            Running { node: self.clone(), http: String::new(), child, log, netns: netns.map(str::to_string) };
         let log_path = running.log.clone();
         running.http = wait_for(&format!("{} to start", self.name), Duration::from_secs(60), || {
             if let Ok(Some(status)) = running.child.try_wait() {
@@ -149,6 +170,16 @@ impl NodeDir {
 
 impl Running {
     pub fn status(&self) -> Value {
+        if let Some(ns) = &self.netns {
+            // The node's loopback is its namespace's: ask from inside it.
+            let out = run_ok(
+                Command::new("ip")
+                    .args(["netns", "exec", ns])
+                    .arg(&self.node.bin)
+                    .args(["status", "--json", "--node", &self.http]),
+            );
+            return serde_json::from_str(&out).expect("status JSON");
+        }
         let (code, body) = crate::http(&self.http, "GET", "/v1/status", &[], vec![]);
         assert_eq!(code, 200, "status of {}: {body}", self.node.name);
         serde_json::from_str(&body).expect("status JSON")
@@ -225,4 +256,55 @@ impl Drop for Fleet {
         let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
         let _ = kept.keep();
     }
+}
+
+/// A network namespace, deleted when dropped. `None` where the kernel or the user may not
+/// make one (not root, no `ip`), so that the caller can skip with a message.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Netns, String> {
+        let out = Command::new("ip").args(["netns", "add", name]).output().map_err(|e| format!("no `ip`: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        let ns = Netns { name: name.to_string() };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn exec(&self, args: &[&str]) -> Result<(), String> {
+        let out = Command::new("ip").args(["netns", "exec", &self.name]).args(args).output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("{args:?} in {}: {}", self.name, String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Two namespaces joined by a veth pair, `10.77.x.1/24` and `10.77.x.2/24`.
+pub fn linked_namespaces(tag: &str, subnet: u8) -> Result<(Netns, Netns), String> {
+    let a = Netns::create(&format!("slmesh-{tag}-a"))?;
+    let b = Netns::create(&format!("slmesh-{tag}-b"))?;
+    let (va, vb) = (format!("sa{tag}"), format!("sb{tag}"));
+    let out = Command::new("ip")
+        .args(["link", "add", &va, "netns", &a.name, "type", "veth", "peer", "name", &vb, "netns", &b.name])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    a.exec(&["ip", "addr", "add", &format!("10.77.{subnet}.1/24"), "dev", &va])?;
+    b.exec(&["ip", "addr", "add", &format!("10.77.{subnet}.2/24"), "dev", &vb])?;
+    a.exec(&["ip", "link", "set", &va, "up"])?;
+    b.exec(&["ip", "link", "set", &vb, "up"])?;
+    Ok((a, b))
 }
