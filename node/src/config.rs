@@ -40,6 +40,7 @@ pub struct NetworkConfig {
     /// UDP address of the iroh endpoint that serves and fetches model blobs.
     pub blobs_bind: String,
     /// Transfers of one blob this node serves at a time; more fetchers try other peers.
+    /// 0: this node uploads nothing.
     #[serde(default = "default_upload_slots")]
     pub upload_slots_per_blob: usize,
     /// A node that published a version serves its files only while fewer than this many
@@ -205,7 +206,8 @@ impl Config {
         out.push_str(&format!("mdns = {}\n", self.network.mdns));
         out.push_str("# UDP address of the iroh endpoint that serves and fetches model files.\n");
         out.push_str(&format!("blobs_bind = {}\n", q(&self.network.blobs_bind)));
-        out.push_str("# Transfers of one model file this node serves at a time; more fetchers try other peers.\n");
+        out.push_str("# Transfers of one model file this node serves at a time; more fetchers try other\n");
+        out.push_str("# peers. 0: this node uploads nothing.\n");
         out.push_str(&format!("upload_slots_per_blob = {}\n", self.network.upload_slots_per_blob));
         out.push_str("# After publishing, serve a file only while fewer than this many peers hold it\n");
         out.push_str("# (0: always), so that peers rather than the publisher spread it.\n");

@@ -115,7 +115,7 @@ mod config_cmd {
         /// After publishing, serve a file only while fewer than this many peers hold it (0: always).
         #[arg(long)]
         pub origin_copies: Option<usize>,
-        /// Transfers of one model file served at a time.
+        /// Transfers of one model file served at a time (0: upload nothing).
         #[arg(long)]
         pub upload_slots_per_blob: Option<usize>,
         /// Cap on upload bandwidth to peers, bytes per second.

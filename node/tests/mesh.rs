@@ -207,3 +207,70 @@ fn two_nodes_in_separate_network_namespaces_find_each_other_by_mdns_alone() {
     assert!(a.log_text().contains("found a peer by mDNS"), "{}", a.log_text());
     drop((a, b));
 }
+
+#[test]
+fn old_versions_are_garbage_collected_keeping_active_and_previous() {
+    let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
+    let publisher = fleet.node("p", "a", &[]).start();
+    let boot = publisher.bootstrap_addr();
+    let node = fleet.node("n", "a", &["--bootstrap", &boot]).start();
+    publisher.wait_status("1 peer", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == 1));
+    for version in 1..=3u64 {
+        // Each version is a different file (different padding), so a different blob.
+        std::fs::write(fleet.path("tiny.gguf"), tiny_llama_gguf(1, 1000 * version as usize)).expect("write");
+        publish(&fleet, &publisher, version);
+        wait_active(&node, version);
+    }
+    let status = node.wait_status("version 1 collected", WAIT, |s| {
+        s["models"][0]["staged"].as_array().is_some_and(|v| v.len() == 2)
+    });
+    let model = &status["models"][0];
+    assert_eq!(model["active"], 3);
+    assert_eq!(model["previous"], 2);
+    assert_eq!(model["staged"], serde_json::json!([2, 3]));
+    let models = node.node.data.join("models/tiny");
+    assert!(!models.join("1").exists(), "version 1's files are still on disk");
+    assert!(models.join("2/tiny.gguf").exists() && models.join("3/tiny.gguf").exists());
+    assert!(node.log_text().contains("deleting an old version's files"));
+}
+
+#[test]
+fn a_fetch_that_does_not_fit_on_disk_is_refused_with_a_clear_error() {
+    let (fleet, _) = fleet_with_model(8 << 20); // about 32 MiB
+    let publisher = fleet.node("p", "a", &[]).start();
+    let boot = publisher.bootstrap_addr();
+    let small = fleet.node("small", "a", &["--bootstrap", &boot]);
+    // A 24 MiB file system for the node's data folder.
+    std::fs::create_dir_all(&small.data).expect("data dir");
+    let cert = std::fs::read(small.data.join("node.cert")).expect("cert");
+    let key = std::fs::read(small.config.with_file_name("slmesh-data/node.key")).expect("key");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&small.data)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED: cannot mount a small tmpfs here (not root?)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.data.clone());
+    std::fs::write(small.data.join("node.cert"), cert).expect("cert");
+    let key_path = small.data.join("node.key");
+    std::fs::write(&key_path, key).expect("key");
+    std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&key_path).expect("key").permissions(), 0o600);
+    std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    let node = small.start();
+    publisher.wait_status("1 peer", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == 1));
+    publish(&fleet, &publisher, 1);
+    let status = node.wait_status("a disk space note", WAIT, |s| {
+        s["models"][0]["note"].as_str().is_some_and(|n| n.contains("not enough free disk space"))
+    });
+    assert_eq!(model_field(&status, MODEL, "active"), None);
+    assert_eq!(node.status()["downloaded_bytes"], 0, "it fetched although the file cannot fit");
+}

@@ -261,6 +261,7 @@ pub fn manifest_verdict(result: &Result<(), ProtocolError>) -> GossipVerdict {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadPolicy {
     /// Transfers of one blob at a time; more fetchers are refused and try another holder.
+    /// 0: this node uploads nothing (a metered link, say).
     pub slots_per_blob: usize,
     /// The origin serves a blob only while fewer than this many admitted peers hold it
     /// (0: no limit).
@@ -281,7 +282,10 @@ pub fn upload_decision(
     originated: bool,
     other_holders: usize,
 ) -> Result<(), String> {
-    if policy.slots_per_blob > 0 && uploading >= policy.slots_per_blob {
+    if policy.slots_per_blob == 0 {
+        return Err("this node does not upload to peers".into());
+    }
+    if uploading >= policy.slots_per_blob {
         return Err(format!("all {} upload slots of this blob are busy", policy.slots_per_blob));
     }
     if originated && policy.origin_copies > 0 && other_holders >= policy.origin_copies {
@@ -435,8 +439,10 @@ mod tests {
         assert!(upload_decision(&policy, 2, false, 0).is_err(), "slots are full");
         assert!(upload_decision(&policy, 0, true, 2).is_err(), "two copies exist: the origin steps back");
         assert!(upload_decision(&policy, 0, false, 9).is_ok(), "other holders keep serving");
-        let unlimited = UploadPolicy { slots_per_blob: 0, origin_copies: 0 };
+        let unlimited = UploadPolicy { slots_per_blob: usize::MAX, origin_copies: 0 };
         assert!(upload_decision(&unlimited, 100, true, 100).is_ok());
+        let leech = UploadPolicy { slots_per_blob: 0, origin_copies: 0 };
+        assert!(upload_decision(&leech, 0, false, 0).is_err());
     }
 
     #[test]

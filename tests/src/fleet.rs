@@ -149,7 +149,11 @@ impl NodeDir {
         let child = command
             .args(["node", "run", "--config"])
             .arg(&self.config)
-            .env("RUST_LOG", "warn,libp2p_kad=error,mistralrs_core=error,slmesh=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("SLMESH_TEST_LOG")
+                    .unwrap_or_else(|_| "warn,libp2p_kad=error,mistralrs_core=error,slmesh=debug".into()),
+            )
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(stderr))
             .spawn()
@@ -242,8 +246,10 @@ impl Drop for Fleet {
         }
         let dir = self.dir.path().to_path_buf();
         eprintln!("test failed: keeping {}", dir.display());
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "log")) {
+        let nodes = std::fs::read_dir(&dir).into_iter().flatten().filter_map(Result::ok);
+        let files = nodes.flat_map(|n| std::fs::read_dir(n.path()).into_iter().flatten().filter_map(Result::ok));
+        {
+            for e in files.filter(|e| e.path().extension().is_some_and(|x| x == "log")) {
                 let text = std::fs::read_to_string(e.path()).unwrap_or_default();
                 let tail: Vec<&str> = text.lines().rev().take(40).collect();
                 eprintln!("--- {} (last 40 lines)", e.path().display());

@@ -11,7 +11,8 @@ use iroh::{Endpoint, EndpointAddr, RelayMode};
 use iroh_blobs::api::remote::GetProgressItem;
 use iroh_blobs::api::blobs::{BlobStatus, ExportMode, ExportOptions};
 use iroh_blobs::provider::events::{
-    AbortReason, EventMask, EventSender, ProviderMessage, RequestMode, RequestUpdate, ThrottleMode,
+    AbortReason, ConnectMode, EventMask, EventSender, ProviderMessage, RequestMode, RequestUpdate, ThrottleMode, TransferAborted,
+    TransferCompleted,
 };
 use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::store::GcConfig;
@@ -69,6 +70,10 @@ pub struct BlobConfig {
 /// that blob run now. Refused fetchers try their next provider.
 pub trait UploadGate: Send + Sync {
     fn allow(&self, blob: &Hex32, uploading: usize) -> Result<(), String>;
+
+    /// A transfer of the whole blob to `to` completed: `to` holds a verified copy now,
+    /// even before its announcement arrives.
+    fn served(&self, _blob: &Hex32, _to: NodeId) {}
 }
 
 /// Serves everyone.
@@ -109,6 +114,7 @@ pub struct FetchReport {
     pub provider: Option<NodeId>,
     /// Providers that failed first, with the reason.
     pub failed: Vec<(NodeId, String)>,
+    pub elapsed: Duration,
 }
 
 pub struct BlobNode {
@@ -161,8 +167,15 @@ impl BlobNode {
             reason: e.to_string(),
         })?;
         let counters = Arc::new(Counters::default());
-        let mask =
-            EventMask { throttle: ThrottleMode::Intercept, get: RequestMode::InterceptLog, ..EventMask::DEFAULT };
+        // Pacing asks about every 16 KiB chunk: only with a cap.
+        let throttle =
+            if config.max_upload_bytes_per_sec.is_some() { ThrottleMode::Intercept } else { ThrottleMode::None };
+        let mask = EventMask {
+            throttle,
+            get: RequestMode::InterceptLog,
+            connected: ConnectMode::Notify,
+            ..EventMask::DEFAULT
+        };
         let (events, rx) = EventSender::channel(64, mask);
         tokio::spawn(provider_events(rx, counters.clone(), config.max_upload_bytes_per_sec, config.gate));
         let router = Router::builder(endpoint.clone())
@@ -259,9 +272,10 @@ impl BlobNode {
         providers: &[NodeId],
         mut progress: impl FnMut(&FetchProgress),
     ) -> Result<FetchReport> {
+        let started = Instant::now();
         let had = self.local_bytes(hash).await?;
         if self.is_complete(hash).await? {
-            return Ok(FetchReport { had, received: 0, provider: None, failed: vec![] });
+            return Ok(FetchReport { had, received: 0, provider: None, failed: vec![], elapsed: started.elapsed() });
         }
         self.check_disk_space(hash, size.saturating_sub(had))?;
         self.protect(hash).await?;
@@ -277,7 +291,13 @@ impl BlobNode {
                 Ok(()) => {
                     received_total += report.received;
                     if self.is_complete(hash).await? {
-                        return Ok(FetchReport { had, received: received_total, provider: Some(*provider), failed });
+                        return Ok(FetchReport {
+                            had,
+                            received: received_total,
+                            provider: Some(*provider),
+                            failed,
+                            elapsed: started.elapsed(),
+                        });
                     }
                     failed.push((*provider, "finished without the whole blob".to_string()));
                 }
@@ -375,12 +395,13 @@ async fn provider_events(
     gate: Arc<dyn UploadGate>,
 ) {
     let uploading: Arc<Mutex<HashMap<Hash, usize>>> = Default::default();
+    // Who is at the other end of each connection, to credit completed transfers.
+    let mut clients: HashMap<u64, NodeId> = HashMap::new();
     // The uplink is free again at `next_free`: a token bucket without burst credit.
     let mut next_free = Instant::now();
     while let Some(msg) = rx.recv().await {
         match msg {
             ProviderMessage::Throttle(msg) => {
-                counters.uploaded.fetch_add(msg.inner.size, Ordering::Relaxed);
                 if let Some(cap) = max_bytes_per_sec.filter(|c| *c > 0) {
                     let now = Instant::now();
                     next_free = next_free.max(now) + Duration::from_secs_f64(msg.inner.size as f64 / cap as f64);
@@ -388,8 +409,17 @@ async fn provider_events(
                 }
                 msg.tx.send(Ok(())).await.ok();
             }
+            ProviderMessage::ClientConnectedNotify(msg) => {
+                if let Some(id) = msg.inner.endpoint_id {
+                    clients.insert(msg.inner.connection_id, NodeId::from_endpoint_id(&id));
+                }
+            }
+            ProviderMessage::ConnectionClosed(msg) => {
+                clients.remove(&msg.inner.connection_id);
+            }
             ProviderMessage::GetRequestReceived(msg) => {
                 let hash = msg.inner.request.hash;
+                let client = clients.get(&msg.inner.connection_id).copied();
                 let running = uploading.lock().map(|m| m.get(&hash).copied().unwrap_or(0)).unwrap_or(0);
                 match gate.allow(&hex_of(&hash), running) {
                     Ok(()) => {
@@ -401,10 +431,27 @@ async fn provider_events(
                         // channel closing): then the slot is free again.
                         let mut updates = msg.rx;
                         let uploading = uploading.clone();
+                        let counters = counters.clone();
+                        let gate = gate.clone();
                         tokio::spawn(async move {
+                            // Counted when the transfer ends: its stats are exact, while
+                            // progress events may be dropped under load.
                             while let Ok(Some(update)) = updates.recv().await {
-                                if matches!(update, RequestUpdate::Completed(_) | RequestUpdate::Aborted(_)) {
-                                    break;
+                                match update {
+                                    RequestUpdate::Completed(TransferCompleted { stats }) => {
+                                        counters.uploaded.fetch_add(stats.payload_bytes_sent, Ordering::Relaxed);
+                                        // Fetchers ask for what they miss: once it is
+                                        // sent, they hold the whole blob.
+                                        if let Some(to) = client {
+                                            gate.served(&hex_of(&hash), to);
+                                        }
+                                        break;
+                                    }
+                                    RequestUpdate::Aborted(TransferAborted { stats }) => {
+                                        counters.uploaded.fetch_add(stats.payload_bytes_sent, Ordering::Relaxed);
+                                        break;
+                                    }
+                                    _ => {}
                                 }
                             }
                             if let Ok(mut m) = uploading.lock() {

@@ -274,6 +274,10 @@ fn gossip_behaviour(key: &Keypair, topics: &[String]) -> Result<gossipsub::Behav
         t.invalid_message_deliveries_weight = -100.0;
         t.invalid_message_deliveries_decay = 0.9;
         t.topic_weight = 1.0;
+        // Manifests and have records are rare: expecting a steady delivery rate from
+        // mesh peers (P3) would penalise every honest peer of a quiet fleet.
+        t.mesh_message_deliveries_weight = 0.0;
+        t.mesh_failure_penalty_weight = 0.0;
         params.topics.insert(IdentTopic::new(topic).hash(), t);
     }
     let thresholds = gossipsub::PeerScoreThresholds::default();

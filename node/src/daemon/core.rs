@@ -42,20 +42,32 @@ fn unix_millis() -> u64 {
 pub(crate) struct GateState {
     policy: UploadPolicy,
     originated: RwLock<HashSet<Hex32>>,
-    holders: RwLock<HashMap<Hex32, usize>>,
+    /// Admitted peers known to hold each blob this node published.
+    holders: RwLock<HashMap<Hex32, HashSet<NodeId>>>,
+    /// Peers this node sent a whole blob to: holders before they say so.
+    served: RwLock<HashMap<Hex32, HashSet<NodeId>>>,
 }
 
 impl GateState {
     pub fn new(policy: UploadPolicy) -> Self {
-        GateState { policy, originated: Default::default(), holders: Default::default() }
+        GateState { policy, originated: Default::default(), holders: Default::default(), served: Default::default() }
     }
 }
 
 impl UploadGate for GateState {
     fn allow(&self, blob: &Hex32, uploading: usize) -> Result<(), String> {
         let originated = self.originated.read().map(|o| o.contains(blob)).unwrap_or(false);
-        let holders = self.holders.read().map(|h| h.get(blob).copied().unwrap_or(0)).unwrap_or(0);
-        upload_decision(&self.policy, uploading, originated, holders)
+        let mut copies = self.holders.read().ok().and_then(|h| h.get(blob).cloned()).unwrap_or_default();
+        if let Some(served) = self.served.read().ok().and_then(|s| s.get(blob).cloned()) {
+            copies.extend(served);
+        }
+        upload_decision(&self.policy, uploading, originated, copies.len())
+    }
+
+    fn served(&self, blob: &Hex32, to: NodeId) {
+        if let Ok(mut s) = self.served.write() {
+            s.entry(*blob).or_default().insert(to);
+        }
     }
 }
 
@@ -233,7 +245,7 @@ impl Node {
     ) -> Result<Arc<BlobNode>> {
         self.restore().await;
         let mut sync_timer = tokio::time::interval(Duration::from_secs(self.parts.config.network.sync_interval_secs.max(1)));
-        let mut retry_timer = tokio::time::interval(Duration::from_secs(2));
+        let mut retry_timer = tokio::time::interval(Duration::from_secs(1));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -357,14 +369,12 @@ impl Node {
                 self.mesh.report(id, propagation_source, acceptance).await;
             }
             MeshEvent::Request { peer, id, data } => {
+                // A failed hello refuses the peer inside `on_request`. Anything else from a
+                // peer not admitted yet (its sync may overtake our hello) is only declined.
                 let response = self.on_request(peer, &data).await;
-                let refuse = matches!(response, PeerResponse::Refused(_)) && !self.peers.contains_key(&peer);
                 match response.to_bytes() {
                     Ok(bytes) => self.mesh.respond(id, bytes).await,
                     Err(e) => tracing::error!("cannot encode an answer: {e}"),
-                }
-                if refuse {
-                    self.mesh.refuse(peer).await;
                 }
             }
         }
@@ -582,7 +592,7 @@ impl Node {
                     Ok(_) => self.on_staged(&name, version).await,
                     Err(e) => {
                         self.note(&name, format!("fetch of version {version} failed, will retry: {e}"));
-                        self.retry_at.insert((name, version), Instant::now() + Duration::from_secs(3));
+                        self.retry_at.insert((name, version), Instant::now() + Duration::from_secs(1));
                     }
                 }
             }
@@ -761,10 +771,16 @@ impl Node {
         let admitted: HashSet<NodeId> = self.peers.values().map(|p| p.node).collect();
         let holders = originated
             .iter()
-            .map(|b| (*b, self.directory.holders(b).into_iter().filter(|n| admitted.contains(n)).count()))
+            .map(|b| (*b, self.directory.holders(b).into_iter().filter(|n| admitted.contains(n)).collect()))
             .collect();
         if let Ok(mut h) = self.parts.gate.holders.write() {
             *h = holders;
+        }
+        // A peer that went away no longer counts as a copy, served or announced.
+        if let Ok(mut s) = self.parts.gate.served.write() {
+            for peers in s.values_mut() {
+                peers.retain(|n| admitted.contains(n));
+            }
         }
     }
 
@@ -949,6 +965,7 @@ impl FetchJob {
             tracing::info!(
                 model = %self.name, version = self.version, file = %file.name, had = report.had,
                 received = report.received, provider = ?report.provider.map(|p| p.short()),
+                secs = report.elapsed.as_secs_f64(),
                 failed_providers = report.failed.len(), "fetched"
             );
             for (provider, reason) in &report.failed {
