@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The demo: an operator key, one enrolled node, and a signed, verified manifest of the
-# demo model (SmolLM2-135M-Instruct, GGUF Q4_1). The mesh, serving and rollouts join
-# this script as their issues land.
+# The demo: a 3-node mesh on this machine. An operator key, three enrolled nodes, the demo
+# model (SmolLM2-135M-Instruct, GGUF Q4_1) published from node 1; nodes 2 and 3 fetch it
+# from their peers, verify it and serve it; a chat completion goes to node 3.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/slmesh-target}"
@@ -17,30 +17,73 @@ work="${SLMESH_DEMO_DIR:-$(mktemp -d)}"
 mkdir -p "$work"
 cd "$work"
 echo "== working in $work"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
 "$slmesh" publisher keygen --out ops.key
-"$slmesh" init --config node1/slmesh.toml --tag site=lab --trust "ops=$(cat ops.key.pub)"
-node_id="$("$slmesh" keygen --config node1/slmesh.toml | sed -n 's/^node id: *//p')"
-"$slmesh" enroll --publisher-key ops.key --node "$node_id" --tag site=lab --out node1/slmesh-data/node.cert
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+rss_mib() { awk '/VmRSS/ {printf "%.0f MiB", $2/1024}' "/proc/$1/status"; }
+
+start_node() { # name site [bootstrap]; sets $addr (not in a subshell, so $pids is kept)
+  local name=$1 site=$2 boot=${3:-}
+  local extra=()
+  [ -n "$boot" ] && extra=(--bootstrap "$boot")
+  "$slmesh" init --config "$name/slmesh.toml" --tag "site=$site" --trust "ops=$(cat ops.key.pub)" \
+    --http-bind 127.0.0.1:0 --listen /ip4/127.0.0.1/tcp/0 --blobs-bind 127.0.0.1:0 --no-mdns "${extra[@]}" >/dev/null
+  local id
+  id="$("$slmesh" keygen --config "$name/slmesh.toml" | sed -n 's/^node id: *//p')"
+  "$slmesh" enroll --publisher-key ops.key --node "$id" --tag "site=$site" --out "$name/slmesh-data/node.cert" >/dev/null
+  "$slmesh" node run --config "$name/slmesh.toml" > "$name.out" 2> "$name.log" &
+  pids+=($!)
+  for _ in $(seq 1 100); do
+    grep -q 'serving http://' "$name.out" 2>/dev/null && break
+    sleep 0.2
+  done
+  addr="$(sed -n 's|.*serving http://||p' "$name.out")"
+  [ -n "$addr" ] || { cat "$name.log"; exit 1; }
+}
+
+echo "== starting three nodes"
+start_node node1 lab
+addr1="$addr"
+boot="$("$slmesh" status --node "$addr1" --json | json "d['listen'][0] + '/p2p/' + d['peer_id']")"
+start_node node2 lab "$boot"
+addr2="$addr"
+start_node node3 lab "$boot"
+addr3="$addr"
+echo "node1 http://$addr1  node2 http://$addr2  node3 http://$addr3"
+for _ in $(seq 1 100); do
+  n="$("$slmesh" status --node "$addr1" --json | json "len(d['peers'])")"
+  [ "$n" = 2 ] && break
+  sleep 0.2
+done
+echo "idle node RSS (no model loaded): $(rss_mib "${pids[0]}")"
+
+echo "== publishing the demo model from node1"
 cp "$gguf" .
 model="$(basename "$gguf")"
 "$slmesh" manifest create --name smollm2-135m-instruct --version 1 \
-  --description "SmolLM2 135M Instruct" --wave 0.34:1m --wave 1:0 "$model" --out v1.toml
+  --description "SmolLM2 135M Instruct" "$model" --out v1.toml
 "$slmesh" manifest sign --key ops.key v1.toml --out v1.slm
-"$slmesh" manifest verify --config node1/slmesh.toml v1.slm --files .
-"$slmesh" manifest inspect v1.slm
+"$slmesh" publish --node "$addr1" --manifest v1.slm
 
-echo "== serving the verified model on this machine (the mesh and rollouts come with their issues)"
-"$slmesh" serve --model "$model" --name smollm2-135m-instruct --http-bind 127.0.0.1:0 > serve.out 2> serve.log &
-serve_pid=$!
-trap 'kill $serve_pid 2>/dev/null || true' EXIT
-for _ in $(seq 1 120); do
-  grep -q '^serving' serve.out 2>/dev/null && break
-  kill -0 $serve_pid 2>/dev/null || { cat serve.log; exit 1; }
-  sleep 0.5
+echo "== waiting until all three nodes serve it"
+for addr in "$addr1" "$addr2" "$addr3"; do
+  for i in $(seq 1 600); do
+    serving="$("$slmesh" status --node "$addr" --json | json "d['serving'] or ''")"
+    [ "$serving" = "smollm2-135m-instruct@1" ] && break
+    [ "$i" = 600 ] && { echo "$addr never served the model"; tail -20 node*.log; exit 1; }
+    sleep 0.2
+  done
+  echo "http://$addr serves $serving"
 done
-addr="$(sed -n 's|^serving .* on http://||p' serve.out)"
-echo "serving on http://$addr"
-python3 - "$addr" <<'PY'
+
+echo "== a chat completion on node3, which fetched the model from a peer"
+python3 - "$addr3" <<'PY'
 import json, sys, urllib.request
 body = {"model": "smollm2-135m-instruct", "max_tokens": 40, "temperature": 0,
         "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]}
@@ -50,3 +93,9 @@ r = json.load(urllib.request.urlopen(req, timeout=120))
 print("answer:", r["choices"][0]["message"]["content"].strip())
 print("usage:", r["usage"]["prompt_tokens"], "prompt tokens,", r["usage"]["completion_tokens"], "completion tokens")
 PY
+
+for i in 1 2 3; do
+  addr_var="addr$i"
+  echo "== status of node$i (RSS $(rss_mib "${pids[$((i-1))]}"))"
+  "$slmesh" status --node "${!addr_var}"
+done
