@@ -18,9 +18,10 @@ const WAIT: Duration = Duration::from_secs(600);
 
 fn staged(node: &Running, model: &str) -> bool {
     let s = node.status();
-    s["models"].as_array().and_then(|m| m.iter().find(|m| m["name"] == model)).is_some_and(|m| {
-        m["staged"].as_array().is_some_and(|v| v.iter().any(|v| v == 1))
-    })
+    s["models"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == model))
+        .is_some_and(|m| m["staged"].as_array().is_some_and(|v| v.iter().any(|v| v == 1)))
 }
 
 fn wait_staged(nodes: &[&Running], model: &str) {

@@ -131,9 +131,10 @@ fn a_fetch_killed_with_sigkill_resumes_without_refetching() {
     publisher.wait_status("1 peer", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == 1));
     publish(&fleet, &publisher, 1);
     fetcher.wait_status("a third of the file", WAIT, |s| {
-        s["fetches"].as_array().and_then(|f| f.first()).is_some_and(|f| {
-            f["received"].as_u64().unwrap_or(0) + f["had"].as_u64().unwrap_or(0) > size / 3
-        })
+        s["fetches"]
+            .as_array()
+            .and_then(|f| f.first())
+            .is_some_and(|f| f["received"].as_u64().unwrap_or(0) + f["had"].as_u64().unwrap_or(0) > size / 3)
     });
     let dir = fetcher.kill9();
     let fetcher = dir.start();
@@ -149,7 +150,10 @@ fn a_fetch_killed_with_sigkill_resumes_without_refetching() {
         .expect("had= in the fetched line");
     assert!(had > 0, "the restarted fetch started from zero: {resumed_line}");
     let up = uploaded(&publisher);
-    eprintln!("resumed with {had} bytes on disk; the publisher sent {up} bytes for {size} ({:.3}x)", up as f64 / size as f64);
+    eprintln!(
+        "resumed with {had} bytes on disk; the publisher sent {up} bytes for {size} ({:.3}x)",
+        up as f64 / size as f64
+    );
     assert!(up * 10 < size * 11, "{up} bytes sent for a {size}-byte file: more than 1.1x");
 }
 

@@ -14,7 +14,9 @@ pub enum ProtocolError {
     #[error("unknown protocol version {got} (this node speaks version {supported})")]
     UnknownProtocolVersion { got: u16, supported: u16 },
 
-    #[error("signed by unknown key {key}: add it under [trust] publishers in the config if it is an operator of this fleet")]
+    #[error(
+        "signed by unknown key {key}: add it under [trust] publishers in the config if it is an operator of this fleet"
+    )]
     UnknownKey { key: String },
 
     #[error("bad signature on {what}: the signed bytes were altered or signed by another key")]

@@ -192,7 +192,10 @@ pub struct SyncReply {
 
 fn check_hello(hello: &Hello) -> Result<(), ProtocolError> {
     if hello.blob_addrs.len() > MAX_ADDRS {
-        return Err(ProtocolError::invalid("hello", format!("{} addresses, at most {MAX_ADDRS}", hello.blob_addrs.len())));
+        return Err(ProtocolError::invalid(
+            "hello",
+            format!("{} addresses, at most {MAX_ADDRS}", hello.blob_addrs.len()),
+        ));
     }
     Ok(())
 }
@@ -410,7 +413,8 @@ mod tests {
     fn peer_requests_round_trip_and_refuse_oversized_lists() {
         let operator = SecretKey::from_seed(KeyKind::Publisher, [1; 32]);
         let enrollment = Enrollment { node: node(2).public(), tags: Default::default(), issued_at: 1, expires_at: 9 };
-        let hello = Hello { certificate: enrollment.sign(&operator).unwrap(), blob_addrs: vec!["10.0.0.1:4002".into()] };
+        let hello =
+            Hello { certificate: enrollment.sign(&operator).unwrap(), blob_addrs: vec!["10.0.0.1:4002".into()] };
         for request in [PeerRequest::Hello(hello.clone()), PeerRequest::Sync(ManifestDigest::default())] {
             assert_eq!(PeerRequest::from_bytes(&request.to_bytes().unwrap()).unwrap(), request);
         }

@@ -35,7 +35,12 @@ pub struct Running {
 
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -109,7 +114,17 @@ impl Fleet {
             .unwrap_or_else(|| panic!("no node id in {out:?}"));
         let data = self.path(&format!("{name}/slmesh-data"));
         let cert = data.join("node.cert").to_string_lossy().to_string();
-        self.slmesh(&["enroll", "--publisher-key", publisher_key, "--node", &node_id, "--tag", &site_tag, "--out", &cert]);
+        self.slmesh(&[
+            "enroll",
+            "--publisher-key",
+            publisher_key,
+            "--node",
+            &node_id,
+            "--tag",
+            &site_tag,
+            "--out",
+            &cert,
+        ]);
         NodeDir { name: name.to_string(), config, data, node_id, bin: self.bin.clone() }
     }
 
@@ -163,7 +178,11 @@ impl NodeDir {
         let log_path = running.log.clone();
         running.http = wait_for(&format!("{} to start", self.name), Duration::from_secs(60), || {
             if let Ok(Some(status)) = running.child.try_wait() {
-                panic!("{} exited with {status}: {}", self.name, std::fs::read_to_string(&log_path).unwrap_or_default());
+                panic!(
+                    "{} exited with {status}: {}",
+                    self.name,
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
             }
             let text = std::fs::read_to_string(&out_path).ok()?;
             text.lines().find_map(|l| l.split("serving http://").nth(1)).map(|s| s.trim().to_string())
@@ -282,7 +301,8 @@ impl Netns {
     }
 
     pub fn exec(&self, args: &[&str]) -> Result<(), String> {
-        let out = Command::new("ip").args(["netns", "exec", &self.name]).args(args).output().map_err(|e| e.to_string())?;
+        let out =
+            Command::new("ip").args(["netns", "exec", &self.name]).args(args).output().map_err(|e| e.to_string())?;
         if !out.status.success() {
             return Err(format!("{args:?} in {}: {}", self.name, String::from_utf8_lossy(&out.stderr).trim()));
         }

@@ -8,11 +8,11 @@
 use iroh::endpoint::{presets, PortmapperConfig};
 use iroh::protocol::Router;
 use iroh::{Endpoint, EndpointAddr, RelayMode};
-use iroh_blobs::api::remote::GetProgressItem;
 use iroh_blobs::api::blobs::{BlobStatus, ExportMode, ExportOptions};
+use iroh_blobs::api::remote::GetProgressItem;
 use iroh_blobs::provider::events::{
-    AbortReason, ConnectMode, EventMask, EventSender, ProviderMessage, RequestMode, RequestUpdate, ThrottleMode, TransferAborted,
-    TransferCompleted,
+    AbortReason, ConnectMode, EventMask, EventSender, ProviderMessage, RequestMode, RequestUpdate, ThrottleMode,
+    TransferAborted, TransferCompleted,
 };
 use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::store::GcConfig;
@@ -155,17 +155,14 @@ impl BlobNode {
             .bind()
             .await
             .map_err(|e| bind_err(e.to_string()))?;
-        std::fs::create_dir_all(&config.store_dir).map_err(|e| BlobError::Store {
-            path: config.store_dir.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        std::fs::create_dir_all(&config.store_dir)
+            .map_err(|e| BlobError::Store { path: config.store_dir.display().to_string(), reason: e.to_string() })?;
         let db_path = config.store_dir.join("blobs.db");
         let mut options = iroh_blobs::store::fs::options::Options::new(&config.store_dir);
         options.gc = Some(GcConfig { interval: config.gc_interval, add_protected: None });
-        let store = FsStore::load_with_opts(db_path, options).await.map_err(|e| BlobError::Store {
-            path: config.store_dir.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let store = FsStore::load_with_opts(db_path, options)
+            .await
+            .map_err(|e| BlobError::Store { path: config.store_dir.display().to_string(), reason: e.to_string() })?;
         let counters = Arc::new(Counters::default());
         // Pacing asks about every 16 KiB chunk: only with a cap.
         let throttle =

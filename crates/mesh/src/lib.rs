@@ -186,7 +186,9 @@ struct Behaviour {
 pub fn start(config: MeshConfig) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>), MeshError> {
     let mut swarm = build_swarm(&config)?;
     for addr in &config.listen {
-        swarm.listen_on(addr.clone()).map_err(|e| MeshError::Listen { addr: addr.to_string(), reason: e.to_string() })?;
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| MeshError::Listen { addr: addr.to_string(), reason: e.to_string() })?;
     }
     for topic in &config.topics {
         swarm
@@ -228,11 +230,8 @@ fn build_swarm(config: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
                 kad::Config::new(StreamProtocol::new("/slmesh/kad/1.0.0")),
             );
             kad.set_mode(Some(kad::Mode::Server));
-            let mdns = if config.mdns {
-                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
-            } else {
-                None
-            };
+            let mdns =
+                if config.mdns { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
             Ok(Behaviour {
                 blocked: Default::default(),
                 gossipsub,
@@ -256,7 +255,10 @@ fn build_swarm(config: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
     Ok(swarm)
 }
 
-fn gossip_behaviour(key: &Keypair, topics: &[String]) -> Result<gossipsub::Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+fn gossip_behaviour(
+    key: &Keypair,
+    topics: &[String],
+) -> Result<gossipsub::Behaviour, Box<dyn std::error::Error + Send + Sync>> {
     let config = gossipsub::ConfigBuilder::default()
         .validation_mode(ValidationMode::Strict)
         .validate_messages()
@@ -268,16 +270,18 @@ fn gossip_behaviour(key: &Keypair, topics: &[String]) -> Result<gossipsub::Behav
     let mut behaviour = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), config)?;
     let mut params = gossipsub::PeerScoreParams::default();
     for topic in topics {
-        let mut t = gossipsub::TopicScoreParams::default();
-        // A rejected message (forged, unsigned by a trusted key, garbage) costs much more
-        // than anything a well-behaved peer earns, so such a peer drops out of the mesh.
-        t.invalid_message_deliveries_weight = -100.0;
-        t.invalid_message_deliveries_decay = 0.9;
-        t.topic_weight = 1.0;
-        // Manifests and have records are rare: expecting a steady delivery rate from
-        // mesh peers (P3) would penalise every honest peer of a quiet fleet.
-        t.mesh_message_deliveries_weight = 0.0;
-        t.mesh_failure_penalty_weight = 0.0;
+        let t = gossipsub::TopicScoreParams {
+            // A rejected message (forged, unsigned by a trusted key, garbage) costs much
+            // more than anything a well-behaved peer earns, so such a peer drops out.
+            invalid_message_deliveries_weight: -100.0,
+            invalid_message_deliveries_decay: 0.9,
+            topic_weight: 1.0,
+            // Manifests and have records are rare: expecting a steady delivery rate from
+            // mesh peers (P3) would penalise every honest peer of a quiet fleet.
+            mesh_message_deliveries_weight: 0.0,
+            mesh_failure_penalty_weight: 0.0,
+            ..Default::default()
+        };
         params.topics.insert(IdentTopic::new(topic).hash(), t);
     }
     let thresholds = gossipsub::PeerScoreThresholds::default();
@@ -413,11 +417,11 @@ impl Driver {
     async fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) -> bool {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => return self.emit(MeshEvent::Listening(address)).await,
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
-                if num_established.get() == 1 {
-                    let addr = endpoint.get_remote_address().clone();
-                    return self.emit(MeshEvent::Connected { peer: peer_id, addr }).await;
-                }
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. }
+                if num_established.get() == 1 =>
+            {
+                let addr = endpoint.get_remote_address().clone();
+                return self.emit(MeshEvent::Connected { peer: peer_id, addr }).await;
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 return self.emit(MeshEvent::Disconnected { peer: peer_id }).await;
@@ -448,19 +452,18 @@ impl Driver {
                 };
                 return self.emit(event).await;
             }
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
-                if !self.refused.contains(&peer_id) {
-                    for addr in info.listen_addrs {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                    }
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })
+                if !self.refused.contains(&peer_id) =>
+            {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
             }
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, addresses, .. }) => {
                 let room = self.swarm.connected_peers().count() < TARGET_PEERS;
                 if room && !self.swarm.is_connected(&peer) && !self.refused.contains(&peer) {
-                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
-                        .addresses(addresses.into_vec())
-                        .build();
+                    let opts =
+                        libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addresses.into_vec()).build();
                     if let Err(e) = self.swarm.dial(opts) {
                         tracing::debug!(%peer, "cannot dial a peer found in the DHT: {e}");
                     }

@@ -244,7 +244,8 @@ impl Node {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<Arc<BlobNode>> {
         self.restore().await;
-        let mut sync_timer = tokio::time::interval(Duration::from_secs(self.parts.config.network.sync_interval_secs.max(1)));
+        let mut sync_timer =
+            tokio::time::interval(Duration::from_secs(self.parts.config.network.sync_interval_secs.max(1)));
         let mut retry_timer = tokio::time::interval(Duration::from_secs(1));
         tokio::pin!(shutdown);
         loop {
@@ -271,7 +272,11 @@ impl Node {
     }
 
     fn facts(&self) -> NodeFacts {
-        NodeFacts { ram_bytes: total_ram_bytes(), cpu_arch: std::env::consts::ARCH.to_string(), tags: self.my_tags.clone() }
+        NodeFacts {
+            ram_bytes: total_ram_bytes(),
+            cpu_arch: std::env::consts::ARCH.to_string(),
+            tags: self.my_tags.clone(),
+        }
     }
 
     fn verify(&self, signed: SignedManifest) -> Result<VerifiedManifest, ProtocolError> {
@@ -302,7 +307,9 @@ impl Node {
                 match self.parts.store.manifest(&name, latest) {
                     Ok(Some(signed)) => match verify_signed_manifest(signed, &self.trust, |_| None) {
                         Ok(v) => self.want(&v),
-                        Err(e) => self.note(&name, format!("stored manifest of version {latest} no longer verifies: {e}")),
+                        Err(e) => {
+                            self.note(&name, format!("stored manifest of version {latest} no longer verifies: {e}"))
+                        }
                     },
                     Ok(None) => {}
                     Err(e) => self.note(&name, format!("cannot read the manifest of version {latest}: {e}")),
@@ -744,8 +751,12 @@ impl Node {
             }
         }
         let seq = unix_millis().max(self.my_have.as_ref().and_then(|h| verify_have(h).ok()).map_or(0, |h| h.seq + 1));
-        let record =
-            HaveRecord { node: self.me, seq, blobs: complete, blob_addrs: self.blob_addrs().iter().map(|a| a.to_string()).collect() };
+        let record = HaveRecord {
+            node: self.me,
+            seq,
+            blobs: complete,
+            blob_addrs: self.blob_addrs().iter().map(|a| a.to_string()).collect(),
+        };
         let signed = match SignedHave::sign(&record, &self.parts.secret) {
             Ok(s) => s,
             Err(e) => return tracing::error!("cannot sign have record: {e}"),

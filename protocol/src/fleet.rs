@@ -1,0 +1,602 @@
+//! Fleet metrics and the rollout engine, with no central server.
+//!
+//! Each node signs a `MetricsRecord` (cumulative counters and sketches per model version
+//! it served) and gossips it. Receivers keep the newest record per node (`FleetView`);
+//! because records are cumulative and replace each other, a repeated or reordered record
+//! never double-counts. Summaries merge the records; gates compare a candidate version
+//! with its baseline using per-node statistics (medians across nodes), so one node that
+//! lies can neither force a rollback nor hide a failing version. The rollout engine
+//! (`advance`, `decide`) turns the plan, the gate verdict, operator commands and the
+//! clock into what this node does: activate, wait, or roll back.
+
+use crate::error::ProtocolError;
+use crate::identity::NodeId;
+use crate::rollout::{Gates, RolloutPlan};
+use crate::signed::{Signed, SignedKind};
+use crate::sketch::Sketch;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub const MAX_VERSIONS_PER_RECORD: usize = 64;
+/// Records held at most; the ones heard from longest ago go first.
+pub const MAX_FLEET_NODES: usize = 100_000;
+
+/// What one node measured of one model version, since it started serving it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VersionReport {
+    pub model: String,
+    pub version: u64,
+    /// Serving it now.
+    pub active: bool,
+    /// Unix seconds when this node activated it (if it did).
+    pub active_since: Option<u64>,
+    pub requests: u64,
+    pub errors: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub latency: Sketch,
+    pub ttft: Sketch,
+    pub tokens_per_sec: Sketch,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsRecord {
+    pub node: NodeId,
+    /// Grows with every record of this node: an older one never replaces a newer one.
+    pub seq: u64,
+    /// Unix seconds, by the node's clock.
+    pub issued_at: u64,
+    pub versions: Vec<VersionReport>,
+}
+
+impl SignedKind for MetricsRecord {
+    const DOMAIN: &'static [u8] = b"slmesh/metrics";
+    const WHAT: &'static str = "metrics record";
+}
+
+pub type SignedMetrics = Signed<MetricsRecord>;
+
+/// Checks a metrics record: self-signed by the node it names, within limits, consistent.
+pub fn verify_metrics(signed: &SignedMetrics) -> Result<MetricsRecord, ProtocolError> {
+    let record = signed.verify_self_signed()?;
+    let bad = |r: String| Err(ProtocolError::invalid("metrics record", r));
+    if record.node != signed.signer {
+        return bad("signed by another node than the one it names".into());
+    }
+    if record.versions.len() > MAX_VERSIONS_PER_RECORD {
+        return bad(format!("{} versions, at most {MAX_VERSIONS_PER_RECORD}", record.versions.len()));
+    }
+    for v in &record.versions {
+        if v.errors > v.requests {
+            return bad(format!("{}@{}: more errors than requests", v.model, v.version));
+        }
+        for s in [&v.latency, &v.ttft, &v.tokens_per_sec] {
+            s.validate()?;
+        }
+    }
+    Ok(record)
+}
+
+struct Held {
+    record: MetricsRecord,
+    received_at: u64,
+}
+
+/// The newest record of every node heard from, bounded in number and age.
+#[derive(Default)]
+pub struct FleetView {
+    records: BTreeMap<NodeId, Held>,
+}
+
+/// One node's figures for one version, for per-node statistics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStat {
+    pub node: NodeId,
+    pub active: bool,
+    pub requests: u64,
+    pub errors: u64,
+    pub p95_latency: Option<f64>,
+    pub p95_ttft: Option<f64>,
+    pub p50_tokens_per_sec: Option<f64>,
+}
+
+/// One version across the fleet.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VersionSummary {
+    pub model: String,
+    pub version: u64,
+    pub nodes_reporting: usize,
+    pub nodes_active: usize,
+    pub requests: u64,
+    pub errors: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub latency: Sketch,
+    pub ttft: Sketch,
+    pub tokens_per_sec: Sketch,
+    pub per_node: Vec<NodeStat>,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+}
+
+impl VersionSummary {
+    pub fn pooled_error_rate(&self) -> Option<f64> {
+        (self.requests > 0).then(|| self.errors as f64 / self.requests as f64)
+    }
+
+    /// Nodes that served at least one request of this version.
+    fn measured(&self) -> impl Iterator<Item = &NodeStat> {
+        self.per_node.iter().filter(|n| n.requests > 0)
+    }
+
+    pub fn nodes_measured(&self) -> usize {
+        self.measured().count()
+    }
+
+    /// The median across nodes of each node's error rate.
+    pub fn median_node_error_rate(&self) -> Option<f64> {
+        median(self.measured().map(|n| n.errors as f64 / n.requests as f64).collect())
+    }
+
+    pub fn median_node_p95_latency(&self) -> Option<f64> {
+        median(self.measured().filter_map(|n| n.p95_latency).collect())
+    }
+
+    pub fn median_node_p95_ttft(&self) -> Option<f64> {
+        median(self.measured().filter_map(|n| n.p95_ttft).collect())
+    }
+
+    pub fn median_node_tokens_per_sec(&self) -> Option<f64> {
+        median(self.measured().filter_map(|n| n.p50_tokens_per_sec).collect())
+    }
+}
+
+impl FleetView {
+    /// Takes a verified record; returns whether it was news. A record not newer than the
+    /// one held (a duplicate, a replay, a reordering) changes nothing.
+    pub fn update(&mut self, record: MetricsRecord, now: u64) -> bool {
+        if self.records.get(&record.node).is_some_and(|h| h.record.seq >= record.seq) {
+            return false;
+        }
+        if !self.records.contains_key(&record.node) && self.records.len() >= MAX_FLEET_NODES {
+            let oldest = self.records.iter().min_by_key(|(_, h)| h.received_at).map(|(n, _)| *n);
+            if let Some(n) = oldest {
+                self.records.remove(&n);
+            }
+        }
+        self.records.insert(record.node, Held { record, received_at: now });
+        true
+    }
+
+    /// Forgets nodes not heard from for `ttl_secs`; returns how many.
+    pub fn expire(&mut self, now: u64, ttl_secs: u64) -> usize {
+        let before = self.records.len();
+        self.records.retain(|_, h| now.saturating_sub(h.received_at) < ttl_secs);
+        before - self.records.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn record(&self, node: &NodeId) -> Option<&MetricsRecord> {
+        self.records.get(node).map(|h| &h.record)
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = &MetricsRecord> {
+        self.records.values().map(|h| &h.record)
+    }
+
+    /// Every (model, version) some node reports.
+    pub fn versions(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> =
+            self.records().flat_map(|r| r.versions.iter().map(|v| (v.model.clone(), v.version))).collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    pub fn summary(&self, model: &str, version: u64) -> VersionSummary {
+        let mut s = VersionSummary { model: model.to_string(), version, ..Default::default() };
+        for record in self.records() {
+            for v in record.versions.iter().filter(|v| v.model == model && v.version == version) {
+                s.nodes_reporting += 1;
+                s.nodes_active += usize::from(v.active);
+                s.requests += v.requests;
+                s.errors += v.errors;
+                s.prompt_tokens += v.prompt_tokens;
+                s.completion_tokens += v.completion_tokens;
+                s.latency.merge(&v.latency);
+                s.ttft.merge(&v.ttft);
+                s.tokens_per_sec.merge(&v.tokens_per_sec);
+                s.per_node.push(NodeStat {
+                    node: record.node,
+                    active: v.active,
+                    requests: v.requests,
+                    errors: v.errors,
+                    p95_latency: v.latency.quantile(0.95),
+                    p95_ttft: v.ttft.quantile(0.95),
+                    p50_tokens_per_sec: v.tokens_per_sec.quantile(0.5),
+                });
+            }
+        }
+        s
+    }
+
+    /// The version a candidate is compared with: the newest lower version of the model
+    /// that some node still reports.
+    pub fn baseline(&self, model: &str, candidate: u64) -> Option<VersionSummary> {
+        let best = self.versions().into_iter().filter(|(m, v)| m == model && *v < candidate).map(|(_, v)| v).max()?;
+        Some(self.summary(model, best))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "verdict", content = "reason")]
+pub enum GateVerdict {
+    /// Not enough data for a verdict yet.
+    Pending(String),
+    Pass,
+    Fail(String),
+}
+
+/// The gates of a rollout plan against the fleet's figures. Every comparison uses the
+/// median across nodes, so that one node's figures (true or not) cannot decide alone;
+/// ratio gates need a baseline with figures of its own, and are skipped without one.
+pub fn evaluate_gates(gates: &Gates, candidate: &VersionSummary, baseline: Option<&VersionSummary>) -> GateVerdict {
+    let nodes = candidate.nodes_measured();
+    if nodes < gates.min_reporting_nodes.max(1) as usize {
+        return GateVerdict::Pending(format!("{nodes} node(s) measured, {} needed", gates.min_reporting_nodes.max(1)));
+    }
+    if candidate.requests < gates.min_samples {
+        return GateVerdict::Pending(format!("{} requests measured, {} needed", candidate.requests, gates.min_samples));
+    }
+    let mut failures = vec![];
+    if let Some(rate) = candidate.median_node_error_rate() {
+        if rate > gates.max_error_rate {
+            failures.push(format!("error rate {:.1}% (median across nodes) above {:.1}%", rate * 100.0, gates.max_error_rate * 100.0));
+        }
+    }
+    let base = baseline.filter(|b| b.nodes_measured() > 0);
+    if let Some(b) = base {
+        let ratio = |c: Option<f64>, b: Option<f64>| match (c, b) {
+            (Some(c), Some(b)) if b > 0.0 => Some(c / b),
+            _ => None,
+        };
+        if let Some(r) = ratio(candidate.median_node_p95_latency(), b.median_node_p95_latency()) {
+            if r > gates.max_p95_latency_ratio {
+                failures.push(format!("p95 latency {r:.2}x the baseline's, above {:.2}x", gates.max_p95_latency_ratio));
+            }
+        }
+        if let Some(r) = ratio(candidate.median_node_p95_ttft(), b.median_node_p95_ttft()) {
+            if r > gates.max_p95_ttft_ratio {
+                failures.push(format!("p95 TTFT {r:.2}x the baseline's, above {:.2}x", gates.max_p95_ttft_ratio));
+            }
+        }
+        if let Some(r) = ratio(candidate.median_node_tokens_per_sec(), b.median_node_tokens_per_sec()) {
+            if r < gates.min_tokens_per_sec_ratio {
+                failures.push(format!("tokens/s {r:.2}x the baseline's, below {:.2}x", gates.min_tokens_per_sec_ratio));
+            }
+        }
+    }
+    if failures.is_empty() {
+        GateVerdict::Pass
+    } else {
+        GateVerdict::Fail(failures.join("; "))
+    }
+}
+
+/// An operator's order about one rollout, signed by a trusted publisher key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutCommand {
+    pub model: String,
+    pub version: u64,
+    pub action: CommandAction,
+    /// Unix seconds; also orders the commands of one rollout.
+    pub issued_at: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandAction {
+    /// Open no further wave.
+    Pause,
+    Resume,
+    /// Skip the rest of the current wave's soak.
+    Promote,
+    /// Stop the rollout; nodes that activated the version roll back.
+    Abort,
+}
+
+impl SignedKind for RolloutCommand {
+    const DOMAIN: &'static [u8] = b"slmesh/rollout-command";
+    const WHAT: &'static str = "rollout command";
+}
+
+pub type SignedCommand = Signed<RolloutCommand>;
+
+/// What the operators said about one rollout, folded in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorState {
+    pub paused: bool,
+    pub aborted: bool,
+    /// When each promote was issued.
+    pub promotions: Vec<u64>,
+}
+
+impl OperatorState {
+    pub fn fold<'a>(commands: impl IntoIterator<Item = &'a RolloutCommand>) -> Self {
+        let mut sorted: Vec<&RolloutCommand> = commands.into_iter().collect();
+        sorted.sort_by_key(|c| c.issued_at);
+        let mut s = OperatorState::default();
+        for c in sorted {
+            match c.action {
+                CommandAction::Pause => s.paused = true,
+                CommandAction::Resume => s.paused = false,
+                CommandAction::Promote => s.promotions.push(c.issued_at),
+                CommandAction::Abort => s.aborted = true,
+            }
+        }
+        s
+    }
+}
+
+/// A rollout's progress as this node sees it: when each wave opened, or why it halted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RolloutProgress {
+    /// Unix seconds at which waves 0, 1, ... opened.
+    pub opened: Vec<u64>,
+    pub halted: Option<String>,
+    pub verdict: Option<GateVerdict>,
+}
+
+/// One step of the rollout engine. Wave 0 (the canary) opens when the version is
+/// published; wave k opens once wave k-1 has soaked (or an operator promoted it) and the
+/// gates pass. A failing gate or an abort halts the rollout for good.
+pub fn advance(
+    progress: &mut RolloutProgress,
+    plan: &RolloutPlan,
+    published_at: u64,
+    verdict: &GateVerdict,
+    operator: &OperatorState,
+    now: u64,
+) {
+    progress.verdict = Some(verdict.clone());
+    if progress.halted.is_some() {
+        return;
+    }
+    if operator.aborted {
+        progress.halted = Some("aborted by an operator".into());
+        return;
+    }
+    if let GateVerdict::Fail(reason) = verdict {
+        progress.halted = Some(format!("gate failed: {reason}"));
+        return;
+    }
+    if progress.opened.is_empty() {
+        progress.opened.push(published_at.min(now));
+    }
+    while progress.opened.len() < plan.waves.len() && !operator.paused {
+        let k = progress.opened.len();
+        let previous_opened = progress.opened[k - 1];
+        let soaked = now >= previous_opened.saturating_add(plan.waves[k - 1].soak_secs);
+        let promoted = operator.promotions.iter().any(|t| *t >= previous_opened);
+        if (soaked || promoted) && *verdict == GateVerdict::Pass {
+            progress.opened.push(now);
+        } else {
+            break;
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RolloutDecision {
+    Activate,
+    Wait(String),
+    RollBack(String),
+}
+
+/// What this node does about a staged version, given its wave (None: the plan's selector
+/// leaves it out) and whether it serves the version now.
+pub fn decide(progress: &RolloutProgress, my_wave: Option<usize>, active_here: bool) -> RolloutDecision {
+    if let Some(reason) = &progress.halted {
+        return if active_here {
+            RolloutDecision::RollBack(reason.clone())
+        } else {
+            RolloutDecision::Wait(format!("halted: {reason}"))
+        };
+    }
+    match my_wave {
+        None => RolloutDecision::Wait("the plan's selector leaves this node out".into()),
+        Some(w) if w < progress.opened.len() => RolloutDecision::Activate,
+        Some(w) => RolloutDecision::Wait(format!(
+            "in wave {} of the plan; {} wave(s) open",
+            w + 1,
+            progress.opened.len()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{KeyKind, SecretKey};
+    use crate::rollout::Wave;
+
+    fn node(seed: u8) -> SecretKey {
+        SecretKey::from_seed(KeyKind::Node, [seed; 32])
+    }
+
+    fn report(version: u64, requests: u64, errors: u64, latency: f64) -> VersionReport {
+        let mut r = VersionReport { model: "m".into(), version, active: true, requests, errors, ..Default::default() };
+        for _ in 0..requests {
+            r.latency.add(latency);
+            r.ttft.add(latency / 4.0);
+            r.tokens_per_sec.add(50.0);
+        }
+        r
+    }
+
+    fn record(seed: u8, seq: u64, versions: Vec<VersionReport>) -> MetricsRecord {
+        MetricsRecord { node: node(seed).public(), seq, issued_at: 100, versions }
+    }
+
+    fn gates() -> Gates {
+        Gates { min_samples: 30, min_reporting_nodes: 3, ..Gates::default() }
+    }
+
+    #[test]
+    fn records_are_self_signed_and_checked() {
+        let r = record(1, 5, vec![report(2, 10, 1, 0.2)]);
+        let signed = SignedMetrics::sign(&r, &node(1)).unwrap();
+        let back = SignedMetrics::from_bytes(&signed.to_bytes().unwrap()).unwrap();
+        assert_eq!(verify_metrics(&back).unwrap(), r);
+        assert!(verify_metrics(&SignedMetrics::sign(&r, &node(2)).unwrap()).is_err(), "speaking for another node");
+        let mut lying = r.clone();
+        lying.versions[0].errors = 11;
+        assert!(verify_metrics(&SignedMetrics::sign(&lying, &node(1)).unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_repeated_or_reordered_record_never_double_counts() {
+        let mut view = FleetView::default();
+        let new = record(1, 2, vec![report(2, 20, 0, 0.2)]);
+        let old = record(1, 1, vec![report(2, 10, 0, 0.2)]);
+        assert!(view.update(new.clone(), 10));
+        assert!(!view.update(new.clone(), 11), "a duplicate is not news");
+        assert!(!view.update(old, 12), "an older record does not replace a newer one");
+        assert!(view.update(record(2, 1, vec![report(2, 5, 0, 0.2)]), 12));
+        let s = view.summary("m", 2);
+        assert_eq!((s.requests, s.nodes_reporting), (25, 2));
+        assert_eq!(view.expire(100, 89), 1, "node 1 was last heard at 10");
+        assert_eq!(view.summary("m", 2).requests, 5);
+    }
+
+    fn fleet(rates: &[(u64, u64)], version: u64, latency: f64) -> FleetView {
+        let mut view = FleetView::default();
+        for (i, (req, err)) in rates.iter().enumerate() {
+            view.update(record(i as u8 + 1, 1, vec![report(version, *req, *err, latency)]), 0);
+        }
+        view
+    }
+
+    #[test]
+    fn gates_wait_for_samples_and_nodes_then_judge() {
+        let g = gates();
+        let few = fleet(&[(100, 0), (100, 0)], 2, 0.2);
+        assert!(matches!(evaluate_gates(&g, &few.summary("m", 2), None), GateVerdict::Pending(_)));
+        let small = fleet(&[(5, 0), (5, 0), (5, 0)], 2, 0.2);
+        assert!(matches!(evaluate_gates(&g, &small.summary("m", 2), None), GateVerdict::Pending(_)));
+        let good = fleet(&[(20, 0), (20, 1), (20, 0)], 2, 0.2);
+        assert_eq!(evaluate_gates(&g, &good.summary("m", 2), None), GateVerdict::Pass);
+        let bad = fleet(&[(20, 5), (20, 6), (20, 0)], 2, 0.2);
+        assert!(matches!(evaluate_gates(&g, &bad.summary("m", 2), None), GateVerdict::Fail(r) if r.contains("error rate")));
+    }
+
+    #[test]
+    fn ratio_gates_compare_with_the_baseline() {
+        let g = gates();
+        let mut view = fleet(&[(20, 0), (20, 0), (20, 0)], 1, 0.2);
+        for seed in 4..=6 {
+            view.update(record(seed, 1, vec![report(2, 20, 0, 0.5)]), 0);
+        }
+        let baseline = view.baseline("m", 2).unwrap();
+        assert_eq!(baseline.version, 1);
+        let verdict = evaluate_gates(&g, &view.summary("m", 2), Some(&baseline));
+        assert!(matches!(&verdict, GateVerdict::Fail(r) if r.contains("p95 latency")), "{verdict:?}");
+        let mut fine = fleet(&[(20, 0), (20, 0), (20, 0)], 1, 0.2);
+        for seed in 4..=6 {
+            fine.update(record(seed, 1, vec![report(2, 20, 0, 0.22)]), 0);
+        }
+        assert_eq!(evaluate_gates(&g, &fine.summary("m", 2), fine.baseline("m", 2).as_ref()), GateVerdict::Pass);
+    }
+
+    #[test]
+    fn one_lying_node_can_neither_fail_a_good_version_nor_hide_a_bad_one() {
+        let g = gates();
+        // Three honest nodes see no errors; one claims 10,000 failed requests.
+        let good = fleet(&[(20, 0), (20, 0), (20, 0), (10_000, 10_000)], 2, 0.2);
+        let s = good.summary("m", 2);
+        assert!(s.pooled_error_rate().unwrap() > 0.9, "the pooled rate alone would be fooled");
+        assert_eq!(evaluate_gates(&g, &s, None), GateVerdict::Pass);
+        // Three honest nodes fail a third of their requests; one claims 10,000 successes.
+        let bad = fleet(&[(30, 10), (30, 10), (30, 10), (10_000, 0)], 2, 0.2);
+        let s = bad.summary("m", 2);
+        assert!(s.pooled_error_rate().unwrap() < 0.02, "the pooled rate alone would hide it");
+        assert!(matches!(evaluate_gates(&g, &s, None), GateVerdict::Fail(_)));
+    }
+
+    fn plan() -> RolloutPlan {
+        RolloutPlan {
+            waves: vec![
+                Wave { fraction: 0.1, soak_secs: 60 },
+                Wave { fraction: 0.5, soak_secs: 60 },
+                Wave { fraction: 1.0, soak_secs: 0 },
+            ],
+            ..RolloutPlan::default()
+        }
+    }
+
+    #[test]
+    fn waves_open_after_their_soak_when_gates_pass() {
+        let (p, op) = (plan(), OperatorState::default());
+        let mut progress = RolloutProgress::default();
+        advance(&mut progress, &p, 1000, &GateVerdict::Pending("x".into()), &op, 1000);
+        assert_eq!(progress.opened, vec![1000]);
+        assert_eq!(decide(&progress, Some(0), false), RolloutDecision::Activate);
+        assert!(matches!(decide(&progress, Some(1), false), RolloutDecision::Wait(_)));
+        advance(&mut progress, &p, 1000, &GateVerdict::Pass, &op, 1030);
+        assert_eq!(progress.opened.len(), 1, "the canary soaks 60 s");
+        advance(&mut progress, &p, 1000, &GateVerdict::Pending("x".into()), &op, 1070);
+        assert_eq!(progress.opened.len(), 1, "no verdict, no next wave");
+        advance(&mut progress, &p, 1000, &GateVerdict::Pass, &op, 1080);
+        assert_eq!(progress.opened, vec![1000, 1080]);
+        advance(&mut progress, &p, 1000, &GateVerdict::Pass, &op, 1140);
+        assert_eq!(progress.opened, vec![1000, 1080, 1140]);
+        assert_eq!(decide(&progress, Some(2), false), RolloutDecision::Activate);
+        assert!(matches!(decide(&progress, None, false), RolloutDecision::Wait(_)));
+    }
+
+    #[test]
+    fn a_failing_gate_halts_and_rolls_back_only_active_nodes() {
+        let (p, op) = (plan(), OperatorState::default());
+        let mut progress = RolloutProgress::default();
+        advance(&mut progress, &p, 0, &GateVerdict::Fail("errors".into()), &op, 10);
+        assert!(matches!(decide(&progress, Some(0), true), RolloutDecision::RollBack(_)));
+        assert!(matches!(decide(&progress, Some(0), false), RolloutDecision::Wait(_)));
+        advance(&mut progress, &p, 0, &GateVerdict::Pass, &op, 500);
+        assert!(progress.halted.is_some(), "a halt is for good");
+    }
+
+    #[test]
+    fn operators_pause_resume_promote_and_abort() {
+        let p = plan();
+        let cmd = |action, at| RolloutCommand { model: "m".into(), version: 2, action, issued_at: at };
+        let mut progress = RolloutProgress::default();
+        let paused = OperatorState::fold(&[cmd(CommandAction::Pause, 5)]);
+        advance(&mut progress, &p, 0, &GateVerdict::Pass, &paused, 100);
+        assert_eq!(progress.opened.len(), 1, "paused: no new wave");
+        // Resume and pause arrive out of order: issued_at decides.
+        let resumed = OperatorState::fold(&[cmd(CommandAction::Resume, 7), cmd(CommandAction::Pause, 5)]);
+        advance(&mut progress, &p, 0, &GateVerdict::Pass, &resumed, 100);
+        assert_eq!(progress.opened, vec![0, 100]);
+        let promoted = OperatorState::fold(&[cmd(CommandAction::Promote, 110)]);
+        advance(&mut progress, &p, 0, &GateVerdict::Pass, &promoted, 111);
+        assert_eq!(progress.opened, vec![0, 100, 111], "promote skips the soak");
+        let mut other = RolloutProgress::default();
+        let aborted = OperatorState::fold(&[cmd(CommandAction::Abort, 1)]);
+        advance(&mut other, &p, 0, &GateVerdict::Pass, &aborted, 2);
+        assert!(matches!(decide(&other, Some(0), true), RolloutDecision::RollBack(_)));
+    }
+}
