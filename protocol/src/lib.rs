@@ -2,12 +2,13 @@
 //!
 //! Everything that decides lives here: wire types and their encoding, signatures,
 //! identity, trust and enrollment, manifests and their validation, variant choice,
-//! cohorts and waves, and the GGUF header reader. Nothing here reads a clock or opens
+//! cohorts and waves, fleet metrics and the rollout engine, and the GGUF header reader. Nothing here reads a clock or opens
 //! a socket: callers pass `now` and bytes in, and get decisions and bytes out. The
 //! node and the simulator drive the very same code.
 
 pub mod cohort;
 pub mod error;
+pub mod fleet;
 pub mod gguf;
 pub mod hex32;
 pub mod identity;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod rollout;
 pub mod select;
 pub mod signed;
+pub mod sketch;
 pub mod trust;
 pub mod wire;
 
@@ -58,6 +60,12 @@ pub mod decoders {
         ("manifest_digest", |b| crate::mesh::ManifestDigest::from_bytes(b).is_ok()),
         ("peer_request", |b| crate::mesh::PeerRequest::from_bytes(b).is_ok()),
         ("peer_response", |b| crate::mesh::PeerResponse::from_bytes(b).is_ok()),
+        ("signed_metrics", |b| {
+            crate::fleet::SignedMetrics::from_bytes(b).and_then(|s| crate::fleet::verify_metrics(&s)).is_ok()
+        }),
+        ("signed_command", |b| {
+            crate::fleet::SignedCommand::from_bytes(b).and_then(|s| s.verify_self_signed()).is_ok()
+        }),
         ("signed_open", |b| {
             Signed::<manifest::ModelManifest>::from_bytes(b).and_then(|s| s.verify_self_signed()).is_ok()
         }),

@@ -1,17 +1,11 @@
 //! Per-request measurements and their aggregation per model version.
 //!
-//! Quantiles come from DDSketch (the `sketches-ddsketch` crate) at one relative accuracy
-//! for the whole fleet, so that sketches from different nodes merge exactly; Prometheus
+//! Quantiles come from DDSketch (`crate::sketch`) at one relative accuracy for the whole
+//! fleet, so that sketches from different nodes merge exactly; Prometheus
 //! histograms use fixed bucket bounds. Only numbers are kept: never a prompt or an output.
 
-use sketches_ddsketch::{Config, DDSketch};
+pub use crate::sketch::{Sketch, RELATIVE_ACCURACY};
 use std::collections::BTreeMap;
-
-/// Relative accuracy of every quantile sketch in the fleet (1%).
-pub const RELATIVE_ACCURACY: f64 = 0.01;
-const MAX_BINS: u32 = 2048;
-/// Values below this are counted as this (a sketch cannot hold zero on a log scale).
-const MIN_VALUE: f64 = 1e-9;
 
 /// Bucket upper bounds, in seconds, of the latency and time-to-first-token histograms.
 pub const LATENCY_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
@@ -28,48 +22,6 @@ pub struct RequestSample {
     pub tokens_per_sec: Option<f64>,
     /// The request failed on the model's side.
     pub error: bool,
-}
-
-/// A DDSketch at the fleet's accuracy.
-#[derive(Clone)]
-pub struct Sketch(DDSketch);
-
-impl std::fmt::Debug for Sketch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Sketch(count={})", self.0.count())
-    }
-}
-
-impl Default for Sketch {
-    fn default() -> Self {
-        Sketch(DDSketch::new(Config::new(RELATIVE_ACCURACY, MAX_BINS, MIN_VALUE)))
-    }
-}
-
-impl Sketch {
-    pub fn add(&mut self, v: f64) {
-        if v.is_finite() {
-            self.0.add(v.max(MIN_VALUE));
-        }
-    }
-
-    pub fn count(&self) -> u64 {
-        self.0.count() as u64
-    }
-
-    /// The `q` quantile (0..=1), if the sketch holds any value.
-    pub fn quantile(&self, q: f64) -> Option<f64> {
-        self.0.quantile(q).ok().flatten()
-    }
-
-    pub fn sum(&self) -> f64 {
-        self.0.sum().unwrap_or(0.0)
-    }
-
-    pub fn merge(&mut self, other: &Sketch) {
-        // Same configuration everywhere, so merging cannot fail.
-        let _ = self.0.merge(&other.0);
-    }
 }
 
 /// A Prometheus-style histogram with fixed bounds.
