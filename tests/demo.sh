@@ -67,7 +67,7 @@ echo "== publishing the demo model from node1"
 cp "$gguf" .
 model="$(basename "$gguf")"
 "$slmesh" manifest create --name smollm2-135m-instruct --version 1 \
-  --description "SmolLM2 135M Instruct" "$model" --out v1.toml
+  --description "SmolLM2 135M Instruct" --wave 1:0 "$model" --out v1.toml
 "$slmesh" manifest sign --key ops.key v1.toml --out v1.slm
 "$slmesh" publish --node "$addr1" --manifest v1.slm
 

@@ -110,3 +110,94 @@ pub fn publish(args: PublishArgs) -> Result<()> {
     println!("{}", answer["message"].as_str().unwrap_or("published"));
     Ok(())
 }
+
+#[derive(Args)]
+pub struct FleetArgs {
+    #[command(flatten)]
+    pub node: NodeAddrArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `slmesh fleet`: per version across the fleet, as this node sees it.
+pub fn fleet(args: FleetArgs) -> Result<()> {
+    let (addr, token) = args.node.resolve()?;
+    let value = call(agent().get(&format!("http://{addr}/v1/fleet")), &token, None)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let versions: Vec<crate::daemon::status::FleetVersionView> =
+        serde_json::from_value(value["versions"].clone()).context("unexpected fleet view from the node")?;
+    print!("{}", crate::daemon::status::fleet_text(&versions));
+    Ok(())
+}
+
+#[derive(clap::Subcommand)]
+pub enum RolloutCommandArgs {
+    /// Show each rollout this node takes part in: waves open, gate verdict, its decision.
+    Status {
+        #[command(flatten)]
+        node: NodeAddrArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open no further wave of a rollout.
+    Pause(OperatorArgs),
+    /// Let a paused rollout continue.
+    Resume(OperatorArgs),
+    /// Skip the rest of the current wave's soak time.
+    Promote(OperatorArgs),
+    /// Stop a rollout: every node that activated the version rolls back to its previous one.
+    Abort(OperatorArgs),
+    /// The same as abort: roll the version back to the previous one everywhere.
+    Rollback(OperatorArgs),
+}
+
+#[derive(Args)]
+pub struct OperatorArgs {
+    #[command(flatten)]
+    pub node: NodeAddrArgs,
+    /// A trusted publisher key, which signs the command.
+    #[arg(long)]
+    pub publisher_key: PathBuf,
+    #[arg(long)]
+    pub model: String,
+    /// The version being rolled out.
+    #[arg(long = "model-version")]
+    pub version: u64,
+}
+
+pub fn rollout(cmd: RolloutCommandArgs) -> Result<()> {
+    use slmesh_protocol::fleet::{CommandAction, RolloutCommand, SignedCommand};
+    let (args, action) = match cmd {
+        RolloutCommandArgs::Status { node, json } => {
+            let (addr, token) = node.resolve()?;
+            let value = call(agent().get(&format!("http://{addr}/v1/rollouts")), &token, None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                let rollouts: Vec<crate::daemon::status::RolloutView> =
+                    serde_json::from_value(value["rollouts"].clone()).context("unexpected rollouts from the node")?;
+                print!("{}", crate::daemon::status::rollouts_text(&rollouts));
+            }
+            return Ok(());
+        }
+        RolloutCommandArgs::Pause(a) => (a, CommandAction::Pause),
+        RolloutCommandArgs::Resume(a) => (a, CommandAction::Resume),
+        RolloutCommandArgs::Promote(a) => (a, CommandAction::Promote),
+        RolloutCommandArgs::Abort(a) | RolloutCommandArgs::Rollback(a) => (a, CommandAction::Abort),
+    };
+    let key = slmesh_protocol::SecretKey::load(&args.publisher_key, slmesh_protocol::KeyKind::Publisher)
+        .with_context(|| format!("cannot load publisher key {}", args.publisher_key.display()))?;
+    let issued_at =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let command = RolloutCommand { model: args.model, version: args.version, action, issued_at };
+    let signed = SignedCommand::sign(&command, &key)?;
+    let (addr, token) = args.node.resolve()?;
+    let body = serde_json::json!({ "command_hex": hex::encode(signed.to_bytes()?) });
+    let answer = call(agent().post(&format!("http://{addr}/v1/rollouts/command")), &token, Some(body))?;
+    println!("{}", answer["message"].as_str().unwrap_or("accepted"));
+    Ok(())
+}

@@ -21,6 +21,8 @@ pub struct Config {
     #[serde(default)]
     pub http: HttpConfig,
     #[serde(default)]
+    pub fleet: FleetConfig,
+    #[serde(default)]
     pub trust: TrustConfig,
     /// Model name -> version this node stays on, whatever rollouts say.
     #[serde(default)]
@@ -84,6 +86,22 @@ impl Default for NetworkConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Seconds between this node's signed metrics records (counters and sketches, never
+    /// prompts or outputs); a changed record goes out at most this often.
+    pub metrics_interval_secs: u64,
+    /// A node not heard from for this many seconds drops out of the fleet view.
+    pub metrics_ttl_secs: u64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig { metrics_interval_secs: 10, metrics_ttl_secs: 600 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Where the OpenAI-compatible and operations endpoints listen. Loopback by default:
     /// prompts stay on this machine.
@@ -130,6 +148,7 @@ impl Config {
             tags: Tags::new(),
             network: NetworkConfig::default(),
             http: HttpConfig::default(),
+            fleet: FleetConfig::default(),
             trust: TrustConfig { publishers: vec![], certificate: default_certificate() },
             pins: BTreeMap::new(),
         }
@@ -228,6 +247,11 @@ impl Config {
             Some(t) => out.push_str(&format!("bearer_token = {}\n", q(t))),
             None => out.push_str("# bearer_token = \"change-me\"\n"),
         }
+        out.push_str("\n[fleet]\n");
+        out.push_str("# Seconds between this node's signed metrics records (numbers only, never prompts).\n");
+        out.push_str(&format!("metrics_interval_secs = {}\n", self.fleet.metrics_interval_secs));
+        out.push_str("# A node not heard from for this many seconds drops out of the fleet view.\n");
+        out.push_str(&format!("metrics_ttl_secs = {}\n", self.fleet.metrics_ttl_secs));
         out.push_str("\n[trust]\n");
         out.push_str("# This node's enrollment certificate, relative to data_dir.\n");
         out.push_str(&format!("certificate = {}\n", q(&self.trust.certificate.to_string_lossy())));

@@ -53,6 +53,13 @@ enum Command {
     Publish(client::PublishArgs),
     /// Show a running node's id, peers (RTT, site), models and fetches in progress.
     Status(client::StatusArgs),
+    /// Per model version across the fleet: nodes active, requests, error rate, latency,
+    /// time to first token, tokens/s (from the signed metrics records nodes gossip).
+    Fleet(client::FleetArgs),
+    /// Staged rollouts: status, and signed operator commands (pause, resume, promote,
+    /// abort, rollback).
+    #[command(subcommand)]
+    Rollout(client::RolloutCommandArgs),
 }
 
 #[derive(Subcommand)]
@@ -121,6 +128,9 @@ mod config_cmd {
         /// Cap on upload bandwidth to peers, bytes per second.
         #[arg(long)]
         pub max_upload_bytes_per_sec: Option<u64>,
+        /// Seconds between this node's metrics records.
+        #[arg(long)]
+        pub metrics_interval_secs: Option<u64>,
         /// Replace an existing configuration file.
         #[arg(long)]
         pub force: bool,
@@ -155,6 +165,9 @@ mod config_cmd {
             config.network.upload_slots_per_blob = n;
         }
         config.network.max_upload_bytes_per_sec = args.max_upload_bytes_per_sec;
+        if let Some(n) = args.metrics_interval_secs {
+            config.fleet.metrics_interval_secs = n.max(1);
+        }
         config.validate()?;
         let text = config.to_documented_toml()?;
         if let Some(parent) = args.config.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -181,6 +194,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Node(NodeCommand::Run(a)) => daemon::run(a),
         Command::Publish(a) => client::publish(a),
         Command::Status(a) => client::status(a),
+        Command::Fleet(a) => client::fleet(a),
+        Command::Rollout(c) => client::rollout(c),
     }
 }
 

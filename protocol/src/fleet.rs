@@ -265,7 +265,11 @@ pub fn evaluate_gates(gates: &Gates, candidate: &VersionSummary, baseline: Optio
     let mut failures = vec![];
     if let Some(rate) = candidate.median_node_error_rate() {
         if rate > gates.max_error_rate {
-            failures.push(format!("error rate {:.1}% (median across nodes) above {:.1}%", rate * 100.0, gates.max_error_rate * 100.0));
+            failures.push(format!(
+                "error rate {:.1}% (median across nodes) above {:.1}%",
+                rate * 100.0,
+                gates.max_error_rate * 100.0
+            ));
         }
     }
     let base = baseline.filter(|b| b.nodes_measured() > 0);
@@ -420,11 +424,9 @@ pub fn decide(progress: &RolloutProgress, my_wave: Option<usize>, active_here: b
     match my_wave {
         None => RolloutDecision::Wait("the plan's selector leaves this node out".into()),
         Some(w) if w < progress.opened.len() => RolloutDecision::Activate,
-        Some(w) => RolloutDecision::Wait(format!(
-            "in wave {} of the plan; {} wave(s) open",
-            w + 1,
-            progress.opened.len()
-        )),
+        Some(w) => {
+            RolloutDecision::Wait(format!("in wave {} of the plan; {} wave(s) open", w + 1, progress.opened.len()))
+        }
     }
 }
 
@@ -501,7 +503,9 @@ mod tests {
         let good = fleet(&[(20, 0), (20, 1), (20, 0)], 2, 0.2);
         assert_eq!(evaluate_gates(&g, &good.summary("m", 2), None), GateVerdict::Pass);
         let bad = fleet(&[(20, 5), (20, 6), (20, 0)], 2, 0.2);
-        assert!(matches!(evaluate_gates(&g, &bad.summary("m", 2), None), GateVerdict::Fail(r) if r.contains("error rate")));
+        assert!(
+            matches!(evaluate_gates(&g, &bad.summary("m", 2), None), GateVerdict::Fail(r) if r.contains("error rate"))
+        );
     }
 
     #[test]

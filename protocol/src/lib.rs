@@ -63,9 +63,7 @@ pub mod decoders {
         ("signed_metrics", |b| {
             crate::fleet::SignedMetrics::from_bytes(b).and_then(|s| crate::fleet::verify_metrics(&s)).is_ok()
         }),
-        ("signed_command", |b| {
-            crate::fleet::SignedCommand::from_bytes(b).and_then(|s| s.verify_self_signed()).is_ok()
-        }),
+        ("signed_command", |b| crate::fleet::SignedCommand::from_bytes(b).and_then(|s| s.verify_self_signed()).is_ok()),
         ("signed_open", |b| {
             Signed::<manifest::ModelManifest>::from_bytes(b).and_then(|s| s.verify_self_signed()).is_ok()
         }),

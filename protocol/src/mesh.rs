@@ -161,9 +161,13 @@ impl ManifestDigest {
 /// Gossipsub topics. The version suffix changes with an incompatible message format.
 pub const TOPIC_MANIFESTS: &str = "slmesh/manifests/1";
 pub const TOPIC_HAVES: &str = "slmesh/haves/1";
+pub const TOPIC_METRICS: &str = "slmesh/metrics/1";
+pub const TOPIC_COMMANDS: &str = "slmesh/commands/1";
 
 pub const MAX_SYNC_MANIFESTS: usize = 64;
 pub const MAX_SYNC_HAVES: usize = 1024;
+pub const MAX_SYNC_METRICS: usize = 256;
+pub const MAX_SYNC_COMMANDS: usize = 256;
 
 /// A request from one peer to another over the mesh's request-response protocol.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -188,6 +192,10 @@ pub enum PeerResponse {
 pub struct SyncReply {
     pub manifests: Vec<crate::manifest::SignedManifest>,
     pub haves: Vec<SignedHave>,
+    /// The newest metrics records the peer holds, so a late node sees the fleet at once.
+    pub metrics: Vec<crate::fleet::SignedMetrics>,
+    /// Operator commands about rollouts (pause, promote, ...).
+    pub commands: Vec<crate::fleet::SignedCommand>,
 }
 
 fn check_hello(hello: &Hello) -> Result<(), ProtocolError> {
@@ -227,8 +235,13 @@ impl PeerResponse {
         let response: PeerResponse = crate::wire::decode_versioned(bytes, "peer response")?;
         match &response {
             PeerResponse::Hello(h) => check_hello(h)?,
-            PeerResponse::Sync(r) if r.manifests.len() > MAX_SYNC_MANIFESTS || r.haves.len() > MAX_SYNC_HAVES => {
-                return Err(ProtocolError::invalid("sync reply", "too many manifests or have records"))
+            PeerResponse::Sync(r)
+                if r.manifests.len() > MAX_SYNC_MANIFESTS
+                    || r.haves.len() > MAX_SYNC_HAVES
+                    || r.metrics.len() > MAX_SYNC_METRICS
+                    || r.commands.len() > MAX_SYNC_COMMANDS =>
+            {
+                return Err(ProtocolError::invalid("sync reply", "too many manifests, records or commands"))
             }
             _ => {}
         }

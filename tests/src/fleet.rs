@@ -128,11 +128,20 @@ impl Fleet {
         NodeDir { name: name.to_string(), config, data, node_id, bin: self.bin.clone() }
     }
 
-    /// Writes a manifest for `file` (in the fleet folder) and signs it with the operator key.
+    /// Writes a manifest for `file` (in the fleet folder), rolled out to every node at
+    /// once, and signs it with the operator key.
     pub fn signed_manifest(&self, model: &str, version: u64, file: &str) -> PathBuf {
+        self.signed_manifest_with(model, version, file, &["--wave", "1:0"])
+    }
+
+    /// The same with other `slmesh manifest create` arguments (waves, gates).
+    pub fn signed_manifest_with(&self, model: &str, version: u64, file: &str, extra: &[&str]) -> PathBuf {
         let toml = format!("{model}-{version}.toml");
         let slm = format!("{model}-{version}.slm");
-        self.slmesh(&["manifest", "create", "--name", model, "--version", &version.to_string(), file, "--out", &toml]);
+        let v = version.to_string();
+        let mut args = vec!["manifest", "create", "--name", model, "--version", &v, file, "--out", &toml];
+        args.extend(extra);
+        self.slmesh(&args);
         self.slmesh(&["manifest", "sign", "--key", "ops.key", &toml, "--out", &slm]);
         self.path(&slm)
     }
@@ -147,8 +156,17 @@ impl NodeDir {
         self.start_in(None)
     }
 
+    /// Starts the node with extra environment variables (test-only fault flags).
+    pub fn start_with_env(&self, env: &[(&str, &str)]) -> Running {
+        self.start_full(None, env)
+    }
+
     /// Starts the node inside a network namespace (`ip netns exec`), or in this one.
     pub fn start_in(&self, netns: Option<&str>) -> Running {
+        self.start_full(netns, &[])
+    }
+
+    fn start_full(&self, netns: Option<&str>, env: &[(&str, &str)]) -> Running {
         let out_path = self.data.with_file_name(format!("{}.out", self.name));
         let log = self.data.with_file_name(format!("{}.log", self.name));
         let stdout = std::fs::File::create(&out_path).expect("stdout file");
@@ -169,6 +187,7 @@ impl NodeDir {
                 std::env::var("SLMESH_TEST_LOG")
                     .unwrap_or_else(|_| "warn,libp2p_kad=error,mistralrs_core=error,slmesh=debug".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(stderr))
             .spawn()

@@ -39,6 +39,10 @@ pub struct HttpLimits {
     /// Requests waiting for a turn; one more gets 429.
     pub max_waiting: usize,
     pub request_timeout: Duration,
+    /// Test-only fault injection: non-streaming requests answered by this version
+    /// (`name@version`) fail with 500 and count as errors, as a broken release would.
+    /// The node sets it from `SLMESH_TEST_FAULT`; rollout tests use it.
+    pub fault_version: Option<String>,
 }
 
 impl Default for HttpLimits {
@@ -50,6 +54,7 @@ impl Default for HttpLimits {
             max_concurrent: 2,
             max_waiting: 16,
             request_timeout: Duration::from_secs(120),
+            fault_version: None,
         }
     }
 }
@@ -431,6 +436,17 @@ async fn generate<R: Answer>(
     work: impl std::future::Future<Output = crate::Result<R>>,
 ) -> Result<Response, ApiError> {
     let queued = start.elapsed().as_secs_f64();
+    if state.limits.fault_version.as_deref() == Some(model.spec.id().as_str()) {
+        drop(turn);
+        let latency_secs = start.elapsed().as_secs_f64();
+        state.record(model, &RequestSample { latency_secs, error: true, ..Default::default() });
+        return Err(api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "injected fault (SLMESH_TEST_FAULT)",
+            None,
+        ));
+    }
     let result = tokio::time::timeout(state.limits.request_timeout, work).await;
     drop(turn);
     let latency_secs = start.elapsed().as_secs_f64();
@@ -455,7 +471,9 @@ fn sample_from_usage(latency_secs: f64, queued_secs: f64, usage: &Usage) -> Requ
         ttft_secs: (usage.completion_tokens > 0).then(|| queued_secs + f64::from(usage.total_prompt_time_sec)),
         prompt_tokens: usage.prompt_tokens as u64,
         completion_tokens: usage.completion_tokens as u64,
-        tokens_per_sec: (usage.completion_tokens > 0).then_some(f64::from(usage.avg_compl_tok_per_sec)),
+        // mistral.rs reports 0 (or infinity) for answers too short to time: no figure then.
+        tokens_per_sec: Some(f64::from(usage.avg_compl_tok_per_sec))
+            .filter(|t| usage.completion_tokens > 0 && t.is_finite() && *t > 0.0),
         error: false,
     }
 }

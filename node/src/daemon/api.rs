@@ -9,6 +9,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use slmesh_inference::http::{api_error, authorized, ApiError, HttpState};
+use slmesh_protocol::fleet::SignedCommand;
 use slmesh_protocol::manifest::SignedManifest;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,6 +33,9 @@ pub(super) fn router(control: Control, http: Arc<HttpState>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/publish", post(publish))
+        .route("/v1/fleet", get(fleet))
+        .route("/v1/rollouts", get(rollouts))
+        .route("/v1/rollouts/command", post(command))
         .layer(DefaultBodyLimit::max(4 << 20))
         .with_state(ApiState { control, http })
 }
@@ -60,6 +64,35 @@ async fn publish(State(s): State<ApiState>, headers: HeaderMap, body: axum::body
     }
     match s.control.publish(signed, request.files_dir).await {
         Ok(message) => Ok(Json(serde_json::json!({ "published": true, "message": message })).into_response()),
+        Err(message) => Err(api_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", message, None)),
+    }
+}
+
+async fn fleet(State(s): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorized(&s.http, &headers)?;
+    Ok(Json(serde_json::json!({ "versions": s.control.fleet() })).into_response())
+}
+
+async fn rollouts(State(s): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorized(&s.http, &headers)?;
+    Ok(Json(serde_json::json!({ "rollouts": s.control.rollouts() })).into_response())
+}
+
+/// `POST /v1/rollouts/command`: `{"command_hex": ...}`, a rollout command signed by a
+/// trusted publisher key (`slmesh rollout pause|resume|promote|abort` makes one).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CommandRequest {
+    pub command_hex: String,
+}
+
+async fn command(State(s): State<ApiState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    authorized(&s.http, &headers)?;
+    let request: CommandRequest =
+        serde_json::from_slice(&body).map_err(|e| invalid(format!("body is not a command request: {e}")))?;
+    let bytes = hex::decode(request.command_hex.trim()).map_err(|e| invalid(format!("command_hex: {e}")))?;
+    let signed = SignedCommand::from_bytes(&bytes).map_err(|e| invalid(format!("command: {e}")))?;
+    match s.control.command(signed).await {
+        Ok(message) => Ok(Json(serde_json::json!({ "accepted": true, "message": message })).into_response()),
         Err(message) => Err(api_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", message, None)),
     }
 }

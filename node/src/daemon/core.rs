@@ -8,12 +8,18 @@ use anyhow::Result;
 use slmesh_blobs::{BlobNode, UploadGate};
 use slmesh_inference::{Engine, ModelSpec};
 use slmesh_mesh::{Acceptance, MeshEvent, MeshHandle};
+use slmesh_protocol::cohort::{membership, Membership};
+use slmesh_protocol::fleet::{
+    advance, decide, evaluate_gates, verify_metrics, FleetView, GateVerdict, MetricsRecord, OperatorState,
+    RolloutCommand, RolloutDecision, RolloutProgress, SignedCommand, SignedMetrics, VersionReport,
+};
 use slmesh_protocol::manifest::{verify_signed_manifest, FileRole, SignedManifest, Variant, VerifiedManifest};
 use slmesh_protocol::mesh::{
     admit, manifest_verdict, on_staged, rank_providers, upload_decision, verify_have, BlobDirectory, GossipVerdict,
     HaveRecord, Hello, ManifestDigest, PeerRequest, PeerResponse, ProviderInfo, SignedHave, StagedDecision, SyncReply,
     UploadPolicy, MAX_SYNC_HAVES, MAX_SYNC_MANIFESTS, TOPIC_HAVES, TOPIC_MANIFESTS,
 };
+use slmesh_protocol::mesh::{MAX_SYNC_COMMANDS, MAX_SYNC_METRICS, TOPIC_COMMANDS, TOPIC_METRICS};
 use slmesh_protocol::rollout::{RolloutPhase, RolloutState};
 use slmesh_protocol::select::{select_variant, NodeFacts};
 use slmesh_protocol::trust::{Enrollment, Tags};
@@ -80,6 +86,8 @@ struct Shared {
     listen: Vec<String>,
     blob_addrs: Vec<String>,
     refused: Vec<(String, String)>,
+    rollouts: Vec<super::status::RolloutView>,
+    fleet: Vec<super::status::FleetVersionView>,
 }
 
 fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -88,6 +96,7 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
 
 pub(crate) enum ControlMsg {
     Publish { signed: SignedManifest, files_dir: PathBuf, reply: oneshot::Sender<Result<String, String>> },
+    Command { signed: SignedCommand, reply: oneshot::Sender<Result<String, String>> },
 }
 
 /// The HTTP API's handle on the node.
@@ -114,6 +123,23 @@ impl Control {
             .await
             .map_err(|_| "the node is shutting down".to_string())?;
         rx.await.map_err(|_| "the node is shutting down".to_string())?
+    }
+
+    pub async fn command(&self, signed: SignedCommand) -> Result<String, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(ControlMsg::Command { signed, reply })
+            .await
+            .map_err(|_| "the node is shutting down".to_string())?;
+        rx.await.map_err(|_| "the node is shutting down".to_string())?
+    }
+
+    pub fn rollouts(&self) -> Vec<super::status::RolloutView> {
+        lock(&self.shared).rollouts.clone()
+    }
+
+    pub fn fleet(&self) -> Vec<super::status::FleetVersionView> {
+        lock(&self.shared).fleet.clone()
     }
 
     pub fn status(&self) -> Result<NodeStatus, StoreError> {
@@ -157,6 +183,7 @@ enum Internal {
     RetryHello { peer: PeerId },
     FetchDone { name: String, version: u64, result: Result<PathBuf, String> },
     Activated { name: String, version: u64, result: Result<(), String> },
+    RolledBack { name: String, bad: u64, to: u64, result: Result<(), String> },
 }
 
 struct Peer {
@@ -189,6 +216,14 @@ pub(crate) struct Node {
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: mpsc::Receiver<Internal>,
     control_rx: mpsc::Receiver<ControlMsg>,
+    fleet: FleetView,
+    signed_metrics: HashMap<NodeId, SignedMetrics>,
+    my_metrics: Option<SignedMetrics>,
+    metrics_sent_at: u64,
+    commands: BTreeMap<VersionKey, Vec<SignedCommand>>,
+    progress: BTreeMap<VersionKey, RolloutProgress>,
+    activating: HashSet<VersionKey>,
+    active_since: BTreeMap<VersionKey, u64>,
 }
 
 impl Node {
@@ -233,6 +268,14 @@ impl Node {
             internal_tx,
             internal_rx,
             control_rx,
+            fleet: FleetView::default(),
+            signed_metrics: HashMap::new(),
+            my_metrics: None,
+            metrics_sent_at: 0,
+            commands: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            activating: HashSet::new(),
+            active_since: BTreeMap::new(),
         };
         (node, control)
     }
@@ -247,6 +290,9 @@ impl Node {
         let mut sync_timer =
             tokio::time::interval(Duration::from_secs(self.parts.config.network.sync_interval_secs.max(1)));
         let mut retry_timer = tokio::time::interval(Duration::from_secs(1));
+        let mut metrics_timer =
+            tokio::time::interval(Duration::from_secs(self.parts.config.fleet.metrics_interval_secs.max(1)));
+        let mut rollout_timer = tokio::time::interval(Duration::from_secs(1));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -256,6 +302,8 @@ impl Node {
                 Some(msg) = self.control_rx.recv() => self.on_control(msg).await,
                 _ = sync_timer.tick() => self.sync_round(),
                 _ = retry_timer.tick() => self.try_fetches().await,
+                _ = metrics_timer.tick() => self.publish_metrics().await,
+                _ = rollout_timer.tick() => self.rollout_tick().await,
             }
         }
         tracing::info!("shutting down");
@@ -359,6 +407,10 @@ impl Node {
                     self.on_gossip_manifest(&data).await
                 } else if topic == TOPIC_HAVES {
                     self.on_gossip_have(&data).await
+                } else if topic == TOPIC_METRICS {
+                    self.on_gossip_metrics(&data)
+                } else if topic == TOPIC_COMMANDS {
+                    self.on_gossip_command(&data)
                 } else {
                     GossipVerdict::Reject(format!("unknown topic {topic}"))
                 };
@@ -517,7 +569,15 @@ impl Node {
             }
         }
         let haves = self.signed_haves.values().chain(self.my_have.iter()).take(MAX_SYNC_HAVES).cloned().collect();
-        SyncReply { manifests, haves }
+        let metrics = self
+            .fleet
+            .records()
+            .filter_map(|r| self.signed_metrics.get(&r.node))
+            .take(MAX_SYNC_METRICS)
+            .cloned()
+            .collect();
+        let commands = self.commands.values().flatten().take(MAX_SYNC_COMMANDS).cloned().collect();
+        SyncReply { manifests, haves, metrics, commands }
     }
 
     fn ask_sync(&self, peer: PeerId) {
@@ -580,6 +640,12 @@ impl Node {
                         for have in reply.haves {
                             self.take_have(have).await;
                         }
+                        for m in reply.metrics {
+                            self.take_metrics(m);
+                        }
+                        for c in reply.commands {
+                            self.take_command(c);
+                        }
                         for manifest in reply.manifests {
                             if let Ok(bytes) = manifest.to_bytes() {
                                 if let GossipVerdict::Reject(why) = self.on_gossip_manifest(&bytes).await {
@@ -603,8 +669,25 @@ impl Node {
                     }
                 }
             }
+            Internal::RolledBack { name, bad, to, result } => {
+                self.activating.remove(&(name.clone(), to));
+                match result {
+                    Ok(()) => {
+                        let state = rollout_state(RolloutPhase::RolledBack, "the rollout halted");
+                        match self.parts.store.roll_back(&name, &state) {
+                            Ok(v) => tracing::warn!(model = %name, from = bad, to = v, "rolled back"),
+                            Err(e) => self.note(&name, format!("cannot record the rollback of {bad}: {e}")),
+                        }
+                        self.active_since.remove(&(name.clone(), bad));
+                        self.active_since.insert((name, to), unix_now());
+                    }
+                    Err(e) => self.note(&name, format!("rollback from {bad} to {to} failed: {e}")),
+                }
+            }
             Internal::Activated { name, version, result } => match result {
                 Ok(()) => {
+                    self.activating.remove(&(name.clone(), version));
+                    self.active_since.insert((name.clone(), version), unix_now());
                     let state = rollout_state(RolloutPhase::Active, "");
                     if let Err(e) = self.parts.store.activate(&name, version, &state) {
                         self.note(&name, format!("cannot record activation of {version}: {e}"));
@@ -615,6 +698,7 @@ impl Node {
                     self.collect_garbage().await;
                 }
                 Err(e) => {
+                    self.activating.remove(&(name.clone(), version));
                     self.note(&name, format!("version {version} was refused at activation: {e}"));
                     let _ = self.parts.store.set_rollout(&name, version, &rollout_state(RolloutPhase::Halted, &e));
                 }
@@ -626,6 +710,24 @@ impl Node {
         match msg {
             ControlMsg::Publish { signed, files_dir, reply } => {
                 let _ = reply.send(self.publish(signed, &files_dir).await);
+            }
+            ControlMsg::Command { signed, reply } => {
+                let answer = match self.trust.open(&signed) {
+                    Err(e) => Err(format!("the command is not accepted here: {e}")),
+                    Ok((c, _)) => {
+                        self.take_command(signed.clone());
+                        let gossip = match signed.to_bytes() {
+                            Ok(bytes) => match self.mesh.publish(TOPIC_COMMANDS, bytes).await {
+                                Ok(()) => "gossiped to the mesh".to_string(),
+                                Err(e) => format!("not gossiped yet ({e}); peers get it by anti-entropy"),
+                            },
+                            Err(e) => format!("not gossiped: {e}"),
+                        };
+                        self.rollout_tick().await;
+                        Ok(format!("{:?} {}@{}: {gossip}", c.action, c.model, c.version).to_lowercase())
+                    }
+                };
+                let _ = reply.send(answer);
             }
         }
     }
@@ -860,6 +962,11 @@ impl Node {
         tracing::info!(model = %name, version, "staged");
         self.announce_have().await;
         let state = self.parts.store.model(name).ok().flatten().unwrap_or_default();
+        if state.pinned.is_none() {
+            // The rollout engine decides when this node's wave opens.
+            return self.rollout_tick().await;
+        }
+        // A local pin overrides the plan.
         match on_staged(version, state.active, state.pinned) {
             StagedDecision::Activate => self.start_activation(name, version),
             StagedDecision::Hold { reason } => {
@@ -869,10 +976,13 @@ impl Node {
         }
     }
 
-    fn start_activation(&self, name: &str, version: u64) {
+    fn start_activation(&mut self, name: &str, version: u64) {
         let Some(weights) = self.weights_path(name, version) else {
             return self.note(name, format!("version {version}: no weights file in the chosen variant"));
         };
+        if !self.activating.insert((name.to_string(), version)) {
+            return;
+        }
         let engine = self.parts.engine.clone();
         let tx = self.internal_tx.clone();
         let spec = ModelSpec { name: name.to_string(), version, gguf: weights };
@@ -933,6 +1043,242 @@ impl Node {
             Ok(_) => {}
             Err(e) => tracing::warn!("garbage collection: {e}"),
         }
+    }
+}
+
+impl Node {
+    fn on_gossip_metrics(&mut self, data: &[u8]) -> GossipVerdict {
+        match SignedMetrics::from_bytes(data) {
+            Ok(signed) => self.take_metrics(signed),
+            Err(e) => GossipVerdict::Reject(e.to_string()),
+        }
+    }
+
+    /// Keeps the newest record per node; an older or repeated one changes nothing.
+    fn take_metrics(&mut self, signed: SignedMetrics) -> GossipVerdict {
+        let record = match verify_metrics(&signed) {
+            Ok(r) => r,
+            Err(e) => return GossipVerdict::Reject(e.to_string()),
+        };
+        if record.node == self.me {
+            return GossipVerdict::Ignore("my own record".into());
+        }
+        let node = record.node;
+        if !self.fleet.update(record, unix_now()) {
+            return GossipVerdict::Ignore("not newer than the record held".into());
+        }
+        self.signed_metrics.insert(node, signed);
+        GossipVerdict::Accept
+    }
+
+    fn on_gossip_command(&mut self, data: &[u8]) -> GossipVerdict {
+        let signed = match SignedCommand::from_bytes(data) {
+            Ok(s) => s,
+            Err(e) => return GossipVerdict::Reject(e.to_string()),
+        };
+        if let Err(e) = self.trust.open(&signed) {
+            return GossipVerdict::Reject(e.to_string());
+        }
+        if self.take_command(signed) {
+            GossipVerdict::Accept
+        } else {
+            GossipVerdict::Ignore("already held".into())
+        }
+    }
+
+    /// Records an operator command (signed by a trusted publisher); returns whether it is new.
+    fn take_command(&mut self, signed: SignedCommand) -> bool {
+        let Ok((command, publisher)) = self.trust.open(&signed) else { return false };
+        let held = self.commands.entry((command.model.clone(), command.version)).or_default();
+        if held.contains(&signed) || held.len() >= 64 {
+            return false;
+        }
+        tracing::info!(model = %command.model, version = command.version, action = ?command.action, %publisher, "operator command");
+        held.push(signed);
+        true
+    }
+
+    fn operator_state(&self, key: &VersionKey) -> OperatorState {
+        let commands: Vec<RolloutCommand> = self
+            .commands
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| self.trust.open(s).ok().map(|(c, _)| c))
+            .collect();
+        OperatorState::fold(&commands)
+    }
+
+    /// Signs this node's cumulative figures per model version and gossips them: when they
+    /// changed, or every fifth interval so that peers do not expire this node.
+    async fn publish_metrics(&mut self) {
+        let now = unix_now();
+        let metrics = self.parts.http.metrics();
+        let active = self.parts.engine.active().map(|m| (m.spec.name.clone(), m.spec.version));
+        let mut versions: Vec<VersionReport> = metrics
+            .iter()
+            .map(|(model, version, m)| VersionReport {
+                model: model.to_string(),
+                version,
+                active: active.as_ref().is_some_and(|(n, v)| n == model && *v == version),
+                active_since: self.active_since.get(&(model.to_string(), version)).copied(),
+                requests: m.requests,
+                errors: m.errors,
+                prompt_tokens: m.prompt_tokens,
+                completion_tokens: m.completion_tokens,
+                latency: m.latency.clone(),
+                ttft: m.ttft.clone(),
+                tokens_per_sec: m.tokens_per_sec.clone(),
+            })
+            .collect();
+        if let Some((name, version)) = &active {
+            if !versions.iter().any(|v| &v.model == name && v.version == *version) {
+                versions.push(VersionReport {
+                    model: name.clone(),
+                    version: *version,
+                    active: true,
+                    active_since: self.active_since.get(&(name.clone(), *version)).copied(),
+                    ..Default::default()
+                });
+            }
+        }
+        if std::env::var_os("SLMESH_TEST_LIE_METRICS").is_some() {
+            // Test-only: a node that reports every request of every version as failed.
+            for v in &mut versions {
+                v.requests = v.requests.max(1000);
+                v.errors = v.requests;
+            }
+        }
+        versions.truncate(slmesh_protocol::fleet::MAX_VERSIONS_PER_RECORD);
+        let previous = self.my_metrics.as_ref().and_then(|m| verify_metrics(m).ok());
+        let interval = self.parts.config.fleet.metrics_interval_secs.max(1);
+        let unchanged = previous.as_ref().is_some_and(|p| p.versions == versions);
+        if unchanged && now.saturating_sub(self.metrics_sent_at) < 5 * interval {
+            return;
+        }
+        let seq = unix_millis().max(previous.map_or(0, |p| p.seq + 1));
+        let record = MetricsRecord { node: self.me, seq, issued_at: now, versions };
+        let signed = match SignedMetrics::sign(&record, &self.parts.secret) {
+            Ok(s) => s,
+            Err(e) => return tracing::error!("cannot sign the metrics record: {e}"),
+        };
+        self.fleet.update(record, now);
+        self.signed_metrics.insert(self.me, signed.clone());
+        self.my_metrics = Some(signed.clone());
+        self.metrics_sent_at = now;
+        if let Ok(bytes) = signed.to_bytes() {
+            if let Err(e) = self.mesh.publish(TOPIC_METRICS, bytes).await {
+                tracing::debug!("metrics record not gossiped ({e})");
+            }
+        }
+    }
+
+    /// Runs the rollout engine for every staged version: open waves, activate this node
+    /// when its wave is open, roll back when the rollout halted.
+    async fn rollout_tick(&mut self) {
+        let now = unix_now();
+        self.fleet.expire(now, self.parts.config.fleet.metrics_ttl_secs.max(1));
+        let Ok(models) = self.parts.store.models() else { return };
+        let mut views = vec![];
+        for (name, state) in models {
+            let candidates: Vec<u64> =
+                state.staged.iter().copied().filter(|v| state.active.is_none_or(|a| *v >= a)).collect();
+            for version in candidates {
+                let key = (name.clone(), version);
+                let Some(verified) = self
+                    .parts
+                    .store
+                    .manifest(&name, version)
+                    .ok()
+                    .flatten()
+                    .and_then(|s| verify_signed_manifest(s, &self.trust, |_| None).ok())
+                else {
+                    continue;
+                };
+                let plan = &verified.manifest.rollout;
+                let summary = self.fleet.summary(&name, version);
+                let baseline = self.fleet.baseline(&name, version);
+                let verdict = evaluate_gates(&plan.gates, &summary, baseline.as_ref());
+                let operator = self.operator_state(&key);
+                let stored = self.parts.store.rollout(&name, version).ok().flatten();
+                let progress = self.progress.entry(key.clone()).or_insert_with(|| RolloutProgress {
+                    halted: stored
+                        .filter(|r| matches!(r.phase, RolloutPhase::Halted | RolloutPhase::RolledBack))
+                        .map(|r| r.reason),
+                    ..Default::default()
+                });
+                let was_halted = progress.halted.is_some();
+                advance(progress, plan, verified.manifest.created_at, &verdict, &operator, now);
+                let progress = progress.clone();
+                if let (false, Some(reason)) = (was_halted, &progress.halted) {
+                    tracing::warn!(model = %name, version, "rollout halted: {reason}");
+                    let _ = self.parts.store.set_rollout(&name, version, &rollout_state(RolloutPhase::Halted, reason));
+                }
+                let my_wave = match membership(plan, &self.me, &self.my_tags, &name, version) {
+                    Membership::Wave(w) => Some(w),
+                    _ => None,
+                };
+                let active_here = state.active == Some(version);
+                let decision = if state.pinned.is_some() {
+                    RolloutDecision::Wait("pinned by local config".into())
+                } else {
+                    decide(&progress, my_wave, active_here)
+                };
+                match &decision {
+                    RolloutDecision::Activate if !active_here => self.start_activation(&name, version),
+                    RolloutDecision::RollBack(reason) if active_here => self.start_rollback(&name, version, reason),
+                    _ => {}
+                }
+                views.push(super::status::RolloutView {
+                    model: name.clone(),
+                    version,
+                    waves: plan.waves.len(),
+                    waves_open: progress.opened.len(),
+                    my_wave: my_wave.map(|w| w + 1),
+                    active_here,
+                    decision: match decision {
+                        RolloutDecision::Activate => "active".into(),
+                        RolloutDecision::Wait(r) => format!("waiting: {r}"),
+                        RolloutDecision::RollBack(r) => format!("rolling back: {r}"),
+                    },
+                    verdict: progress.verdict.clone().unwrap_or(GateVerdict::Pending("no data".into())),
+                    halted: progress.halted.clone(),
+                    paused: operator.paused,
+                });
+            }
+        }
+        let fleet = self
+            .fleet
+            .versions()
+            .into_iter()
+            .map(|(m, v)| super::status::FleetVersionView::from_summary(&self.fleet.summary(&m, v)))
+            .collect();
+        let mut shared = lock(&self.shared);
+        shared.rollouts = views;
+        shared.fleet = fleet;
+    }
+
+    /// Goes back to the previous version (still on disk, so this is a load, not a fetch).
+    fn start_rollback(&mut self, name: &str, bad: u64, reason: &str) {
+        let Some(previous) = self.parts.store.model(name).ok().flatten().and_then(|m| m.previous) else {
+            return self
+                .note(name, format!("version {bad} should roll back ({reason}) but no previous version is kept"));
+        };
+        let Some(weights) = self.weights_path(name, previous) else {
+            return self.note(name, format!("the previous version {previous} has no weights file"));
+        };
+        if !self.activating.insert((name.to_string(), previous)) {
+            return;
+        }
+        tracing::warn!(model = %name, from = bad, to = previous, "rolling back: {reason}");
+        let engine = self.parts.engine.clone();
+        let tx = self.internal_tx.clone();
+        let spec = ModelSpec { name: name.to_string(), version: previous, gguf: weights };
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let result = engine.activate(spec).await.map_err(|e| e.to_string());
+            let _ = tx.send(Internal::RolledBack { name, bad, to: previous, result }).await;
+        });
     }
 }
 

@@ -14,7 +14,7 @@ use slmesh_blobs::{BlobConfig, BlobNode};
 use slmesh_inference::http::{HttpLimits, HttpState};
 use slmesh_inference::Engine;
 use slmesh_protocol::identity::KeyKind;
-use slmesh_protocol::mesh::{UploadPolicy, TOPIC_HAVES, TOPIC_MANIFESTS};
+use slmesh_protocol::mesh::{UploadPolicy, TOPIC_COMMANDS, TOPIC_HAVES, TOPIC_MANIFESTS, TOPIC_METRICS};
 use slmesh_protocol::trust::verify_certificate;
 use slmesh_protocol::{EnrollmentCertificate, SecretKey};
 use slmesh_store::Store;
@@ -49,6 +49,7 @@ pub(crate) struct Parts {
     pub store: Arc<Store>,
     pub blobs: Arc<BlobNode>,
     pub engine: Arc<Engine>,
+    pub http: Arc<HttpState>,
     pub gate: Arc<core::GateState>,
 }
 
@@ -111,7 +112,7 @@ async fn run_node(config: Config) -> Result<()> {
         listen,
         bootstrap,
         mdns: config.network.mdns,
-        topics: vec![TOPIC_MANIFESTS.to_string(), TOPIC_HAVES.to_string()],
+        topics: [TOPIC_MANIFESTS, TOPIC_HAVES, TOPIC_METRICS, TOPIC_COMMANDS].map(String::from).to_vec(),
         discovery_interval: Duration::from_secs(10),
     })?;
     let http_listener = tokio::net::TcpListener::bind(&config.http.bind)
@@ -119,6 +120,11 @@ async fn run_node(config: Config) -> Result<()> {
         .with_context(|| format!("cannot listen on {} (in use? change http.bind)", config.http.bind))?;
     let http_addr = http_listener.local_addr()?;
     let engine = Arc::new(Engine::new());
+    let limits = HttpLimits { fault_version: std::env::var("SLMESH_TEST_FAULT").ok(), ..HttpLimits::default() };
+    if let Some(f) = &limits.fault_version {
+        tracing::warn!("SLMESH_TEST_FAULT: requests to {f} will fail (test-only fault injection)");
+    }
+    let http_state = HttpState::new(engine.clone(), limits, config.http.bearer_token.clone());
     let parts = Parts {
         config: config.clone(),
         secret,
@@ -126,10 +132,10 @@ async fn run_node(config: Config) -> Result<()> {
         store,
         blobs: Arc::new(blobs),
         engine: engine.clone(),
+        http: http_state.clone(),
         gate,
     };
     let (node, control) = core::Node::new(parts, trust, enrollment, mesh.clone(), http_addr);
-    let http_state = HttpState::new(engine, HttpLimits::default(), config.http.bearer_token.clone());
     let router = api::router(control.clone(), http_state.clone()).merge(slmesh_inference::http::router(http_state));
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(slmesh_inference::http::serve_router(http_listener, router, async move {

@@ -1,6 +1,7 @@
 //! What `GET /v1/status` answers and `slmesh status` prints.
 
 use serde::{Deserialize, Serialize};
+use slmesh_protocol::fleet::{GateVerdict, VersionSummary};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -141,4 +142,112 @@ impl NodeStatus {
 
 fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
+}
+
+/// One rollout as this node sees it (`GET /v1/rollouts`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutView {
+    pub model: String,
+    pub version: u64,
+    pub waves: usize,
+    pub waves_open: usize,
+    /// This node's wave, 1-based (None: the selector leaves it out).
+    pub my_wave: Option<usize>,
+    pub active_here: bool,
+    pub decision: String,
+    pub verdict: GateVerdict,
+    pub halted: Option<String>,
+    pub paused: bool,
+}
+
+/// One version across the fleet (`GET /v1/fleet`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetVersionView {
+    pub model: String,
+    pub version: u64,
+    pub nodes_reporting: usize,
+    pub nodes_active: usize,
+    pub requests: u64,
+    pub errors: u64,
+    pub error_rate: Option<f64>,
+    pub median_node_error_rate: Option<f64>,
+    pub p50_latency_secs: Option<f64>,
+    pub p95_latency_secs: Option<f64>,
+    pub p95_ttft_secs: Option<f64>,
+    pub p50_tokens_per_sec: Option<f64>,
+}
+
+impl FleetVersionView {
+    pub fn from_summary(s: &VersionSummary) -> Self {
+        FleetVersionView {
+            model: s.model.clone(),
+            version: s.version,
+            nodes_reporting: s.nodes_reporting,
+            nodes_active: s.nodes_active,
+            requests: s.requests,
+            errors: s.errors,
+            error_rate: s.pooled_error_rate(),
+            median_node_error_rate: s.median_node_error_rate(),
+            p50_latency_secs: s.latency.quantile(0.5),
+            p95_latency_secs: s.latency.quantile(0.95),
+            p95_ttft_secs: s.ttft.quantile(0.95),
+            p50_tokens_per_sec: s.tokens_per_sec.quantile(0.5),
+        }
+    }
+}
+
+fn opt(v: Option<f64>, scale: f64, unit: &str) -> String {
+    v.map(|v| format!("{:.1}{unit}", v * scale)).unwrap_or_else(|| "-".into())
+}
+
+/// The table `slmesh fleet` prints.
+pub fn fleet_text(versions: &[FleetVersionView]) -> String {
+    let mut out = format!(
+        "{:<28} {:>7} {:>6} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8}\n",
+        "model@version", "active", "nodes", "requests", "errors", "p50 lat", "p95 lat", "p95 ttft", "tok/s"
+    );
+    for v in versions {
+        let _ = writeln!(
+            out,
+            "{:<28} {:>7} {:>6} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8}",
+            format!("{}@{}", v.model, v.version),
+            v.nodes_active,
+            v.nodes_reporting,
+            v.requests,
+            opt(v.error_rate, 100.0, "%"),
+            opt(v.p50_latency_secs, 1000.0, "ms"),
+            opt(v.p95_latency_secs, 1000.0, "ms"),
+            opt(v.p95_ttft_secs, 1000.0, "ms"),
+            opt(v.p50_tokens_per_sec, 1.0, ""),
+        );
+    }
+    out
+}
+
+/// The text `slmesh rollout status` prints.
+pub fn rollouts_text(rollouts: &[RolloutView]) -> String {
+    let mut out = String::new();
+    if rollouts.is_empty() {
+        out.push_str("no rollout in progress on this node\n");
+    }
+    for r in rollouts {
+        let verdict = match &r.verdict {
+            GateVerdict::Pass => "pass".to_string(),
+            GateVerdict::Pending(why) => format!("pending ({why})"),
+            GateVerdict::Fail(why) => format!("FAIL ({why})"),
+        };
+        let _ = writeln!(
+            out,
+            "{}@{}  waves open {}/{}{}  this node: wave {}  {}\n  gates: {verdict}{}",
+            r.model,
+            r.version,
+            r.waves_open,
+            r.waves,
+            if r.paused { " (paused)" } else { "" },
+            r.my_wave.map(|w| w.to_string()).unwrap_or_else(|| "-".into()),
+            r.decision,
+            r.halted.as_ref().map(|h| format!("\n  halted: {h}")).unwrap_or_default(),
+        );
+    }
+    out
 }

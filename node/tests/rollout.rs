@@ -1,0 +1,212 @@
+//! Staged rollouts with real `slmesh node run` processes on 127.0.0.1, gated on the fleet
+//! metrics the nodes gossip: a good version goes through three waves; a bad one (the
+//! test-only fault flag `SLMESH_TEST_FAULT` makes its requests fail) halts in its canary
+//! wave and rolls back; pause holds a rollout and resume continues it; one node that
+//! reports fabricated failures cannot stop a good version.
+
+use slmesh_e2e::fleet::{model_field, Fleet, NodeDir, Running};
+use slmesh_e2e::{post_json, tiny_llama_gguf};
+use slmesh_protocol::cohort::cohort;
+use slmesh_protocol::NodeId;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const MODEL: &str = "tiny";
+const WAIT: Duration = Duration::from_secs(120);
+
+struct Mesh {
+    fleet: Fleet,
+    nodes: Vec<Running>,
+    stop_load: Arc<AtomicBool>,
+    load: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.stop_load.store(true, Ordering::Relaxed);
+        if let Some(l) = self.load.take() {
+            let _ = l.join();
+        }
+    }
+}
+
+/// Node dirs (keys made) for `n` nodes, ordered by their cohort for `version`: the first
+/// ones fall in the earliest waves.
+fn nodes_by_cohort(fleet: &Fleet, n: usize, version: u64) -> Vec<(NodeDir, f64)> {
+    let mut dirs: Vec<(NodeDir, f64)> = (0..n)
+        .map(|i| {
+            let dir = fleet.node(&format!("n{i}"), "a", &["--metrics-interval-secs", "1"]);
+            let id: NodeId = dir.node_id.parse().expect("node id");
+            let c = cohort(&id, MODEL, version);
+            (dir, c)
+        })
+        .collect();
+    dirs.sort_by(|a, b| a.1.total_cmp(&b.1));
+    dirs
+}
+
+/// Starts the nodes (the first as bootstrap of the others), rolls version 1 out to all,
+/// and keeps a trickle of chat requests going to every node.
+fn mesh_on_v1(fleet: Fleet, dirs: &[(NodeDir, f64)], env: impl Fn(usize) -> Vec<(&'static str, &'static str)>) -> Mesh {
+    std::fs::write(fleet.path("v1.gguf"), tiny_llama_gguf(1, 1000)).expect("write");
+    std::fs::write(fleet.path("v2.gguf"), tiny_llama_gguf(1, 2000)).expect("write");
+    let first = dirs[0].0.start_with_env(&env(0));
+    let boot = first.bootstrap_addr();
+    let mut nodes = vec![first];
+    for (i, (dir, _)) in dirs.iter().enumerate().skip(1) {
+        // Bootstrap is a config setting: add it before starting.
+        let text = std::fs::read_to_string(&dir.config).expect("config");
+        let text = text.replace("bootstrap = []", &format!("bootstrap = [\"{boot}\"]"));
+        std::fs::write(&dir.config, text).expect("config");
+        nodes.push(dir.start_with_env(&env(i)));
+    }
+    let n = nodes.len();
+    nodes[0].wait_status("all peers", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == n - 1));
+    std::thread::sleep(Duration::from_secs(2));
+    let slm = fleet.signed_manifest_with(MODEL, 1, "v1.gguf", &["--wave", "1:0"]);
+    fleet.slmesh(&["publish", "--node", &nodes[0].http, "--manifest", slm.to_str().expect("path")]);
+    for node in &nodes {
+        node.wait_status("v1 active", WAIT, |s| model_field(s, MODEL, "active") == Some(1));
+    }
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let addrs: Vec<String> = nodes.iter().map(|n| n.http.clone()).collect();
+    let stop = stop_load.clone();
+    let load = std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            for a in &addrs {
+                let _ = post_json(
+                    a,
+                    "/v1/chat/completions",
+                    r#"{"model":"tiny","max_tokens":4,"messages":[{"role":"user","content":"hello"}]}"#,
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    Mesh { fleet, nodes, stop_load, load: Some(load) }
+}
+
+/// Wave fractions that put exactly `counts` (cumulative) of the cohort-sorted nodes in
+/// each wave: halfway between the last cohort inside and the first outside.
+fn waves_for(dirs: &[(NodeDir, f64)], counts: &[usize], soak: &str) -> Vec<String> {
+    counts
+        .iter()
+        .map(|&k| {
+            let f = if k >= dirs.len() { 1.0 } else { (dirs[k - 1].1 + dirs[k].1) / 2.0 };
+            format!("{f}:{soak}")
+        })
+        .collect()
+}
+
+fn publish_v2(mesh: &Mesh, waves: &[String], gates: &[&str]) {
+    let mut args: Vec<&str> = vec![];
+    for w in waves {
+        args.extend(["--wave", w]);
+    }
+    args.extend(gates);
+    let slm = mesh.fleet.signed_manifest_with(MODEL, 2, "v2.gguf", &args);
+    mesh.fleet.slmesh(&["publish", "--node", &mesh.nodes[0].http, "--manifest", slm.to_str().expect("path")]);
+}
+
+const LENIENT_RATIOS: [&str; 6] =
+    ["--max-p95-latency-ratio", "10", "--max-p95-ttft-ratio", "10", "--min-tokens-per-sec-ratio", "0.1"];
+
+fn served_v2(node: &Running) -> bool {
+    node.log_text().lines().any(|l| l.contains("serving") && l.contains("version=2"))
+}
+
+#[test]
+fn a_good_version_goes_through_three_waves_and_pause_holds_it() {
+    let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
+    let dirs = nodes_by_cohort(&fleet, 6, 2);
+    let waves = waves_for(&dirs, &[2, 4, 6], "4s");
+    let mesh = mesh_on_v1(fleet, &dirs, |_| vec![]);
+    let mut gates = vec!["--min-samples", "10", "--min-reporting-nodes", "2"];
+    gates.extend(LENIENT_RATIOS);
+    publish_v2(&mesh, &waves, &gates);
+    // The canary (two nodes) goes first.
+    for node in &mesh.nodes[..2] {
+        node.wait_status("v2 active in the canary", WAIT, |s| model_field(s, MODEL, "active") == Some(2));
+    }
+    // Pause before the canary's soak ends: wave 2 must not open.
+    let key = mesh.fleet.path("ops.key");
+    let args = |verb: &str| {
+        vec![
+            "rollout".to_string(),
+            verb.to_string(),
+            "--node".into(),
+            mesh.nodes[0].http.clone(),
+            "--publisher-key".into(),
+            key.to_string_lossy().into_owned(),
+            "--model".into(),
+            MODEL.into(),
+            "--model-version".into(),
+            "2".into(),
+        ]
+    };
+    let pause = args("pause");
+    mesh.fleet.slmesh(&pause.iter().map(String::as_str).collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_secs(10));
+    for node in &mesh.nodes[2..] {
+        assert_eq!(node.active(MODEL), Some(1), "{} activated v2 while the rollout was paused", node.node.name);
+    }
+    let status = mesh.fleet.slmesh(&["rollout", "status", "--node", &mesh.nodes[3].http]);
+    assert!(status.contains("paused"), "{status}");
+    let resume = args("resume");
+    mesh.fleet.slmesh(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    // Waves 2 and 3 follow, each after its soak, while the gates pass.
+    for node in &mesh.nodes[2..] {
+        node.wait_status("v2 active everywhere", WAIT, |s| model_field(s, MODEL, "active") == Some(2));
+    }
+    let fleet_view = mesh.fleet.slmesh(&["fleet", "--node", &mesh.nodes[5].http]);
+    assert!(fleet_view.contains("tiny@2"), "{fleet_view}");
+    let rollouts = mesh.fleet.slmesh(&["rollout", "status", "--node", &mesh.nodes[5].http]);
+    assert!(rollouts.contains("waves open 3/3"), "{rollouts}");
+}
+
+#[test]
+fn a_bad_version_halts_in_its_canary_and_rolls_back() {
+    let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
+    let dirs = nodes_by_cohort(&fleet, 6, 2);
+    let waves = waves_for(&dirs, &[2, 4, 6], "3s");
+    // Every node would fail version 2's requests; only the canary ever runs it.
+    let mesh = mesh_on_v1(fleet, &dirs, |_| vec![("SLMESH_TEST_FAULT", "tiny@2")]);
+    let mut gates = vec!["--min-samples", "10", "--min-reporting-nodes", "2", "--max-error-rate", "0.1"];
+    gates.extend(LENIENT_RATIOS);
+    publish_v2(&mesh, &waves, &gates);
+    for node in &mesh.nodes[..2] {
+        slmesh_e2e::fleet::wait_for(&format!("{} to run v2, then roll back", node.node.name), WAIT, || {
+            (served_v2(node) && node.log_text().contains("rolled back")).then_some(())
+        });
+        assert_eq!(node.active(MODEL), Some(1));
+    }
+    std::thread::sleep(Duration::from_secs(8));
+    for node in &mesh.nodes {
+        assert_eq!(node.active(MODEL), Some(1), "{} is not on v1", node.node.name);
+    }
+    for node in &mesh.nodes[2..] {
+        assert!(!served_v2(node), "{} outside the canary activated the bad version", node.node.name);
+    }
+    let rollouts = mesh.fleet.slmesh(&["rollout", "status", "--node", &mesh.nodes[4].http]);
+    assert!(rollouts.contains("halted") && rollouts.contains("error rate"), "{rollouts}");
+}
+
+#[test]
+fn one_node_reporting_fabricated_failures_cannot_stop_a_good_version() {
+    let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
+    let dirs = nodes_by_cohort(&fleet, 5, 2);
+    // A canary of three, one of which lies; then everyone.
+    let waves = waves_for(&dirs, &[3, 5], "3s");
+    let mesh = mesh_on_v1(fleet, &dirs, |i| if i == 1 { vec![("SLMESH_TEST_LIE_METRICS", "1")] } else { vec![] });
+    let mut gates = vec!["--min-samples", "10", "--min-reporting-nodes", "3", "--max-error-rate", "0.1"];
+    gates.extend(LENIENT_RATIOS);
+    publish_v2(&mesh, &waves, &gates);
+    for node in &mesh.nodes {
+        node.wait_status("v2 active everywhere despite the liar", WAIT, |s| model_field(s, MODEL, "active") == Some(2));
+    }
+    let fleet_json = mesh.fleet.slmesh(&["fleet", "--json", "--node", &mesh.nodes[4].http]);
+    let v: serde_json::Value = serde_json::from_str(&fleet_json).expect("json");
+    let v2 = v["versions"].as_array().and_then(|a| a.iter().find(|x| x["version"] == 2)).cloned().expect("v2 in fleet");
+    assert!(v2["error_rate"].as_f64().unwrap_or(0.0) > 0.5, "the liar's figures should dominate the pooled rate: {v2}");
+}
