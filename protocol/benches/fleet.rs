@@ -80,14 +80,20 @@ fn main() {
     }
     let merge = start.elapsed().as_secs_f64() / (rounds * signed.len()) as f64;
 
-    println!("metrics record, 2 versions, 10,000 + 2,000 requests' sketches: {mean_size:.0} bytes mean, {max_size} max");
+    println!(
+        "metrics record, 2 versions, 10,000 + 2,000 requests' sketches: {mean_size:.0} bytes mean, {max_size} max"
+    );
     println!("ed25519 verification (baseline)  {:>8.1} us per record", verify_only * 1e6);
     println!(
         "receive (decode, verify, check, keep) {:>5.1} us per record  {:.2}x the baseline",
         receive * 1e6,
         receive / verify_only
     );
-    println!("merge into a version summary     {:>8.1} us per record  {:.2}x the baseline", merge * 1e6, merge / verify_only);
+    println!(
+        "merge into a version summary     {:>8.1} us per record  {:.2}x the baseline",
+        merge * 1e6,
+        merge / verify_only
+    );
     let interval = 10.0;
     println!("gossip at the default interval ({interval} s), every node's record reaching every node:");
     for n in [10usize, 100, 1_000, 10_000] {
