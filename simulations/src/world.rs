@@ -1,0 +1,668 @@
+//! The simulated fleet: nodes that receive a manifest by gossip, fetch the model in chunks
+//! from ranked providers, measure their requests, and roll the new version out by the
+//! same protocol code the node runs (`cohort::membership`, `mesh::rank_providers`,
+//! `mesh::upload_decision`, `fleet::{FleetView, evaluate_gates, advance, decide}`).
+//!
+//! Simplifications, stated so the report can be read right: have records are not
+//! simulated message by message (a finished node is a known provider at once; their bytes
+//! are counted); metrics are summarised per site (each node's record goes to its site's
+//! aggregator, which gossips one merged record per site), so gates compare medians across
+//! sites rather than nodes.
+
+use crate::engine::{Micros, Queue, Rng, SECOND};
+use crate::net::{Links, Partition};
+use crate::scenario::{Behaviour, Scenario};
+use serde::Serialize;
+use slmesh_protocol::cohort::{membership, Membership};
+use slmesh_protocol::fleet::{
+    advance, decide, evaluate_gates, FleetView, GateVerdict, MetricsRecord, OperatorState, RolloutDecision,
+    RolloutProgress, VersionReport,
+};
+use slmesh_protocol::mesh::{rank_providers, upload_decision, ProviderInfo, UploadPolicy};
+use slmesh_protocol::rollout::RolloutPlan;
+use slmesh_protocol::NodeId;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+const MODEL: &str = "model";
+const CANDIDATE: u64 = 2;
+const BASELINE: u64 = 1;
+const ROLLOUT_TICK: Micros = 2 * SECOND;
+const SAMPLE_EVERY: Micros = 5 * SECOND;
+
+#[derive(Debug, Clone, Copy)]
+enum Msg {
+    Manifest,
+    SiteMetrics { site: u32, seq: u64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Ev {
+    Publish,
+    Gossip { to: u32, msg: Msg },
+    Chunk { to: u32, from: u32 },
+    TryFetch { node: u32 },
+    MetricsTick { node: u32 },
+    SiteRecord { site: u32 },
+    RolloutTick { node: u32 },
+    Crash { node: u32 },
+    Restart { node: u32 },
+    Sample,
+}
+
+struct Node {
+    id: NodeId,
+    site: usize,
+    alive: bool,
+    mesh: Vec<u32>,
+    manifest_at: Option<Micros>,
+    chunks: u32,
+    fetching: Option<u32>,
+    staged_at: Option<Micros>,
+    active: u64,
+    active_v2_at: Option<Micros>,
+    ever_v2: bool,
+    uploads: usize,
+    wave: Option<usize>,
+    progress: RolloutProgress,
+    /// Newest site record seen, per site.
+    view: Vec<u64>,
+    metrics: [VersionReport; 2],
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WaveReport {
+    pub wave: usize,
+    pub members: usize,
+    /// Seconds after publication until 50/90/99/100% of the wave's members were active on
+    /// the new version (None: never reached).
+    pub p50_secs: Option<f64>,
+    pub p90_secs: Option<f64>,
+    pub p99_secs: Option<f64>,
+    pub p100_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub seed: u64,
+    pub nodes: usize,
+    pub sites: usize,
+    pub events: u64,
+    pub simulated_secs: f64,
+    pub model_bytes: u64,
+    pub waves: Vec<WaveReport>,
+    /// Seconds from publication until every live node had the file staged.
+    pub distribution_secs: Option<f64>,
+    /// The Kumar-Ross lower bound max(F/u_s, F/d_min, N F / (u_s + sum u_i)), seconds.
+    pub kumar_ross_secs: f64,
+    pub distribution_over_bound: Option<f64>,
+    pub origin_egress_bytes: u64,
+    pub origin_egress_per_site: f64,
+    pub cross_site_bytes: u64,
+    pub manifest_propagation_p50_secs: Option<f64>,
+    pub manifest_propagation_p99_secs: Option<f64>,
+    pub manifest_gossip_bytes_per_node_per_sec: f64,
+    pub metrics_gossip_bytes_per_node_per_sec: f64,
+    pub have_bytes_per_node_per_sec: f64,
+    /// Fraction of nodes that ever activated the new version.
+    pub ever_activated_fraction: f64,
+    pub halted: Option<String>,
+    /// (seconds, fraction staged, fraction active on the new version).
+    pub coverage: Vec<(f64, f64, f64)>,
+    /// (seconds, verdict) whenever the origin's view of the gates changed.
+    pub gate_decisions: Vec<(f64, String)>,
+}
+
+pub struct World {
+    sc: Scenario,
+    plan: RolloutPlan,
+    q: Queue<Ev>,
+    rng: Rng,
+    links: Links,
+    nodes: Vec<Node>,
+    chunks_total: u32,
+    chunk_bytes: u64,
+    holders: Vec<u32>,
+    origin: u32,
+    policy: UploadPolicy,
+    site_members: Vec<Vec<u32>>,
+    site_ids: Vec<NodeId>,
+    site_records: Vec<Vec<Rc<MetricsRecord>>>,
+    verdicts: HashMap<Vec<u64>, GateVerdict>,
+    publish_at: Micros,
+    manifest_bytes_total: u64,
+    metrics_bytes_total: u64,
+    coverage: Vec<(f64, f64, f64)>,
+    gate_decisions: Vec<(f64, String)>,
+    end: Micros,
+}
+
+fn node_id(i: u64) -> NodeId {
+    let mut b = [0u8; 32];
+    b[..8].copy_from_slice(&i.to_le_bytes());
+    // Spread the ids: cohorts hash them anyway, but keep them distinct from site ids.
+    b[31] = 1;
+    NodeId::from_bytes(b)
+}
+
+fn secs(t: Micros) -> f64 {
+    t as f64 / SECOND as f64
+}
+
+impl World {
+    pub fn new(sc: Scenario) -> Self {
+        let mut rng = Rng::new(sc.seed);
+        let plan = sc.plan();
+        let mut site = vec![];
+        let (mut up, mut down) = (vec![], vec![]);
+        let mut site_members = vec![vec![]; sc.sites.len()];
+        for (s, spec) in sc.sites.iter().enumerate() {
+            for _ in 0..spec.nodes {
+                site_members[s].push(site.len() as u32);
+                site.push(s);
+                up.push(spec.uplink_mbps * 125_000.0);
+                down.push(spec.downlink_mbps * 125_000.0);
+            }
+        }
+        let n = site.len();
+        let mut links = Links::new(site.clone(), up, down, sc.latency_ms.clone(), sc.jitter_ms, sc.loss);
+        for p in &sc.faults.partitions {
+            let side = p.sites.iter().filter_map(|name| sc.sites.iter().position(|s| &s.name == name)).collect();
+            links.partitions.push(Partition {
+                from: (p.from_secs * SECOND as f64) as Micros,
+                until: (p.until_secs * SECOND as f64) as Micros,
+                side,
+            });
+        }
+        let mut nodes: Vec<Node> = (0..n)
+            .map(|i| {
+                let id = node_id(i as u64);
+                let wave = match membership(&plan, &id, &Default::default(), MODEL, CANDIDATE) {
+                    Membership::Wave(w) => Some(w),
+                    _ => None,
+                };
+                Node {
+                    id,
+                    site: site[i],
+                    alive: true,
+                    mesh: vec![],
+                    manifest_at: None,
+                    chunks: 0,
+                    fetching: None,
+                    staged_at: None,
+                    active: BASELINE,
+                    active_v2_at: None,
+                    ever_v2: false,
+                    uploads: 0,
+                    wave,
+                    progress: RolloutProgress::default(),
+                    view: vec![0; sc.sites.len()],
+                    metrics: [
+                        VersionReport { model: MODEL.into(), version: BASELINE, ..Default::default() },
+                        VersionReport { model: MODEL.into(), version: CANDIDATE, ..Default::default() },
+                    ],
+                }
+            })
+            .collect();
+        // A gossip mesh shaped like gossipsub's: every node grafts D random peers, links
+        // are both ways.
+        let d = sc.gossip.degree.min(n - 1);
+        for i in 0..n {
+            while nodes[i].mesh.len() < d {
+                let j = rng.below(n);
+                if j != i && !nodes[i].mesh.contains(&(j as u32)) {
+                    nodes[i].mesh.push(j as u32);
+                    nodes[j].mesh.push(i as u32);
+                }
+            }
+        }
+        let chunk_bytes = (sc.model.chunk_mb * 1e6) as u64;
+        let model_bytes = (sc.model.size_mb * 1e6) as u64;
+        let chunks_total = model_bytes.div_ceil(chunk_bytes.max(1)) as u32;
+        let site_ids = (0..sc.sites.len()).map(|s| node_id(u64::MAX - s as u64)).collect();
+        let publish_at = (sc.rollout.publish_at_secs * SECOND as f64) as Micros;
+        let end = (sc.duration_secs * SECOND as f64) as Micros;
+        let mut w = World {
+            plan,
+            q: Queue::default(),
+            rng,
+            links,
+            nodes,
+            chunks_total,
+            chunk_bytes,
+            holders: vec![],
+            origin: 0,
+            policy: UploadPolicy::default(),
+            site_members,
+            site_ids,
+            site_records: vec![vec![]; sc.sites.len()],
+            verdicts: HashMap::new(),
+            publish_at,
+            manifest_bytes_total: 0,
+            metrics_bytes_total: 0,
+            coverage: vec![],
+            gate_decisions: vec![],
+            end,
+            sc,
+        };
+        w.q.at(publish_at, Ev::Publish);
+        w.q.at(0, Ev::Sample);
+        let interval = (w.sc.gossip.metrics_interval_secs * SECOND as f64) as Micros;
+        for i in 0..n as u32 {
+            // Spread the periodic work of the nodes over the interval.
+            let offset = w.rng.below(interval.max(1) as usize) as Micros;
+            w.q.at(offset, Ev::MetricsTick { node: i });
+            w.q.at(publish_at + offset % ROLLOUT_TICK, Ev::RolloutTick { node: i });
+        }
+        for s in 0..w.sc.sites.len() as u32 {
+            w.q.at(interval / 2 + s as Micros, Ev::SiteRecord { site: s });
+        }
+        let churners = (w.sc.faults.churn * n as f64) as usize;
+        for _ in 0..churners {
+            let node = 1 + w.rng.below(n - 1) as u32; // the origin stays
+            let at = publish_at + (w.rng.unit() * (end - publish_at) as f64 * 0.5) as Micros;
+            let back = at + (30.0 + 90.0 * w.rng.unit()) as Micros * SECOND;
+            w.q.at(at, Ev::Crash { node });
+            w.q.at(back, Ev::Restart { node });
+        }
+        w
+    }
+
+    pub fn run(mut self) -> Report {
+        while let Some((t, ev)) = self.q.pop() {
+            if t > self.end {
+                break;
+            }
+            self.step(ev);
+            if self.done() {
+                self.sample();
+                break;
+            }
+        }
+        self.report()
+    }
+
+    /// Every live node settled: all active on the new version, or the rollout halted and
+    /// no node runs it.
+    fn done(&self) -> bool {
+        let live = self.nodes.iter().filter(|n| n.alive);
+        let all_v2 = live.clone().all(|n| n.active == CANDIDATE && n.staged_at.is_some());
+        let halted_and_clean = self.nodes[self.origin as usize].progress.halted.is_some()
+            && live.clone().all(|n| n.active == BASELINE && n.fetching.is_none());
+        all_v2 || halted_and_clean
+    }
+
+    fn step(&mut self, ev: Ev) {
+        let now = self.q.now();
+        match ev {
+            Ev::Publish => {
+                let o = self.origin as usize;
+                self.nodes[o].manifest_at = Some(now);
+                self.nodes[o].chunks = self.chunks_total;
+                self.nodes[o].staged_at = Some(now);
+                self.holders.push(self.origin);
+                self.flood(self.origin, Msg::Manifest);
+            }
+            Ev::Gossip { to, msg } => self.on_gossip(to, msg),
+            Ev::Chunk { to, from } => self.on_chunk(to, from),
+            Ev::TryFetch { node } => self.try_fetch(node),
+            Ev::MetricsTick { node } => self.metrics_tick(node),
+            Ev::SiteRecord { site } => self.site_record(site),
+            Ev::RolloutTick { node } => {
+                self.rollout_tick(node);
+                self.q.after(ROLLOUT_TICK, Ev::RolloutTick { node });
+            }
+            Ev::Crash { node } => {
+                let n = &mut self.nodes[node as usize];
+                n.alive = false;
+                n.fetching = None;
+                self.holders.retain(|h| *h != node);
+            }
+            Ev::Restart { node } => {
+                let n = &mut self.nodes[node as usize];
+                n.alive = true;
+                n.uploads = 0;
+                if n.chunks == self.chunks_total {
+                    self.holders.push(node);
+                }
+                // Back online, it asks a peer for what it lacks (anti-entropy).
+                if n.manifest_at.is_some() || self.nodes[self.origin as usize].manifest_at.is_some() {
+                    self.nodes[node as usize].manifest_at.get_or_insert(now);
+                    self.q.after(SECOND, Ev::TryFetch { node });
+                }
+            }
+            Ev::Sample => {
+                self.sample();
+                self.q.after(SAMPLE_EVERY, Ev::Sample);
+            }
+        }
+    }
+
+    fn sample(&mut self) {
+        let n = self.nodes.len() as f64;
+        let staged = self.nodes.iter().filter(|x| x.staged_at.is_some()).count() as f64 / n;
+        let active = self.nodes.iter().filter(|x| x.active == CANDIDATE).count() as f64 / n;
+        self.coverage.push((secs(self.q.now()), staged, active));
+    }
+
+    fn flood(&mut self, from: u32, msg: Msg) {
+        let bytes = match msg {
+            Msg::Manifest => self.sc.gossip.manifest_bytes,
+            Msg::SiteMetrics { .. } => self.sc.gossip.metrics_record_bytes,
+        };
+        let now = self.q.now();
+        for i in 0..self.nodes[from as usize].mesh.len() {
+            let to = self.nodes[from as usize].mesh[i];
+            if !self.nodes[to as usize].alive {
+                continue;
+            }
+            match msg {
+                Msg::Manifest => self.manifest_bytes_total += bytes,
+                Msg::SiteMetrics { .. } => self.metrics_bytes_total += bytes,
+            }
+            if let Some(at) = self.links.send(now, from as usize, to as usize, bytes, true, &mut self.rng) {
+                self.q.at(at, Ev::Gossip { to, msg });
+            }
+        }
+    }
+
+    fn on_gossip(&mut self, to: u32, msg: Msg) {
+        let now = self.q.now();
+        let node = &mut self.nodes[to as usize];
+        if !node.alive {
+            return;
+        }
+        match msg {
+            Msg::Manifest => {
+                if node.manifest_at.is_some() {
+                    return;
+                }
+                node.manifest_at = Some(now);
+                self.flood(to, msg);
+                self.try_fetch(to);
+            }
+            Msg::SiteMetrics { site, seq } => {
+                if node.view[site as usize] >= seq {
+                    return;
+                }
+                node.view[site as usize] = seq;
+                self.flood(to, msg);
+            }
+        }
+    }
+
+    fn try_fetch(&mut self, node: u32) {
+        let me = &self.nodes[node as usize];
+        if !me.alive || me.manifest_at.is_none() || me.staged_at.is_some() || me.fetching.is_some() {
+            return;
+        }
+        let now = self.q.now();
+        let my_site = self.sc.sites[me.site].name.clone();
+        let candidates: Vec<ProviderInfo> = self
+            .holders
+            .iter()
+            .filter(|h| **h != node && !self.links.partitioned(now, **h as usize, node as usize))
+            .map(|h| {
+                let p = &self.nodes[*h as usize];
+                ProviderInfo {
+                    node: p.id,
+                    site: Some(self.sc.sites[p.site].name.clone()),
+                    rtt_micros: Some((2000.0 * self.sc.latency_ms[me.site][p.site]) as u64),
+                }
+            })
+            .collect();
+        let by_id: HashMap<NodeId, u32> = self.holders.iter().map(|h| (self.nodes[*h as usize].id, *h)).collect();
+        let others = self.holders.len().saturating_sub(1);
+        for id in rank_providers(candidates, Some(&my_site)) {
+            let p = by_id[&id];
+            let provider = &self.nodes[p as usize];
+            if upload_decision(&self.policy, provider.uploads, p == self.origin, others).is_ok() {
+                self.nodes[p as usize].uploads += 1;
+                self.nodes[node as usize].fetching = Some(p);
+                self.send_chunk(p, node);
+                return;
+            }
+        }
+        self.q.after(SECOND, Ev::TryFetch { node });
+    }
+
+    fn send_chunk(&mut self, from: u32, to: u32) {
+        let now = self.q.now();
+        match self.links.send(now, from as usize, to as usize, self.chunk_bytes, false, &mut self.rng) {
+            Some(at) => self.q.at(at, Ev::Chunk { to, from }),
+            None => self.abort_fetch(to, from),
+        }
+    }
+
+    fn abort_fetch(&mut self, to: u32, from: u32) {
+        let p = &mut self.nodes[from as usize];
+        p.uploads = p.uploads.saturating_sub(1);
+        self.nodes[to as usize].fetching = None;
+        self.q.after(SECOND, Ev::TryFetch { node: to });
+    }
+
+    fn on_chunk(&mut self, to: u32, from: u32) {
+        if self.nodes[to as usize].fetching != Some(from) {
+            return;
+        }
+        if !self.nodes[to as usize].alive || !self.nodes[from as usize].alive {
+            return self.abort_fetch(to, from);
+        }
+        let node = &mut self.nodes[to as usize];
+        node.chunks += 1;
+        if node.chunks < self.chunks_total {
+            return self.send_chunk(from, to);
+        }
+        node.staged_at = Some(self.q.now());
+        node.fetching = None;
+        let p = &mut self.nodes[from as usize];
+        p.uploads = p.uploads.saturating_sub(1);
+        self.holders.push(to);
+        self.rollout_tick(to);
+    }
+
+    fn behaviour(&self, version: u64) -> Behaviour {
+        if version == CANDIDATE {
+            self.sc.model.candidate.clone()
+        } else {
+            self.sc.model.baseline.clone()
+        }
+    }
+
+    /// A node's requests since the last tick (measured as the node would), then its
+    /// record goes to its site's aggregator.
+    fn metrics_tick(&mut self, node: u32) {
+        let interval_secs = self.sc.gossip.metrics_interval_secs;
+        self.q.after((interval_secs * SECOND as f64) as Micros, Ev::MetricsTick { node });
+        if !self.nodes[node as usize].alive {
+            return;
+        }
+        let version = self.nodes[node as usize].active;
+        let b = self.behaviour(version);
+        let requests = (self.sc.model.request_rate * interval_secs).round() as u64;
+        let slot = usize::from(version == CANDIDATE);
+        for _ in 0..requests {
+            let error = self.rng.unit() < b.error_rate;
+            let latency = self.rng.lognormal(b.latency_median_secs, 0.3);
+            let ttft = self.rng.lognormal(b.ttft_median_secs, 0.3);
+            let tps = self.rng.lognormal(b.tokens_per_sec, 0.1);
+            let m = &mut self.nodes[node as usize].metrics[slot];
+            m.requests += 1;
+            m.errors += u64::from(error);
+            m.latency.add(latency);
+            m.ttft.add(ttft);
+            m.tokens_per_sec.add(tps);
+        }
+        for (i, v) in [BASELINE, CANDIDATE].iter().enumerate() {
+            let n = &mut self.nodes[node as usize];
+            n.metrics[i].active = n.active == *v;
+        }
+        let aggregator = self.site_members[self.nodes[node as usize].site][0];
+        if aggregator != node {
+            let now = self.q.now();
+            let bytes = self.sc.gossip.metrics_record_bytes;
+            self.metrics_bytes_total += bytes;
+            let _ = self.links.send(now, node as usize, aggregator as usize, bytes, false, &mut self.rng);
+        }
+    }
+
+    /// The site's aggregator merges its members' records into one and gossips it.
+    fn site_record(&mut self, site: u32) {
+        let interval = (self.sc.gossip.metrics_interval_secs * SECOND as f64) as Micros;
+        self.q.after(interval, Ev::SiteRecord { site });
+        let members = &self.site_members[site as usize];
+        let Some(&aggregator) = members.iter().find(|m| self.nodes[**m as usize].alive) else { return };
+        let mut merged = [
+            VersionReport { model: MODEL.into(), version: BASELINE, ..Default::default() },
+            VersionReport { model: MODEL.into(), version: CANDIDATE, ..Default::default() },
+        ];
+        for m in members.iter().filter(|m| self.nodes[**m as usize].alive) {
+            for (i, r) in self.nodes[*m as usize].metrics.iter().enumerate() {
+                let t = &mut merged[i];
+                t.requests += r.requests;
+                t.errors += r.errors;
+                t.active |= r.active;
+                t.latency.merge(&r.latency);
+                t.ttft.merge(&r.ttft);
+                t.tokens_per_sec.merge(&r.tokens_per_sec);
+            }
+        }
+        let seq = self.q.now() + 1;
+        let versions = merged.into_iter().filter(|v| v.requests > 0 || v.active).collect();
+        let record = MetricsRecord { node: self.site_ids[site as usize], seq, issued_at: secs(seq) as u64, versions };
+        // Old records are kept only as long as some node may still hold them.
+        let history = &mut self.site_records[site as usize];
+        history.push(Rc::new(record));
+        if history.len() > 64 {
+            history.remove(0);
+        }
+        self.nodes[aggregator as usize].view[site as usize] = seq;
+        self.flood(aggregator, Msg::SiteMetrics { site, seq });
+    }
+
+    /// The gate verdict for a view (one seq per site); views repeat, so verdicts are cached.
+    fn verdict(&mut self, view: &[u64]) -> GateVerdict {
+        if let Some(v) = self.verdicts.get(view) {
+            return v.clone();
+        }
+        let mut fleet = FleetView::default();
+        for (site, seq) in view.iter().enumerate() {
+            if let Some(r) = self.site_records[site].iter().find(|r| r.seq == *seq) {
+                fleet.update((**r).clone(), 0);
+            }
+        }
+        let summary = fleet.summary(MODEL, CANDIDATE);
+        let baseline = fleet.baseline(MODEL, CANDIDATE);
+        let verdict = evaluate_gates(&self.plan.gates, &summary, baseline.as_ref());
+        if self.verdicts.len() > 4096 {
+            self.verdicts.clear();
+        }
+        self.verdicts.insert(view.to_vec(), verdict.clone());
+        verdict
+    }
+
+    fn rollout_tick(&mut self, node: u32) {
+        let n = &self.nodes[node as usize];
+        if !n.alive || n.manifest_at.is_none() {
+            return;
+        }
+        let now = self.q.now();
+        let view = n.view.clone();
+        let verdict = self.verdict(&view);
+        let published = secs(self.publish_at) as u64;
+        let plan = self.plan.clone();
+        let n = &mut self.nodes[node as usize];
+        advance(&mut n.progress, &plan, published, &verdict, &OperatorState::default(), secs(now) as u64);
+        if node == self.origin {
+            let text = match &verdict {
+                GateVerdict::Pass => "pass".to_string(),
+                GateVerdict::Pending(r) => format!("pending: {r}"),
+                GateVerdict::Fail(r) => format!("fail: {r}"),
+            };
+            if self.gate_decisions.last().is_none_or(|(_, last)| *last != text) {
+                self.gate_decisions.push((secs(now), text));
+            }
+        }
+        let n = &mut self.nodes[node as usize];
+        if n.staged_at.is_none() {
+            return;
+        }
+        match decide(&n.progress, n.wave, n.active == CANDIDATE) {
+            RolloutDecision::Activate if n.active != CANDIDATE => {
+                n.active = CANDIDATE;
+                n.ever_v2 = true;
+                n.active_v2_at.get_or_insert(now);
+            }
+            RolloutDecision::RollBack(_) => n.active = BASELINE,
+            _ => {}
+        }
+    }
+
+    fn report(&self) -> Report {
+        let n = self.nodes.len();
+        let after = |t: Micros| secs(t.saturating_sub(self.publish_at));
+        let waves = (0..self.plan.waves.len())
+            .map(|w| {
+                let mut times: Vec<f64> = self
+                    .nodes
+                    .iter()
+                    .filter(|x| x.wave == Some(w))
+                    .map(|x| x.active_v2_at.map_or(f64::INFINITY, after))
+                    .collect();
+                times.sort_by(f64::total_cmp);
+                let members = times.len();
+                let at = |q: f64| {
+                    if members == 0 {
+                        return None;
+                    }
+                    let i = ((q * members as f64).ceil() as usize).clamp(1, members) - 1;
+                    Some(times[i]).filter(|t| t.is_finite())
+                };
+                WaveReport { wave: w + 1, members, p50_secs: at(0.5), p90_secs: at(0.9), p99_secs: at(0.99), p100_secs: at(1.0) }
+            })
+            .collect();
+        let staged: Vec<Micros> = self.nodes.iter().filter(|x| x.alive).filter_map(|x| x.staged_at).collect();
+        let all_staged = self.nodes.iter().filter(|x| x.alive).all(|x| x.staged_at.is_some());
+        let distribution_secs = all_staged.then(|| staged.iter().map(|t| after(*t)).fold(0.0, f64::max));
+        let f = (self.chunks_total as u64 * self.chunk_bytes) as f64;
+        let u_s = self.sc.sites[self.nodes[self.origin as usize].site].uplink_mbps * 125_000.0;
+        let d_min = self.sc.sites.iter().map(|s| s.downlink_mbps * 125_000.0).fold(f64::INFINITY, f64::min);
+        let sum_u: f64 = self.sc.sites.iter().map(|s| s.nodes as f64 * s.uplink_mbps * 125_000.0).sum();
+        let receivers = (n - 1) as f64;
+        let bound = (f / u_s).max(f / d_min).max(receivers * f / sum_u);
+        let mut prop: Vec<f64> = self.nodes.iter().filter_map(|x| x.manifest_at).map(after).collect();
+        prop.sort_by(f64::total_cmp);
+        let q = |v: &[f64], q: f64| (!v.is_empty()).then(|| v[((q * v.len() as f64) as usize).min(v.len() - 1)]);
+        let span = secs(self.q.now()).max(1e-9);
+        let origin_egress = self.links.sent[self.origin as usize];
+        Report {
+            scenario: self.sc.name.clone(),
+            seed: self.sc.seed,
+            nodes: n,
+            sites: self.sc.sites.len(),
+            events: self.q.processed(),
+            simulated_secs: secs(self.q.now()),
+            model_bytes: f as u64,
+            waves,
+            distribution_secs,
+            kumar_ross_secs: bound,
+            distribution_over_bound: distribution_secs.map(|d| d / bound),
+            origin_egress_bytes: origin_egress,
+            origin_egress_per_site: origin_egress as f64 / f / self.sc.sites.len() as f64,
+            cross_site_bytes: self.links.cross_site,
+            manifest_propagation_p50_secs: q(&prop, 0.5),
+            manifest_propagation_p99_secs: q(&prop, 0.99),
+            manifest_gossip_bytes_per_node_per_sec: self.manifest_bytes_total as f64 / n as f64 / span,
+            metrics_gossip_bytes_per_node_per_sec: self.metrics_bytes_total as f64 / n as f64 / span,
+            have_bytes_per_node_per_sec: (self.holders.len() as f64
+                * self.sc.gossip.have_bytes as f64
+                * self.sc.gossip.degree as f64)
+                / span,
+            ever_activated_fraction: self.nodes.iter().filter(|x| x.ever_v2).count() as f64 / n as f64,
+            halted: self.nodes[self.origin as usize].progress.halted.clone(),
+            coverage: self.coverage.clone(),
+            gate_decisions: self.gate_decisions.clone(),
+        }
+    }
+}
