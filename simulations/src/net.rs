@@ -26,6 +26,8 @@ pub struct Links {
     pub sent: Vec<u64>,
     /// Bytes that crossed from one site to another.
     pub cross_site: u64,
+    /// Messages a partition dropped.
+    pub partition_drops: u64,
 }
 
 impl Links {
@@ -50,6 +52,7 @@ impl Links {
             partitions: vec![],
             sent: vec![0; n],
             cross_site: 0,
+            partition_drops: 0,
         }
     }
 
@@ -66,7 +69,11 @@ impl Links {
         let start = now.max(self.up_free[from]);
         self.up_free[from] = start + tx;
         self.sent[from] += bytes;
-        if self.partitioned(now, from, to) || (lossy && self.loss > 0.0 && rng.unit() < self.loss) {
+        if self.partitioned(now, from, to) {
+            self.partition_drops += 1;
+            return None;
+        }
+        if lossy && self.loss > 0.0 && rng.unit() < self.loss {
             return None;
         }
         let (sa, sb) = (self.site[from], self.site[to]);

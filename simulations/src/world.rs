@@ -100,6 +100,7 @@ pub struct Report {
     pub origin_egress_bytes: u64,
     pub origin_egress_per_site: f64,
     pub cross_site_bytes: u64,
+    pub partition_drops: u64,
     pub manifest_propagation_p50_secs: Option<f64>,
     pub manifest_propagation_p99_secs: Option<f64>,
     pub manifest_gossip_bytes_per_node_per_sec: f64,
@@ -269,8 +270,16 @@ impl World {
         w
     }
 
-    pub fn run(mut self) -> Report {
+    pub fn run(self) -> Report {
+        self.run_with_progress(|_, _| {})
+    }
+
+    /// Runs, calling `progress(simulated seconds, events)` every million events.
+    pub fn run_with_progress(mut self, mut progress: impl FnMut(f64, u64)) -> Report {
         while let Some((t, ev)) = self.q.pop() {
+            if self.q.processed() % 1_000_000 == 0 {
+                progress(secs(t), self.q.processed());
+            }
             if t > self.end {
                 break;
             }
@@ -398,21 +407,45 @@ impl World {
             return;
         }
         let now = self.q.now();
-        let my_site = self.sc.sites[me.site].name.clone();
-        let candidates: Vec<ProviderInfo> = self
-            .holders
+        let my_site_index = me.site;
+        let my_site = self.sc.sites[my_site_index].name.clone();
+        // A node knows a handful of holders, not all: sample up to 8 of its own site and 8
+        // elsewhere, scanning from a random point (bounded, so large fleets stay fast).
+        let (mut same, mut other) = (vec![], vec![]);
+        let total = self.holders.len();
+        let start = self.rng.below(total.max(1));
+        for k in 0..total.min(512) {
+            let h = self.holders[(start + k) % total];
+            if h == node || self.links.partitioned(now, h as usize, node as usize) {
+                continue;
+            }
+            let list = if self.nodes[h as usize].site == my_site_index { &mut same } else { &mut other };
+            if list.len() < 8 {
+                list.push(h);
+            }
+            if same.len() == 8 && other.len() == 8 {
+                break;
+            }
+        }
+        let origin = self.origin;
+        if origin != node && !same.contains(&origin) && !other.contains(&origin) && self.holders.contains(&origin) {
+            // The origin is always known: the manifest names where it came from.
+            other.push(origin);
+        }
+        let candidates: Vec<ProviderInfo> = same
             .iter()
-            .filter(|h| **h != node && !self.links.partitioned(now, **h as usize, node as usize))
+            .chain(other.iter())
             .map(|h| {
                 let p = &self.nodes[*h as usize];
                 ProviderInfo {
                     node: p.id,
                     site: Some(self.sc.sites[p.site].name.clone()),
-                    rtt_micros: Some((2000.0 * self.sc.latency_ms[me.site][p.site]) as u64),
+                    rtt_micros: Some((2000.0 * self.sc.latency_ms[my_site_index][p.site]) as u64),
                 }
             })
             .collect();
-        let by_id: HashMap<NodeId, u32> = self.holders.iter().map(|h| (self.nodes[*h as usize].id, *h)).collect();
+        let by_id: HashMap<NodeId, u32> =
+            same.iter().chain(other.iter()).map(|h| (self.nodes[*h as usize].id, *h)).collect();
         let others = self.holders.len().saturating_sub(1);
         for id in rank_providers(candidates, Some(&my_site)) {
             let p = by_id[&id];
@@ -651,6 +684,7 @@ impl World {
             origin_egress_bytes: origin_egress,
             origin_egress_per_site: origin_egress as f64 / f / self.sc.sites.len() as f64,
             cross_site_bytes: self.links.cross_site,
+            partition_drops: self.links.partition_drops,
             manifest_propagation_p50_secs: q(&prop, 0.5),
             manifest_propagation_p99_secs: q(&prop, 0.99),
             manifest_gossip_bytes_per_node_per_sec: self.manifest_bytes_total as f64 / n as f64 / span,

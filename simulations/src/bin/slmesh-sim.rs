@@ -33,7 +33,10 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     eprintln!("running {} ({} nodes) ...", sc.name, sc.nodes());
     let started = Instant::now();
-    let report = slmesh_sim::run(sc);
+    let report = slmesh_sim::World::new(sc).run_with_progress(|t, events| {
+        eprint!("\r  simulated {t:>7.1} s, {events:>10} events, {:>6.1} s of wall time", started.elapsed().as_secs_f64());
+    });
+    eprintln!();
     let wall = started.elapsed().as_secs_f64();
     eprintln!("{} events in {wall:.2} s ({:.0} events/s)", report.events, report.events as f64 / wall);
     std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
