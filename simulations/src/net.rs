@@ -64,7 +64,15 @@ impl Links {
     /// Sends `bytes` from `from` to `to` at `now`; returns when the last byte arrives, or
     /// None if a partition or (for `lossy` messages) loss drops it. The sender's uplink is
     /// busy either way: the bytes left.
-    pub fn send(&mut self, now: Micros, from: usize, to: usize, bytes: u64, lossy: bool, rng: &mut Rng) -> Option<Micros> {
+    pub fn send(
+        &mut self,
+        now: Micros,
+        from: usize,
+        to: usize,
+        bytes: u64,
+        lossy: bool,
+        rng: &mut Rng,
+    ) -> Option<Micros> {
         let tx = (bytes as f64 / self.up_bytes_per_sec[from] * SECOND as f64) as Micros;
         let start = now.max(self.up_free[from]);
         self.up_free[from] = start + tx;

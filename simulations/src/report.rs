@@ -58,7 +58,9 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(
         s,
         "- gossip per node: manifests {:.1} B/s, metrics {:.1} B/s, have records {:.1} B/s",
-        r.manifest_gossip_bytes_per_node_per_sec, r.metrics_gossip_bytes_per_node_per_sec, r.have_bytes_per_node_per_sec
+        r.manifest_gossip_bytes_per_node_per_sec,
+        r.metrics_gossip_bytes_per_node_per_sec,
+        r.have_bytes_per_node_per_sec
     );
     let _ = writeln!(s, "- nodes that ever activated the new version: {:.1}%", r.ever_activated_fraction * 100.0);
     if let Some(h) = &r.halted {
@@ -95,7 +97,8 @@ pub fn coverage_svg(r: &Report) -> String {
     );
     let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"{}\"/>", line(|c| c.1));
     let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\" points=\"{}\"/>", line(|c| c.2));
-    let _ = writeln!(s, "<text x=\"{pad}\" y=\"20\">{}: staged (blue), active on the new version (red)</text>", r.scenario);
+    let _ =
+        writeln!(s, "<text x=\"{pad}\" y=\"20\">{}: staged (blue), active on the new version (red)</text>", r.scenario);
     let _ = writeln!(s, "<text x=\"{}\" y=\"{}\">{t_max:.0} s</text>", w - pad - 30.0, h - 10.0);
     let _ = writeln!(s, "<text x=\"5\" y=\"{}\">100%</text>", pad + 4.0);
     s.push_str("</svg>\n");

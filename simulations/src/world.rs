@@ -277,15 +277,17 @@ impl World {
     /// Runs, calling `progress(simulated seconds, events)` every million events.
     pub fn run_with_progress(mut self, mut progress: impl FnMut(f64, u64)) -> Report {
         while let Some((t, ev)) = self.q.pop() {
-            if self.q.processed() % 1_000_000 == 0 {
+            if self.q.processed().is_multiple_of(1_000_000) {
                 progress(secs(t), self.q.processed());
             }
             if t > self.end {
                 break;
             }
+            let sampling = matches!(ev, Ev::Sample);
             self.step(ev);
-            if self.done() {
-                self.sample();
+            // Checked at each coverage sample (every 5 simulated seconds): a scan of the
+            // fleet after every event would cost more than the events.
+            if sampling && self.done() {
                 break;
             }
         }
@@ -428,7 +430,8 @@ impl World {
             }
         }
         let origin = self.origin;
-        if origin != node && !same.contains(&origin) && !other.contains(&origin) && self.holders.contains(&origin) {
+        let origin_holds = self.nodes[origin as usize].alive && self.nodes[origin as usize].chunks == self.chunks_total;
+        if origin != node && !same.contains(&origin) && !other.contains(&origin) && origin_holds {
             // The origin is always known: the manifest names where it came from.
             other.push(origin);
         }
@@ -652,7 +655,14 @@ impl World {
                     let i = ((q * members as f64).ceil() as usize).clamp(1, members) - 1;
                     Some(times[i]).filter(|t| t.is_finite())
                 };
-                WaveReport { wave: w + 1, members, p50_secs: at(0.5), p90_secs: at(0.9), p99_secs: at(0.99), p100_secs: at(1.0) }
+                WaveReport {
+                    wave: w + 1,
+                    members,
+                    p50_secs: at(0.5),
+                    p90_secs: at(0.9),
+                    p99_secs: at(0.99),
+                    p100_secs: at(1.0),
+                }
             })
             .collect();
         let staged: Vec<Micros> = self.nodes.iter().filter(|x| x.alive).filter_map(|x| x.staged_at).collect();

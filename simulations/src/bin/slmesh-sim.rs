@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "slmesh-sim", version, about = "Try a rollout plan on thousands of simulated nodes before a real fleet sees it.")]
+#[command(
+    name = "slmesh-sim",
+    version,
+    about = "Try a rollout plan on thousands of simulated nodes before a real fleet sees it."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -34,7 +38,10 @@ fn main() -> Result<()> {
     eprintln!("running {} ({} nodes) ...", sc.name, sc.nodes());
     let started = Instant::now();
     let report = slmesh_sim::World::new(sc).run_with_progress(|t, events| {
-        eprint!("\r  simulated {t:>7.1} s, {events:>10} events, {:>6.1} s of wall time", started.elapsed().as_secs_f64());
+        eprint!(
+            "\r  simulated {t:>7.1} s, {events:>10} events, {:>6.1} s of wall time",
+            started.elapsed().as_secs_f64()
+        );
     });
     eprintln!();
     let wall = started.elapsed().as_secs_f64();
