@@ -36,6 +36,7 @@ fn value_of(index: i32) -> f64 {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(into = "SketchWire", try_from = "SketchWire")]
 pub struct Sketch {
     buckets: BTreeMap<i32, u64>,
     count: u64,
@@ -108,6 +109,76 @@ impl Sketch {
     }
 }
 
+/// The wire form: the counts of consecutive buckets from `first`, each as a LEB128
+/// varint (most are a byte or two), and the sum. The total count is the sum of the counts,
+/// so it cannot disagree with them. About a seventh of a fixed-width (index, count) list.
+#[derive(Serialize, Deserialize)]
+struct SketchWire {
+    first: i32,
+    counts: Vec<u8>,
+    sum: f64,
+}
+
+impl From<Sketch> for SketchWire {
+    fn from(s: Sketch) -> Self {
+        let first = s.buckets.keys().next().copied().unwrap_or(0);
+        let last = s.buckets.keys().next_back().copied().unwrap_or(first - 1);
+        let mut counts = vec![];
+        for index in first..=last {
+            let mut c = s.buckets.get(&index).copied().unwrap_or(0);
+            loop {
+                let byte = (c & 0x7f) as u8;
+                c >>= 7;
+                if c == 0 {
+                    counts.push(byte);
+                    break;
+                }
+                counts.push(byte | 0x80);
+            }
+        }
+        SketchWire { first, counts, sum: s.sum }
+    }
+}
+
+impl TryFrom<SketchWire> for Sketch {
+    type Error = String;
+
+    fn try_from(w: SketchWire) -> Result<Self, String> {
+        let (lo, hi) = (index_of(MIN_VALUE), index_of(MAX_VALUE));
+        let mut buckets = BTreeMap::new();
+        let mut count = 0u64;
+        let (mut index, mut value, mut shift) = (w.first, 0u64, 0u32);
+        for byte in w.counts {
+            if shift > 63 || (shift == 63 && byte > 1) {
+                return Err("a bucket count overflows 64 bits".into());
+            }
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 != 0 {
+                shift += 7;
+                continue;
+            }
+            if value > 0 {
+                if index < lo || index > hi {
+                    return Err(format!("bucket {index} is outside the value range"));
+                }
+                buckets.insert(index, value);
+                count = count.checked_add(value).ok_or("the total count overflows")?;
+            }
+            if buckets.len() > MAX_BUCKETS {
+                return Err("too many buckets".into());
+            }
+            index = index.checked_add(1).ok_or("bucket index overflows")?;
+            (value, shift) = (0, 0);
+        }
+        if shift != 0 {
+            return Err("the last bucket count is cut short".into());
+        }
+        let sketch = Sketch { buckets, count, sum: w.sum };
+        sketch.validate().map_err(|e| e.to_string())?;
+        Ok(sketch)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +228,35 @@ mod tests {
                 prop_assert!((got - exact).abs() <= RELATIVE_ACCURACY * exact * 1.0001);
             }
         }
+    }
+
+    proptest! {
+        #[test]
+        fn the_wire_form_round_trips(values in proptest::collection::vec(1e-7f64..1e7, 0..300)) {
+            let mut s = Sketch::default();
+            values.iter().for_each(|v| s.add(*v));
+            let bytes = crate::wire::encode(&s).unwrap();
+            prop_assert_eq!(crate::wire::decode::<Sketch>(&bytes, "sketch").unwrap(), s);
+        }
+
+        #[test]
+        fn decoding_any_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = crate::wire::decode::<Sketch>(&bytes, "sketch");
+        }
+    }
+
+    #[test]
+    fn a_malformed_wire_form_is_refused() {
+        let decode = |first: i32, counts: Vec<u8>, sum: f64| {
+            let bytes = crate::wire::encode(&(first, counts, sum)).unwrap();
+            crate::wire::decode::<Sketch>(&bytes, "sketch")
+        };
+        assert!(decode(0, vec![3, 0, 2], 1.0).is_ok());
+        assert!(decode(i32::MAX, vec![1], 1.0).is_err(), "out of range");
+        assert!(decode(0, vec![0x80], 1.0).is_err(), "cut short");
+        assert!(decode(0, vec![0xff; 11], 1.0).is_err(), "overflow");
+        assert!(decode(0, vec![1], f64::NAN).is_err(), "sum");
+        assert!(decode(i32::MAX, vec![0, 0], 0.0).is_err(), "index overflow");
     }
 
     #[test]

@@ -117,7 +117,7 @@ impl Default for Gossip {
             metrics_interval_secs: 10.0,
             manifest_bytes: 2_000,
             have_bytes: 300,
-            metrics_record_bytes: 12_000,
+            metrics_record_bytes: 1_400,
         }
     }
 }
