@@ -227,13 +227,7 @@ pub(crate) struct Node {
 }
 
 impl Node {
-    pub fn new(
-        parts: Parts,
-        trust: TrustStore,
-        enrollment: Enrollment,
-        mesh: MeshHandle,
-        _http: SocketAddr,
-    ) -> (Self, Control) {
+    pub fn new(parts: Parts, trust: TrustStore, enrollment: Enrollment, mesh: MeshHandle) -> (Self, Control) {
         let (internal_tx, internal_rx) = mpsc::channel(256);
         let (control_tx, control_rx) = mpsc::channel(16);
         let shared = Arc::new(Mutex::new(Shared::default()));
@@ -467,15 +461,28 @@ impl Node {
         if self.peers.contains_key(&peer) || !self.asked_hello.insert(peer) {
             return;
         }
-        let request = match PeerRequest::Hello(self.my_hello()).to_bytes() {
+        self.send_request(peer, PeerRequest::Hello(self.my_hello()), |peer, result| Internal::HelloAnswer {
+            peer,
+            result,
+        });
+    }
+
+    /// Sends `request` to `peer` off the loop; its answer comes back as an `Internal`.
+    fn send_request(
+        &self,
+        peer: PeerId,
+        request: PeerRequest,
+        answer: impl FnOnce(PeerId, Result<Vec<u8>, String>) -> Internal + Send + 'static,
+    ) {
+        let bytes = match request.to_bytes() {
             Ok(b) => b,
-            Err(e) => return tracing::error!("cannot encode hello: {e}"),
+            Err(e) => return tracing::error!("cannot encode a peer request: {e}"),
         };
         let mesh = self.mesh.clone();
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
-            let result = mesh.request(peer, request).await;
-            let _ = tx.send(Internal::HelloAnswer { peer, result }).await;
+            let result = mesh.request(peer, bytes).await;
+            let _ = tx.send(answer(peer, result)).await;
         });
     }
 
@@ -581,16 +588,7 @@ impl Node {
     }
 
     fn ask_sync(&self, peer: PeerId) {
-        let request = match PeerRequest::Sync(self.digest()).to_bytes() {
-            Ok(b) => b,
-            Err(e) => return tracing::error!("cannot encode sync: {e}"),
-        };
-        let mesh = self.mesh.clone();
-        let tx = self.internal_tx.clone();
-        tokio::spawn(async move {
-            let result = mesh.request(peer, request).await;
-            let _ = tx.send(Internal::SyncAnswer { peer, result }).await;
-        });
+        self.send_request(peer, PeerRequest::Sync(self.digest()), |peer, result| Internal::SyncAnswer { peer, result });
     }
 
     /// Anti-entropy: ask a few admitted peers what they hold that this node lacks.

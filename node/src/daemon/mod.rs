@@ -135,7 +135,7 @@ async fn run_node(config: Config) -> Result<()> {
         http: http_state.clone(),
         gate,
     };
-    let (node, control) = core::Node::new(parts, trust, enrollment, mesh.clone(), http_addr);
+    let (node, control) = core::Node::new(parts, trust, enrollment, mesh.clone());
     let router = api::router(control.clone(), http_state.clone()).merge(slmesh_inference::http::router(http_state));
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(slmesh_inference::http::serve_router(http_listener, router, async move {
