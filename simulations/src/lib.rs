@@ -10,7 +10,7 @@ pub mod scenario;
 pub mod world;
 
 pub use scenario::Scenario;
-pub use world::{Report, World};
+pub use world::{CoverageSample, Report, World};
 
 /// Runs a scenario to its end.
 pub fn run(scenario: Scenario) -> Report {

@@ -73,34 +73,96 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
-/// Coverage over time: fraction of nodes with the file staged, and active on the new
-/// version.
-pub fn coverage_svg(r: &Report) -> String {
-    let (w, h, pad) = (640.0, 320.0, 40.0);
-    let t_max = r.coverage.last().map_or(1.0, |c| c.0).max(1.0);
+const COLOURS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"];
+
+/// A line chart: x in seconds, each series a named polyline, y from 0 to `y_max`.
+fn line_chart(title: &str, y_label: &str, y_max: f64, series: &[(String, Vec<(f64, f64)>)]) -> String {
+    let (w, h, pad) = (720.0, 360.0, 50.0);
+    let t_max = series.iter().flat_map(|(_, p)| p.iter().map(|(t, _)| *t)).fold(1.0, f64::max);
+    let y_max = if y_max > 0.0 { y_max } else { 1.0 };
     let x = |t: f64| pad + (w - 2.0 * pad) * t / t_max;
-    let y = |f: f64| h - pad - (h - 2.0 * pad) * f;
-    let line = |pick: fn(&(f64, f64, f64)) -> f64| {
-        r.coverage.iter().map(|c| format!("{:.1},{:.1}", x(c.0), y(pick(c)))).collect::<Vec<_>>().join(" ")
-    };
+    let y = |v: f64| h - pad - (h - 2.0 * pad) * (v / y_max).min(1.0);
     let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n"
     );
-    let _ = writeln!(s, "<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>");
+    let _ = writeln!(s, "<text x=\"{pad}\" y=\"20\" font-size=\"14\">{title}</text>");
     let _ = writeln!(
         s,
-        "<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>",
+        "<line x1=\"{pad}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/><line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{0}\" stroke=\"black\"/>",
         h - pad,
-        w - pad,
-        h - pad,
-        h - pad
+        w - pad
     );
-    let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"{}\"/>", line(|c| c.1));
-    let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\" points=\"{}\"/>", line(|c| c.2));
-    let _ =
-        writeln!(s, "<text x=\"{pad}\" y=\"20\">{}: staged (blue), active on the new version (red)</text>", r.scenario);
-    let _ = writeln!(s, "<text x=\"{}\" y=\"{}\">{t_max:.0} s</text>", w - pad - 30.0, h - 10.0);
-    let _ = writeln!(s, "<text x=\"5\" y=\"{}\">100%</text>", pad + 4.0);
+    let _ = writeln!(s, "<text x=\"{}\" y=\"{}\">{t_max:.0} s</text>", w - pad - 20.0, h - pad + 18.0);
+    let _ = writeln!(s, "<text x=\"{pad}\" y=\"{}\">0</text>", h - pad + 18.0);
+    let _ = writeln!(s, "<text x=\"4\" y=\"{}\">{y_label}</text>", pad - 6.0);
+    for (i, (name, points)) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let pts: Vec<String> = points.iter().map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v))).collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
+            pts.join(" ")
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" fill=\"{colour}\">{name}</text>",
+            w - pad - 150.0,
+            pad + 16.0 * (i as f64 + 1.0)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Coverage over time: per wave, the fraction of its members active on the new version;
+/// and the fraction of all nodes with the file staged.
+pub fn coverage_svg(r: &Report) -> String {
+    let mut series = vec![("staged (all nodes)".to_string(), r.coverage.iter().map(|c| (c.secs, c.staged)).collect())];
+    for w in 0..r.waves.len() {
+        let points = r.coverage.iter().map(|c| (c.secs, c.waves_active.get(w).copied().unwrap_or(0.0))).collect();
+        series.push((format!("wave {} active", w + 1), points));
+    }
+    line_chart(&format!("{}: coverage over time", r.scenario), "fraction", 1.0, &series)
+}
+
+/// Bytes uploaded by the origin over time, in MB.
+pub fn origin_svg(r: &Report) -> String {
+    let points: Vec<(f64, f64)> = r.coverage.iter().map(|c| (c.secs, c.origin_bytes as f64 / 1e6)).collect();
+    let max = points.iter().map(|p| p.1).fold(0.0, f64::max) * 1.1;
+    line_chart(&format!("{}: bytes uploaded by the origin", r.scenario), "MB", max, &[("origin".into(), points)])
+}
+
+/// Gate decisions over time as the origin saw them: a band coloured by verdict.
+pub fn gates_svg(r: &Report) -> String {
+    let (w, h, pad) = (720.0, 120.0, 50.0);
+    let t_max = r.coverage.last().map_or(1.0, |c| c.secs).max(1.0);
+    let x = |t: f64| pad + (w - 2.0 * pad) * t / t_max;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n"
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"{pad}\" y=\"20\" font-size=\"14\">{}: gate verdicts (grey pending, green pass, red fail)</text>",
+        r.scenario
+    );
+    for (i, (t, verdict)) in r.gate_decisions.iter().enumerate() {
+        let end = r.gate_decisions.get(i + 1).map_or(t_max, |n| n.0);
+        let colour = if verdict.starts_with("pass") {
+            "#2ca02c"
+        } else if verdict.starts_with("fail") {
+            "#d62728"
+        } else {
+            "#bbbbbb"
+        };
+        let _ = writeln!(
+            s,
+            "<rect x=\"{:.1}\" y=\"40\" width=\"{:.1}\" height=\"40\" fill=\"{colour}\"><title>{t:.0} s: {}</title></rect>",
+            x(*t),
+            (x(end) - x(*t)).max(1.0),
+            verdict.replace('<', "&lt;")
+        );
+    }
+    let _ = writeln!(s, "<text x=\"{}\" y=\"100\">{t_max:.0} s</text>", w - pad - 20.0);
     s.push_str("</svg>\n");
     s
 }

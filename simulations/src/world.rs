@@ -71,6 +71,19 @@ struct Node {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct CoverageSample {
+    pub secs: f64,
+    /// Fraction of all nodes with the file staged.
+    pub staged: f64,
+    /// Fraction of all nodes active on the new version.
+    pub active: f64,
+    /// Per wave: fraction of its members active on the new version.
+    pub waves_active: Vec<f64>,
+    /// Bytes the origin has uploaded so far.
+    pub origin_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct WaveReport {
     pub wave: usize,
     pub members: usize,
@@ -109,8 +122,8 @@ pub struct Report {
     /// Fraction of nodes that ever activated the new version.
     pub ever_activated_fraction: f64,
     pub halted: Option<String>,
-    /// (seconds, fraction staged, fraction active on the new version).
-    pub coverage: Vec<(f64, f64, f64)>,
+    /// Every 5 simulated seconds.
+    pub coverage: Vec<CoverageSample>,
     /// (seconds, verdict) whenever the origin's view of the gates changed.
     pub gate_decisions: Vec<(f64, String)>,
 }
@@ -134,7 +147,7 @@ pub struct World {
     publish_at: Micros,
     manifest_bytes_total: u64,
     metrics_bytes_total: u64,
-    coverage: Vec<(f64, f64, f64)>,
+    coverage: Vec<CoverageSample>,
     gate_decisions: Vec<(f64, String)>,
     end: Micros,
 }
@@ -354,7 +367,25 @@ impl World {
         let n = self.nodes.len() as f64;
         let staged = self.nodes.iter().filter(|x| x.staged_at.is_some()).count() as f64 / n;
         let active = self.nodes.iter().filter(|x| x.active == CANDIDATE).count() as f64 / n;
-        self.coverage.push((secs(self.q.now()), staged, active));
+        let waves_active = (0..self.plan.waves.len())
+            .map(|w| {
+                let members = self.nodes.iter().filter(|x| x.wave == Some(w));
+                let (total, on) =
+                    members.fold((0usize, 0usize), |(t, a), x| (t + 1, a + usize::from(x.active == CANDIDATE)));
+                if total == 0 {
+                    0.0
+                } else {
+                    on as f64 / total as f64
+                }
+            })
+            .collect();
+        self.coverage.push(CoverageSample {
+            secs: secs(self.q.now()),
+            staged,
+            active,
+            waves_active,
+            origin_bytes: self.links.sent[self.origin as usize],
+        });
     }
 
     fn flood(&mut self, from: u32, msg: Msg) {

@@ -22,7 +22,8 @@ enum Command {
     /// Run a scenario file; the same seed gives a byte-identical report.
     Run {
         scenario: PathBuf,
-        /// Folder for report.json, report.md and coverage.svg (default: next to the scenario, named after it).
+        /// Folder for report.json, report.md, coverage.svg, origin.svg and gates.svg
+        /// (default: next to the scenario, named after it).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -50,6 +51,8 @@ fn main() -> Result<()> {
     let md = slmesh_sim::report::markdown(&report);
     std::fs::write(out.join("report.md"), &md)?;
     std::fs::write(out.join("coverage.svg"), slmesh_sim::report::coverage_svg(&report))?;
+    std::fs::write(out.join("origin.svg"), slmesh_sim::report::origin_svg(&report))?;
+    std::fs::write(out.join("gates.svg"), slmesh_sim::report::gates_svg(&report))?;
     print!("{md}");
     println!("\nwritten to {}", out.display());
     Ok(())
