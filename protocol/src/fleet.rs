@@ -251,6 +251,9 @@ pub enum GateVerdict {
     Fail(String),
 }
 
+/// Latency and TTFT ratios compare times of at least this many seconds.
+pub const TIME_RATIO_FLOOR_SECS: f64 = 0.01;
+
 /// The gates of a rollout plan against the fleet's figures. Every comparison uses the
 /// median across nodes, so that one node's figures (true or not) cannot decide alone;
 /// ratio gates need a baseline with figures of its own, and are skipped without one.
@@ -278,12 +281,16 @@ pub fn evaluate_gates(gates: &Gates, candidate: &VersionSummary, baseline: Optio
             (Some(c), Some(b)) if b > 0.0 => Some(c / b),
             _ => None,
         };
-        if let Some(r) = ratio(candidate.median_node_p95_latency(), b.median_node_p95_latency()) {
+        // Below TIME_RATIO_FLOOR_SECS a time is noise (timer resolution, scheduling): 3 ms
+        // against 0.02 ms is not a 150x slowdown.
+        let floored = |v: Option<f64>| v.map(|v| v.max(TIME_RATIO_FLOOR_SECS));
+        let ratio_of_times = |c: Option<f64>, b: Option<f64>| ratio(floored(c), floored(b));
+        if let Some(r) = ratio_of_times(candidate.median_node_p95_latency(), b.median_node_p95_latency()) {
             if r > gates.max_p95_latency_ratio {
                 failures.push(format!("p95 latency {r:.2}x the baseline's, above {:.2}x", gates.max_p95_latency_ratio));
             }
         }
-        if let Some(r) = ratio(candidate.median_node_p95_ttft(), b.median_node_p95_ttft()) {
+        if let Some(r) = ratio_of_times(candidate.median_node_p95_ttft(), b.median_node_p95_ttft()) {
             if r > gates.max_p95_ttft_ratio {
                 failures.push(format!("p95 TTFT {r:.2}x the baseline's, above {:.2}x", gates.max_p95_ttft_ratio));
             }
@@ -524,6 +531,24 @@ mod tests {
             fine.update(record(seed, 1, vec![report(2, 20, 0, 0.22)]), 0);
         }
         assert_eq!(evaluate_gates(&g, &fine.summary("m", 2), fine.baseline("m", 2).as_ref()), GateVerdict::Pass);
+    }
+
+    #[test]
+    fn times_below_the_floor_are_not_compared_as_ratios() {
+        let g = gates();
+        let mut view = fleet(&[(20, 0), (20, 0), (20, 0)], 1, 0.000_02);
+        for seed in 4..=6 {
+            view.update(record(seed, 1, vec![report(2, 20, 0, 0.003)]), 0);
+        }
+        assert_eq!(evaluate_gates(&g, &view.summary("m", 2), view.baseline("m", 2).as_ref()), GateVerdict::Pass);
+        let mut slow = fleet(&[(20, 0), (20, 0), (20, 0)], 1, 0.000_02);
+        for seed in 4..=6 {
+            slow.update(record(seed, 1, vec![report(2, 20, 0, 0.5)]), 0);
+        }
+        assert!(matches!(
+            evaluate_gates(&g, &slow.summary("m", 2), slow.baseline("m", 2).as_ref()),
+            GateVerdict::Fail(_)
+        ));
     }
 
     #[test]

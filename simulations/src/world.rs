@@ -152,7 +152,8 @@ pub struct World {
     end: Micros,
 }
 
-fn node_id(i: u64) -> NodeId {
+/// The id of simulated node `i`: cohorts (and so waves) follow from it.
+pub fn node_id(i: u64) -> NodeId {
     let mut b = [0u8; 32];
     b[..8].copy_from_slice(&i.to_le_bytes());
     // Spread the ids: cohorts hash them anyway, but keep them distinct from site ids.

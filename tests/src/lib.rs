@@ -2,6 +2,7 @@
 //! (std only) that can send what a well-behaved client would not.
 
 pub mod fleet;
+pub mod rollout_rig;
 mod tiny_gguf;
 
 pub use tiny_gguf::tiny_llama_gguf;

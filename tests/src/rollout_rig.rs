@@ -1,0 +1,117 @@
+//! A rollout test rig: enrolled nodes ordered by their cohort for a version, a running
+//! mesh with version 1 everywhere and a trickle of requests, and version 2 published with
+//! chosen waves and gates. Shared by the rollout tests and the simulator fidelity bench.
+
+use crate::fleet::{model_field, Fleet, NodeDir, Running};
+use crate::{post_json, tiny_llama_gguf};
+use slmesh_protocol::cohort::cohort;
+use slmesh_protocol::NodeId;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const MODEL: &str = "tiny";
+pub const WAIT: Duration = Duration::from_secs(120);
+
+/// A running mesh on version 1 of the tiny model, with a trickle of chat requests to
+/// every node (stopped when dropped).
+pub struct Mesh {
+    pub fleet: Fleet,
+    pub nodes: Vec<Running>,
+    stop_load: Arc<AtomicBool>,
+    load: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.stop_load.store(true, Ordering::Relaxed);
+        if let Some(l) = self.load.take() {
+            let _ = l.join();
+        }
+    }
+}
+
+/// Node dirs (keys made) for `n` nodes, ordered by their cohort for `version`: the first
+/// ones fall in the earliest waves.
+pub fn nodes_by_cohort(fleet: &Fleet, n: usize, version: u64) -> Vec<(NodeDir, f64)> {
+    let mut dirs: Vec<(NodeDir, f64)> = (0..n)
+        .map(|i| {
+            let dir = fleet.node(&format!("n{i}"), "a", &["--metrics-interval-secs", "1"]);
+            let id: NodeId = dir.node_id.parse().expect("node id");
+            let c = cohort(&id, MODEL, version);
+            (dir, c)
+        })
+        .collect();
+    dirs.sort_by(|a, b| a.1.total_cmp(&b.1));
+    dirs
+}
+
+/// Starts the nodes (the first as bootstrap of the others), rolls version 1 out to all,
+/// and keeps a trickle of chat requests going to every node.
+pub fn mesh_on_v1(
+    fleet: Fleet,
+    dirs: &[(NodeDir, f64)],
+    env: impl Fn(usize) -> Vec<(&'static str, &'static str)>,
+) -> Mesh {
+    std::fs::write(fleet.path("v1.gguf"), tiny_llama_gguf(1, 1000)).expect("write");
+    std::fs::write(fleet.path("v2.gguf"), tiny_llama_gguf(1, 2000)).expect("write");
+    let first = dirs[0].0.start_with_env(&env(0));
+    let boot = first.bootstrap_addr();
+    let mut nodes = vec![first];
+    for (i, (dir, _)) in dirs.iter().enumerate().skip(1) {
+        // Bootstrap is a config setting: add it before starting.
+        let text = std::fs::read_to_string(&dir.config).expect("config");
+        let text = text.replace("bootstrap = []", &format!("bootstrap = [\"{boot}\"]"));
+        std::fs::write(&dir.config, text).expect("config");
+        nodes.push(dir.start_with_env(&env(i)));
+    }
+    let n = nodes.len();
+    nodes[0].wait_status("all peers", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == n - 1));
+    std::thread::sleep(Duration::from_secs(2));
+    let slm = fleet.signed_manifest_with(MODEL, 1, "v1.gguf", &["--wave", "1:0"]);
+    fleet.slmesh(&["publish", "--node", &nodes[0].http, "--manifest", slm.to_str().expect("path")]);
+    for node in &nodes {
+        node.wait_status("v1 active", WAIT, |s| model_field(s, MODEL, "active") == Some(1));
+    }
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let addrs: Vec<String> = nodes.iter().map(|n| n.http.clone()).collect();
+    let stop = stop_load.clone();
+    let load = std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            for a in &addrs {
+                let _ = post_json(
+                    a,
+                    "/v1/chat/completions",
+                    r#"{"model":"tiny","max_tokens":4,"messages":[{"role":"user","content":"hello"}]}"#,
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    Mesh { fleet, nodes, stop_load, load: Some(load) }
+}
+
+/// Wave fractions that put exactly `counts` (cumulative) of the cohort-sorted nodes in
+/// each wave: halfway between the last cohort inside and the first outside.
+pub fn waves_for(dirs: &[(NodeDir, f64)], counts: &[usize], soak: &str) -> Vec<String> {
+    counts
+        .iter()
+        .map(|&k| {
+            let f = if k >= dirs.len() { 1.0 } else { (dirs[k - 1].1 + dirs[k].1) / 2.0 };
+            format!("{f}:{soak}")
+        })
+        .collect()
+}
+
+pub fn publish_v2(mesh: &Mesh, waves: &[String], gates: &[&str]) {
+    let mut args: Vec<&str> = vec![];
+    for w in waves {
+        args.extend(["--wave", w]);
+    }
+    args.extend(gates);
+    let slm = mesh.fleet.signed_manifest_with(MODEL, 2, "v2.gguf", &args);
+    mesh.fleet.slmesh(&["publish", "--node", &mesh.nodes[0].http, "--manifest", slm.to_str().expect("path")]);
+}
+
+pub const LENIENT_RATIOS: [&str; 6] =
+    ["--max-p95-latency-ratio", "10", "--max-p95-ttft-ratio", "10", "--min-tokens-per-sec-ratio", "0.1"];
