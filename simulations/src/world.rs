@@ -39,7 +39,7 @@ enum Msg {
 #[derive(Debug, Clone, Copy)]
 enum Ev {
     Publish,
-    Gossip { to: u32, msg: Msg },
+    Gossip { to: u32, from: u32, msg: Msg },
     Chunk { to: u32, from: u32 },
     TryFetch { node: u32 },
     MetricsTick { node: u32 },
@@ -327,9 +327,9 @@ impl World {
                 self.nodes[o].chunks = self.chunks_total;
                 self.nodes[o].staged_at = Some(now);
                 self.holders.push(self.origin);
-                self.flood(self.origin, Msg::Manifest);
+                self.flood(self.origin, None, Msg::Manifest);
             }
-            Ev::Gossip { to, msg } => self.on_gossip(to, msg),
+            Ev::Gossip { to, from, msg } => self.on_gossip(to, from, msg),
             Ev::Chunk { to, from } => self.on_chunk(to, from),
             Ev::TryFetch { node } => self.try_fetch(node),
             Ev::MetricsTick { node } => self.metrics_tick(node),
@@ -389,7 +389,8 @@ impl World {
         });
     }
 
-    fn flood(&mut self, from: u32, msg: Msg) {
+    /// Sends `msg` to every mesh peer of `from` but the one it came from.
+    fn flood(&mut self, from: u32, came_from: Option<u32>, msg: Msg) {
         let bytes = match msg {
             Msg::Manifest => self.sc.gossip.manifest_bytes,
             Msg::SiteMetrics { .. } => self.sc.gossip.metrics_record_bytes,
@@ -397,7 +398,7 @@ impl World {
         let now = self.q.now();
         for i in 0..self.nodes[from as usize].mesh.len() {
             let to = self.nodes[from as usize].mesh[i];
-            if !self.nodes[to as usize].alive {
+            if !self.nodes[to as usize].alive || Some(to) == came_from {
                 continue;
             }
             match msg {
@@ -405,12 +406,12 @@ impl World {
                 Msg::SiteMetrics { .. } => self.metrics_bytes_total += bytes,
             }
             if let Some(at) = self.links.send(now, from as usize, to as usize, bytes, true, &mut self.rng) {
-                self.q.at(at, Ev::Gossip { to, msg });
+                self.q.at(at, Ev::Gossip { to, from, msg });
             }
         }
     }
 
-    fn on_gossip(&mut self, to: u32, msg: Msg) {
+    fn on_gossip(&mut self, to: u32, from: u32, msg: Msg) {
         let now = self.q.now();
         let node = &mut self.nodes[to as usize];
         if !node.alive {
@@ -422,7 +423,7 @@ impl World {
                     return;
                 }
                 node.manifest_at = Some(now);
-                self.flood(to, msg);
+                self.flood(to, Some(from), msg);
                 self.try_fetch(to);
             }
             Msg::SiteMetrics { site, seq } => {
@@ -430,7 +431,7 @@ impl World {
                     return;
                 }
                 node.view[site as usize] = seq;
-                self.flood(to, msg);
+                self.flood(to, Some(from), msg);
             }
         }
     }
@@ -606,7 +607,7 @@ impl World {
             history.remove(0);
         }
         self.nodes[aggregator as usize].view[site as usize] = seq;
-        self.flood(aggregator, Msg::SiteMetrics { site, seq });
+        self.flood(aggregator, None, Msg::SiteMetrics { site, seq });
     }
 
     /// The gate verdict for a view (one seq per site); views repeat, so verdicts are cached.
