@@ -220,13 +220,15 @@ impl World {
                 }
             })
             .collect();
-        // A gossip mesh shaped like gossipsub's: every node grafts D random peers, links
-        // are both ways.
+        // A gossip mesh shaped like gossipsub's: links both ways, every node with about D
+        // mesh peers (gossipsub keeps the degree near D by grafting and pruning).
         let d = sc.gossip.degree.min(n - 1);
         for i in 0..n {
-            while nodes[i].mesh.len() < d {
+            let mut tries = 0;
+            while nodes[i].mesh.len() < d && tries < 100 {
+                tries += 1;
                 let j = rng.below(n);
-                if j != i && !nodes[i].mesh.contains(&(j as u32)) {
+                if j != i && nodes[j].mesh.len() < d && !nodes[i].mesh.contains(&(j as u32)) {
                     nodes[i].mesh.push(j as u32);
                     nodes[j].mesh.push(i as u32);
                 }
