@@ -151,8 +151,15 @@ pub enum RolloutCommandArgs {
     Promote(OperatorArgs),
     /// Stop a rollout: every node that activated the version rolls back to its previous one.
     Abort(OperatorArgs),
-    /// The same as abort: roll the version back to the previous one everywhere.
-    Rollback(OperatorArgs),
+    /// Stop a rollout and send every node to an older version: `--to N` (default: each
+    /// node's previous version, like abort). The version's files must still be on the node.
+    Rollback {
+        #[command(flatten)]
+        args: OperatorArgs,
+        /// The version to go back to.
+        #[arg(long)]
+        to: Option<u64>,
+    },
 }
 
 #[derive(Args)]
@@ -187,7 +194,8 @@ pub fn rollout(cmd: RolloutCommandArgs) -> Result<()> {
         RolloutCommandArgs::Pause(a) => (a, CommandAction::Pause),
         RolloutCommandArgs::Resume(a) => (a, CommandAction::Resume),
         RolloutCommandArgs::Promote(a) => (a, CommandAction::Promote),
-        RolloutCommandArgs::Abort(a) | RolloutCommandArgs::Rollback(a) => (a, CommandAction::Abort),
+        RolloutCommandArgs::Abort(a) | RolloutCommandArgs::Rollback { args: a, to: None } => (a, CommandAction::Abort),
+        RolloutCommandArgs::Rollback { args, to: Some(to) } => (args, CommandAction::RollBackTo { to }),
     };
     let key = slmesh_protocol::SecretKey::load(&args.publisher_key, slmesh_protocol::KeyKind::Publisher)
         .with_context(|| format!("cannot load publisher key {}", args.publisher_key.display()))?;

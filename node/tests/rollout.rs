@@ -1,8 +1,9 @@
 //! Staged rollouts with real `slmesh node run` processes on 127.0.0.1, gated on the fleet
 //! metrics the nodes gossip: a good version goes through three waves; a bad one (the
 //! test-only fault flag `SLMESH_TEST_FAULT` makes its requests fail) halts in its canary
-//! wave and rolls back; pause holds a rollout and resume continues it; one node that
-//! reports fabricated failures cannot stop a good version.
+//! wave and rolls back; pause holds a rollout and resume continues it; an operator's
+//! rollback sends every node back to a named version; one node that reports fabricated
+//! failures cannot stop a good version.
 
 use slmesh_e2e::fleet::{model_field, Fleet, Running};
 use slmesh_e2e::rollout_rig::{mesh_on_v1, nodes_by_cohort, publish_v2, waves_for, LENIENT_RATIOS, MODEL, WAIT};
@@ -59,6 +60,15 @@ fn a_good_version_goes_through_three_waves_and_pause_holds_it() {
     assert!(fleet_view.contains("tiny@2"), "{fleet_view}");
     let rollouts = mesh.fleet.slmesh(&["rollout", "status", "--node", &mesh.nodes[5].http]);
     assert!(rollouts.contains("waves open 3/3"), "{rollouts}");
+    // An operator sends the whole fleet back to version 1 (kept on disk as the previous).
+    let mut back = args("rollback");
+    back.extend(["--to".to_string(), "1".to_string()]);
+    mesh.fleet.slmesh(&back.iter().map(String::as_str).collect::<Vec<_>>());
+    for node in &mesh.nodes {
+        node.wait_status("back on v1", WAIT, |s| model_field(s, MODEL, "active") == Some(1));
+    }
+    let rollouts = mesh.fleet.slmesh(&["rollout", "status", "--node", &mesh.nodes[2].http]);
+    assert!(rollouts.contains("rolled back to version 1"), "{rollouts}");
 }
 
 #[test]

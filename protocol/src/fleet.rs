@@ -328,6 +328,10 @@ pub enum CommandAction {
     Promote,
     /// Stop the rollout; nodes that activated the version roll back.
     Abort,
+    /// Stop the rollout, and every node goes to version `to` (if it still has its files).
+    RollBackTo {
+        to: u64,
+    },
 }
 
 impl SignedKind for RolloutCommand {
@@ -344,6 +348,8 @@ pub struct OperatorState {
     pub aborted: bool,
     /// When each promote was issued.
     pub promotions: Vec<u64>,
+    /// The version operators ordered every node back to, if they did.
+    pub roll_back_to: Option<u64>,
 }
 
 impl OperatorState {
@@ -357,6 +363,10 @@ impl OperatorState {
                 CommandAction::Resume => s.paused = false,
                 CommandAction::Promote => s.promotions.push(c.issued_at),
                 CommandAction::Abort => s.aborted = true,
+                CommandAction::RollBackTo { to } => {
+                    s.aborted = true;
+                    s.roll_back_to = Some(to);
+                }
             }
         }
         s
@@ -388,7 +398,10 @@ pub fn advance(
         return;
     }
     if operator.aborted {
-        progress.halted = Some("aborted by an operator".into());
+        progress.halted = Some(match operator.roll_back_to {
+            Some(to) => format!("an operator rolled back to version {to}"),
+            None => "aborted by an operator".into(),
+        });
         return;
     }
     if let GateVerdict::Fail(reason) = verdict {
@@ -623,6 +636,11 @@ mod tests {
         let promoted = OperatorState::fold(&[cmd(CommandAction::Promote, 110)]);
         advance(&mut progress, &p, 0, &GateVerdict::Pass, &promoted, 111);
         assert_eq!(progress.opened, vec![0, 100, 111], "promote skips the soak");
+        let back = OperatorState::fold(&[cmd(CommandAction::Promote, 1), cmd(CommandAction::RollBackTo { to: 1 }, 2)]);
+        assert_eq!(back.roll_back_to, Some(1));
+        let mut rolled = RolloutProgress::default();
+        advance(&mut rolled, &p, 0, &GateVerdict::Pass, &back, 3);
+        assert!(rolled.halted.as_deref().is_some_and(|h| h.contains("version 1")), "{rolled:?}");
         let mut other = RolloutProgress::default();
         let aborted = OperatorState::fold(&[cmd(CommandAction::Abort, 1)]);
         advance(&mut other, &p, 0, &GateVerdict::Pass, &aborted, 2);

@@ -1222,9 +1222,20 @@ impl Node {
                 } else {
                     decide(&progress, my_wave, active_here)
                 };
-                match &decision {
-                    RolloutDecision::Activate if !active_here => self.start_activation(&name, version),
-                    RolloutDecision::RollBack(reason) if active_here => self.start_rollback(&name, version, reason),
+                match (&decision, operator.roll_back_to) {
+                    // An operator named the version to go back to: every node goes there.
+                    (_, Some(to)) if state.pinned.is_none() && state.active != Some(to) => {
+                        if state.staged.contains(&to) {
+                            self.start_activation(&name, to);
+                        } else {
+                            self.note(&name, format!("ordered back to version {to}, whose files are not on this node"));
+                        }
+                    }
+                    (_, Some(_)) => {}
+                    (RolloutDecision::Activate, None) if !active_here => self.start_activation(&name, version),
+                    (RolloutDecision::RollBack(reason), None) if active_here => {
+                        self.start_rollback(&name, version, reason)
+                    }
                     _ => {}
                 }
                 views.push(super::status::RolloutView {
