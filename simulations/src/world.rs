@@ -639,12 +639,13 @@ impl World {
             return;
         }
         let now = self.q.now();
-        let view = n.view.clone();
+        // Lent out and put back: no copy of the view or the plan on this hot path.
+        let view = std::mem::take(&mut self.nodes[node as usize].view);
         let verdict = self.verdict(&view);
+        self.nodes[node as usize].view = view;
         let published = secs(self.publish_at) as u64;
-        let plan = self.plan.clone();
-        let n = &mut self.nodes[node as usize];
-        advance(&mut n.progress, &plan, published, &verdict, &OperatorState::default(), secs(now) as u64);
+        let progress = &mut self.nodes[node as usize].progress;
+        advance(progress, &self.plan, published, &verdict, &OperatorState::default(), secs(now) as u64);
         if node == self.origin {
             let text = match &verdict {
                 GateVerdict::Pass => "pass".to_string(),
