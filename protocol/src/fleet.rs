@@ -39,6 +39,37 @@ pub struct VersionReport {
     pub tokens_per_sec: Sketch,
 }
 
+impl VersionReport {
+    /// What a node measured of one version, as it reports it.
+    pub fn from_metrics(model: &str, version: u64, m: &crate::metrics::VersionMetrics) -> Self {
+        VersionReport {
+            model: model.to_string(),
+            version,
+            active: false,
+            active_since: None,
+            requests: m.requests,
+            errors: m.errors,
+            prompt_tokens: m.prompt_tokens,
+            completion_tokens: m.completion_tokens,
+            latency: m.latency.clone(),
+            ttft: m.ttft.clone(),
+            tokens_per_sec: m.tokens_per_sec.clone(),
+        }
+    }
+
+    /// Adds another report of the same version: counters summed, sketches merged.
+    pub fn add(&mut self, other: &VersionReport) {
+        self.active |= other.active;
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.latency.merge(&other.latency);
+        self.ttft.merge(&other.ttft);
+        self.tokens_per_sec.merge(&other.tokens_per_sec);
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetricsRecord {
     pub node: NodeId,
@@ -488,6 +519,15 @@ mod tests {
         let mut lying = r.clone();
         lying.versions[0].errors = 11;
         assert!(verify_metrics(&SignedMetrics::sign(&lying, &node(1)).unwrap()).is_err());
+    }
+
+    #[test]
+    fn reports_of_one_version_add_up() {
+        let mut total = report(2, 10, 1, 0.2);
+        total.active = false;
+        total.add(&report(2, 5, 2, 0.4));
+        assert_eq!((total.requests, total.errors, total.latency.count()), (15, 3, 15));
+        assert!(total.active);
     }
 
     #[test]

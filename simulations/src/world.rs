@@ -589,14 +589,8 @@ impl World {
             VersionReport { model: MODEL.into(), version: CANDIDATE, ..Default::default() },
         ];
         for m in members.iter().filter(|m| self.nodes[**m as usize].alive) {
-            for (i, r) in self.nodes[*m as usize].metrics.iter().enumerate() {
-                let t = &mut merged[i];
-                t.requests += r.requests;
-                t.errors += r.errors;
-                t.active |= r.active;
-                t.latency.merge(&r.latency);
-                t.ttft.merge(&r.ttft);
-                t.tokens_per_sec.merge(&r.tokens_per_sec);
+            for (total, r) in merged.iter_mut().zip(&self.nodes[*m as usize].metrics) {
+                total.add(r);
             }
         }
         let seq = self.q.now() + 1;

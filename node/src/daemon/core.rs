@@ -871,10 +871,14 @@ impl Node {
 
     /// The blobs of the variant this node chose for a stored version.
     fn chosen_files(&self, name: &str, version: u64) -> Option<Vec<Hex32>> {
+        Some(self.chosen_variant(name, version)?.files.iter().map(|f| f.blake3).collect())
+    }
+
+    /// The variant this node chose for a stored version (its manifest checked again).
+    fn chosen_variant(&self, name: &str, version: u64) -> Option<Variant> {
         let signed = self.parts.store.manifest(name, version).ok()??;
         let verified = verify_signed_manifest(signed, &self.trust, |_| None).ok()?;
-        let variant = select_variant(&verified.manifest, &self.facts()).ok()?;
-        Some(variant.files.iter().map(|f| f.blake3).collect())
+        select_variant(&verified.manifest, &self.facts()).ok().cloned()
     }
 
     fn update_gate(&self) {
@@ -992,9 +996,7 @@ impl Node {
     }
 
     fn weights_path(&self, name: &str, version: u64) -> Option<PathBuf> {
-        let signed = self.parts.store.manifest(name, version).ok()??;
-        let verified = verify_signed_manifest(signed, &self.trust, |_| None).ok()?;
-        let variant = select_variant(&verified.manifest, &self.facts()).ok()?;
+        let variant = self.chosen_variant(name, version)?;
         let weights = variant.files.iter().find(|f| f.role == FileRole::Weights)?;
         Some(self.staging_dir(name, version).join(&weights.name))
     }
@@ -1116,17 +1118,9 @@ impl Node {
         let mut versions: Vec<VersionReport> = metrics
             .iter()
             .map(|(model, version, m)| VersionReport {
-                model: model.to_string(),
-                version,
                 active: active.as_ref().is_some_and(|(n, v)| n == model && *v == version),
                 active_since: self.active_since.get(&(model.to_string(), version)).copied(),
-                requests: m.requests,
-                errors: m.errors,
-                prompt_tokens: m.prompt_tokens,
-                completion_tokens: m.completion_tokens,
-                latency: m.latency.clone(),
-                ttft: m.ttft.clone(),
-                tokens_per_sec: m.tokens_per_sec.clone(),
+                ..VersionReport::from_metrics(model, version, m)
             })
             .collect();
         if let Some((name, version)) = &active {
