@@ -209,6 +209,7 @@ pub fn start(config: MeshConfig) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent
         inbound: HashMap::new(),
         next_inbound: 0,
         refused: HashSet::new(),
+        local_peers: HashMap::new(),
     };
     tokio::spawn(driver.run());
     Ok((MeshHandle { tx }, events))
@@ -299,6 +300,16 @@ struct Driver {
     inbound: HashMap<u64, request_response::ResponseChannel<Vec<u8>>>,
     next_inbound: u64,
     refused: HashSet<PeerId>,
+    /// Peers mDNS saw on the local network, redialled at each discovery tick while
+    /// not connected: mDNS reports a peer once, and that first dial can fail.
+    local_peers: HashMap<PeerId, Multiaddr>,
+}
+
+/// Dials a known peer from a fresh local port. Reusing the listen port lets two nodes
+/// that find each other at the same instant (mDNS) open one TCP connection from both
+/// ends at once; both then act as the noise initiator and the connection dies.
+fn dial_peer_opts(peer: PeerId, addresses: Vec<Multiaddr>) -> libp2p::swarm::dial_opts::DialOpts {
+    libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addresses).allocate_new_port().build()
 }
 
 impl Driver {
@@ -345,6 +356,17 @@ impl Driver {
 
     fn discover(&mut self) {
         self.dial_bootstrap();
+        let unconnected: Vec<(PeerId, Multiaddr)> = self
+            .local_peers
+            .iter()
+            .filter(|(p, _)| !self.swarm.is_connected(p) && !self.refused.contains(p))
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
+        for (peer, addr) in unconnected {
+            if let Err(e) = self.swarm.dial(dial_peer_opts(peer, vec![addr])) {
+                tracing::debug!(%peer, "cannot redial a peer found by mDNS: {e}");
+            }
+        }
         if self.swarm.connected_peers().count() > 0 {
             // Finding our own id walks the DHT and fills the routing table with peers
             // near us; RoutingUpdated then dials them while we have room.
@@ -423,6 +445,9 @@ impl Driver {
                 let addr = endpoint.get_remote_address().clone();
                 return self.emit(MeshEvent::Connected { peer: peer_id, addr }).await;
             }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, "outgoing connection failed: {error}");
+            }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 return self.emit(MeshEvent::Disconnected { peer: peer_id }).await;
             }
@@ -462,23 +487,31 @@ impl Driver {
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, addresses, .. }) => {
                 let room = self.swarm.connected_peers().count() < TARGET_PEERS;
                 if room && !self.swarm.is_connected(&peer) && !self.refused.contains(&peer) {
-                    let opts =
-                        libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addresses.into_vec()).build();
-                    if let Err(e) = self.swarm.dial(opts) {
+                    if let Err(e) = self.swarm.dial(dial_peer_opts(peer, addresses.into_vec())) {
                         tracing::debug!(%peer, "cannot dial a peer found in the DHT: {e}");
                     }
                 }
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
-                    if self.refused.contains(&peer) || self.swarm.is_connected(&peer) {
+                    if self.refused.contains(&peer) {
+                        continue;
+                    }
+                    self.local_peers.insert(peer, addr.clone());
+                    if self.swarm.is_connected(&peer) {
                         continue;
                     }
                     tracing::info!(%peer, %addr, "found a peer by mDNS");
                     self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(vec![addr]).build();
-                    if let Err(e) = self.swarm.dial(opts) {
+                    if let Err(e) = self.swarm.dial(dial_peer_opts(peer, vec![addr])) {
                         tracing::debug!(%peer, "cannot dial a peer found by mDNS: {e}");
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Expired(gone)) => {
+                for (peer, addr) in gone {
+                    if self.local_peers.get(&peer) == Some(&addr) {
+                        self.local_peers.remove(&peer);
                     }
                 }
             }
