@@ -19,6 +19,7 @@ pub mod rollout;
 pub mod select;
 pub mod signed;
 pub mod sketch;
+pub mod swarm;
 pub mod trust;
 pub mod wire;
 

@@ -1,21 +1,47 @@
-//! The discrete-event core: a binary heap of timed events over a simulated clock, and a
+//! The discrete-event core: a heap of timed events over a simulated clock, and a
 //! seeded random generator. Single-threaded and deterministic: the same seed gives the
 //! same order of events, byte for byte.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use dary_heap::QuaternaryHeap;
 
 /// Simulated time in microseconds.
 pub type Micros = u64;
 
 pub const SECOND: Micros = 1_000_000;
 
+/// An event with its time and its place in the order of scheduling. Ordered so that the
+/// heap (a max-heap) pops the earliest first, FIFO among equal times.
+struct Entry<E> {
+    at: Micros,
+    seq: u64,
+    event: E,
+}
+
+impl<E> PartialEq for Entry<E> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl<E> Eq for Entry<E> {}
+
+impl<E> PartialOrd for Entry<E> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<E> Ord for Entry<E> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
 /// Events ordered by time, then by the order they were scheduled (FIFO among equals), so
-/// that no tie is broken by anything but the program's own order.
+/// that no tie is broken by anything but the program's own order. Events live in the heap
+/// itself: no second lookup on the hot pop path.
 pub struct Queue<E> {
-    heap: BinaryHeap<Reverse<(Micros, u64, usize)>>,
-    events: Vec<Option<E>>,
-    free: Vec<usize>,
+    heap: QuaternaryHeap<Entry<E>>,
     seq: u64,
     now: Micros,
     processed: u64,
@@ -23,7 +49,7 @@ pub struct Queue<E> {
 
 impl<E> Default for Queue<E> {
     fn default() -> Self {
-        Queue { heap: BinaryHeap::new(), events: vec![], free: vec![], seq: 0, now: 0, processed: 0 }
+        Queue { heap: QuaternaryHeap::new(), seq: 0, now: 0, processed: 0 }
     }
 }
 
@@ -46,17 +72,7 @@ impl<E> Queue<E> {
 
     /// Schedules `event` at `at` (never before now).
     pub fn at(&mut self, at: Micros, event: E) {
-        let slot = match self.free.pop() {
-            Some(i) => {
-                self.events[i] = Some(event);
-                i
-            }
-            None => {
-                self.events.push(Some(event));
-                self.events.len() - 1
-            }
-        };
-        self.heap.push(Reverse((at.max(self.now), self.seq, slot)));
+        self.heap.push(Entry { at: at.max(self.now), seq: self.seq, event });
         self.seq += 1;
     }
 
@@ -66,12 +82,10 @@ impl<E> Queue<E> {
 
     /// The next event, advancing the clock to its time.
     pub fn pop(&mut self) -> Option<(Micros, E)> {
-        let Reverse((t, _, slot)) = self.heap.pop()?;
-        self.now = t;
+        let Entry { at, event, .. } = self.heap.pop()?;
+        self.now = at;
         self.processed += 1;
-        let event = self.events[slot].take()?;
-        self.free.push(slot);
-        Some((t, event))
+        Some((at, event))
     }
 }
 

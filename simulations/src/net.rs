@@ -56,6 +56,11 @@ impl Links {
         }
     }
 
+    /// A node's uplink, bytes per second.
+    pub fn uplink(&self, node: usize) -> f64 {
+        self.up_bytes_per_sec[node]
+    }
+
     pub fn partitioned(&self, now: Micros, a: usize, b: usize) -> bool {
         let (sa, sb) = (self.site[a], self.site[b]);
         self.partitions.iter().any(|p| now >= p.from && now < p.until && p.side.contains(&sa) != p.side.contains(&sb))
@@ -73,9 +78,38 @@ impl Links {
         lossy: bool,
         rng: &mut Rng,
     ) -> Option<Micros> {
+        self.send_timed(now, from, to, bytes, lossy, rng).1
+    }
+
+    /// As `send`, and also when the last byte leaves the sender (its uplink is free for
+    /// the next message then, whether or not this one arrives).
+    pub fn send_timed(
+        &mut self,
+        now: Micros,
+        from: usize,
+        to: usize,
+        bytes: u64,
+        lossy: bool,
+        rng: &mut Rng,
+    ) -> (Micros, Option<Micros>) {
         let tx = (bytes as f64 / self.up_bytes_per_sec[from] * SECOND as f64) as Micros;
         let start = now.max(self.up_free[from]);
-        self.up_free[from] = start + tx;
+        let sent = start + tx;
+        self.up_free[from] = sent;
+        (sent, self.deliver(now, sent, from, to, bytes, lossy, rng))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(
+        &mut self,
+        now: Micros,
+        sent: Micros,
+        from: usize,
+        to: usize,
+        bytes: u64,
+        lossy: bool,
+        rng: &mut Rng,
+    ) -> Option<Micros> {
         self.sent[from] += bytes;
         if self.partitioned(now, from, to) {
             self.partition_drops += 1;
@@ -91,9 +125,9 @@ impl Links {
         let latency = self.latency_ms[sa][sb] + self.jitter_ms * rng.unit();
         let latency = (latency * 1000.0) as Micros;
         let rx = (bytes as f64 / self.down_bytes_per_sec[to] * SECOND as f64) as Micros;
-        // The last byte leaves at start + tx and lands a latency later, unless the
+        // The last byte leaves at `sent` and lands a latency later, unless the
         // receiver's downlink is still busy with earlier arrivals.
-        let done = (start + tx + latency).max(self.down_free[to] + rx);
+        let done = (sent + latency).max(self.down_free[to] + rx);
         self.down_free[to] = done;
         Some(done)
     }
@@ -128,6 +162,15 @@ mod tests {
         let b = l.send(0, 1, 2, 1_000_000, false, &mut rng).unwrap();
         assert_eq!(a, 1_010_000);
         assert_eq!(b, 1_510_000);
+    }
+
+    #[test]
+    fn the_uplink_is_free_when_the_last_byte_has_left_not_when_it_lands() {
+        let (mut l, mut rng) = (two_sites(), Rng::new(1));
+        // 1 MB to the other site: leaves by 1 s, lands 10 ms later.
+        assert_eq!(l.send_timed(0, 0, 2, 1_000_000, false, &mut rng), (1_000_000, Some(1_010_000)));
+        // The next message starts at 1 s, while the first is still on its way.
+        assert_eq!(l.send_timed(0, 0, 1, 1_000_000, false, &mut rng), (2_000_000, Some(2_001_000)));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use serde::Deserialize;
 use slmesh_protocol::rollout::{Gates, RolloutPlan, Wave};
+use slmesh_protocol::swarm::SwarmPolicy;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +26,41 @@ pub struct Scenario {
     pub gossip: Gossip,
     #[serde(default)]
     pub faults: Faults,
+    /// Piece transfers: upload slots, requests in flight, origin seeding.
+    #[serde(default)]
+    pub swarm: SwarmSpec,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SwarmSpec {
+    pub upload_slots: usize,
+    pub upload_queue: usize,
+    pub requests_in_flight: usize,
+    pub origin_copies_per_piece: u32,
+}
+
+impl Default for SwarmSpec {
+    fn default() -> Self {
+        let p = SwarmPolicy::default();
+        SwarmSpec {
+            upload_slots: p.upload_slots,
+            upload_queue: p.upload_queue,
+            requests_in_flight: p.requests_in_flight,
+            origin_copies_per_piece: p.origin_copies_per_piece,
+        }
+    }
+}
+
+impl SwarmSpec {
+    pub fn policy(&self) -> SwarmPolicy {
+        SwarmPolicy {
+            upload_slots: self.upload_slots,
+            upload_queue: self.upload_queue,
+            requests_in_flight: self.requests_in_flight,
+            origin_copies_per_piece: self.origin_copies_per_piece,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -40,9 +76,14 @@ pub struct Site {
 #[serde(deny_unknown_fields)]
 pub struct Model {
     pub size_mb: f64,
-    /// Transfers are simulated in chunks of this size.
+    /// Transfers are simulated in chunks (pieces) of this size.
     #[serde(default = "default_chunk_mb")]
     pub chunk_mb: f64,
+    /// How a node fetches the model: `whole` files from one provider at a time (what
+    /// `slmesh node run` does today) or `pieces` from several providers at once, each
+    /// piece served again as soon as it arrived (`protocol::swarm`).
+    #[serde(default)]
+    pub transfer: Transfer,
     /// Requests per second per node.
     pub request_rate: f64,
     /// The baseline (running) and the new version's behaviour.
@@ -52,6 +93,14 @@ pub struct Model {
 
 fn default_chunk_mb() -> f64 {
     4.0
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transfer {
+    #[default]
+    Whole,
+    Pieces,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -108,16 +157,37 @@ pub struct Gossip {
     pub have_bytes: u64,
     /// Size of one site's merged metrics record.
     pub metrics_record_bytes: u64,
+    /// gossipsub's heartbeat: each one sends IHAVE (ids of recent messages) to
+    /// `lazy_degree` peers outside the mesh; a peer that lacks one answers IWANT.
+    pub heartbeat_secs: f64,
+    pub lazy_degree: usize,
+    /// Heartbeats a message stays in IHAVE gossip (gossipsub's history_gossip).
+    pub history_gossip: u32,
+    /// Messages larger than this make the receiver tell its mesh peers IDONTWANT
+    /// (gossipsub 1.2), so that they do not send it a copy it already has.
+    pub idontwant_threshold_bytes: u64,
+    /// Bytes of a control frame (IHAVE, IWANT, IDONTWANT: yamux and noise framing, the
+    /// protobuf envelope, the topic) and of each message id in it.
+    pub control_bytes: u64,
+    pub message_id_bytes: u64,
 }
 
 impl Default for Gossip {
     fn default() -> Self {
         Gossip {
-            degree: 6,
+            degree: 4,
             metrics_interval_secs: 10.0,
             manifest_bytes: 2_000,
             have_bytes: 300,
             metrics_record_bytes: 1_400,
+            // The node's gossipsub settings (crates/mesh), else libp2p-gossipsub 0.49's
+            // defaults. A message id is a 32-byte BLAKE3 hash plus its framing.
+            heartbeat_secs: 0.7,
+            lazy_degree: 6,
+            history_gossip: 3,
+            idontwant_threshold_bytes: 1_000,
+            control_bytes: 40,
+            message_id_bytes: 34,
         }
     }
 }
@@ -127,9 +197,12 @@ impl Default for Gossip {
 pub struct Faults {
     /// Partitions: sites on one side, from and until (simulated seconds).
     pub partitions: Vec<PartitionSpec>,
-    /// Fraction of nodes that leave (crash) at a random time during the run and come
-    /// back 30-120 s later.
+    /// Fraction of nodes (distinct, never the origin) that crash at a random time in the
+    /// churn window after publication and come back 30-120 s later.
     pub churn: f64,
+    /// Seconds after publication in which the crashes fall (default 300: during the
+    /// rollout, not after it).
+    pub churn_window_secs: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -138,6 +211,10 @@ pub struct PartitionSpec {
     pub sites: Vec<String>,
     pub from_secs: f64,
     pub until_secs: f64,
+}
+
+fn positive(x: f64) -> bool {
+    x > 0.0 && x.is_finite()
 }
 
 impl Scenario {
@@ -149,6 +226,15 @@ impl Scenario {
         }
         if s.sites.iter().any(|x| x.uplink_mbps <= 0.0 || x.downlink_mbps <= 0.0) {
             return Err("every site needs positive uplink and downlink bandwidth".into());
+        }
+        if !positive(s.model.chunk_mb) || s.model.size_mb / s.model.chunk_mb > 1e6 {
+            return Err("model.chunk_mb must be positive and cut the model into at most a million pieces".into());
+        }
+        if !positive(s.gossip.heartbeat_secs) || !positive(s.gossip.metrics_interval_secs) {
+            return Err("gossip.heartbeat_secs and gossip.metrics_interval_secs must be positive".into());
+        }
+        if !(0.0..=1.0).contains(&s.faults.churn) {
+            return Err("faults.churn is a fraction of the nodes, from 0 to 1".into());
         }
         if s.sites.iter().map(|x| x.nodes).sum::<usize>() < 2 {
             return Err("a fleet needs at least 2 nodes".into());

@@ -11,7 +11,8 @@
 
 use crate::engine::{Micros, Queue, Rng, SECOND};
 use crate::net::{Links, Partition};
-use crate::scenario::{Behaviour, Scenario};
+use crate::scenario::{Behaviour, Scenario, Transfer};
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 use slmesh_protocol::cohort::{membership, Membership};
 use slmesh_protocol::fleet::{
@@ -20,6 +21,7 @@ use slmesh_protocol::fleet::{
 };
 use slmesh_protocol::mesh::{rank_providers, upload_decision, ProviderInfo, UploadPolicy};
 use slmesh_protocol::rollout::RolloutPlan;
+use slmesh_protocol::swarm::{next_to_serve, pick_piece, piece_upload_decision, PieceSet, SwarmPolicy};
 use slmesh_protocol::NodeId;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -29,6 +31,12 @@ const CANDIDATE: u64 = 2;
 const BASELINE: u64 = 1;
 const ROLLOUT_TICK: Micros = 2 * SECOND;
 const SAMPLE_EVERY: Micros = 5 * SECOND;
+/// How often a fetching node refreshes the providers it knows (in the node, have records
+/// bring them); a fetcher with nothing to ask for refreshes at once.
+const KNOWN_REFRESH: Micros = SECOND / 4;
+/// How long a fetcher with nothing to ask for waits before it looks again. After 8 such
+/// looks in a row (a partition, say) the wait doubles with each, up to 32 times this.
+const FETCH_RETRY: Micros = SECOND / 20;
 
 #[derive(Debug, Clone, Copy)]
 enum Msg {
@@ -41,6 +49,10 @@ enum Ev {
     Publish,
     Gossip { to: u32, from: u32, msg: Msg },
     Chunk { to: u32, from: u32 },
+    Piece { to: u32, from: u32, piece: u32 },
+    SlotFree { node: u32 },
+    Heartbeat { node: u32 },
+    IHave { to: u32, from: u32, msg: Msg },
     TryFetch { node: u32 },
     MetricsTick { node: u32 },
     SiteRecord { site: u32 },
@@ -56,18 +68,27 @@ struct Node {
     alive: bool,
     mesh: Vec<u32>,
     manifest_at: Option<Micros>,
-    chunks: u32,
+    /// Pieces held (whole-file transfers fill them in order).
+    pieces: PieceSet,
+    /// Whole-file transfer: the one provider.
     fetching: Option<u32>,
+    /// Piece transfers: pieces asked for, and of whom.
+    requested: PieceSet,
+    in_flight: Vec<(u32, u32)>,
+    /// Providers this fetcher knows, best first, and when it last looked.
+    known: Vec<u32>,
+    known_at: Option<Micros>,
+    /// Looks in a row that found nothing to ask for.
+    idle_looks: u32,
     staged_at: Option<Micros>,
     active: u64,
     active_v2_at: Option<Micros>,
     ever_v2: bool,
     uploads: usize,
+    /// Piece requests waiting for an upload slot: (fetcher, piece).
+    upload_queue: Vec<(u32, u32)>,
     wave: Option<usize>,
     progress: RolloutProgress,
-    /// Newest site record seen, per site.
-    view: Vec<u64>,
-    metrics: [VersionReport; 2],
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -128,6 +149,33 @@ pub struct Report {
     pub gate_decisions: Vec<(f64, String)>,
 }
 
+/// Per piece, the live nodes (the origin aside) that hold it or are being sent it, in all
+/// and per site.
+struct Copies {
+    all: Vec<u32>,
+    per_site: Vec<u32>,
+}
+
+impl Copies {
+    fn new(pieces: u32, sites: usize) -> Self {
+        Copies { all: vec![0; pieces as usize], per_site: vec![0; pieces as usize * sites] }
+    }
+
+    fn add(&mut self, site: usize, piece: u32) {
+        self.all[piece as usize] += 1;
+        self.per_site[site * self.all.len() + piece as usize] += 1;
+    }
+
+    fn remove(&mut self, site: usize, piece: u32) {
+        self.all[piece as usize] -= 1;
+        self.per_site[site * self.all.len() + piece as usize] -= 1;
+    }
+
+    fn in_site(&self, site: usize, piece: u32) -> u32 {
+        self.per_site[site * self.all.len() + piece as usize]
+    }
+}
+
 pub struct World {
     sc: Scenario,
     plan: RolloutPlan,
@@ -137,13 +185,31 @@ pub struct World {
     nodes: Vec<Node>,
     chunks_total: u32,
     chunk_bytes: u64,
+    /// Whole-file transfers: nodes holding the whole file.
     holders: Vec<u32>,
+    /// Piece transfers: nodes holding at least one piece, and per piece the live nodes
+    /// (the origin aside) that hold it or are being sent it.
+    sources: Vec<u32>,
+    copies: Copies,
     origin: u32,
     policy: UploadPolicy,
+    swarm: SwarmPolicy,
+    have_bytes_total: u64,
     site_members: Vec<Vec<u32>>,
     site_ids: Vec<NodeId>,
     site_records: Vec<Vec<Rc<MetricsRecord>>>,
-    verdicts: HashMap<Vec<u64>, GateVerdict>,
+    /// Per site, the merged measurements of its members (baseline, candidate): what its
+    /// aggregator holds from their records, kept until they expire as the node keeps them.
+    site_totals: Vec<[VersionReport; 2]>,
+    verdicts: FxHashMap<Vec<u64>, GateVerdict>,
+    /// Reused buffers of the hot paths (no allocation per event).
+    scratch_held: Vec<u32>,
+    scratch_view: Vec<u64>,
+    /// Per node and site (`node * sites + site`): the newest site record seen and when it
+    /// arrived. Dense, apart from the nodes: the heartbeat reads it for every node.
+    view_seq: Vec<u64>,
+    view_at: Vec<Micros>,
+    scratch_ids: Vec<Msg>,
     publish_at: Micros,
     manifest_bytes_total: u64,
     metrics_bytes_total: u64,
@@ -181,6 +247,9 @@ impl World {
             }
         }
         let n = site.len();
+        let chunk_bytes = ((sc.model.chunk_mb * 1e6) as u64).max(1);
+        let model_bytes = (sc.model.size_mb * 1e6) as u64;
+        let chunks_total = model_bytes.div_ceil(chunk_bytes) as u32;
         let mut links = Links::new(site.clone(), up, down, sc.latency_ms.clone(), sc.jitter_ms, sc.loss);
         for p in &sc.faults.partitions {
             let side = p.sites.iter().filter_map(|name| sc.sites.iter().position(|s| &s.name == name)).collect();
@@ -203,20 +272,21 @@ impl World {
                     alive: true,
                     mesh: vec![],
                     manifest_at: None,
-                    chunks: 0,
+                    pieces: PieceSet::new(chunks_total),
                     fetching: None,
+                    requested: PieceSet::new(chunks_total),
+                    in_flight: vec![],
+                    known: vec![],
+                    known_at: None,
+                    idle_looks: 0,
                     staged_at: None,
                     active: BASELINE,
                     active_v2_at: None,
                     ever_v2: false,
                     uploads: 0,
+                    upload_queue: vec![],
                     wave,
                     progress: RolloutProgress::default(),
-                    view: vec![0; sc.sites.len()],
-                    metrics: [
-                        VersionReport { model: MODEL.into(), version: BASELINE, ..Default::default() },
-                        VersionReport { model: MODEL.into(), version: CANDIDATE, ..Default::default() },
-                    ],
                 }
             })
             .collect();
@@ -234,9 +304,6 @@ impl World {
                 }
             }
         }
-        let chunk_bytes = (sc.model.chunk_mb * 1e6) as u64;
-        let model_bytes = (sc.model.size_mb * 1e6) as u64;
-        let chunks_total = model_bytes.div_ceil(chunk_bytes.max(1)) as u32;
         let site_ids = (0..sc.sites.len()).map(|s| node_id(u64::MAX - s as u64)).collect();
         let publish_at = (sc.rollout.publish_at_secs * SECOND as f64) as Micros;
         let end = (sc.duration_secs * SECOND as f64) as Micros;
@@ -249,12 +316,28 @@ impl World {
             chunks_total,
             chunk_bytes,
             holders: vec![],
+            sources: vec![],
+            copies: Copies::new(chunks_total, sc.sites.len()),
             origin: 0,
             policy: UploadPolicy::default(),
+            swarm: sc.swarm.policy(),
+            have_bytes_total: 0,
             site_members,
             site_ids,
             site_records: vec![vec![]; sc.sites.len()],
-            verdicts: HashMap::new(),
+            site_totals: vec![
+                [
+                    VersionReport { model: MODEL.into(), version: BASELINE, ..Default::default() },
+                    VersionReport { model: MODEL.into(), version: CANDIDATE, ..Default::default() },
+                ];
+                sc.sites.len()
+            ],
+            verdicts: FxHashMap::default(),
+            scratch_held: vec![],
+            scratch_view: vec![],
+            view_seq: vec![0; n * sc.sites.len()],
+            view_at: vec![0; n * sc.sites.len()],
+            scratch_ids: vec![],
             publish_at,
             manifest_bytes_total: 0,
             metrics_bytes_total: 0,
@@ -272,13 +355,23 @@ impl World {
             w.q.at(offset, Ev::MetricsTick { node: i });
             w.q.at(publish_at + offset % ROLLOUT_TICK, Ev::RolloutTick { node: i });
         }
+        let heartbeat = (w.sc.gossip.heartbeat_secs * SECOND as f64) as Micros;
+        for i in 0..n as u32 {
+            let offset = w.rng.below(heartbeat.max(1) as usize) as Micros;
+            w.q.at(offset, Ev::Heartbeat { node: i });
+        }
         for s in 0..w.sc.sites.len() as u32 {
             w.q.at(interval / 2 + s as Micros, Ev::SiteRecord { site: s });
         }
-        let churners = (w.sc.faults.churn * n as f64) as usize;
-        for _ in 0..churners {
-            let node = 1 + w.rng.below(n - 1) as u32; // the origin stays
-            let at = publish_at + (w.rng.unit() * (end - publish_at) as f64 * 0.5) as Micros;
+        // Distinct nodes, never the origin (node 0): a partial Fisher-Yates shuffle.
+        let churners = ((w.sc.faults.churn * n as f64) as usize).min(n - 1);
+        let window = w.sc.faults.churn_window_secs.unwrap_or(300.0) * SECOND as f64;
+        let mut pool: Vec<u32> = (1..n as u32).collect();
+        for k in 0..churners {
+            let pick = k + w.rng.below(pool.len() - k);
+            pool.swap(k, pick);
+            let node = pool[k];
+            let at = publish_at + (w.rng.unit() * window) as Micros;
             let back = at + (30.0 + 90.0 * w.rng.unit()) as Micros * SECOND;
             w.q.at(at, Ev::Crash { node });
             w.q.at(back, Ev::Restart { node });
@@ -316,7 +409,7 @@ impl World {
         let live = self.nodes.iter().filter(|n| n.alive);
         let all_v2 = live.clone().all(|n| n.active == CANDIDATE && n.staged_at.is_some());
         let halted_and_clean = self.nodes[self.origin as usize].progress.halted.is_some()
-            && live.clone().all(|n| n.active == BASELINE && n.fetching.is_none());
+            && live.clone().all(|n| n.active == BASELINE && n.fetching.is_none() && n.in_flight.is_empty());
         all_v2 || halted_and_clean
     }
 
@@ -326,13 +419,27 @@ impl World {
             Ev::Publish => {
                 let o = self.origin as usize;
                 self.nodes[o].manifest_at = Some(now);
-                self.nodes[o].chunks = self.chunks_total;
+                self.nodes[o].pieces = PieceSet::full(self.chunks_total);
                 self.nodes[o].staged_at = Some(now);
                 self.holders.push(self.origin);
+                self.sources.push(self.origin);
                 self.flood(self.origin, None, Msg::Manifest);
             }
             Ev::Gossip { to, from, msg } => self.on_gossip(to, from, msg),
             Ev::Chunk { to, from } => self.on_chunk(to, from),
+            Ev::Piece { to, from, piece } => self.on_piece(to, from, piece),
+            Ev::SlotFree { node } => {
+                let n = &mut self.nodes[node as usize];
+                n.uploads = n.uploads.saturating_sub(1);
+                if n.alive {
+                    self.serve(node);
+                }
+            }
+            Ev::Heartbeat { node } => {
+                self.heartbeat(node);
+                self.q.after((self.sc.gossip.heartbeat_secs * SECOND as f64) as Micros, Ev::Heartbeat { node });
+            }
+            Ev::IHave { to, from, msg } => self.on_ihave(to, from, msg),
             Ev::TryFetch { node } => self.try_fetch(node),
             Ev::MetricsTick { node } => self.metrics_tick(node),
             Ev::SiteRecord { site } => self.site_record(site),
@@ -342,15 +449,37 @@ impl World {
             }
             Ev::Crash { node } => {
                 let n = &mut self.nodes[node as usize];
+                if !n.alive {
+                    return;
+                }
                 n.alive = false;
                 n.fetching = None;
+                // What it held or was being sent is no longer on offer.
+                for p in n.pieces.iter().chain(n.in_flight.iter().map(|(p, _)| *p)) {
+                    self.copies.remove(n.site, p);
+                }
+                n.in_flight.clear();
+                n.requested = PieceSet::new(self.chunks_total);
+                n.known_at = None;
+                // Requests waiting here go elsewhere.
+                for (fetcher, piece) in std::mem::take(&mut n.upload_queue) {
+                    if self.drop_claim(fetcher, node, piece) {
+                        self.q.after(0, Ev::TryFetch { node: fetcher });
+                    }
+                }
                 self.holders.retain(|h| *h != node);
             }
             Ev::Restart { node } => {
                 let n = &mut self.nodes[node as usize];
+                if n.alive {
+                    return;
+                }
                 n.alive = true;
                 n.uploads = 0;
-                if n.chunks == self.chunks_total {
+                for p in n.pieces.iter() {
+                    self.copies.add(n.site, p);
+                }
+                if n.pieces.is_full() {
                     self.holders.push(node);
                 }
                 // Back online, it asks a peer for what it lacks (anti-entropy).
@@ -391,22 +520,64 @@ impl World {
         });
     }
 
-    /// Sends `msg` to every mesh peer of `from` but the one it came from.
-    fn flood(&mut self, from: u32, came_from: Option<u32>, msg: Msg) {
-        let bytes = match msg {
+    fn message_bytes(&self, msg: Msg) -> u64 {
+        match msg {
             Msg::Manifest => self.sc.gossip.manifest_bytes,
             Msg::SiteMetrics { .. } => self.sc.gossip.metrics_record_bytes,
-        };
+        }
+    }
+
+    fn count_gossip_bytes(&mut self, msg: Msg, bytes: u64) {
+        match msg {
+            Msg::Manifest => self.manifest_bytes_total += bytes,
+            Msg::SiteMetrics { .. } => self.metrics_bytes_total += bytes,
+        }
+    }
+
+    fn view_index(&self, node: u32, site: u32) -> usize {
+        node as usize * self.sc.sites.len() + site as usize
+    }
+
+    /// Whether `node` lacks `msg` (for a site record: this one or a newer one).
+    fn lacks(&self, node: u32, msg: Msg) -> bool {
+        match msg {
+            Msg::Manifest => self.nodes[node as usize].manifest_at.is_none(),
+            Msg::SiteMetrics { site, seq } => self.view_seq[self.view_index(node, site)] < seq,
+        }
+    }
+
+    /// When `node` received `msg`, if it holds it (for a site record: this very one).
+    fn received_at(&self, node: u32, msg: Msg) -> Option<Micros> {
+        let n = &self.nodes[node as usize];
+        match msg {
+            Msg::Manifest => n.manifest_at,
+            Msg::SiteMetrics { site, seq } => {
+                let i = self.view_index(node, site);
+                (self.view_seq[i] == seq).then_some(self.view_at[i])
+            }
+        }
+    }
+
+    fn latency(&self, a: u32, b: u32) -> Micros {
+        let (sa, sb) = (self.nodes[a as usize].site, self.nodes[b as usize].site);
+        (self.sc.latency_ms[sa][sb] * 1000.0) as Micros
+    }
+
+    /// Sends `msg` to every mesh peer of `from` but the one it came from and those whose
+    /// IDONTWANT for it has arrived (gossipsub 1.2, for messages over the threshold).
+    fn flood(&mut self, from: u32, came_from: Option<u32>, msg: Msg) {
+        let bytes = self.message_bytes(msg);
+        let idontwant = bytes > self.sc.gossip.idontwant_threshold_bytes;
         let now = self.q.now();
         for i in 0..self.nodes[from as usize].mesh.len() {
             let to = self.nodes[from as usize].mesh[i];
             if !self.nodes[to as usize].alive || Some(to) == came_from {
                 continue;
             }
-            match msg {
-                Msg::Manifest => self.manifest_bytes_total += bytes,
-                Msg::SiteMetrics { .. } => self.metrics_bytes_total += bytes,
+            if idontwant && self.received_at(to, msg).is_some_and(|t| t + self.latency(to, from) <= now) {
+                continue;
             }
+            self.count_gossip_bytes(msg, bytes);
             if let Some(at) = self.links.send(now, from as usize, to as usize, bytes, true, &mut self.rng) {
                 self.q.at(at, Ev::Gossip { to, from, msg });
             }
@@ -415,10 +586,17 @@ impl World {
 
     fn on_gossip(&mut self, to: u32, from: u32, msg: Msg) {
         let now = self.q.now();
-        let node = &mut self.nodes[to as usize];
-        if !node.alive {
+        if !self.nodes[to as usize].alive {
             return;
         }
+        // gossipsub 1.2 tells its other mesh peers IDONTWANT on every copy that arrives,
+        // before it checks for a duplicate.
+        if self.message_bytes(msg) > self.sc.gossip.idontwant_threshold_bytes {
+            let peers = self.nodes[to as usize].mesh.len().saturating_sub(1) as u64;
+            let frame = self.sc.gossip.control_bytes + self.sc.gossip.message_id_bytes;
+            self.count_gossip_bytes(msg, peers * frame);
+        }
+        let node = &mut self.nodes[to as usize];
         match msg {
             Msg::Manifest => {
                 if node.manifest_at.is_some() {
@@ -429,34 +607,104 @@ impl World {
                 self.try_fetch(to);
             }
             Msg::SiteMetrics { site, seq } => {
-                if node.view[site as usize] >= seq {
+                let i = self.view_index(to, site);
+                if self.view_seq[i] >= seq {
                     return;
                 }
-                node.view[site as usize] = seq;
+                self.view_seq[i] = seq;
+                self.view_at[i] = now;
                 self.flood(to, Some(from), msg);
             }
         }
     }
 
-    fn try_fetch(&mut self, node: u32) {
-        let me = &self.nodes[node as usize];
-        if !me.alive || me.manifest_at.is_none() || me.staged_at.is_some() || me.fetching.is_some() {
+    /// gossipsub's heartbeat: IHAVE with the ids of the messages of the last few
+    /// heartbeats to a few peers outside the mesh. Those that lack one ask IWANT.
+    fn heartbeat(&mut self, node: u32) {
+        if !self.nodes[node as usize].alive {
             return;
         }
         let now = self.q.now();
-        let my_site_index = me.site;
-        let my_site = self.sc.sites[my_site_index].name.clone();
-        // A node knows a handful of holders, not all: sample up to 8 of its own site and 8
-        // elsewhere, scanning from a random point (bounded, so large fleets stay fast).
-        let (mut same, mut other) = (vec![], vec![]);
-        let total = self.holders.len();
-        let start = self.rng.below(total.max(1));
-        for k in 0..total.min(512) {
-            let h = self.holders[(start + k) % total];
-            if h == node || self.links.partitioned(now, h as usize, node as usize) {
+        let window = (self.sc.gossip.history_gossip as f64 * self.sc.gossip.heartbeat_secs * SECOND as f64) as Micros;
+        let recent = |t: Micros| t + window > now;
+        let n = &self.nodes[node as usize];
+        let mut ids = std::mem::take(&mut self.scratch_ids);
+        ids.clear();
+        if n.manifest_at.is_some_and(recent) {
+            ids.push(Msg::Manifest);
+        }
+        let sites = self.sc.sites.len();
+        let views = node as usize * sites..(node as usize + 1) * sites;
+        for (site, (&seq, &at)) in self.view_seq[views.clone()].iter().zip(&self.view_at[views]).enumerate() {
+            if seq > 0 && recent(at) {
+                ids.push(Msg::SiteMetrics { site: site as u32, seq });
+            }
+        }
+        if ids.is_empty() {
+            self.scratch_ids = ids;
+            return;
+        }
+        let total = self.nodes.len();
+        let (control, id_bytes) = (self.sc.gossip.control_bytes, self.sc.gossip.message_id_bytes);
+        for _ in 0..self.sc.gossip.lazy_degree.min(total - 1) {
+            let to = self.rng.below(total) as u32;
+            if to == node || self.nodes[node as usize].mesh.contains(&to) || !self.nodes[to as usize].alive {
                 continue;
             }
-            let list = if self.nodes[h as usize].site == my_site_index { &mut same } else { &mut other };
+            let frame_share = control / ids.len() as u64;
+            for &msg in &ids {
+                self.count_gossip_bytes(msg, frame_share + id_bytes);
+                // A peer that holds the message already drops the id; only the others
+                // make an event.
+                if self.lacks(to, msg) {
+                    let bytes = control + id_bytes;
+                    if let Some(at) = self.links.send(now, node as usize, to as usize, bytes, true, &mut self.rng) {
+                        self.q.at(at, Ev::IHave { to, from: node, msg });
+                    }
+                }
+            }
+        }
+        self.scratch_ids = ids;
+    }
+
+    /// An IHAVE arrived: ask IWANT if the message is still missing; the peer sends it.
+    fn on_ihave(&mut self, to: u32, from: u32, msg: Msg) {
+        if !self.nodes[to as usize].alive || !self.lacks(to, msg) || !self.nodes[from as usize].alive {
+            return;
+        }
+        let now = self.q.now();
+        let want = self.sc.gossip.control_bytes + self.sc.gossip.message_id_bytes;
+        self.count_gossip_bytes(msg, want);
+        let Some(asked) = self.links.send(now, to as usize, from as usize, want, true, &mut self.rng) else { return };
+        let bytes = self.message_bytes(msg);
+        self.count_gossip_bytes(msg, bytes);
+        if let Some(at) = self.links.send(asked, from as usize, to as usize, bytes, true, &mut self.rng) {
+            self.q.at(at, Ev::Gossip { to, from, msg });
+        }
+    }
+
+    fn try_fetch(&mut self, node: u32) {
+        match self.sc.model.transfer {
+            Transfer::Whole => self.fetch_whole(node),
+            Transfer::Pieces => self.fetch_pieces(node),
+        }
+    }
+
+    /// Up to 8 holders in the node's site and 8 elsewhere, from `pool` (scanned from a
+    /// random point, at most 512 entries, so large fleets stay fast), reachable now. A
+    /// node knows a handful of holders, not all.
+    fn sample_holders(&mut self, node: u32, pool: &[u32]) -> (Vec<u32>, Vec<u32>) {
+        let now = self.q.now();
+        let my_site = self.nodes[node as usize].site;
+        let (mut same, mut other) = (vec![], vec![]);
+        let total = pool.len();
+        let start = self.rng.below(total.max(1));
+        for k in 0..total.min(512) {
+            let h = pool[(start + k) % total];
+            if h == node || !self.nodes[h as usize].alive || self.links.partitioned(now, h as usize, node as usize) {
+                continue;
+            }
+            let list = if self.nodes[h as usize].site == my_site { &mut same } else { &mut other };
             if list.len() < 8 {
                 list.push(h);
             }
@@ -464,15 +712,15 @@ impl World {
                 break;
             }
         }
-        let origin = self.origin;
-        let origin_holds = self.nodes[origin as usize].alive && self.nodes[origin as usize].chunks == self.chunks_total;
-        if origin != node && !same.contains(&origin) && !other.contains(&origin) && origin_holds {
-            // The origin is always known: the manifest names where it came from.
-            other.push(origin);
-        }
-        let candidates: Vec<ProviderInfo> = same
+        (same, other)
+    }
+
+    /// `holders` in the protocol core's provider order (same site, then RTT, then id).
+    fn ranked(&self, node: u32, holders: Vec<u32>) -> Vec<u32> {
+        let my_site_index = self.nodes[node as usize].site;
+        let my_site = &self.sc.sites[my_site_index].name;
+        let candidates: Vec<ProviderInfo> = holders
             .iter()
-            .chain(other.iter())
             .map(|h| {
                 let p = &self.nodes[*h as usize];
                 ProviderInfo {
@@ -482,11 +730,191 @@ impl World {
                 }
             })
             .collect();
-        let by_id: HashMap<NodeId, u32> =
-            same.iter().chain(other.iter()).map(|h| (self.nodes[*h as usize].id, *h)).collect();
+        let by_id: HashMap<NodeId, u32> = holders.iter().map(|h| (self.nodes[*h as usize].id, *h)).collect();
+        rank_providers(candidates, Some(my_site)).into_iter().map(|id| by_id[&id]).collect()
+    }
+
+    /// Piece transfers: keep up to `requests_in_flight` pieces coming, one per provider,
+    /// the rarest each provider has that this node lacks.
+    fn fetch_pieces(&mut self, node: u32) {
+        let now = self.q.now();
+        let me = &self.nodes[node as usize];
+        if !me.alive || me.manifest_at.is_none() || me.pieces.is_full() {
+            return;
+        }
+        if me.known_at.is_none_or(|t| t + KNOWN_REFRESH <= now) {
+            let sources = std::mem::take(&mut self.sources);
+            let (mut same, other) = self.sample_holders(node, &sources);
+            self.sources = sources;
+            same.extend(other);
+            let origin = self.origin;
+            if origin != node && !same.contains(&origin) && self.nodes[origin as usize].alive {
+                same.push(origin); // the manifest names where it came from
+            }
+            let known = self.ranked(node, same);
+            let me = &mut self.nodes[node as usize];
+            me.known = known;
+            me.known_at = Some(now);
+        }
+        // Rarest first across providers: ask for the rarest piece anyone known offers
+        // (the origin's unseeded pieces before all), and among equally rare pieces ask
+        // the provider that should answer soonest: queued work over its uplink plus the
+        // way there (the node would go by measured rates).
+        let known = std::mem::take(&mut self.nodes[node as usize].known);
+        let start = (node as u64 * 7919 % self.chunks_total.max(1) as u64) as u32;
+        let mut offers: Vec<(u32, Micros, u32, u32)> = vec![];
+        let full = self.swarm.upload_slots + self.swarm.upload_queue;
+        for &p in &known {
+            let (me, provider) = (&self.nodes[node as usize], &self.nodes[p as usize]);
+            if !provider.alive
+                || provider.uploads + provider.upload_queue.len() >= full
+                || me.in_flight.iter().any(|(_, from)| *from == p)
+                || self.links.partitioned(now, p as usize, node as usize)
+            {
+                continue;
+            }
+            let Some(piece) = pick_piece(&me.pieces, &me.requested, &provider.pieces, &self.copies.all, start) else {
+                continue;
+            };
+            let queued = (provider.uploads + provider.upload_queue.len() + 1) as f64 * self.chunk_bytes as f64;
+            let wait = (queued / self.links.uplink(p as usize) * SECOND as f64) as Micros + self.latency(p, node);
+            offers.push((self.copies.all[piece as usize], wait, p, piece));
+        }
+        offers.sort_unstable();
+        let mut asked = false;
+        for (_, _, p, offered) in offers {
+            let me = &self.nodes[node as usize];
+            if me.in_flight.len() >= self.swarm.requests_in_flight {
+                break;
+            }
+            let provider = &self.nodes[p as usize];
+            // Picked again once a request of this round may have taken the offered piece.
+            let piece = if asked {
+                match pick_piece(&me.pieces, &me.requested, &provider.pieces, &self.copies.all, start) {
+                    Some(piece) => piece,
+                    None => continue,
+                }
+            } else {
+                offered
+            };
+            // The origin seeds a piece once per site: a copy across a partition is no copy.
+            let copies = self.copies.in_site(me.site, piece);
+            let pending = provider.uploads + provider.upload_queue.len();
+            if piece_upload_decision(&self.swarm, pending, p == self.origin, copies).is_err() {
+                continue;
+            }
+            asked = true;
+            self.nodes[node as usize].idle_looks = 0;
+            self.copies.add(self.nodes[node as usize].site, piece);
+            let me = &mut self.nodes[node as usize];
+            me.requested.insert(piece);
+            me.in_flight.push((piece, p));
+            self.nodes[p as usize].upload_queue.push((node, piece));
+            self.serve(p);
+        }
+        let me = &mut self.nodes[node as usize];
+        me.known = known;
+        if me.in_flight.is_empty() {
+            me.known_at = None; // look for other providers next time
+            let wait = FETCH_RETRY << me.idle_looks.saturating_sub(8).min(5);
+            me.idle_looks += 1;
+            self.q.after(wait, Ev::TryFetch { node });
+        }
+    }
+
+    /// Free upload slots take the waiting request of the fetcher furthest behind.
+    fn serve(&mut self, provider: u32) {
+        let now = self.q.now();
+        while self.nodes[provider as usize].uploads < self.swarm.upload_slots {
+            let mut held = std::mem::take(&mut self.scratch_held);
+            held.clear();
+            let queue = &self.nodes[provider as usize].upload_queue;
+            held.extend(queue.iter().map(|(f, _)| self.nodes[*f as usize].pieces.count()));
+            let next = next_to_serve(&held);
+            self.scratch_held = held;
+            let Some(i) = next else { return };
+            let (fetcher, piece) = self.nodes[provider as usize].upload_queue.remove(i);
+            // A fetcher that crashed since it asked has forgotten the request.
+            if !self.nodes[fetcher as usize].in_flight.contains(&(piece, provider)) {
+                continue;
+            }
+            // The slot frees when the last byte has left: the next request goes out while
+            // this one is still on its way.
+            self.nodes[provider as usize].uploads += 1;
+            let (sent, arrives) =
+                self.links.send_timed(now, provider as usize, fetcher as usize, self.chunk_bytes, false, &mut self.rng);
+            self.q.at(sent, Ev::SlotFree { node: provider });
+            match arrives {
+                Some(at) => self.q.at(at, Ev::Piece { to: fetcher, from: provider, piece }),
+                None => {
+                    self.drop_claim(fetcher, provider, piece);
+                    self.q.after(0, Ev::TryFetch { node: fetcher });
+                }
+            }
+        }
+    }
+
+    /// A piece request ended without the piece: the fetcher's claim goes back. False if
+    /// the fetcher had forgotten it already.
+    fn drop_claim(&mut self, to: u32, from: u32, piece: u32) -> bool {
+        let me = &mut self.nodes[to as usize];
+        let Some(i) = me.in_flight.iter().position(|x| *x == (piece, from)) else { return false };
+        me.in_flight.swap_remove(i);
+        me.requested.remove(piece);
+        self.copies.remove(me.site, piece);
+        true
+    }
+
+    fn on_piece(&mut self, to: u32, from: u32, piece: u32) {
+        let me = &self.nodes[to as usize];
+        let expected = me.in_flight.contains(&(piece, from));
+        if !expected || !me.alive || !self.nodes[from as usize].alive {
+            // A crash on either side lost it (a crashed fetcher's claims are gone already).
+            if self.drop_claim(to, from, piece) {
+                self.fetch_pieces(to);
+            }
+            return;
+        }
+        let me = &mut self.nodes[to as usize];
+        if let Some(i) = me.in_flight.iter().position(|x| *x == (piece, from)) {
+            me.in_flight.swap_remove(i);
+        }
+        me.requested.remove(piece);
+        me.pieces.insert(piece); // its claim in `copies` now counts a copy held
+        let first = me.pieces.count() == 1;
+        let full = me.pieces.is_full();
+        // Peers learn the new piece from a have update to the providers it knows.
+        self.have_bytes_total += me.known.len() as u64 * (self.sc.gossip.control_bytes + 8);
+        if first {
+            self.sources.push(to);
+        }
+        if full {
+            self.nodes[to as usize].staged_at = Some(self.q.now());
+            self.holders.push(to);
+            self.rollout_tick(to);
+        } else {
+            self.fetch_pieces(to);
+        }
+    }
+
+    /// Whole-file transfers, as the node does them: the best-ranked holder with a free
+    /// upload slot sends the whole file.
+    fn fetch_whole(&mut self, node: u32) {
+        let me = &self.nodes[node as usize];
+        if !me.alive || me.manifest_at.is_none() || me.staged_at.is_some() || me.fetching.is_some() {
+            return;
+        }
+        let holders = std::mem::take(&mut self.holders);
+        let (mut same, other) = self.sample_holders(node, &holders);
+        self.holders = holders;
+        same.extend(other);
+        let origin = self.origin;
+        let origin_holds = self.nodes[origin as usize].alive && self.nodes[origin as usize].pieces.is_full();
+        if origin != node && !same.contains(&origin) && origin_holds {
+            same.push(origin); // the manifest names where it came from
+        }
         let others = self.holders.len().saturating_sub(1);
-        for id in rank_providers(candidates, Some(&my_site)) {
-            let p = by_id[&id];
+        for p in self.ranked(node, same) {
             let provider = &self.nodes[p as usize];
             if upload_decision(&self.policy, provider.uploads, p == self.origin, others).is_ok() {
                 self.nodes[p as usize].uploads += 1;
@@ -521,8 +949,8 @@ impl World {
             return self.abort_fetch(to, from);
         }
         let node = &mut self.nodes[to as usize];
-        node.chunks += 1;
-        if node.chunks < self.chunks_total {
+        node.pieces.insert(node.pieces.count());
+        if !node.pieces.is_full() {
             return self.send_chunk(from, to);
         }
         node.staged_at = Some(self.q.now());
@@ -553,21 +981,18 @@ impl World {
         let b = self.behaviour(version);
         let requests = (self.sc.model.request_rate * interval_secs).round() as u64;
         let slot = usize::from(version == CANDIDATE);
+        let site = self.nodes[node as usize].site;
         for _ in 0..requests {
             let error = self.rng.unit() < b.error_rate;
             let latency = self.rng.lognormal(b.latency_median_secs, 0.3);
             let ttft = self.rng.lognormal(b.ttft_median_secs, 0.3);
             let tps = self.rng.lognormal(b.tokens_per_sec, 0.1);
-            let m = &mut self.nodes[node as usize].metrics[slot];
+            let m = &mut self.site_totals[site][slot];
             m.requests += 1;
             m.errors += u64::from(error);
             m.latency.add(latency);
             m.ttft.add(ttft);
             m.tokens_per_sec.add(tps);
-        }
-        for (i, v) in [BASELINE, CANDIDATE].iter().enumerate() {
-            let n = &mut self.nodes[node as usize];
-            n.metrics[i].active = n.active == *v;
         }
         let aggregator = self.site_members[self.nodes[node as usize].site][0];
         if aggregator != node {
@@ -584,14 +1009,10 @@ impl World {
         self.q.after(interval, Ev::SiteRecord { site });
         let members = &self.site_members[site as usize];
         let Some(&aggregator) = members.iter().find(|m| self.nodes[**m as usize].alive) else { return };
-        let mut merged = [
-            VersionReport { model: MODEL.into(), version: BASELINE, ..Default::default() },
-            VersionReport { model: MODEL.into(), version: CANDIDATE, ..Default::default() },
-        ];
-        for m in members.iter().filter(|m| self.nodes[**m as usize].alive) {
-            for (total, r) in merged.iter_mut().zip(&self.nodes[*m as usize].metrics) {
-                total.add(r);
-            }
+        let mut merged = self.site_totals[site as usize].clone();
+        for (total, version) in merged.iter_mut().zip([BASELINE, CANDIDATE]) {
+            total.active =
+                members.iter().any(|m| self.nodes[*m as usize].alive && self.nodes[*m as usize].active == version);
         }
         let seq = self.q.now() + 1;
         let versions = merged.into_iter().filter(|v| v.requests > 0 || v.active).collect();
@@ -602,7 +1023,9 @@ impl World {
         if history.len() > 64 {
             history.remove(0);
         }
-        self.nodes[aggregator as usize].view[site as usize] = seq;
+        let i = self.view_index(aggregator, site);
+        self.view_seq[i] = seq;
+        self.view_at[i] = self.q.now();
         self.flood(aggregator, None, Msg::SiteMetrics { site, seq });
     }
 
@@ -634,9 +1057,12 @@ impl World {
         }
         let now = self.q.now();
         // Lent out and put back: no copy of the view or the plan on this hot path.
-        let view = std::mem::take(&mut self.nodes[node as usize].view);
+        let sites = self.sc.sites.len();
+        let mut view = std::mem::take(&mut self.scratch_view);
+        view.clear();
+        view.extend_from_slice(&self.view_seq[node as usize * sites..(node as usize + 1) * sites]);
         let verdict = self.verdict(&view);
-        self.nodes[node as usize].view = view;
+        self.scratch_view = view;
         let published = secs(self.publish_at) as u64;
         let progress = &mut self.nodes[node as usize].progress;
         advance(progress, &self.plan, published, &verdict, &OperatorState::default(), secs(now) as u64);
@@ -729,9 +1155,12 @@ impl World {
             manifest_propagation_p99_secs: q(&prop, 0.99),
             manifest_gossip_bytes_per_node_per_sec: self.manifest_bytes_total as f64 / n as f64 / span,
             metrics_gossip_bytes_per_node_per_sec: self.metrics_bytes_total as f64 / n as f64 / span,
+            // Every have record of a whole-file holder floods the mesh; piece updates go
+            // to the providers a fetcher knows.
             have_bytes_per_node_per_sec: (self.holders.len() as f64
                 * self.sc.gossip.have_bytes as f64
-                * self.sc.gossip.degree as f64)
+                * self.sc.gossip.degree as f64
+                + self.have_bytes_total as f64 / n as f64)
                 / span,
             ever_activated_fraction: self.nodes.iter().filter(|x| x.ever_v2).count() as f64 / n as f64,
             halted: self.nodes[self.origin as usize].progress.halted.clone(),

@@ -43,3 +43,65 @@ fn a_good_version_reaches_every_node_and_a_partition_heals() {
         assert!(r.distribution_over_bound.is_some_and(|x| x >= 1.0), "{name}: faster than the lower bound?");
     }
 }
+
+fn small_fleet(transfer: &str, loss: f64, lazy_degree: usize) -> slmesh_sim::Scenario {
+    let text = format!(
+        r#"
+name = "small"
+seed = 3
+duration_secs = 900
+latency_ms = [[1, 30], [30, 1]]
+loss = {loss}
+[[sites]]
+name = "a"
+nodes = 60
+uplink_mbps = 100
+downlink_mbps = 400
+[[sites]]
+name = "b"
+nodes = 40
+uplink_mbps = 50
+downlink_mbps = 200
+[model]
+size_mb = 20
+chunk_mb = 0.5
+transfer = "{transfer}"
+request_rate = 0.5
+baseline = {{ latency_median_secs = 1.0, ttft_median_secs = 0.2, tokens_per_sec = 30, error_rate = 0.002 }}
+candidate = {{ latency_median_secs = 1.0, ttft_median_secs = 0.2, tokens_per_sec = 30, error_rate = 0.002 }}
+[rollout]
+publish_at_secs = 5
+waves = [[1.0, 0]]
+gates = {{ min_samples = 10, min_reporting_nodes = 1 }}
+[gossip]
+lazy_degree = {lazy_degree}
+"#
+    );
+    slmesh_sim::Scenario::parse(&text).expect("valid")
+}
+
+#[test]
+fn pieces_are_seeded_once_per_site_and_peers_serve_them_on_before_they_are_whole() {
+    let pieces = slmesh_sim::run(small_fleet("pieces", 0.0, 6));
+    let whole = slmesh_sim::run(small_fleet("whole", 0.0, 6));
+    let (p, w) = (pieces.distribution_secs.expect("pieces done"), whole.distribution_secs.expect("whole done"));
+    // The origin sends each piece at most once per site: peers, most of them still
+    // fetching, do the rest. Whole files spread in rounds of a full file each.
+    assert!(pieces.origin_egress_per_site <= 1.05, "{}", pieces.origin_egress_per_site);
+    assert!(p < w / 3.0, "pieces {p:.1} s, whole files {w:.1} s");
+    assert!(
+        pieces.distribution_over_bound.is_some_and(|x| (1.0..1.5).contains(&x)),
+        "{:?}",
+        pieces.distribution_over_bound
+    );
+}
+
+#[test]
+fn ihave_gossip_repairs_what_a_lossy_mesh_drops() {
+    // 30% of gossip messages lost: with D = 4 some nodes lose every eager copy of the
+    // manifest; IHAVE from peers outside the mesh, answered by IWANT, still reaches them.
+    let r = slmesh_sim::run(small_fleet("pieces", 0.3, 6));
+    assert!(r.distribution_secs.is_some(), "some node never got the manifest: {:?}", r.coverage.last());
+    let without = slmesh_sim::run(small_fleet("pieces", 0.3, 0));
+    assert!(without.distribution_secs.is_none(), "this seed should strand a node without IHAVE gossip");
+}

@@ -1,0 +1,247 @@
+//! Piece-level swarming: a blob cut into fixed-size pieces, fetched from several providers
+//! at once, each verified piece served again as soon as it has arrived (a node that is
+//! still fetching is already a provider). Rarest piece first spreads every piece early;
+//! the origin seeds each piece at most once per site and leaves the rest to peers.
+//!
+//! Decisions only: which piece to ask a provider for, and whether to serve a request.
+//! The simulator drives these; the node still fetches whole blobs from one provider at a
+//! time (`mesh::upload_decision`), see simulations/README.md for what that costs.
+
+/// Which pieces of a blob a node holds (or has asked for): a fixed-length bit set.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PieceSet {
+    words: Vec<u64>,
+    len: u32,
+    count: u32,
+}
+
+impl PieceSet {
+    /// An empty set of `len` pieces.
+    pub fn new(len: u32) -> Self {
+        PieceSet { words: vec![0; (len as usize).div_ceil(64)], len, count: 0 }
+    }
+
+    /// Every one of `len` pieces.
+    pub fn full(len: u32) -> Self {
+        let mut s = PieceSet::new(len);
+        for i in 0..len {
+            s.insert(i);
+        }
+        s
+    }
+
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// How many pieces are in the set.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.count == self.len
+    }
+
+    pub fn contains(&self, piece: u32) -> bool {
+        piece < self.len && self.words[(piece / 64) as usize] & (1 << (piece % 64)) != 0
+    }
+
+    /// Adds a piece; false if it was there already or is out of range.
+    pub fn insert(&mut self, piece: u32) -> bool {
+        if piece >= self.len || self.contains(piece) {
+            return false;
+        }
+        self.words[(piece / 64) as usize] |= 1 << (piece % 64);
+        self.count += 1;
+        true
+    }
+
+    /// Removes a piece; false if it was not there.
+    pub fn remove(&mut self, piece: u32) -> bool {
+        if !self.contains(piece) {
+            return false;
+        }
+        self.words[(piece / 64) as usize] &= !(1 << (piece % 64));
+        self.count -= 1;
+        true
+    }
+
+    /// The pieces in the set, in order.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.words.iter().enumerate().flat_map(|(w, &word)| {
+            let mut bits = word;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let b = bits.trailing_zeros();
+                bits &= bits - 1;
+                Some(w as u32 * 64 + b)
+            })
+        })
+    }
+}
+
+/// How a node takes part in a swarm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwarmPolicy {
+    /// Piece requests a node sends at once.
+    pub upload_slots: usize,
+    /// Requests that may wait for a slot; more are refused and go elsewhere. A waiting
+    /// request keeps the uplink busy the moment a slot frees.
+    pub upload_queue: usize,
+    /// Piece requests a fetcher keeps open at once, each to a different provider.
+    pub requests_in_flight: usize,
+    /// The origin serves a piece only while fewer than this many other nodes of the
+    /// requester's site hold it or are being sent it (1: it seeds each piece once per
+    /// site at most, peers do the rest; per site, so that a piece held only across a
+    /// partition is seeded again).
+    pub origin_copies_per_piece: u32,
+}
+
+impl Default for SwarmPolicy {
+    fn default() -> Self {
+        SwarmPolicy { upload_slots: 1, upload_queue: 4, requests_in_flight: 8, origin_copies_per_piece: 1 }
+    }
+}
+
+/// The piece to ask `provider` for: one it holds that we neither hold nor asked for, the
+/// rarest by `copies` (copies known in the fleet, counting those on their way), ties
+/// broken by distance from `start` so that fetchers with different starts spread out.
+/// None if the provider has nothing for us.
+pub fn pick_piece(
+    mine: &PieceSet,
+    requested: &PieceSet,
+    provider: &PieceSet,
+    copies: &[u32],
+    start: u32,
+) -> Option<u32> {
+    let len = mine.len.min(provider.len).min(requested.len);
+    let mut best: Option<(u32, u32, u32)> = None;
+    for w in 0..(len as usize).div_ceil(64) {
+        let mut bits = provider.words[w] & !mine.words[w] & !requested.words[w];
+        while bits != 0 {
+            let piece = w as u32 * 64 + bits.trailing_zeros();
+            bits &= bits - 1;
+            if piece >= len {
+                break;
+            }
+            let rarity = copies.get(piece as usize).copied().unwrap_or(0);
+            let distance = (piece + len - start % len.max(1)) % len.max(1);
+            if best.is_none_or(|(r, d, _)| (rarity, distance) < (r, d)) {
+                best = Some((rarity, distance, piece));
+            }
+        }
+    }
+    best.map(|(_, _, piece)| piece)
+}
+
+/// Whether to take one more piece request (to send now or queue). `pending`: requests
+/// being sent or waiting; `copies_elsewhere`: other nodes of the requester's site that
+/// hold the piece or are being sent it.
+pub fn piece_upload_decision(
+    policy: &SwarmPolicy,
+    pending: usize,
+    originated: bool,
+    copies_elsewhere: u32,
+) -> Result<(), String> {
+    if pending >= policy.upload_slots + policy.upload_queue {
+        return Err(format!("{pending} piece requests are pending here already"));
+    }
+    if originated && policy.origin_copies_per_piece > 0 && copies_elsewhere >= policy.origin_copies_per_piece {
+        return Err(format!("{copies_elsewhere} peers hold this piece or are fetching it: ask them"));
+    }
+    Ok(())
+}
+
+/// Which waiting request a free upload slot serves: the requester holding the fewest
+/// pieces (the first among equals). Serving the furthest behind first evens out progress,
+/// so that the fleet finishes together instead of trailing off.
+pub fn next_to_serve(requester_pieces: &[u32]) -> Option<usize> {
+    requester_pieces.iter().enumerate().min_by_key(|(i, held)| (**held, *i)).map(|(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn set(len: u32, pieces: &[u32]) -> PieceSet {
+        let mut s = PieceSet::new(len);
+        for p in pieces {
+            s.insert(*p);
+        }
+        s
+    }
+
+    #[test]
+    fn a_piece_set_counts_what_it_holds() {
+        let mut s = PieceSet::new(130);
+        assert!(s.insert(0) && s.insert(64) && s.insert(129));
+        assert!(!s.insert(64), "twice");
+        assert!(!s.insert(130), "out of range");
+        assert_eq!(s.count(), 3);
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0, 64, 129]);
+        assert!(s.remove(64) && !s.remove(64));
+        assert_eq!(s.count(), 2);
+        assert!(PieceSet::full(130).is_full() && !s.is_full());
+        assert!(!s.contains(500));
+    }
+
+    #[test]
+    fn the_rarest_piece_the_provider_has_is_picked() {
+        let mine = set(8, &[0]);
+        let requested = set(8, &[1]);
+        let provider = set(8, &[0, 1, 2, 3, 4]);
+        let copies = [9, 0, 5, 2, 2, 0, 0, 0];
+        // 0 is ours, 1 is asked for already, 5..7 the provider lacks: 3 and 4 tie at 2.
+        assert_eq!(pick_piece(&mine, &requested, &provider, &copies, 0), Some(3));
+        assert_eq!(pick_piece(&mine, &requested, &provider, &copies, 4), Some(4), "ties go from start");
+        assert_eq!(pick_piece(&set(8, &[0, 2, 3, 4]), &requested, &provider, &copies, 0), None, "nothing new");
+    }
+
+    #[test]
+    fn the_origin_seeds_each_piece_once_and_slots_bound_uploads() {
+        let p = SwarmPolicy::default();
+        assert!(piece_upload_decision(&p, 0, true, 0).is_ok());
+        assert!(piece_upload_decision(&p, 0, true, 1).is_err(), "a peer has it: ask the peer");
+        assert!(piece_upload_decision(&p, 0, false, 50).is_ok(), "peers serve however common");
+        assert!(piece_upload_decision(&p, p.upload_slots, false, 0).is_ok(), "it may wait");
+        assert!(piece_upload_decision(&p, p.upload_slots + p.upload_queue, false, 0).is_err());
+    }
+
+    #[test]
+    fn a_free_slot_serves_the_requester_furthest_behind() {
+        assert_eq!(next_to_serve(&[40, 3, 90, 3]), Some(1));
+        assert_eq!(next_to_serve(&[]), None);
+    }
+
+    proptest! {
+        #[test]
+        fn a_picked_piece_is_one_the_provider_has_and_we_lack(
+            len in 1u32..300,
+            mine in proptest::collection::vec(any::<u16>(), 0..64),
+            provider in proptest::collection::vec(any::<u16>(), 0..64),
+            copies in proptest::collection::vec(0u32..5, 300),
+            start in any::<u32>(),
+        ) {
+            let mine = set(len, &mine.iter().map(|x| *x as u32 % len).collect::<Vec<_>>());
+            let provider = set(len, &provider.iter().map(|x| *x as u32 % len).collect::<Vec<_>>());
+            let picked = pick_piece(&mine, &PieceSet::new(len), &provider, &copies, start);
+            let wanted: Vec<u32> = provider.iter().filter(|p| !mine.contains(*p)).collect();
+            match picked {
+                None => prop_assert!(wanted.is_empty()),
+                Some(p) => {
+                    prop_assert!(wanted.contains(&p));
+                    let rarest = wanted.iter().map(|w| copies[*w as usize]).min().unwrap_or(0);
+                    prop_assert_eq!(copies[p as usize], rarest);
+                }
+            }
+        }
+    }
+}
