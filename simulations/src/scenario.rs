@@ -200,6 +200,10 @@ pub struct Faults {
     /// Fraction of nodes (distinct, never the origin) that crash at a random time in the
     /// churn window after publication and come back 30-120 s later.
     pub churn: f64,
+    /// Fraction of nodes that are not there at the start and join in the churn window.
+    pub joins: f64,
+    /// Fraction of nodes that leave in the churn window for good.
+    pub leaves: f64,
     /// Seconds after publication in which the crashes fall (default 300: during the
     /// rollout, not after it).
     pub churn_window_secs: Option<f64>,
@@ -233,8 +237,9 @@ impl Scenario {
         if !positive(s.gossip.heartbeat_secs) || !positive(s.gossip.metrics_interval_secs) {
             return Err("gossip.heartbeat_secs and gossip.metrics_interval_secs must be positive".into());
         }
-        if !(0.0..=1.0).contains(&s.faults.churn) {
-            return Err("faults.churn is a fraction of the nodes, from 0 to 1".into());
+        let f = &s.faults;
+        if [f.churn, f.joins, f.leaves].iter().any(|x| !(0.0..=1.0).contains(x)) || f.churn + f.joins + f.leaves > 1.0 {
+            return Err("faults.churn, joins and leaves are fractions of the nodes that add up to 1 at most".into());
         }
         if s.sites.iter().map(|x| x.nodes).sum::<usize>() < 2 {
             return Err("a fleet needs at least 2 nodes".into());

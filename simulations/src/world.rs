@@ -195,6 +195,8 @@ pub struct World {
     policy: UploadPolicy,
     swarm: SwarmPolicy,
     have_bytes_total: u64,
+    /// Restarts and joins still to come: the run is not settled before they happened.
+    returns_pending: usize,
     site_members: Vec<Vec<u32>>,
     site_ids: Vec<NodeId>,
     site_records: Vec<Vec<Rc<MetricsRecord>>>,
@@ -322,6 +324,7 @@ impl World {
             policy: UploadPolicy::default(),
             swarm: sc.swarm.policy(),
             have_bytes_total: 0,
+            returns_pending: 0,
             site_members,
             site_ids,
             site_records: vec![vec![]; sc.sites.len()],
@@ -363,18 +366,31 @@ impl World {
         for s in 0..w.sc.sites.len() as u32 {
             w.q.at(interval / 2 + s as Micros, Ev::SiteRecord { site: s });
         }
-        // Distinct nodes, never the origin (node 0): a partial Fisher-Yates shuffle.
-        let churners = ((w.sc.faults.churn * n as f64) as usize).min(n - 1);
-        let window = w.sc.faults.churn_window_secs.unwrap_or(300.0) * SECOND as f64;
+        // Churners, joiners and leavers: distinct nodes, never the origin (node 0), drawn
+        // by a partial Fisher-Yates shuffle.
+        let faults = &w.sc.faults;
+        let count = |fraction: f64| (fraction * n as f64) as usize;
+        let (churners, joiners, leavers) = (count(faults.churn), count(faults.joins), count(faults.leaves));
+        let window = faults.churn_window_secs.unwrap_or(300.0) * SECOND as f64;
         let mut pool: Vec<u32> = (1..n as u32).collect();
-        for k in 0..churners {
+        for k in 0..(churners + joiners + leavers).min(n - 1) {
             let pick = k + w.rng.below(pool.len() - k);
             pool.swap(k, pick);
             let node = pool[k];
             let at = publish_at + (w.rng.unit() * window) as Micros;
-            let back = at + (30.0 + 90.0 * w.rng.unit()) as Micros * SECOND;
-            w.q.at(at, Ev::Crash { node });
-            w.q.at(back, Ev::Restart { node });
+            if k < churners {
+                let back = at + (30.0 + 90.0 * w.rng.unit()) as Micros * SECOND;
+                w.q.at(at, Ev::Crash { node });
+                w.q.at(back, Ev::Restart { node });
+                w.returns_pending += 1;
+            } else if k < churners + joiners {
+                // Not there at the start: it joins (starts for the first time) at `at`.
+                w.nodes[node as usize].alive = false;
+                w.q.at(at, Ev::Restart { node });
+                w.returns_pending += 1;
+            } else {
+                w.q.at(at, Ev::Crash { node }); // and never comes back
+            }
         }
         w
     }
@@ -404,8 +420,11 @@ impl World {
     }
 
     /// Every live node settled: all active on the new version, or the rollout halted and
-    /// no node runs it.
+    /// no node runs it; and no node is still to come back or join.
     fn done(&self) -> bool {
+        if self.returns_pending > 0 {
+            return false;
+        }
         let live = self.nodes.iter().filter(|n| n.alive);
         let all_v2 = live.clone().all(|n| n.active == CANDIDATE && n.staged_at.is_some());
         let halted_and_clean = self.nodes[self.origin as usize].progress.halted.is_some()
@@ -470,6 +489,7 @@ impl World {
                 self.holders.retain(|h| *h != node);
             }
             Ev::Restart { node } => {
+                self.returns_pending = self.returns_pending.saturating_sub(1);
                 let n = &mut self.nodes[node as usize];
                 if n.alive {
                     return;

@@ -105,3 +105,15 @@ fn ihave_gossip_repairs_what_a_lossy_mesh_drops() {
     let without = slmesh_sim::run(small_fleet("pieces", 0.3, 0));
     assert!(without.distribution_secs.is_none(), "this seed should strand a node without IHAVE gossip");
 }
+
+#[test]
+fn under_churn_every_node_still_there_ends_on_the_new_version() {
+    let sc = scenario("churn-30", 0.3);
+    let (leaves, duration) = (sc.faults.leaves, sc.duration_secs);
+    let r = slmesh_sim::run(sc);
+    assert!(r.halted.is_none(), "{:?}", r.halted);
+    // The run stops early only once every live node (joiners and restarted nodes
+    // included) is active on the new version.
+    assert!(r.simulated_secs < duration, "never settled: {:?}", r.coverage.last());
+    assert!(r.ever_activated_fraction >= 1.0 - leaves - 0.02, "{}", r.ever_activated_fraction);
+}
