@@ -98,12 +98,13 @@ fn main() {
     println!("gossip at the default interval ({interval} s), every node's record reaching every node:");
     for n in [10usize, 100, 1_000, 10_000] {
         // Each node receives every other node's record once, and forwards it to its
-        // gossipsub mesh peers (D = 6) when it is new: the upper bound sent per node.
+        // gossipsub mesh peers (D = 4, crates/mesh) when it is new: the upper bound sent
+        // per node.
         let received = (n - 1) as f64 * mean_size / interval;
         println!(
             "  {n:>6} nodes: {:>10.0} B/s received per node, up to {:>10.0} B/s forwarded",
             received,
-            received * 6.0
+            received * 4.0
         );
     }
 }

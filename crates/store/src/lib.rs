@@ -24,6 +24,8 @@ const SCHEMA_KEY: &[u8] = b"schema_version";
 pub enum StoreError {
     #[error("state database: {0}")]
     Sled(#[from] sled::Error),
+    #[error("the state database in {path} is locked: is another slmesh node running on this data folder?")]
+    Locked { path: String },
     #[error("state database at {path} has schema version {found}, this slmesh needs {expected}: use a matching slmesh, or move the folder away to start afresh")]
     SchemaMismatch { path: String, found: u32, expected: u32 },
     #[error("state database holds a damaged {what}: {reason}")]
@@ -127,7 +129,24 @@ fn unwrap_tx<T>(r: std::result::Result<T, TransactionError<StoreError>>) -> Resu
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(path).open()?;
+        // sled releases its file lock from a background thread after the last handle is
+        // dropped: a store reopened at once (a restart in the same process) may find it
+        // still held for a moment. Another process holding it is an error.
+        let mut attempts = 0;
+        let db = loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => break db,
+                // sled 0.34 reports a held lock only in the message of an `Other` error.
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    attempts += 1;
+                    if attempts == 40 {
+                        return Err(StoreError::Locked { path: path.display().to_string() });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let store = Store {
             path: path.display().to_string(),
             meta: db.open_tree("meta")?,

@@ -111,6 +111,18 @@ fn other_schema_version_is_refused() {
 }
 
 #[test]
+fn a_store_in_use_is_refused_with_a_clear_error_and_reopens_once_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Store::open(dir.path()).unwrap();
+    let err = Store::open(dir.path()).err().unwrap();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    assert!(err.to_string().contains("another slmesh node"), "{err}");
+    drop(first);
+    // At once: sled lets go of the lock from a background thread a moment later.
+    Store::open(dir.path()).expect("the lock goes with the last handle");
+}
+
+#[test]
 fn damaged_values_are_reported_not_panicked_on() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
