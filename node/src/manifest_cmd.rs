@@ -66,6 +66,9 @@ pub struct CreateArgs {
     pub min_tokens_per_sec_ratio: f64,
     #[arg(long, default_value_t = Gates::default().min_samples)]
     pub min_samples: u64,
+    /// No gate verdict before this many nodes have reported on the version. A verdict
+    /// needs a majority of the reporting nodes, so from 3 on no single node (misreporting
+    /// or lying) can halt or pass a rollout alone.
     #[arg(long, default_value_t = Gates::default().min_reporting_nodes)]
     pub min_reporting_nodes: u32,
     #[arg(long, default_value_t = InferenceDefaults::default().max_tokens)]

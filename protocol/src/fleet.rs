@@ -157,6 +157,18 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
+/// The lower and upper median (equal for an odd count). A gate fails on the lower one and
+/// passes on the upper one, so either verdict needs a strict majority of nodes: with two
+/// nodes, one liar leaves the gate pending rather than deciding it.
+fn median_bounds(mut v: Vec<f64>) -> Option<(f64, f64)> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some((v[(n - 1) / 2], v[n / 2]))
+}
+
 impl VersionSummary {
     pub fn pooled_error_rate(&self) -> Option<f64> {
         (self.requests > 0).then(|| self.errors as f64 / self.requests as f64)
@@ -186,6 +198,39 @@ impl VersionSummary {
 
     pub fn median_node_tokens_per_sec(&self) -> Option<f64> {
         median(self.measured().filter_map(|n| n.p50_tokens_per_sec).collect())
+    }
+
+    fn error_rate_bounds(&self) -> Option<(f64, f64)> {
+        median_bounds(self.measured().map(|n| n.errors as f64 / n.requests as f64).collect())
+    }
+
+    fn p95_latency_bounds(&self) -> Option<(f64, f64)> {
+        median_bounds(self.measured().filter_map(|n| n.p95_latency).collect())
+    }
+
+    fn p95_ttft_bounds(&self) -> Option<(f64, f64)> {
+        median_bounds(self.measured().filter_map(|n| n.p95_ttft).collect())
+    }
+
+    fn tokens_per_sec_bounds(&self) -> Option<(f64, f64)> {
+        median_bounds(self.measured().filter_map(|n| n.p50_tokens_per_sec).collect())
+    }
+}
+
+/// One gate's reading: failed by a majority, passed by a majority, or split.
+enum Reading {
+    Fail(String),
+    Split(String),
+    Pass,
+}
+
+/// A gate on a figure where higher is worse: fails if the lower median is above `limit`,
+/// passes if the upper median is within it.
+fn at_most(bounds: Option<(f64, f64)>, limit: f64, what: impl Fn(f64) -> String) -> Reading {
+    match bounds {
+        Some((low, _)) if low > limit => Reading::Fail(what(low)),
+        Some((_, high)) if high > limit => Reading::Split(what(high)),
+        _ => Reading::Pass,
     }
 }
 
@@ -296,47 +341,48 @@ pub fn evaluate_gates(gates: &Gates, candidate: &VersionSummary, baseline: Optio
     if candidate.requests < gates.min_samples {
         return GateVerdict::Pending(format!("{} requests measured, {} needed", candidate.requests, gates.min_samples));
     }
-    let mut failures = vec![];
-    if let Some(rate) = candidate.median_node_error_rate() {
-        if rate > gates.max_error_rate {
-            failures.push(format!(
-                "error rate {:.1}% (median across nodes) above {:.1}%",
-                rate * 100.0,
-                gates.max_error_rate * 100.0
-            ));
-        }
-    }
+    let mut readings = vec![at_most(candidate.error_rate_bounds(), gates.max_error_rate, |rate| {
+        format!("error rate {:.1}% (median across nodes) above {:.1}%", rate * 100.0, gates.max_error_rate * 100.0)
+    })];
     let base = baseline.filter(|b| b.nodes_measured() > 0);
     if let Some(b) = base {
-        let ratio = |c: Option<f64>, b: Option<f64>| match (c, b) {
-            (Some(c), Some(b)) if b > 0.0 => Some(c / b),
+        // Candidate medians over the baseline's median; below TIME_RATIO_FLOOR_SECS a time
+        // is noise (timer resolution, scheduling): 3 ms against 0.02 ms is not a 150x
+        // slowdown.
+        let over = |c: Option<(f64, f64)>, b: Option<f64>, floor: f64| match (c, b) {
+            (Some((low, high)), Some(b)) if b.max(floor) > 0.0 => {
+                Some((low.max(floor) / b.max(floor), high.max(floor) / b.max(floor)))
+            }
             _ => None,
         };
-        // Below TIME_RATIO_FLOOR_SECS a time is noise (timer resolution, scheduling): 3 ms
-        // against 0.02 ms is not a 150x slowdown.
-        let floored = |v: Option<f64>| v.map(|v| v.max(TIME_RATIO_FLOOR_SECS));
-        let ratio_of_times = |c: Option<f64>, b: Option<f64>| ratio(floored(c), floored(b));
-        if let Some(r) = ratio_of_times(candidate.median_node_p95_latency(), b.median_node_p95_latency()) {
-            if r > gates.max_p95_latency_ratio {
-                failures.push(format!("p95 latency {r:.2}x the baseline's, above {:.2}x", gates.max_p95_latency_ratio));
-            }
-        }
-        if let Some(r) = ratio_of_times(candidate.median_node_p95_ttft(), b.median_node_p95_ttft()) {
-            if r > gates.max_p95_ttft_ratio {
-                failures.push(format!("p95 TTFT {r:.2}x the baseline's, above {:.2}x", gates.max_p95_ttft_ratio));
-            }
-        }
-        if let Some(r) = ratio(candidate.median_node_tokens_per_sec(), b.median_node_tokens_per_sec()) {
-            if r < gates.min_tokens_per_sec_ratio {
-                failures.push(format!("tokens/s {r:.2}x the baseline's, below {:.2}x", gates.min_tokens_per_sec_ratio));
-            }
-        }
+        let floor = TIME_RATIO_FLOOR_SECS;
+        readings.push(at_most(
+            over(candidate.p95_latency_bounds(), b.median_node_p95_latency(), floor),
+            gates.max_p95_latency_ratio,
+            |r| format!("p95 latency {r:.2}x the baseline's, above {:.2}x", gates.max_p95_latency_ratio),
+        ));
+        readings.push(at_most(
+            over(candidate.p95_ttft_bounds(), b.median_node_p95_ttft(), floor),
+            gates.max_p95_ttft_ratio,
+            |r| format!("p95 TTFT {r:.2}x the baseline's, above {:.2}x", gates.max_p95_ttft_ratio),
+        ));
+        // Lower is worse for tokens/s: compare the negated ratios.
+        let tps = over(candidate.tokens_per_sec_bounds(), b.median_node_tokens_per_sec(), 0.0);
+        readings.push(at_most(tps.map(|(low, high)| (-high, -low)), -gates.min_tokens_per_sec_ratio, |r| {
+            format!("tokens/s {:.2}x the baseline's, below {:.2}x", -r, gates.min_tokens_per_sec_ratio)
+        }));
     }
-    if failures.is_empty() {
-        GateVerdict::Pass
-    } else {
-        GateVerdict::Fail(failures.join("; "))
+    let failures: Vec<String> =
+        readings.iter().filter_map(|r| if let Reading::Fail(why) = r { Some(why.clone()) } else { None }).collect();
+    if !failures.is_empty() {
+        return GateVerdict::Fail(failures.join("; "));
     }
+    let splits: Vec<String> =
+        readings.iter().filter_map(|r| if let Reading::Split(why) = r { Some(why.clone()) } else { None }).collect();
+    if !splits.is_empty() {
+        return GateVerdict::Pending(format!("nodes disagree, no majority either way: {}", splits.join("; ")));
+    }
+    GateVerdict::Pass
 }
 
 /// An operator's order about one rollout, signed by a trusted publisher key.
@@ -617,6 +663,24 @@ mod tests {
         let s = bad.summary("m", 2);
         assert!(s.pooled_error_rate().unwrap() < 0.02, "the pooled rate alone would hide it");
         assert!(matches!(evaluate_gates(&g, &s, None), GateVerdict::Fail(_)));
+    }
+
+    #[test]
+    fn with_two_nodes_one_liar_leaves_the_gate_pending_and_agreement_decides() {
+        let g = Gates { min_reporting_nodes: 2, ..gates() };
+        let liar_fails_it = fleet(&[(20, 0), (20, 20)], 2, 0.2);
+        let verdict = evaluate_gates(&g, &liar_fails_it.summary("m", 2), None);
+        assert!(matches!(&verdict, GateVerdict::Pending(r) if r.contains("disagree")), "{verdict:?}");
+        let both_fail = fleet(&[(20, 8), (20, 10)], 2, 0.2);
+        assert!(matches!(evaluate_gates(&g, &both_fail.summary("m", 2), None), GateVerdict::Fail(_)));
+        let both_fine = fleet(&[(20, 0), (20, 0)], 2, 0.2);
+        assert_eq!(evaluate_gates(&g, &both_fine.summary("m", 2), None), GateVerdict::Pass);
+        // Slower on one node of two: no majority for a slowdown either.
+        let mut view = fleet(&[(20, 0), (20, 0)], 1, 0.2);
+        view.update(record(3, 1, vec![report(2, 20, 0, 0.2)]), 0);
+        view.update(record(4, 1, vec![report(2, 20, 0, 0.9)]), 0);
+        let verdict = evaluate_gates(&g, &view.summary("m", 2), view.baseline("m", 2).as_ref());
+        assert!(matches!(&verdict, GateVerdict::Pending(r) if r.contains("p95 latency")), "{verdict:?}");
     }
 
     fn plan() -> RolloutPlan {

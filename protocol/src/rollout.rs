@@ -61,7 +61,8 @@ pub struct Gates {
     pub min_tokens_per_sec_ratio: f64,
     /// No verdict before this many requests have been measured fleet-wide.
     pub min_samples: u64,
-    /// No verdict before this many nodes have reported.
+    /// No verdict before this many nodes have reported. Verdicts need a majority of the
+    /// reporting nodes: from 3 on, one node cannot decide alone.
     pub min_reporting_nodes: u32,
 }
 

@@ -68,7 +68,9 @@ pub fn mesh_on_v1(
     let n = nodes.len();
     nodes[0].wait_status("all peers", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == n - 1));
     std::thread::sleep(Duration::from_secs(2));
-    let slm = fleet.signed_manifest_with(MODEL, 1, "v1.gguf", &["--wave", "1:0"]);
+    // Gates that no single node can decide: a test may run a node that lies from the
+    // start, about version 1 too.
+    let slm = fleet.signed_manifest_with(MODEL, 1, "v1.gguf", &["--wave", "1:0", "--min-reporting-nodes", "3"]);
     fleet.slmesh(&["publish", "--node", &nodes[0].http, "--manifest", slm.to_str().expect("path")]);
     for node in &nodes {
         node.wait_status("v1 active", WAIT, |s| model_field(s, MODEL, "active") == Some(1));
