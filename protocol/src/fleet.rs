@@ -4,8 +4,10 @@
 //! it served) and gossips it. Receivers keep the newest record per node (`FleetView`);
 //! because records are cumulative and replace each other, a repeated or reordered record
 //! never double-counts. Summaries merge the records; gates compare a candidate version
-//! with its baseline using per-node statistics (medians across nodes), so one node that
-//! lies can neither force a rollback nor hide a failing version. The rollout engine
+//! with its baseline using per-node statistics (medians across nodes; a verdict needs a
+//! majority, so with an even count the lower median must fail and the upper one pass),
+//! so one node that lies can neither force a rollback nor hide a failing version once
+//! three or more nodes report. The rollout engine
 //! (`advance`, `decide`) turns the plan, the gate verdict, operator commands and the
 //! clock into what this node does: activate, wait, or roll back.
 
