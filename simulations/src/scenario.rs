@@ -217,6 +217,9 @@ pub struct PartitionSpec {
     pub until_secs: f64,
 }
 
+/// Nodes a scenario may have (each costs about a kilobyte of state).
+pub const MAX_NODES: usize = 1_000_000;
+
 fn positive(x: f64) -> bool {
     x > 0.0 && x.is_finite()
 }
@@ -228,8 +231,31 @@ impl Scenario {
         if n == 0 || s.latency_ms.len() != n || s.latency_ms.iter().any(|r| r.len() != n) {
             return Err(format!("latency_ms must be a {n}x{n} matrix, one row per site"));
         }
-        if s.sites.iter().any(|x| x.uplink_mbps <= 0.0 || x.downlink_mbps <= 0.0) {
+        if s.sites.iter().any(|x| !positive(x.uplink_mbps) || !positive(x.downlink_mbps)) {
             return Err("every site needs positive uplink and downlink bandwidth".into());
+        }
+        if s.latency_ms.iter().flatten().chain([&s.jitter_ms]).any(|x| !x.is_finite() || *x < 0.0) {
+            return Err("latencies and jitter are milliseconds, 0 or more".into());
+        }
+        if !(0.0..=1.0).contains(&s.loss) {
+            return Err("loss is a fraction of gossip messages, from 0 to 1".into());
+        }
+        if !positive(s.duration_secs) || !positive(s.model.size_mb) {
+            return Err("duration_secs and model.size_mb must be positive".into());
+        }
+        if !s.model.request_rate.is_finite() || s.model.request_rate < 0.0 || s.model.request_rate > 1000.0 {
+            return Err("model.request_rate is requests per second per node, from 0 to 1000".into());
+        }
+        if s.gossip.degree == 0 {
+            return Err("gossip.degree must be at least 1".into());
+        }
+        for p in &s.faults.partitions {
+            if let Some(name) = p.sites.iter().find(|name| !s.sites.iter().any(|x| &x.name == *name)) {
+                return Err(format!("a partition names site {name:?}, which the scenario does not have"));
+            }
+            if !p.from_secs.is_finite() || !p.until_secs.is_finite() || p.from_secs >= p.until_secs {
+                return Err(format!("a partition of {:?} must heal after it starts", p.sites));
+            }
         }
         if !positive(s.model.chunk_mb) || s.model.size_mb / s.model.chunk_mb > 1e6 {
             return Err("model.chunk_mb must be positive and cut the model into at most a million pieces".into());
@@ -241,8 +267,9 @@ impl Scenario {
         if [f.churn, f.joins, f.leaves].iter().any(|x| !(0.0..=1.0).contains(x)) || f.churn + f.joins + f.leaves > 1.0 {
             return Err("faults.churn, joins and leaves are fractions of the nodes that add up to 1 at most".into());
         }
-        if s.sites.iter().map(|x| x.nodes).sum::<usize>() < 2 {
-            return Err("a fleet needs at least 2 nodes".into());
+        let nodes = s.sites.iter().map(|x| x.nodes).sum::<usize>();
+        if !(2..=MAX_NODES).contains(&nodes) {
+            return Err(format!("a fleet has 2 to {MAX_NODES} nodes, this one {nodes}"));
         }
         s.plan().validate().map_err(|e| e.to_string())?;
         Ok(s)

@@ -117,3 +117,35 @@ fn under_churn_every_node_still_there_ends_on_the_new_version() {
     assert!(r.simulated_secs < duration, "never settled: {:?}", r.coverage.last());
     assert!(r.ever_activated_fraction >= 1.0 - leaves - 0.02, "{}", r.ever_activated_fraction);
 }
+
+#[test]
+fn bad_scenarios_are_refused_with_a_reason() {
+    let good = std::fs::read_to_string(format!("{}/scenarios/good-1000-3-sites.toml", env!("CARGO_MANIFEST_DIR")))
+        .expect("scenario");
+    let cases = [
+        ("nodes = 400", "nodes = 4000000", "2 to 1000000 nodes"),
+        ("nodes = 400", "nodes = \"many\"", "invalid type"),
+        ("chunk_mb = 0.5", "chunk_mb = 0", "chunk_mb must be positive"),
+        ("loss = 0.001", "loss = 2", "loss is a fraction"),
+        ("jitter_ms = 2", "jitter_ms = -1", "0 or more"),
+        ("latency_ms = [[1, 20, 80], [20, 1, 60], [80, 60, 1]]", "latency_ms = [[1, 20], [20, 1]]", "3x3 matrix"),
+        ("uplink_mbps = 50", "uplink_mbps = 0", "positive uplink"),
+        ("request_rate = 0.5", "request_rate = -1", "request_rate"),
+        ("waves = [[0.05, 120], [0.25, 120], [1.0, 0]]", "waves = [[0.5, 10], [0.25, 10]]", "wave"),
+        ("seed = 1", "seed = 1\nunknown_knob = 3", "unknown field"),
+    ];
+    for (from, to, expected) in cases {
+        assert!(good.contains(from), "{from}");
+        let err = slmesh_sim::Scenario::parse(&good.replacen(from, to, 1)).err().unwrap_or_default();
+        assert!(err.contains(expected), "{to}: {err}");
+    }
+    let partition =
+        format!("{good}\n[faults]\npartitions = [{{ sites = [\"mars\"], from_secs = 1, until_secs = 2 }}]\n");
+    let err = slmesh_sim::Scenario::parse(&partition).err().unwrap_or_default();
+    assert!(err.contains("\"mars\""), "{err}");
+    let backwards =
+        format!("{good}\n[faults]\npartitions = [{{ sites = [\"tokyo\"], from_secs = 9, until_secs = 2 }}]\n");
+    let err = slmesh_sim::Scenario::parse(&backwards).err().unwrap_or_default();
+    assert!(err.contains("heal after it starts"), "{err}");
+    assert!(slmesh_sim::Scenario::parse("not toml at all [").is_err());
+}
