@@ -55,6 +55,10 @@ pub struct NetworkConfig {
     /// Seconds between anti-entropy rounds (asking peers for manifests this node lacks).
     #[serde(default = "default_sync_interval")]
     pub sync_interval_secs: u64,
+    /// Seconds a refused peer (no valid certificate) stays blocked before it may connect
+    /// and present one again: an operator may have enrolled it since.
+    #[serde(default = "default_refusal_cooldown")]
+    pub refusal_cooldown_secs: u64,
 }
 
 fn default_upload_slots() -> usize {
@@ -69,6 +73,10 @@ fn default_sync_interval() -> u64 {
     30
 }
 
+fn default_refusal_cooldown() -> u64 {
+    600
+}
+
 impl Default for NetworkConfig {
     fn default() -> Self {
         NetworkConfig {
@@ -80,6 +88,7 @@ impl Default for NetworkConfig {
             origin_copies: default_origin_copies(),
             max_upload_bytes_per_sec: None,
             sync_interval_secs: default_sync_interval(),
+            refusal_cooldown_secs: default_refusal_cooldown(),
         }
     }
 }
@@ -238,6 +247,8 @@ impl Config {
         }
         out.push_str("# Seconds between anti-entropy rounds (asking peers for manifests this node lacks).\n");
         out.push_str(&format!("sync_interval_secs = {}\n", self.network.sync_interval_secs));
+        out.push_str("# Seconds a refused peer (no valid certificate) stays blocked before it may try again.\n");
+        out.push_str(&format!("refusal_cooldown_secs = {}\n", self.network.refusal_cooldown_secs));
         out.push_str("\n[http]\n");
         out.push_str("# OpenAI-compatible API and operations endpoints. Loopback by default, so\n");
         out.push_str("# prompts never leave this machine; widen it only behind your own access control.\n");

@@ -131,6 +131,10 @@ mod config_cmd {
         /// Seconds between this node's metrics records.
         #[arg(long)]
         pub metrics_interval_secs: Option<u64>,
+        /// Seconds a refused peer (no valid certificate) stays blocked before it may try
+        /// again (default 600).
+        #[arg(long)]
+        pub refusal_cooldown_secs: Option<u64>,
         /// Replace an existing configuration file.
         #[arg(long)]
         pub force: bool,
@@ -167,6 +171,9 @@ mod config_cmd {
         config.network.max_upload_bytes_per_sec = args.max_upload_bytes_per_sec;
         if let Some(n) = args.metrics_interval_secs {
             config.fleet.metrics_interval_secs = n.max(1);
+        }
+        if let Some(n) = args.refusal_cooldown_secs {
+            config.network.refusal_cooldown_secs = n;
         }
         config.validate()?;
         let text = config.to_documented_toml()?;

@@ -186,6 +186,34 @@ fn a_node_without_a_valid_certificate_is_refused_and_nothing_it_sends_is_accepte
 }
 
 #[test]
+fn a_refused_node_enrolled_afterwards_is_admitted_once_the_cool_down_is_over() {
+    let (fleet, _) = fleet_with_model(0);
+    let honest = fleet.node("honest", "a", &["--refusal-cooldown-secs", "6"]).start();
+    let boot = honest.bootstrap_addr();
+    fleet.slmesh(&["publisher", "keygen", "--out", "other.key"]);
+    let other_pub = std::fs::read_to_string(fleet.path("other.key.pub")).expect("key").trim().to_string();
+    // Enrolled by a key the fleet does not trust: refused.
+    let late = fleet
+        .node_signed_by("late", "a", &["--bootstrap", &boot], "other.key", &[&format!("other={other_pub}")])
+        .start();
+    let late_peer = late.status()["peer_id"].as_str().expect("peer id").to_string();
+    honest.wait_status("the node refused", WAIT, |s| {
+        s["refused_peers"].as_array().is_some_and(|r| r.iter().any(|p| p[0] == late_peer.as_str()))
+    });
+    // The operator enrolls it properly; it restarts with the new certificate (same key).
+    let late = late.stop();
+    let cert = late.data.join("node.cert");
+    std::fs::remove_file(&cert).expect("old certificate");
+    let cert = cert.to_str().expect("path");
+    fleet.slmesh(&["enroll", "--publisher-key", "ops.key", "--node", &late.node_id, "--tag", "site=a", "--out", cert]);
+    let late = late.start();
+    honest.wait_status("admitted once the cool-down is over", WAIT, |s| {
+        s["peers"].as_array().is_some_and(|p| p.iter().any(|p| p["node_id"] == late.node.node_id.as_str()))
+    });
+    assert!(honest.log_text().contains("may connect again"), "{}", honest.log_text());
+}
+
+#[test]
 fn two_nodes_in_separate_network_namespaces_find_each_other_by_mdns_alone() {
     let tag = format!("{}", std::process::id() % 10_000);
     let (ns_a, ns_b) = match slmesh_e2e::fleet::linked_namespaces(&tag, 1) {

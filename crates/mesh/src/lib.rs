@@ -17,8 +17,8 @@ use libp2p::{
     allow_block_list, identify, identity::Keypair, kad, mdns, noise, ping, request_response, tcp, yamux,
     StreamProtocol, Swarm,
 };
-use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
@@ -48,6 +48,9 @@ pub struct MeshConfig {
     pub bootstrap: Vec<Multiaddr>,
     pub mdns: bool,
     pub topics: Vec<String>,
+    /// How long a refused peer stays blocked. Then it may connect and present its
+    /// certificate again (an operator may have enrolled it since).
+    pub refusal_cooldown: Duration,
     /// How often to look for more peers through Kademlia and redial bootstrap peers.
     pub discovery_interval: Duration,
 }
@@ -208,7 +211,8 @@ pub fn start(config: MeshConfig) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent
         pending_requests: HashMap::new(),
         inbound: HashMap::new(),
         next_inbound: 0,
-        refused: HashSet::new(),
+        refused: HashMap::new(),
+        refusal_cooldown: config.refusal_cooldown,
         local_peers: HashMap::new(),
     };
     tokio::spawn(driver.run());
@@ -307,7 +311,9 @@ struct Driver {
     pending_requests: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, String>>>,
     inbound: HashMap<u64, request_response::ResponseChannel<Vec<u8>>>,
     next_inbound: u64,
-    refused: HashSet<PeerId>,
+    /// Refused peers and when: blocked until the cool-down has passed.
+    refused: HashMap<PeerId, Instant>,
+    refusal_cooldown: Duration,
     /// Peers mDNS saw on the local network, redialled at each discovery tick while
     /// not connected: mDNS reports a peer once, and that first dial can fail.
     local_peers: HashMap<PeerId, Multiaddr>,
@@ -351,7 +357,7 @@ impl Driver {
     fn dial_bootstrap(&mut self) {
         for addr in self.bootstrap.clone() {
             if let Some(peer) = peer_of(&addr) {
-                if self.swarm.is_connected(&peer) || self.refused.contains(&peer) {
+                if self.swarm.is_connected(&peer) || self.refused.contains_key(&peer) {
                     continue;
                 }
                 self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
@@ -363,11 +369,12 @@ impl Driver {
     }
 
     fn discover(&mut self) {
+        self.forgive_refused();
         self.dial_bootstrap();
         let unconnected: Vec<(PeerId, Multiaddr)> = self
             .local_peers
             .iter()
-            .filter(|(p, _)| !self.swarm.is_connected(p) && !self.refused.contains(p))
+            .filter(|(p, _)| !self.swarm.is_connected(p) && !self.refused.contains_key(p))
             .map(|(p, a)| (*p, a.clone()))
             .collect();
         for (peer, addr) in unconnected {
@@ -380,6 +387,21 @@ impl Driver {
             // near us; RoutingUpdated then dials them while we have room.
             let me = *self.swarm.local_peer_id();
             self.swarm.behaviour_mut().kad.get_closest_peers(me);
+        }
+    }
+
+    /// Unblocks peers refused longer than the cool-down ago: they may connect and
+    /// present a certificate again, and are refused again if it is still not valid.
+    fn forgive_refused(&mut self) {
+        let cooldown = self.refusal_cooldown;
+        let expired: Vec<PeerId> =
+            self.refused.iter().filter(|(_, at)| at.elapsed() >= cooldown).map(|(p, _)| *p).collect();
+        for peer in expired {
+            self.refused.remove(&peer);
+            let b = self.swarm.behaviour_mut();
+            b.blocked.unblock_peer(peer);
+            b.gossipsub.remove_blacklisted_peer(&peer);
+            tracing::info!(%peer, "a refused peer may connect again (cool-down over)");
         }
     }
 
@@ -410,7 +432,7 @@ impl Driver {
                 }
             }
             Command::Refuse { peer } => {
-                self.refused.insert(peer);
+                self.refused.insert(peer, Instant::now());
                 b.blocked.block_peer(peer);
                 b.gossipsub.blacklist_peer(&peer);
                 b.kad.remove_peer(&peer);
@@ -468,7 +490,7 @@ impl Driver {
     async fn on_behaviour_event(&mut self, event: BehaviourEvent) -> bool {
         match event {
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message }) => {
-                if self.refused.contains(&propagation_source) {
+                if self.refused.contains_key(&propagation_source) {
                     self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
                         &message_id,
                         &propagation_source,
@@ -486,7 +508,7 @@ impl Driver {
                 return self.emit(event).await;
             }
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })
-                if !self.refused.contains(&peer_id) =>
+                if !self.refused.contains_key(&peer_id) =>
             {
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
@@ -494,7 +516,7 @@ impl Driver {
             }
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, addresses, .. }) => {
                 let room = self.swarm.connected_peers().count() < TARGET_PEERS;
-                if room && !self.swarm.is_connected(&peer) && !self.refused.contains(&peer) {
+                if room && !self.swarm.is_connected(&peer) && !self.refused.contains_key(&peer) {
                     if let Err(e) = self.swarm.dial(dial_peer_opts(peer, addresses.into_vec())) {
                         tracing::debug!(%peer, "cannot dial a peer found in the DHT: {e}");
                     }
@@ -502,7 +524,7 @@ impl Driver {
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
-                    if self.refused.contains(&peer) {
+                    if self.refused.contains_key(&peer) {
                         continue;
                     }
                     self.local_peers.insert(peer, addr.clone());

@@ -113,6 +113,7 @@ async fn run_node(config: Config) -> Result<()> {
         bootstrap,
         mdns: config.network.mdns,
         topics: [TOPIC_MANIFESTS, TOPIC_HAVES, TOPIC_METRICS, TOPIC_COMMANDS].map(String::from).to_vec(),
+        refusal_cooldown: Duration::from_secs(config.network.refusal_cooldown_secs),
         discovery_interval: Duration::from_secs(10),
     })?;
     let http_listener = tokio::net::TcpListener::bind(&config.http.bind)
