@@ -87,8 +87,10 @@ impl PieceSet {
     }
 }
 
-/// How a node takes part in a swarm.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a node takes part in a swarm. (Deserialize: scenario files of the simulator set it;
+/// it is not a wire type.)
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SwarmPolicy {
     /// Piece requests a node sends at once.
     pub upload_slots: usize,

@@ -26,41 +26,9 @@ pub struct Scenario {
     pub gossip: Gossip,
     #[serde(default)]
     pub faults: Faults,
-    /// Piece transfers: upload slots, requests in flight, origin seeding.
+    /// Piece transfers: upload slots and queue, requests in flight, origin seeding.
     #[serde(default)]
-    pub swarm: SwarmSpec,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SwarmSpec {
-    pub upload_slots: usize,
-    pub upload_queue: usize,
-    pub requests_in_flight: usize,
-    pub origin_copies_per_piece: u32,
-}
-
-impl Default for SwarmSpec {
-    fn default() -> Self {
-        let p = SwarmPolicy::default();
-        SwarmSpec {
-            upload_slots: p.upload_slots,
-            upload_queue: p.upload_queue,
-            requests_in_flight: p.requests_in_flight,
-            origin_copies_per_piece: p.origin_copies_per_piece,
-        }
-    }
-}
-
-impl SwarmSpec {
-    pub fn policy(&self) -> SwarmPolicy {
-        SwarmPolicy {
-            upload_slots: self.upload_slots,
-            upload_queue: self.upload_queue,
-            requests_in_flight: self.requests_in_flight,
-            origin_copies_per_piece: self.origin_copies_per_piece,
-        }
-    }
+    pub swarm: SwarmPolicy,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -245,6 +213,9 @@ impl Scenario {
         }
         if !s.model.request_rate.is_finite() || s.model.request_rate < 0.0 || s.model.request_rate > 1000.0 {
             return Err("model.request_rate is requests per second per node, from 0 to 1000".into());
+        }
+        if s.swarm.upload_slots == 0 || s.swarm.requests_in_flight == 0 {
+            return Err("swarm.upload_slots and swarm.requests_in_flight must be at least 1".into());
         }
         if s.gossip.degree == 0 {
             return Err("gossip.degree must be at least 1".into());

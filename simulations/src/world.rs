@@ -322,7 +322,7 @@ impl World {
             copies: Copies::new(chunks_total, sc.sites.len()),
             origin: 0,
             policy: UploadPolicy::default(),
-            swarm: sc.swarm.policy(),
+            swarm: sc.swarm.clone(),
             have_bytes_total: 0,
             returns_pending: 0,
             site_members,

@@ -133,6 +133,7 @@ fn bad_scenarios_are_refused_with_a_reason() {
         ("request_rate = 0.5", "request_rate = -1", "request_rate"),
         ("waves = [[0.05, 120], [0.25, 120], [1.0, 0]]", "waves = [[0.5, 10], [0.25, 10]]", "wave"),
         ("seed = 1", "seed = 1\nunknown_knob = 3", "unknown field"),
+        ("[rollout]", "[swarm]\nupload_slots = 0\n[rollout]", "at least 1"),
     ];
     for (from, to, expected) in cases {
         assert!(good.contains(from), "{from}");
