@@ -136,17 +136,10 @@ pub struct NodeStat {
 /// One version across the fleet.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VersionSummary {
-    pub model: String,
-    pub version: u64,
     pub nodes_reporting: usize,
     pub nodes_active: usize,
-    pub requests: u64,
-    pub errors: u64,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub latency: Sketch,
-    pub ttft: Sketch,
-    pub tokens_per_sec: Sketch,
+    /// Every node's report merged (model and version included; `active` if any node is).
+    pub pooled: VersionReport,
     pub per_node: Vec<NodeStat>,
 }
 
@@ -173,7 +166,8 @@ fn median_bounds(mut v: Vec<f64>) -> Option<(f64, f64)> {
 
 impl VersionSummary {
     pub fn pooled_error_rate(&self) -> Option<f64> {
-        (self.requests > 0).then(|| self.errors as f64 / self.requests as f64)
+        let p = &self.pooled;
+        (p.requests > 0).then(|| p.errors as f64 / p.requests as f64)
     }
 
     /// Nodes that served at least one request of this version.
@@ -286,18 +280,13 @@ impl FleetView {
     }
 
     pub fn summary(&self, model: &str, version: u64) -> VersionSummary {
-        let mut s = VersionSummary { model: model.to_string(), version, ..Default::default() };
+        let pooled = VersionReport { model: model.to_string(), version, ..Default::default() };
+        let mut s = VersionSummary { pooled, ..Default::default() };
         for record in self.records() {
             for v in record.versions.iter().filter(|v| v.model == model && v.version == version) {
                 s.nodes_reporting += 1;
                 s.nodes_active += usize::from(v.active);
-                s.requests += v.requests;
-                s.errors += v.errors;
-                s.prompt_tokens += v.prompt_tokens;
-                s.completion_tokens += v.completion_tokens;
-                s.latency.merge(&v.latency);
-                s.ttft.merge(&v.ttft);
-                s.tokens_per_sec.merge(&v.tokens_per_sec);
+                s.pooled.add(v);
                 s.per_node.push(NodeStat {
                     node: record.node,
                     active: v.active,
@@ -340,8 +329,9 @@ pub fn evaluate_gates(gates: &Gates, candidate: &VersionSummary, baseline: Optio
     if nodes < gates.min_reporting_nodes.max(1) as usize {
         return GateVerdict::Pending(format!("{nodes} node(s) measured, {} needed", gates.min_reporting_nodes.max(1)));
     }
-    if candidate.requests < gates.min_samples {
-        return GateVerdict::Pending(format!("{} requests measured, {} needed", candidate.requests, gates.min_samples));
+    let requests = candidate.pooled.requests;
+    if requests < gates.min_samples {
+        return GateVerdict::Pending(format!("{requests} requests measured, {} needed", gates.min_samples));
     }
     let mut readings = vec![at_most(candidate.error_rate_bounds(), gates.max_error_rate, |rate| {
         format!("error rate {:.1}% (median across nodes) above {:.1}%", rate * 100.0, gates.max_error_rate * 100.0)
@@ -588,9 +578,9 @@ mod tests {
         assert!(!view.update(old, 12), "an older record does not replace a newer one");
         assert!(view.update(record(2, 1, vec![report(2, 5, 0, 0.2)]), 12));
         let s = view.summary("m", 2);
-        assert_eq!((s.requests, s.nodes_reporting), (25, 2));
+        assert_eq!((s.pooled.requests, s.nodes_reporting), (25, 2));
         assert_eq!(view.expire(100, 89), 1, "node 1 was last heard at 10");
-        assert_eq!(view.summary("m", 2).requests, 5);
+        assert_eq!(view.summary("m", 2).pooled.requests, 5);
     }
 
     fn fleet(rates: &[(u64, u64)], version: u64, latency: f64) -> FleetView {
@@ -624,7 +614,7 @@ mod tests {
             view.update(record(seed, 1, vec![report(2, 20, 0, 0.5)]), 0);
         }
         let baseline = view.baseline("m", 2).unwrap();
-        assert_eq!(baseline.version, 1);
+        assert_eq!(baseline.pooled.version, 1);
         let verdict = evaluate_gates(&g, &view.summary("m", 2), Some(&baseline));
         assert!(matches!(&verdict, GateVerdict::Fail(r) if r.contains("p95 latency")), "{verdict:?}");
         let mut fine = fleet(&[(20, 0), (20, 0), (20, 0)], 1, 0.2);

@@ -179,19 +179,20 @@ pub struct FleetVersionView {
 
 impl FleetVersionView {
     pub fn from_summary(s: &VersionSummary) -> Self {
+        let p = &s.pooled;
         FleetVersionView {
-            model: s.model.clone(),
-            version: s.version,
+            model: p.model.clone(),
+            version: p.version,
             nodes_reporting: s.nodes_reporting,
             nodes_active: s.nodes_active,
-            requests: s.requests,
-            errors: s.errors,
+            requests: p.requests,
+            errors: p.errors,
             error_rate: s.pooled_error_rate(),
             median_node_error_rate: s.median_node_error_rate(),
-            p50_latency_secs: s.latency.quantile(0.5),
-            p95_latency_secs: s.latency.quantile(0.95),
-            p95_ttft_secs: s.ttft.quantile(0.95),
-            p50_tokens_per_sec: s.tokens_per_sec.quantile(0.5),
+            p50_latency_secs: p.latency.quantile(0.5),
+            p95_latency_secs: p.latency.quantile(0.95),
+            p95_ttft_secs: p.ttft.quantile(0.95),
+            p50_tokens_per_sec: p.tokens_per_sec.quantile(0.5),
         }
     }
 }
