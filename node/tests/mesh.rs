@@ -157,22 +157,28 @@ fn a_fetch_killed_with_sigkill_resumes_without_refetching() {
     assert!(up * 10 < size * 11, "{up} bytes sent for a {size}-byte file: more than 1.1x");
 }
 
+/// Starts a node whose certificate is signed by a key the fleet does not trust (its own
+/// config trusts that key, so it starts), bootstrapped to `honest`, and waits until
+/// `honest` has refused it.
+fn start_refused_node(fleet: &Fleet, honest: &Running, name: &str) -> Running {
+    let key = format!("{name}.key");
+    fleet.slmesh(&["publisher", "keygen", "--out", &key]);
+    let public = std::fs::read_to_string(fleet.path(&format!("{key}.pub"))).expect("key").trim().to_string();
+    let boot = honest.bootstrap_addr();
+    let node = fleet.node_signed_by(name, "a", &["--bootstrap", &boot], &key, &[&format!("{name}={public}")]).start();
+    let peer = node.status()["peer_id"].as_str().expect("peer id").to_string();
+    honest.wait_status("the node refused", WAIT, |s| {
+        s["refused_peers"].as_array().is_some_and(|r| r.iter().any(|p| p[0] == peer.as_str()))
+    });
+    node
+}
+
 #[test]
 fn a_node_without_a_valid_certificate_is_refused_and_nothing_it_sends_is_accepted() {
     let (fleet, _) = fleet_with_model(0);
     let honest = fleet.node("honest", "a", &[]).start();
-    let boot = honest.bootstrap_addr();
-    fleet.slmesh(&["publisher", "keygen", "--out", "rogue.key"]);
-    let rogue_pub = std::fs::read_to_string(fleet.path("rogue.key.pub")).expect("rogue key").trim().to_string();
-    // Its certificate is signed by a key the fleet does not trust; its own config trusts
-    // that key, so it starts, and it holds a manifest validly signed by the real operator.
-    let rogue = fleet
-        .node_signed_by("rogue", "a", &["--bootstrap", &boot], "rogue.key", &[&format!("rogue={rogue_pub}")])
-        .start();
-    let rogue_peer = rogue.status()["peer_id"].as_str().expect("peer id").to_string();
-    honest.wait_status("the rogue refused", WAIT, |s| {
-        s["refused_peers"].as_array().is_some_and(|r| r.iter().any(|p| p[0] == rogue_peer.as_str()))
-    });
+    // It holds a manifest validly signed by the real operator.
+    let rogue = start_refused_node(&fleet, &honest, "rogue");
     let said = publish(&fleet, &rogue, 1);
     assert!(said.contains("published"), "{said}");
     // Give gossip, redials and anti-entropy time to try.
@@ -189,17 +195,7 @@ fn a_node_without_a_valid_certificate_is_refused_and_nothing_it_sends_is_accepte
 fn a_refused_node_enrolled_afterwards_is_admitted_once_the_cool_down_is_over() {
     let (fleet, _) = fleet_with_model(0);
     let honest = fleet.node("honest", "a", &["--refusal-cooldown-secs", "6"]).start();
-    let boot = honest.bootstrap_addr();
-    fleet.slmesh(&["publisher", "keygen", "--out", "other.key"]);
-    let other_pub = std::fs::read_to_string(fleet.path("other.key.pub")).expect("key").trim().to_string();
-    // Enrolled by a key the fleet does not trust: refused.
-    let late = fleet
-        .node_signed_by("late", "a", &["--bootstrap", &boot], "other.key", &[&format!("other={other_pub}")])
-        .start();
-    let late_peer = late.status()["peer_id"].as_str().expect("peer id").to_string();
-    honest.wait_status("the node refused", WAIT, |s| {
-        s["refused_peers"].as_array().is_some_and(|r| r.iter().any(|p| p[0] == late_peer.as_str()))
-    });
+    let late = start_refused_node(&fleet, &honest, "late");
     // The operator enrolls it properly; it restarts with the new certificate (same key).
     let late = late.stop();
     let cert = late.data.join("node.cert");
