@@ -57,8 +57,8 @@ uplink_mbps = 900
 downlink_mbps = 900
 [model]
 size_mb = 0.02
-chunk_mb = 0.02
-transfer = "whole"
+chunk_mb = 0.5
+transfer = "pieces"
 request_rate = 4
 baseline = {{ latency_median_secs = 0.02, ttft_median_secs = 0.01, tokens_per_sec = 200, error_rate = 0.0 }}
 candidate = {{ latency_median_secs = 0.02, ttft_median_secs = 0.01, tokens_per_sec = 200, error_rate = 0.0 }}

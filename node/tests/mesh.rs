@@ -86,11 +86,56 @@ fn corrupt_blob_store(data_dir: &std::path::Path) {
         .find(|p| p.extension().is_some_and(|e| e == "data"))
         .expect("a .data file in the blob store");
     let mut bytes = std::fs::read(&file).expect("read blob");
-    let mid = bytes.len() / 2;
-    for b in &mut bytes[mid..mid + 4096] {
-        *b ^= 0x5a;
+    // Damage every 256 KiB, so that whichever piece a fetcher asks this node for is bad.
+    for start in (0..bytes.len()).step_by(256 << 10) {
+        let end = (start + 4096).min(bytes.len());
+        for b in &mut bytes[start..end] {
+            *b ^= 0x5a;
+        }
     }
     std::fs::write(&file, bytes).expect("write blob");
+}
+
+#[test]
+fn nodes_serve_pieces_of_a_file_they_are_still_fetching() {
+    let (fleet, model) = fleet_with_model(4 << 20);
+    let size = model.len() as u64;
+    // A slow publisher: the fetchers have most of the time to swap pieces.
+    let publisher = fleet.node("p", "a", &["--max-upload-bytes-per-sec", "3000000"]).start();
+    let boot = publisher.bootstrap_addr();
+    let fetchers: Vec<Running> =
+        ["f1", "f2", "f3"].iter().map(|n| fleet.node(n, "a", &["--bootstrap", &boot]).start()).collect();
+    publisher.wait_status("3 peers", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == 3));
+    for f in &fetchers {
+        f.wait_status("3 peers", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == 3));
+    }
+    publish(&fleet, &publisher, 1);
+    // Watch for a node that uploads while its own fetch is still running.
+    let mut served_while_fetching = None;
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
+        let statuses: Vec<_> = fetchers.iter().map(Running::status).collect();
+        for (f, s) in fetchers.iter().zip(&statuses) {
+            let fetching = s["fetches"].as_array().is_some_and(|a| !a.is_empty());
+            if fetching && s["uploaded_bytes"].as_u64().unwrap_or(0) > 0 {
+                served_while_fetching.get_or_insert(f.node.name.clone());
+            }
+        }
+        if statuses.iter().all(|s| model_field(s, MODEL, "active") == Some(1)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for f in &fetchers {
+        wait_active(f, 1);
+        assert!(staged_file(f, 1) == model, "{} staged different bytes", f.node.name);
+    }
+    assert!(served_while_fetching.is_some(), "no node served pieces before it had the whole file");
+    let up = uploaded(&publisher);
+    let from_peers: u64 = fetchers.iter().map(uploaded).sum();
+    eprintln!("publisher uploaded {up} bytes ({:.2}x the file), fetchers {from_peers}", up as f64 / size as f64);
+    assert!(up < 2 * size, "the publisher uploaded {up} bytes for a {size}-byte file: peers should carry most");
+    assert!(from_peers > size, "the fetchers uploaded only {from_peers} bytes to each other");
 }
 
 #[test]

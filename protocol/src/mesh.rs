@@ -56,6 +56,9 @@ pub struct HaveRecord {
     pub seq: u64,
     pub blobs: Vec<Hex32>,
     pub blob_addrs: Vec<String>,
+    /// Blobs it is fetching: it serves the pieces it has verified already (fetchers ask
+    /// it which, over iroh-blobs).
+    pub partial: Vec<Hex32>,
 }
 
 impl SignedKind for HaveRecord {
@@ -71,7 +74,7 @@ pub fn verify_have(signed: &SignedHave) -> Result<HaveRecord, ProtocolError> {
     if have.node != signed.signer {
         return Err(ProtocolError::invalid("have record", "signed by another node than the one it names"));
     }
-    if have.blobs.len() > MAX_BLOBS_PER_HAVE || have.blob_addrs.len() > MAX_ADDRS {
+    if have.blobs.len() + have.partial.len() > MAX_BLOBS_PER_HAVE || have.blob_addrs.len() > MAX_ADDRS {
         return Err(ProtocolError::invalid("have record", "too many blobs or addresses"));
     }
     Ok(have)
@@ -102,6 +105,11 @@ impl BlobDirectory {
     /// Every node that announced `blob`.
     pub fn holders(&self, blob: &Hex32) -> Vec<NodeId> {
         self.records.values().filter(|r| r.blobs.contains(blob)).map(|r| r.node).collect()
+    }
+
+    /// Every node that announced it is fetching `blob` (and serves what it has of it).
+    pub fn partial_holders(&self, blob: &Hex32) -> Vec<NodeId> {
+        self.records.values().filter(|r| r.partial.contains(blob)).map(|r| r.node).collect()
     }
 
     pub fn record(&self, node: &NodeId) -> Option<&HaveRecord> {
@@ -368,7 +376,8 @@ mod tests {
     fn have_records_are_self_signed_and_newest_wins() {
         let a = node(4);
         let blob = Hex32([7; 32]);
-        let record = |seq, blobs: Vec<Hex32>| HaveRecord { node: a.public(), seq, blobs, blob_addrs: vec![] };
+        let record =
+            |seq, blobs: Vec<Hex32>| HaveRecord { node: a.public(), seq, blobs, blob_addrs: vec![], partial: vec![] };
         let signed = SignedHave::sign(&record(2, vec![blob]), &a).unwrap();
         let have = verify_have(&SignedHave::from_bytes(&signed.to_bytes().unwrap()).unwrap()).unwrap();
         let mut dir = BlobDirectory::default();

@@ -3,9 +3,9 @@
 //! still fetching is already a provider). Rarest piece first spreads every piece early;
 //! the origin seeds each piece at most once per site and leaves the rest to peers.
 //!
-//! Decisions only: which piece to ask a provider for, and whether to serve a request.
-//! The simulator drives these; the node still fetches whole blobs from one provider at a
-//! time (`mesh::upload_decision`), see simulations/README.md for what that costs.
+//! Decisions only: which piece to ask a provider for, which waiting request a free slot
+//! serves, and whether to serve a request. The node (crates/blobs, one request per
+//! provider, the origin seeding each piece once per site) and the simulator drive them.
 
 /// Which pieces of a blob a node holds (or has asked for): a fixed-length bit set.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -155,8 +155,16 @@ pub fn piece_upload_decision(
     if pending >= policy.upload_slots + policy.upload_queue {
         return Err(format!("{pending} piece requests are pending here already"));
     }
-    if originated && policy.origin_copies_per_piece > 0 && copies_elsewhere >= policy.origin_copies_per_piece {
-        return Err(format!("{copies_elsewhere} peers hold this piece or are fetching it: ask them"));
+    if originated {
+        origin_piece_decision(policy, copies_elsewhere)?;
+    }
+    Ok(())
+}
+
+/// The origin's part of `piece_upload_decision`: whether it sends this piece once more.
+pub fn origin_piece_decision(policy: &SwarmPolicy, copies_elsewhere: u32) -> Result<(), String> {
+    if policy.origin_copies_per_piece > 0 && copies_elsewhere >= policy.origin_copies_per_piece {
+        return Err(format!("{copies_elsewhere} peers of this site hold this piece or are fetching it: ask them"));
     }
     Ok(())
 }
@@ -215,6 +223,10 @@ mod tests {
         assert!(piece_upload_decision(&p, 0, false, 50).is_ok(), "peers serve however common");
         assert!(piece_upload_decision(&p, p.upload_slots, false, 0).is_ok(), "it may wait");
         assert!(piece_upload_decision(&p, p.upload_slots + p.upload_queue, false, 0).is_err());
+        assert!(origin_piece_decision(&p, 0).is_ok(), "not yet in this site");
+        assert!(origin_piece_decision(&p, 1).is_err(), "sent into this site already");
+        let always = SwarmPolicy { origin_copies_per_piece: 0, ..SwarmPolicy::default() };
+        assert!(origin_piece_decision(&always, 7).is_ok(), "0: no limit");
     }
 
     #[test]

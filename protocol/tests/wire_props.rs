@@ -156,7 +156,7 @@ proptest! {
         let hello = Hello { certificate: EnrollmentCertificate::sign(&e, &operator).unwrap(), blob_addrs: addrs.clone() };
         prop_assert_eq!(Hello::from_bytes(&hello.to_bytes().unwrap()).unwrap(), hello);
         let node = SecretKey::from_seed(KeyKind::Node, seed);
-        let have = HaveRecord { node: node.public(), seq, blobs, blob_addrs: addrs };
+        let have = HaveRecord { node: node.public(), seq, blobs: blobs.clone(), blob_addrs: addrs, partial: blobs };
         let signed = SignedHave::sign(&have, &node).unwrap();
         prop_assert_eq!(verify_have(&SignedHave::from_bytes(&signed.to_bytes().unwrap()).unwrap()).unwrap(), have);
         let digest = ManifestDigest { latest };

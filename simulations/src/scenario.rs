@@ -47,9 +47,9 @@ pub struct Model {
     /// Transfers are simulated in chunks (pieces) of this size.
     #[serde(default = "default_chunk_mb")]
     pub chunk_mb: f64,
-    /// How a node fetches the model: `whole` files from one provider at a time (what
-    /// `slmesh node run` does today) or `pieces` from several providers at once, each
-    /// piece served again as soon as it arrived (`protocol::swarm`).
+    /// How a node fetches the model: `whole` files from one provider at a time (how the
+    /// node fetched before), or `pieces` from several providers at once, each piece
+    /// served again as soon as it arrived (`protocol::swarm`, as the node does now).
     #[serde(default)]
     pub transfer: Transfer,
     /// Requests per second per node.
@@ -66,8 +66,8 @@ fn default_chunk_mb() -> f64 {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transfer {
-    #[default]
     Whole,
+    #[default]
     Pieces,
 }
 

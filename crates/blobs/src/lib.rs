@@ -1,15 +1,15 @@
 //! The node's blob side: an iroh endpoint for closed networks (no relays, no n0 lookups,
 //! no portmapper; peers' addresses come from the libp2p mesh) and an iroh-blobs FsStore
-//! in the data folder. Serves the blobs it holds, counts (and optionally paces) what it
-//! uploads, and fetches blobs from a ranked list of providers: BLAKE3-verified as they
-//! stream, resumed from what is already on disk, falling back to the next provider when
-//! one fails or sends bytes that do not verify.
+//! in the data folder. Serves the blobs it holds (also the verified pieces of those it is
+//! still fetching), counts (and optionally paces) what it uploads, and fetches a blob in
+//! pieces from several ranked providers at once (`swarm`): BLAKE3-verified as they stream,
+//! resumed from what is already on disk, dropping a provider that fails or sends bytes
+//! that do not verify.
 
 use iroh::endpoint::{presets, PortmapperConfig};
 use iroh::protocol::Router;
 use iroh::{Endpoint, EndpointAddr, RelayMode};
 use iroh_blobs::api::blobs::{BlobStatus, ExportMode, ExportOptions};
-use iroh_blobs::api::remote::GetProgressItem;
 use iroh_blobs::provider::events::{
     AbortReason, ConnectMode, EventMask, EventSender, ProviderMessage, RequestMode, RequestUpdate, ThrottleMode,
     TransferAborted, TransferCompleted,
@@ -26,6 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
+
+pub mod swarm;
 
 #[derive(Debug, Error)]
 pub enum BlobError {
@@ -71,8 +73,20 @@ pub struct BlobConfig {
 pub trait UploadGate: Send + Sync {
     fn allow(&self, blob: &Hex32, uploading: usize) -> Result<(), String>;
 
-    /// A transfer of the whole blob to `to` completed: `to` holds a verified copy now,
-    /// even before its announcement arrives.
+    /// As `allow`, knowing who asks (if known) and which piece (`swarm::PIECE_CHUNKS`
+    /// chunks) the request starts in.
+    fn allow_piece(
+        &self,
+        blob: &Hex32,
+        uploading: usize,
+        _client: Option<NodeId>,
+        _piece: Option<u32>,
+    ) -> Result<(), String> {
+        self.allow(blob, uploading)
+    }
+
+    /// `to` has been sent the whole blob (in one transfer or in pieces): it holds a
+    /// verified copy now, even before its announcement arrives.
     fn served(&self, _blob: &Hex32, _to: NodeId) {}
 }
 
@@ -111,6 +125,7 @@ pub struct FetchProgress {
 pub struct FetchReport {
     pub had: u64,
     pub received: u64,
+    /// The provider that sent the most of it.
     pub provider: Option<NodeId>,
     /// Providers that failed first, with the reason.
     pub failed: Vec<(NodeId, String)>,
@@ -174,7 +189,13 @@ impl BlobNode {
             ..EventMask::DEFAULT
         };
         let (events, rx) = EventSender::channel(64, mask);
-        tokio::spawn(provider_events(rx, counters.clone(), config.max_upload_bytes_per_sec, config.gate));
+        tokio::spawn(provider_events(
+            rx,
+            counters.clone(),
+            config.max_upload_bytes_per_sec,
+            config.gate,
+            store.clone(),
+        ));
         let router = Router::builder(endpoint.clone())
             .accept(iroh_blobs::ALPN, BlobsProtocol::new(&store, Some(events)))
             .spawn();
@@ -260,88 +281,16 @@ impl BlobNode {
         Ok(local.local_bytes())
     }
 
-    /// Fetches `hash` (of `size` bytes), trying `providers` in order. What is already on
-    /// disk is not fetched again. `progress` sees the bytes as they arrive.
-    pub async fn fetch(
-        &self,
-        hash: &Hex32,
-        size: u64,
-        providers: &[NodeId],
-        mut progress: impl FnMut(&FetchProgress),
-    ) -> Result<FetchReport> {
-        let started = Instant::now();
-        let had = self.local_bytes(hash).await?;
-        if self.is_complete(hash).await? {
-            return Ok(FetchReport { had, received: 0, provider: None, failed: vec![], elapsed: started.elapsed() });
-        }
-        self.check_disk_space(hash, size.saturating_sub(had))?;
-        self.protect(hash).await?;
-        if providers.is_empty() {
-            return Err(BlobError::NoProvider { hash: hash.to_hex() });
-        }
-        let mut failed = vec![];
-        let mut received_total = 0;
-        for provider in providers {
-            let had_now = self.local_bytes(hash).await?;
-            let mut report = FetchProgress { hash: *hash, size, had: had_now, received: 0, provider: *provider };
-            match self.fetch_from(hash, provider, &mut report, &mut progress).await {
-                Ok(()) => {
-                    received_total += report.received;
-                    if self.is_complete(hash).await? {
-                        return Ok(FetchReport {
-                            had,
-                            received: received_total,
-                            provider: Some(*provider),
-                            failed,
-                            elapsed: started.elapsed(),
-                        });
-                    }
-                    failed.push((*provider, "finished without the whole blob".to_string()));
-                }
-                Err(reason) => {
-                    received_total += report.received;
-                    tracing::warn!(blob = %hash.to_hex(), provider = %provider.short(), %reason, "provider failed, trying the next one");
-                    failed.push((*provider, reason));
-                }
-            }
-        }
-        let failures = failed.iter().map(|(p, r)| format!("{}: {r}", p.short())).collect::<Vec<_>>().join("; ");
-        Err(BlobError::AllProvidersFailed { hash: hash.to_hex(), failures })
-    }
-
-    async fn fetch_from(
-        &self,
-        hash: &Hex32,
-        provider: &NodeId,
-        report: &mut FetchProgress,
-        progress: &mut impl FnMut(&FetchProgress),
-    ) -> Result<(), String> {
+    /// A blob connection to a peer whose address was learned over the mesh.
+    async fn connect_to(&self, provider: &NodeId) -> Result<iroh::endpoint::Connection, String> {
         let id = provider.endpoint_id().map_err(|e| e.to_string())?;
         let addrs = self.addrs.lock().map_err(|_| "address book poisoned".to_string())?.get(provider).cloned();
         let addrs = addrs.ok_or_else(|| "its blob address is not known yet".to_string())?;
         let addr = addrs.into_iter().fold(EndpointAddr::new(id), |a, s| a.with_ip_addr(s));
-        let conn = tokio::time::timeout(Duration::from_secs(10), self.endpoint.connect(addr, iroh_blobs::ALPN))
+        tokio::time::timeout(Duration::from_secs(10), self.endpoint.connect(addr, iroh_blobs::ALPN))
             .await
             .map_err(|_| "connection timed out".to_string())?
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        let mut stream = self.store.remote().fetch(conn.clone(), hash_of(hash)).stream();
-        let mut last = 0u64;
-        let result = loop {
-            match stream.next().await {
-                Some(GetProgressItem::Progress(n)) => {
-                    let delta = n.saturating_sub(last);
-                    last = n;
-                    report.received = n;
-                    self.counters.downloaded.fetch_add(delta, Ordering::Relaxed);
-                    progress(report);
-                }
-                Some(GetProgressItem::Done(_)) => break Ok(()),
-                Some(GetProgressItem::Error(e)) => break Err(format!("{e}")),
-                None => break Err("transfer ended without a result".to_string()),
-            }
-        };
-        conn.close(0u32.into(), b"done");
-        result
+            .map_err(|e| format!("cannot connect: {e}"))
     }
 
     fn check_disk_space(&self, hash: &Hex32, needed: u64) -> Result<()> {
@@ -390,8 +339,11 @@ async fn provider_events(
     counters: Arc<Counters>,
     max_bytes_per_sec: Option<u64>,
     gate: Arc<dyn UploadGate>,
+    store: FsStore,
 ) {
     let uploading: Arc<Mutex<HashMap<Hash, usize>>> = Default::default();
+    // Bytes of each blob sent to each client, over all its (piece) transfers.
+    let sent: Arc<Mutex<HashMap<(NodeId, Hash), u64>>> = Default::default();
     // Who is at the other end of each connection, to credit completed transfers.
     let mut clients: HashMap<u64, NodeId> = HashMap::new();
     // The uplink is free again at `next_free`: a token bucket without burst credit.
@@ -418,7 +370,13 @@ async fn provider_events(
                 let hash = msg.inner.request.hash;
                 let client = clients.get(&msg.inner.connection_id).copied();
                 let running = uploading.lock().map(|m| m.get(&hash).copied().unwrap_or(0)).unwrap_or(0);
-                match gate.allow(&hex_of(&hash), running) {
+                // The piece a request starts in: piece requests ask for part of one.
+                let first_chunk =
+                    msg.inner.request.ranges.iter_non_empty_infinite().next().and_then(|(offset, ranges)| {
+                        (offset == 0).then(|| ranges.boundaries().first().map(|c| c.0)).flatten()
+                    });
+                let piece = first_chunk.map(|c| (c / swarm::PIECE_CHUNKS) as u32);
+                match gate.allow_piece(&hex_of(&hash), running, client, piece) {
                     Ok(()) => {
                         if let Ok(mut m) = uploading.lock() {
                             *m.entry(hash).or_default() += 1;
@@ -430,6 +388,7 @@ async fn provider_events(
                         let uploading = uploading.clone();
                         let counters = counters.clone();
                         let gate = gate.clone();
+                        let (sent, store) = (sent.clone(), store.clone());
                         tokio::spawn(async move {
                             // Counted when the transfer ends: its stats are exact, while
                             // progress events may be dropped under load.
@@ -437,10 +396,21 @@ async fn provider_events(
                                 match update {
                                     RequestUpdate::Completed(TransferCompleted { stats }) => {
                                         counters.uploaded.fetch_add(stats.payload_bytes_sent, Ordering::Relaxed);
-                                        // Fetchers ask for what they miss: once it is
-                                        // sent, they hold the whole blob.
+                                        // Fetchers ask only for what they miss: once the
+                                        // blob's size has gone to one, it holds the blob.
                                         if let Some(to) = client {
-                                            gate.served(&hex_of(&hash), to);
+                                            let total = sent.lock().map_or(0, |mut m| {
+                                                let t = m.entry((to, hash)).or_default();
+                                                *t += stats.payload_bytes_sent;
+                                                *t
+                                            });
+                                            let size = match store.blobs().status(hash).await {
+                                                Ok(BlobStatus::Complete { size }) => size,
+                                                _ => u64::MAX,
+                                            };
+                                            if total >= size {
+                                                gate.served(&hex_of(&hash), to);
+                                            }
                                         }
                                         break;
                                     }

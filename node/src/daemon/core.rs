@@ -22,6 +22,7 @@ use slmesh_protocol::mesh::{
 use slmesh_protocol::mesh::{MAX_SYNC_COMMANDS, MAX_SYNC_METRICS, TOPIC_COMMANDS, TOPIC_METRICS};
 use slmesh_protocol::rollout::{RolloutPhase, RolloutState};
 use slmesh_protocol::select::{select_variant, NodeFacts};
+use slmesh_protocol::swarm::{origin_piece_decision, SwarmPolicy};
 use slmesh_protocol::trust::{Enrollment, Tags};
 use slmesh_protocol::{Hex32, NodeId, ProtocolError, TrustStore};
 use slmesh_store::{PeerRecord, Store, StoreError};
@@ -31,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use slmesh_mesh::PeerId;
 
@@ -52,11 +53,29 @@ pub(crate) struct GateState {
     holders: RwLock<HashMap<Hex32, HashSet<NodeId>>>,
     /// Peers this node sent a whole blob to: holders before they say so.
     served: RwLock<HashMap<Hex32, HashSet<NodeId>>>,
+    /// Admitted peers' sites, to seed each piece of a published blob once per site.
+    sites: RwLock<HashMap<NodeId, String>>,
+    /// When each piece of a published blob was last sent into a site.
+    seeded: Mutex<HashMap<SeededPiece, Instant>>,
 }
+
+/// A piece of a published blob sent into a site (None: a peer without a site tag).
+type SeededPiece = (Hex32, Option<String>, u32);
+
+/// The origin sends a piece into a site again after this long, in case the peer it went
+/// to has left before passing it on.
+const RESEED_AFTER: Duration = Duration::from_secs(20);
 
 impl GateState {
     pub fn new(policy: UploadPolicy) -> Self {
-        GateState { policy, originated: Default::default(), holders: Default::default(), served: Default::default() }
+        GateState {
+            policy,
+            originated: Default::default(),
+            holders: Default::default(),
+            served: Default::default(),
+            sites: Default::default(),
+            seeded: Default::default(),
+        }
     }
 }
 
@@ -68,6 +87,28 @@ impl UploadGate for GateState {
             copies.extend(served);
         }
         upload_decision(&self.policy, uploading, originated, copies.len())
+    }
+
+    /// For a published blob, each piece goes into each site once (`swarm::origin_piece_decision`):
+    /// the peers of that site pass it on, as they fetch it.
+    fn allow_piece(
+        &self,
+        blob: &Hex32,
+        uploading: usize,
+        client: Option<NodeId>,
+        piece: Option<u32>,
+    ) -> Result<(), String> {
+        self.allow(blob, uploading)?;
+        let originated = self.originated.read().map(|o| o.contains(blob)).unwrap_or(false);
+        // origin_copies = 0: the publisher serves everyone everything.
+        let Some(piece) = piece.filter(|_| originated && self.policy.origin_copies > 0) else { return Ok(()) };
+        let site = client.and_then(|c| self.sites.read().ok().and_then(|s| s.get(&c).cloned()));
+        let mut seeded = self.seeded.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (*blob, site, piece);
+        let copies = u32::from(seeded.get(&key).is_some_and(|at| at.elapsed() < RESEED_AFTER));
+        origin_piece_decision(&SwarmPolicy::default(), copies)?;
+        seeded.insert(key, Instant::now());
+        Ok(())
     }
 
     fn served(&self, blob: &Hex32, to: NodeId) {
@@ -212,6 +253,9 @@ pub(crate) struct Node {
     /// Accepted versions whose files are not all staged yet, with the chosen variant.
     wanted: BTreeMap<VersionKey, Variant>,
     fetching: HashSet<VersionKey>,
+    /// Per blob being fetched, its providers (best first), updated as peers announce
+    /// that they hold it or are fetching it: a running fetch picks up new ones.
+    fetch_providers: HashMap<Hex32, watch::Sender<Vec<NodeId>>>,
     retry_at: HashMap<VersionKey, Instant>,
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: mpsc::Receiver<Internal>,
@@ -258,6 +302,7 @@ impl Node {
             listen_ips: BTreeSet::new(),
             wanted: BTreeMap::new(),
             fetching: HashSet::new(),
+            fetch_providers: HashMap::new(),
             retry_at: HashMap::new(),
             internal_tx,
             internal_rx,
@@ -515,6 +560,8 @@ impl Node {
         }
         self.peers.insert(peer, Peer { node, tags: enrollment.tags, rtt: None });
         self.update_gate();
+        // Its have record may have come before it was admitted (relayed by another peer).
+        self.update_fetch_providers();
         self.ask_sync(peer);
         Ok(())
     }
@@ -658,6 +705,10 @@ impl Node {
             }
             Internal::FetchDone { name, version, result } => {
                 self.fetching.remove(&(name.clone(), version));
+                // Blobs no running fetch needs any more stop being announced as partial.
+                let needed: HashSet<Hex32> =
+                    self.fetching.iter().filter_map(|(n, v)| self.chosen_files(n, *v)).flatten().collect();
+                self.fetch_providers.retain(|blob, _| needed.contains(blob));
                 lock(&self.shared).fetches.retain(|(n, v, _), _| *n != name || *v != version);
                 match result {
                     Ok(_) => self.on_staged(&name, version).await,
@@ -827,6 +878,7 @@ impl Node {
         }
         self.signed_haves.insert(node, signed);
         self.update_gate();
+        self.update_fetch_providers();
         self.try_fetches().await;
         GossipVerdict::Accept
     }
@@ -850,12 +902,14 @@ impl Node {
                 complete.push(b);
             }
         }
+        let partial: Vec<Hex32> = self.fetch_providers.keys().filter(|b| !complete.contains(b)).copied().collect();
         let seq = unix_millis().max(self.my_have.as_ref().and_then(|h| verify_have(h).ok()).map_or(0, |h| h.seq + 1));
         let record = HaveRecord {
             node: self.me,
             seq,
             blobs: complete,
             blob_addrs: self.blob_addrs().iter().map(|a| a.to_string()).collect(),
+            partial,
         };
         let signed = match SignedHave::sign(&record, &self.parts.secret) {
             Ok(s) => s,
@@ -891,6 +945,9 @@ impl Node {
         if let Ok(mut h) = self.parts.gate.holders.write() {
             *h = holders;
         }
+        if let Ok(mut s) = self.parts.gate.sites.write() {
+            *s = self.peers.values().filter_map(|p| Some((p.node, p.tags.get("site")?.clone()))).collect();
+        }
         // A peer that went away no longer counts as a copy, served or announced.
         if let Ok(mut s) = self.parts.gate.served.write() {
             for peers in s.values_mut() {
@@ -911,33 +968,38 @@ impl Node {
             .collect();
         let by_node: HashMap<NodeId, &Peer> = self.peers.values().map(|p| (p.node, p)).collect();
         let my_site = self.my_tags.get("site").cloned();
+        let mut started = false;
         for (key, variant) in candidates {
             let mut plan = vec![];
             let mut ready = true;
             for file in &variant.files {
                 let here = self.parts.blobs.is_complete(&file.blake3).await.unwrap_or(false);
-                let candidates: Vec<ProviderInfo> = self
-                    .directory
-                    .holders(&file.blake3)
-                    .into_iter()
-                    .filter_map(|n| by_node.get(&n))
-                    .map(|p| ProviderInfo {
-                        node: p.node,
-                        site: p.tags.get("site").cloned(),
-                        rtt_micros: p.rtt.map(|r| r.as_micros() as u64),
-                    })
-                    .collect();
-                if !here && candidates.is_empty() {
+                let providers = self.providers_of(&file.blake3, &by_node, my_site.as_deref());
+                if !here && providers.is_empty() {
                     ready = false;
                     break;
                 }
-                plan.push((file.clone(), rank_providers(candidates, my_site.as_deref())));
+                plan.push((file.clone(), providers));
             }
             if !ready {
                 continue;
             }
             self.fetching.insert(key.clone());
             let _ = self.parts.store.set_rollout(&key.0, key.1, &rollout_state(RolloutPhase::Fetching, ""));
+            let plan = plan
+                .into_iter()
+                .map(|(file, providers)| {
+                    let rx = match self.fetch_providers.get(&file.blake3) {
+                        Some(tx) => tx.subscribe(),
+                        None => {
+                            let (tx, rx) = watch::channel(providers);
+                            self.fetch_providers.insert(file.blake3, tx);
+                            rx
+                        }
+                    };
+                    (file, rx)
+                })
+                .collect();
             let job = FetchJob {
                 name: key.0.clone(),
                 version: key.1,
@@ -951,6 +1013,43 @@ impl Node {
                 let (name, version) = (job.name.clone(), job.version);
                 let result = job.run().await;
                 let _ = tx.send(Internal::FetchDone { name, version, result }).await;
+            });
+            started = true;
+        }
+        if started {
+            // Peers may fetch from us what we have verified so far.
+            self.announce_have().await;
+        }
+    }
+
+    /// Peers that hold `blob` or are fetching it, ranked (same site, then RTT).
+    fn providers_of(&self, blob: &Hex32, by_node: &HashMap<NodeId, &Peer>, my_site: Option<&str>) -> Vec<NodeId> {
+        let mut nodes = self.directory.holders(blob);
+        nodes.extend(self.directory.partial_holders(blob));
+        nodes.sort();
+        nodes.dedup();
+        let candidates = nodes
+            .into_iter()
+            .filter_map(|n| by_node.get(&n))
+            .map(|p| ProviderInfo {
+                node: p.node,
+                site: p.tags.get("site").cloned(),
+                rtt_micros: p.rtt.map(|r| r.as_micros() as u64),
+            })
+            .collect();
+        rank_providers(candidates, my_site)
+    }
+
+    /// Running fetches learn of providers announced since they started.
+    fn update_fetch_providers(&self) {
+        let by_node: HashMap<NodeId, &Peer> = self.peers.values().map(|p| (p.node, p)).collect();
+        let my_site = self.my_tags.get("site").cloned();
+        for (blob, tx) in &self.fetch_providers {
+            let providers = self.providers_of(blob, &by_node, my_site.as_deref());
+            tx.send_if_modified(|held| {
+                let changed = *held != providers;
+                *held = providers;
+                changed
             });
         }
     }
@@ -1294,7 +1393,7 @@ fn rollout_state(phase: RolloutPhase, reason: &str) -> RolloutState {
 struct FetchJob {
     name: String,
     version: u64,
-    plan: Vec<(slmesh_protocol::manifest::FileEntry, Vec<NodeId>)>,
+    plan: Vec<(slmesh_protocol::manifest::FileEntry, watch::Receiver<Vec<NodeId>>)>,
     dir: PathBuf,
     blobs: Arc<BlobNode>,
     shared: Arc<Mutex<Shared>>,
@@ -1306,7 +1405,7 @@ impl FetchJob {
             let key = (self.name.clone(), self.version, file.name.clone());
             let report = self
                 .blobs
-                .fetch(&file.blake3, file.size, providers, |p| {
+                .fetch_swarm(&file.blake3, file.size, providers.clone(), |p| {
                     lock(&self.shared).fetches.insert(
                         key.clone(),
                         FetchStatus {

@@ -1,0 +1,353 @@
+//! Fetching one blob in pieces from several providers at once (`protocol::swarm`): each
+//! provider tells which pieces it holds (an iroh-blobs observe stream, so a provider
+//! that is still fetching offers what it has verified so far), and one request per
+//! provider asks for the rarest piece it offers that this node lacks. Every piece is
+//! BLAKE3-verified as it streams into the store, which also makes a fetch resumable: a
+//! piece already on disk is never asked for again.
+
+use crate::{hash_of, BlobError, BlobNode, FetchProgress, FetchReport, Result};
+use iroh::endpoint::Connection;
+use iroh_blobs::api::proto::Bitfield;
+use iroh_blobs::api::remote::GetProgressItem;
+use iroh_blobs::protocol::{ChunkRanges, ChunkRangesExt, GetRequest, ObserveRequest};
+use n0_future::StreamExt;
+use slmesh_protocol::swarm::{pick_piece, PieceSet};
+use slmesh_protocol::{Hex32, NodeId};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify};
+
+/// 512 KiB: 512 BLAKE3 chunks, 32 of iroh's 16 KiB verification groups.
+pub const PIECE_CHUNKS: u64 = 512;
+
+/// Providers asked at once.
+const MAX_PROVIDERS: usize = 8;
+
+/// Piece requests open at once to one provider: a second one streams while the first
+/// one's last bytes are verified and stored (one at a time halved the rate from a single
+/// provider), and providers serve 2 requests per file at once by default.
+const REQUESTS_PER_PROVIDER: usize = 2;
+
+/// A provider that refuses (all its upload slots busy) is asked again after this long;
+/// after this many refusals in a row it is given up for this fetch.
+const REFUSED_RETRY: Duration = Duration::from_millis(300);
+const MAX_REFUSALS: u32 = 100;
+
+/// How long a fetch waits with no provider able to send anything before it gives up
+/// (the node retries it later).
+const STALLED_AFTER: Duration = Duration::from_secs(30);
+
+pub fn piece_count(size: u64) -> u32 {
+    size.div_ceil(1024).div_ceil(PIECE_CHUNKS).max(1) as u32
+}
+
+fn piece_ranges(piece: u32, size: u64) -> ChunkRanges {
+    let chunks = size.div_ceil(1024).max(1);
+    let start = piece as u64 * PIECE_CHUNKS;
+    ChunkRanges::chunks(start..(start + PIECE_CHUNKS).min(chunks))
+}
+
+/// The pieces wholly inside `ranges`.
+fn pieces_in(ranges: &ChunkRanges, size: u64) -> PieceSet {
+    let n = piece_count(size);
+    let mut set = PieceSet::new(n);
+    for p in 0..n {
+        if ranges.is_superset(&piece_ranges(p, size)) {
+            set.insert(p);
+        }
+    }
+    set
+}
+
+struct State {
+    mine: PieceSet,
+    requested: PieceSet,
+    theirs: HashMap<NodeId, PieceSet>,
+    received: u64,
+    /// Bytes each provider delivered.
+    delivered: HashMap<NodeId, u64>,
+    failed: Vec<(NodeId, String)>,
+    /// Last time a piece arrived (or the fetch started).
+    progressed: Instant,
+}
+
+impl State {
+    /// Per piece, how many providers offer it.
+    fn copies(&self) -> Vec<u32> {
+        let mut copies = vec![0u32; self.mine.len() as usize];
+        for set in self.theirs.values() {
+            for p in set.iter() {
+                copies[p as usize] += 1;
+            }
+        }
+        copies
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A piece asked for: the claim goes back when the request ends, also when its lane is
+/// dropped mid-request (another lane of the provider failed, or the fetch finished).
+struct Claim<'a> {
+    state: &'a Mutex<State>,
+    piece: u32,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        lock(self.state).requested.remove(self.piece);
+    }
+}
+
+impl BlobNode {
+    /// Fetches `hash` (of `size` bytes) in pieces from the providers `providers` names
+    /// (ranked, best first; the list may grow while the fetch runs, as peers announce
+    /// that they hold or are fetching the blob). Pieces on disk already are not fetched
+    /// again. `progress` sees the bytes as they arrive.
+    pub async fn fetch_swarm(
+        self: &Arc<Self>,
+        hash: &Hex32,
+        size: u64,
+        mut providers: watch::Receiver<Vec<NodeId>>,
+        mut progress: impl FnMut(&FetchProgress),
+    ) -> Result<FetchReport> {
+        let started = Instant::now();
+        let had = self.local_bytes(hash).await?;
+        if self.is_complete(hash).await? {
+            return Ok(FetchReport { had, received: 0, provider: None, failed: vec![], elapsed: started.elapsed() });
+        }
+        self.check_disk_space(hash, size.saturating_sub(had))?;
+        self.protect(hash).await?;
+        let n = piece_count(size);
+        let local = self.store.blobs().observe(hash_of(hash)).await.map_err(|e| BlobError::StoreOp(e.to_string()))?;
+        let state = Arc::new(Mutex::new(State {
+            mine: pieces_in(&local.ranges, size),
+            requested: PieceSet::new(n),
+            theirs: HashMap::new(),
+            received: 0,
+            delivered: HashMap::new(),
+            failed: vec![],
+            progressed: Instant::now(),
+        }));
+        let notify = Arc::new(Notify::new());
+        let mut workers = tokio::task::JoinSet::new();
+        let mut asked: HashSet<NodeId> = HashSet::new();
+        let mut last_provider = None;
+        loop {
+            {
+                let s = lock(&state);
+                let report = FetchProgress {
+                    hash: *hash,
+                    size,
+                    had,
+                    received: s.received,
+                    provider: last_provider.unwrap_or_else(|| self.id()),
+                };
+                if s.mine.is_full() {
+                    break;
+                }
+                progress(&report);
+                if workers.is_empty() && s.progressed.elapsed() > STALLED_AFTER {
+                    let failures = s.failed.iter().map(|(p, r)| format!("{}: {r}", p.short())).collect::<Vec<_>>();
+                    if failures.is_empty() {
+                        return Err(BlobError::NoProvider { hash: hash.to_hex() });
+                    }
+                    return Err(BlobError::AllProvidersFailed { hash: hash.to_hex(), failures: failures.join("; ") });
+                }
+            }
+            let candidates: Vec<NodeId> = providers.borrow().clone();
+            for provider in candidates {
+                if workers.len() >= MAX_PROVIDERS {
+                    break;
+                }
+                if provider == self.id() || !asked.insert(provider) {
+                    continue;
+                }
+                last_provider.get_or_insert(provider);
+                let (node, state, notify, hash) = (self.clone(), state.clone(), notify.clone(), *hash);
+                workers.spawn(async move {
+                    let result = node.fetch_from_provider(&hash, size, provider, &state, &notify).await;
+                    if let Err(reason) = result {
+                        tracing::warn!(blob = %hash.to_hex(), provider = %provider.short(), %reason, "provider failed, the others go on");
+                        lock(&state).failed.push((provider, reason));
+                    }
+                    notify.notify_waiters();
+                });
+            }
+            tokio::select! {
+                _ = notify.notified() => {}
+                changed = providers.changed() => {
+                    if changed.is_err() {
+                        // The node stopped caring (shutting down): finish with who we have.
+                        if workers.is_empty() {
+                            return Err(BlobError::NoProvider { hash: hash.to_hex() });
+                        }
+                    }
+                }
+                Some(_) = workers.join_next(), if !workers.is_empty() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        workers.abort_all();
+        if !self.is_complete(hash).await? {
+            return Err(BlobError::StoreOp(format!("blob {} has every piece but is not complete", hash.to_hex())));
+        }
+        let s = lock(&state);
+        let most = s.delivered.iter().max_by_key(|(node, bytes)| (**bytes, **node)).map(|(node, _)| *node);
+        Ok(FetchReport {
+            had,
+            received: s.received,
+            provider: most,
+            failed: s.failed.clone(),
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// One provider's share: learn which pieces it offers, then ask it for one piece at a
+    /// time until this node has them all. An error drops the provider (bad data, gone).
+    async fn fetch_from_provider(
+        &self,
+        hash: &Hex32,
+        size: u64,
+        provider: NodeId,
+        state: &Arc<Mutex<State>>,
+        notify: &Arc<Notify>,
+    ) -> Result<(), String> {
+        let conn = self.connect_to(&provider).await?;
+        let observer = {
+            let (conn, state, notify, store) = (conn.clone(), state.clone(), notify.clone(), self.store.clone());
+            let hash = hash_of(hash);
+            tokio::spawn(async move {
+                let mut stream = std::pin::pin!(store.remote().observe(conn, ObserveRequest::new(hash)));
+                let mut bitfield = Bitfield::empty();
+                while let Some(Ok(update)) = stream.next().await {
+                    bitfield.update(&update);
+                    let offered = pieces_in(&bitfield.ranges, size);
+                    lock(&state).theirs.insert(provider, offered);
+                    notify.notify_waiters();
+                }
+            })
+        };
+        let lanes = (0..REQUESTS_PER_PROVIDER as u32)
+            .map(|lane| self.ask_for_pieces(hash, size, provider, lane, &conn, state, notify));
+        // The first lane to fail drops the provider; the others stop with it.
+        let result = n0_future::try_join_all(lanes).await.map(|_| ());
+        observer.abort();
+        lock(state).theirs.remove(&provider);
+        conn.close(0u32.into(), b"done");
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn ask_for_pieces(
+        &self,
+        hash: &Hex32,
+        size: u64,
+        provider: NodeId,
+        lane: u32,
+        conn: &Connection,
+        state: &Arc<Mutex<State>>,
+        notify: &Arc<Notify>,
+    ) -> Result<(), String> {
+        // Fetchers with different starts break ties differently and spread out.
+        let start = u32::from_le_bytes([provider.as_bytes()[0], provider.as_bytes()[1], 0, 0]) + lane * 7;
+        let mut refusals = 0;
+        loop {
+            let waiting = notify.notified();
+            let piece = {
+                let mut s = lock(state);
+                if s.mine.is_full() {
+                    return Ok(());
+                }
+                let copies = s.copies();
+                let offered = s.theirs.get(&provider).cloned().unwrap_or_default();
+                let piece =
+                    if offered.is_empty() { None } else { pick_piece(&s.mine, &s.requested, &offered, &copies, start) };
+                if let Some(p) = piece {
+                    s.requested.insert(p);
+                }
+                piece
+            };
+            let Some(piece) = piece else {
+                // Nothing to ask this provider for now: wait for news (a piece it gained,
+                // a request elsewhere that failed).
+                let _ = tokio::time::timeout(Duration::from_secs(1), waiting).await;
+                continue;
+            };
+            let claim = Claim { state, piece };
+            let outcome = self.get_piece(hash, size, piece, provider, conn, state).await;
+            drop(claim);
+            if outcome.is_ok() {
+                let mut s = lock(state);
+                s.mine.insert(piece);
+                s.progressed = Instant::now();
+            }
+            notify.notify_waiters();
+            match outcome {
+                Ok(()) => refusals = 0,
+                // The provider's upload slots are busy: its gate reset the stream with
+                // iroh-blobs' ERR_LIMIT (2). Other resets (3: it failed to read its own
+                // data) and bad data drop the provider.
+                Err(reason) if reason.ends_with("reset by peer: error 2") && refusals < MAX_REFUSALS => {
+                    refusals += 1;
+                    tokio::time::sleep(REFUSED_RETRY).await;
+                }
+                Err(reason) => return Err(reason),
+            }
+        }
+    }
+
+    /// Asks for what is missing of one piece; verified as it streams into the store.
+    async fn get_piece(
+        &self,
+        hash: &Hex32,
+        size: u64,
+        piece: u32,
+        provider: NodeId,
+        conn: &Connection,
+        state: &Arc<Mutex<State>>,
+    ) -> Result<(), String> {
+        let request = GetRequest::builder().root(piece_ranges(piece, size)).build(hash_of(hash));
+        let local = self.store.remote().local_for_request(request).await.map_err(|e| e.to_string())?;
+        if local.is_complete() {
+            return Ok(());
+        }
+        let mut stream = self.store.remote().execute_get(conn.clone(), local.missing()).stream();
+        let mut last = 0u64;
+        loop {
+            match stream.next().await {
+                Some(GetProgressItem::Progress(n)) => {
+                    let delta = n.saturating_sub(last);
+                    last = n;
+                    self.counters.downloaded.fetch_add(delta, Ordering::Relaxed);
+                    let mut s = lock(state);
+                    s.received += delta;
+                    *s.delivered.entry(provider).or_default() += delta;
+                }
+                Some(GetProgressItem::Done(_)) => return Ok(()),
+                Some(GetProgressItem::Error(e)) => return Err(format!("{e}")),
+                None => return Err("transfer ended without a result".to_string()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_the_blob_and_only_whole_pieces_count() {
+        let size = 3 * 512 * 1024 + 100;
+        assert_eq!(piece_count(size), 4);
+        assert_eq!(piece_count(1), 1);
+        assert_eq!(piece_ranges(3, size), ChunkRanges::chunks(1536..1537));
+        let held = ChunkRanges::chunks(0..700);
+        assert_eq!(pieces_in(&held, size).iter().collect::<Vec<_>>(), vec![0]);
+        assert!(pieces_in(&ChunkRanges::all(), size).is_full());
+    }
+}
