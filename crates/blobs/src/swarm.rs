@@ -137,6 +137,7 @@ impl BlobNode {
         let mut workers = tokio::task::JoinSet::new();
         let mut asked: HashSet<NodeId> = HashSet::new();
         let mut last_provider = None;
+        let mut list_closed = false;
         loop {
             {
                 let s = lock(&state);
@@ -180,13 +181,10 @@ impl BlobNode {
             }
             tokio::select! {
                 _ = notify.notified() => {}
-                changed = providers.changed() => {
-                    if changed.is_err() {
-                        // The node stopped caring (shutting down): finish with who we have.
-                        if workers.is_empty() {
-                            return Err(BlobError::NoProvider { hash: hash.to_hex() });
-                        }
-                    }
+                changed = providers.changed(), if !list_closed => {
+                    // The node stopped updating the list (shutting down): go on with
+                    // the providers at hand.
+                    list_closed = changed.is_err();
                 }
                 Some(_) = workers.join_next(), if !workers.is_empty() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
