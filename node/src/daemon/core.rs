@@ -55,8 +55,8 @@ pub(crate) struct GateState {
     served: RwLock<HashMap<Hex32, HashSet<NodeId>>>,
     /// Admitted peers' sites, to seed each piece of a published blob once per site.
     sites: RwLock<HashMap<NodeId, String>>,
-    /// When each piece of a published blob was last sent into a site.
-    seeded: Mutex<HashMap<SeededPiece, Instant>>,
+    /// When each piece of a published blob was last sent into a site, and to whom.
+    seeded: Mutex<HashMap<SeededPiece, (Instant, Option<NodeId>)>>,
 }
 
 /// A piece of a published blob sent into a site (None: a peer without a site tag).
@@ -105,9 +105,10 @@ impl UploadGate for GateState {
         let site = client.and_then(|c| self.sites.read().ok().and_then(|s| s.get(&c).cloned()));
         let mut seeded = self.seeded.lock().unwrap_or_else(|e| e.into_inner());
         let key = (*blob, site, piece);
-        let copies = u32::from(seeded.get(&key).is_some_and(|at| at.elapsed() < RESEED_AFTER));
+        // The peer it went to asking again lost it (a restart mid-transfer): not a copy.
+        let copies = u32::from(seeded.get(&key).is_some_and(|(at, to)| at.elapsed() < RESEED_AFTER && *to != client));
         origin_piece_decision(&SwarmPolicy::default(), copies)?;
-        seeded.insert(key, Instant::now());
+        seeded.insert(key, (Instant::now(), client));
         Ok(())
     }
 
