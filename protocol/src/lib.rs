@@ -2,7 +2,7 @@
 //!
 //! Everything that decides lives here: wire types and their encoding, signatures,
 //! identity, trust and enrollment, manifests and their validation, variant choice,
-//! cohorts and waves, fleet metrics and the rollout engine, and the GGUF header reader. Nothing here reads a clock or opens
+//! cohorts and waves, fleet metrics and the rollout engine, piece swarming, and the GGUF header reader. Nothing here reads a clock or opens
 //! a socket: callers pass `now` and bytes in, and get decisions and bytes out. The
 //! node and the simulator drive the very same code.
 
