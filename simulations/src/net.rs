@@ -96,27 +96,13 @@ impl Links {
         let start = now.max(self.up_free[from]);
         let sent = start + tx;
         self.up_free[from] = sent;
-        (sent, self.deliver(now, sent, from, to, bytes, lossy, rng))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn deliver(
-        &mut self,
-        now: Micros,
-        sent: Micros,
-        from: usize,
-        to: usize,
-        bytes: u64,
-        lossy: bool,
-        rng: &mut Rng,
-    ) -> Option<Micros> {
         self.sent[from] += bytes;
         if self.partitioned(now, from, to) {
             self.partition_drops += 1;
-            return None;
+            return (sent, None);
         }
         if lossy && self.loss > 0.0 && rng.unit() < self.loss {
-            return None;
+            return (sent, None);
         }
         let (sa, sb) = (self.site[from], self.site[to]);
         if sa != sb {
@@ -129,7 +115,7 @@ impl Links {
         // receiver's downlink is still busy with earlier arrivals.
         let done = (sent + latency).max(self.down_free[to] + rx);
         self.down_free[to] = done;
-        Some(done)
+        (sent, Some(done))
     }
 }
 

@@ -108,7 +108,7 @@ impl BlobNode {
     /// (ranked, best first; the list may grow while the fetch runs, as peers announce
     /// that they hold or are fetching the blob). Pieces on disk already are not fetched
     /// again. `progress` sees the bytes as they arrive.
-    pub async fn fetch_swarm(
+    pub async fn fetch(
         self: &Arc<Self>,
         hash: &Hex32,
         size: u64,

@@ -967,15 +967,13 @@ impl Node {
             .filter(|(k, _)| !self.fetching.contains(*k) && self.retry_at.get(*k).is_none_or(|t| *t <= now))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let by_node: HashMap<NodeId, &Peer> = self.peers.values().map(|p| (p.node, p)).collect();
-        let my_site = self.my_tags.get("site").cloned();
         let mut started = false;
         for (key, variant) in candidates {
             let mut plan = vec![];
             let mut ready = true;
             for file in &variant.files {
                 let here = self.parts.blobs.is_complete(&file.blake3).await.unwrap_or(false);
-                let providers = self.providers_of(&file.blake3, &by_node, my_site.as_deref());
+                let providers = self.providers_of(&file.blake3);
                 if !here && providers.is_empty() {
                     ready = false;
                     break;
@@ -1024,7 +1022,8 @@ impl Node {
     }
 
     /// Peers that hold `blob` or are fetching it, ranked (same site, then RTT).
-    fn providers_of(&self, blob: &Hex32, by_node: &HashMap<NodeId, &Peer>, my_site: Option<&str>) -> Vec<NodeId> {
+    fn providers_of(&self, blob: &Hex32) -> Vec<NodeId> {
+        let by_node: HashMap<NodeId, &Peer> = self.peers.values().map(|p| (p.node, p)).collect();
         let mut nodes = self.directory.holders(blob);
         nodes.extend(self.directory.partial_holders(blob));
         nodes.sort();
@@ -1038,15 +1037,13 @@ impl Node {
                 rtt_micros: p.rtt.map(|r| r.as_micros() as u64),
             })
             .collect();
-        rank_providers(candidates, my_site)
+        rank_providers(candidates, self.my_tags.get("site").map(String::as_str))
     }
 
     /// Running fetches learn of providers announced since they started.
     fn update_fetch_providers(&self) {
-        let by_node: HashMap<NodeId, &Peer> = self.peers.values().map(|p| (p.node, p)).collect();
-        let my_site = self.my_tags.get("site").cloned();
         for (blob, tx) in &self.fetch_providers {
-            let providers = self.providers_of(blob, &by_node, my_site.as_deref());
+            let providers = self.providers_of(blob);
             tx.send_if_modified(|held| {
                 let changed = *held != providers;
                 *held = providers;
@@ -1406,7 +1403,7 @@ impl FetchJob {
             let key = (self.name.clone(), self.version, file.name.clone());
             let report = self
                 .blobs
-                .fetch_swarm(&file.blake3, file.size, providers.clone(), |p| {
+                .fetch(&file.blake3, file.size, providers.clone(), |p| {
                     lock(&self.shared).fetches.insert(
                         key.clone(),
                         FetchStatus {
