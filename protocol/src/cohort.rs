@@ -4,6 +4,16 @@
 //! uniform, different for each version (so the same nodes are not always the canaries),
 //! and needing no coordination. A node is in wave `i` when its cohort is below wave
 //! `i`'s cumulative fraction and not below wave `i-1`'s.
+//!
+//! Hashes alone can leave the canary empty in a small fleet (a 30% canary of 4 nodes is
+//! empty about a quarter of the time), and a canary smaller than the gates' minimum of
+//! reporting nodes never gets a verdict. So the canary has a floor: the eligible nodes
+//! with the lowest cohorts among those a node knows are in wave 0 too, as many as the
+//! gates need (`min_reporting_nodes`, at least one). A node that knows only part of the
+//! fleet may count itself among them wrongly, which adds canaries but never removes one:
+//! the truly lowest node always knows it is lowest. The floor applies only while the
+//! fleet a node knows of is too small for the hash to fill the canary twice over, so in a
+//! large fleet the canary stays the plan's fraction.
 
 use crate::identity::NodeId;
 use crate::rollout::RolloutPlan;
@@ -47,6 +57,76 @@ pub fn membership(plan: &RolloutPlan, node: &NodeId, tags: &Tags, model: &str, v
         Some(i) => Membership::Wave(i),
         None => Membership::BeyondLastWave,
     }
+}
+
+/// How many nodes the canary holds at least.
+pub fn canary_floor(plan: &RolloutPlan) -> usize {
+    plan.gates.min_reporting_nodes.max(1) as usize
+}
+
+/// Whether the floor applies for a fleet of about `fleet_size` nodes: the hash alone is
+/// expected to put fewer than twice the floor in the canary.
+fn floor_applies(plan: &RolloutPlan, fleet_size: usize) -> bool {
+    let first = plan.waves.first().map_or(1.0, |w| w.fraction);
+    first * (fleet_size as f64) < 2.0 * canary_floor(plan) as f64
+}
+
+/// `membership`, with the canary floor. `known`: the other nodes this node knows, with
+/// their certified tags; `fleet_size`: the largest count of nodes it has evidence of
+/// (itself included), for example from metrics records.
+pub fn membership_with_floor<'a>(
+    plan: &RolloutPlan,
+    node: &NodeId,
+    tags: &Tags,
+    model: &str,
+    version: u64,
+    known: impl IntoIterator<Item = (&'a NodeId, &'a Tags)>,
+    fleet_size: usize,
+) -> Membership {
+    let by_hash = membership(plan, node, tags, model, version);
+    if !matches!(by_hash, Membership::Wave(w) if w > 0) && by_hash != Membership::BeyondLastWave {
+        return by_hash;
+    }
+    let mine = cohort(node, model, version);
+    let mut eligible = 1usize;
+    let mut lower = 0usize;
+    for (other, other_tags) in known {
+        if other == node || !plan.selector.matches(other_tags) {
+            continue;
+        }
+        eligible += 1;
+        if cohort(other, model, version) < mine {
+            lower += 1;
+        }
+    }
+    if floor_applies(plan, eligible.max(fleet_size)) && lower < canary_floor(plan) {
+        Membership::Wave(0)
+    } else {
+        by_hash
+    }
+}
+
+/// How many of `nodes` (each with its tags; the counting node included) fall in each
+/// wave with the canary floor applied, as a node that knows exactly these nodes sees it.
+pub fn wave_counts<'a>(
+    plan: &RolloutPlan,
+    nodes: impl IntoIterator<Item = (&'a NodeId, &'a Tags)>,
+    model: &str,
+    version: u64,
+    fleet_size: usize,
+) -> Vec<usize> {
+    let mut cohorts: Vec<f64> =
+        nodes.into_iter().filter(|(_, t)| plan.selector.matches(t)).map(|(n, _)| cohort(n, model, version)).collect();
+    cohorts.sort_by(f64::total_cmp);
+    let floor = if floor_applies(plan, cohorts.len().max(fleet_size)) { canary_floor(plan) } else { 0 };
+    let mut counts = vec![0; plan.waves.len()];
+    for (rank, c) in cohorts.iter().enumerate() {
+        let wave = if rank < floor { Some(0) } else { wave_of(plan, *c) };
+        if let Some(w) = wave {
+            counts[w] += 1;
+        }
+    }
+    counts
 }
 
 #[cfg(test)]
@@ -113,6 +193,50 @@ mod tests {
         // Independent draws: about 1% of nodes are canaries twice, not 10%.
         assert!(canaries(1) > 150 && canaries(2) > 150);
         assert!(both < 60, "{both} nodes were canaries for both versions");
+    }
+
+    #[test]
+    fn the_canary_is_never_empty_and_holds_what_the_gates_need() {
+        // A 30% canary on 4 nodes, gates needing 1 node, then 3: over many versions
+        // (each a fresh draw of cohorts), every node deciding from what it knows.
+        let ids = random_ids(4, 11);
+        let tags = Tags::new();
+        for need in [1u32, 3] {
+            let mut p = plan(&[0.3, 1.0]);
+            p.gates.min_reporting_nodes = need;
+            let mut empty_by_hash = 0;
+            for version in 0..200u64 {
+                let known: Vec<(&NodeId, &Tags)> = ids.iter().map(|i| (i, &tags)).collect();
+                let canaries = ids
+                    .iter()
+                    .filter(|id| {
+                        membership_with_floor(&p, id, &tags, "m", version, known.iter().copied(), 4)
+                            == Membership::Wave(0)
+                    })
+                    .count();
+                assert!(canaries >= need as usize, "version {version}: {canaries} canaries, need {need}");
+                assert_eq!(wave_counts(&p, known.iter().copied(), "m", version, 4)[0], canaries);
+                empty_by_hash += usize::from(ids.iter().all(|id| wave_of(&p, cohort(id, "m", version)) != Some(0)));
+            }
+            assert!(empty_by_hash > 20, "the hash alone leaves the canary empty often ({empty_by_hash}/200)");
+        }
+    }
+
+    #[test]
+    fn in_a_large_fleet_the_canary_is_the_plans_fraction() {
+        let p = plan(&[0.05, 1.0]);
+        let ids = random_ids(2000, 5);
+        let tags = Tags::new();
+        // Each node knows only 8 others, but has heard of the whole fleet.
+        let canaries = ids
+            .iter()
+            .enumerate()
+            .filter(|(i, id)| {
+                let known: Vec<(&NodeId, &Tags)> = (1..=8).map(|k| (&ids[(i + k) % ids.len()], &tags)).collect();
+                membership_with_floor(&p, id, &tags, "m", 1, known, ids.len()) == Membership::Wave(0)
+            })
+            .count();
+        assert!((70..130).contains(&canaries), "{canaries} of 2000 in a 5% canary");
     }
 
     #[test]

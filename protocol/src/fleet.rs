@@ -39,6 +39,10 @@ pub struct VersionReport {
     pub latency: Sketch,
     pub ttft: Sketch,
     pub tokens_per_sec: Sketch,
+    /// Times this node failed to load the version (a header that passes, a load that
+    /// does not). Reported while the node does not serve it: a failing signal for the
+    /// gates even though no request was ever measured.
+    pub activation_failures: u32,
 }
 
 impl VersionReport {
@@ -56,16 +60,19 @@ impl VersionReport {
             latency: m.latency.clone(),
             ttft: m.ttft.clone(),
             tokens_per_sec: m.tokens_per_sec.clone(),
+            activation_failures: 0,
         }
     }
 
     /// Adds another report of the same version: counters summed, sketches merged.
     pub fn add(&mut self, other: &VersionReport) {
         self.active |= other.active;
-        self.requests += other.requests;
-        self.errors += other.errors;
-        self.prompt_tokens += other.prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
+        // Remote numbers: saturate rather than overflow.
+        self.requests = self.requests.saturating_add(other.requests);
+        self.errors = self.errors.saturating_add(other.errors);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(other.completion_tokens);
+        self.activation_failures = self.activation_failures.saturating_add(other.activation_failures);
         self.latency.merge(&other.latency);
         self.ttft.merge(&other.ttft);
         self.tokens_per_sec.merge(&other.tokens_per_sec);
@@ -131,6 +138,8 @@ pub struct NodeStat {
     pub p95_latency: Option<f64>,
     pub p95_ttft: Option<f64>,
     pub p50_tokens_per_sec: Option<f64>,
+    /// The node failed to load the version and does not serve it.
+    pub failed_activation: bool,
 }
 
 /// One version across the fleet.
@@ -295,6 +304,7 @@ impl FleetView {
                     p95_latency: v.latency.quantile(0.95),
                     p95_ttft: v.ttft.quantile(0.95),
                     p50_tokens_per_sec: v.tokens_per_sec.quantile(0.5),
+                    failed_activation: v.activation_failures > 0 && !v.active,
                 });
             }
         }
@@ -325,6 +335,14 @@ pub const TIME_RATIO_FLOOR_SECS: f64 = 0.01;
 /// median across nodes, so that one node's figures (true or not) cannot decide alone;
 /// ratio gates need a baseline with figures of its own, and are skipped without one.
 pub fn evaluate_gates(gates: &Gates, candidate: &VersionSummary, baseline: Option<&VersionSummary>) -> GateVerdict {
+    // A version that does not load: fail once the nodes that could not load it outnumber
+    // those that serve it and make a majority of the reporting minimum (so with the
+    // minimum at 3, one node's claim does not decide).
+    let failed = candidate.per_node.iter().filter(|n| n.failed_activation).count();
+    let serving = candidate.per_node.iter().filter(|n| n.active).count();
+    if failed > serving && failed * 2 > gates.min_reporting_nodes as usize {
+        return GateVerdict::Fail(format!("the version failed to load on {failed} node(s), {serving} serve it"));
+    }
     let nodes = candidate.nodes_measured();
     if nodes < gates.min_reporting_nodes.max(1) as usize {
         return GateVerdict::Pending(format!("{nodes} node(s) measured, {} needed", gates.min_reporting_nodes.max(1)));
@@ -673,6 +691,29 @@ mod tests {
         view.update(record(4, 1, vec![report(2, 20, 0, 0.9)]), 0);
         let verdict = evaluate_gates(&g, &view.summary("m", 2), view.baseline("m", 2).as_ref());
         assert!(matches!(&verdict, GateVerdict::Pending(r) if r.contains("p95 latency")), "{verdict:?}");
+    }
+
+    #[test]
+    fn a_version_that_fails_to_load_fails_its_gates_by_majority() {
+        let g = gates();
+        let failed = |seed: u8| {
+            let v = VersionReport { model: "m".into(), version: 2, activation_failures: 3, ..Default::default() };
+            record(seed, 1, vec![v])
+        };
+        // One node claims it could not load the version; two serve it: no verdict from that.
+        let mut view = fleet(&[(20, 0), (20, 0)], 2, 0.2);
+        view.update(failed(9), 0);
+        assert!(matches!(evaluate_gates(&g, &view.summary("m", 2), None), GateVerdict::Pending(_)));
+        // Two of three could not load it, nobody measured a request: it fails.
+        let mut view = FleetView::default();
+        view.update(failed(7), 0);
+        view.update(failed(8), 0);
+        let verdict = evaluate_gates(&g, &view.summary("m", 2), None);
+        assert!(matches!(&verdict, GateVerdict::Fail(r) if r.contains("failed to load on 2")), "{verdict:?}");
+        // Counts near u64::MAX saturate instead of overflowing.
+        let mut total = report(2, 1, 0, 0.2);
+        total.add(&VersionReport { requests: u64::MAX, ..Default::default() });
+        assert_eq!(total.requests, u64::MAX);
     }
 
     fn plan() -> RolloutPlan {

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod manifest;
 pub mod mesh;
 pub mod metrics;
+pub mod node;
 pub mod rollout;
 pub mod select;
 pub mod signed;

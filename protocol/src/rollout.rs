@@ -62,7 +62,8 @@ pub struct Gates {
     /// No verdict before this many requests have been measured fleet-wide.
     pub min_samples: u64,
     /// No verdict before this many nodes have reported. Verdicts need a majority of the
-    /// reporting nodes: from 3 on, one node cannot decide alone.
+    /// reporting nodes: from 3 on, one node cannot decide alone. The canary wave holds
+    /// at least this many eligible nodes (`cohort::membership_with_floor`).
     pub min_reporting_nodes: u32,
 }
 
@@ -74,7 +75,8 @@ impl Default for Gates {
             max_p95_ttft_ratio: 1.5,
             min_tokens_per_sec_ratio: 0.7,
             min_samples: 50,
-            min_reporting_nodes: 1,
+            // Three, so that a majority is two nodes: one node never decides a gate alone.
+            min_reporting_nodes: 3,
         }
     }
 }
@@ -151,6 +153,9 @@ pub enum RolloutPhase {
     Halted,
     /// Was active here, and was rolled back.
     RolledBack,
+    /// Could not be loaded here after the bounded number of attempts; reported to the
+    /// fleet as a failed activation.
+    Failed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,592 @@
+//! The node state machine: all of one node's protocol state and every decision it makes,
+//! with no I/O, in the style of quinn-proto's `Connection`.
+//!
+//! The driver (the `slmesh` daemon over libp2p, iroh-blobs, sled and mistral.rs; or the
+//! simulator and the in-memory tests over fakes) feeds it inputs with `now`
+//! (`handle`, `handle_gossip`, `handle_request`, `publish`, `command`), drains its outputs
+//! (`poll_output`) and wakes it at `poll_timeout` (`handle_timeout`). It never reads a
+//! clock, a file or a socket. Every retry, back-off and soak is one of its timers; what
+//! must survive a restart leaves it as `Output::Persist` and comes back in `Restored`.
+//!
+//! Time is Unix milliseconds (`now`); the rollout engine counts in seconds.
+
+mod peers;
+mod rollout;
+pub mod state;
+mod versions;
+
+pub use state::{ModelState, Persist, Restored, VersionRecord};
+
+use crate::fleet::{FleetView, SignedCommand, SignedMetrics, VersionReport};
+use crate::hex32::Hex32;
+use crate::identity::{NodeId, SecretKey};
+use crate::manifest::{FileEntry, Variant, VerifiedManifest};
+use crate::mesh::{BlobDirectory, GossipVerdict, SignedHave};
+use crate::select::NodeFacts;
+use crate::trust::{EnrollmentCertificate, Tags, TrustStore};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+pub type VersionKey = (String, u64);
+
+/// Settings of a node's timers and limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    /// How often the node measures itself and gossips its metrics record.
+    pub metrics_interval_ms: u64,
+    /// Records of nodes not heard from for this long stop counting.
+    pub metrics_ttl_secs: u64,
+    /// Anti-entropy: how often to ask a few peers what they hold.
+    pub sync_interval_ms: u64,
+    /// How often the rollout engine looks at every version.
+    pub rollout_tick_ms: u64,
+    /// A version that fails to load is tried this many times in all, then given up.
+    pub max_activation_attempts: u32,
+    /// The wait after the first failed activation; it doubles with each failure.
+    pub activation_retry_ms: u64,
+    /// The wait after a failed fetch; it doubles with each failure, up to `fetch_retry_max_ms`.
+    pub fetch_retry_ms: u64,
+    pub fetch_retry_max_ms: u64,
+    /// Admission handshakes that fail in transport are asked again this often, this many times.
+    pub hello_retry_ms: u64,
+    pub hello_attempts: u32,
+    /// What variant selection needs of this machine.
+    pub facts: NodeFacts,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            metrics_interval_ms: 5_000,
+            metrics_ttl_secs: 60,
+            sync_interval_ms: 15_000,
+            rollout_tick_ms: 1_000,
+            max_activation_attempts: 3,
+            activation_retry_ms: 30_000,
+            fetch_retry_ms: 1_000,
+            fetch_retry_max_ms: 60_000,
+            hello_retry_ms: 1_000,
+            hello_attempts: 5,
+            facts: NodeFacts { ram_bytes: 0, cpu_arch: String::new(), tags: Tags::new() },
+        }
+    }
+}
+
+/// Who this node is in its fleet.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub secret: SecretKey,
+    pub certificate: EnrollmentCertificate,
+    /// The tags its certificate carries.
+    pub tags: Tags,
+}
+
+/// The request a response answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Hello,
+    Sync,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A transport connection to `peer` is up (not yet admitted).
+    PeerConnected {
+        peer: NodeId,
+    },
+    PeerDisconnected {
+        peer: NodeId,
+    },
+    /// A round-trip time measured to a peer.
+    Rtt {
+        peer: NodeId,
+        micros: u64,
+    },
+    /// The answer (or transport failure) of a request this node sent.
+    Response {
+        peer: NodeId,
+        kind: RequestKind,
+        result: Result<Vec<u8>, String>,
+    },
+    /// Where this node's blob endpoint can be reached, for its hello and have records.
+    BlobAddrs(Vec<String>),
+    /// A fetch asked for by `Output::Fetch` ended: the files are staged, or not.
+    FetchFinished {
+        model: String,
+        version: u64,
+        result: Result<(), String>,
+    },
+    /// An activation asked for by `Output::Activate` ended.
+    ActivationFinished {
+        model: String,
+        version: u64,
+        result: Result<(), String>,
+    },
+    /// The answer to `Output::SampleMetrics`: this node's cumulative figures per version.
+    LocalMetrics(Vec<VersionReport>),
+}
+
+/// Why a version is being loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Its wave is open (or a pin names it).
+    Rollout,
+    /// Going back from a version whose rollout halted, or as an operator ordered.
+    RollBack { from: u64 },
+    /// Serving again after a restart.
+    Restore,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    Info,
+    Warn,
+}
+
+/// What the upload gate needs: which blobs this node published, who else holds each,
+/// and the sites of admitted peers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UploadView {
+    pub originated: BTreeSet<Hex32>,
+    pub holders: BTreeMap<Hex32, BTreeSet<NodeId>>,
+    pub admitted: BTreeSet<NodeId>,
+    pub sites: BTreeMap<NodeId, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Gossip {
+        topic: &'static str,
+        data: Vec<u8>,
+    },
+    /// Send a request; its answer comes back as `Input::Response`.
+    Request {
+        peer: NodeId,
+        kind: RequestKind,
+        data: Vec<u8>,
+    },
+    /// Disconnect and block a peer that failed admission.
+    Refuse {
+        peer: NodeId,
+        reason: String,
+    },
+    /// A peer's blob endpoint addresses.
+    LearnAddrs {
+        node: NodeId,
+        addrs: Vec<String>,
+    },
+    /// Fetch these files (ranked providers each) and stage them under the version's
+    /// folder; report with `Input::FetchFinished`.
+    Fetch {
+        model: String,
+        version: u64,
+        files: Vec<(FileEntry, Vec<NodeId>)>,
+    },
+    /// A running fetch's providers of one blob changed.
+    Providers {
+        blob: Hex32,
+        providers: Vec<NodeId>,
+    },
+    /// Load the staged version (its weights file under the version's folder) beside the
+    /// running one and swap; report with `Input::ActivationFinished`.
+    Activate {
+        model: String,
+        version: u64,
+        weights: String,
+        why: Activation,
+    },
+    /// Delete a version's staged files.
+    DeleteVersion {
+        model: String,
+        version: u64,
+    },
+    /// Release every blob not listed from the blob store.
+    ReleaseBlobs {
+        keep: Vec<Hex32>,
+    },
+    Persist(Persist),
+    /// Measure: answer with `Input::LocalMetrics`.
+    SampleMetrics,
+    Uploads(UploadView),
+    /// Something an operator should see in the log.
+    Event {
+        model: Option<String>,
+        level: Level,
+        text: String,
+    },
+}
+
+struct Peer {
+    tags: Tags,
+    rtt_micros: Option<u64>,
+}
+
+struct HelloRetry {
+    attempts: u32,
+    at: Option<u64>,
+}
+
+struct FetchRetry {
+    failures: u32,
+    at: u64,
+}
+
+/// All of one node's protocol state.
+pub struct Node {
+    cfg: NodeConfig,
+    secret: SecretKey,
+    me: NodeId,
+    tags: Tags,
+    certificate: EnrollmentCertificate,
+    trust: TrustStore,
+    blob_addrs: Vec<String>,
+    // Peers.
+    connected: BTreeSet<NodeId>,
+    hello_asked: BTreeSet<NodeId>,
+    hello_retry: BTreeMap<NodeId, HelloRetry>,
+    peers: BTreeMap<NodeId, Peer>,
+    /// The peer book: every node admitted so far, with its certified tags.
+    known: BTreeMap<NodeId, Tags>,
+    // What the node holds.
+    manifests: BTreeMap<VersionKey, VerifiedManifest>,
+    models: BTreeMap<String, ModelState>,
+    versions: BTreeMap<VersionKey, VersionRecord>,
+    commands: BTreeMap<VersionKey, Vec<SignedCommand>>,
+    directory: BlobDirectory,
+    signed_haves: BTreeMap<NodeId, SignedHave>,
+    my_have: Option<SignedHave>,
+    have_seq: u64,
+    have_dirty: bool,
+    /// Something changed that may let a waiting fetch start.
+    fetch_check: bool,
+    fleet: FleetView,
+    signed_metrics: BTreeMap<NodeId, SignedMetrics>,
+    metrics_seq: u64,
+    metrics_sent_at: Option<u64>,
+    last_reports: Option<Vec<VersionReport>>,
+    originated: BTreeSet<Hex32>,
+    complete: BTreeSet<Hex32>,
+    // Work under way.
+    wanted: BTreeMap<VersionKey, Variant>,
+    fetching: BTreeMap<VersionKey, BTreeMap<Hex32, Vec<NodeId>>>,
+    fetch_retry: BTreeMap<VersionKey, FetchRetry>,
+    /// Per model, the version being loaded.
+    activating: BTreeMap<String, (u64, Activation)>,
+    active_since: BTreeMap<VersionKey, u64>,
+    uploads: UploadView,
+    // Timers.
+    next_metrics: u64,
+    next_sync: u64,
+    next_rollout: u64,
+    sync_cursor: usize,
+    outputs: VecDeque<Output>,
+    notes: BTreeMap<String, String>,
+    views: Vec<RolloutView>,
+}
+
+/// One rollout as this node sees it (`GET /v1/rollouts`, `slmesh rollout status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutView {
+    pub model: String,
+    pub version: u64,
+    pub waves: usize,
+    pub waves_open: usize,
+    /// Unix seconds at which each open wave opened.
+    #[serde(default)]
+    pub opened_at: Vec<u64>,
+    /// This node's wave, 1-based (None: the selector leaves it out).
+    pub my_wave: Option<usize>,
+    /// Nodes this node knows of in each wave (itself included), with the canary floor.
+    #[serde(default)]
+    pub known_per_wave: Vec<usize>,
+    pub active_here: bool,
+    pub decision: String,
+    pub verdict: crate::fleet::GateVerdict,
+    pub halted: Option<String>,
+    pub paused: bool,
+    /// Failed activations here, and the last error.
+    #[serde(default)]
+    pub activation_failures: u32,
+    #[serde(default)]
+    pub activation_error: Option<String>,
+}
+
+impl Node {
+    /// A node restored from what its driver persisted (`Restored::default()` the first
+    /// time). Queues what a restart needs: serving the active versions again, resuming
+    /// fetches, announcing what it holds.
+    pub fn new(cfg: NodeConfig, identity: NodeIdentity, trust: TrustStore, restored: Restored, now: u64) -> Self {
+        let me = identity.secret.public();
+        let mut node = Node {
+            me,
+            secret: identity.secret,
+            tags: identity.tags,
+            certificate: identity.certificate,
+            trust,
+            blob_addrs: vec![],
+            connected: BTreeSet::new(),
+            hello_asked: BTreeSet::new(),
+            hello_retry: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            known: BTreeMap::new(),
+            manifests: BTreeMap::new(),
+            models: BTreeMap::new(),
+            versions: BTreeMap::new(),
+            commands: BTreeMap::new(),
+            directory: BlobDirectory::default(),
+            signed_haves: BTreeMap::new(),
+            my_have: None,
+            have_seq: 0,
+            have_dirty: true,
+            fetch_check: true,
+            fleet: FleetView::default(),
+            signed_metrics: BTreeMap::new(),
+            metrics_seq: 0,
+            metrics_sent_at: None,
+            last_reports: None,
+            originated: BTreeSet::new(),
+            complete: BTreeSet::new(),
+            wanted: BTreeMap::new(),
+            fetching: BTreeMap::new(),
+            fetch_retry: BTreeMap::new(),
+            activating: BTreeMap::new(),
+            active_since: BTreeMap::new(),
+            uploads: UploadView::default(),
+            next_metrics: now + cfg.metrics_interval_ms.min(1_000),
+            next_sync: now + cfg.sync_interval_ms,
+            next_rollout: now,
+            sync_cursor: 0,
+            outputs: VecDeque::new(),
+            notes: BTreeMap::new(),
+            views: vec![],
+            cfg,
+        };
+        node.restore(restored, now);
+        node.finish(now);
+        node
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    pub fn tags(&self) -> &Tags {
+        &self.tags
+    }
+
+    /// The next output to act on, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When `handle_timeout` must be called next (Unix milliseconds).
+    pub fn poll_timeout(&self) -> u64 {
+        let mut t = self.next_metrics.min(self.next_sync).min(self.next_rollout);
+        for r in self.hello_retry.values() {
+            if let Some(at) = r.at {
+                t = t.min(at);
+            }
+        }
+        for r in self.fetch_retry.values() {
+            t = t.min(r.at);
+        }
+        t
+    }
+
+    /// Runs every timer that is due.
+    pub fn handle_timeout(&mut self, now: u64) {
+        if now >= self.next_metrics {
+            self.next_metrics = now + self.cfg.metrics_interval_ms.max(1);
+            self.outputs.push_back(Output::SampleMetrics);
+        }
+        if now >= self.next_sync {
+            self.next_sync = now + self.cfg.sync_interval_ms.max(1);
+            self.sync_round();
+        }
+        let due: Vec<NodeId> =
+            self.hello_retry.iter().filter(|(_, r)| r.at.is_some_and(|at| at <= now)).map(|(n, _)| *n).collect();
+        for peer in due {
+            if let Some(r) = self.hello_retry.get_mut(&peer) {
+                r.at = None;
+            }
+            if self.connected.contains(&peer) {
+                self.ask_hello(peer);
+            }
+        }
+        if self.fetch_retry.values().any(|r| r.at <= now) {
+            self.try_fetches(now);
+        }
+        if now >= self.next_rollout {
+            self.next_rollout = now + self.cfg.rollout_tick_ms.max(1);
+            self.rollout_tick(now);
+        }
+        self.finish(now);
+    }
+
+    pub fn handle(&mut self, now: u64, input: Input) {
+        match input {
+            Input::PeerConnected { peer } => {
+                self.connected.insert(peer);
+                self.ask_hello(peer);
+            }
+            Input::PeerDisconnected { peer } => self.on_disconnected(peer),
+            Input::Rtt { peer, micros } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.rtt_micros = Some(micros);
+                }
+            }
+            Input::Response { peer, kind, result } => self.on_response(now, peer, kind, result),
+            Input::BlobAddrs(addrs) => {
+                if addrs != self.blob_addrs {
+                    self.blob_addrs = addrs;
+                    self.have_dirty = true;
+                }
+            }
+            Input::FetchFinished { model, version, result } => self.on_fetch_finished(now, model, version, result),
+            Input::ActivationFinished { model, version, result } => {
+                self.on_activation_finished(now, model, version, result)
+            }
+            Input::LocalMetrics(reports) => self.on_local_metrics(now, reports),
+        }
+        self.finish(now);
+    }
+
+    /// A gossiped message from `from` (the peer that forwarded it): verified, taken in,
+    /// and the verdict for gossipsub (forward, drop, or penalise the forwarder).
+    pub fn handle_gossip(&mut self, now: u64, from: NodeId, topic: &str, data: &[u8]) -> GossipVerdict {
+        let verdict = if !self.peers.contains_key(&from) {
+            // Its handshake is not finished (or failed): nothing it sends counts.
+            GossipVerdict::Ignore("from a peer not admitted".into())
+        } else {
+            self.on_gossip(now, topic, data)
+        };
+        self.finish(now);
+        verdict
+    }
+
+    /// A request from a peer; the answer to send back.
+    pub fn handle_request(&mut self, now: u64, from: NodeId, data: &[u8]) -> crate::mesh::PeerResponse {
+        let answer = self.on_request(now, from, data);
+        self.finish(now);
+        answer
+    }
+
+    /// Which files of a manifest to import from a local folder holding `present`: those
+    /// of every variant. Checks the manifest first.
+    pub fn files_to_publish(&self, signed: &crate::manifest::SignedManifest) -> Result<Vec<FileEntry>, String> {
+        let verified = self.verify(signed.clone()).map_err(|e| format!("the manifest is not accepted here: {e}"))?;
+        Ok(verified.manifest.variants.iter().flat_map(|v| v.files.iter().cloned()).collect())
+    }
+
+    /// Publishes a manifest whose files `imported` this node's blob store now holds.
+    pub fn publish(
+        &mut self,
+        now: u64,
+        signed: crate::manifest::SignedManifest,
+        imported: &[Hex32],
+    ) -> Result<String, String> {
+        let answer = self.on_publish(now, signed, imported);
+        self.finish(now);
+        answer
+    }
+
+    /// An operator command given to this node directly (it gossips it on).
+    pub fn command(&mut self, now: u64, signed: SignedCommand) -> Result<String, String> {
+        let answer = self.on_command(now, signed);
+        self.finish(now);
+        answer
+    }
+
+    /// Work left for the end of every input: a changed have record is signed and
+    /// gossiped once, the upload view refreshed.
+    fn finish(&mut self, now: u64) {
+        if self.fetch_check {
+            self.fetch_check = false;
+            self.try_fetches(now);
+        }
+        if self.have_dirty {
+            self.have_dirty = false;
+            self.announce_have(now);
+        }
+        let view = self.upload_view();
+        if view != self.uploads {
+            self.uploads = view.clone();
+            self.outputs.push_back(Output::Uploads(view));
+        }
+    }
+
+    fn event(&mut self, model: Option<&str>, level: Level, text: impl Into<String>) {
+        self.outputs.push_back(Output::Event { model: model.map(String::from), level, text: text.into() });
+    }
+
+    /// A problem with a model worth showing in its status, logged too.
+    fn note(&mut self, model: &str, text: impl Into<String>) {
+        let text = text.into();
+        self.notes.insert(model.to_string(), text.clone());
+        self.event(Some(model), Level::Warn, text);
+    }
+
+    fn persist(&mut self, p: Persist) {
+        self.outputs.push_back(Output::Persist(p));
+    }
+
+    fn persist_model(&mut self, name: &str) {
+        if let Some(state) = self.models.get(name).cloned() {
+            self.persist(Persist::Model { name: name.to_string(), state });
+        }
+    }
+
+    fn persist_version(&mut self, key: &VersionKey) {
+        if let Some(record) = self.versions.get(key).cloned() {
+            self.persist(Persist::Version { name: key.0.clone(), version: key.1, record });
+        }
+    }
+
+    // Read-only views for status pages.
+
+    pub fn models(&self) -> &BTreeMap<String, ModelState> {
+        &self.models
+    }
+
+    pub fn model(&self, name: &str) -> Option<&ModelState> {
+        self.models.get(name)
+    }
+
+    pub fn version_record(&self, name: &str, version: u64) -> Option<&VersionRecord> {
+        self.versions.get(&(name.to_string(), version))
+    }
+
+    pub fn note_of(&self, model: &str) -> Option<&str> {
+        self.notes.get(model).map(String::as_str)
+    }
+
+    pub fn rollouts(&self) -> &[RolloutView] {
+        &self.views
+    }
+
+    pub fn fleet(&self) -> &FleetView {
+        &self.fleet
+    }
+
+    pub fn admitted(&self) -> impl Iterator<Item = (&NodeId, &Tags)> {
+        self.peers.iter().map(|(n, p)| (n, &p.tags))
+    }
+
+    pub fn is_admitted(&self, node: &NodeId) -> bool {
+        self.peers.contains_key(node)
+    }
+
+    pub fn blob_addrs(&self) -> &[String] {
+        &self.blob_addrs
+    }
+
+    /// The version this node serves of `model` (or is loading, when `loading`).
+    pub fn active(&self, model: &str) -> Option<u64> {
+        self.models.get(model).and_then(|m| m.active)
+    }
+
+    pub fn is_activating(&self, model: &str) -> bool {
+        self.activating.contains_key(model)
+    }
+}

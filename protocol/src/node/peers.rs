@@ -1,0 +1,295 @@
+//! Peers: the admission handshake, anti-entropy, and what gossip and requests bring in.
+
+use super::{HelloRetry, Level, Node, Output, Peer, Persist, RequestKind};
+use crate::fleet::{verify_metrics, SignedCommand, SignedMetrics};
+use crate::identity::NodeId;
+use crate::manifest::SignedManifest;
+use crate::mesh::{
+    admit, manifest_verdict, verify_have, GossipVerdict, Hello, ManifestDigest, PeerRequest, PeerResponse, SignedHave,
+    SyncReply, MAX_SYNC_COMMANDS, MAX_SYNC_HAVES, MAX_SYNC_MANIFESTS, MAX_SYNC_METRICS, TOPIC_COMMANDS, TOPIC_HAVES,
+    TOPIC_MANIFESTS, TOPIC_METRICS,
+};
+
+/// Peers asked per anti-entropy round.
+const SYNC_FANOUT: usize = 3;
+/// Operator commands held per rollout.
+const MAX_COMMANDS_PER_VERSION: usize = 64;
+
+impl Node {
+    fn my_hello(&self) -> Hello {
+        Hello { certificate: self.certificate.clone(), blob_addrs: self.blob_addrs.clone() }
+    }
+
+    fn request(&mut self, peer: NodeId, kind: RequestKind, request: PeerRequest) {
+        match request.to_bytes() {
+            Ok(data) => self.outputs.push_back(Output::Request { peer, kind, data }),
+            Err(e) => self.event(None, Level::Warn, format!("cannot encode a peer request: {e}")),
+        }
+    }
+
+    pub(super) fn ask_hello(&mut self, peer: NodeId) {
+        if self.peers.contains_key(&peer) || !self.hello_asked.insert(peer) {
+            return;
+        }
+        let hello = self.my_hello();
+        self.request(peer, RequestKind::Hello, PeerRequest::Hello(hello));
+    }
+
+    pub(super) fn on_disconnected(&mut self, peer: NodeId) {
+        self.connected.remove(&peer);
+        self.hello_asked.remove(&peer);
+        self.hello_retry.remove(&peer);
+        if self.peers.remove(&peer).is_some() {
+            // A fetch no longer lists it.
+            self.update_providers();
+        }
+    }
+
+    /// Admits `peer` if `hello` carries a valid certificate for its own key.
+    fn on_hello(&mut self, now: u64, peer: NodeId, hello: &Hello) -> Result<(), String> {
+        let enrollment = admit(hello, &peer, &self.trust, now / 1000).map_err(|e| e.to_string())?;
+        if self.peers.contains_key(&peer) {
+            return Ok(());
+        }
+        let site = enrollment.tags.get("site").cloned().unwrap_or_else(|| "-".into());
+        self.event(None, Level::Info, format!("admitted peer {} (site {site})", peer.short()));
+        self.outputs.push_back(Output::LearnAddrs { node: peer, addrs: hello.blob_addrs.clone() });
+        self.persist(Persist::Peer { node: peer, tags: enrollment.tags.clone(), addrs: hello.blob_addrs.clone() });
+        self.known.insert(peer, enrollment.tags.clone());
+        self.peers.insert(peer, Peer { tags: enrollment.tags, rtt_micros: None });
+        self.hello_retry.remove(&peer);
+        // Its have record may have come before it was admitted (relayed by another peer).
+        self.update_providers();
+        self.ask_sync(peer);
+        Ok(())
+    }
+
+    fn refuse(&mut self, peer: NodeId, reason: String) {
+        self.peers.remove(&peer);
+        self.hello_retry.remove(&peer);
+        self.outputs.push_back(Output::Refuse { peer, reason });
+    }
+
+    pub(super) fn on_request(&mut self, now: u64, peer: NodeId, data: &[u8]) -> PeerResponse {
+        let request = match PeerRequest::from_bytes(data) {
+            Ok(r) => r,
+            Err(e) => return PeerResponse::Refused(format!("bad request: {e}")),
+        };
+        match request {
+            PeerRequest::Hello(hello) => match self.on_hello(now, peer, &hello) {
+                Ok(()) => PeerResponse::Hello(self.my_hello()),
+                Err(reason) => {
+                    let answer = PeerResponse::Refused(format!("not admitted: {reason}"));
+                    self.refuse(peer, reason);
+                    answer
+                }
+            },
+            // Anything else from a peer not admitted yet (its sync may overtake our hello)
+            // is only declined.
+            PeerRequest::Sync(_) if !self.peers.contains_key(&peer) => PeerResponse::Refused("not admitted".into()),
+            PeerRequest::Sync(digest) => PeerResponse::Sync(self.sync_reply(&digest)),
+        }
+    }
+
+    pub(super) fn on_response(&mut self, now: u64, peer: NodeId, kind: RequestKind, result: Result<Vec<u8>, String>) {
+        let answer = result.and_then(|b| PeerResponse::from_bytes(&b).map_err(|e| e.to_string()));
+        match (kind, answer) {
+            (RequestKind::Hello, Ok(PeerResponse::Hello(hello))) => {
+                if let Err(reason) = self.on_hello(now, peer, &hello) {
+                    self.refuse(peer, reason);
+                }
+            }
+            (_, Ok(PeerResponse::Refused(reason))) => {
+                self.event(None, Level::Warn, format!("peer {} refused us: {reason}", peer.short()))
+            }
+            (RequestKind::Hello, Ok(_)) => self.refuse(peer, "answered hello with something else".into()),
+            (RequestKind::Hello, Err(e)) => {
+                // A connection that lost a dial race, or a busy peer: ask again shortly
+                // while the peer stays connected.
+                self.hello_asked.remove(&peer);
+                let retry = self.hello_retry.entry(peer).or_insert(HelloRetry { attempts: 0, at: None });
+                retry.attempts += 1;
+                if retry.attempts <= self.cfg.hello_attempts {
+                    retry.at = Some(now + self.cfg.hello_retry_ms);
+                } else {
+                    self.event(None, Level::Warn, format!("no hello from {} after retries: {e}", peer.short()));
+                }
+            }
+            (RequestKind::Sync, Ok(PeerResponse::Sync(reply))) => self.on_sync_reply(now, peer, reply),
+            (RequestKind::Sync, Ok(_)) => {}
+            (RequestKind::Sync, Err(_)) => {}
+        }
+    }
+
+    fn digest(&self) -> ManifestDigest {
+        let latest = self.models.iter().filter(|(_, m)| m.latest_known > 0).map(|(n, m)| (n.clone(), m.latest_known));
+        ManifestDigest { latest: latest.collect() }
+    }
+
+    fn sync_reply(&self, theirs: &ManifestDigest) -> SyncReply {
+        let manifests = self
+            .digest()
+            .newer_than(theirs)
+            .into_iter()
+            .filter_map(|key| self.manifests.get(&key).map(|m| m.signed.clone()))
+            .take(MAX_SYNC_MANIFESTS)
+            .collect();
+        let haves = self.signed_haves.values().chain(self.my_have.iter()).take(MAX_SYNC_HAVES).cloned().collect();
+        let metrics = self
+            .fleet
+            .records()
+            .filter_map(|r| self.signed_metrics.get(&r.node))
+            .take(MAX_SYNC_METRICS)
+            .cloned()
+            .collect();
+        let commands = self.commands.values().flatten().take(MAX_SYNC_COMMANDS).cloned().collect();
+        SyncReply { manifests, haves, metrics, commands }
+    }
+
+    fn ask_sync(&mut self, peer: NodeId) {
+        let digest = self.digest();
+        self.request(peer, RequestKind::Sync, PeerRequest::Sync(digest));
+    }
+
+    /// Anti-entropy: ask a few admitted peers (a different few each round) what they
+    /// hold that this node lacks.
+    pub(super) fn sync_round(&mut self) {
+        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        if peers.is_empty() {
+            return;
+        }
+        for k in 0..SYNC_FANOUT.min(peers.len()) {
+            let peer = peers[(self.sync_cursor + k) % peers.len()];
+            self.ask_sync(peer);
+        }
+        self.sync_cursor = (self.sync_cursor + SYNC_FANOUT) % peers.len();
+    }
+
+    fn on_sync_reply(&mut self, now: u64, peer: NodeId, reply: SyncReply) {
+        for have in reply.haves {
+            self.take_have(now, have);
+        }
+        for m in reply.metrics {
+            self.take_metrics(now, m);
+        }
+        for c in reply.commands {
+            self.take_command(now, c);
+        }
+        for manifest in reply.manifests {
+            if let GossipVerdict::Reject(why) = self.take_manifest(now, manifest) {
+                self.event(None, Level::Warn, format!("peer {} sent a bad manifest: {why}", peer.short()));
+            }
+        }
+    }
+
+    pub(super) fn on_gossip(&mut self, now: u64, topic: &str, data: &[u8]) -> GossipVerdict {
+        match topic {
+            TOPIC_MANIFESTS => match SignedManifest::from_bytes(data) {
+                Ok(m) => self.take_manifest(now, m),
+                Err(e) => GossipVerdict::Reject(e.to_string()),
+            },
+            TOPIC_HAVES => match SignedHave::from_bytes(data) {
+                Ok(h) => self.take_have(now, h),
+                Err(e) => GossipVerdict::Reject(e.to_string()),
+            },
+            TOPIC_METRICS => match SignedMetrics::from_bytes(data) {
+                Ok(m) => self.take_metrics(now, m),
+                Err(e) => GossipVerdict::Reject(e.to_string()),
+            },
+            TOPIC_COMMANDS => match SignedCommand::from_bytes(data) {
+                Ok(c) => match self.trust.open(&c) {
+                    Err(e) => GossipVerdict::Reject(e.to_string()),
+                    Ok(_) if self.take_command(now, c) => GossipVerdict::Accept,
+                    Ok(_) => GossipVerdict::Ignore("already held".into()),
+                },
+                Err(e) => GossipVerdict::Reject(e.to_string()),
+            },
+            other => GossipVerdict::Reject(format!("unknown topic {other}")),
+        }
+    }
+
+    pub(super) fn take_manifest(&mut self, now: u64, signed: SignedManifest) -> GossipVerdict {
+        let result = self.verify(signed);
+        let verdict = manifest_verdict(&result.as_ref().map(|_| ()).map_err(Clone::clone));
+        if let Ok(verified) = result {
+            self.accept(now, verified);
+        }
+        verdict
+    }
+
+    fn take_have(&mut self, _now: u64, signed: SignedHave) -> GossipVerdict {
+        let have = match verify_have(&signed) {
+            Ok(h) => h,
+            Err(e) => return GossipVerdict::Reject(e.to_string()),
+        };
+        if have.node == self.me {
+            return GossipVerdict::Ignore("my own record".into());
+        }
+        let (node, addrs) = (have.node, have.blob_addrs.clone());
+        if !self.directory.update(have) {
+            return GossipVerdict::Ignore("not newer than the record held".into());
+        }
+        if !addrs.is_empty() {
+            self.outputs.push_back(Output::LearnAddrs { node, addrs });
+        }
+        self.signed_haves.insert(node, signed);
+        self.update_providers();
+        GossipVerdict::Accept
+    }
+
+    /// Keeps the newest record per node; an older or repeated one changes nothing.
+    fn take_metrics(&mut self, now: u64, signed: SignedMetrics) -> GossipVerdict {
+        let record = match verify_metrics(&signed) {
+            Ok(r) => r,
+            Err(e) => return GossipVerdict::Reject(e.to_string()),
+        };
+        if record.node == self.me {
+            return GossipVerdict::Ignore("my own record".into());
+        }
+        let node = record.node;
+        if !self.fleet.update(record, now / 1000) {
+            return GossipVerdict::Ignore("not newer than the record held".into());
+        }
+        self.signed_metrics.insert(node, signed);
+        // Records the view let go of (its bound) are not kept either.
+        if self.signed_metrics.len() > self.fleet.len() + 1 {
+            let fleet = &self.fleet;
+            let me = self.me;
+            self.signed_metrics.retain(|n, _| *n == me || fleet.record(n).is_some());
+        }
+        GossipVerdict::Accept
+    }
+
+    /// Records an operator command signed by a trusted publisher; returns whether it is new.
+    pub(super) fn take_command(&mut self, _now: u64, signed: SignedCommand) -> bool {
+        let Ok((command, publisher)) = self.trust.open(&signed) else { return false };
+        let held = self.commands.entry((command.model.clone(), command.version)).or_default();
+        if held.contains(&signed) || held.len() >= MAX_COMMANDS_PER_VERSION {
+            return false;
+        }
+        held.push(signed.clone());
+        self.persist(Persist::Command(signed));
+        self.event(
+            Some(&command.model),
+            Level::Info,
+            format!("operator command {:?} for version {} signed by {publisher}", command.action, command.version)
+                .to_lowercase(),
+        );
+        true
+    }
+
+    pub(super) fn on_command(&mut self, now: u64, signed: SignedCommand) -> Result<String, String> {
+        let (c, _) = self.trust.open(&signed).map_err(|e| format!("the command is not accepted here: {e}"))?;
+        self.take_command(now, signed.clone());
+        match signed.to_bytes() {
+            Ok(data) => self.outputs.push_back(Output::Gossip { topic: TOPIC_COMMANDS, data }),
+            Err(e) => return Err(format!("cannot encode the command: {e}")),
+        }
+        self.rollout_tick(now);
+        Ok(format!(
+            "{:?} {}@{}: sent to the mesh (peers that miss it get it by anti-entropy)",
+            c.action, c.model, c.version
+        )
+        .to_lowercase())
+    }
+}

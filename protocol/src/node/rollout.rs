@@ -1,0 +1,239 @@
+//! The rollout engine on one node: for every version it holds, open waves after their
+//! soak while the gates pass, halt when they fail or an operator says so, and choose the
+//! one version of each model this node serves.
+
+use super::{Activation, Level, Node, RolloutView, VersionKey, VersionRecord};
+use crate::cohort::{membership_with_floor, wave_counts, Membership};
+use crate::fleet::{advance, evaluate_gates, GateVerdict, OperatorState, RolloutCommand, RolloutProgress};
+use crate::identity::NodeId;
+use crate::rollout::RolloutPhase;
+use crate::trust::Tags;
+
+/// How one version stands on this node after a tick.
+struct Standing {
+    version: u64,
+    /// This node may serve it now.
+    ok: bool,
+    /// Ordered back to this version by an operator.
+    roll_back_to: Option<u64>,
+    wave: Option<usize>,
+}
+
+impl Node {
+    fn operator_state(&self, key: &VersionKey) -> OperatorState {
+        let commands: Vec<RolloutCommand> = self
+            .commands
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| self.trust.open(s).ok().map(|(c, _)| c))
+            .collect();
+        OperatorState::fold(&commands)
+    }
+
+    /// How many nodes this node has evidence of (itself included).
+    fn fleet_size(&self) -> usize {
+        self.fleet.len().max(self.known.len() + 1)
+    }
+
+    fn my_wave(&self, key: &VersionKey, record: &VersionRecord) -> Option<usize> {
+        if let Some(w) = record.my_wave {
+            return Some(w as usize);
+        }
+        let m = self.manifests.get(key)?;
+        let known = self.known.iter().map(|(n, t)| (n, t));
+        match membership_with_floor(&m.manifest.rollout, &self.me, &self.tags, &key.0, key.1, known, self.fleet_size())
+        {
+            Membership::Wave(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// Runs the engine for every model: advance each version's rollout, then serve the
+    /// best version this node may serve.
+    pub(super) fn rollout_tick(&mut self, now: u64) {
+        let secs = now / 1000;
+        self.fleet.expire(secs, self.cfg.metrics_ttl_secs.max(1));
+        let (fleet, me) = (&self.fleet, self.me);
+        self.signed_metrics.retain(|n, _| *n == me || fleet.record(n).is_some());
+        let names: Vec<String> = self.models.keys().cloned().collect();
+        let mut views = vec![];
+        for name in names {
+            self.tick_model(now, &name, &mut views);
+        }
+        self.views = views;
+        self.fetch_check = true;
+    }
+
+    fn tick_model(&mut self, now: u64, name: &str, views: &mut Vec<RolloutView>) {
+        let secs = now / 1000;
+        let Some(state) = self.models.get(name).cloned() else { return };
+        let active = state.active;
+        let versions: Vec<u64> = self
+            .manifests
+            .range((name.to_string(), 0)..=(name.to_string(), u64::MAX))
+            .map(|(k, _)| k.1)
+            .filter(|v| active.is_none_or(|a| *v >= a) || state.staged.contains(v))
+            .collect();
+        let mut standings = vec![];
+        for version in versions {
+            let key = (name.to_string(), version);
+            let Some(plan) = self.manifests.get(&key).map(|m| m.manifest.rollout.clone()) else { continue };
+            let verdict = evaluate_gates(
+                &plan.gates,
+                &self.fleet.summary(name, version),
+                self.fleet.baseline(name, version).as_ref(),
+            );
+            let operator = self.operator_state(&key);
+            let record = self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(secs)).clone();
+            let mut progress =
+                RolloutProgress { opened: record.opened.clone(), halted: record.halted.clone(), verdict: None };
+            advance(&mut progress, &plan, record.first_seen, &verdict, &operator, secs);
+            if progress.opened != record.opened || progress.halted != record.halted {
+                for k in record.opened.len()..progress.opened.len() {
+                    self.event(
+                        Some(name),
+                        Level::Info,
+                        format!("version {version}: wave {} of {} opened", k + 1, plan.waves.len()),
+                    );
+                }
+                if let (None, Some(reason)) = (&record.halted, &progress.halted) {
+                    self.event(Some(name), Level::Warn, format!("version {version}: rollout halted: {reason}"));
+                }
+                if let Some(r) = self.versions.get_mut(&key) {
+                    r.opened = progress.opened.clone();
+                    r.halted = progress.halted.clone();
+                    r.updated_at = secs;
+                }
+                if progress.halted.is_some() && active != Some(version) && !record.failed() {
+                    let reason = progress.halted.clone().unwrap_or_default();
+                    self.set_phase(now, &key, RolloutPhase::Halted, &reason);
+                }
+                self.persist_version(&key);
+            }
+            let record = self.versions.get(&key).cloned().unwrap_or(record);
+            let wave = self.my_wave(&key, &record);
+            let staged = state.staged.contains(&version);
+            let healthy = progress.halted.is_none() && !operator.aborted && !record.failed();
+            let ok = match active {
+                Some(a) if version == a => healthy,
+                Some(a) if version < a => staged && healthy,
+                _ => {
+                    staged
+                        && healthy
+                        && wave.is_some_and(|w| w < progress.opened.len())
+                        && record.retry_activation_at.is_none_or(|t| t <= secs)
+                }
+            };
+            standings.push(Standing { version, ok, roll_back_to: operator.roll_back_to, wave });
+            if active.is_none_or(|a| version >= a) {
+                views.push(self.view(name, version, &plan, &progress, &operator, wave, &verdict, &record));
+            }
+        }
+        self.choose(now, name, &standings);
+    }
+
+    /// Serves the best version this node may serve: a pin first, then a version operators
+    /// ordered every node back to, then the newest one whose wave is open and healthy.
+    fn choose(&mut self, now: u64, name: &str, standings: &[Standing]) {
+        let Some(state) = self.models.get(name).cloned() else { return };
+        // An order back to an older version stands until a newer version is published.
+        let newest = standings.iter().map(|s| s.version).max();
+        let back_to = standings.iter().filter(|s| Some(s.version) == newest).find_map(|s| s.roll_back_to);
+        let target = if let Some(pin) = state.pinned {
+            Some(pin).filter(|p| state.staged.contains(p))
+        } else if let Some(to) = back_to {
+            if !state.staged.contains(&to) && state.active != Some(to) {
+                let text = format!("ordered back to version {to}, whose files are not on this node");
+                if self.notes.get(name) != Some(&text) {
+                    self.note(name, text);
+                }
+            }
+            Some(to).filter(|to| state.staged.contains(to) || state.active == Some(*to))
+        } else {
+            standings.iter().filter(|s| s.ok).map(|s| s.version).max()
+        };
+        let Some(target) = target else { return };
+        if state.active == Some(target) || self.activating.contains_key(name) {
+            return;
+        }
+        let why = match state.active {
+            Some(a) if target < a => Activation::RollBack { from: a },
+            _ => Activation::Rollout,
+        };
+        if why == Activation::Rollout {
+            // The wave it joins in is fixed from now on.
+            let key = (name.to_string(), target);
+            let wave = standings.iter().find(|s| s.version == target).and_then(|s| s.wave);
+            if let Some(r) = self.versions.get_mut(&key) {
+                if r.my_wave.is_none() {
+                    r.my_wave = wave.map(|w| w as u32);
+                    self.persist_version(&key);
+                }
+            }
+        }
+        let _ = now;
+        self.start_activation(name, target, why);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn view(
+        &self,
+        name: &str,
+        version: u64,
+        plan: &crate::rollout::RolloutPlan,
+        progress: &RolloutProgress,
+        operator: &OperatorState,
+        wave: Option<usize>,
+        verdict: &GateVerdict,
+        record: &VersionRecord,
+    ) -> RolloutView {
+        let state = self.models.get(name).cloned().unwrap_or_default();
+        let active_here = state.active == Some(version);
+        let me_tags: (&NodeId, &Tags) = (&self.me, &self.tags);
+        let nodes = self.known.iter().chain(std::iter::once(me_tags));
+        let known_per_wave = wave_counts(plan, nodes, name, version, self.fleet_size());
+        let empty: Vec<String> =
+            known_per_wave.iter().enumerate().filter(|(_, c)| **c == 0).map(|(w, _)| (w + 1).to_string()).collect();
+        let decision = if state.pinned.is_some() {
+            "waiting: pinned by local config".to_string()
+        } else if let Some(reason) = &progress.halted {
+            if active_here {
+                format!("rolling back: {reason}")
+            } else {
+                format!("halted: {reason}")
+            }
+        } else if record.failed() {
+            format!("failed here: {}", record.reason)
+        } else {
+            match wave {
+                None => "waiting: the plan's selector leaves this node out".into(),
+                Some(_) if active_here => "active".into(),
+                Some(w) if w < progress.opened.len() && state.staged.contains(&version) => "activating".into(),
+                Some(w) if w < progress.opened.len() => "fetching".into(),
+                Some(w) => format!("waiting: in wave {} of the plan; {} wave(s) open", w + 1, progress.opened.len()),
+            }
+        };
+        let decision = if empty.is_empty() {
+            decision
+        } else {
+            format!("{decision}; wave(s) {} hold no node this node knows of", empty.join(", "))
+        };
+        RolloutView {
+            model: name.to_string(),
+            version,
+            waves: plan.waves.len(),
+            waves_open: progress.opened.len(),
+            opened_at: progress.opened.clone(),
+            my_wave: wave.map(|w| w + 1),
+            known_per_wave,
+            active_here,
+            decision,
+            verdict: verdict.clone(),
+            halted: progress.halted.clone(),
+            paused: operator.paused,
+            activation_failures: record.activation_failures,
+            activation_error: record.last_activation_error.clone(),
+        }
+    }
+}

@@ -1,0 +1,481 @@
+//! Model versions on one node: accepting manifests, fetching and staging their files,
+//! loading them (with bounded, backed-off retries), keeping what may be needed again,
+//! and telling the fleet what this node holds and measures.
+
+use super::{Activation, FetchRetry, Level, Node, Output, Persist, Restored, UploadView, VersionKey, VersionRecord};
+use crate::fleet::{MetricsRecord, SignedMetrics, VersionReport, MAX_VERSIONS_PER_RECORD};
+use crate::hex32::Hex32;
+use crate::identity::NodeId;
+use crate::manifest::{FileRole, SignedManifest, Variant, VerifiedManifest};
+use crate::mesh::TOPIC_METRICS;
+use crate::mesh::{
+    rank_providers, HaveRecord, ProviderInfo, SignedHave, MAX_BLOBS_PER_HAVE, TOPIC_HAVES, TOPIC_MANIFESTS,
+};
+use crate::rollout::RolloutPhase;
+use crate::select::{select_variant, NodeFacts};
+use crate::ProtocolError;
+use std::collections::BTreeSet;
+
+/// A node gossips an unchanged metrics record again after this many intervals, so that
+/// peers do not expire it.
+const METRICS_REFRESH_INTERVALS: u64 = 5;
+
+impl Node {
+    pub(super) fn verify(&self, signed: SignedManifest) -> Result<VerifiedManifest, ProtocolError> {
+        let models = &self.models;
+        crate::manifest::verify_signed_manifest(signed, &self.trust, |name| {
+            models.get(name).map(|m| m.latest_known).filter(|v| *v > 0)
+        })
+    }
+
+    fn facts(&self) -> NodeFacts {
+        NodeFacts { tags: self.tags.clone(), ..self.cfg.facts.clone() }
+    }
+
+    /// The variant this node takes of a version it holds the manifest of.
+    pub(super) fn chosen_variant(&self, name: &str, version: u64) -> Option<Variant> {
+        let m = self.manifests.get(&(name.to_string(), version))?;
+        select_variant(&m.manifest, &self.facts()).ok().cloned()
+    }
+
+    fn chosen_files(&self, name: &str, version: u64) -> Vec<Hex32> {
+        self.chosen_variant(name, version).map(|v| v.files.iter().map(|f| f.blake3).collect()).unwrap_or_default()
+    }
+
+    pub(super) fn restore(&mut self, restored: Restored, now: u64) {
+        for signed in restored.manifests {
+            match crate::manifest::verify_signed_manifest(signed, &self.trust, |_| None) {
+                Ok(v) => {
+                    self.manifests.insert((v.manifest.name.clone(), v.manifest.version), v);
+                }
+                Err(e) => self.event(None, Level::Warn, format!("a stored manifest no longer verifies: {e}")),
+            }
+        }
+        self.models = restored.models.into_iter().collect();
+        self.versions = restored.versions.into_iter().collect();
+        for signed in restored.commands {
+            if let Ok((c, _)) = self.trust.open(&signed) {
+                self.commands.entry((c.model, c.version)).or_default().push(signed);
+            }
+        }
+        self.known = restored.peers.into_iter().collect();
+        self.complete = restored.complete_blobs.into_iter().collect();
+        let models: Vec<(String, super::ModelState)> =
+            self.models.iter().map(|(n, m)| (n.clone(), m.clone())).collect();
+        for (name, state) in models {
+            if let Some(active) = state.active {
+                self.start_activation(&name, active, Activation::Restore);
+            }
+            let latest = state.latest_known;
+            if latest > 0 && !state.staged.contains(&latest) {
+                if let Some(v) = self.manifests.get(&(name.clone(), latest)).cloned() {
+                    self.want(&v);
+                }
+            }
+            for v in &state.staged {
+                let files = self.chosen_files(&name, *v);
+                self.complete.extend(files);
+            }
+        }
+        self.fetch_check = true;
+        let _ = now;
+    }
+
+    /// A verified manifest newer than anything held: record it, choose a variant, fetch.
+    pub(super) fn accept(&mut self, now: u64, verified: VerifiedManifest) {
+        let (name, version) = (verified.manifest.name.clone(), verified.manifest.version);
+        let state = self.models.entry(name.clone()).or_default();
+        if version <= state.latest_known {
+            return;
+        }
+        state.latest_known = version;
+        let key = (name.clone(), version);
+        self.persist(Persist::Manifest(verified.signed.clone()));
+        self.persist_model(&name);
+        self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(now / 1000));
+        self.persist_version(&key);
+        self.event(
+            Some(&name),
+            Level::Info,
+            format!("accepted version {version}, signed by {}", verified.publisher_name),
+        );
+        self.want(&verified);
+        self.manifests.insert(key, verified);
+        self.fetch_check = true;
+    }
+
+    fn want(&mut self, verified: &VerifiedManifest) {
+        let m = &verified.manifest;
+        match select_variant(m, &self.facts()) {
+            Ok(variant) => {
+                // A newer version supersedes an unfinished older one.
+                self.wanted.retain(|(n, v), _| n != &m.name || *v > m.version);
+                self.wanted.insert((m.name.clone(), m.version), variant.clone());
+            }
+            Err(e) => {
+                let (name, version) = (m.name.clone(), m.version);
+                self.note(&name, format!("version {version}: {e}"));
+            }
+        }
+    }
+
+    /// Peers that hold `blob` or are fetching it, ranked (same site, then RTT).
+    fn providers_of(&self, blob: &Hex32) -> Vec<NodeId> {
+        let mut nodes = self.directory.holders(blob);
+        nodes.extend(self.directory.partial_holders(blob));
+        nodes.sort();
+        nodes.dedup();
+        let candidates = nodes
+            .into_iter()
+            .filter_map(|n| self.peers.get(&n).map(|p| (n, p)))
+            .map(|(node, p)| ProviderInfo { node, site: p.tags.get("site").cloned(), rtt_micros: p.rtt_micros })
+            .collect();
+        rank_providers(candidates, self.tags.get("site").map(String::as_str))
+    }
+
+    /// Running fetches learn of providers announced since they started; waiting ones may
+    /// start now.
+    pub(super) fn update_providers(&mut self) {
+        let mut changes = vec![];
+        for files in self.fetching.values() {
+            for (blob, held) in files {
+                let now = self.providers_of(blob);
+                if *held != now {
+                    changes.push((*blob, now));
+                }
+            }
+        }
+        for (blob, providers) in changes {
+            for files in self.fetching.values_mut() {
+                if let Some(held) = files.get_mut(&blob) {
+                    *held = providers.clone();
+                }
+            }
+            self.outputs.push_back(Output::Providers { blob, providers });
+        }
+        self.fetch_check = true;
+    }
+
+    /// Starts a fetch for every wanted version whose files all have a provider (or are
+    /// here already), unless it is backing off after a failure.
+    pub(super) fn try_fetches(&mut self, now: u64) {
+        let candidates: Vec<(VersionKey, Variant)> = self
+            .wanted
+            .iter()
+            .filter(|(k, _)| !self.fetching.contains_key(*k) && self.fetch_retry.get(*k).is_none_or(|r| r.at <= now))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (key, variant) in candidates {
+            let mut files = vec![];
+            let mut ready = true;
+            for file in &variant.files {
+                let providers = self.providers_of(&file.blake3);
+                if !self.complete.contains(&file.blake3) && providers.is_empty() {
+                    ready = false;
+                    break;
+                }
+                files.push((file.clone(), providers));
+            }
+            if !ready {
+                continue;
+            }
+            if let Some(r) = self.fetch_retry.get_mut(&key) {
+                r.at = u64::MAX; // no timer while it runs
+            }
+            self.fetching.insert(key.clone(), files.iter().map(|(f, p)| (f.blake3, p.clone())).collect());
+            self.set_phase(now, &key, RolloutPhase::Fetching, "");
+            self.outputs.push_back(Output::Fetch { model: key.0.clone(), version: key.1, files });
+            // Peers may fetch from us what we have verified so far.
+            self.have_dirty = true;
+        }
+    }
+
+    pub(super) fn set_phase(&mut self, now: u64, key: &VersionKey, phase: RolloutPhase, reason: &str) {
+        let record = self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(now / 1000));
+        if record.phase == phase && record.reason == reason {
+            return;
+        }
+        record.phase = phase;
+        record.reason = reason.to_string();
+        record.updated_at = now / 1000;
+        self.persist_version(key);
+    }
+
+    pub(super) fn on_fetch_finished(&mut self, now: u64, name: String, version: u64, result: Result<(), String>) {
+        let key = (name.clone(), version);
+        if self.fetching.remove(&key).is_none() {
+            return;
+        }
+        self.have_dirty = true;
+        match result {
+            Ok(()) => {
+                self.fetch_retry.remove(&key);
+                self.on_staged(now, &name, version);
+            }
+            Err(e) => {
+                let retry = self.fetch_retry.entry(key).or_insert(FetchRetry { failures: 0, at: 0 });
+                retry.failures = retry.failures.saturating_add(1);
+                let wait = self
+                    .cfg
+                    .fetch_retry_ms
+                    .saturating_mul(1 << (retry.failures - 1).min(16))
+                    .min(self.cfg.fetch_retry_max_ms);
+                retry.at = now.saturating_add(wait);
+                self.note(&name, format!("fetch of version {version} failed, will retry in {} s: {e}", wait / 1000));
+            }
+        }
+    }
+
+    fn on_staged(&mut self, now: u64, name: &str, version: u64) {
+        let key = (name.to_string(), version);
+        self.wanted.remove(&key);
+        let files = self.chosen_files(name, version);
+        self.complete.extend(files);
+        self.models.entry(name.to_string()).or_default().staged.insert(version);
+        self.persist_model(name);
+        self.set_phase(now, &key, RolloutPhase::Staged, "");
+        self.event(Some(name), Level::Info, format!("staged version {version}"));
+        self.have_dirty = true;
+        // The rollout engine decides when this node's wave opens (or a pin does).
+        self.rollout_tick(now);
+        self.collect_garbage();
+    }
+
+    pub(super) fn start_activation(&mut self, name: &str, version: u64, why: Activation) {
+        if self.activating.contains_key(name) {
+            return;
+        }
+        let weights = self
+            .chosen_variant(name, version)
+            .and_then(|v| v.files.iter().find(|f| f.role == FileRole::Weights).map(|f| f.name.clone()));
+        let Some(weights) = weights else {
+            return self.note(name, format!("version {version}: no weights file in the chosen variant"));
+        };
+        self.activating.insert(name.to_string(), (version, why));
+        self.outputs.push_back(Output::Activate { model: name.to_string(), version, weights, why });
+    }
+
+    pub(super) fn on_activation_finished(&mut self, now: u64, name: String, version: u64, result: Result<(), String>) {
+        let Some((v, why)) = self.activating.get(&name).copied() else { return };
+        if v != version {
+            return;
+        }
+        self.activating.remove(&name);
+        let key = (name.clone(), version);
+        let secs = now / 1000;
+        match result {
+            Ok(()) => {
+                let state = self.models.entry(name.clone()).or_default();
+                let old = state.active;
+                if old != Some(version) {
+                    // Going back from a halted version: it is not kept as the previous one.
+                    state.previous = match why {
+                        Activation::RollBack { .. } => state.previous.filter(|p| *p != version),
+                        _ => old,
+                    };
+                    state.active = Some(version);
+                }
+                if let (Activation::RollBack { from }, Some(bad)) = (why, old) {
+                    let reason = format!("rolled back to version {version}");
+                    self.set_phase(now, &(name.clone(), bad), RolloutPhase::RolledBack, &reason);
+                    self.event(Some(&name), Level::Warn, format!("rolled back from version {from} to {version}"));
+                }
+                self.persist_model(&name);
+                self.active_since.insert(key.clone(), secs);
+                if let Some(r) = self.versions.get_mut(&key) {
+                    r.retry_activation_at = None;
+                }
+                self.set_phase(now, &key, RolloutPhase::Active, "");
+                self.notes.remove(&name);
+                self.event(Some(&name), Level::Info, format!("serving version {version}"));
+                self.collect_garbage();
+            }
+            Err(e) => {
+                let max = self.cfg.max_activation_attempts.max(1);
+                let base = self.cfg.activation_retry_ms;
+                let record = self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(secs));
+                record.activation_failures = record.activation_failures.saturating_add(1);
+                record.last_activation_error = Some(e.clone());
+                let failures = record.activation_failures;
+                if failures >= max {
+                    record.retry_activation_at = None;
+                    let reason = format!("failed to load {failures} time(s): {e}");
+                    self.set_phase(now, &key, RolloutPhase::Failed, &reason);
+                    self.note(&name, format!("version {version} {reason}; not tried again"));
+                } else {
+                    let wait = base.saturating_mul(1 << (failures - 1).min(16)) / 1000;
+                    record.retry_activation_at = Some(secs.saturating_add(wait.max(1)));
+                    self.persist_version(&key);
+                    self.note(
+                        &name,
+                        format!("version {version} was refused at activation, will retry in {wait} s: {e}"),
+                    );
+                }
+                // Whatever served before goes on serving (the engine kept it loaded).
+                self.rollout_tick(now);
+            }
+        }
+    }
+
+    /// Keeps the active, previous and pinned version of each model, a version being
+    /// loaded, and a newer staged one still waiting for its wave; deletes the rest.
+    pub(super) fn collect_garbage(&mut self) {
+        let mut keep_blobs: BTreeSet<Hex32> = BTreeSet::new();
+        let names: Vec<String> = self.models.keys().cloned().collect();
+        for name in names {
+            let Some(state) = self.models.get(&name).cloned() else { continue };
+            let mut keep = state.keep();
+            let waiting = state.staged.iter().filter(|v| {
+                state.active.is_none_or(|a| **v > a)
+                    && self.versions.get(&(name.clone(), **v)).is_none_or(|r| r.halted.is_none() && !r.failed())
+            });
+            keep.extend(waiting);
+            if let Some((v, _)) = self.activating.get(&name) {
+                keep.insert(*v);
+            }
+            let gone: Vec<u64> = state.staged.iter().filter(|v| !keep.contains(v)).copied().collect();
+            for version in &gone {
+                self.event(Some(&name), Level::Info, format!("deleting the files of version {version}"));
+                self.outputs.push_back(Output::DeleteVersion { model: name.clone(), version: *version });
+            }
+            if !gone.is_empty() {
+                if let Some(s) = self.models.get_mut(&name) {
+                    s.staged.retain(|v| !gone.contains(v));
+                }
+                self.persist_model(&name);
+            }
+            for version in keep {
+                keep_blobs.extend(self.chosen_files(&name, version));
+            }
+        }
+        for variant in self.wanted.values() {
+            keep_blobs.extend(variant.files.iter().map(|f| f.blake3));
+        }
+        // What this node published stays until a newer version replaces it.
+        keep_blobs.extend(self.originated.iter().copied());
+        let before = self.complete.len();
+        self.complete.retain(|b| keep_blobs.contains(b));
+        if self.complete.len() != before {
+            self.have_dirty = true;
+        }
+        self.outputs.push_back(Output::ReleaseBlobs { keep: keep_blobs.into_iter().collect() });
+    }
+
+    /// Signs and gossips the blobs this node holds complete and those it is fetching.
+    pub(super) fn announce_have(&mut self, now: u64) {
+        let mut blobs: BTreeSet<Hex32> = self.complete.clone();
+        blobs.extend(self.originated.iter().copied());
+        let partial: BTreeSet<Hex32> =
+            self.fetching.values().flat_map(|f| f.keys().copied()).filter(|b| !blobs.contains(b)).collect();
+        let mut blobs: Vec<Hex32> = blobs.into_iter().collect();
+        blobs.truncate(MAX_BLOBS_PER_HAVE);
+        let mut partial: Vec<Hex32> = partial.into_iter().collect();
+        partial.truncate(MAX_BLOBS_PER_HAVE - blobs.len());
+        self.have_seq = now.max(self.have_seq + 1);
+        let mut blob_addrs = self.blob_addrs.clone();
+        blob_addrs.truncate(crate::mesh::MAX_ADDRS);
+        let record = HaveRecord { node: self.me, seq: self.have_seq, blobs, blob_addrs, partial };
+        match SignedHave::sign(&record, &self.secret).and_then(|s| Ok((s.to_bytes()?, s))) {
+            Ok((data, signed)) => {
+                self.my_have = Some(signed);
+                self.outputs.push_back(Output::Gossip { topic: TOPIC_HAVES, data });
+            }
+            Err(e) => self.event(None, Level::Warn, format!("cannot sign the have record: {e}")),
+        }
+    }
+
+    pub(super) fn on_publish(
+        &mut self,
+        now: u64,
+        signed: SignedManifest,
+        imported: &[Hex32],
+    ) -> Result<String, String> {
+        let data = signed.to_bytes().map_err(|e| e.to_string())?;
+        let verified = self.verify(signed).map_err(|e| format!("the manifest is not accepted here: {e}"))?;
+        let m = &verified.manifest;
+        if !m.variants.iter().any(|v| v.files.iter().all(|f| imported.contains(&f.blake3))) {
+            return Err(format!("the folder holds the files of no variant of {}", m.name));
+        }
+        let (name, version) = (m.name.clone(), m.version);
+        let count = m.variants.iter().flat_map(|v| &v.files).filter(|f| imported.contains(&f.blake3)).count();
+        self.complete.extend(imported.iter().copied());
+        self.originated.extend(imported.iter().copied());
+        self.accept(now, verified);
+        self.outputs.push_back(Output::Gossip { topic: TOPIC_MANIFESTS, data });
+        self.have_dirty = true;
+        Ok(format!(
+            "published {name}@{version}: {count} file(s) added, sent to the mesh (peers that miss it get it by anti-entropy)"
+        ))
+    }
+
+    /// Signs this node's cumulative figures per model version and gossips them: when they
+    /// changed, or every few intervals so that peers do not expire this node. Versions
+    /// that failed to load here are reported too.
+    pub(super) fn on_local_metrics(&mut self, now: u64, mut reports: Vec<VersionReport>) {
+        let secs = now / 1000;
+        for r in &mut reports {
+            r.active = self.active(&r.model) == Some(r.version);
+            r.active_since = self.active_since.get(&(r.model.clone(), r.version)).copied();
+        }
+        for (name, state) in &self.models {
+            if let Some(v) = state.active {
+                if !reports.iter().any(|r| &r.model == name && r.version == v) {
+                    reports.push(VersionReport {
+                        model: name.clone(),
+                        version: v,
+                        active: true,
+                        active_since: self.active_since.get(&(name.clone(), v)).copied(),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        for ((name, version), record) in &self.versions {
+            if record.activation_failures == 0 || self.active(name) == Some(*version) {
+                continue;
+            }
+            match reports.iter_mut().find(|r| &r.model == name && r.version == *version) {
+                Some(r) => r.activation_failures = record.activation_failures,
+                None => reports.push(VersionReport {
+                    model: name.clone(),
+                    version: *version,
+                    activation_failures: record.activation_failures,
+                    ..Default::default()
+                }),
+            }
+        }
+        reports.sort_by(|a, b| (&a.model, a.version).cmp(&(&b.model, b.version)));
+        reports.truncate(MAX_VERSIONS_PER_RECORD);
+        let refresh = self.cfg.metrics_interval_ms.saturating_mul(METRICS_REFRESH_INTERVALS);
+        let unchanged = self.last_reports.as_ref() == Some(&reports);
+        if unchanged && self.metrics_sent_at.is_some_and(|t| now.saturating_sub(t) < refresh) {
+            return;
+        }
+        self.metrics_seq = now.max(self.metrics_seq + 1);
+        let record = MetricsRecord { node: self.me, seq: self.metrics_seq, issued_at: secs, versions: reports.clone() };
+        let signed = match SignedMetrics::sign(&record, &self.secret) {
+            Ok(s) => s,
+            Err(e) => return self.event(None, Level::Warn, format!("cannot sign the metrics record: {e}")),
+        };
+        let data = match signed.to_bytes() {
+            Ok(d) => d,
+            Err(e) => return self.event(None, Level::Warn, format!("cannot encode the metrics record: {e}")),
+        };
+        self.fleet.update(record, secs);
+        self.signed_metrics.insert(self.me, signed);
+        self.last_reports = Some(reports);
+        self.metrics_sent_at = Some(now);
+        self.outputs.push_back(Output::Gossip { topic: TOPIC_METRICS, data });
+    }
+
+    pub(super) fn upload_view(&self) -> UploadView {
+        let admitted: BTreeSet<NodeId> = self.peers.keys().copied().collect();
+        let holders = self
+            .originated
+            .iter()
+            .map(|b| (*b, self.directory.holders(b).into_iter().filter(|n| admitted.contains(n)).collect()))
+            .collect();
+        let sites = self.peers.iter().filter_map(|(n, p)| Some((*n, p.tags.get("site")?.clone()))).collect();
+        UploadView { originated: self.originated.clone(), holders, admitted, sites }
+    }
+}
