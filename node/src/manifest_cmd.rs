@@ -67,8 +67,9 @@ pub struct CreateArgs {
     #[arg(long, default_value_t = Gates::default().min_samples)]
     pub min_samples: u64,
     /// No gate verdict before this many nodes have reported on the version. A verdict
-    /// needs a majority of the reporting nodes, so from 3 on no single node (misreporting
-    /// or lying) can halt or pass a rollout alone.
+    /// needs a majority of the reporting nodes, so from 3 on (the default) no single node
+    /// (misreporting or lying) can halt or pass a rollout alone. The canary wave holds at
+    /// least this many eligible nodes, whatever its fraction.
     #[arg(long, default_value_t = Gates::default().min_reporting_nodes)]
     pub min_reporting_nodes: u32,
     #[arg(long, default_value_t = InferenceDefaults::default().max_tokens)]

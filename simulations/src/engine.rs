@@ -80,6 +80,16 @@ impl<E> Queue<E> {
         self.at(self.now + delay, event);
     }
 
+    /// When the next event is due, if any.
+    pub fn peek_time(&self) -> Option<Micros> {
+        self.heap.peek().map(|e| e.at)
+    }
+
+    /// Moves the clock forward to `t` (never back) with no event.
+    pub fn advance_to(&mut self, t: Micros) {
+        self.now = self.now.max(t);
+    }
+
     /// The next event, advancing the clock to its time.
     pub fn pop(&mut self) -> Option<(Micros, E)> {
         let Entry { at, event, .. } = self.heap.pop()?;

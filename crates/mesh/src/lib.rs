@@ -31,6 +31,9 @@ pub const MAX_RPC_BYTES: usize = 4 << 20;
 pub const MAX_GOSSIP_BYTES: usize = 1 << 20;
 /// Connected peers the node tries to keep; more are found through Kademlia.
 pub const TARGET_PEERS: usize = 12;
+/// Events waiting for the node. When it is full the swarm waits for the node, which
+/// never waits for the swarm (see `MeshHandle`).
+pub const EVENT_QUEUE: usize = 1024;
 
 #[derive(Debug, Error)]
 pub enum MeshError {
@@ -93,12 +96,18 @@ pub enum MeshEvent {
         peer: PeerId,
         rtt: Duration,
     },
+    /// The answer to `MeshHandle::request` with this token (or why there is none).
+    Response {
+        peer: PeerId,
+        token: u64,
+        result: Result<Vec<u8>, String>,
+    },
 }
 
 enum Command {
-    Publish { topic: String, data: Vec<u8>, done: oneshot::Sender<Result<(), String>> },
+    Publish { topic: String, data: Vec<u8> },
     Report { id: MessageId, source: PeerId, acceptance: Acceptance },
-    Request { peer: PeerId, data: Vec<u8>, done: oneshot::Sender<Result<Vec<u8>, String>> },
+    Request { peer: PeerId, data: Vec<u8>, token: u64 },
     Respond { id: u64, data: Vec<u8> },
     Refuse { peer: PeerId },
     Dial { addr: Multiaddr },
@@ -115,59 +124,60 @@ pub struct MeshInfo {
     pub gossip_peers: usize,
 }
 
-/// Talks to the mesh task. Cheap to clone.
+/// Talks to the mesh task. Cheap to clone. Nothing here waits for the swarm: commands
+/// queue (the caller's own rate bounds the queue) and answers come back as events, so a
+/// node that is busy handling an event can never stall the task that polls the swarm,
+/// however full the event channel is.
 #[derive(Clone)]
 pub struct MeshHandle {
-    tx: mpsc::Sender<Command>,
+    tx: mpsc::UnboundedSender<Command>,
 }
 
 impl MeshHandle {
-    async fn send(&self, c: Command) -> Result<(), MeshError> {
-        self.tx.send(c).await.map_err(|_| MeshError::Stopped)
+    fn send(&self, c: Command) {
+        // The task is gone only when the node is shutting down.
+        let _ = self.tx.send(c);
     }
 
-    /// Gossips `data` on `topic`. Fails with a reason when no peer listens yet; anti-entropy
-    /// delivers it later in that case.
-    pub async fn publish(&self, topic: &str, data: Vec<u8>) -> Result<(), String> {
-        let (done, rx) = oneshot::channel();
-        self.send(Command::Publish { topic: topic.into(), data, done }).await.map_err(|e| e.to_string())?;
-        rx.await.map_err(|_| MeshError::Stopped.to_string())?
+    /// Gossips `data` on `topic`. When no peer listens yet, the message is dropped (and
+    /// logged); anti-entropy delivers it later.
+    pub fn publish(&self, topic: &str, data: Vec<u8>) {
+        self.send(Command::Publish { topic: topic.into(), data });
     }
 
-    pub async fn report(&self, id: MessageId, source: PeerId, acceptance: Acceptance) {
-        let _ = self.send(Command::Report { id, source, acceptance }).await;
+    pub fn report(&self, id: MessageId, source: PeerId, acceptance: Acceptance) {
+        self.send(Command::Report { id, source, acceptance });
     }
 
-    /// Sends a request and waits for the answer (or a timeout, or the peer going away).
-    pub async fn request(&self, peer: PeerId, data: Vec<u8>) -> Result<Vec<u8>, String> {
-        let (done, rx) = oneshot::channel();
-        self.send(Command::Request { peer, data, done }).await.map_err(|e| e.to_string())?;
-        rx.await.map_err(|_| MeshError::Stopped.to_string())?
+    /// Sends a request; its answer (or a timeout, or the peer going away) comes back as
+    /// `MeshEvent::Response` with the same `token`.
+    pub fn request(&self, peer: PeerId, data: Vec<u8>, token: u64) {
+        self.send(Command::Request { peer, data, token });
     }
 
-    pub async fn respond(&self, id: u64, data: Vec<u8>) {
-        let _ = self.send(Command::Respond { id, data }).await;
+    pub fn respond(&self, id: u64, data: Vec<u8>) {
+        self.send(Command::Respond { id, data });
     }
 
     /// Disconnects a peer and refuses its connections and gossip from now on.
-    pub async fn refuse(&self, peer: PeerId) {
-        let _ = self.send(Command::Refuse { peer }).await;
+    pub fn refuse(&self, peer: PeerId) {
+        self.send(Command::Refuse { peer });
     }
 
-    pub async fn dial(&self, addr: Multiaddr) {
-        let _ = self.send(Command::Dial { addr }).await;
+    pub fn dial(&self, addr: Multiaddr) {
+        self.send(Command::Dial { addr });
     }
 
     pub async fn info(&self) -> Result<MeshInfo, MeshError> {
         let (done, rx) = oneshot::channel();
-        self.send(Command::Info { done }).await?;
+        self.tx.send(Command::Info { done }).map_err(|_| MeshError::Stopped)?;
         rx.await.map_err(|_| MeshError::Stopped)
     }
 
     /// Closes every connection and stops the task.
     pub async fn shutdown(&self) {
         let (done, rx) = oneshot::channel();
-        if self.send(Command::Shutdown { done }).await.is_ok() {
+        if self.tx.send(Command::Shutdown { done }).is_ok() {
             let _ = rx.await;
         }
     }
@@ -200,8 +210,8 @@ pub fn start(config: MeshConfig) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent
             .subscribe(&IdentTopic::new(topic))
             .map_err(|e| MeshError::Build(format!("subscribe {topic}: {e}")))?;
     }
-    let (tx, rx) = mpsc::channel(256);
-    let (events_tx, events) = mpsc::channel(1024);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
     let driver = Driver {
         swarm,
         events: events_tx,
@@ -305,10 +315,11 @@ fn gossip_behaviour(
 struct Driver {
     swarm: Swarm<Behaviour>,
     events: mpsc::Sender<MeshEvent>,
-    commands: mpsc::Receiver<Command>,
+    commands: mpsc::UnboundedReceiver<Command>,
     bootstrap: Vec<Multiaddr>,
     discovery_interval: Duration,
-    pending_requests: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, String>>>,
+    /// Outbound requests in flight: whom to, and the caller's token.
+    pending_requests: HashMap<request_response::OutboundRequestId, (PeerId, u64)>,
     inbound: HashMap<u64, request_response::ResponseChannel<Vec<u8>>>,
     next_inbound: u64,
     /// Refused peers and when: blocked until the cool-down has passed.
@@ -408,9 +419,10 @@ impl Driver {
     fn on_command(&mut self, command: Command) {
         let b = self.swarm.behaviour_mut();
         match command {
-            Command::Publish { topic, data, done } => {
-                let r = b.gossipsub.publish(IdentTopic::new(topic), data).map(|_| ()).map_err(|e| e.to_string());
-                let _ = done.send(r);
+            Command::Publish { topic, data } => {
+                if let Err(e) = b.gossipsub.publish(IdentTopic::new(&topic), data) {
+                    tracing::debug!(%topic, "not gossiped ({e}); peers get it by anti-entropy");
+                }
             }
             Command::Report { id, source, acceptance } => {
                 let a = match acceptance {
@@ -420,9 +432,9 @@ impl Driver {
                 };
                 b.gossipsub.report_message_validation_result(&id, &source, a);
             }
-            Command::Request { peer, data, done } => {
+            Command::Request { peer, data, token } => {
                 let id = b.rpc.send_request(&peer, data);
-                self.pending_requests.insert(id, done);
+                self.pending_requests.insert(id, (peer, token));
             }
             Command::Respond { id, data } => {
                 if let Some(channel) = self.inbound.remove(&id) {
@@ -556,14 +568,15 @@ impl Driver {
                     return self.emit(MeshEvent::Request { peer, id, data: request }).await;
                 }
                 request_response::Message::Response { request_id, response } => {
-                    if let Some(done) = self.pending_requests.remove(&request_id) {
-                        let _ = done.send(Ok(response));
+                    if let Some((peer, token)) = self.pending_requests.remove(&request_id) {
+                        return self.emit(MeshEvent::Response { peer, token, result: Ok(response) }).await;
                     }
                 }
             },
             BehaviourEvent::Rpc(request_response::Event::OutboundFailure { request_id, error, .. }) => {
-                if let Some(done) = self.pending_requests.remove(&request_id) {
-                    let _ = done.send(Err(error.to_string()));
+                if let Some((peer, token)) = self.pending_requests.remove(&request_id) {
+                    let result = Err(error.to_string());
+                    return self.emit(MeshEvent::Response { peer, token, result }).await;
                 }
             }
             BehaviourEvent::Rpc(request_response::Event::InboundFailure { peer, error, .. }) => {
@@ -649,3 +662,6 @@ impl request_response::Codec for BytesCodec {
         write_frame(io, &res).await
     }
 }
+
+#[cfg(test)]
+mod tests;

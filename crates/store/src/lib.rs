@@ -1,5 +1,7 @@
 //! Node state in sled: accepted manifests, the active and previous version of each
-//! model, per-version rollout state, and the peer book.
+//! model, per-version rollout records and operator commands, and the peer book. The
+//! node state machine (`slmesh_protocol::node`) decides every change; this crate makes
+//! it durable and reads it back on start.
 //!
 //! Every change that touches more than one key runs in one sled transaction, so a crash
 //! leaves either all of it or none. A schema version is stored on first open and checked
@@ -8,11 +10,12 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
+use slmesh_protocol::fleet::SignedCommand;
 use slmesh_protocol::manifest::{SignedManifest, VerifiedManifest};
+use slmesh_protocol::node::VersionRecord;
 use slmesh_protocol::rollout::RolloutState;
 use slmesh_protocol::trust::Tags;
 use slmesh_protocol::{wire, NodeId, ProtocolError};
-use std::collections::BTreeSet;
 use std::path::Path;
 use thiserror::Error;
 
@@ -38,26 +41,7 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// What a node holds of one model name.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModelState {
-    /// Highest version whose manifest was accepted.
-    pub latest_known: u64,
-    /// Versions whose verified files are on disk.
-    pub staged: BTreeSet<u64>,
-    pub active: Option<u64>,
-    /// The version active before `active`: kept on disk for an instant rollback.
-    pub previous: Option<u64>,
-    /// A version pinned by local config, if any.
-    pub pinned: Option<u64>,
-}
-
-impl ModelState {
-    /// Versions whose files must stay on disk.
-    pub fn keep(&self) -> BTreeSet<u64> {
-        self.active.iter().chain(self.previous.iter()).chain(self.pinned.iter()).copied().collect()
-    }
-}
+pub use slmesh_protocol::node::ModelState;
 
 /// What a node knows of a peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +61,10 @@ pub struct Store {
     manifests: sled::Tree,
     models: sled::Tree,
     rollouts: sled::Tree,
+    /// Per version, the state machine's record (rollout progress, activation failures).
+    versions: sled::Tree,
+    /// Operator commands, keyed by the BLAKE3 of their bytes.
+    commands: sled::Tree,
     peers: sled::Tree,
 }
 
@@ -153,6 +141,8 @@ impl Store {
             manifests: db.open_tree("manifests")?,
             models: db.open_tree("models")?,
             rollouts: db.open_tree("rollouts")?,
+            versions: db.open_tree("versions")?,
+            commands: db.open_tree("commands")?,
             peers: db.open_tree("peers")?,
             db,
         };
@@ -343,6 +333,63 @@ impl Store {
             tx_put(models, name.as_bytes(), &state)
         }))?;
         self.flush()
+    }
+
+    /// Records a manifest the state machine accepted (it checked it is newer).
+    pub fn put_signed_manifest(&self, name: &str, version: u64, signed: &SignedManifest) -> Result<()> {
+        self.manifests.insert(manifest_key(name, version), signed.to_bytes()?)?;
+        Ok(())
+    }
+
+    /// Every stored manifest; damaged ones are skipped and reported.
+    pub fn manifests(&self) -> Result<(Vec<SignedManifest>, Vec<String>)> {
+        let (mut good, mut bad) = (vec![], vec![]);
+        for kv in self.manifests.iter() {
+            let (k, v) = kv?;
+            match SignedManifest::from_bytes(&v) {
+                Ok(m) => good.push(m),
+                Err(e) => bad.push(format!("{:?}: {e}", split_manifest_key(&k))),
+            }
+        }
+        Ok((good, bad))
+    }
+
+    pub fn put_model(&self, name: &str, state: &ModelState) -> Result<()> {
+        self.models.insert(name.as_bytes(), encode(state)?)?;
+        Ok(())
+    }
+
+    pub fn put_version(&self, name: &str, version: u64, record: &VersionRecord) -> Result<()> {
+        self.versions.insert(manifest_key(name, version), encode(record)?)?;
+        Ok(())
+    }
+
+    pub fn versions(&self) -> Result<Vec<((String, u64), VersionRecord)>> {
+        self.versions
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let key = split_manifest_key(&k)
+                    .ok_or(StoreError::Corrupt { what: "version key", reason: "bad layout".into() })?;
+                Ok((key, decode(&v, "version record")?))
+            })
+            .collect()
+    }
+
+    pub fn put_command(&self, signed: &SignedCommand) -> Result<()> {
+        self.commands.insert(signed.id()?, signed.to_bytes()?)?;
+        Ok(())
+    }
+
+    pub fn commands(&self) -> Result<Vec<SignedCommand>> {
+        self.commands
+            .iter()
+            .values()
+            .map(|v| {
+                SignedCommand::from_bytes(&v?)
+                    .map_err(|e| StoreError::Corrupt { what: "operator command", reason: e.to_string() })
+            })
+            .collect()
     }
 
     pub fn upsert_peer(&self, peer: &PeerRecord) -> Result<()> {

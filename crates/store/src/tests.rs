@@ -190,3 +190,35 @@ fn kill_9_leaves_consistent_state() {
     }
     assert!(last > 0, "the child never committed anything");
 }
+
+#[test]
+fn the_state_machines_records_survive_reopen() {
+    use slmesh_protocol::fleet::{CommandAction, RolloutCommand};
+    let dir = tempfile::tempdir().unwrap();
+    let (key, _) = publisher();
+    let command = SignedCommand::sign(
+        &RolloutCommand { model: "m".into(), version: 4, action: CommandAction::Pause, issued_at: 7 },
+        &key,
+    )
+    .unwrap();
+    let mut record = VersionRecord::new(100);
+    record.opened = vec![100, 160];
+    record.activation_failures = 2;
+    {
+        let store = Store::open(dir.path()).unwrap();
+        let m = verified("m", 4);
+        store.put_signed_manifest("m", 4, &m.signed).unwrap();
+        let state = ModelState { latest_known: 4, active: Some(4), ..Default::default() };
+        store.put_model("m", &state).unwrap();
+        store.put_version("m", 4, &record).unwrap();
+        store.put_command(&command).unwrap();
+        store.put_command(&command).unwrap();
+        store.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let (manifests, bad) = store.manifests().unwrap();
+    assert_eq!((manifests.len(), bad.len()), (1, 0));
+    assert_eq!(store.model("m").unwrap().unwrap().active, Some(4));
+    assert_eq!(store.versions().unwrap(), vec![(("m".to_string(), 4), record)]);
+    assert_eq!(store.commands().unwrap(), vec![command], "a command stored twice is held once");
+}

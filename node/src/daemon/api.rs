@@ -1,7 +1,7 @@
 //! The node's own HTTP routes, beside the OpenAI-compatible ones: status and publish.
 //! Bound where the inference API is (loopback by default) and behind the same bearer token.
 
-use super::core::Control;
+use super::control::Control;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -46,11 +46,7 @@ fn invalid(message: impl Into<String>) -> ApiError {
 
 async fn status(State(s): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorized(&s.http, &headers)?;
-    let status = s
-        .control
-        .status()
-        .map_err(|e| api_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string(), None))?;
-    Ok(Json(status).into_response())
+    Ok(Json(s.control.status()).into_response())
 }
 
 async fn publish(State(s): State<ApiState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, ApiError> {

@@ -4,7 +4,10 @@
 //! ranking, what to activate).
 
 mod api;
+mod control;
 mod core;
+mod fetch;
+mod gate;
 pub mod status;
 
 use crate::config::Config;
@@ -41,7 +44,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     runtime.block_on(run_node(config))
 }
 
-/// Everything a started node holds; `core::Node` drives it.
+/// Everything a started node holds; `core::Driver` drives it.
 pub(crate) struct Parts {
     pub config: Config,
     pub secret: SecretKey,
@@ -50,7 +53,7 @@ pub(crate) struct Parts {
     pub blobs: Arc<BlobNode>,
     pub engine: Arc<Engine>,
     pub http: Arc<HttpState>,
-    pub gate: Arc<core::GateState>,
+    pub gate: Arc<gate::GateState>,
 }
 
 async fn run_node(config: Config) -> Result<()> {
@@ -85,7 +88,7 @@ async fn run_node(config: Config) -> Result<()> {
         slots_per_blob: config.network.upload_slots_per_blob,
         origin_copies: config.network.origin_copies,
     };
-    let gate = Arc::new(core::GateState::new(policy));
+    let gate = Arc::new(gate::GateState::new(policy));
     let blobs = BlobNode::start(BlobConfig {
         secret: secret.clone(),
         bind: config.network.blobs_bind.parse().context("network.blobs_bind")?,
@@ -136,7 +139,7 @@ async fn run_node(config: Config) -> Result<()> {
         http: http_state.clone(),
         gate,
     };
-    let (node, control) = core::Node::new(parts, trust, enrollment, mesh.clone());
+    let (node, control) = core::Driver::start(parts, trust, enrollment, mesh.clone()).await?;
     let router = api::router(control.clone(), http_state.clone()).merge(slmesh_inference::http::router(http_state));
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(slmesh_inference::http::serve_router(http_listener, router, async move {

@@ -144,21 +144,8 @@ fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
 }
 
-/// One rollout as this node sees it (`GET /v1/rollouts`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RolloutView {
-    pub model: String,
-    pub version: u64,
-    pub waves: usize,
-    pub waves_open: usize,
-    /// This node's wave, 1-based (None: the selector leaves it out).
-    pub my_wave: Option<usize>,
-    pub active_here: bool,
-    pub decision: String,
-    pub verdict: GateVerdict,
-    pub halted: Option<String>,
-    pub paused: bool,
-}
+/// One rollout as this node sees it (`GET /v1/rollouts`): the state machine's own view.
+pub use slmesh_protocol::node::RolloutView;
 
 /// One version across the fleet (`GET /v1/fleet`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -249,6 +236,18 @@ pub fn rollouts_text(rollouts: &[RolloutView]) -> String {
             r.decision,
             r.halted.as_ref().map(|h| format!("\n  halted: {h}")).unwrap_or_default(),
         );
+        if !r.known_per_wave.is_empty() {
+            let counts: Vec<String> = r.known_per_wave.iter().map(usize::to_string).collect();
+            let _ = writeln!(out, "  nodes known per wave: {}", counts.join(" / "));
+        }
+        if r.activation_failures > 0 {
+            let _ = writeln!(
+                out,
+                "  failed to load here {} time(s): {}",
+                r.activation_failures,
+                r.activation_error.as_deref().unwrap_or("-")
+            );
+        }
     }
     out
 }

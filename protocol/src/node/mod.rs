@@ -209,9 +209,10 @@ pub enum Output {
     /// Measure: answer with `Input::LocalMetrics`.
     SampleMetrics,
     Uploads(UploadView),
-    /// Something an operator should see in the log.
+    /// Something an operator should see in the log (about one version, when `version`).
     Event {
         model: Option<String>,
+        version: Option<u64>,
         level: Level,
         text: String,
     },
@@ -517,7 +518,13 @@ impl Node {
     }
 
     fn event(&mut self, model: Option<&str>, level: Level, text: impl Into<String>) {
-        self.outputs.push_back(Output::Event { model: model.map(String::from), level, text: text.into() });
+        let model = model.map(String::from);
+        self.outputs.push_back(Output::Event { model, version: None, level, text: text.into() });
+    }
+
+    fn version_event(&mut self, model: &str, version: u64, level: Level, text: impl Into<String>) {
+        let model = Some(model.to_string());
+        self.outputs.push_back(Output::Event { model, version: Some(version), level, text: text.into() });
     }
 
     /// A problem with a model worth showing in its status, logged too.

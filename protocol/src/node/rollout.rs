@@ -41,7 +41,7 @@ impl Node {
             return Some(w as usize);
         }
         let m = self.manifests.get(key)?;
-        let known = self.known.iter().map(|(n, t)| (n, t));
+        let known = self.known.iter();
         match membership_with_floor(&m.manifest.rollout, &self.me, &self.tags, &key.0, key.1, known, self.fleet_size())
         {
             Membership::Wave(w) => Some(w),
@@ -91,14 +91,11 @@ impl Node {
             advance(&mut progress, &plan, record.first_seen, &verdict, &operator, secs);
             if progress.opened != record.opened || progress.halted != record.halted {
                 for k in record.opened.len()..progress.opened.len() {
-                    self.event(
-                        Some(name),
-                        Level::Info,
-                        format!("version {version}: wave {} of {} opened", k + 1, plan.waves.len()),
-                    );
+                    let text = format!("wave {} of {} opened", k + 1, plan.waves.len());
+                    self.version_event(name, version, Level::Info, text);
                 }
                 if let (None, Some(reason)) = (&record.halted, &progress.halted) {
-                    self.event(Some(name), Level::Warn, format!("version {version}: rollout halted: {reason}"));
+                    self.version_event(name, version, Level::Warn, format!("rollout halted: {reason}"));
                 }
                 if let Some(r) = self.versions.get_mut(&key) {
                     r.opened = progress.opened.clone();

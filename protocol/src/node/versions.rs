@@ -94,11 +94,8 @@ impl Node {
         self.persist_model(&name);
         self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(now / 1000));
         self.persist_version(&key);
-        self.event(
-            Some(&name),
-            Level::Info,
-            format!("accepted version {version}, signed by {}", verified.publisher_name),
-        );
+        let text = format!("accepted manifest, signed by {}", verified.publisher_name);
+        self.version_event(&name, version, Level::Info, text);
         self.want(&verified);
         self.manifests.insert(key, verified);
         self.fetch_check = true;
@@ -234,7 +231,7 @@ impl Node {
         self.models.entry(name.to_string()).or_default().staged.insert(version);
         self.persist_model(name);
         self.set_phase(now, &key, RolloutPhase::Staged, "");
-        self.event(Some(name), Level::Info, format!("staged version {version}"));
+        self.version_event(name, version, Level::Info, "staged");
         self.have_dirty = true;
         // The rollout engine decides when this node's wave opens (or a pin does).
         self.rollout_tick(now);
@@ -278,7 +275,7 @@ impl Node {
                 if let (Activation::RollBack { from }, Some(bad)) = (why, old) {
                     let reason = format!("rolled back to version {version}");
                     self.set_phase(now, &(name.clone(), bad), RolloutPhase::RolledBack, &reason);
-                    self.event(Some(&name), Level::Warn, format!("rolled back from version {from} to {version}"));
+                    self.version_event(&name, version, Level::Warn, format!("rolled back from version {from}"));
                 }
                 self.persist_model(&name);
                 self.active_since.insert(key.clone(), secs);
@@ -287,7 +284,7 @@ impl Node {
                 }
                 self.set_phase(now, &key, RolloutPhase::Active, "");
                 self.notes.remove(&name);
-                self.event(Some(&name), Level::Info, format!("serving version {version}"));
+                self.version_event(&name, version, Level::Info, "serving");
                 self.collect_garbage();
             }
             Err(e) => {
@@ -335,7 +332,7 @@ impl Node {
             }
             let gone: Vec<u64> = state.staged.iter().filter(|v| !keep.contains(v)).copied().collect();
             for version in &gone {
-                self.event(Some(&name), Level::Info, format!("deleting the files of version {version}"));
+                self.version_event(&name, *version, Level::Info, "deleting an old version's files");
                 self.outputs.push_back(Output::DeleteVersion { model: name.clone(), version: *version });
             }
             if !gone.is_empty() {

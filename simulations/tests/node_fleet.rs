@@ -1,15 +1,28 @@
-//! Many node state machines wired together in memory with a fake clock, as quinn-proto
-//! tests a connection pair: publish, gossip, fetch, stage, waves, activation, gates,
+//! Many instances of the node's state machine wired together by the simulator's fake
+//! network and clock, as quinn-proto tests a connection pair: publish, gossip, fetch, stage, waves, activation, gates,
 //! advance or roll back; partitions, restarts, late joiners, a version that does not load,
 //! a liar. No processes; deterministic; seconds to run.
-
-mod support;
 
 use proptest::prelude::*;
 use slmesh_protocol::cohort::{cohort, wave_of};
 use slmesh_protocol::fleet::CommandAction;
 use slmesh_protocol::rollout::{Gates, RolloutPhase};
-use support::{Behaviour, Fleet, MODEL, T0};
+use slmesh_sim::fleet::{FleetSpec, NodeFleet as Fleet, MODEL};
+use slmesh_sim::scenario::Behaviour;
+
+const MS: u64 = 1000;
+
+fn on_v1(n: usize) -> Fleet {
+    let f = Fleet::on_v1(FleetSpec::lan(n));
+    for i in 0..n {
+        assert_eq!(f.active(i), Some(1), "node {i} is not on v1: {:#?}", f.events_of(i));
+    }
+    f
+}
+
+fn bad(error_rate: f64) -> Behaviour {
+    Behaviour { latency_median_secs: 0.2, ttft_median_secs: 0.05, tokens_per_sec: 50.0, error_rate }
+}
 
 /// Every node that serves `version` joined it in a wave that was open at that moment.
 fn assert_served_only_in_open_waves(f: &Fleet, version: u64) {
@@ -21,11 +34,8 @@ fn assert_served_only_in_open_waves(f: &Fleet, version: u64) {
             }
             let wave = record.my_wave.unwrap_or_else(|| panic!("node {i} served v{version} with no wave")) as usize;
             let opened = record.opened.get(wave).unwrap_or_else(|| panic!("node {i}: wave {wave} never opened"));
-            assert!(
-                at / 1000 >= *opened,
-                "node {i} served v{version} at {} before its wave opened at {opened}",
-                at / 1000
-            );
+            let at = Fleet::unix_secs(*at);
+            assert!(at >= *opened, "node {i} served v{version} at {at} before its wave opened at {opened}");
         }
     }
 }
@@ -36,13 +46,13 @@ fn three_waves() -> Vec<(f64, u64)> {
 
 #[test]
 fn a_good_version_goes_through_its_waves() {
-    let mut f = Fleet::on_v1(6);
-    let m = f.manifest(2, &three_waves(), Fleet::gates(2));
+    let mut f = on_v1(6);
+    let m = f.manifest(2, &three_waves(), Fleet::quick_gates(2));
     f.publish(0, m).expect("publish");
-    f.run_for(4_000);
+    f.run_for(4_000 * MS);
     let canaries: Vec<usize> = f.live().filter(|i| f.active(*i) == Some(2)).collect();
     assert!(canaries.len() >= 2 && canaries.len() < 6, "canary after 4 s: {canaries:?}");
-    f.run_for(40_000);
+    f.run_for(40_000 * MS);
     for i in 0..6 {
         assert_eq!(f.active(i), Some(2), "node {i}: {:#?}", f.events_of(i));
     }
@@ -56,11 +66,11 @@ fn a_good_version_goes_through_its_waves() {
 
 #[test]
 fn a_bad_version_halts_in_its_canary_and_rolls_back() {
-    let mut f = Fleet::on_v1(6);
-    f.behaviour.insert(2, Behaviour { error_rate: 0.5, latency: 0.2 });
-    let m = f.manifest(2, &[(0.34, 20), (1.0, 0)], Fleet::gates(2));
+    let mut f = on_v1(6);
+    f.behaviour.insert(2, bad(0.5));
+    let m = f.manifest(2, &[(0.34, 20), (1.0, 0)], Fleet::quick_gates(2));
     f.publish(0, m).expect("publish");
-    f.run_for(60_000);
+    f.run_for(60_000 * MS);
     let ever: Vec<usize> = (0..6).filter(|i| f.nodes[*i].served.iter().any(|(_, v)| *v == 2)).collect();
     assert!(!ever.is_empty() && ever.len() < 6, "only the canary ran v2: {ever:?}");
     for i in 0..6 {
@@ -87,27 +97,27 @@ fn version_with_empty_canary(f: &Fleet, fraction: f64) -> u64 {
 
 #[test]
 fn an_empty_canary_is_filled_up_to_what_the_gates_need() {
-    let mut f = Fleet::on_v1(4);
+    let mut f = on_v1(4);
     let v = version_with_empty_canary(&f, 0.3);
-    let m = f.manifest(v, &[(0.3, 5), (1.0, 0)], Fleet::gates(2));
+    let m = f.manifest(v, &[(0.3, 5), (1.0, 0)], Fleet::quick_gates(2));
     f.publish(0, m).expect("publish");
-    f.run_for(4_000);
+    f.run_for(4_000 * MS);
     let canaries = f.live().filter(|i| f.active(*i) == Some(v)).count();
     assert_eq!(canaries, 2, "the two lowest cohorts are the canary");
     let view = f.node(0).rollouts().iter().find(|r| r.version == v).expect("view").clone();
     assert_eq!(view.known_per_wave, vec![2, 2], "{view:?}");
-    f.run_for(30_000);
+    f.run_for(30_000 * MS);
     assert!(f.live().all(|i| f.active(i) == Some(v)), "the rollout completes");
     assert_served_only_in_open_waves(&f, v);
 }
 
 #[test]
 fn the_status_says_when_a_wave_holds_no_node() {
-    let mut f = Fleet::on_v1(4);
+    let mut f = on_v1(4);
     // Wave 2 adds nothing beyond the canary floor of 4: it holds no node.
-    let m = f.manifest(2, &[(0.3, 60), (0.31, 60), (1.0, 0)], Fleet::gates(4));
+    let m = f.manifest(2, &[(0.3, 60), (0.31, 60), (1.0, 0)], Fleet::quick_gates(4));
     f.publish(0, m).expect("publish");
-    f.run_for(3_000);
+    f.run_for(3_000 * MS);
     let view = f.node(1).rollouts().iter().find(|r| r.version == 2).expect("view").clone();
     assert_eq!(view.known_per_wave[0], 4);
     assert!(view.decision.contains("wave(s) 2") && view.decision.contains("hold no node"), "{}", view.decision);
@@ -120,12 +130,13 @@ fn the_default_gates_need_three_nodes() {
 
 #[test]
 fn a_version_that_does_not_load_is_tried_a_bounded_number_of_times_and_halts_the_rollout() {
-    let mut f = Fleet::on_v1(5);
+    let mut spec = FleetSpec::lan(5);
+    spec.node_config.activation_retry_ms = 2_000;
+    let mut f = Fleet::on_v1(spec);
     f.broken.insert(2);
-    f.cfg.activation_retry_ms = 2_000;
-    let m = f.manifest(2, &[(1.0, 0)], Fleet::gates(3));
+    let m = f.manifest(2, &[(1.0, 0)], Fleet::quick_gates(3));
     f.publish(0, m).expect("publish");
-    f.run_for(120_000);
+    f.run_for(120_000 * MS);
     for i in 0..5 {
         let loads = f.nodes[i].loads.get(&2).copied().unwrap_or(0);
         assert!((1..=3).contains(&loads), "node {i} loaded v2 {loads} times");
@@ -138,24 +149,24 @@ fn a_version_that_does_not_load_is_tried_a_bounded_number_of_times_and_halts_the
     assert!(view.activation_failures >= 1 && view.activation_error.is_some(), "{view:?}");
     // Far later, nothing loads it again.
     let before: u32 = (0..5).map(|i| f.nodes[i].loads[&2]).sum();
-    f.run_for(600_000);
+    f.run_for(600_000 * MS);
     let after: u32 = (0..5).map(|i| f.nodes[i].loads[&2]).sum();
     assert_eq!(before, after);
 }
 
 #[test]
 fn the_canary_soak_counts_from_when_the_version_was_published() {
-    let mut f = Fleet::on_v1(4);
+    let mut f = on_v1(4);
     // The manifest was written a day before it was published (created_at = T0 - 1 day).
-    f.run_for(5_000);
-    let m = f.manifest(2, &[(0.5, 60), (1.0, 0)], Fleet::gates(2));
-    let published = f.now / 1000;
+    f.run_for(5_000 * MS);
+    let m = f.manifest(2, &[(0.5, 60), (1.0, 0)], Fleet::quick_gates(2));
+    let published = f.now_ms() / 1000;
     f.publish(0, m).expect("publish");
-    f.run_for(40_000);
+    f.run_for(40_000 * MS);
     let record = f.node(0).version_record(MODEL, 2).expect("record").clone();
     assert_eq!(record.opened.len(), 1, "the canary soaks 60 s: {record:?}");
     assert!(record.first_seen >= published && record.opened[0] >= published);
-    f.run_for(40_000);
+    f.run_for(40_000 * MS);
     let record = f.node(0).version_record(MODEL, 2).expect("record");
     assert_eq!(record.opened.len(), 2);
     assert!(record.opened[1] >= published + 60);
@@ -163,12 +174,12 @@ fn the_canary_soak_counts_from_when_the_version_was_published() {
 
 #[test]
 fn a_restarted_node_resumes_the_rollout_where_it_was_pause_included() {
-    let mut f = Fleet::on_v1(6);
-    let m = f.manifest(2, &[(0.34, 6), (1.0, 0)], Fleet::gates(2));
+    let mut f = on_v1(6);
+    let m = f.manifest(2, &[(0.34, 6), (1.0, 0)], Fleet::quick_gates(2));
     f.publish(0, m).expect("publish");
-    f.run_for(3_000);
+    f.run_for(3_000 * MS);
     f.command(0, 2, CommandAction::Pause).expect("pause");
-    f.run_for(2_000);
+    f.run_for(2_000 * MS);
     let waiting: Vec<usize> = (0..6).filter(|i| f.active(*i) == Some(1)).collect();
     assert!(!waiting.is_empty());
     let opened_before = f.node(waiting[0]).version_record(MODEL, 2).expect("record").opened.clone();
@@ -176,9 +187,9 @@ fn a_restarted_node_resumes_the_rollout_where_it_was_pause_included() {
     for i in 0..6 {
         f.crash(i);
     }
-    f.run_for(1_000);
+    f.run_for(1_000 * MS);
     f.start_all();
-    f.run_for(30_000);
+    f.run_for(30_000 * MS);
     for &i in &waiting {
         assert_eq!(f.active(i), Some(1), "node {i} activated v2 while the rollout was paused");
     }
@@ -190,18 +201,18 @@ fn a_restarted_node_resumes_the_rollout_where_it_was_pause_included() {
         assert_eq!(f.serving(i), Some(2), "canary {i} serves v2 again after the restart");
     }
     f.command(0, 2, CommandAction::Resume).expect("resume");
-    f.run_for(20_000);
+    f.run_for(20_000 * MS);
     assert!((0..6).all(|i| f.active(i) == Some(2)));
     assert_served_only_in_open_waves(&f, 2);
 }
 
 #[test]
 fn one_liar_cannot_stop_a_good_version() {
-    let mut f = Fleet::on_v1(5);
+    let mut f = on_v1(5);
     f.nodes[1].liar = true;
-    let m = f.manifest(2, &[(0.5, 5), (1.0, 0)], Fleet::gates(3));
+    let m = f.manifest(2, &[(0.5, 5), (1.0, 0)], Fleet::quick_gates(3));
     f.publish(0, m).expect("publish");
-    f.run_for(60_000);
+    f.run_for(60_000 * MS);
     for i in 0..5 {
         assert_eq!(f.active(i), Some(2), "node {i}: {:#?}", f.events_of(i));
     }
@@ -209,23 +220,23 @@ fn one_liar_cannot_stop_a_good_version() {
 
 #[test]
 fn partitions_heal_and_late_joiners_catch_up() {
-    let mut f = Fleet::new(6);
+    let mut f = Fleet::new(FleetSpec::lan(6));
     for i in 0..5 {
         f.start(i);
     }
-    f.run_for(1_000);
-    let m = f.manifest(1, &[(1.0, 0)], Fleet::gates(1));
+    f.run_for(1_000 * MS);
+    let m = f.manifest(1, &[(1.0, 0)], Fleet::quick_gates(1));
     f.publish(0, m).expect("v1");
-    f.run_for(10_000);
+    f.run_for(10_000 * MS);
     // Nodes 3 and 4 are cut off while version 2 is published; node 5 is not there yet.
     f.partition(&[3, 4], true);
-    let m = f.manifest(2, &[(1.0, 0)], Fleet::gates(1));
+    let m = f.manifest(2, &[(1.0, 0)], Fleet::quick_gates(1));
     f.publish(0, m).expect("v2");
-    f.run_for(10_000);
+    f.run_for(10_000 * MS);
     assert_eq!(f.active(3), Some(1), "no manifest crosses the partition");
     f.partition(&[3, 4], false);
     f.start(5);
-    f.run_for(20_000);
+    f.run_for(20_000 * MS);
     for i in 0..6 {
         assert_eq!(f.active(i), Some(2), "node {i} caught up: {:#?}", f.events_of(i));
     }
@@ -233,29 +244,29 @@ fn partitions_heal_and_late_joiners_catch_up() {
 
 #[test]
 fn an_operator_rollback_sends_every_node_back_and_a_newer_version_still_rolls_out() {
-    let mut f = Fleet::on_v1(4);
-    let m = f.manifest(2, &[(1.0, 0)], Fleet::gates(1));
+    let mut f = on_v1(4);
+    let m = f.manifest(2, &[(1.0, 0)], Fleet::quick_gates(1));
     f.publish(0, m).expect("v2");
-    f.run_for(10_000);
+    f.run_for(10_000 * MS);
     assert!((0..4).all(|i| f.active(i) == Some(2)));
     f.command(2, 2, CommandAction::RollBackTo { to: 1 }).expect("rollback");
-    f.run_for(10_000);
+    f.run_for(10_000 * MS);
     for i in 0..4 {
         assert_eq!(f.active(i), Some(1), "node {i} went back to v1");
     }
-    let m = f.manifest(3, &[(1.0, 0)], Fleet::gates(1));
+    let m = f.manifest(3, &[(1.0, 0)], Fleet::quick_gates(1));
     f.publish(0, m).expect("v3");
-    f.run_for(10_000);
+    f.run_for(10_000 * MS);
     assert!((0..4).all(|i| f.active(i) == Some(3)), "v3 supersedes the order back to v1");
 }
 
 #[test]
 fn gossip_from_a_peer_not_admitted_counts_for_nothing() {
-    let mut f = Fleet::on_v1(2);
-    let m = f.manifest(2, &[(1.0, 0)], Fleet::gates(1));
+    let mut f = on_v1(2);
+    let m = f.manifest(2, &[(1.0, 0)], Fleet::quick_gates(1));
     let data = m.to_bytes().expect("bytes");
-    let stranger = support::node_key(99).public();
-    let now = f.now;
+    let stranger = slmesh_sim::fleet::node_key(99).public();
+    let now = f.now_ms();
     let node = f.nodes[1].node.as_mut().expect("running");
     let verdict = node.handle_gossip(now, stranger, slmesh_protocol::mesh::TOPIC_MANIFESTS, &data);
     assert!(matches!(verdict, slmesh_protocol::mesh::GossipVerdict::Ignore(_)));
@@ -264,7 +275,6 @@ fn gossip_from_a_peer_not_admitted_counts_for_nothing() {
     let peer = f.id(0);
     let verdict = f.nodes[1].node.as_mut().expect("running").handle_gossip(now, peer, "slmesh/metrics/1", &[1, 2, 3]);
     assert!(matches!(verdict, slmesh_protocol::mesh::GossipVerdict::Reject(_)));
-    let _ = T0;
 }
 
 /// One step of a random schedule.
@@ -294,12 +304,12 @@ proptest! {
     /// new version outside its open waves, and once the faults stop every node converges.
     #[test]
     fn random_faults_never_break_the_waves_and_every_node_converges(steps in prop::collection::vec(step(), 1..12)) {
-        let mut f = Fleet::on_v1(5);
-        let m = f.manifest(2, &[(0.4, 4), (1.0, 0)], Fleet::gates(2));
+        let mut f = on_v1(5);
+        let m = f.manifest(2, &[(0.4, 4), (1.0, 0)], Fleet::quick_gates(2));
         f.publish(0, m).expect("publish");
         for s in steps {
             match s {
-                Step::Run(ms) => f.run_for(ms),
+                Step::Run(ms) => f.run_for(ms * MS),
                 Step::Crash(i) => f.crash(i),
                 Step::Restart(i) => if f.nodes[i].node.is_none() { f.start(i) },
                 Step::Cut(i) => f.partition(&[i], true),
@@ -313,7 +323,7 @@ proptest! {
                 f.start(i);
             }
         }
-        f.run_for(90_000);
+        f.run_for(90_000 * MS);
         for i in 0..5 {
             prop_assert_eq!(f.active(i), Some(2), "node {} did not converge: {:#?}", i, f.events_of(i));
         }

@@ -1,0 +1,82 @@
+use super::*;
+use libp2p::identity::Keypair;
+
+const TOPIC: &str = "test/1";
+
+fn config(keypair: Keypair, bootstrap: Vec<Multiaddr>) -> MeshConfig {
+    MeshConfig {
+        keypair,
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+        bootstrap,
+        mdns: false,
+        topics: vec![TOPIC.into()],
+        refusal_cooldown: Duration::from_secs(60),
+        discovery_interval: Duration::from_secs(1),
+    }
+}
+
+async fn next_listen(events: &mut mpsc::Receiver<MeshEvent>) -> Multiaddr {
+    loop {
+        if let Some(MeshEvent::Listening(addr)) = events.recv().await {
+            return addr;
+        }
+    }
+}
+
+/// Messages `events` brings whose data is `want`, or any message when `want` is None,
+/// up to `count`; false if the channel closed first.
+async fn wait_messages(events: &mut mpsc::Receiver<MeshEvent>, want: Option<&[u8]>, count: usize) -> usize {
+    let mut seen = 0;
+    while seen < count {
+        match events.recv().await {
+            Some(MeshEvent::Message { data, .. }) if want.is_none_or(|w| w == data.as_slice()) => seen += 1,
+            Some(_) => {}
+            None => break,
+        }
+    }
+    seen
+}
+
+/// The node of mesh `b` does not read its events while the swarm delivers more than the
+/// queue holds, and meanwhile keeps giving the mesh commands (gossip to publish, verdicts
+/// to report), as a node busy with an event does. Before, each command waited for the
+/// swarm task while that task waited for the node: both stopped for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_event_queue_stalls_neither_the_node_nor_the_swarm() {
+    let run = async {
+        let (a, mut a_events) = start(config(Keypair::generate_ed25519(), vec![])).expect("mesh a");
+        let a_peer = a.info().await.expect("info").peer_id.expect("peer id");
+        let addr = next_listen(&mut a_events).await.with(multiaddr::Protocol::P2p(a_peer));
+        let (b, mut b_events) = start(config(Keypair::generate_ed25519(), vec![addr])).expect("mesh b");
+        // Both subscribed and meshed: a's gossip reaches b.
+        for n in 0.. {
+            a.publish(TOPIC, format!("ping {n}").into_bytes());
+            let first = tokio::time::timeout(Duration::from_millis(300), wait_messages(&mut b_events, None, 1));
+            if first.await.is_ok() {
+                break;
+            }
+        }
+        // b's node stops reading; a sends more than b's queue holds.
+        let total = EVENT_QUEUE + 200;
+        for i in 0..total {
+            a.publish(TOPIC, format!("m{i}").into_bytes());
+            if i % 64 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The node, still not reading, gossips and reports: none of this may wait.
+        for i in 0..500 {
+            b.publish(TOPIC, format!("from b {i}").into_bytes());
+        }
+        b.publish(TOPIC, b"from b".to_vec());
+        // Now it reads: more than a queue's worth arrives, so the swarm kept going.
+        let got = wait_messages(&mut b_events, None, EVENT_QUEUE + 1).await;
+        assert_eq!(got, EVENT_QUEUE + 1);
+        // And what b published while its queue was full reached a.
+        assert_eq!(wait_messages(&mut a_events, Some(b"from b"), 1).await, 1);
+        a.shutdown().await;
+        b.shutdown().await;
+    };
+    tokio::time::timeout(Duration::from_secs(60), run).await.expect("the mesh stalled");
+}

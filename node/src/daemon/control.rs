@@ -1,0 +1,95 @@
+//! The HTTP API's handle on the running node: what it reads (a snapshot the driver keeps
+//! current) and what it asks (publish, operator commands) over a channel.
+
+use super::status::{FetchStatus, FleetVersionView, ModelStatus, NodeStatus, PeerStatus, RolloutView};
+use slmesh_blobs::BlobNode;
+use slmesh_inference::Engine;
+use slmesh_protocol::fleet::SignedCommand;
+use slmesh_protocol::manifest::SignedManifest;
+use slmesh_protocol::trust::Tags;
+use slmesh_protocol::NodeId;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+/// What the HTTP API reads while the loop runs, refreshed after every batch of work.
+#[derive(Default)]
+pub(super) struct Shared {
+    pub peers: Vec<PeerStatus>,
+    pub models: Vec<ModelStatus>,
+    pub fetches: BTreeMap<(String, u64, String), FetchStatus>,
+    pub listen: Vec<String>,
+    pub blob_addrs: Vec<String>,
+    pub refused: Vec<(String, String)>,
+    pub rollouts: Vec<RolloutView>,
+    pub fleet: Vec<FleetVersionView>,
+}
+
+pub(super) fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) enum ControlMsg {
+    Publish { signed: SignedManifest, files_dir: PathBuf, reply: oneshot::Sender<Result<String, String>> },
+    Command { signed: SignedCommand, reply: oneshot::Sender<Result<String, String>> },
+}
+
+#[derive(Clone)]
+pub(crate) struct Control {
+    pub(super) me: NodeId,
+    pub(super) tags: Tags,
+    pub(super) tx: mpsc::Sender<ControlMsg>,
+    pub(super) shared: Arc<Mutex<Shared>>,
+    pub(super) blobs: Arc<BlobNode>,
+    pub(super) engine: Arc<Engine>,
+}
+
+const STOPPING: &str = "the node is shutting down";
+
+impl Control {
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    pub async fn publish(&self, signed: SignedManifest, files_dir: PathBuf) -> Result<String, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(ControlMsg::Publish { signed, files_dir, reply }).await.map_err(|_| STOPPING.to_string())?;
+        rx.await.map_err(|_| STOPPING.to_string())?
+    }
+
+    pub async fn command(&self, signed: SignedCommand) -> Result<String, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(ControlMsg::Command { signed, reply }).await.map_err(|_| STOPPING.to_string())?;
+        rx.await.map_err(|_| STOPPING.to_string())?
+    }
+
+    pub fn rollouts(&self) -> Vec<RolloutView> {
+        lock(&self.shared).rollouts.clone()
+    }
+
+    pub fn fleet(&self) -> Vec<FleetVersionView> {
+        lock(&self.shared).fleet.clone()
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let shared = lock(&self.shared);
+        let counters = self.blobs.counters();
+        NodeStatus {
+            node_id: self.me.to_string(),
+            peer_id: self.me.peer_id().map(|p| p.to_string()).unwrap_or_default(),
+            tags: self.tags.clone(),
+            listen: shared.listen.clone(),
+            blob_addrs: shared.blob_addrs.clone(),
+            peers: shared.peers.clone(),
+            models: shared.models.clone(),
+            fetches: shared.fetches.values().cloned().collect(),
+            serving: self.engine.active().map(|m| m.spec.id()),
+            uploaded_bytes: counters.uploaded.load(Ordering::Relaxed),
+            downloaded_bytes: counters.downloaded.load(Ordering::Relaxed),
+            refused_fetches: counters.refused.load(Ordering::Relaxed),
+            refused_peers: shared.refused.clone(),
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! A fetch job: one version's files fetched from their providers (who may change while
+//! it runs) and staged in the version's folder.
+
+use super::control::{lock, Shared};
+use super::status::FetchStatus;
+use slmesh_blobs::BlobNode;
+use slmesh_protocol::NodeId;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// One version's files: fetched one after another from their ranked providers, then
+/// copied into the staging folder.
+pub(super) struct FetchJob {
+    pub name: String,
+    pub version: u64,
+    pub plan: Vec<(slmesh_protocol::manifest::FileEntry, watch::Receiver<Vec<NodeId>>)>,
+    pub dir: PathBuf,
+    pub blobs: Arc<BlobNode>,
+    pub shared: Arc<Mutex<Shared>>,
+}
+
+impl FetchJob {
+    pub async fn run(self) -> Result<PathBuf, String> {
+        for (file, providers) in &self.plan {
+            let key = (self.name.clone(), self.version, file.name.clone());
+            let report = self
+                .blobs
+                .fetch(&file.blake3, file.size, providers.clone(), |p| {
+                    lock(&self.shared).fetches.insert(
+                        key.clone(),
+                        FetchStatus {
+                            model: self.name.clone(),
+                            version: self.version,
+                            file: file.name.clone(),
+                            size: p.size,
+                            had: p.had,
+                            received: p.received,
+                            provider: p.provider.to_string(),
+                        },
+                    );
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::info!(
+                model = %self.name, version = self.version, file = %file.name, had = report.had,
+                received = report.received, provider = ?report.provider.map(|p| p.short()),
+                secs = report.elapsed.as_secs_f64(),
+                failed_providers = report.failed.len(), "fetched"
+            );
+            for (provider, reason) in &report.failed {
+                tracing::warn!(provider = %provider.short(), "provider failed during this fetch: {reason}");
+            }
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+        for (file, _) in &self.plan {
+            let target = self.dir.join(&file.name);
+            if std::fs::metadata(&target).is_ok_and(|m| m.len() == file.size) {
+                continue;
+            }
+            // Written under a temporary name and renamed: a crash never leaves a
+            // half-copied file under the real name.
+            let partial = self.dir.join(format!(".{}.partial", file.name));
+            self.blobs.export(&file.blake3, &partial).await.map_err(|e| e.to_string())?;
+            std::fs::rename(&partial, &target).map_err(|e| format!("cannot move {}: {e}", target.display()))?;
+        }
+        Ok(self.dir)
+    }
+}

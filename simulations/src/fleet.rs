@@ -1,0 +1,742 @@
+//! A fleet of the node's own state machines (`slmesh_protocol::node::Node`), one per
+//! simulated node, over simulated links: the decisions are the node's, only the network,
+//! the bytes of transfers, the store and inference are modelled.
+//!
+//! - Network: the simulator's `Links` (per-site latency, per-node uplink and downlink);
+//!   gossip floods a random mesh of degree D (every peer when D is 0), each node
+//!   forwarding what it accepted, as gossipsub does; requests and replies are messages.
+//! - Transfers: a fetch takes a version's bytes from the first provider the node listed
+//!   that holds them and is reachable, timed on its uplink and the fetcher's downlink.
+//!   (Piece swarming is simulated by `world::World`; it is not in the node state machine
+//!   yet.)
+//! - Store: each node's `Persist` outputs are kept and handed back on restart.
+//! - Inference: a load takes `load_ms` and fails for versions marked broken; requests
+//!   are drawn per served version from a `Behaviour`.
+//!
+//! Deterministic: one seeded random source, one event queue, no threads.
+
+use crate::engine::{Micros, Queue, Rng, SECOND};
+use crate::net::Links;
+use crate::scenario::Behaviour;
+use slmesh_protocol::fleet::{CommandAction, RolloutCommand, SignedCommand, VersionReport};
+use slmesh_protocol::hex32::Hex32;
+use slmesh_protocol::identity::{KeyKind, NodeId, SecretKey};
+use slmesh_protocol::manifest::{
+    FileEntry, FileRole, InferenceDefaults, ModelFormat, ModelManifest, SignedManifest, Variant,
+};
+use slmesh_protocol::mesh::GossipVerdict;
+use slmesh_protocol::node::{
+    Input, ModelState, Node, NodeConfig, NodeIdentity, Output, Persist, RequestKind, Restored, VersionRecord,
+};
+use slmesh_protocol::rollout::{Gates, RolloutPlan, TagSelector, Wave};
+use slmesh_protocol::select::NodeFacts;
+use slmesh_protocol::trust::{Enrollment, Tags};
+use slmesh_protocol::TrustStore;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+pub const MODEL: &str = "m";
+/// The fake clock starts at a plausible Unix time (milliseconds): certificates and
+/// rollouts count in Unix seconds.
+pub const T0_MS: u64 = 1_800_000_000_000;
+
+/// A node's store: what it persisted, handed back when it restarts.
+#[derive(Default, Clone)]
+pub struct FakeStore {
+    manifests: BTreeMap<(String, u64), SignedManifest>,
+    models: BTreeMap<String, ModelState>,
+    versions: BTreeMap<(String, u64), VersionRecord>,
+    commands: Vec<SignedCommand>,
+    peers: BTreeMap<NodeId, Tags>,
+}
+
+impl FakeStore {
+    fn apply(&mut self, p: Persist) {
+        match p {
+            Persist::Manifest(m) => {
+                if let Ok(body) = m.verify_self_signed() {
+                    self.manifests.insert((body.name, body.version), m);
+                }
+            }
+            Persist::Model { name, state } => {
+                self.models.insert(name, state);
+            }
+            Persist::Version { name, version, record } => {
+                self.versions.insert((name, version), record);
+            }
+            Persist::Command(c) => {
+                if !self.commands.contains(&c) {
+                    self.commands.push(c)
+                }
+            }
+            Persist::Peer { node, tags, .. } => {
+                self.peers.insert(node, tags);
+            }
+        }
+    }
+
+    fn restored(&self, blobs: &BTreeSet<Hex32>) -> Restored {
+        Restored {
+            manifests: self.manifests.values().cloned().collect(),
+            models: self.models.clone().into_iter().collect(),
+            versions: self.versions.clone().into_iter().collect(),
+            commands: self.commands.clone(),
+            peers: self.peers.clone().into_iter().collect(),
+            complete_blobs: blobs.iter().copied().collect(),
+        }
+    }
+}
+
+/// One simulated node: its state machine (None while it is down) and what is modelled
+/// around it.
+pub struct SimNode {
+    pub node: Option<Node>,
+    pub identity: NodeIdentity,
+    pub store: FakeStore,
+    pub blobs: BTreeSet<Hex32>,
+    /// The version the modelled inference engine serves.
+    pub serving: Option<u64>,
+    /// The engine's cumulative measurements per version.
+    pub measured: BTreeMap<u64, VersionReport>,
+    /// Loads asked for, per version.
+    pub loads: BTreeMap<u64, u32>,
+    /// Reports every request of every version as failed.
+    pub liar: bool,
+    /// (time, version) each time this node started serving a version.
+    pub served: Vec<(Micros, u64)>,
+    /// Gossip peers (indices), for a mesh of degree D.
+    pub mesh: Vec<usize>,
+    seen: HashSet<u64>,
+    timer_at: Option<u64>,
+}
+
+#[derive(Debug)]
+enum Ev {
+    Gossip { to: usize, from: usize, topic: &'static str, data: std::rc::Rc<Vec<u8>> },
+    Request { to: usize, from: usize, kind: RequestKind, data: Vec<u8> },
+    Response { to: usize, from: usize, kind: RequestKind, result: Result<Vec<u8>, String> },
+    FetchDone { node: usize, model: String, version: u64, blobs: Vec<Hex32>, incarnation: u32 },
+    Loaded { node: usize, model: String, version: u64, incarnation: u32 },
+    Timer { node: usize, at: u64 },
+}
+
+/// The shape of a simulated fleet.
+#[derive(Debug, Clone)]
+pub struct FleetSpec {
+    pub seed: u64,
+    /// Per site, its node count (site names are `s0`, `s1`, ...).
+    pub sites: Vec<usize>,
+    /// One-way latency between sites, milliseconds.
+    pub latency_ms: Vec<Vec<f64>>,
+    pub uplink_bytes_per_sec: f64,
+    pub downlink_bytes_per_sec: f64,
+    /// Gossip mesh degree (0: every node is every node's gossip peer).
+    pub mesh_degree: usize,
+    /// Bytes of each version's weights file.
+    pub model_bytes: u64,
+    /// How long a load takes.
+    pub load_ms: u64,
+    /// Requests per second each node serves.
+    pub request_rate: f64,
+    /// Bytes on the wire a request or reply takes beyond its payload (framing).
+    pub overhead_bytes: u64,
+    pub node_config: NodeConfig,
+}
+
+impl FleetSpec {
+    /// `n` nodes on one site, 20 ms apart, fast links, a full gossip mesh.
+    pub fn lan(n: usize) -> Self {
+        FleetSpec {
+            seed: 1,
+            sites: vec![n],
+            latency_ms: vec![vec![20.0]],
+            uplink_bytes_per_sec: 100e6,
+            downlink_bytes_per_sec: 100e6,
+            mesh_degree: 0,
+            model_bytes: 1_000_000,
+            load_ms: 200,
+            request_rate: 4.0,
+            overhead_bytes: 64,
+            node_config: NodeConfig {
+                metrics_interval_ms: 1_000,
+                metrics_ttl_secs: 30,
+                sync_interval_ms: 3_000,
+                rollout_tick_ms: 1_000,
+                facts: NodeFacts { ram_bytes: 8 << 30, cpu_arch: "x86_64".into(), tags: Tags::new() },
+                ..NodeConfig::default()
+            },
+        }
+    }
+}
+
+pub struct NodeFleet {
+    pub spec: FleetSpec,
+    pub publisher: SecretKey,
+    pub trust: TrustStore,
+    pub nodes: Vec<SimNode>,
+    /// Versions whose weights do not load.
+    pub broken: BTreeSet<u64>,
+    /// How requests of each version behave (a default one for versions not listed).
+    pub behaviour: BTreeMap<u64, Behaviour>,
+    /// Node pairs cut off from each other (beside the links' own partitions).
+    pub cut: BTreeSet<(usize, usize)>,
+    pub links: Links,
+    pub rng: Rng,
+    q: Queue<Ev>,
+    incarnation: Vec<u32>,
+    ids: HashMap<NodeId, usize>,
+    /// Every refusal, and every event the nodes logged, for reports and assertions.
+    pub refusals: Vec<(usize, String)>,
+    pub events: Vec<(Micros, usize, String)>,
+    /// Gossip bytes sent, by topic.
+    pub gossip_bytes: BTreeMap<&'static str, u64>,
+}
+
+/// The key of simulated node `i`.
+pub fn node_key(i: usize) -> SecretKey {
+    let mut seed = [7u8; 32];
+    seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    SecretKey::from_seed(KeyKind::Node, seed)
+}
+
+/// A gossip message's id for duplicate suppression (gossipsub uses a content hash too).
+fn message_id(data: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same ids on every run.
+    let mut h = std::hash::DefaultHasher::new();
+    data.hash(&mut h);
+    h.finish()
+}
+
+impl NodeFleet {
+    /// The fleet, enrolled, none of its nodes started yet.
+    pub fn new(spec: FleetSpec) -> Self {
+        let publisher = SecretKey::from_seed(KeyKind::Publisher, [3; 32]);
+        let mut trust = TrustStore::new();
+        trust.add("ops", publisher.public()).expect("a fresh key is a valid key");
+        let mut rng = Rng::new(spec.seed);
+        let site_of: Vec<usize> = spec.sites.iter().enumerate().flat_map(|(s, n)| std::iter::repeat_n(s, *n)).collect();
+        let n = site_of.len();
+        let mut nodes: Vec<SimNode> = (0..n)
+            .map(|i| {
+                let secret = node_key(i);
+                let tags: Tags = [("site".to_string(), format!("s{}", site_of[i]))].into();
+                let certificate = Enrollment {
+                    node: secret.public(),
+                    tags: tags.clone(),
+                    issued_at: T0_MS / 1000 - 10,
+                    expires_at: T0_MS / 1000 + 365 * 86_400,
+                }
+                .sign(&publisher)
+                .expect("valid tags");
+                SimNode {
+                    node: None,
+                    identity: NodeIdentity { secret, certificate, tags },
+                    store: FakeStore::default(),
+                    blobs: BTreeSet::new(),
+                    serving: None,
+                    measured: BTreeMap::new(),
+                    loads: BTreeMap::new(),
+                    liar: false,
+                    served: vec![],
+                    mesh: vec![],
+                    seen: HashSet::new(),
+                    timer_at: None,
+                }
+            })
+            .collect();
+        let d = spec.mesh_degree.min(n.saturating_sub(1));
+        if d > 0 {
+            for i in 0..n {
+                let mut tries = 0;
+                while nodes[i].mesh.len() < d && tries < 100 {
+                    tries += 1;
+                    let j = rng.below(n);
+                    if j != i && nodes[j].mesh.len() < d && !nodes[i].mesh.contains(&j) {
+                        nodes[i].mesh.push(j);
+                        nodes[j].mesh.push(i);
+                    }
+                }
+            }
+        } else {
+            for (i, node) in nodes.iter_mut().enumerate() {
+                node.mesh = (0..n).filter(|j| *j != i).collect();
+            }
+        }
+        let links = Links::new(
+            site_of,
+            vec![spec.uplink_bytes_per_sec; n],
+            vec![spec.downlink_bytes_per_sec; n],
+            spec.latency_ms.clone(),
+            0.0,
+            0.0,
+        );
+        let ids = nodes.iter().enumerate().map(|(i, s)| (s.identity.secret.public(), i)).collect();
+        NodeFleet {
+            spec,
+            publisher,
+            trust,
+            nodes,
+            broken: BTreeSet::new(),
+            behaviour: BTreeMap::new(),
+            cut: BTreeSet::new(),
+            links,
+            rng,
+            q: Queue::default(),
+            incarnation: vec![0; n],
+            ids,
+            refusals: vec![],
+            events: vec![],
+            gossip_bytes: BTreeMap::new(),
+        }
+    }
+
+    /// Simulated time, microseconds since the start.
+    pub fn now(&self) -> Micros {
+        self.q.now()
+    }
+
+    /// The nodes' clock: Unix milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        T0_MS + self.q.now() / 1000
+    }
+
+    /// Simulated time `t` on the nodes' clock, in Unix seconds.
+    pub fn unix_secs(t: Micros) -> u64 {
+        (T0_MS + t / 1000) / 1000
+    }
+
+    pub fn events_processed(&self) -> u64 {
+        self.q.processed()
+    }
+
+    pub fn id(&self, i: usize) -> NodeId {
+        self.nodes[i].identity.secret.public()
+    }
+
+    pub fn node(&self, i: usize) -> &Node {
+        self.nodes[i].node.as_ref().expect("node is running")
+    }
+
+    pub fn linked(&self, a: usize, b: usize) -> bool {
+        a != b
+            && self.nodes[a].node.is_some()
+            && self.nodes[b].node.is_some()
+            && !self.cut.contains(&(a.min(b), a.max(b)))
+            && !self.links.partitioned(self.q.now(), a, b)
+    }
+
+    /// Whether the transport connects `a` and `b` (their gossip mesh, or anyone when
+    /// the mesh is full): connections follow the gossip mesh.
+    fn neighbours(&self, a: usize) -> Vec<usize> {
+        self.nodes[a].mesh.clone()
+    }
+
+    /// Starts (or restarts) node `i` from its store, and connects it to its live peers.
+    pub fn start(&mut self, i: usize) {
+        self.incarnation[i] += 1;
+        let now = self.now_ms();
+        let sim = &mut self.nodes[i];
+        let restored = sim.store.restored(&sim.blobs);
+        sim.serving = None;
+        sim.seen.clear();
+        sim.timer_at = None;
+        sim.node =
+            Some(Node::new(self.spec.node_config.clone(), sim.identity.clone(), self.trust.clone(), restored, now));
+        self.drain(i);
+        for j in self.neighbours(i) {
+            if self.linked(i, j) {
+                self.connect(i, j);
+            }
+        }
+    }
+
+    pub fn start_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.start(i);
+        }
+    }
+
+    fn connect(&mut self, i: usize, j: usize) {
+        let (a, b) = (self.id(i), self.id(j));
+        self.input(i, Input::PeerConnected { peer: b });
+        self.input(j, Input::PeerConnected { peer: a });
+    }
+
+    /// Stops node `i` as a crash would: what it did not persist is lost.
+    pub fn crash(&mut self, i: usize) {
+        self.nodes[i].node = None;
+        self.nodes[i].serving = None;
+        let peer = self.id(i);
+        for j in self.neighbours(i) {
+            if self.nodes[j].node.is_some() {
+                self.input(j, Input::PeerDisconnected { peer });
+            }
+        }
+    }
+
+    /// Cuts (or heals) the links between `side` and every other node.
+    pub fn partition(&mut self, side: &[usize], cut: bool) {
+        for &a in side {
+            for b in self.neighbours(a) {
+                if side.contains(&b) {
+                    continue;
+                }
+                let key = (a.min(b), a.max(b));
+                if cut {
+                    let was_linked = self.linked(a, b);
+                    if self.cut.insert(key) && was_linked {
+                        let (ia, ib) = (self.id(a), self.id(b));
+                        self.input(a, Input::PeerDisconnected { peer: ib });
+                        self.input(b, Input::PeerDisconnected { peer: ia });
+                    }
+                } else if self.cut.remove(&key) && self.linked(a, b) {
+                    self.connect(a, b);
+                }
+            }
+        }
+    }
+
+    pub fn input(&mut self, i: usize, input: Input) {
+        let now = self.now_ms();
+        if let Some(node) = self.nodes[i].node.as_mut() {
+            node.handle(now, input);
+            self.drain(i);
+        }
+    }
+
+    fn drain(&mut self, i: usize) {
+        while let Some(out) = self.nodes[i].node.as_mut().and_then(|n| n.poll_output()) {
+            self.on_output(i, out);
+        }
+        let Some(t) = self.nodes[i].node.as_ref().map(|n| n.poll_timeout()) else { return };
+        if self.nodes[i].timer_at != Some(t) {
+            self.nodes[i].timer_at = Some(t);
+            let at = t.saturating_sub(T0_MS).saturating_mul(1000).max(self.q.now());
+            self.q.at(at, Ev::Timer { node: i, at: t });
+        }
+    }
+
+    /// Sends `bytes` over the simulated link; the delivery time, or None if it is lost.
+    fn send(&mut self, from: usize, to: usize, bytes: u64) -> Option<Micros> {
+        let now = self.q.now();
+        self.links.send(now, from, to, bytes + self.spec.overhead_bytes, false, &mut self.rng)
+    }
+
+    fn on_output(&mut self, i: usize, out: Output) {
+        match out {
+            Output::Gossip { topic, data } => {
+                *self.gossip_bytes.entry(topic).or_default() += data.len() as u64;
+                self.nodes[i].seen.insert(message_id(&data));
+                self.flood(i, None, topic, std::rc::Rc::new(data));
+            }
+            Output::Request { peer, kind, data } => {
+                let Some(&j) = self.ids.get(&peer) else { return };
+                match self.send(i, j, data.len() as u64) {
+                    Some(at) => self.q.at(at, Ev::Request { to: j, from: i, kind, data }),
+                    None => {
+                        let at = self.q.now() + SECOND;
+                        self.q.at(at, Ev::Response { to: i, from: j, kind, result: Err("lost".into()) })
+                    }
+                }
+            }
+            Output::Refuse { peer, reason } => {
+                self.refusals.push((i, reason));
+                if let Some(&j) = self.ids.get(&peer) {
+                    let me = self.id(i);
+                    if self.nodes[j].node.is_some() {
+                        self.input(j, Input::PeerDisconnected { peer: me });
+                    }
+                    self.input(i, Input::PeerDisconnected { peer });
+                }
+            }
+            Output::LearnAddrs { .. }
+            | Output::Providers { .. }
+            | Output::Uploads(_)
+            | Output::DeleteVersion { .. } => {}
+            Output::Fetch { model, version, files } => self.fetch(i, model, version, files),
+            Output::Activate { model, version, .. } => {
+                *self.nodes[i].loads.entry(version).or_default() += 1;
+                let (incarnation, at) = (self.incarnation[i], self.q.now() + self.spec.load_ms * 1000);
+                self.q.at(at, Ev::Loaded { node: i, model, version, incarnation });
+            }
+            Output::ReleaseBlobs { keep } => self.nodes[i].blobs.retain(|b| keep.contains(b)),
+            Output::Persist(p) => self.nodes[i].store.apply(p),
+            Output::SampleMetrics => {
+                let reports = self.measure(i);
+                self.input(i, Input::LocalMetrics(reports));
+            }
+            Output::Event { text, version, .. } => {
+                let text = match version {
+                    Some(v) => format!("v{v}: {text}"),
+                    None => text,
+                };
+                self.events.push((self.q.now(), i, text))
+            }
+        }
+    }
+
+    /// A fetch takes each missing file from the first listed provider that holds it and
+    /// is reachable; it fails (and the node retries) when there is none.
+    fn fetch(&mut self, i: usize, model: String, version: u64, files: Vec<(FileEntry, Vec<NodeId>)>) {
+        let mut done = self.q.now();
+        let mut ok = true;
+        let mut got = vec![];
+        for (file, providers) in &files {
+            got.push(file.blake3);
+            if self.nodes[i].blobs.contains(&file.blake3) {
+                continue;
+            }
+            let from = providers
+                .iter()
+                .filter_map(|p| self.ids.get(p).copied())
+                .find(|j| self.linked(i, *j) && self.nodes[*j].blobs.contains(&file.blake3));
+            match from.and_then(|j| self.send(j, i, file.size)) {
+                Some(at) => done = done.max(at),
+                None => ok = false,
+            }
+        }
+        let incarnation = self.incarnation[i];
+        let blobs = if ok { got } else { vec![] };
+        let at = done.max(self.q.now() + 1000);
+        self.q.at(at, Ev::FetchDone { node: i, model, version, blobs, incarnation });
+    }
+
+    /// Gossip as gossipsub floods it: to every linked gossip peer but the sender.
+    fn flood(&mut self, from: usize, skip: Option<usize>, topic: &'static str, data: std::rc::Rc<Vec<u8>>) {
+        for j in self.neighbours(from) {
+            if Some(j) != skip && self.linked(from, j) {
+                if let Some(at) = self.send(from, j, data.len() as u64) {
+                    self.q.at(at, Ev::Gossip { to: j, from, topic, data: data.clone() });
+                }
+            }
+        }
+    }
+
+    /// The modelled engine's figures since the last sample, added to its cumulative ones.
+    fn measure(&mut self, i: usize) -> Vec<VersionReport> {
+        let interval_secs = self.spec.node_config.metrics_interval_ms as f64 / 1000.0;
+        let requests = (self.spec.request_rate * interval_secs).round() as u64;
+        if let Some(v) = self.nodes[i].serving {
+            let b = self.behaviour.get(&v).cloned().unwrap_or(Behaviour {
+                latency_median_secs: 0.2,
+                ttft_median_secs: 0.05,
+                tokens_per_sec: 50.0,
+                error_rate: 0.0,
+            });
+            let mut r = self.nodes[i].measured.remove(&v).unwrap_or_else(|| VersionReport {
+                model: MODEL.into(),
+                version: v,
+                ..Default::default()
+            });
+            for _ in 0..requests {
+                r.requests += 1;
+                r.errors += u64::from(self.rng.unit() < b.error_rate);
+                r.latency.add(self.rng.lognormal(b.latency_median_secs, 0.3));
+                r.ttft.add(self.rng.lognormal(b.ttft_median_secs, 0.3));
+                r.tokens_per_sec.add(self.rng.lognormal(b.tokens_per_sec, 0.1));
+            }
+            self.nodes[i].measured.insert(v, r);
+        }
+        let mut out: Vec<VersionReport> = self.nodes[i].measured.values().cloned().collect();
+        if self.nodes[i].liar {
+            for r in &mut out {
+                r.requests = r.requests.max(1000);
+                r.errors = r.requests;
+            }
+        }
+        out
+    }
+
+    fn step(&mut self, ev: Ev) {
+        let now = self.now_ms();
+        match ev {
+            Ev::Gossip { to, from, topic, data } => {
+                let id = message_id(&data);
+                if !self.linked(from, to) || !self.nodes[to].seen.insert(id) {
+                    return;
+                }
+                let peer = self.id(from);
+                let Some(node) = self.nodes[to].node.as_mut() else { return };
+                let verdict = node.handle_gossip(now, peer, topic, &data);
+                self.drain(to);
+                if verdict == GossipVerdict::Accept {
+                    self.flood(to, Some(from), topic, data);
+                }
+            }
+            Ev::Request { to, from, kind, data } => {
+                let result = if self.linked(from, to) {
+                    let peer = self.id(from);
+                    let Some(node) = self.nodes[to].node.as_mut() else { return };
+                    let answer = node.handle_request(now, peer, &data);
+                    self.drain(to);
+                    answer.to_bytes().map_err(|e| e.to_string())
+                } else {
+                    Err("not connected".into())
+                };
+                let bytes = result.as_ref().map_or(0, |b| b.len() as u64);
+                let at = self.send(to, from, bytes).unwrap_or(self.q.now() + SECOND);
+                self.q.at(at, Ev::Response { to: from, from: to, kind, result });
+            }
+            Ev::Response { to, from, kind, result } => {
+                let peer = self.id(from);
+                self.input(to, Input::Response { peer, kind, result });
+            }
+            Ev::FetchDone { node, model, version, blobs, incarnation } => {
+                if incarnation != self.incarnation[node] {
+                    return;
+                }
+                let result = if blobs.is_empty() { Err("no provider had the blob".to_string()) } else { Ok(()) };
+                self.nodes[node].blobs.extend(blobs);
+                self.input(node, Input::FetchFinished { model, version, result });
+            }
+            Ev::Loaded { node, model, version, incarnation } => {
+                if incarnation != self.incarnation[node] {
+                    return;
+                }
+                let result = if self.broken.contains(&version) {
+                    Err("tokenizer.ggml.bos_token_id 99999 is out of range".to_string())
+                } else {
+                    self.nodes[node].serving = Some(version);
+                    self.nodes[node].served.push((self.q.now(), version));
+                    Ok(())
+                };
+                self.input(node, Input::ActivationFinished { model, version, result });
+            }
+            Ev::Timer { node, at } => {
+                if self.nodes[node].timer_at != Some(at) {
+                    return; // superseded by an earlier or later timeout
+                }
+                self.nodes[node].timer_at = None;
+                if let Some(n) = self.nodes[node].node.as_mut() {
+                    n.handle_timeout(now);
+                }
+                self.drain(node);
+            }
+        }
+    }
+
+    /// Runs until simulated time `until` (microseconds since the start).
+    pub fn run_until(&mut self, until: Micros) {
+        while let Some(at) = self.q.peek_time() {
+            if at > until {
+                break;
+            }
+            let Some((_, ev)) = self.q.pop() else { break };
+            self.step(ev);
+        }
+        self.q.advance_to(until);
+    }
+
+    pub fn run_for(&mut self, micros: Micros) {
+        self.run_until(self.q.now() + micros);
+    }
+
+    /// A manifest of `version` (one weights file of `model_bytes`) with the given waves
+    /// (fraction, soak seconds) and gates.
+    pub fn manifest(&self, version: u64, waves: &[(f64, u64)], gates: Gates) -> SignedManifest {
+        let mut blake = [0u8; 32];
+        blake[..8].copy_from_slice(&version.to_le_bytes());
+        let manifest = ModelManifest {
+            name: MODEL.into(),
+            version,
+            // Written a day before it is published.
+            created_at: (T0_MS / 1000).saturating_sub(86_400),
+            description: String::new(),
+            variants: vec![Variant {
+                id: "q4_0".into(),
+                format: ModelFormat::Gguf,
+                quantization: "Q4_0".into(),
+                architecture: "llama".into(),
+                cpu_archs: vec![],
+                min_ram_bytes: 0,
+                selector: TagSelector::default(),
+                files: vec![FileEntry {
+                    role: FileRole::Weights,
+                    name: format!("v{version}.gguf"),
+                    blake3: Hex32(blake),
+                    size: self.spec.model_bytes.max(1),
+                }],
+            }],
+            inference: InferenceDefaults::default(),
+            rollout: RolloutPlan {
+                waves: waves.iter().map(|(f, s)| Wave { fraction: *f, soak_secs: *s }).collect(),
+                selector: TagSelector::default(),
+                gates,
+            },
+        };
+        SignedManifest::sign(&manifest, &self.publisher).expect("a valid manifest signs")
+    }
+
+    /// Publishes from node `origin`, which holds the files.
+    pub fn publish(&mut self, origin: usize, signed: SignedManifest) -> Result<String, String> {
+        let now = self.now_ms();
+        let node = self.nodes[origin].node.as_mut().ok_or("the origin is down")?;
+        let files: Vec<Hex32> = node.files_to_publish(&signed)?.iter().map(|f| f.blake3).collect();
+        self.nodes[origin].blobs.extend(files.iter().copied());
+        let node = self.nodes[origin].node.as_mut().ok_or("the origin is down")?;
+        let answer = node.publish(now, signed, &files);
+        self.drain(origin);
+        answer
+    }
+
+    /// An operator command, signed by the fleet's publisher key, given to node `at`.
+    pub fn command(&mut self, at: usize, version: u64, action: CommandAction) -> Result<String, String> {
+        let now = self.now_ms();
+        let c = RolloutCommand { model: MODEL.into(), version, action, issued_at: now / 1000 };
+        let signed = SignedCommand::sign(&c, &self.publisher).map_err(|e| e.to_string())?;
+        let node = self.nodes[at].node.as_mut().ok_or("the node is down")?;
+        let answer = node.command(now, signed);
+        self.drain(at);
+        answer
+    }
+
+    pub fn active(&self, i: usize) -> Option<u64> {
+        self.nodes[i].node.as_ref().and_then(|n| n.active(MODEL))
+    }
+
+    pub fn serving(&self, i: usize) -> Option<u64> {
+        self.nodes[i].serving
+    }
+
+    pub fn live(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.nodes.len()).filter(|i| self.nodes[*i].node.is_some())
+    }
+
+    /// What node `i` logged, with simulated seconds.
+    pub fn events_of(&self, i: usize) -> Vec<String> {
+        self.events.iter().filter(|(_, n, _)| *n == i).map(|(t, _, e)| format!("{:.1}: {e}", *t as f64 / 1e6)).collect()
+    }
+
+    /// Gates that pass on healthy figures within seconds, with `min_nodes` reporting.
+    pub fn quick_gates(min_nodes: u32) -> Gates {
+        Gates {
+            max_error_rate: 0.1,
+            min_samples: 10,
+            min_reporting_nodes: min_nodes,
+            max_p95_latency_ratio: 10.0,
+            max_p95_ttft_ratio: 10.0,
+            min_tokens_per_sec_ratio: 0.1,
+        }
+    }
+
+    /// Every node started and serving version 1 (one wave, published by node 0).
+    pub fn on_v1(spec: FleetSpec) -> Self {
+        let mut f = NodeFleet::new(spec);
+        f.start_all();
+        f.run_for(SECOND);
+        let m = f.manifest(1, &[(1.0, 0)], NodeFleet::quick_gates(1));
+        if let Err(e) = f.publish(0, m) {
+            panic!("version 1 does not publish: {e}");
+        }
+        f.run_for(10 * SECOND);
+        f
+    }
+
+    /// Seconds after `since` (simulated) at which each node first served `version`.
+    pub fn first_served(&self, version: u64, since: Micros) -> Vec<Option<f64>> {
+        self.nodes
+            .iter()
+            .map(|n| n.served.iter().find(|(_, v)| *v == version).map(|(t, _)| t.saturating_sub(since) as f64 / 1e6))
+            .collect()
+    }
+}
