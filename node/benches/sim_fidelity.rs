@@ -1,12 +1,14 @@
 //! Simulator fidelity: the same small rollout (6 nodes, waves of 2/4/6 nodes, 4 s soak,
-//! the same gates) run as real `slmesh node run` processes on loopback and in the
-//! simulator; prints when each wave was fully active on the new version in both.
+//! the same gates) run as real `slmesh node run` processes on loopback and on the
+//! simulator's fleet of node state machines (the same decision code in both); prints when
+//! each wave was fully active on the new version in both.
 //!
 //! Run: `cargo bench --workspace --profile dev --bench sim_fidelity`
 
 use slmesh_e2e::fleet::{model_field, Fleet};
 use slmesh_e2e::rollout_rig::{mesh_on_v1, nodes_by_cohort, publish_v2, waves_for, LENIENT_RATIOS, MODEL};
 use slmesh_protocol::cohort::cohort;
+use slmesh_protocol::rollout::Gates;
 use std::time::{Duration, Instant};
 
 const SOAK: u64 = 4;
@@ -39,45 +41,40 @@ fn real() -> Vec<f64> {
     (0..3).map(|w| both(active_at[2 * w], active_at[2 * w + 1])).collect()
 }
 
+/// The same rollout on the simulator's fleet of node state machines: the same plan and
+/// gates, decided by the same code; only links, transfers, loads and requests are modelled
+/// (0.1 ms loopback links, a 300 ms load, 8 requests/s per node as the rig sends).
 fn simulated() -> Vec<f64> {
-    // Wave fractions that put simulated nodes 2/4/6 in waves, like the real run.
-    let mut cohorts: Vec<f64> = (0..6).map(|i| cohort(&slmesh_sim::world::node_id(i), "model", 2)).collect();
-    cohorts.sort_by(f64::total_cmp);
-    let fractions = [(cohorts[1] + cohorts[2]) / 2.0, (cohorts[3] + cohorts[4]) / 2.0];
-    let text = format!(
-        r#"
-name = "fidelity-6"
-seed = 1
-duration_secs = 300
-latency_ms = [[0.1]]
-[[sites]]
-name = "loopback"
-nodes = 6
-uplink_mbps = 900
-downlink_mbps = 900
-[model]
-size_mb = 0.02
-chunk_mb = 0.5
-transfer = "pieces"
-request_rate = 4
-baseline = {{ latency_median_secs = 0.02, ttft_median_secs = 0.01, tokens_per_sec = 200, error_rate = 0.0 }}
-candidate = {{ latency_median_secs = 0.02, ttft_median_secs = 0.01, tokens_per_sec = 200, error_rate = 0.0 }}
-[rollout]
-publish_at_secs = 10
-waves = [[{}, {SOAK}], [{}, {SOAK}], [1.0, 0]]
-gates = {{ min_samples = 10, min_reporting_nodes = 1, max_p95_latency_ratio = 10, max_p95_ttft_ratio = 10, min_tokens_per_sec_ratio = 0.1 }}
-[gossip]
-degree = 5
-metrics_interval_secs = 1
-manifest_bytes = 2000
-have_bytes = 300
-metrics_record_bytes = 1400
-"#,
-        fractions[0], fractions[1]
-    );
-    let sc = slmesh_sim::Scenario::parse(&text).expect("scenario");
-    let r = slmesh_sim::run(sc);
-    r.waves.iter().map(|w| w.p100_secs.unwrap_or(f64::NAN)).collect()
+    use slmesh_sim::engine::SECOND;
+    use slmesh_sim::fleet::{FleetSpec, NodeFleet};
+    let mut spec = FleetSpec::lan(6);
+    spec.latency_ms = vec![vec![0.1]];
+    spec.load_ms = 300;
+    spec.request_rate = 8.0;
+    spec.model_bytes = 100_000;
+    spec.node_config.metrics_ttl_secs = 600;
+    spec.node_config.sync_interval_ms = 30_000;
+    let mut f = NodeFleet::on_v1(spec);
+    // Wave fractions that put 2/4/6 of the simulated nodes in waves, like the real run.
+    let mut order: Vec<(f64, usize)> = (0..6).map(|i| (cohort(&f.id(i), slmesh_sim::fleet::MODEL, 2), i)).collect();
+    order.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let cut = |k: usize| (order[k - 1].0 + order[k].0) / 2.0;
+    let waves = [(cut(2), SOAK), (cut(4), SOAK), (1.0, 0)];
+    let gates = Gates {
+        min_samples: 10,
+        min_reporting_nodes: 2,
+        max_p95_latency_ratio: 10.0,
+        max_p95_ttft_ratio: 10.0,
+        min_tokens_per_sec_ratio: 0.1,
+        ..Gates::default()
+    };
+    let m = f.manifest(2, &waves, gates);
+    let published = f.now();
+    f.publish(0, m).expect("publish v2");
+    f.run_for(120 * SECOND);
+    let first = f.first_served(2, published);
+    let at = |k: usize| first[order[k].1].unwrap_or(f64::NAN);
+    (0..3).map(|w| at(2 * w).max(at(2 * w + 1))).collect()
 }
 
 fn main() {

@@ -116,3 +116,30 @@ fn one_node_reporting_fabricated_failures_cannot_stop_a_good_version() {
     let v2 = v["versions"].as_array().and_then(|a| a.iter().find(|x| x["version"] == 2)).cloned().expect("v2 in fleet");
     assert!(v2["error_rate"].as_f64().unwrap_or(0.0) > 0.5, "the liar's figures should dominate the pooled rate: {v2}");
 }
+
+#[test]
+fn a_version_that_does_not_load_halts_its_rollout_instead_of_loading_forever() {
+    let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
+    let dirs = nodes_by_cohort(&fleet, 3, 2);
+    let mesh = mesh_on_v1(fleet, &dirs, |_| vec![]);
+    // Version 2 passes the header checks, but its tokenizer's BOS id is out of range:
+    // mistral.rs refuses it at load.
+    std::fs::write(mesh.fleet.path("v2.gguf"), slmesh_e2e::tiny_llama_gguf(99_999, 2000)).expect("write");
+    publish_v2(&mesh, &["1:0".to_string()], &["--min-reporting-nodes", "3"]);
+    for node in &mesh.nodes {
+        slmesh_e2e::fleet::wait_for(&format!("{} to see the rollout halt", node.node.name), WAIT, || {
+            let text = mesh.fleet.slmesh(&["rollout", "status", "--node", &node.http]);
+            (text.contains("halted") && text.contains("failed to load")).then_some(())
+        });
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    for node in &mesh.nodes {
+        assert_eq!(node.active(MODEL), Some(1), "{} left version 1", node.node.name);
+        let loads = node
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("loading") && l.contains("version=2") && !l.contains("again"))
+            .count();
+        assert!((1..=3).contains(&loads), "{} loaded version 2 {loads} times", node.node.name);
+    }
+}

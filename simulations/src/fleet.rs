@@ -111,12 +111,43 @@ pub struct SimNode {
 
 #[derive(Debug)]
 enum Ev {
-    Gossip { to: usize, from: usize, topic: &'static str, data: std::rc::Rc<Vec<u8>> },
-    Request { to: usize, from: usize, kind: RequestKind, data: Vec<u8> },
-    Response { to: usize, from: usize, kind: RequestKind, result: Result<Vec<u8>, String> },
-    FetchDone { node: usize, model: String, version: u64, blobs: Vec<Hex32>, incarnation: u32 },
-    Loaded { node: usize, model: String, version: u64, incarnation: u32 },
-    Timer { node: usize, at: u64 },
+    Gossip {
+        to: usize,
+        from: usize,
+        topic: &'static str,
+        data: std::rc::Rc<Vec<u8>>,
+    },
+    Request {
+        to: usize,
+        from: usize,
+        kind: RequestKind,
+        data: Vec<u8>,
+    },
+    Response {
+        to: usize,
+        from: usize,
+        kind: RequestKind,
+        result: Result<Vec<u8>, String>,
+    },
+    /// `from`: the providers the bytes come from; the fetch fails if one is gone by then.
+    FetchDone {
+        node: usize,
+        model: String,
+        version: u64,
+        blobs: Vec<Hex32>,
+        from: Vec<usize>,
+        incarnation: u32,
+    },
+    Loaded {
+        node: usize,
+        model: String,
+        version: u64,
+        incarnation: u32,
+    },
+    Timer {
+        node: usize,
+        at: u64,
+    },
 }
 
 /// The shape of a simulated fleet.
@@ -187,7 +218,7 @@ pub struct NodeFleet {
     /// Every refusal, and every event the nodes logged, for reports and assertions.
     pub refusals: Vec<(usize, String)>,
     pub events: Vec<(Micros, usize, String)>,
-    /// Gossip bytes sent, by topic.
+    /// Gossip bytes sent over links (originated and forwarded), by topic.
     pub gossip_bytes: BTreeMap<&'static str, u64>,
 }
 
@@ -425,7 +456,6 @@ impl NodeFleet {
     fn on_output(&mut self, i: usize, out: Output) {
         match out {
             Output::Gossip { topic, data } => {
-                *self.gossip_bytes.entry(topic).or_default() += data.len() as u64;
                 self.nodes[i].seen.insert(message_id(&data));
                 self.flood(i, None, topic, std::rc::Rc::new(data));
             }
@@ -481,6 +511,7 @@ impl NodeFleet {
         let mut done = self.q.now();
         let mut ok = true;
         let mut got = vec![];
+        let mut sources = vec![];
         for (file, providers) in &files {
             got.push(file.blake3);
             if self.nodes[i].blobs.contains(&file.blake3) {
@@ -490,21 +521,25 @@ impl NodeFleet {
                 .iter()
                 .filter_map(|p| self.ids.get(p).copied())
                 .find(|j| self.linked(i, *j) && self.nodes[*j].blobs.contains(&file.blake3));
-            match from.and_then(|j| self.send(j, i, file.size)) {
-                Some(at) => done = done.max(at),
+            match from.and_then(|j| Some((j, self.send(j, i, file.size)?))) {
+                Some((j, at)) => {
+                    done = done.max(at);
+                    sources.push(j);
+                }
                 None => ok = false,
             }
         }
         let incarnation = self.incarnation[i];
         let blobs = if ok { got } else { vec![] };
         let at = done.max(self.q.now() + 1000);
-        self.q.at(at, Ev::FetchDone { node: i, model, version, blobs, incarnation });
+        self.q.at(at, Ev::FetchDone { node: i, model, version, blobs, from: sources, incarnation });
     }
 
     /// Gossip as gossipsub floods it: to every linked gossip peer but the sender.
     fn flood(&mut self, from: usize, skip: Option<usize>, topic: &'static str, data: std::rc::Rc<Vec<u8>>) {
         for j in self.neighbours(from) {
             if Some(j) != skip && self.linked(from, j) {
+                *self.gossip_bytes.entry(topic).or_default() += data.len() as u64;
                 if let Some(at) = self.send(from, j, data.len() as u64) {
                     self.q.at(at, Ev::Gossip { to: j, from, topic, data: data.clone() });
                 }
@@ -581,11 +616,18 @@ impl NodeFleet {
                 let peer = self.id(from);
                 self.input(to, Input::Response { peer, kind, result });
             }
-            Ev::FetchDone { node, model, version, blobs, incarnation } => {
+            Ev::FetchDone { node, model, version, blobs, from, incarnation } => {
                 if incarnation != self.incarnation[node] {
                     return;
                 }
-                let result = if blobs.is_empty() { Err("no provider had the blob".to_string()) } else { Ok(()) };
+                let cut_off = from.iter().any(|j| !self.linked(node, *j));
+                let (blobs, result) = if blobs.is_empty() {
+                    (blobs, Err("no provider had the blob".to_string()))
+                } else if cut_off {
+                    (vec![], Err("the provider went away during the transfer".to_string()))
+                } else {
+                    (blobs, Ok(()))
+                };
                 self.nodes[node].blobs.extend(blobs);
                 self.input(node, Input::FetchFinished { model, version, result });
             }
@@ -609,6 +651,10 @@ impl NodeFleet {
                 self.nodes[node].timer_at = None;
                 if let Some(n) = self.nodes[node].node.as_mut() {
                     n.handle_timeout(now);
+                    // A node that, its timers run, asks to be woken at once again would
+                    // spin its driver at full CPU: a bug in the state machine.
+                    let next = n.poll_timeout();
+                    assert!(next > now, "node {node} asks to be woken at {next} right after its timeout at {now}");
                 }
                 self.drain(node);
             }

@@ -330,3 +330,25 @@ proptest! {
         assert_served_only_in_open_waves(&f, 2);
     }
 }
+
+#[test]
+fn a_fetch_with_no_provider_left_waits_without_spinning() {
+    // Node 1 fetches version 2 from its only provider, which goes away mid-transfer.
+    let mut spec = FleetSpec::lan(2);
+    spec.uplink_bytes_per_sec = 100_000.0;
+    let mut f = Fleet::on_v1(spec);
+    let m = f.manifest(2, &[(1.0, 0)], Fleet::quick_gates(1));
+    f.publish(0, m).expect("publish");
+    f.run_for(2_000 * MS);
+    f.crash(0);
+    let before = f.events_processed();
+    // The simulator checks after every timeout that a node does not ask to be woken at
+    // once again; a minute of waiting costs a bounded number of events.
+    f.run_for(60_000 * MS);
+    let events = f.events_processed() - before;
+    assert!(events < 1_000, "{events} events in a minute of waiting");
+    assert!(f.events_of(1).iter().any(|e| e.contains("fetch of version 2 failed")), "{:#?}", f.events_of(1));
+    f.start(0);
+    f.run_for(60_000 * MS);
+    assert_eq!(f.active(1), Some(2), "{:#?}", f.events_of(1));
+}

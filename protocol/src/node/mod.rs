@@ -389,7 +389,8 @@ impl Node {
                 t = t.min(at);
             }
         }
-        for r in self.fetch_retry.values() {
+        // 0: the back-off is over and the fetch waits for a provider (an input, not a timer).
+        for r in self.fetch_retry.values().filter(|r| r.at > 0) {
             t = t.min(r.at);
         }
         t
@@ -415,8 +416,12 @@ impl Node {
                 self.ask_hello(peer);
             }
         }
-        if self.fetch_retry.values().any(|r| r.at <= now) {
+        if self.fetch_retry.values().any(|r| r.at > 0 && r.at <= now) {
             self.try_fetches(now);
+            // Those that could not start wait for a provider to appear, not for a timer.
+            for r in self.fetch_retry.values_mut().filter(|r| r.at <= now) {
+                r.at = 0;
+            }
         }
         if now >= self.next_rollout {
             self.next_rollout = now + self.cfg.rollout_tick_ms.max(1);
