@@ -318,29 +318,6 @@ pub fn upload_decision(
     Ok(())
 }
 
-/// What to do with a version whose files are staged. Until the rollout engine decides by
-/// waves and gates, a staged version is activated at once, unless the node is pinned to
-/// another version of that model.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StagedDecision {
-    Activate,
-    Hold { reason: String },
-}
-
-pub fn on_staged(version: u64, active: Option<u64>, pinned: Option<u64>) -> StagedDecision {
-    match (pinned, active) {
-        (Some(pin), _) if pin != version => {
-            StagedDecision::Hold { reason: format!("pinned to version {pin} by local config") }
-        }
-        (_, Some(a)) if a == version => StagedDecision::Hold { reason: format!("version {a} is already active") },
-        // A pin may go back to an older version; without one, never.
-        (None, Some(a)) if a > version => {
-            StagedDecision::Hold { reason: format!("a newer version ({a}) is already active") }
-        }
-        _ => StagedDecision::Activate,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,15 +446,5 @@ mod tests {
         assert!(upload_decision(&unlimited, 100, true, 100).is_ok());
         let leech = UploadPolicy { slots_per_blob: 0, origin_copies: 0 };
         assert!(upload_decision(&leech, 0, false, 0).is_err());
-    }
-
-    #[test]
-    fn staged_versions_activate_unless_pinned_or_older() {
-        assert_eq!(on_staged(2, Some(1), None), StagedDecision::Activate);
-        assert_eq!(on_staged(1, None, None), StagedDecision::Activate);
-        assert!(matches!(on_staged(2, Some(1), Some(1)), StagedDecision::Hold { .. }));
-        assert_eq!(on_staged(1, Some(2), Some(1)), StagedDecision::Activate);
-        assert!(matches!(on_staged(2, Some(3), None), StagedDecision::Hold { .. }));
-        assert!(matches!(on_staged(2, Some(2), Some(2)), StagedDecision::Hold { .. }));
     }
 }

@@ -393,6 +393,12 @@ impl NodeFleet {
         self.input(j, Input::PeerConnected { peer: a });
     }
 
+    /// Pins node `i` to `version` in its store, as its config would (takes effect when
+    /// it next starts).
+    pub fn pin(&mut self, i: usize, version: Option<u64>) {
+        self.nodes[i].store.models.entry(MODEL.to_string()).or_default().pinned = version;
+    }
+
     /// Stops node `i` as a crash would: what it did not persist is lost.
     pub fn crash(&mut self, i: usize) {
         self.nodes[i].node = None;

@@ -352,3 +352,18 @@ fn a_fetch_with_no_provider_left_waits_without_spinning() {
     f.run_for(60_000 * MS);
     assert_eq!(f.active(1), Some(2), "{:#?}", f.events_of(1));
 }
+
+#[test]
+fn a_pin_in_the_local_config_overrides_the_plan() {
+    let mut f = on_v1(3);
+    f.crash(1);
+    f.pin(1, Some(1));
+    f.start(1);
+    let m = f.manifest(2, &[(1.0, 0)], Fleet::quick_gates(1));
+    f.publish(0, m).expect("publish");
+    f.run_for(20_000 * MS);
+    assert_eq!((f.active(0), f.active(1), f.active(2)), (Some(2), Some(1), Some(2)));
+    assert_eq!(f.serving(1), Some(1));
+    let view = f.node(1).rollouts().iter().find(|r| r.version == 2).expect("view").clone();
+    assert!(view.decision.contains("pinned"), "{}", view.decision);
+}

@@ -30,7 +30,7 @@ pub fn unix_now() -> u64 {
     unix_millis() / 1000
 }
 
-fn unix_millis() -> u64 {
+pub(super) fn unix_millis() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 

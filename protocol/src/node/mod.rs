@@ -13,9 +13,11 @@
 mod peers;
 mod rollout;
 pub mod state;
+pub mod uploads;
 mod versions;
 
 pub use state::{ModelState, Persist, Restored, VersionRecord};
+pub use uploads::Uploads;
 
 use crate::fleet::{FleetView, SignedCommand, SignedMetrics, VersionReport};
 use crate::hex32::Hex32;

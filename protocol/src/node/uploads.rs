@@ -1,0 +1,139 @@
+//! Whether to serve a fetcher, as the blob endpoint asks it: upload slots per blob, the
+//! origin's copies, and each piece of a published blob seeded into each site once. The
+//! node state machine keeps its view current (`Output::Uploads`); the driver asks it
+//! from the endpoint's threads with `now`.
+
+use super::UploadView;
+use crate::hex32::Hex32;
+use crate::identity::NodeId;
+use crate::mesh::{upload_decision, UploadPolicy};
+use crate::swarm::{origin_piece_decision, SwarmPolicy};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The origin sends a piece into a site again after this long, in case the peer it went
+/// to has left before passing it on.
+pub const RESEED_AFTER_MS: u64 = 20_000;
+/// Seeded pieces remembered at most; the oldest are forgotten first (a forgotten piece
+/// may be seeded once more, nothing worse).
+pub const MAX_SEEDED: usize = 1 << 16;
+
+/// A piece of a published blob sent into a site (None: a peer without a site tag).
+type SeededPiece = (Hex32, Option<String>, u32);
+
+pub struct Uploads {
+    policy: UploadPolicy,
+    view: UploadView,
+    /// Peers this node sent a whole blob to: holders before they say so.
+    served: BTreeMap<Hex32, BTreeSet<NodeId>>,
+    /// When each piece of a published blob was last sent into a site, and to whom.
+    seeded: BTreeMap<SeededPiece, (u64, Option<NodeId>)>,
+}
+
+impl Uploads {
+    pub fn new(policy: UploadPolicy) -> Self {
+        Uploads { policy, view: UploadView::default(), served: BTreeMap::new(), seeded: BTreeMap::new() }
+    }
+
+    /// Takes the state machine's view of published blobs and admitted peers.
+    pub fn update(&mut self, view: UploadView) {
+        // A peer that went away no longer counts as a copy, served or announced.
+        for peers in self.served.values_mut() {
+            peers.retain(|n| view.admitted.contains(n));
+        }
+        self.served.retain(|b, peers| !peers.is_empty() && view.originated.contains(b));
+        self.view = view;
+    }
+
+    pub fn allow(&self, blob: &Hex32, uploading: usize) -> Result<(), String> {
+        let originated = self.view.originated.contains(blob);
+        let mut copies: BTreeSet<NodeId> = self.view.holders.get(blob).cloned().unwrap_or_default();
+        copies.extend(self.served.get(blob).into_iter().flatten().copied());
+        upload_decision(&self.policy, uploading, originated, copies.len())
+    }
+
+    /// As `allow`, knowing who asks and which piece: for a published blob, each piece goes
+    /// into each site once (`swarm::origin_piece_decision`); the peers of that site pass
+    /// it on as they fetch it.
+    pub fn allow_piece(
+        &mut self,
+        now: u64,
+        blob: &Hex32,
+        uploading: usize,
+        client: Option<NodeId>,
+        piece: Option<u32>,
+    ) -> Result<(), String> {
+        self.allow(blob, uploading)?;
+        let originated = self.view.originated.contains(blob);
+        // origin_copies = 0: the publisher serves everyone everything.
+        let Some(piece) = piece.filter(|_| originated && self.policy.origin_copies > 0) else { return Ok(()) };
+        let site = client.and_then(|c| self.view.sites.get(&c).cloned());
+        let key = (*blob, site, piece);
+        // The peer it went to asking again lost it (a restart mid-transfer): not a copy.
+        let copies = u32::from(
+            self.seeded.get(&key).is_some_and(|(at, to)| now.saturating_sub(*at) < RESEED_AFTER_MS && *to != client),
+        );
+        origin_piece_decision(&SwarmPolicy::default(), copies)?;
+        if self.seeded.len() >= MAX_SEEDED && !self.seeded.contains_key(&key) {
+            if let Some(oldest) = self.seeded.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone()) {
+                self.seeded.remove(&oldest);
+            }
+        }
+        self.seeded.insert(key, (now, client));
+        Ok(())
+    }
+
+    /// `to` has been sent the whole blob: it holds a verified copy, before it says so.
+    pub fn served(&mut self, blob: &Hex32, to: NodeId) {
+        if self.view.originated.contains(blob) && self.view.admitted.contains(&to) {
+            self.served.entry(*blob).or_default().insert(to);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{KeyKind, SecretKey};
+
+    fn node(seed: u8) -> NodeId {
+        SecretKey::from_seed(KeyKind::Node, [seed; 32]).public()
+    }
+
+    fn view(blob: Hex32, peers: &[(NodeId, &str)]) -> UploadView {
+        UploadView {
+            originated: [blob].into(),
+            holders: BTreeMap::new(),
+            admitted: peers.iter().map(|(n, _)| *n).collect(),
+            sites: peers.iter().map(|(n, s)| (*n, s.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn the_origin_seeds_each_piece_into_a_site_once_then_again_after_a_while() {
+        let blob = Hex32([5; 32]);
+        let (a, b, c) = (node(1), node(2), node(3));
+        let mut up = Uploads::new(UploadPolicy::default());
+        up.update(view(blob, &[(a, "x"), (b, "x"), (c, "y")]));
+        assert!(up.allow_piece(0, &blob, 0, Some(a), Some(7)).is_ok());
+        assert!(up.allow_piece(10, &blob, 0, Some(b), Some(7)).is_err(), "site x has piece 7");
+        assert!(up.allow_piece(10, &blob, 0, Some(a), Some(7)).is_ok(), "a asks again: it lost it");
+        assert!(up.allow_piece(10, &blob, 0, Some(c), Some(7)).is_ok(), "site y does not have it");
+        assert!(up.allow_piece(RESEED_AFTER_MS + 10, &blob, 0, Some(b), Some(7)).is_ok(), "seeded again");
+        assert!(up.allow(&blob, 2).is_err(), "both slots busy");
+    }
+
+    #[test]
+    fn peers_served_count_as_copies_until_they_leave() {
+        let blob = Hex32([5; 32]);
+        let (a, b) = (node(1), node(2));
+        let mut up = Uploads::new(UploadPolicy::default());
+        up.update(view(blob, &[(a, "x"), (b, "x")]));
+        up.served(&blob, a);
+        up.served(&blob, b);
+        assert!(up.allow(&blob, 0).is_err(), "two peers hold it: fetch from them");
+        up.update(view(blob, &[(a, "x")]));
+        assert!(up.allow(&blob, 0).is_ok(), "b left: one copy");
+        up.served(&blob, node(9));
+        assert!(up.allow(&blob, 0).is_ok(), "a peer not admitted is no copy");
+    }
+}
