@@ -5,7 +5,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/slmesh-target}"
-echo "== building slmesh (first build: 15-25 minutes)"
+echo "== building slmesh (first build: about 40 minutes on two cores)"
 # The same build as the tests (all targets), so that neither rebuilds the other's dependencies.
 cargo build --locked --quiet --workspace --all-targets --manifest-path "$repo/Cargo.toml"
 slmesh="$CARGO_TARGET_DIR/debug/slmesh"

@@ -9,6 +9,36 @@
 //! must survive a restart leaves it as `Output::Persist` and comes back in `Restored`.
 //!
 //! Time is Unix milliseconds (`now`); the rollout engine counts in seconds.
+//!
+//! What it decides, and where:
+//!
+//! - `peers`: admission (a hello with a valid certificate for the peer's own key, else
+//!   `Output::Refuse`), retries of a hello that failed in transport, anti-entropy (a few
+//!   admitted peers each round, in turn), and what gossip and sync replies bring in:
+//!   manifests verified against the trust store and held versions, have records and
+//!   metrics records self-signed by their node and newer than the one held, operator
+//!   commands signed by a trusted publisher. Nothing from a peer not admitted counts.
+//! - `versions`: the variant a node takes, when a fetch starts (every file has a
+//!   provider or is here) and from whom (same site, then RTT), back-off after a failed
+//!   fetch (doubling, capped), staging, loading with at most `max_activation_attempts`
+//!   tries (30 s, then 60 s apart by default) before the version is given up and reported
+//!   to the fleet, what stays on disk, the have record and the metrics record.
+//! - `rollout`: per version, waves opened after their soak while the gates pass (wave 0
+//!   when this node first accepted the manifest), halts (a failing gate, an abort), and
+//!   per model the one version to serve: a pin first, then an operator's order back to a
+//!   version (until a newer version is published), then the newest version whose wave is
+//!   open for this node and which is healthy; a node whose version halted goes back to the
+//!   best healthy older one it holds. The wave a node joins in is fixed when it activates,
+//!   so a node that learns of more nodes later never serves outside its wave.
+//! - `uploads`: whether to serve a fetcher (slots, origin copies, per-site seeding).
+//!
+//! What survives a restart (`Persist`): manifests, each model's state (active, previous,
+//! staged, pinned), each version's record (first seen, wave open times, halt, this node's
+//! wave, failed activations), operator commands, and the peer book (for the canary floor).
+//! Metrics records, have records and connections are rebuilt from the fleet.
+//!
+//! Not here yet: piece scheduling (which piece to ask which provider for lives in
+//! `crates/blobs/src/swarm.rs` over `protocol::swarm`'s functions).
 
 mod peers;
 mod rollout;
