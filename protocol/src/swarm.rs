@@ -4,8 +4,13 @@
 //! the origin seeds each piece at most once per site and leaves the rest to peers.
 //!
 //! Decisions only: which piece to ask a provider for, which waiting request a free slot
-//! serves, and whether to serve a request. The node (crates/blobs, one request per
-//! provider, the origin seeding each piece once per site) and the simulator drive them.
+//! serves, and whether to serve a request. The fetcher's side of one blob is a state
+//! machine (`PieceFetch`: which providers, which piece, refusals, failures, stalls) that
+//! `crates/blobs` drives; the simulator's `World` still calls the functions below with its
+//! own fetcher loop and provider queues.
+
+mod fetch;
+pub use fetch::{AfterPiece, FetchPolicy, FetchState, Next, PieceFetch, PieceOutcome};
 
 /// Which pieces of a blob a node holds (or has asked for): a fixed-length bit set.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -1,7 +1,8 @@
-//! Fetching one blob in pieces from several providers at once (`protocol::swarm`): each
-//! provider tells which pieces it holds (an iroh-blobs observe stream, so a provider
-//! that is still fetching offers what it has verified so far), and one request per
-//! provider asks for the rarest piece it offers that this node lacks. Every piece is
+//! Fetching one blob in pieces from several providers at once, driving the protocol
+//! core's `swarm::PieceFetch` (which providers, which piece, what a refusal, a failure or
+//! a stall means): each provider tells which pieces it holds (an iroh-blobs observe
+//! stream, so a provider that is still fetching offers what it has verified so far), and
+//! each of its lanes asks for the piece the state machine picks. Every piece is
 //! BLAKE3-verified as it streams into the store, which also makes a fetch resumable: a
 //! piece already on disk is never asked for again.
 
@@ -11,9 +12,9 @@ use iroh_blobs::api::proto::Bitfield;
 use iroh_blobs::api::remote::GetProgressItem;
 use iroh_blobs::protocol::{ChunkRanges, ChunkRangesExt, GetRequest, ObserveRequest};
 use n0_future::StreamExt;
-use slmesh_protocol::swarm::{pick_piece, PieceSet};
+use slmesh_protocol::swarm::{AfterPiece, FetchPolicy, FetchState, Next, PieceFetch, PieceOutcome, PieceSet};
 use slmesh_protocol::{Hex32, NodeId};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,23 +22,6 @@ use tokio::sync::{watch, Notify};
 
 /// 512 KiB: 512 BLAKE3 chunks, 32 of iroh's 16 KiB verification groups.
 pub const PIECE_CHUNKS: u64 = 512;
-
-/// Providers asked at once.
-const MAX_PROVIDERS: usize = 8;
-
-/// Piece requests open at once to one provider: a second one streams while the first
-/// one's last bytes are verified and stored (one at a time halved the rate from a single
-/// provider), and providers serve 2 requests per file at once by default.
-const REQUESTS_PER_PROVIDER: usize = 2;
-
-/// A provider that refuses (all its upload slots busy) is asked again after this long;
-/// after this many refusals in a row it is given up for this fetch.
-const REFUSED_RETRY: Duration = Duration::from_millis(300);
-const MAX_REFUSALS: u32 = 100;
-
-/// How long a fetch waits with no provider able to send anything before it gives up
-/// (the node retries it later).
-const STALLED_AFTER: Duration = Duration::from_secs(30);
 
 pub fn piece_count(size: u64) -> u32 {
     size.div_ceil(1024).div_ceil(PIECE_CHUNKS).max(1) as u32
@@ -61,45 +45,35 @@ fn pieces_in(ranges: &ChunkRanges, size: u64) -> PieceSet {
     set
 }
 
+/// The protocol core's piece fetch, and what only the driver counts (bytes).
 struct State {
-    mine: PieceSet,
-    requested: PieceSet,
-    theirs: HashMap<NodeId, PieceSet>,
+    fetch: PieceFetch,
     received: u64,
     /// Bytes each provider delivered.
     delivered: HashMap<NodeId, u64>,
-    failed: Vec<(NodeId, String)>,
-    /// Last time a piece arrived (or the fetch started).
-    progressed: Instant,
-}
-
-impl State {
-    /// Per piece, how many providers offer it.
-    fn copies(&self) -> Vec<u32> {
-        let mut copies = vec![0u32; self.mine.len() as usize];
-        for set in self.theirs.values() {
-            for p in set.iter() {
-                copies[p as usize] += 1;
-            }
-        }
-        copies
-    }
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Milliseconds since the fetch started: the piece fetch's clock.
+fn millis(started: Instant) -> u64 {
+    started.elapsed().as_millis() as u64
+}
+
 /// A piece asked for: the claim goes back when the request ends, also when its lane is
 /// dropped mid-request (another lane of the provider failed, or the fetch finished).
 struct Claim<'a> {
     state: &'a Mutex<State>,
-    piece: u32,
+    piece: Option<u32>,
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        lock(self.state).requested.remove(self.piece);
+        if let Some(p) = self.piece {
+            lock(self.state).fetch.release(p);
+        }
     }
 }
 
@@ -122,25 +96,28 @@ impl BlobNode {
         }
         self.check_disk_space(hash, size.saturating_sub(had))?;
         self.protect(hash).await?;
-        let n = piece_count(size);
         let local = self.store.blobs().observe(hash_of(hash)).await.map_err(|e| BlobError::StoreOp(e.to_string()))?;
-        let state = Arc::new(Mutex::new(State {
-            mine: pieces_in(&local.ranges, size),
-            requested: PieceSet::new(n),
-            theirs: HashMap::new(),
-            received: 0,
-            delivered: HashMap::new(),
-            failed: vec![],
-            progressed: Instant::now(),
-        }));
+        let fetch = PieceFetch::new(FetchPolicy::default(), pieces_in(&local.ranges, size), 0);
+        let state = Arc::new(Mutex::new(State { fetch, received: 0, delivered: HashMap::new() }));
         let notify = Arc::new(Notify::new());
         let mut workers = tokio::task::JoinSet::new();
-        let mut asked: HashSet<NodeId> = HashSet::new();
         let mut last_provider = None;
         let mut list_closed = false;
         loop {
-            {
-                let s = lock(&state);
+            let to_start = {
+                let mut s = lock(&state);
+                match s.fetch.state(millis(started)) {
+                    FetchState::Complete => break,
+                    FetchState::Running => {}
+                    FetchState::NoProvider => return Err(BlobError::NoProvider { hash: hash.to_hex() }),
+                    FetchState::Failed(failed) => {
+                        let failures = failed.iter().map(|(p, r)| format!("{}: {r}", p.short())).collect::<Vec<_>>();
+                        return Err(BlobError::AllProvidersFailed {
+                            hash: hash.to_hex(),
+                            failures: failures.join("; "),
+                        });
+                    }
+                }
                 let report = FetchProgress {
                     hash: *hash,
                     size,
@@ -148,34 +125,19 @@ impl BlobNode {
                     received: s.received,
                     provider: last_provider.unwrap_or_else(|| self.id()),
                 };
-                if s.mine.is_full() {
-                    break;
-                }
                 progress(&report);
-                if workers.is_empty() && s.progressed.elapsed() > STALLED_AFTER {
-                    let failures = s.failed.iter().map(|(p, r)| format!("{}: {r}", p.short())).collect::<Vec<_>>();
-                    if failures.is_empty() {
-                        return Err(BlobError::NoProvider { hash: hash.to_hex() });
-                    }
-                    return Err(BlobError::AllProvidersFailed { hash: hash.to_hex(), failures: failures.join("; ") });
-                }
-            }
-            let candidates: Vec<NodeId> = providers.borrow().clone();
-            for provider in candidates {
-                if workers.len() >= MAX_PROVIDERS {
-                    break;
-                }
-                if provider == self.id() || !asked.insert(provider) {
-                    continue;
-                }
+                let ranked: Vec<NodeId> = providers.borrow().clone();
+                s.fetch.providers_to_start(&ranked, &self.id())
+            };
+            for provider in to_start {
                 last_provider.get_or_insert(provider);
                 let (node, state, notify, hash) = (self.clone(), state.clone(), notify.clone(), *hash);
                 workers.spawn(async move {
-                    let result = node.fetch_from_provider(&hash, size, provider, &state, &notify).await;
-                    if let Err(reason) = result {
+                    let result = node.fetch_from_provider(&hash, size, provider, &state, &notify, started).await;
+                    if let Err(reason) = &result {
                         tracing::warn!(blob = %hash.to_hex(), provider = %provider.short(), %reason, "provider failed, the others go on");
-                        lock(&state).failed.push((provider, reason));
                     }
+                    lock(&state).fetch.provider_ended(&provider, result);
                     notify.notify_waiters();
                 });
             }
@@ -200,13 +162,14 @@ impl BlobNode {
             had,
             received: s.received,
             provider: most,
-            failed: s.failed.clone(),
+            failed: s.fetch.failures().to_vec(),
             elapsed: started.elapsed(),
         })
     }
 
-    /// One provider's share: learn which pieces it offers, then ask it for one piece at a
-    /// time until this node has them all. An error drops the provider (bad data, gone).
+    /// One provider's share: learn which pieces it offers, then ask it for pieces (as
+    /// many lanes as the policy says) until this node has them all. An error drops the
+    /// provider (bad data, gone).
     async fn fetch_from_provider(
         &self,
         hash: &Hex32,
@@ -214,6 +177,7 @@ impl BlobNode {
         provider: NodeId,
         state: &Arc<Mutex<State>>,
         notify: &Arc<Notify>,
+        started: Instant,
     ) -> Result<(), String> {
         let conn = self.connect_to(&provider).await?;
         let observer = {
@@ -225,17 +189,17 @@ impl BlobNode {
                 while let Some(Ok(update)) = stream.next().await {
                     bitfield.update(&update);
                     let offered = pieces_in(&bitfield.ranges, size);
-                    lock(&state).theirs.insert(provider, offered);
+                    lock(&state).fetch.offered(provider, offered);
                     notify.notify_waiters();
                 }
             })
         };
-        let lanes = (0..REQUESTS_PER_PROVIDER as u32)
-            .map(|lane| self.ask_for_pieces(hash, size, provider, lane, &conn, state, notify));
+        let lanes_count = lock(state).fetch.policy().requests_per_provider;
+        let lanes =
+            (0..lanes_count).map(|lane| self.ask_for_pieces(hash, size, provider, lane, &conn, state, notify, started));
         // The first lane to fail drops the provider; the others stop with it.
         let result = n0_future::try_join_all(lanes).await.map(|_| ());
         observer.abort();
-        lock(state).theirs.remove(&provider);
         conn.close(0u32.into(), b"done");
         result
     }
@@ -250,51 +214,36 @@ impl BlobNode {
         conn: &Connection,
         state: &Arc<Mutex<State>>,
         notify: &Arc<Notify>,
+        started: Instant,
     ) -> Result<(), String> {
-        // Fetchers with different starts break ties differently and spread out.
-        let start = u32::from_le_bytes([provider.as_bytes()[0], provider.as_bytes()[1], 0, 0]) + lane * 7;
-        let mut refusals = 0;
         loop {
             let waiting = notify.notified();
-            let piece = {
-                let mut s = lock(state);
-                if s.mine.is_full() {
-                    return Ok(());
+            let next = lock(state).fetch.next(&provider, lane);
+            let piece = match next {
+                Next::Done => return Ok(()),
+                Next::Ask(p) => p,
+                Next::Wait => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), waiting).await;
+                    continue;
                 }
-                let copies = s.copies();
-                let offered = s.theirs.get(&provider).cloned().unwrap_or_default();
-                let piece =
-                    if offered.is_empty() { None } else { pick_piece(&s.mine, &s.requested, &offered, &copies, start) };
-                if let Some(p) = piece {
-                    s.requested.insert(p);
-                }
-                piece
             };
-            let Some(piece) = piece else {
-                // Nothing to ask this provider for now: wait for news (a piece it gained,
-                // a request elsewhere that failed).
-                let _ = tokio::time::timeout(Duration::from_secs(1), waiting).await;
-                continue;
+            let mut claim = Claim { state, piece: Some(piece) };
+            let result = self.get_piece(hash, size, piece, provider, conn, state).await;
+            // The provider's upload slots are busy: its gate reset the stream with
+            // iroh-blobs' ERR_LIMIT (2). Other resets (3: it failed to read its own data)
+            // and bad data drop the provider.
+            let outcome = match result {
+                Ok(()) => PieceOutcome::Received,
+                Err(reason) if reason.ends_with("reset by peer: error 2") => PieceOutcome::Refused,
+                Err(reason) => PieceOutcome::Failed(reason),
             };
-            let claim = Claim { state, piece };
-            let outcome = self.get_piece(hash, size, piece, provider, conn, state).await;
-            drop(claim);
-            if outcome.is_ok() {
-                let mut s = lock(state);
-                s.mine.insert(piece);
-                s.progressed = Instant::now();
-            }
+            claim.piece = None;
+            let after = lock(state).fetch.outcome(&provider, lane, piece, outcome, millis(started));
             notify.notify_waiters();
-            match outcome {
-                Ok(()) => refusals = 0,
-                // The provider's upload slots are busy: its gate reset the stream with
-                // iroh-blobs' ERR_LIMIT (2). Other resets (3: it failed to read its own
-                // data) and bad data drop the provider.
-                Err(reason) if reason.ends_with("reset by peer: error 2") && refusals < MAX_REFUSALS => {
-                    refusals += 1;
-                    tokio::time::sleep(REFUSED_RETRY).await;
-                }
-                Err(reason) => return Err(reason),
+            match after {
+                AfterPiece::Continue => {}
+                AfterPiece::RetryAfter(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                AfterPiece::Drop(reason) => return Err(reason),
             }
         }
     }

@@ -1,0 +1,294 @@
+//! The fetcher's side of one blob's swarm as a state machine: which providers to ask,
+//! which piece to ask each for, what a refusal, a failure or a stall means, and when the
+//! fetch is over. `crates/blobs` drives it over iroh-blobs (observe streams, get
+//! requests); time is milliseconds passed in.
+
+use super::{pick_piece, PieceSet};
+use crate::identity::NodeId;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// How a fetcher takes part in a swarm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchPolicy {
+    /// Providers asked at once.
+    pub max_providers: usize,
+    /// Piece requests open at once to one provider ("lanes"): a second one streams while
+    /// the first one's last bytes are verified and stored.
+    pub requests_per_provider: u32,
+    /// A provider that refuses (its upload slots are busy) is asked again after this long;
+    /// after `max_refusals` in a row on one lane it is given up for this fetch.
+    pub refused_retry_ms: u64,
+    pub max_refusals: u32,
+    /// With no provider left to ask and no piece for this long, the fetch gives up (the
+    /// node retries it later).
+    pub stalled_after_ms: u64,
+}
+
+impl Default for FetchPolicy {
+    fn default() -> Self {
+        FetchPolicy {
+            max_providers: 8,
+            requests_per_provider: 2,
+            refused_retry_ms: 300,
+            max_refusals: 100,
+            stalled_after_ms: 30_000,
+        }
+    }
+}
+
+/// What a lane does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Ask this provider for this piece (claimed until `outcome` or `release`).
+    Ask(u32),
+    /// Nothing to ask this provider for now: wait for news (it gains a piece, a request
+    /// elsewhere fails).
+    Wait,
+    /// Every piece is here.
+    Done,
+}
+
+/// How a piece request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PieceOutcome {
+    /// Verified and stored.
+    Received,
+    /// The provider's upload slots were busy.
+    Refused,
+    /// Bad data, a reset, a closed connection: the provider is dropped.
+    Failed(String),
+}
+
+/// What the lane does after a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterPiece {
+    Continue,
+    RetryAfter(u64),
+    /// Drop this provider for the rest of the fetch.
+    Drop(String),
+}
+
+/// Where the fetch stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchState {
+    Complete,
+    Running,
+    /// No provider left to ask and nothing arrived for a while.
+    NoProvider,
+    /// Every provider asked failed, with why.
+    Failed(Vec<(NodeId, String)>),
+}
+
+pub struct PieceFetch {
+    policy: FetchPolicy,
+    mine: PieceSet,
+    requested: PieceSet,
+    theirs: BTreeMap<NodeId, PieceSet>,
+    /// Providers asked during this fetch (each once), and those still running.
+    asked: BTreeSet<NodeId>,
+    running: BTreeSet<NodeId>,
+    refusals: BTreeMap<(NodeId, u32), u32>,
+    failed: Vec<(NodeId, String)>,
+    progressed_at: u64,
+}
+
+impl PieceFetch {
+    /// A fetch that holds `mine` already (a resumed fetch never asks for those again).
+    pub fn new(policy: FetchPolicy, mine: PieceSet, now: u64) -> Self {
+        let n = mine.len();
+        PieceFetch {
+            policy,
+            mine,
+            requested: PieceSet::new(n),
+            theirs: BTreeMap::new(),
+            asked: BTreeSet::new(),
+            running: BTreeSet::new(),
+            refusals: BTreeMap::new(),
+            failed: vec![],
+            progressed_at: now,
+        }
+    }
+
+    pub fn policy(&self) -> &FetchPolicy {
+        &self.policy
+    }
+
+    pub fn mine(&self) -> &PieceSet {
+        &self.mine
+    }
+
+    /// Providers to start now from the node's ranked list (best first): those not asked
+    /// yet during this fetch, while fewer than `max_providers` run.
+    pub fn providers_to_start(&mut self, ranked: &[NodeId], me: &NodeId) -> Vec<NodeId> {
+        let mut out = vec![];
+        for p in ranked {
+            if self.running.len() >= self.policy.max_providers {
+                break;
+            }
+            if p != me && self.asked.insert(*p) {
+                self.running.insert(*p);
+                out.push(*p);
+            }
+        }
+        out
+    }
+
+    /// Which pieces `provider` offers now (it may still be fetching them itself).
+    pub fn offered(&mut self, provider: NodeId, pieces: PieceSet) {
+        if self.running.contains(&provider) && pieces.len() == self.mine.len() {
+            self.theirs.insert(provider, pieces);
+        }
+    }
+
+    /// The next piece one lane of `provider` asks for: the rarest it offers that is
+    /// neither here nor asked for; fetchers with different starts break ties differently
+    /// and spread out.
+    pub fn next(&mut self, provider: &NodeId, lane: u32) -> Next {
+        if self.mine.is_full() {
+            return Next::Done;
+        }
+        let Some(offered) = self.theirs.get(provider).filter(|o| !o.is_empty()) else { return Next::Wait };
+        let start = u32::from_le_bytes([provider.as_bytes()[0], provider.as_bytes()[1], 0, 0])
+            .wrapping_add(lane.wrapping_mul(7));
+        let copies = self.copies();
+        match pick_piece(&self.mine, &self.requested, offered, &copies, start) {
+            Some(p) => {
+                self.requested.insert(p);
+                Next::Ask(p)
+            }
+            None => Next::Wait,
+        }
+    }
+
+    /// Per piece, how many running providers offer it.
+    fn copies(&self) -> Vec<u32> {
+        let mut copies = vec![0u32; self.mine.len() as usize];
+        for set in self.theirs.values() {
+            for p in set.iter() {
+                copies[p as usize] += 1;
+            }
+        }
+        copies
+    }
+
+    /// A claimed piece whose request ended without an outcome (its lane was dropped).
+    pub fn release(&mut self, piece: u32) {
+        self.requested.remove(piece);
+    }
+
+    pub fn outcome(&mut self, provider: &NodeId, lane: u32, piece: u32, outcome: PieceOutcome, now: u64) -> AfterPiece {
+        self.requested.remove(piece);
+        match outcome {
+            PieceOutcome::Received => {
+                self.mine.insert(piece);
+                self.progressed_at = now;
+                self.refusals.remove(&(*provider, lane));
+                AfterPiece::Continue
+            }
+            PieceOutcome::Refused => {
+                let refusals = self.refusals.entry((*provider, lane)).or_default();
+                *refusals += 1;
+                if *refusals > self.policy.max_refusals {
+                    AfterPiece::Drop(format!("refused {} times in a row", self.policy.max_refusals))
+                } else {
+                    AfterPiece::RetryAfter(self.policy.refused_retry_ms)
+                }
+            }
+            PieceOutcome::Failed(reason) => AfterPiece::Drop(reason),
+        }
+    }
+
+    /// `provider`'s share ended: done, or dropped with a reason. Its offer no longer counts.
+    pub fn provider_ended(&mut self, provider: &NodeId, result: Result<(), String>) {
+        self.running.remove(provider);
+        self.theirs.remove(provider);
+        self.refusals.retain(|(p, _), _| p != provider);
+        if let Err(reason) = result {
+            self.failed.push((*provider, reason));
+        }
+    }
+
+    pub fn failures(&self) -> &[(NodeId, String)] {
+        &self.failed
+    }
+
+    pub fn state(&self, now: u64) -> FetchState {
+        if self.mine.is_full() {
+            return FetchState::Complete;
+        }
+        if !self.running.is_empty() || now.saturating_sub(self.progressed_at) <= self.policy.stalled_after_ms {
+            return FetchState::Running;
+        }
+        if self.failed.is_empty() {
+            FetchState::NoProvider
+        } else {
+            FetchState::Failed(self.failed.clone())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{KeyKind, SecretKey};
+
+    fn node(seed: u8) -> NodeId {
+        SecretKey::from_seed(KeyKind::Node, [seed; 32]).public()
+    }
+
+    #[test]
+    fn a_fetch_asks_each_provider_once_for_pieces_it_offers_and_completes() {
+        let (me, a, b) = (node(1), node(2), node(3));
+        let mut f = PieceFetch::new(FetchPolicy { max_providers: 1, ..FetchPolicy::default() }, PieceSet::new(3), 0);
+        assert_eq!(f.providers_to_start(&[me, a, b], &me), vec![a], "one at a time, never itself");
+        assert_eq!(f.next(&a, 0), Next::Wait, "a has not said what it holds");
+        f.offered(a, PieceSet::full(3));
+        let Next::Ask(p) = f.next(&a, 0) else { panic!("a offers pieces") };
+        let Next::Ask(q) = f.next(&a, 1) else { panic!("a second lane") };
+        assert_ne!(p, q, "two lanes never ask for the same piece");
+        assert_eq!(f.outcome(&a, 0, p, PieceOutcome::Received, 5), AfterPiece::Continue);
+        f.release(q);
+        assert_eq!(f.providers_to_start(&[a, b], &me), vec![], "a still runs");
+        f.provider_ended(&a, Ok(()));
+        assert_eq!(f.providers_to_start(&[a, b], &me), vec![b], "a was asked already");
+        f.offered(b, PieceSet::full(3));
+        while let Next::Ask(p) = f.next(&b, 0) {
+            f.outcome(&b, 0, p, PieceOutcome::Received, 6);
+        }
+        assert_eq!(f.state(7), FetchState::Complete);
+        assert_eq!(f.next(&b, 0), Next::Done);
+    }
+
+    #[test]
+    fn refusals_back_off_then_drop_and_a_stall_ends_the_fetch() {
+        let (me, a) = (node(1), node(2));
+        let policy = FetchPolicy { max_refusals: 2, stalled_after_ms: 1000, ..FetchPolicy::default() };
+        let mut f = PieceFetch::new(policy, PieceSet::new(2), 0);
+        f.providers_to_start(&[a], &me);
+        f.offered(a, PieceSet::full(2));
+        for _ in 0..2 {
+            let Next::Ask(p) = f.next(&a, 0) else { panic!() };
+            assert_eq!(f.outcome(&a, 0, p, PieceOutcome::Refused, 10), AfterPiece::RetryAfter(300));
+        }
+        let Next::Ask(p) = f.next(&a, 0) else { panic!() };
+        assert!(matches!(f.outcome(&a, 0, p, PieceOutcome::Refused, 10), AfterPiece::Drop(_)));
+        f.provider_ended(&a, Err("refused".into()));
+        assert_eq!(f.state(500), FetchState::Running, "not stalled yet");
+        assert!(matches!(f.state(2000), FetchState::Failed(v) if v.len() == 1));
+        let idle = PieceFetch::new(FetchPolicy::default(), PieceSet::new(1), 0);
+        assert_eq!(idle.state(60_000), FetchState::NoProvider);
+        let resumed = PieceFetch::new(FetchPolicy::default(), PieceSet::full(4), 0);
+        assert_eq!(resumed.state(0), FetchState::Complete, "a resumed fetch with every piece is done");
+    }
+
+    #[test]
+    fn an_offer_of_the_wrong_length_or_from_a_provider_not_asked_is_ignored() {
+        let (me, a, b) = (node(1), node(2), node(3));
+        let mut f = PieceFetch::new(FetchPolicy::default(), PieceSet::new(4), 0);
+        f.providers_to_start(&[a], &me);
+        f.offered(a, PieceSet::full(9));
+        f.offered(b, PieceSet::full(4));
+        assert_eq!(f.next(&a, 0), Next::Wait);
+        assert_eq!(f.next(&b, 0), Next::Wait);
+    }
+}
