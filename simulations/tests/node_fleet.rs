@@ -367,3 +367,22 @@ fn a_pin_in_the_local_config_overrides_the_plan() {
     let view = f.node(1).rollouts().iter().find(|r| r.version == 2).expect("view").clone();
     assert!(view.decision.contains("pinned"), "{}", view.decision);
 }
+
+#[test]
+fn a_restart_whose_load_fails_is_tried_again_after_its_back_off() {
+    let mut spec = FleetSpec::lan(2);
+    spec.node_config.activation_retry_ms = 5_000;
+    let mut f = Fleet::on_v1(spec);
+    f.crash(1);
+    // The weights of version 1 fail to load when node 1 comes back (a disk that is not
+    // mounted yet, say); then they load again.
+    f.broken.insert(1);
+    f.start(1);
+    f.run_for(3_000 * MS);
+    assert_eq!(f.serving(1), None);
+    assert_eq!(f.active(1), Some(1), "still the version to serve");
+    f.broken.remove(&1);
+    f.run_for(10_000 * MS);
+    assert_eq!(f.serving(1), Some(1), "{:#?}", f.events_of(1));
+    assert_eq!(f.nodes[1].loads[&1], 3, "the first start, the failed restore, the retry");
+}

@@ -306,6 +306,9 @@ pub struct Node {
     fetch_retry: BTreeMap<VersionKey, FetchRetry>,
     /// Per model, the version being loaded.
     activating: BTreeMap<String, (u64, Activation)>,
+    /// Per model, the version the engine has loaded since this start (the model state's
+    /// `active` may not be loaded yet after a restart, or its load may have failed).
+    serving: BTreeMap<String, u64>,
     active_since: BTreeMap<VersionKey, u64>,
     uploads: UploadView,
     // Timers.
@@ -384,6 +387,7 @@ impl Node {
             fetching: BTreeMap::new(),
             fetch_retry: BTreeMap::new(),
             activating: BTreeMap::new(),
+            serving: BTreeMap::new(),
             active_since: BTreeMap::new(),
             uploads: UploadView::default(),
             next_metrics: now + cfg.metrics_interval_ms.min(1_000),
@@ -632,5 +636,10 @@ impl Node {
 
     pub fn is_activating(&self, model: &str) -> bool {
         self.activating.contains_key(model)
+    }
+
+    /// The version of `model` loaded and served since this start.
+    pub fn serving(&self, model: &str) -> Option<u64> {
+        self.serving.get(model).copied()
     }
 }

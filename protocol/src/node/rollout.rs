@@ -112,15 +112,14 @@ impl Node {
             let wave = self.my_wave(&key, &record);
             let staged = state.staged.contains(&version);
             let healthy = progress.halted.is_none() && !operator.aborted && !record.failed();
+            let retry_due = record.retry_activation_at.is_none_or(|t| t <= secs);
+            let loaded = self.serving.get(name) == Some(&version);
             let ok = match active {
-                Some(a) if version == a => healthy,
+                // Kept while healthy; a load of it that failed (after a restart) is tried
+                // again when its back-off is over.
+                Some(a) if version == a => healthy && (loaded || retry_due),
                 Some(a) if version < a => staged && healthy,
-                _ => {
-                    staged
-                        && healthy
-                        && wave.is_some_and(|w| w < progress.opened.len())
-                        && record.retry_activation_at.is_none_or(|t| t <= secs)
-                }
+                _ => staged && healthy && wave.is_some_and(|w| w < progress.opened.len()) && retry_due,
             };
             standings.push(Standing { version, ok, roll_back_to: operator.roll_back_to, wave });
             if active.is_none_or(|a| version >= a) {
@@ -151,10 +150,20 @@ impl Node {
             standings.iter().filter(|s| s.ok).map(|s| s.version).max()
         };
         let Some(target) = target else { return };
-        if state.active == Some(target) || self.activating.contains_key(name) {
+        if self.serving.get(name) == Some(&target) || self.activating.contains_key(name) {
+            return;
+        }
+        // A version given up, or backing off after a failed load, is not loaded now,
+        // whoever asks for it (a pin, an operator).
+        let held_back = self
+            .versions
+            .get(&(name.to_string(), target))
+            .is_some_and(|r| r.failed() || r.retry_activation_at.is_some_and(|t| t > now / 1000));
+        if held_back {
             return;
         }
         let why = match state.active {
+            Some(a) if a == target => Activation::Restore,
             Some(a) if target < a => Activation::RollBack { from: a },
             _ => Activation::Rollout,
         };
@@ -169,7 +178,6 @@ impl Node {
                 }
             }
         }
-        let _ = now;
         self.start_activation(name, target, why);
     }
 
@@ -186,7 +194,7 @@ impl Node {
         record: &VersionRecord,
     ) -> RolloutView {
         let state = self.models.get(name).cloned().unwrap_or_default();
-        let active_here = state.active == Some(version);
+        let active_here = self.serving.get(name) == Some(&version);
         let me_tags: (&NodeId, &Tags) = (&self.me, &self.tags);
         let nodes = self.known.iter().chain(std::iter::once(me_tags));
         let known_per_wave = wave_counts(plan, nodes, name, version, self.fleet_size());

@@ -262,6 +262,7 @@ impl Node {
         let secs = now / 1000;
         match result {
             Ok(()) => {
+                self.serving.insert(name.clone(), version);
                 let state = self.models.entry(name.clone()).or_default();
                 let old = state.active;
                 if old != Some(version) {
@@ -411,11 +412,11 @@ impl Node {
     pub(super) fn on_local_metrics(&mut self, now: u64, mut reports: Vec<VersionReport>) {
         let secs = now / 1000;
         for r in &mut reports {
-            r.active = self.active(&r.model) == Some(r.version);
+            r.active = self.serving(&r.model) == Some(r.version);
             r.active_since = self.active_since.get(&(r.model.clone(), r.version)).copied();
         }
-        for (name, state) in &self.models {
-            if let Some(v) = state.active {
+        for name in self.models.keys() {
+            if let Some(v) = self.serving(name) {
                 if !reports.iter().any(|r| &r.model == name && r.version == v) {
                     reports.push(VersionReport {
                         model: name.clone(),
@@ -428,7 +429,7 @@ impl Node {
             }
         }
         for ((name, version), record) in &self.versions {
-            if record.activation_failures == 0 || self.active(name) == Some(*version) {
+            if record.activation_failures == 0 || self.serving(name) == Some(*version) {
                 continue;
             }
             match reports.iter_mut().find(|r| &r.model == name && r.version == *version) {
