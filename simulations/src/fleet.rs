@@ -47,6 +47,7 @@ pub struct FakeStore {
     versions: BTreeMap<(String, u64), VersionRecord>,
     commands: Vec<SignedCommand>,
     peers: BTreeMap<NodeId, Tags>,
+    originated: Vec<Hex32>,
 }
 
 impl FakeStore {
@@ -71,6 +72,7 @@ impl FakeStore {
             Persist::Peer { node, tags, .. } => {
                 self.peers.insert(node, tags);
             }
+            Persist::Originated(blobs) => self.originated = blobs,
         }
     }
 
@@ -82,6 +84,7 @@ impl FakeStore {
             commands: self.commands.clone(),
             peers: self.peers.clone().into_iter().collect(),
             complete_blobs: blobs.iter().copied().collect(),
+            originated: self.originated.clone(),
         }
     }
 }

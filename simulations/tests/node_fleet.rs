@@ -386,3 +386,14 @@ fn a_restart_whose_load_fails_is_tried_again_after_its_back_off() {
     assert_eq!(f.serving(1), Some(1), "{:#?}", f.events_of(1));
     assert_eq!(f.nodes[1].loads[&1], 3, "the first start, the failed restore, the retry");
 }
+
+#[test]
+fn a_publisher_that_restarts_still_knows_what_it_published() {
+    let mut f = on_v1(2);
+    let published = f.node(0).originated().clone();
+    assert_eq!(published.len(), 1);
+    f.crash(0);
+    f.start(0);
+    assert_eq!(f.node(0).originated(), &published, "it seeds them as the origin again");
+    assert!(f.node(1).originated().is_empty());
+}

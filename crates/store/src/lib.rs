@@ -22,6 +22,7 @@ use thiserror::Error;
 /// Bump when the layout of stored values changes; `open` refuses other versions.
 pub const SCHEMA_VERSION: u32 = 1;
 const SCHEMA_KEY: &[u8] = b"schema_version";
+const ORIGINATED_KEY: &[u8] = b"originated";
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -390,6 +391,16 @@ impl Store {
                     .map_err(|e| StoreError::Corrupt { what: "operator command", reason: e.to_string() })
             })
             .collect()
+    }
+
+    /// The blobs this node published (kept in the meta tree).
+    pub fn put_originated(&self, blobs: &[slmesh_protocol::Hex32]) -> Result<()> {
+        self.meta.insert(ORIGINATED_KEY, encode(&blobs)?)?;
+        Ok(())
+    }
+
+    pub fn originated(&self) -> Result<Vec<slmesh_protocol::Hex32>> {
+        Ok(self.meta.get(ORIGINATED_KEY)?.map(|b| decode(&b, "published blobs")).transpose()?.unwrap_or_default())
     }
 
     pub fn upsert_peer(&self, peer: &PeerRecord) -> Result<()> {

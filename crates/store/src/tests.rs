@@ -222,3 +222,15 @@ fn the_state_machines_records_survive_reopen() {
     assert_eq!(store.versions().unwrap(), vec![(("m".to_string(), 4), record)]);
     assert_eq!(store.commands().unwrap(), vec![command], "a command stored twice is held once");
 }
+
+#[test]
+fn published_blobs_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.originated().unwrap().is_empty());
+        store.put_originated(&[Hex32([4; 32])]).unwrap();
+        store.flush().unwrap();
+    }
+    assert_eq!(Store::open(dir.path()).unwrap().originated().unwrap(), vec![Hex32([4; 32])]);
+}

@@ -93,6 +93,7 @@ impl Driver {
             commands: store.commands()?,
             peers: store.peers()?.into_iter().map(|p| (p.node, p.tags)).collect(),
             complete_blobs,
+            originated: store.originated()?,
         };
         let cfg = NodeConfig {
             metrics_interval_ms: parts.config.fleet.metrics_interval_secs.max(1) * 1000,
@@ -420,6 +421,7 @@ impl Driver {
             Persist::Model { name, state } => store.put_model(name, state),
             Persist::Version { name, version, record } => store.put_version(name, *version, record),
             Persist::Command(signed) => store.put_command(signed),
+            Persist::Originated(blobs) => store.put_originated(blobs),
             Persist::Peer { node, tags, addrs } => store.upsert_peer(&slmesh_store::PeerRecord {
                 node: *node,
                 addrs: addrs.clone(),

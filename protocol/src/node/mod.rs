@@ -638,6 +638,11 @@ impl Node {
         self.activating.contains_key(model)
     }
 
+    /// The blobs this node published.
+    pub fn originated(&self) -> &BTreeSet<Hex32> {
+        &self.originated
+    }
+
     /// The version of `model` loaded and served since this start.
     pub fn serving(&self, model: &str) -> Option<u64> {
         self.serving.get(model).copied()

@@ -99,6 +99,8 @@ pub enum Persist {
         tags: Tags,
         addrs: Vec<String>,
     },
+    /// Every blob this node published (it seeds them as the origin).
+    Originated(Vec<Hex32>),
 }
 
 /// What the driver read back from its store on start.
@@ -112,4 +114,6 @@ pub struct Restored {
     pub peers: Vec<(NodeId, Tags)>,
     /// Blobs complete in the local store (the driver checked).
     pub complete_blobs: Vec<Hex32>,
+    /// The blobs this node published.
+    pub originated: Vec<Hex32>,
 }

@@ -60,6 +60,7 @@ impl Node {
         }
         self.known = restored.peers.into_iter().collect();
         self.complete = restored.complete_blobs.into_iter().collect();
+        self.originated = restored.originated.into_iter().collect();
         let models: Vec<(String, super::ModelState)> =
             self.models.iter().map(|(n, m)| (n.clone(), m.clone())).collect();
         for (name, state) in models {
@@ -398,6 +399,7 @@ impl Node {
         let count = m.variants.iter().flat_map(|v| &v.files).filter(|f| imported.contains(&f.blake3)).count();
         self.complete.extend(imported.iter().copied());
         self.originated.extend(imported.iter().copied());
+        self.persist(Persist::Originated(self.originated.iter().copied().collect()));
         self.accept(now, verified);
         self.outputs.push_back(Output::Gossip { topic: TOPIC_MANIFESTS, data });
         self.have_dirty = true;
