@@ -397,3 +397,28 @@ fn a_publisher_that_restarts_still_knows_what_it_published() {
     assert_eq!(f.node(0).originated(), &published, "it seeds them as the origin again");
     assert!(f.node(1).originated().is_empty());
 }
+
+#[test]
+fn peers_spread_a_version_in_pieces_and_the_origin_sends_about_one_copy() {
+    // Eight nodes on one site, 2 MB/s uplinks, an 8 MB model: 16 pieces of 512 KiB.
+    let mut spec = FleetSpec::lan(8);
+    spec.uplink_bytes_per_sec = 2e6;
+    spec.model_bytes = 8 << 20;
+    let mut f = Fleet::on_v1(spec);
+    f.run_for(60_000 * MS);
+    assert!((0..8).all(|i| f.active(i) == Some(1)), "v1 everywhere");
+    let origin_before = f.links.sent[0];
+    let m = f.manifest(2, &[(1.0, 0)], Fleet::quick_gates(1));
+    f.publish(0, m).expect("publish");
+    f.run_for(60_000 * MS);
+    for i in 0..8 {
+        assert_eq!(f.active(i), Some(2), "node {i}: {:#?}", f.events_of(i));
+    }
+    let origin = (f.links.sent[0] - origin_before) as f64 / (8 << 20) as f64;
+    // Seven fetchers: without swarming the origin would send seven copies. It seeds each
+    // piece once (again after 20 s, or to a peer that asks again) and stops once two peers
+    // hold the file; gossip adds a little.
+    assert!(origin < 1.5, "the origin sent {origin:.2} copies of the model; peers should send the rest");
+    let peers_sent: u64 = (1..8).map(|i| f.links.sent[i]).sum();
+    assert!(peers_sent > 5 * (8 << 20), "peers passed pieces on: {peers_sent} bytes");
+}

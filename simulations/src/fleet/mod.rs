@@ -5,15 +5,17 @@
 //! - Network: the simulator's `Links` (per-site latency, per-node uplink and downlink);
 //!   gossip floods a random mesh of degree D (every peer when D is 0), each node
 //!   forwarding what it accepted, as gossipsub does; requests and replies are messages.
-//! - Transfers: a fetch takes a version's bytes from the first provider the node listed
-//!   that holds them and is reachable, timed on its uplink and the fetcher's downlink.
-//!   (Piece swarming is simulated by `world::World`; it is not in the node state machine
-//!   yet.)
+//! - Transfers: in 512 KiB pieces from several providers at once, decided by the protocol
+//!   core's `swarm::PieceFetch` on the fetcher's side and the node's `Uploads` gate on the
+//!   provider's (`pieces.rs`), as `crates/blobs` drives them; or (`FleetSpec::pieces`
+//!   off) each file whole from the first listed provider that holds it.
 //! - Store: each node's `Persist` outputs are kept and handed back on restart.
 //! - Inference: a load takes `load_ms` and fails for versions marked broken; requests
 //!   are drawn per served version from a `Behaviour`.
 //!
 //! Deterministic: one seeded random source, one event queue, no threads.
+
+mod pieces;
 
 use crate::engine::{Micros, Queue, Rng, SECOND};
 use crate::net::Links;
@@ -110,6 +112,14 @@ pub struct SimNode {
     pub mesh: Vec<usize>,
     seen: HashSet<u64>,
     timer_at: Option<u64>,
+    /// Piece transfers: pieces held (on disk, kept across a restart), fetches under way,
+    /// uploads per blob, fetchers watching this node's offer, and its upload gate.
+    pub pieces: BTreeMap<Hex32, slmesh_protocol::swarm::PieceSet>,
+    fetches: BTreeMap<Hex32, pieces::BlobFetch>,
+    version_fetches: BTreeMap<(String, u64), BTreeSet<Hex32>>,
+    uploading: BTreeMap<Hex32, usize>,
+    watchers: BTreeSet<(usize, Hex32)>,
+    uploads: slmesh_protocol::node::Uploads,
 }
 
 #[derive(Debug)]
@@ -151,6 +161,47 @@ enum Ev {
         node: usize,
         at: u64,
     },
+    VersionFetched {
+        node: usize,
+        model: String,
+        version: u64,
+        result: Result<(), String>,
+        incarnation: u32,
+    },
+    FetchCheck {
+        node: usize,
+        blob: Hex32,
+        incarnation: u32,
+    },
+    PieceRequest {
+        to: usize,
+        from: usize,
+        blob: Hex32,
+        piece: u32,
+        lane: u32,
+        incarnation: u32,
+    },
+    PieceAnswer {
+        to: usize,
+        from: usize,
+        blob: Hex32,
+        piece: u32,
+        lane: u32,
+        outcome: slmesh_protocol::swarm::PieceOutcome,
+        incarnation: u32,
+    },
+    SlotFree {
+        node: usize,
+        blob: Hex32,
+        incarnation: u32,
+    },
+    LaneRetry {
+        node: usize,
+        blob: Hex32,
+        provider: usize,
+        lane: u32,
+        incarnation: u32,
+    },
 }
 
 /// The shape of a simulated fleet.
@@ -173,6 +224,9 @@ pub struct FleetSpec {
     pub request_rate: f64,
     /// Bytes on the wire a request or reply takes beyond its payload (framing).
     pub overhead_bytes: u64,
+    /// Fetch in 512 KiB pieces from several providers as the node does (`PieceFetch`,
+    /// `Uploads`), or each file whole from one provider.
+    pub pieces: bool,
     pub node_config: NodeConfig,
 }
 
@@ -190,6 +244,7 @@ impl FleetSpec {
             load_ms: 200,
             request_rate: 4.0,
             overhead_bytes: 64,
+            pieces: true,
             node_config: NodeConfig {
                 metrics_interval_ms: 1_000,
                 metrics_ttl_secs: 30,
@@ -275,6 +330,12 @@ impl NodeFleet {
                     mesh: vec![],
                     seen: HashSet::new(),
                     timer_at: None,
+                    pieces: BTreeMap::new(),
+                    fetches: BTreeMap::new(),
+                    version_fetches: BTreeMap::new(),
+                    uploading: BTreeMap::new(),
+                    watchers: BTreeSet::new(),
+                    uploads: slmesh_protocol::node::Uploads::new(Default::default()),
                 }
             })
             .collect();
@@ -367,6 +428,7 @@ impl NodeFleet {
 
     /// Starts (or restarts) node `i` from its store, and connects it to its live peers.
     pub fn start(&mut self, i: usize) {
+        self.forget_transfers(i);
         self.incarnation[i] += 1;
         let now = self.now_ms();
         let sim = &mut self.nodes[i];
@@ -404,6 +466,8 @@ impl NodeFleet {
 
     /// Stops node `i` as a crash would: what it did not persist is lost.
     pub fn crash(&mut self, i: usize) {
+        self.forget_transfers(i);
+        self.incarnation[i] += 1;
         self.nodes[i].node = None;
         self.nodes[i].serving = None;
         let peer = self.id(i);
@@ -488,11 +552,11 @@ impl NodeFleet {
                     self.input(i, Input::PeerDisconnected { peer });
                 }
             }
-            Output::LearnAddrs { .. }
-            | Output::Providers { .. }
-            | Output::Uploads(_)
-            | Output::DeleteVersion { .. } => {}
+            Output::LearnAddrs { .. } | Output::DeleteVersion { .. } => {}
+            Output::Fetch { model, version, files } if self.spec.pieces => self.fetch_pieces(i, model, version, files),
             Output::Fetch { model, version, files } => self.fetch(i, model, version, files),
+            Output::Providers { blob, providers } => self.update_providers(i, blob, providers),
+            Output::Uploads(view) => self.nodes[i].uploads.update(view),
             Output::Activate { model, version, .. } => {
                 *self.nodes[i].loads.entry(version).or_default() += 1;
                 let (incarnation, at) = (self.incarnation[i], self.q.now() + self.spec.load_ms * 1000);
@@ -652,6 +716,22 @@ impl NodeFleet {
                     Ok(())
                 };
                 self.input(node, Input::ActivationFinished { model, version, result });
+            }
+            Ev::VersionFetched { node, model, version, result, incarnation } => {
+                if incarnation == self.incarnation[node] {
+                    self.input(node, Input::FetchFinished { model, version, result });
+                }
+            }
+            Ev::FetchCheck { node, blob, incarnation } => self.on_fetch_check(node, blob, incarnation),
+            Ev::PieceRequest { to, from, blob, piece, lane, incarnation } => {
+                self.on_piece_request(to, from, blob, piece, lane, incarnation)
+            }
+            Ev::PieceAnswer { to, from, blob, piece, lane, outcome, incarnation } => {
+                self.on_piece_answer(to, from, blob, piece, lane, outcome, incarnation)
+            }
+            Ev::SlotFree { node, blob, incarnation } => self.on_slot_free(node, blob, incarnation),
+            Ev::LaneRetry { node, blob, provider, lane, incarnation } => {
+                self.on_lane_retry(node, blob, provider, lane, incarnation)
             }
             Ev::Timer { node, at } => {
                 if self.nodes[node].timer_at != Some(at) {

@@ -1,0 +1,348 @@
+//! Piece transfers in the node fleet, decided as the node decides them: the fetcher runs
+//! the protocol core's `swarm::PieceFetch` (which providers, which piece per lane,
+//! refusal back-off, dropped providers, stalls), as `crates/blobs` does over iroh-blobs,
+//! and each provider answers with the node state machine's `Uploads` (upload slots, the
+//! origin's copies, per-site seeding), refusing what it will not send. Modelled: the
+//! request and the piece's bytes on the links, a provider's offer updated as it gains
+//! pieces (iroh-blobs' observe stream), and pieces kept on disk across a restart.
+
+use super::{Ev, NodeFleet};
+use crate::engine::SECOND;
+use slmesh_protocol::hex32::Hex32;
+use slmesh_protocol::manifest::FileEntry;
+use slmesh_protocol::node::Input;
+use slmesh_protocol::swarm::{AfterPiece, FetchPolicy, FetchState, Next, PieceFetch, PieceOutcome, PieceSet};
+use slmesh_protocol::NodeId;
+use std::collections::BTreeSet;
+
+/// The node's piece: 512 BLAKE3 chunks of 1 KiB.
+pub const PIECE_BYTES: u64 = 512 * 1024;
+
+pub fn piece_count(size: u64) -> u32 {
+    size.div_ceil(PIECE_BYTES).max(1) as u32
+}
+
+fn piece_bytes(size: u64, piece: u32) -> u64 {
+    let start = piece as u64 * PIECE_BYTES;
+    size.saturating_sub(start).min(PIECE_BYTES)
+}
+
+/// One blob being fetched by one node.
+pub(super) struct BlobFetch {
+    model: String,
+    version: u64,
+    size: u64,
+    fetch: PieceFetch,
+    ranked: Vec<NodeId>,
+    /// Lanes with nothing to ask for now, polled again on news: (provider, lane).
+    parked: BTreeSet<(usize, u32)>,
+    /// Providers whose offers this fetch watches.
+    watching: BTreeSet<usize>,
+}
+
+impl NodeFleet {
+    /// `Output::Fetch` in piece mode: a `PieceFetch` per missing file.
+    pub(super) fn fetch_pieces(&mut self, i: usize, model: String, version: u64, files: Vec<(FileEntry, Vec<NodeId>)>) {
+        let now = self.now_ms();
+        let mut pending = BTreeSet::new();
+        for (file, providers) in files {
+            if self.nodes[i].blobs.contains(&file.blake3) || self.nodes[i].fetches.contains_key(&file.blake3) {
+                continue;
+            }
+            let n = piece_count(file.size);
+            let mine = self.nodes[i].pieces.entry(file.blake3).or_insert_with(|| PieceSet::new(n)).clone();
+            let fetch = PieceFetch::new(FetchPolicy::default(), mine, now);
+            let bf = BlobFetch {
+                model: model.clone(),
+                version,
+                size: file.size,
+                fetch,
+                ranked: providers,
+                parked: BTreeSet::new(),
+                watching: BTreeSet::new(),
+            };
+            self.nodes[i].fetches.insert(file.blake3, bf);
+            pending.insert(file.blake3);
+        }
+        let inc = self.incarnation[i];
+        if pending.is_empty() {
+            let at = self.q.now() + 1000;
+            self.q.at(at, Ev::VersionFetched { node: i, model, version, result: Ok(()), incarnation: inc });
+            return;
+        }
+        for blob in &pending {
+            self.q.after(SECOND, Ev::FetchCheck { node: i, blob: *blob, incarnation: inc });
+        }
+        self.nodes[i].version_fetches.insert((model, version), pending.clone());
+        for blob in pending {
+            self.pump(i, blob);
+        }
+    }
+
+    /// What provider `j` offers of `blob` now.
+    fn offer(&self, j: usize, blob: &Hex32, n: u32) -> PieceSet {
+        if self.nodes[j].blobs.contains(blob) {
+            return PieceSet::full(n);
+        }
+        self.nodes[j].pieces.get(blob).cloned().unwrap_or_else(|| PieceSet::new(n))
+    }
+
+    /// Starts the providers the state machine picks, then polls the parked lanes.
+    pub(super) fn pump(&mut self, i: usize, blob: Hex32) {
+        let me = self.id(i);
+        let lanes = FetchPolicy::default().requests_per_provider;
+        let Some(bf) = self.nodes[i].fetches.get_mut(&blob) else { return };
+        let started = bf.fetch.providers_to_start(&bf.ranked.clone(), &me);
+        let n = bf.fetch.mine().len();
+        for p in started {
+            let Some(&j) = self.ids.get(&p) else { continue };
+            if !self.linked(i, j) {
+                if let Some(bf) = self.nodes[i].fetches.get_mut(&blob) {
+                    bf.fetch.provider_ended(&p, Err("cannot connect".into()));
+                }
+                continue;
+            }
+            let offer = self.offer(j, &blob, n);
+            self.nodes[j].watchers.insert((i, blob));
+            if let Some(bf) = self.nodes[i].fetches.get_mut(&blob) {
+                bf.fetch.offered(p, offer);
+                bf.watching.insert(j);
+                bf.parked.extend((0..lanes).map(|lane| (j, lane)));
+            }
+        }
+        let parked = match self.nodes[i].fetches.get_mut(&blob) {
+            Some(bf) => std::mem::take(&mut bf.parked),
+            None => return,
+        };
+        for (j, lane) in parked {
+            self.lane(i, blob, j, lane);
+        }
+    }
+
+    fn lane(&mut self, i: usize, blob: Hex32, j: usize, lane: u32) {
+        let p = self.id(j);
+        let Some(bf) = self.nodes[i].fetches.get_mut(&blob) else { return };
+        if !bf.watching.contains(&j) {
+            return; // the provider was dropped
+        }
+        match bf.fetch.next(&p, lane) {
+            Next::Done => {}
+            Next::Wait => {
+                bf.parked.insert((j, lane));
+            }
+            Next::Ask(piece) => {
+                let inc = self.incarnation[i];
+                match self.send(i, j, 64) {
+                    Some(at) => self.q.at(at, Ev::PieceRequest { to: j, from: i, blob, piece, lane, incarnation: inc }),
+                    None => {
+                        let at = self.q.now() + SECOND;
+                        let outcome = PieceOutcome::Failed("request lost".into());
+                        self.q.at(at, Ev::PieceAnswer { to: i, from: j, blob, piece, lane, outcome, incarnation: inc });
+                    }
+                }
+            }
+        }
+    }
+
+    /// A provider takes a piece request: sends the piece, or refuses as its gate says.
+    pub(super) fn on_piece_request(&mut self, j: usize, i: usize, blob: Hex32, piece: u32, lane: u32, inc: u32) {
+        let now = self.now_ms();
+        let client = self.id(i);
+        let answer = |outcome| Ev::PieceAnswer { to: i, from: j, blob, piece, lane, outcome, incarnation: inc };
+        let size = self.nodes[i].fetches.get(&blob).map(|b| b.size);
+        let (Some(size), true) = (size, self.linked(i, j)) else {
+            let at = self.q.now() + SECOND;
+            self.q.at(at, answer(PieceOutcome::Failed("connection lost".into())));
+            return;
+        };
+        let holds =
+            self.nodes[j].blobs.contains(&blob) || self.nodes[j].pieces.get(&blob).is_some_and(|s| s.contains(piece));
+        let uploading = self.nodes[j].uploading.get(&blob).copied().unwrap_or(0);
+        let decision = if holds {
+            self.nodes[j].uploads.allow_piece(now, &blob, uploading, Some(client), Some(piece))
+        } else {
+            Err("does not hold the piece".into())
+        };
+        match decision {
+            Err(_) if !holds => {
+                let at = self.send(j, i, 64).unwrap_or(self.q.now() + SECOND);
+                self.q.at(at, answer(PieceOutcome::Failed("the provider does not hold the piece".into())));
+            }
+            Err(_) => {
+                let at = self.send(j, i, 64).unwrap_or(self.q.now() + SECOND);
+                self.q.at(at, answer(PieceOutcome::Refused));
+            }
+            Ok(()) => {
+                *self.nodes[j].uploading.entry(blob).or_default() += 1;
+                let now_us = self.q.now();
+                let bytes = piece_bytes(size, piece) + self.spec.overhead_bytes;
+                let (sent, arrives) = self.links.send_timed(now_us, j, i, bytes, false, &mut self.rng);
+                let provider_inc = self.incarnation[j];
+                self.q.at(sent, Ev::SlotFree { node: j, blob, incarnation: provider_inc });
+                match arrives {
+                    Some(at) => self.q.at(at, answer(PieceOutcome::Received)),
+                    None => self.q.at(sent, answer(PieceOutcome::Failed("partitioned".into()))),
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_slot_free(&mut self, j: usize, blob: Hex32, inc: u32) {
+        if inc == self.incarnation[j] {
+            if let Some(u) = self.nodes[j].uploading.get_mut(&blob) {
+                *u = u.saturating_sub(1);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn on_piece_answer(
+        &mut self,
+        i: usize,
+        j: usize,
+        blob: Hex32,
+        piece: u32,
+        lane: u32,
+        outcome: PieceOutcome,
+        inc: u32,
+    ) {
+        if inc != self.incarnation[i] || self.nodes[i].node.is_none() {
+            return;
+        }
+        let now = self.now_ms();
+        let p = self.id(j);
+        // The bytes of a provider that went away before the last one arrived are lost.
+        let outcome = match outcome {
+            PieceOutcome::Received if !self.linked(i, j) => PieceOutcome::Failed("the provider went away".into()),
+            o => o,
+        };
+        let received = outcome == PieceOutcome::Received;
+        let Some(bf) = self.nodes[i].fetches.get_mut(&blob) else { return };
+        if !bf.watching.contains(&j) {
+            bf.fetch.release(piece);
+            return;
+        }
+        let after = bf.fetch.outcome(&p, lane, piece, outcome, now);
+        let full = bf.fetch.mine().is_full();
+        if received {
+            let n = bf.fetch.mine().len();
+            self.nodes[i].pieces.entry(blob).or_insert_with(|| PieceSet::new(n)).insert(piece);
+            self.tell_watchers(i, blob);
+        }
+        if full {
+            return self.blob_complete(i, blob);
+        }
+        match after {
+            AfterPiece::Continue => self.lane(i, blob, j, lane),
+            AfterPiece::RetryAfter(ms) => {
+                self.q.after(ms * 1000, Ev::LaneRetry { node: i, blob, provider: j, lane, incarnation: inc })
+            }
+            AfterPiece::Drop(reason) => {
+                if let Some(bf) = self.nodes[i].fetches.get_mut(&blob) {
+                    bf.fetch.provider_ended(&p, Err(reason));
+                    bf.watching.remove(&j);
+                    bf.parked.retain(|(k, _)| *k != j);
+                }
+                self.nodes[j].watchers.remove(&(i, blob));
+            }
+        }
+        self.pump(i, blob);
+    }
+
+    pub(super) fn on_lane_retry(&mut self, i: usize, blob: Hex32, j: usize, lane: u32, inc: u32) {
+        if inc == self.incarnation[i] {
+            self.lane(i, blob, j, lane);
+        }
+    }
+
+    /// Node `i` gained a piece of `blob`: fetchers watching it see the new offer.
+    fn tell_watchers(&mut self, i: usize, blob: Hex32) {
+        let me = self.id(i);
+        let watchers: Vec<usize> = self.nodes[i].watchers.iter().filter(|(_, b)| *b == blob).map(|(w, _)| *w).collect();
+        for w in watchers {
+            let Some(n) = self.nodes[w].fetches.get(&blob).map(|bf| bf.fetch.mine().len()) else { continue };
+            let offer = self.offer(i, &blob, n);
+            if let Some(bf) = self.nodes[w].fetches.get_mut(&blob) {
+                bf.fetch.offered(me, offer);
+            }
+            self.pump(w, blob);
+        }
+    }
+
+    fn blob_complete(&mut self, i: usize, blob: Hex32) {
+        let Some(bf) = self.nodes[i].fetches.remove(&blob) else { return };
+        for j in &bf.watching {
+            self.nodes[*j].watchers.remove(&(i, blob));
+        }
+        self.nodes[i].blobs.insert(blob);
+        self.tell_watchers(i, blob);
+        let key = (bf.model.clone(), bf.version);
+        let done = match self.nodes[i].version_fetches.get_mut(&key) {
+            Some(pending) => {
+                pending.remove(&blob);
+                pending.is_empty()
+            }
+            None => false,
+        };
+        if done {
+            self.nodes[i].version_fetches.remove(&key);
+            self.input(i, Input::FetchFinished { model: bf.model, version: bf.version, result: Ok(()) });
+        }
+    }
+
+    /// Once a second per running blob fetch: new providers, and whether it stalled.
+    pub(super) fn on_fetch_check(&mut self, i: usize, blob: Hex32, inc: u32) {
+        if inc != self.incarnation[i] {
+            return;
+        }
+        let now = self.now_ms();
+        let Some(state) = self.nodes[i].fetches.get(&blob).map(|bf| bf.fetch.state(now)) else { return };
+        match state {
+            FetchState::Running => {
+                self.q.after(SECOND, Ev::FetchCheck { node: i, blob, incarnation: inc });
+                self.pump(i, blob);
+            }
+            FetchState::Complete => self.blob_complete(i, blob),
+            FetchState::NoProvider | FetchState::Failed(_) => self.fail_version_fetch(i, blob, state),
+        }
+    }
+
+    fn fail_version_fetch(&mut self, i: usize, blob: Hex32, state: FetchState) {
+        let Some(bf) = self.nodes[i].fetches.get(&blob) else { return };
+        let key = (bf.model.clone(), bf.version);
+        let blobs: Vec<Hex32> = self.nodes[i].version_fetches.remove(&key).into_iter().flatten().collect();
+        for b in blobs.iter().chain(std::iter::once(&blob)) {
+            if let Some(bf) = self.nodes[i].fetches.remove(b) {
+                for j in &bf.watching {
+                    self.nodes[*j].watchers.remove(&(i, *b));
+                }
+            }
+        }
+        let reason = match state {
+            FetchState::Failed(f) => format!("every provider failed ({} of them)", f.len()),
+            _ => "no provider to fetch from".to_string(),
+        };
+        self.input(i, Input::FetchFinished { model: key.0, version: key.1, result: Err(reason) });
+    }
+
+    /// `Output::Providers`: a running fetch learns of more providers.
+    pub(super) fn update_providers(&mut self, i: usize, blob: Hex32, providers: Vec<NodeId>) {
+        if let Some(bf) = self.nodes[i].fetches.get_mut(&blob) {
+            bf.ranked = providers;
+            self.pump(i, blob);
+        }
+    }
+
+    /// What a node loses when it stops: fetches under way, upload slots, watchers.
+    pub(super) fn forget_transfers(&mut self, i: usize) {
+        let fetches = std::mem::take(&mut self.nodes[i].fetches);
+        for (blob, bf) in fetches {
+            for j in bf.watching {
+                self.nodes[j].watchers.remove(&(i, blob));
+            }
+        }
+        self.nodes[i].version_fetches.clear();
+        self.nodes[i].uploading.clear();
+        self.nodes[i].watchers.clear();
+    }
+}
