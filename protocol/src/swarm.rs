@@ -6,8 +6,8 @@
 //! Decisions only: which piece to ask a provider for, which waiting request a free slot
 //! serves, and whether to serve a request. The fetcher's side of one blob is a state
 //! machine (`PieceFetch`: which providers, which piece, refusals, failures, stalls) that
-//! `crates/blobs` drives; the simulator's `World` still calls the functions below with its
-//! own fetcher loop and provider queues.
+//! `crates/blobs` and the simulator's node fleet drive; the simulator's large-scale `World`
+//! still calls the functions below with its own fetcher loop and provider queues.
 
 mod fetch;
 pub use fetch::{AfterPiece, FetchPolicy, FetchState, Next, PieceFetch, PieceOutcome};

@@ -37,8 +37,9 @@
 //! wave, failed activations), operator commands, and the peer book (for the canary floor).
 //! Metrics records, have records and connections are rebuilt from the fleet.
 //!
-//! Not here yet: piece scheduling (which piece to ask which provider for lives in
-//! `crates/blobs/src/swarm.rs` over `protocol::swarm`'s functions).
+//! Piece scheduling within one blob is its own state machine, `swarm::PieceFetch`, which
+//! the driver runs for each `Output::Fetch` (crates/blobs over iroh-blobs; the
+//! simulator's node fleet over its links).
 
 mod peers;
 mod rollout;
