@@ -339,7 +339,7 @@ pub fn evaluate_gates(gates: &Gates, candidate: &VersionSummary, baseline: Optio
     // those that serve it and make a majority of the reporting minimum (so with the
     // minimum at 3, one node's claim does not decide).
     let failed = candidate.per_node.iter().filter(|n| n.failed_activation).count();
-    let serving = candidate.per_node.iter().filter(|n| n.active).count();
+    let serving = candidate.nodes_active;
     if failed > serving && failed * 2 > gates.min_reporting_nodes as usize {
         return GateVerdict::Fail(format!("the version failed to load on {failed} node(s), {serving} serve it"));
     }

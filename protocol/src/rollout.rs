@@ -157,13 +157,3 @@ pub enum RolloutPhase {
     /// fleet as a failed activation.
     Failed,
 }
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RolloutState {
-    pub phase: RolloutPhase,
-    /// Unix seconds of the last change.
-    pub updated_at: u64,
-    /// Why it is in this phase, when that is worth telling an operator.
-    #[serde(default)]
-    pub reason: String,
-}

@@ -3,17 +3,16 @@
 //! node state machine (`slmesh_protocol::node`) decides every change; this crate makes
 //! it durable and reads it back on start.
 //!
-//! Every change that touches more than one key runs in one sled transaction, so a crash
-//! leaves either all of it or none. A schema version is stored on first open and checked
+//! Each change is one write, flushed by the caller in the order the state machine made
+//! them (a manifest before the model state that names its version), so a crash leaves a
+//! prefix of them. A schema version is stored on first open and checked
 //! on every open after.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::Transactional;
 use slmesh_protocol::fleet::SignedCommand;
-use slmesh_protocol::manifest::{SignedManifest, VerifiedManifest};
+use slmesh_protocol::manifest::SignedManifest;
 use slmesh_protocol::node::VersionRecord;
-use slmesh_protocol::rollout::RolloutState;
 use slmesh_protocol::trust::Tags;
 use slmesh_protocol::{wire, NodeId, ProtocolError};
 use std::path::Path;
@@ -61,7 +60,6 @@ pub struct Store {
     meta: sled::Tree,
     manifests: sled::Tree,
     models: sled::Tree,
-    rollouts: sled::Tree,
     /// Per version, the state machine's record (rollout progress, activation failures).
     versions: sled::Tree,
     /// Operator commands, keyed by the BLAKE3 of their bytes.
@@ -141,7 +139,6 @@ impl Store {
             meta: db.open_tree("meta")?,
             manifests: db.open_tree("manifests")?,
             models: db.open_tree("models")?,
-            rollouts: db.open_tree("rollouts")?,
             versions: db.open_tree("versions")?,
             commands: db.open_tree("commands")?,
             peers: db.open_tree("peers")?,
@@ -181,11 +178,6 @@ impl Store {
         Ok(())
     }
 
-    /// The highest accepted version of `name`: what a new manifest must beat.
-    pub fn latest_version(&self, name: &str) -> Result<Option<u64>> {
-        Ok(self.model(name)?.map(|m| m.latest_known).filter(|v| *v > 0))
-    }
-
     pub fn model(&self, name: &str) -> Result<Option<ModelState>> {
         self.models.get(name.as_bytes())?.map(|b| decode(&b, "model state")).transpose()
     }
@@ -200,29 +192,6 @@ impl Store {
                 Ok((name, decode(&v, "model state")?))
             })
             .collect()
-    }
-
-    /// Records a verified manifest, unless one of the same name and a version at least as
-    /// high is already held (checked again here, inside the transaction, so two racing
-    /// receivers cannot both win).
-    pub fn put_manifest(&self, verified: &VerifiedManifest) -> Result<()> {
-        let name = verified.manifest.name.as_str();
-        let version = verified.manifest.version;
-        let bytes = verified.signed.to_bytes()?;
-        unwrap_tx((&self.manifests, &self.models).transaction(|(manifests, models)| {
-            let mut state = tx_model(models, name)?;
-            if state.latest_known >= version {
-                return abort(StoreError::Protocol(ProtocolError::NotNewer {
-                    name: name.to_string(),
-                    offered: version,
-                    held: state.latest_known,
-                }));
-            }
-            state.latest_known = version;
-            manifests.insert(manifest_key(name, version), bytes.clone())?;
-            tx_put(models, name.as_bytes(), &state)
-        }))?;
-        self.flush()
     }
 
     pub fn manifest(&self, name: &str, version: u64) -> Result<Option<SignedManifest>> {
@@ -244,87 +213,6 @@ impl Store {
                 split_manifest_key(&k?).ok_or(StoreError::Corrupt { what: "manifest key", reason: "bad layout".into() })
             })
             .collect()
-    }
-
-    fn update_model<T>(
-        &self,
-        name: &str,
-        version: u64,
-        rollout: Option<&RolloutState>,
-        change: impl Fn(&mut ModelState) -> Result<T>,
-    ) -> Result<T> {
-        let key = manifest_key(name, version);
-        let out =
-            unwrap_tx((&self.manifests, &self.models, &self.rollouts).transaction(|(manifests, models, rollouts)| {
-                if manifests.get(&key)?.is_none() {
-                    return abort(StoreError::Refused(format!("no manifest for {name} version {version}")));
-                }
-                let mut state = tx_model(models, name)?;
-                let out = change(&mut state).or_else(abort)?;
-                tx_put(models, name.as_bytes(), &state)?;
-                if let Some(r) = rollout {
-                    tx_put(rollouts, &key, r)?;
-                }
-                Ok(out)
-            }))?;
-        self.flush()?;
-        Ok(out)
-    }
-
-    /// Records that the verified files of a version are on disk.
-    pub fn mark_staged(&self, name: &str, version: u64, rollout: &RolloutState) -> Result<()> {
-        self.update_model(name, version, Some(rollout), |s| {
-            s.staged.insert(version);
-            Ok(())
-        })
-    }
-
-    /// Makes a staged version the active one; the active one becomes the previous.
-    pub fn activate(&self, name: &str, version: u64, rollout: &RolloutState) -> Result<()> {
-        self.update_model(name, version, Some(rollout), |s| {
-            if !s.staged.contains(&version) {
-                return Err(StoreError::Refused(format!("{name} version {version} is not staged")));
-            }
-            if s.active != Some(version) {
-                s.previous = s.active;
-                s.active = Some(version);
-            }
-            Ok(())
-        })
-    }
-
-    /// Goes back to the previous version; returns it. The rolled-back version's state
-    /// goes to `rollout`.
-    pub fn roll_back(&self, name: &str, rollout: &RolloutState) -> Result<u64> {
-        let state = self.model(name)?.ok_or_else(|| StoreError::Refused(format!("no model named {name}")))?;
-        let bad = state.active.ok_or_else(|| StoreError::Refused(format!("{name} has no active version")))?;
-        self.update_model(name, bad, Some(rollout), |s| {
-            let prev = s
-                .previous
-                .ok_or_else(|| StoreError::Refused(format!("{name} has no previous version to roll back to")))?;
-            s.active = Some(prev);
-            s.previous = None;
-            Ok(prev)
-        })
-    }
-
-    /// Forgets that a version's files are on disk (after garbage collection).
-    pub fn unstage(&self, name: &str, version: u64) -> Result<()> {
-        self.update_model(name, version, None, |s| {
-            if s.keep().contains(&version) {
-                return Err(StoreError::Refused(format!("{name} version {version} is active, previous or pinned")));
-            }
-            s.staged.remove(&version);
-            Ok(())
-        })
-    }
-
-    pub fn set_rollout(&self, name: &str, version: u64, rollout: &RolloutState) -> Result<()> {
-        self.update_model(name, version, Some(rollout), |_| Ok(()))
-    }
-
-    pub fn rollout(&self, name: &str, version: u64) -> Result<Option<RolloutState>> {
-        self.rollouts.get(manifest_key(name, version))?.map(|b| decode(&b, "rollout state")).transpose()
     }
 
     pub fn set_pin(&self, name: &str, pinned: Option<u64>) -> Result<()> {

@@ -2,9 +2,9 @@ use super::*;
 use slmesh_protocol::hex32::Hex32;
 use slmesh_protocol::identity::{KeyKind, SecretKey};
 use slmesh_protocol::manifest::{
-    verify_manifest, FileEntry, FileRole, InferenceDefaults, ModelFormat, ModelManifest, Variant,
+    verify_manifest, FileEntry, FileRole, InferenceDefaults, ModelFormat, ModelManifest, Variant, VerifiedManifest,
 };
-use slmesh_protocol::rollout::{RolloutPhase, RolloutPlan, TagSelector};
+use slmesh_protocol::rollout::{RolloutPlan, TagSelector};
 use slmesh_protocol::TrustStore;
 
 fn publisher() -> (SecretKey, TrustStore) {
@@ -38,39 +38,19 @@ fn verified(name: &str, version: u64) -> VerifiedManifest {
     verify_manifest(&bytes, &trust, |_| None).unwrap()
 }
 
-fn state(phase: RolloutPhase) -> RolloutState {
-    RolloutState { phase, updated_at: 5, reason: String::new() }
-}
-
-#[test]
-fn manifests_stage_activate_and_roll_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    assert_eq!(store.latest_version("m").unwrap(), None);
-    store.put_manifest(&verified("m", 1)).unwrap();
-    store.put_manifest(&verified("m", 2)).unwrap();
-    assert_eq!(store.latest_version("m").unwrap(), Some(2));
-    assert!(matches!(
-        store.put_manifest(&verified("m", 2)),
-        Err(StoreError::Protocol(ProtocolError::NotNewer { offered: 2, held: 2, .. }))
-    ));
-    assert!(matches!(store.activate("m", 1, &state(RolloutPhase::Active)), Err(StoreError::Refused(_))));
-    store.mark_staged("m", 1, &state(RolloutPhase::Staged)).unwrap();
-    store.activate("m", 1, &state(RolloutPhase::Active)).unwrap();
-    store.mark_staged("m", 2, &state(RolloutPhase::Staged)).unwrap();
-    store.activate("m", 2, &state(RolloutPhase::Active)).unwrap();
-    let s = store.model("m").unwrap().unwrap();
-    assert_eq!((s.active, s.previous), (Some(2), Some(1)));
-    assert_eq!(store.roll_back("m", &state(RolloutPhase::RolledBack)).unwrap(), 1);
-    let s = store.model("m").unwrap().unwrap();
-    assert_eq!((s.active, s.previous), (Some(1), None));
-    assert_eq!(store.rollout("m", 2).unwrap().unwrap().phase, RolloutPhase::RolledBack);
-    assert!(matches!(store.roll_back("m", &state(RolloutPhase::RolledBack)), Err(StoreError::Refused(_))));
-    assert!(matches!(store.unstage("m", 1), Err(StoreError::Refused(_))));
-    store.unstage("m", 2).unwrap();
-    assert_eq!(store.manifest_versions().unwrap(), vec![("m".to_string(), 1), ("m".to_string(), 2)]);
-    assert_eq!(store.manifest("m", 2).unwrap().unwrap(), verified("m", 2).signed);
-    assert!(matches!(store.mark_staged("m", 9, &state(RolloutPhase::Staged)), Err(StoreError::Refused(_))));
+/// Records version `v` as the node does when it accepts a manifest: the manifest first,
+/// then the model state naming the version, then its record; each write flushed.
+fn accept(store: &Store, v: u64) -> ModelState {
+    let m = verified("m", v);
+    store.put_signed_manifest("m", v, &m.signed).unwrap();
+    store.flush().unwrap();
+    let mut state = store.model("m").unwrap().unwrap_or_default();
+    state.latest_known = v;
+    store.put_model("m", &state).unwrap();
+    store.flush().unwrap();
+    store.put_version("m", v, &VersionRecord::new(v)).unwrap();
+    store.flush().unwrap();
+    state
 }
 
 #[test]
@@ -78,8 +58,9 @@ fn state_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = Store::open(dir.path()).unwrap();
-        store.put_manifest(&verified("m", 4)).unwrap();
-        store.mark_staged("m", 4, &state(RolloutPhase::Staged)).unwrap();
+        let mut state = accept(&store, 4);
+        state.staged.insert(4);
+        store.put_model("m", &state).unwrap();
         store.set_pin("m", Some(4)).unwrap();
         let peer = PeerRecord {
             node: SecretKey::generate(KeyKind::Node).public(),
@@ -96,6 +77,8 @@ fn state_survives_reopen() {
     assert_eq!((s.latest_known, s.pinned, s.staged.len()), (4, Some(4), 1));
     assert_eq!(store.peers().unwrap().len(), 1);
     assert_eq!(store.models().unwrap().len(), 1);
+    assert_eq!(store.manifest("m", 4).unwrap().unwrap(), verified("m", 4).signed);
+    assert_eq!(store.manifest_versions().unwrap(), vec![("m".to_string(), 4)]);
 }
 
 #[test]
@@ -128,7 +111,10 @@ fn damaged_values_are_reported_not_panicked_on() {
     let store = Store::open(dir.path()).unwrap();
     store.models.insert(b"m", &b"\xff\xff garbage"[..]).unwrap();
     assert!(matches!(store.model("m"), Err(StoreError::Corrupt { .. })));
-    assert!(matches!(store.put_manifest(&verified("m", 1)), Err(StoreError::Corrupt { .. })));
+    assert!(matches!(store.models(), Err(StoreError::Corrupt { .. })));
+    assert!(matches!(store.set_pin("m", Some(1)), Err(StoreError::Corrupt { .. })));
+    store.versions.insert(b"m\0\0\0\0\0\0\0\0\x01", &b"\x01"[..]).unwrap();
+    assert!(matches!(store.versions(), Err(StoreError::Corrupt { .. })));
 }
 
 const CHILD_ENV: &str = "SLMESH_STORE_CRASH_CHILD";
@@ -140,13 +126,22 @@ const CHILD_ENV: &str = "SLMESH_STORE_CRASH_CHILD";
 fn crash_child() {
     let Ok(path) = std::env::var(CHILD_ENV) else { return };
     let store = Store::open(Path::new(&path)).unwrap();
-    let start = store.latest_version("m").unwrap().unwrap_or(0) + 1;
+    let start = store.model("m").unwrap().map_or(0, |m| m.latest_known) + 1;
+    // The node's writes for each version: accepted, staged, activated (the old active
+    // becoming the previous), and now and then rolled back.
     for v in start.. {
-        store.put_manifest(&verified("m", v)).unwrap();
-        store.mark_staged("m", v, &state(RolloutPhase::Staged)).unwrap();
-        store.activate("m", v, &state(RolloutPhase::Active)).unwrap();
+        let mut state = accept(&store, v);
+        state.staged.insert(v);
+        store.put_model("m", &state).unwrap();
+        store.flush().unwrap();
+        state.previous = state.active;
+        state.active = Some(v);
+        store.put_model("m", &state).unwrap();
+        store.flush().unwrap();
         if v % 3 == 0 {
-            store.roll_back("m", &state(RolloutPhase::RolledBack)).unwrap();
+            state.active = state.previous.take();
+            store.put_model("m", &state).unwrap();
+            store.flush().unwrap();
         }
     }
 }
@@ -182,7 +177,9 @@ fn kill_9_leaves_consistent_state() {
         }
         if let Some(a) = s.active {
             assert!(s.staged.contains(&a));
-            assert_eq!(store.rollout("m", a).unwrap().unwrap().phase, RolloutPhase::Active);
+        }
+        for v in 1..=s.latest_known {
+            assert!(store.manifest("m", v).unwrap().is_some(), "round {round}: no manifest for {v}");
         }
         if let (Some(a), Some(p)) = (s.active, s.previous) {
             assert!(p < a, "round {round}: previous {p} not older than active {a}");
