@@ -18,7 +18,7 @@ use slmesh_protocol::node::{
 };
 use slmesh_protocol::select::NodeFacts;
 use slmesh_protocol::trust::Enrollment;
-use slmesh_protocol::{Hex32, NodeId, TrustStore};
+use slmesh_protocol::{Hex32, ModelManifest, NodeId, TrustStore};
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -76,14 +76,17 @@ impl Driver {
         for d in damaged {
             tracing::warn!("a stored manifest is damaged and skipped: {d}");
         }
+        // The files the stored manifests name (the state machine checks their signatures),
+        // each looked up once.
+        let files: BTreeSet<Hex32> = manifests
+            .iter()
+            .filter_map(|s| slmesh_protocol::wire::decode::<ModelManifest>(&s.body, "manifest").ok())
+            .flat_map(|m| m.variants.into_iter().flat_map(|v| v.files.into_iter().map(|f| f.blake3)))
+            .collect();
         let mut complete_blobs = vec![];
-        for signed in &manifests {
-            if let Ok(m) = signed.verify_self_signed() {
-                for file in m.variants.iter().flat_map(|v| &v.files) {
-                    if parts.blobs.is_complete(&file.blake3).await.unwrap_or(false) {
-                        complete_blobs.push(file.blake3);
-                    }
-                }
+        for blob in files {
+            if parts.blobs.is_complete(&blob).await.unwrap_or(false) {
+                complete_blobs.push(blob);
             }
         }
         let restored = Restored {
@@ -414,10 +417,7 @@ impl Driver {
     fn persist(&mut self, p: Persist) {
         let store = &self.parts.store;
         let result = match &p {
-            Persist::Manifest(signed) => match signed.verify_self_signed() {
-                Ok(m) => store.put_signed_manifest(&m.name, m.version, signed),
-                Err(e) => Err(e.into()),
-            },
+            Persist::Manifest { name, version, signed } => store.put_signed_manifest(name, *version, signed),
             Persist::Model { name, state } => store.put_model(name, state),
             Persist::Version { name, version, record } => store.put_version(name, *version, record),
             Persist::Command(signed) => store.put_command(signed),

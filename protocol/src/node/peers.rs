@@ -167,13 +167,13 @@ impl Node {
 
     fn on_sync_reply(&mut self, now: u64, peer: NodeId, reply: SyncReply) {
         for have in reply.haves {
-            self.take_have(now, have);
+            self.take_have(have);
         }
         for m in reply.metrics {
             self.take_metrics(now, m);
         }
         for c in reply.commands {
-            self.take_command(now, c);
+            self.take_command(c);
         }
         for manifest in reply.manifests {
             if let GossipVerdict::Reject(why) = self.take_manifest(now, manifest) {
@@ -189,7 +189,7 @@ impl Node {
                 Err(e) => GossipVerdict::Reject(e.to_string()),
             },
             TOPIC_HAVES => match SignedHave::from_bytes(data) {
-                Ok(h) => self.take_have(now, h),
+                Ok(h) => self.take_have(h),
                 Err(e) => GossipVerdict::Reject(e.to_string()),
             },
             TOPIC_METRICS => match SignedMetrics::from_bytes(data) {
@@ -199,7 +199,7 @@ impl Node {
             TOPIC_COMMANDS => match SignedCommand::from_bytes(data) {
                 Ok(c) => match self.trust.open(&c) {
                     Err(e) => GossipVerdict::Reject(e.to_string()),
-                    Ok(_) if self.take_command(now, c) => GossipVerdict::Accept,
+                    Ok(_) if self.take_command(c) => GossipVerdict::Accept,
                     Ok(_) => GossipVerdict::Ignore("already held".into()),
                 },
                 Err(e) => GossipVerdict::Reject(e.to_string()),
@@ -217,7 +217,7 @@ impl Node {
         verdict
     }
 
-    fn take_have(&mut self, _now: u64, signed: SignedHave) -> GossipVerdict {
+    fn take_have(&mut self, signed: SignedHave) -> GossipVerdict {
         let have = match verify_have(&signed) {
             Ok(h) => h,
             Err(e) => return GossipVerdict::Reject(e.to_string()),
@@ -253,15 +253,19 @@ impl Node {
         self.signed_metrics.insert(node, signed);
         // Records the view let go of (its bound) are not kept either.
         if self.signed_metrics.len() > self.fleet.len() + 1 {
-            let fleet = &self.fleet;
-            let me = self.me;
-            self.signed_metrics.retain(|n, _| *n == me || fleet.record(n).is_some());
+            self.drop_signed_metrics_not_in_view();
         }
         GossipVerdict::Accept
     }
 
+    /// Keeps the signed copy (for anti-entropy) only of records the fleet view holds.
+    pub(super) fn drop_signed_metrics_not_in_view(&mut self) {
+        let (fleet, me) = (&self.fleet, self.me);
+        self.signed_metrics.retain(|n, _| *n == me || fleet.record(n).is_some());
+    }
+
     /// Records an operator command signed by a trusted publisher; returns whether it is new.
-    pub(super) fn take_command(&mut self, _now: u64, signed: SignedCommand) -> bool {
+    pub(super) fn take_command(&mut self, signed: SignedCommand) -> bool {
         let Ok((command, publisher)) = self.trust.open(&signed) else { return false };
         let held = self.commands.entry((command.model.clone(), command.version)).or_default();
         if held.contains(&signed) || held.len() >= MAX_COMMANDS_PER_VERSION {
@@ -280,7 +284,7 @@ impl Node {
 
     pub(super) fn on_command(&mut self, now: u64, signed: SignedCommand) -> Result<String, String> {
         let (c, _) = self.trust.open(&signed).map_err(|e| format!("the command is not accepted here: {e}"))?;
-        self.take_command(now, signed.clone());
+        self.take_command(signed.clone());
         match signed.to_bytes() {
             Ok(data) => self.outputs.push_back(Output::Gossip { topic: TOPIC_COMMANDS, data }),
             Err(e) => return Err(format!("cannot encode the command: {e}")),

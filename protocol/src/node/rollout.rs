@@ -54,8 +54,7 @@ impl Node {
     pub(super) fn rollout_tick(&mut self, now: u64) {
         let secs = now / 1000;
         self.fleet.expire(secs, self.cfg.metrics_ttl_secs.max(1));
-        let (fleet, me) = (&self.fleet, self.me);
-        self.signed_metrics.retain(|n, _| *n == me || fleet.record(n).is_some());
+        self.drop_signed_metrics_not_in_view();
         let names: Vec<String> = self.models.keys().cloned().collect();
         let mut views = vec![];
         for name in names {

@@ -81,7 +81,11 @@ impl VersionRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Persist {
     /// A verified manifest, newer than any held for its name.
-    Manifest(SignedManifest),
+    Manifest {
+        name: String,
+        version: u64,
+        signed: SignedManifest,
+    },
     Model {
         name: String,
         state: ModelState,

@@ -91,7 +91,7 @@ impl Node {
         }
         state.latest_known = version;
         let key = (name.clone(), version);
-        self.persist(Persist::Manifest(verified.signed.clone()));
+        self.persist(Persist::Manifest { name: name.clone(), version, signed: verified.signed.clone() });
         self.persist_model(&name);
         self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(now / 1000));
         self.persist_version(&key);

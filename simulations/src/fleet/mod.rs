@@ -7,8 +7,7 @@
 //!   forwarding what it accepted, as gossipsub does; requests and replies are messages.
 //! - Transfers: in 512 KiB pieces from several providers at once, decided by the protocol
 //!   core's `swarm::PieceFetch` on the fetcher's side and the node's `Uploads` gate on the
-//!   provider's (`pieces.rs`), as `crates/blobs` drives them; or (`FleetSpec::pieces`
-//!   off) each file whole from the first listed provider that holds it.
+//!   provider's (`pieces.rs`), as `crates/blobs` drives them.
 //! - Store: each node's `Persist` outputs are kept and handed back on restart.
 //! - Inference: a load takes `load_ms` and fails for versions marked broken; requests
 //!   are drawn per served version from a `Behaviour`.
@@ -55,10 +54,8 @@ pub struct FakeStore {
 impl FakeStore {
     fn apply(&mut self, p: Persist) {
         match p {
-            Persist::Manifest(m) => {
-                if let Ok(body) = m.verify_self_signed() {
-                    self.manifests.insert((body.name, body.version), m);
-                }
+            Persist::Manifest { name, version, signed } => {
+                self.manifests.insert((name, version), signed);
             }
             Persist::Model { name, state } => {
                 self.models.insert(name, state);
@@ -142,15 +139,6 @@ enum Ev {
         kind: RequestKind,
         result: Result<Vec<u8>, String>,
     },
-    /// `from`: the providers the bytes come from; the fetch fails if one is gone by then.
-    FetchDone {
-        node: usize,
-        model: String,
-        version: u64,
-        blobs: Vec<Hex32>,
-        from: Vec<usize>,
-        incarnation: u32,
-    },
     Loaded {
         node: usize,
         model: String,
@@ -224,9 +212,6 @@ pub struct FleetSpec {
     pub request_rate: f64,
     /// Bytes on the wire a request or reply takes beyond its payload (framing).
     pub overhead_bytes: u64,
-    /// Fetch in 512 KiB pieces from several providers as the node does (`PieceFetch`,
-    /// `Uploads`), or each file whole from one provider.
-    pub pieces: bool,
     pub node_config: NodeConfig,
 }
 
@@ -244,7 +229,6 @@ impl FleetSpec {
             load_ms: 200,
             request_rate: 4.0,
             overhead_bytes: 64,
-            pieces: true,
             node_config: NodeConfig {
                 metrics_interval_ms: 1_000,
                 metrics_ttl_secs: 30,
@@ -420,8 +404,8 @@ impl NodeFleet {
             && !self.links.partitioned(self.q.now(), a, b)
     }
 
-    /// Whether the transport connects `a` and `b` (their gossip mesh, or anyone when
-    /// the mesh is full): connections follow the gossip mesh.
+    /// The nodes `a` is connected to: connections follow the gossip mesh (everyone, when
+    /// the mesh degree is 0).
     fn neighbours(&self, a: usize) -> Vec<usize> {
         self.nodes[a].mesh.clone()
     }
@@ -553,8 +537,7 @@ impl NodeFleet {
                 }
             }
             Output::LearnAddrs { .. } | Output::DeleteVersion { .. } => {}
-            Output::Fetch { model, version, files } if self.spec.pieces => self.fetch_pieces(i, model, version, files),
-            Output::Fetch { model, version, files } => self.fetch(i, model, version, files),
+            Output::Fetch { model, version, files } => self.fetch_pieces(i, model, version, files),
             Output::Providers { blob, providers } => self.update_providers(i, blob, providers),
             Output::Uploads(view) => self.nodes[i].uploads.update(view),
             Output::Activate { model, version, .. } => {
@@ -578,39 +561,11 @@ impl NodeFleet {
         }
     }
 
-    /// A fetch takes each missing file from the first listed provider that holds it and
-    /// is reachable; it fails (and the node retries) when there is none.
-    fn fetch(&mut self, i: usize, model: String, version: u64, files: Vec<(FileEntry, Vec<NodeId>)>) {
-        let mut done = self.q.now();
-        let mut ok = true;
-        let mut got = vec![];
-        let mut sources = vec![];
-        for (file, providers) in &files {
-            got.push(file.blake3);
-            if self.nodes[i].blobs.contains(&file.blake3) {
-                continue;
-            }
-            let from = providers
-                .iter()
-                .filter_map(|p| self.ids.get(p).copied())
-                .find(|j| self.linked(i, *j) && self.nodes[*j].blobs.contains(&file.blake3));
-            match from.and_then(|j| Some((j, self.send(j, i, file.size)?))) {
-                Some((j, at)) => {
-                    done = done.max(at);
-                    sources.push(j);
-                }
-                None => ok = false,
-            }
-        }
-        let incarnation = self.incarnation[i];
-        let blobs = if ok { got } else { vec![] };
-        let at = done.max(self.q.now() + 1000);
-        self.q.at(at, Ev::FetchDone { node: i, model, version, blobs, from: sources, incarnation });
-    }
-
     /// Gossip as gossipsub floods it: to every linked gossip peer but the sender.
     fn flood(&mut self, from: usize, skip: Option<usize>, topic: &'static str, data: std::rc::Rc<Vec<u8>>) {
-        for j in self.neighbours(from) {
+        // By index: this is the hot path, and the mesh does not change while it runs.
+        for k in 0..self.nodes[from].mesh.len() {
+            let j = self.nodes[from].mesh[k];
             if Some(j) != skip && self.linked(from, j) {
                 *self.gossip_bytes.entry(topic).or_default() += data.len() as u64;
                 if let Some(at) = self.send(from, j, data.len() as u64) {
@@ -688,21 +643,6 @@ impl NodeFleet {
             Ev::Response { to, from, kind, result } => {
                 let peer = self.id(from);
                 self.input(to, Input::Response { peer, kind, result });
-            }
-            Ev::FetchDone { node, model, version, blobs, from, incarnation } => {
-                if incarnation != self.incarnation[node] {
-                    return;
-                }
-                let cut_off = from.iter().any(|j| !self.linked(node, *j));
-                let (blobs, result) = if blobs.is_empty() {
-                    (blobs, Err("no provider had the blob".to_string()))
-                } else if cut_off {
-                    (vec![], Err("the provider went away during the transfer".to_string()))
-                } else {
-                    (blobs, Ok(()))
-                };
-                self.nodes[node].blobs.extend(blobs);
-                self.input(node, Input::FetchFinished { model, version, result });
             }
             Ev::Loaded { node, model, version, incarnation } => {
                 if incarnation != self.incarnation[node] {
