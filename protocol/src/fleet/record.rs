@@ -1,0 +1,103 @@
+//! A node's signed metrics record: what it measured of each model version it served.
+
+use crate::error::ProtocolError;
+use crate::identity::NodeId;
+use crate::signed::{Signed, SignedKind};
+use crate::sketch::Sketch;
+use serde::{Deserialize, Serialize};
+
+pub const MAX_VERSIONS_PER_RECORD: usize = 64;
+
+/// What one node measured of one model version, since it started serving it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VersionReport {
+    pub model: String,
+    pub version: u64,
+    /// Serving it now.
+    pub active: bool,
+    /// Unix seconds when this node activated it (if it did).
+    pub active_since: Option<u64>,
+    pub requests: u64,
+    pub errors: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub latency: Sketch,
+    pub ttft: Sketch,
+    pub tokens_per_sec: Sketch,
+    /// Times this node failed to load the version (a header that passes, a load that
+    /// does not). Reported while the node does not serve it: a failing signal for the
+    /// gates even though no request was ever measured.
+    pub activation_failures: u32,
+}
+
+impl VersionReport {
+    /// What a node measured of one version, as it reports it.
+    pub fn from_metrics(model: &str, version: u64, m: &crate::metrics::VersionMetrics) -> Self {
+        VersionReport {
+            model: model.to_string(),
+            version,
+            active: false,
+            active_since: None,
+            requests: m.requests,
+            errors: m.errors,
+            prompt_tokens: m.prompt_tokens,
+            completion_tokens: m.completion_tokens,
+            latency: m.latency.clone(),
+            ttft: m.ttft.clone(),
+            tokens_per_sec: m.tokens_per_sec.clone(),
+            activation_failures: 0,
+        }
+    }
+
+    /// Adds another report of the same version: counters summed, sketches merged.
+    pub fn add(&mut self, other: &VersionReport) {
+        self.active |= other.active;
+        // Remote numbers: saturate rather than overflow.
+        self.requests = self.requests.saturating_add(other.requests);
+        self.errors = self.errors.saturating_add(other.errors);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(other.completion_tokens);
+        self.activation_failures = self.activation_failures.saturating_add(other.activation_failures);
+        self.latency.merge(&other.latency);
+        self.ttft.merge(&other.ttft);
+        self.tokens_per_sec.merge(&other.tokens_per_sec);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsRecord {
+    pub node: NodeId,
+    /// Grows with every record of this node: an older one never replaces a newer one.
+    pub seq: u64,
+    /// Unix seconds, by the node's clock.
+    pub issued_at: u64,
+    pub versions: Vec<VersionReport>,
+}
+
+impl SignedKind for MetricsRecord {
+    const DOMAIN: &'static [u8] = b"slmesh/metrics";
+    const WHAT: &'static str = "metrics record";
+}
+
+pub type SignedMetrics = Signed<MetricsRecord>;
+
+/// Checks a metrics record: self-signed by the node it names, within limits, consistent.
+pub fn verify_metrics(signed: &SignedMetrics) -> Result<MetricsRecord, ProtocolError> {
+    let record = signed.verify_self_signed()?;
+    let bad = |r: String| Err(ProtocolError::invalid("metrics record", r));
+    if record.node != signed.signer {
+        return bad("signed by another node than the one it names".into());
+    }
+    if record.versions.len() > MAX_VERSIONS_PER_RECORD {
+        return bad(format!("{} versions, at most {MAX_VERSIONS_PER_RECORD}", record.versions.len()));
+    }
+    for v in &record.versions {
+        if v.errors > v.requests {
+            return bad(format!("{}@{}: more errors than requests", v.model, v.version));
+        }
+        for s in [&v.latency, &v.ttft, &v.tokens_per_sec] {
+            s.validate()?;
+        }
+    }
+    Ok(record)
+}

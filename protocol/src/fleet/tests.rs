@@ -1,0 +1,239 @@
+use super::*;
+use crate::identity::{KeyKind, SecretKey};
+use crate::rollout::{Gates, RolloutPlan, Wave};
+
+fn node(seed: u8) -> SecretKey {
+    SecretKey::from_seed(KeyKind::Node, [seed; 32])
+}
+
+fn report(version: u64, requests: u64, errors: u64, latency: f64) -> VersionReport {
+    let mut r = VersionReport { model: "m".into(), version, active: true, requests, errors, ..Default::default() };
+    for _ in 0..requests {
+        r.latency.add(latency);
+        r.ttft.add(latency / 4.0);
+        r.tokens_per_sec.add(50.0);
+    }
+    r
+}
+
+fn record(seed: u8, seq: u64, versions: Vec<VersionReport>) -> MetricsRecord {
+    MetricsRecord { node: node(seed).public(), seq, issued_at: 100, versions }
+}
+
+fn gates() -> Gates {
+    Gates { min_samples: 30, min_reporting_nodes: 3, ..Gates::default() }
+}
+
+#[test]
+fn records_are_self_signed_and_checked() {
+    let r = record(1, 5, vec![report(2, 10, 1, 0.2)]);
+    let signed = SignedMetrics::sign(&r, &node(1)).unwrap();
+    let back = SignedMetrics::from_bytes(&signed.to_bytes().unwrap()).unwrap();
+    assert_eq!(verify_metrics(&back).unwrap(), r);
+    assert!(verify_metrics(&SignedMetrics::sign(&r, &node(2)).unwrap()).is_err(), "speaking for another node");
+    let mut lying = r.clone();
+    lying.versions[0].errors = 11;
+    assert!(verify_metrics(&SignedMetrics::sign(&lying, &node(1)).unwrap()).is_err());
+}
+
+#[test]
+fn reports_of_one_version_add_up() {
+    let mut total = report(2, 10, 1, 0.2);
+    total.active = false;
+    total.add(&report(2, 5, 2, 0.4));
+    assert_eq!((total.requests, total.errors, total.latency.count()), (15, 3, 15));
+    assert!(total.active);
+}
+
+#[test]
+fn a_repeated_or_reordered_record_never_double_counts() {
+    let mut view = FleetView::default();
+    let new = record(1, 2, vec![report(2, 20, 0, 0.2)]);
+    let old = record(1, 1, vec![report(2, 10, 0, 0.2)]);
+    assert!(view.update(new.clone(), 10));
+    assert!(!view.update(new.clone(), 11), "a duplicate is not news");
+    assert!(!view.update(old, 12), "an older record does not replace a newer one");
+    assert!(view.update(record(2, 1, vec![report(2, 5, 0, 0.2)]), 12));
+    let s = view.summary("m", 2);
+    assert_eq!((s.pooled.requests, s.nodes_reporting), (25, 2));
+    assert_eq!(view.expire(100, 89), 1, "node 1 was last heard at 10");
+    assert_eq!(view.summary("m", 2).pooled.requests, 5);
+}
+
+fn fleet(rates: &[(u64, u64)], version: u64, latency: f64) -> FleetView {
+    let mut view = FleetView::default();
+    for (i, (req, err)) in rates.iter().enumerate() {
+        view.update(record(i as u8 + 1, 1, vec![report(version, *req, *err, latency)]), 0);
+    }
+    view
+}
+
+#[test]
+fn gates_wait_for_samples_and_nodes_then_judge() {
+    let g = gates();
+    let few = fleet(&[(100, 0), (100, 0)], 2, 0.2);
+    assert!(matches!(evaluate_gates(&g, &few.summary("m", 2), None), GateVerdict::Pending(_)));
+    let small = fleet(&[(5, 0), (5, 0), (5, 0)], 2, 0.2);
+    assert!(matches!(evaluate_gates(&g, &small.summary("m", 2), None), GateVerdict::Pending(_)));
+    let good = fleet(&[(20, 0), (20, 1), (20, 0)], 2, 0.2);
+    assert_eq!(evaluate_gates(&g, &good.summary("m", 2), None), GateVerdict::Pass);
+    let bad = fleet(&[(20, 5), (20, 6), (20, 0)], 2, 0.2);
+    assert!(matches!(evaluate_gates(&g, &bad.summary("m", 2), None), GateVerdict::Fail(r) if r.contains("error rate")));
+}
+
+#[test]
+fn ratio_gates_compare_with_the_baseline() {
+    let g = gates();
+    let mut view = fleet(&[(20, 0), (20, 0), (20, 0)], 1, 0.2);
+    for seed in 4..=6 {
+        view.update(record(seed, 1, vec![report(2, 20, 0, 0.5)]), 0);
+    }
+    let baseline = view.baseline("m", 2).unwrap();
+    assert_eq!(baseline.pooled.version, 1);
+    let verdict = evaluate_gates(&g, &view.summary("m", 2), Some(&baseline));
+    assert!(matches!(&verdict, GateVerdict::Fail(r) if r.contains("p95 latency")), "{verdict:?}");
+    let mut fine = fleet(&[(20, 0), (20, 0), (20, 0)], 1, 0.2);
+    for seed in 4..=6 {
+        fine.update(record(seed, 1, vec![report(2, 20, 0, 0.22)]), 0);
+    }
+    assert_eq!(evaluate_gates(&g, &fine.summary("m", 2), fine.baseline("m", 2).as_ref()), GateVerdict::Pass);
+}
+
+#[test]
+fn times_below_the_floor_are_not_compared_as_ratios() {
+    let g = gates();
+    let mut view = fleet(&[(20, 0), (20, 0), (20, 0)], 1, 0.000_02);
+    for seed in 4..=6 {
+        view.update(record(seed, 1, vec![report(2, 20, 0, 0.003)]), 0);
+    }
+    assert_eq!(evaluate_gates(&g, &view.summary("m", 2), view.baseline("m", 2).as_ref()), GateVerdict::Pass);
+    let mut slow = fleet(&[(20, 0), (20, 0), (20, 0)], 1, 0.000_02);
+    for seed in 4..=6 {
+        slow.update(record(seed, 1, vec![report(2, 20, 0, 0.5)]), 0);
+    }
+    assert!(matches!(evaluate_gates(&g, &slow.summary("m", 2), slow.baseline("m", 2).as_ref()), GateVerdict::Fail(_)));
+}
+
+#[test]
+fn one_lying_node_can_neither_fail_a_good_version_nor_hide_a_bad_one() {
+    let g = gates();
+    // Three honest nodes see no errors; one claims 10,000 failed requests.
+    let good = fleet(&[(20, 0), (20, 0), (20, 0), (10_000, 10_000)], 2, 0.2);
+    let s = good.summary("m", 2);
+    assert!(s.pooled_error_rate().unwrap() > 0.9, "the pooled rate alone would be fooled");
+    assert_eq!(evaluate_gates(&g, &s, None), GateVerdict::Pass);
+    // Three honest nodes fail a third of their requests; one claims 10,000 successes.
+    let bad = fleet(&[(30, 10), (30, 10), (30, 10), (10_000, 0)], 2, 0.2);
+    let s = bad.summary("m", 2);
+    assert!(s.pooled_error_rate().unwrap() < 0.02, "the pooled rate alone would hide it");
+    assert!(matches!(evaluate_gates(&g, &s, None), GateVerdict::Fail(_)));
+}
+
+#[test]
+fn with_two_nodes_one_liar_leaves_the_gate_pending_and_agreement_decides() {
+    let g = Gates { min_reporting_nodes: 2, ..gates() };
+    let liar_fails_it = fleet(&[(20, 0), (20, 20)], 2, 0.2);
+    let verdict = evaluate_gates(&g, &liar_fails_it.summary("m", 2), None);
+    assert!(matches!(&verdict, GateVerdict::Pending(r) if r.contains("disagree")), "{verdict:?}");
+    let both_fail = fleet(&[(20, 8), (20, 10)], 2, 0.2);
+    assert!(matches!(evaluate_gates(&g, &both_fail.summary("m", 2), None), GateVerdict::Fail(_)));
+    let both_fine = fleet(&[(20, 0), (20, 0)], 2, 0.2);
+    assert_eq!(evaluate_gates(&g, &both_fine.summary("m", 2), None), GateVerdict::Pass);
+    // Slower on one node of two: no majority for a slowdown either.
+    let mut view = fleet(&[(20, 0), (20, 0)], 1, 0.2);
+    view.update(record(3, 1, vec![report(2, 20, 0, 0.2)]), 0);
+    view.update(record(4, 1, vec![report(2, 20, 0, 0.9)]), 0);
+    let verdict = evaluate_gates(&g, &view.summary("m", 2), view.baseline("m", 2).as_ref());
+    assert!(matches!(&verdict, GateVerdict::Pending(r) if r.contains("p95 latency")), "{verdict:?}");
+}
+
+#[test]
+fn a_version_that_fails_to_load_fails_its_gates_by_majority() {
+    let g = gates();
+    let failed = |seed: u8| {
+        let v = VersionReport { model: "m".into(), version: 2, activation_failures: 3, ..Default::default() };
+        record(seed, 1, vec![v])
+    };
+    // One node claims it could not load the version; two serve it: no verdict from that.
+    let mut view = fleet(&[(20, 0), (20, 0)], 2, 0.2);
+    view.update(failed(9), 0);
+    assert!(matches!(evaluate_gates(&g, &view.summary("m", 2), None), GateVerdict::Pending(_)));
+    // Two of three could not load it, nobody measured a request: it fails.
+    let mut view = FleetView::default();
+    view.update(failed(7), 0);
+    view.update(failed(8), 0);
+    let verdict = evaluate_gates(&g, &view.summary("m", 2), None);
+    assert!(matches!(&verdict, GateVerdict::Fail(r) if r.contains("failed to load on 2")), "{verdict:?}");
+    // Counts near u64::MAX saturate instead of overflowing.
+    let mut total = report(2, 1, 0, 0.2);
+    total.add(&VersionReport { requests: u64::MAX, ..Default::default() });
+    assert_eq!(total.requests, u64::MAX);
+}
+
+fn plan() -> RolloutPlan {
+    RolloutPlan {
+        waves: vec![
+            Wave { fraction: 0.1, soak_secs: 60 },
+            Wave { fraction: 0.5, soak_secs: 60 },
+            Wave { fraction: 1.0, soak_secs: 0 },
+        ],
+        ..RolloutPlan::default()
+    }
+}
+
+#[test]
+fn waves_open_after_their_soak_when_gates_pass() {
+    let (p, op) = (plan(), OperatorState::default());
+    let mut progress = RolloutProgress::default();
+    advance(&mut progress, &p, 1000, &GateVerdict::Pending("x".into()), &op, 1000);
+    assert_eq!(progress.opened, vec![1000]);
+    assert_eq!(decide(&progress, Some(0), false), RolloutDecision::Activate);
+    assert!(matches!(decide(&progress, Some(1), false), RolloutDecision::Wait(_)));
+    advance(&mut progress, &p, 1000, &GateVerdict::Pass, &op, 1030);
+    assert_eq!(progress.opened.len(), 1, "the canary soaks 60 s");
+    advance(&mut progress, &p, 1000, &GateVerdict::Pending("x".into()), &op, 1070);
+    assert_eq!(progress.opened.len(), 1, "no verdict, no next wave");
+    advance(&mut progress, &p, 1000, &GateVerdict::Pass, &op, 1080);
+    assert_eq!(progress.opened, vec![1000, 1080]);
+    advance(&mut progress, &p, 1000, &GateVerdict::Pass, &op, 1140);
+    assert_eq!(progress.opened, vec![1000, 1080, 1140]);
+    assert_eq!(decide(&progress, Some(2), false), RolloutDecision::Activate);
+    assert!(matches!(decide(&progress, None, false), RolloutDecision::Wait(_)));
+}
+
+#[test]
+fn a_failing_gate_halts_and_rolls_back_only_active_nodes() {
+    let (p, op) = (plan(), OperatorState::default());
+    let mut progress = RolloutProgress::default();
+    advance(&mut progress, &p, 0, &GateVerdict::Fail("errors".into()), &op, 10);
+    assert!(matches!(decide(&progress, Some(0), true), RolloutDecision::RollBack(_)));
+    assert!(matches!(decide(&progress, Some(0), false), RolloutDecision::Wait(_)));
+    advance(&mut progress, &p, 0, &GateVerdict::Pass, &op, 500);
+    assert!(progress.halted.is_some(), "a halt is for good");
+}
+
+#[test]
+fn operators_pause_resume_promote_and_abort() {
+    let p = plan();
+    let cmd = |action, at| RolloutCommand { model: "m".into(), version: 2, action, issued_at: at };
+    let mut progress = RolloutProgress::default();
+    let paused = OperatorState::fold(&[cmd(CommandAction::Pause, 5)]);
+    advance(&mut progress, &p, 0, &GateVerdict::Pass, &paused, 100);
+    assert_eq!(progress.opened.len(), 1, "paused: no new wave");
+    // Resume and pause arrive out of order: issued_at decides.
+    let resumed = OperatorState::fold(&[cmd(CommandAction::Resume, 7), cmd(CommandAction::Pause, 5)]);
+    advance(&mut progress, &p, 0, &GateVerdict::Pass, &resumed, 100);
+    assert_eq!(progress.opened, vec![0, 100]);
+    let promoted = OperatorState::fold(&[cmd(CommandAction::Promote, 110)]);
+    advance(&mut progress, &p, 0, &GateVerdict::Pass, &promoted, 111);
+    assert_eq!(progress.opened, vec![0, 100, 111], "promote skips the soak");
+    let back = OperatorState::fold(&[cmd(CommandAction::Promote, 1), cmd(CommandAction::RollBackTo { to: 1 }, 2)]);
+    assert_eq!(back.roll_back_to, Some(1));
+    let mut rolled = RolloutProgress::default();
+    advance(&mut rolled, &p, 0, &GateVerdict::Pass, &back, 3);
+    assert!(rolled.halted.as_deref().is_some_and(|h| h.contains("version 1")), "{rolled:?}");
+    let mut other = RolloutProgress::default();
+    let aborted = OperatorState::fold(&[cmd(CommandAction::Abort, 1)]);
+    advance(&mut other, &p, 0, &GateVerdict::Pass, &aborted, 2);
+    assert!(matches!(decide(&other, Some(0), true), RolloutDecision::RollBack(_)));
+}
