@@ -1,6 +1,7 @@
 //! Rollout gates: a candidate version against its baseline, on per-node statistics.
 
 use super::record::VersionReport;
+use super::view::PANEL_SIZE;
 use crate::identity::NodeId;
 use crate::rollout::Gates;
 use serde::{Deserialize, Serialize};
@@ -22,9 +23,12 @@ pub struct NodeStat {
 /// One version across the fleet.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VersionSummary {
+    /// Panel members reporting the version (all reporters, up to `PANEL_SIZE`).
     pub nodes_reporting: usize,
     pub nodes_active: usize,
-    /// Every node's report merged (model and version included; `active` if any node is).
+    /// About how many nodes of the fleet report it (the panel's count while it has room).
+    pub nodes_estimated: usize,
+    /// Every panel member's report merged (model and version included; `active` if any node is).
     pub pooled: VersionReport,
     pub per_node: Vec<NodeStat>,
 }
@@ -135,14 +139,17 @@ pub fn evaluate_gates(gates: &Gates, candidate: &VersionSummary, baseline: Optio
     // A version that does not load: fail once the nodes that could not load it outnumber
     // those that serve it and make a majority of the reporting minimum (so with the
     // minimum at 3, one node's claim does not decide).
+    // The counts are the panel's: a plan asking for more nodes than a panel holds asks
+    // for a full panel.
+    let min_nodes = (gates.min_reporting_nodes as usize).clamp(1, PANEL_SIZE);
     let failed = candidate.per_node.iter().filter(|n| n.failed_activation).count();
     let serving = candidate.nodes_active;
-    if failed > serving && failed * 2 > gates.min_reporting_nodes as usize {
+    if failed > serving && failed * 2 > min_nodes {
         return GateVerdict::Fail(format!("the version failed to load on {failed} node(s), {serving} serve it"));
     }
     let nodes = candidate.nodes_measured();
-    if nodes < gates.min_reporting_nodes.max(1) as usize {
-        return GateVerdict::Pending(format!("{nodes} node(s) measured, {} needed", gates.min_reporting_nodes.max(1)));
+    if nodes < min_nodes {
+        return GateVerdict::Pending(format!("{nodes} node(s) measured, {min_nodes} needed"));
     }
     let requests = candidate.pooled.requests;
     if requests < gates.min_samples {

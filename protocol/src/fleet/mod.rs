@@ -1,15 +1,63 @@
 //! Fleet metrics and the rollout engine, with no central server.
 //!
 //! Each node signs a `MetricsRecord` (cumulative counters and sketches per model version
-//! it served) and gossips it. Receivers keep the newest record per node (`FleetView`);
-//! because records are cumulative and replace each other, a repeated or reordered record
-//! never double-counts. Summaries merge the records; gates compare a candidate version
-//! with its baseline using per-node statistics (medians across nodes; a verdict needs a
-//! majority, so with an even count the lower median must fail and the upper one pass),
-//! so one node that lies can neither force a rollback nor hide a failing version once
-//! three or more nodes report. The rollout engine
+//! it served). Receivers keep the newest record per node (`FleetView`); because records
+//! are cumulative and replace each other by sequence number, a repeated or reordered
+//! record never double-counts. Gates compare a candidate version with its baseline using
+//! per-node statistics (medians across nodes; a verdict needs a majority, so with an even
+//! count the lower median must fail and the upper one pass). The rollout engine
 //! (`advance`, `decide`) turns the plan, the gate verdict, operator commands and the
 //! clock into what this node does: activate, wait, or roll back.
+//!
+//! # Metrics that scale: the panel
+//!
+//! Not every node's record travels. For each model version, the `PANEL_SIZE` nodes
+//! with the lowest *panel rank* among those that report it (BLAKE3 of node id, model
+//! and version, independent of the cohort) hold its seats; only they gossip a report of
+//! it, and receivers keep and forward only reports that hold a seat (`view`). Every node
+//! therefore receives at most `PANEL_SIZE` reports per version and metrics interval,
+//! whatever the fleet's size, and holds at most `MAX_PANELS` panels: gossip and memory
+//! per node are flat in the fleet's size. Since ranks are uniform and independent of the
+//! figures, the panel is a uniform sample of the nodes that report the version: the
+//! gates' medians across nodes are medians across it, `min_samples` counts its requests,
+//! and `min_reporting_nodes` is capped at `PANEL_SIZE`. The largest rank in a full panel
+//! estimates how many nodes report the version (the k-th minimum value estimator,
+//! about ±27% at k = 16), which sizes the canary floor. A fleet with at most
+//! `PANEL_SIZE` nodes reporting a version gives every one of them a seat: the figures are
+//! exact, as before the panel.
+//!
+//! There is no special role and so no new single point: seats follow from hashes every
+//! node computes the same way. A member that crashes or goes silent stops refreshing its
+//! record; `FleetView::expire` drops it after the configured time (`metrics_ttl_secs`),
+//! the next-ranked node then finds a free seat and reports at its next interval. A seat
+//! is refilled within `metrics_ttl_secs + metrics_interval` plus gossip's propagation
+//! (65 s with the defaults), and the gates read the panel as it stands meanwhile.
+//! A report new to a node waits for its turn in proportion to its rank (at most six
+//! intervals), so that a wave opening on thousands of nodes at once does not make them
+//! all report before they see the seats taken.
+//!
+//! # What k lying nodes can and cannot do
+//!
+//! (Enrolled nodes; until records are checked against enrollments, one insider can sign
+//! records under made-up ids, which grinds ranks and defeats all of this.)
+//!
+//! - They cannot choose seats: a rank is fixed by the node's enrolled id and the
+//!   version, which the publisher picks after enrollment. A liar with a seat is one vote
+//!   among the panel's measured members, and a liar without one is not counted, not kept
+//!   and not forwarded (it costs its direct neighbours one message each).
+//! - They cannot force a verdict unless they are more than half of the panel's measured
+//!   members: a gate fails only when a strict majority of them is beyond its limit, and
+//!   passes only when a strict majority is within it. Short of that, k liars can hold a
+//!   gate pending where honest members are split closely enough (within k of a tie).
+//! - They cannot push honest nodes out of a panel (a seat needs a lower rank), speak for
+//!   another node (records are signed by the node they name), or count twice (one
+//!   record per node, newest wins).
+//! - A version that fails to load fails its gates when failed members outnumber serving
+//!   ones and are a majority of `min_reporting_nodes`: k liars claiming failures decide
+//!   this only when k exceeds both.
+//! - Reports of made-up versions fill at most `MAX_PANELS` panels; the panels with the
+//!   fewest members are dropped first, so a real version with several reporters stays.
+//! - They can go silent: their seats are refilled as for a crash.
 
 mod engine;
 mod gates;
@@ -21,7 +69,7 @@ pub use engine::{
 };
 pub use gates::{evaluate_gates, GateVerdict, NodeStat, VersionSummary, TIME_RATIO_FLOOR_SECS};
 pub use record::{verify_metrics, MetricsRecord, SignedMetrics, VersionReport, MAX_VERSIONS_PER_RECORD};
-pub use view::{FleetView, MAX_FLEET_NODES};
+pub use view::{panel_rank, rank_fraction, FleetView, MAX_FLEET_NODES, MAX_PANELS, PANEL_SIZE};
 
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,5 @@
 use super::*;
-use crate::identity::{KeyKind, SecretKey};
+use crate::identity::{KeyKind, NodeId, SecretKey};
 use crate::rollout::{Gates, RolloutPlan, Wave};
 
 fn node(seed: u8) -> SecretKey {
@@ -58,6 +58,112 @@ fn a_repeated_or_reordered_record_never_double_counts() {
     assert_eq!((s.pooled.requests, s.nodes_reporting), (25, 2));
     assert_eq!(view.expire(100, 89), 1, "node 1 was last heard at 10");
     assert_eq!(view.summary("m", 2).pooled.requests, 5);
+}
+
+fn many(i: u32) -> NodeId {
+    let mut seed = [7u8; 32];
+    seed[..4].copy_from_slice(&i.to_le_bytes());
+    SecretKey::from_seed(KeyKind::Node, seed).public()
+}
+
+fn record_of(node: NodeId, seq: u64, versions: Vec<VersionReport>) -> MetricsRecord {
+    MetricsRecord { node, seq, issued_at: 100, versions }
+}
+
+/// The panel members among `nodes` for version 2 of "m": the lowest ranks.
+fn lowest_ranked(nodes: &[NodeId]) -> Vec<NodeId> {
+    let mut ranked: Vec<(u64, NodeId)> = nodes.iter().map(|n| (panel_rank(n, "m", 2), *n)).collect();
+    ranked.sort();
+    ranked.into_iter().take(PANEL_SIZE).map(|(_, n)| n).collect()
+}
+
+#[test]
+fn the_panel_holds_the_lowest_ranks_whatever_the_order_records_arrive_in() {
+    let nodes: Vec<NodeId> = (0..200).map(many).collect();
+    let mut want = lowest_ranked(&nodes);
+    want.sort();
+    for order in [0u32, 1, 2] {
+        let mut arrival = nodes.clone();
+        // Three orders: as made, reversed, and by rank from the highest.
+        match order {
+            1 => arrival.reverse(),
+            2 => arrival.sort_by_key(|n| std::cmp::Reverse(panel_rank(n, "m", 2))),
+            _ => {}
+        }
+        let mut view = FleetView::default();
+        for n in &arrival {
+            view.update(record_of(*n, 1, vec![report(2, 10, 0, 0.2)]), 0);
+        }
+        let mut held: Vec<NodeId> = view.records().map(|r| r.node).collect();
+        held.sort();
+        assert_eq!(held, want, "order {order}");
+        let s = view.summary("m", 2);
+        assert_eq!((s.nodes_reporting, s.pooled.requests), (PANEL_SIZE, 10 * PANEL_SIZE as u64));
+        // A node outside the panel is not news (not kept, not forwarded), even with a newer record.
+        let outsider = nodes.iter().find(|n| !want.contains(n)).unwrap();
+        assert!(!view.would_seat(outsider, "m", 2));
+        assert!(!view.update(record_of(*outsider, 9, vec![report(2, 10, 10, 9.0)]), 0));
+        assert_eq!(view.summary("m", 2).pooled.errors, 0);
+    }
+}
+
+#[test]
+fn small_fleets_are_counted_exactly_and_large_ones_estimated() {
+    let mut view = FleetView::default();
+    for i in 0..10 {
+        view.update(record_of(many(i), 1, vec![report(2, 1, 0, 0.2)]), 0);
+    }
+    assert_eq!((view.summary("m", 2).nodes_estimated, view.estimated_nodes()), (10, 10));
+    for (n, low, high) in [(500u32, 250, 1000), (5_000, 2_500, 10_000)] {
+        let mut view = FleetView::default();
+        for i in 0..n {
+            view.update(record_of(many(i), 1, vec![report(2, 1, 0, 0.2)]), 0);
+        }
+        let estimate = view.estimated_nodes();
+        assert!((low..=high).contains(&estimate), "{n} nodes estimated as {estimate}");
+        assert_eq!(view.len(), PANEL_SIZE, "memory stays one panel");
+    }
+}
+
+#[test]
+fn a_member_that_goes_silent_is_replaced_once_its_record_expires() {
+    let nodes: Vec<NodeId> = (0..60).map(many).collect();
+    let panel = lowest_ranked(&nodes);
+    let mut ranked: Vec<NodeId> = nodes.clone();
+    ranked.sort_by_key(|n| panel_rank(n, "m", 2));
+    let next = ranked[PANEL_SIZE];
+    let mut view = FleetView::default();
+    for n in &nodes {
+        view.update(record_of(*n, 1, vec![report(2, 10, 0, 0.2)]), 100);
+    }
+    assert!(!view.would_seat(&next, "m", 2));
+    // Every member but the lowest refreshes; the lowest crashed.
+    for n in &panel[1..] {
+        view.update(record_of(*n, 2, vec![report(2, 20, 0, 0.2)]), 150);
+    }
+    assert_eq!(view.expire(170, 60), 1);
+    assert!(view.would_seat(&next, "m", 2), "the next-ranked node now has a seat");
+    assert!(view.update(record_of(next, 1, vec![report(2, 10, 0, 0.2)]), 171));
+    assert_eq!(view.summary("m", 2).nodes_reporting, PANEL_SIZE);
+}
+
+#[test]
+fn made_up_versions_cannot_push_a_real_one_out() {
+    let mut view = FleetView::default();
+    for i in 0..5 {
+        view.update(record_of(many(i), 1, vec![report(2, 10, 0, 0.2)]), 0);
+    }
+    // One liar reports many versions nobody else has, record after record.
+    let liar = many(1_000);
+    for seq in 0..(MAX_PANELS as u64 * 2) {
+        let fake: Vec<VersionReport> = (0..MAX_VERSIONS_PER_RECORD as u64)
+            .map(|k| VersionReport { model: format!("fake{seq}"), version: k, ..report(k, 1, 0, 0.2) })
+            .collect();
+        view.update(record_of(liar, seq + 1, fake), 0);
+    }
+    assert_eq!(view.summary("m", 2).nodes_reporting, 5);
+    assert!(view.versions().len() <= MAX_PANELS);
+    assert!(view.len() <= 6);
 }
 
 fn fleet(rates: &[(u64, u64)], version: u64, latency: f64) -> FleetView {

@@ -1,46 +1,170 @@
-//! The fleet as one node sees it: the newest metrics record of each node heard from.
+//! The fleet as one node sees it: the metrics panel of every model version.
+//!
+//! Flooding one record per node to the whole fleet costs every node bytes in proportion
+//! to the fleet's size. Instead, each model version has a *panel*: of the nodes that
+//! report the version, the `PANEL_SIZE` with the lowest panel rank (a hash of node id,
+//! model and version, like the cohort but independent of it). Only panel members gossip
+//! their records, and only their reports count; so every node receives at most
+//! `PANEL_SIZE` reports per version and interval, whatever the fleet's size, and every
+//! node that hears the same records holds the same panel.
+//!
+//! - No special role: a panel member is a node like any other, chosen by a hash nobody
+//!   controls after enrollment. One that crashes stops refreshing its record, the record
+//!   expires after the configured time, and the next-ranked node finds that it now has a
+//!   seat and reports at its next interval: replaced within `ttl + interval`.
+//! - Reports of nodes without a seat are not news: they are neither kept nor forwarded,
+//!   so a node that reports out of turn costs its neighbours one message, not the fleet.
+//! - The panel is a uniform sample of the nodes that report a version, so the gates'
+//!   medians across nodes are medians across the panel, and the k-th smallest rank
+//!   estimates how many nodes report the version (`VersionSummary::nodes_estimated`).
+//!   In a fleet of at most `PANEL_SIZE` nodes per version every node has a seat and the
+//!   figures are exact.
+//! - Records replace each other by sequence number, so a duplicated or reordered record
+//!   never double-counts; a version's pooled figures add the panel's reports, each once.
 
 use super::gates::{NodeStat, VersionSummary};
 use super::record::{MetricsRecord, VersionReport};
 use crate::identity::NodeId;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-/// Records held at most; the ones heard from longest ago go first.
-pub const MAX_FLEET_NODES: usize = 100_000;
+/// Nodes whose reports count for one model version.
+pub const PANEL_SIZE: usize = 16;
+/// Model versions with a panel, at most; beyond, the panel with the fewest members goes
+/// (a made-up version has one reporter, a real one many).
+pub const MAX_PANELS: usize = 256;
+/// Records held at most: every held record has a seat in some panel.
+pub const MAX_FLEET_NODES: usize = PANEL_SIZE * MAX_PANELS;
+
+type Key = (String, u64);
+
+/// Where a node stands in the metrics panel of one version: lower is earlier.
+pub fn panel_rank(node: &NodeId, model: &str, version: u64) -> u64 {
+    let mut h = blake3::Hasher::new_derive_key("slmesh metrics panel v1");
+    h.update(node.as_bytes());
+    h.update(&(model.len() as u64).to_le_bytes());
+    h.update(model.as_bytes());
+    h.update(&version.to_le_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// A rank as a fraction of the hash space, in [0, 1).
+pub fn rank_fraction(rank: u64) -> f64 {
+    (rank >> 11) as f64 / (1u64 << 53) as f64
+}
 
 struct Held {
     record: MetricsRecord,
     received_at: u64,
 }
 
-/// The newest record of every node heard from, bounded in number and age.
+/// The newest record of every panel member heard from, bounded in number and age.
 #[derive(Default)]
 pub struct FleetView {
     records: BTreeMap<NodeId, Held>,
+    /// Per version, the seats: (rank, node), at most `PANEL_SIZE`.
+    panels: BTreeMap<Key, BTreeSet<(u64, NodeId)>>,
 }
 
 impl FleetView {
     /// Takes a verified record; returns whether it was news. A record not newer than the
-    /// one held (a duplicate, a replay, a reordering) changes nothing.
+    /// one held (a duplicate, a replay, a reordering) changes nothing, and neither does
+    /// one whose versions all lack a seat.
     pub fn update(&mut self, record: MetricsRecord, now: u64) -> bool {
-        if self.records.get(&record.node).is_some_and(|h| h.record.seq >= record.seq) {
+        let node = record.node;
+        if self.records.get(&node).is_some_and(|h| h.record.seq >= record.seq) {
             return false;
         }
-        if !self.records.contains_key(&record.node) && self.records.len() >= MAX_FLEET_NODES {
-            let oldest = self.records.iter().min_by_key(|(_, h)| h.received_at).map(|(n, _)| *n);
-            if let Some(n) = oldest {
+        self.remove(&node);
+        let mut seated = false;
+        for v in &record.versions {
+            seated |= self.seat(&node, &v.model, v.version);
+        }
+        if seated {
+            self.records.insert(node, Held { record, received_at: now });
+        }
+        seated
+    }
+
+    /// Whether a report of `node` about this version would hold a seat now: fewer than
+    /// `PANEL_SIZE` other nodes with a lower rank hold one.
+    pub fn would_seat(&self, node: &NodeId, model: &str, version: u64) -> bool {
+        let rank = panel_rank(node, model, version);
+        match self.panels.get(&(model.to_string(), version)) {
+            None => true,
+            Some(seats) => seats.iter().filter(|(r, n)| n != node && *r < rank).count() < PANEL_SIZE,
+        }
+    }
+
+    /// Gives `node` a seat for the version if its rank earns one, evicting the highest
+    /// ranked member of a full panel (and its record, once it holds no seat at all).
+    fn seat(&mut self, node: &NodeId, model: &str, version: u64) -> bool {
+        if !self.would_seat(node, model, version) {
+            return false;
+        }
+        let key = (model.to_string(), version);
+        if !self.panels.contains_key(&key) && self.panels.len() >= MAX_PANELS {
+            self.drop_smallest_panel();
+        }
+        let seats = self.panels.entry(key).or_default();
+        seats.insert((panel_rank(node, model, version), *node));
+        let mut evicted = None;
+        if seats.len() > PANEL_SIZE {
+            evicted = seats.pop_last().map(|(_, n)| n);
+        }
+        if let Some(n) = evicted.filter(|n| n != node && !self.holds_a_seat(n)) {
+            self.records.remove(&n);
+        }
+        true
+    }
+
+    fn drop_smallest_panel(&mut self) {
+        let Some(key) = self.panels.iter().min_by_key(|(k, s)| (s.len(), (*k).clone())).map(|(k, _)| k.clone()) else {
+            return;
+        };
+        let members: Vec<NodeId> = self.panels.remove(&key).into_iter().flatten().map(|(_, n)| n).collect();
+        for n in members {
+            if !self.holds_a_seat(&n) {
                 self.records.remove(&n);
             }
         }
-        self.records.insert(record.node, Held { record, received_at: now });
-        true
+    }
+
+    fn holds_a_seat(&self, node: &NodeId) -> bool {
+        let Some(held) = self.records.get(node) else { return false };
+        held.record.versions.iter().any(|v| {
+            let rank = panel_rank(node, &v.model, v.version);
+            self.panels.get(&(v.model.clone(), v.version)).is_some_and(|s| s.contains(&(rank, *node)))
+        })
+    }
+
+    /// Takes a node's record and its seats out of the view.
+    fn remove(&mut self, node: &NodeId) {
+        let Some(held) = self.records.remove(node) else { return };
+        for v in &held.record.versions {
+            let key = (v.model.clone(), v.version);
+            if let Some(seats) = self.panels.get_mut(&key) {
+                seats.remove(&(panel_rank(node, &v.model, v.version), *node));
+                if seats.is_empty() {
+                    self.panels.remove(&key);
+                }
+            }
+        }
     }
 
     /// Forgets nodes not heard from for `ttl_secs`; returns how many.
     pub fn expire(&mut self, now: u64, ttl_secs: u64) -> usize {
-        let before = self.records.len();
-        self.records.retain(|_, h| now.saturating_sub(h.received_at) < ttl_secs);
-        before - self.records.len()
+        let gone: Vec<NodeId> = self
+            .records
+            .iter()
+            .filter(|(_, h)| now.saturating_sub(h.received_at) >= ttl_secs)
+            .map(|(n, _)| *n)
+            .collect();
+        for n in &gone {
+            self.remove(n);
+        }
+        gone.len()
     }
 
     pub fn len(&self) -> usize {
@@ -59,25 +183,41 @@ impl FleetView {
         self.records.values().map(|h| &h.record)
     }
 
-    /// Every (model, version) some node reports.
+    /// Every (model, version) some panel member reports.
     pub fn versions(&self) -> Vec<(String, u64)> {
-        let mut out: Vec<(String, u64)> =
-            self.records().flat_map(|r| r.versions.iter().map(|v| (v.model.clone(), v.version))).collect();
-        out.sort();
-        out.dedup();
-        out
+        self.panels.keys().cloned().collect()
+    }
+
+    /// About how many nodes report this version: the panel's count while it has room,
+    /// else the k-th minimum value estimate (k - 1) / (k-th smallest rank).
+    pub fn estimated_reporters(&self, model: &str, version: u64) -> usize {
+        let Some(seats) = self.panels.get(&(model.to_string(), version)) else { return 0 };
+        match seats.last() {
+            Some((rank, _)) if seats.len() >= PANEL_SIZE => {
+                let top = rank_fraction(*rank).max(f64::MIN_POSITIVE);
+                (((PANEL_SIZE - 1) as f64 / top).round() as usize).max(seats.len())
+            }
+            _ => seats.len(),
+        }
+    }
+
+    /// About how many nodes the fleet has: the most that report any one version.
+    pub fn estimated_nodes(&self) -> usize {
+        self.panels.keys().map(|(m, v)| self.estimated_reporters(m, *v)).max().unwrap_or(0)
     }
 
     pub fn summary(&self, model: &str, version: u64) -> VersionSummary {
         let pooled = VersionReport { model: model.to_string(), version, ..Default::default() };
         let mut s = VersionSummary { pooled, ..Default::default() };
-        for record in self.records() {
-            for v in record.versions.iter().filter(|v| v.model == model && v.version == version) {
+        let Some(seats) = self.panels.get(&(model.to_string(), version)) else { return s };
+        for (_, node) in seats {
+            let Some(held) = self.records.get(node) else { continue };
+            for v in held.record.versions.iter().filter(|v| v.model == model && v.version == version) {
                 s.nodes_reporting += 1;
                 s.nodes_active += usize::from(v.active);
                 s.pooled.add(v);
                 s.per_node.push(NodeStat {
-                    node: record.node,
+                    node: *node,
                     active: v.active,
                     requests: v.requests,
                     errors: v.errors,
@@ -88,6 +228,7 @@ impl FleetView {
                 });
             }
         }
+        s.nodes_estimated = self.estimated_reporters(model, version);
         s
     }
 

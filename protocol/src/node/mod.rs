@@ -299,6 +299,8 @@ pub struct Node {
     metrics_seq: u64,
     metrics_sent_at: Option<u64>,
     last_reports: Option<Vec<VersionReport>>,
+    /// When this node first had a report of each version (its turn in the panel counts from it).
+    reporting_since: BTreeMap<(String, u64), u64>,
     originated: BTreeSet<Hex32>,
     complete: BTreeSet<Hex32>,
     // Work under way.
@@ -382,6 +384,7 @@ impl Node {
             metrics_seq: 0,
             metrics_sent_at: None,
             last_reports: None,
+            reporting_since: BTreeMap::new(),
             originated: BTreeSet::new(),
             complete: BTreeSet::new(),
             wanted: BTreeMap::new(),

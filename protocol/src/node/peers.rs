@@ -248,11 +248,11 @@ impl Node {
         }
         let node = record.node;
         if !self.fleet.update(record, now / 1000) {
-            return GossipVerdict::Ignore("not newer than the record held".into());
+            return GossipVerdict::Ignore("not newer than the record held, or outside the metrics panel".into());
         }
         self.signed_metrics.insert(node, signed);
         // Records the view let go of (its bound) are not kept either.
-        if self.signed_metrics.len() > self.fleet.len() + 1 {
+        if self.signed_metrics.len() > self.fleet.len() {
             self.drop_signed_metrics_not_in_view();
         }
         GossipVerdict::Accept
@@ -260,8 +260,8 @@ impl Node {
 
     /// Keeps the signed copy (for anti-entropy) only of records the fleet view holds.
     pub(super) fn drop_signed_metrics_not_in_view(&mut self) {
-        let (fleet, me) = (&self.fleet, self.me);
-        self.signed_metrics.retain(|n, _| *n == me || fleet.record(n).is_some());
+        let fleet = &self.fleet;
+        self.signed_metrics.retain(|n, _| fleet.record(n).is_some());
     }
 
     /// Records an operator command signed by a trusted publisher; returns whether it is new.

@@ -31,9 +31,10 @@ impl Node {
         OperatorState::fold(&commands)
     }
 
-    /// How many nodes this node has evidence of (itself included).
+    /// About how many nodes the fleet has, by the metrics panels' estimate or the peers
+    /// this node knows (itself included), whichever is more.
     fn fleet_size(&self) -> usize {
-        self.fleet.len().max(self.known.len() + 1)
+        self.fleet.estimated_nodes().max(self.known.len() + 1)
     }
 
     fn my_wave(&self, key: &VersionKey, record: &VersionRecord) -> Option<usize> {

@@ -3,7 +3,9 @@
 //! and telling the fleet what this node holds and measures.
 
 use super::{Activation, FetchRetry, Level, Node, Output, Persist, Restored, UploadView, VersionKey, VersionRecord};
-use crate::fleet::{MetricsRecord, SignedMetrics, VersionReport, MAX_VERSIONS_PER_RECORD};
+use crate::fleet::{
+    panel_rank, rank_fraction, MetricsRecord, SignedMetrics, VersionReport, MAX_VERSIONS_PER_RECORD, PANEL_SIZE,
+};
 use crate::hex32::Hex32;
 use crate::identity::NodeId;
 use crate::manifest::{FileRole, SignedManifest, Variant, VerifiedManifest};
@@ -19,6 +21,8 @@ use std::collections::BTreeSet;
 /// A node gossips an unchanged metrics record again after this many intervals, so that
 /// peers do not expire it.
 const METRICS_REFRESH_INTERVALS: u64 = 5;
+/// The longest a new report waits for its turn in the metrics panel, in intervals.
+const MAX_REPORT_WAIT_INTERVALS: u64 = 6;
 
 impl Node {
     pub(super) fn verify(&self, signed: SignedManifest) -> Result<VerifiedManifest, ProtocolError> {
@@ -446,6 +450,11 @@ impl Node {
         }
         reports.sort_by(|a, b| (&a.model, a.version).cmp(&(&b.model, b.version)));
         reports.truncate(MAX_VERSIONS_PER_RECORD);
+        self.keep_panel_reports(now, &mut reports);
+        if reports.is_empty() {
+            self.last_reports = None;
+            return;
+        }
         let refresh = self.cfg.metrics_interval_ms.saturating_mul(METRICS_REFRESH_INTERVALS);
         let unchanged = self.last_reports.as_ref() == Some(&reports);
         if unchanged && self.metrics_sent_at.is_some_and(|t| now.saturating_sub(t) < refresh) {
@@ -466,6 +475,27 @@ impl Node {
         self.last_reports = Some(reports);
         self.metrics_sent_at = Some(now);
         self.outputs.push_back(Output::Gossip { topic: TOPIC_METRICS, data });
+    }
+
+    /// Keeps the reports that hold a seat in their version's metrics panel (the others
+    /// would not count, so they are not sent). A report new to this node first waits in
+    /// proportion to its rank, in intervals, once the fleet is larger than a panel: when a
+    /// wave opens on many nodes at once, the lowest ranks report first and the rest find
+    /// their seats taken, instead of all reporting at once.
+    fn keep_panel_reports(&mut self, now: u64, reports: &mut Vec<VersionReport>) {
+        let interval = self.cfg.metrics_interval_ms.max(1);
+        let fleet = self.fleet.estimated_nodes().max(self.known.len() + 1) as f64;
+        self.reporting_since.retain(|(m, v), _| reports.iter().any(|r| &r.model == m && r.version == *v));
+        for r in reports.iter() {
+            self.reporting_since.entry((r.model.clone(), r.version)).or_insert(now);
+        }
+        let (me, since, view) = (self.me, &self.reporting_since, &self.fleet);
+        reports.retain(|r| {
+            let rank = rank_fraction(panel_rank(&me, &r.model, r.version));
+            let turns = ((rank * fleet / PANEL_SIZE as f64).floor() as u64).min(MAX_REPORT_WAIT_INTERVALS);
+            let first = since.get(&(r.model.clone(), r.version)).copied().unwrap_or(now);
+            now >= first.saturating_add(turns.saturating_mul(interval)) && view.would_seat(&me, &r.model, r.version)
+        });
     }
 
     pub(super) fn upload_view(&self) -> UploadView {
