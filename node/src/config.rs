@@ -99,13 +99,15 @@ pub struct FleetConfig {
     /// Seconds between this node's signed metrics records (counters and sketches, never
     /// prompts or outputs); a changed record goes out at most this often.
     pub metrics_interval_secs: u64,
-    /// A node not heard from for this many seconds drops out of the fleet view.
+    /// A node not heard from for this many seconds drops out of the fleet view, and its
+    /// seat in a metrics panel goes to the next-ranked node. Keep it above five intervals:
+    /// an unchanged record is sent again every five.
     pub metrics_ttl_secs: u64,
 }
 
 impl Default for FleetConfig {
     fn default() -> Self {
-        FleetConfig { metrics_interval_secs: 10, metrics_ttl_secs: 600 }
+        FleetConfig { metrics_interval_secs: 10, metrics_ttl_secs: 180 }
     }
 }
 
@@ -261,7 +263,8 @@ impl Config {
         out.push_str("\n[fleet]\n");
         out.push_str("# Seconds between this node's signed metrics records (numbers only, never prompts).\n");
         out.push_str(&format!("metrics_interval_secs = {}\n", self.fleet.metrics_interval_secs));
-        out.push_str("# A node not heard from for this many seconds drops out of the fleet view.\n");
+        out.push_str("# A node not heard from for this many seconds drops out of the fleet view (and its\n");
+        out.push_str("# seat in a metrics panel goes to the next node); keep it above five intervals.\n");
         out.push_str(&format!("metrics_ttl_secs = {}\n", self.fleet.metrics_ttl_secs));
         out.push_str("\n[trust]\n");
         out.push_str("# This node's enrollment certificate, relative to data_dir.\n");

@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod mesh;
 pub mod metrics;
 pub mod node;
+pub mod panel;
 pub mod rollout;
 pub mod select;
 pub mod signed;

@@ -168,7 +168,6 @@ impl ManifestDigest {
 
 /// Gossipsub topics. The version suffix changes with an incompatible message format.
 pub const TOPIC_MANIFESTS: &str = "slmesh/manifests/1";
-pub const TOPIC_HAVES: &str = "slmesh/haves/1";
 pub const TOPIC_METRICS: &str = "slmesh/metrics/1";
 pub const TOPIC_COMMANDS: &str = "slmesh/commands/1";
 
@@ -184,18 +183,24 @@ pub enum PeerRequest {
     Hello(Hello),
     /// Anti-entropy: "this is what I hold; send me what is newer, and who holds what".
     Sync(ManifestDigest),
+    /// The sender's own have record, sent to each admitted peer when it changes. Have
+    /// records go only to direct peers (the only ones a node fetches from), never to the
+    /// whole fleet: what a node receives grows with its connections, not the fleet.
+    Have(SignedHave),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum PeerResponse {
     Hello(Hello),
     Sync(SyncReply),
+    /// A have record was taken.
+    Taken,
     /// The peer will not answer (for example: the asker is not admitted).
     Refused(String),
 }
 
 /// What a peer sends back to a `Sync`: the newest manifest of each model the asker lacks,
-/// and the have records it knows. The asker verifies every one as if it were gossiped.
+/// and the peer's own have record. The asker verifies every one as if it were gossiped.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SyncReply {
     pub manifests: Vec<crate::manifest::SignedManifest>,
@@ -228,7 +233,7 @@ impl PeerRequest {
             PeerRequest::Sync(d) if d.latest.len() > MAX_DIGEST_ENTRIES => {
                 return Err(ProtocolError::invalid("manifest digest", "too many entries"))
             }
-            PeerRequest::Sync(_) => {}
+            PeerRequest::Sync(_) | PeerRequest::Have(_) => {}
         }
         Ok(request)
     }

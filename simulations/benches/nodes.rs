@@ -7,9 +7,11 @@
 //! requests) over three sites (1 / 20 / 40 ms apart), 100 Mbit/s links, a gossip mesh of
 //! degree 4, a 20 MB model fetched whole from one provider, metrics every 5 s. Prints the
 //! wall time, events per second, the simulated time until every node served the new
-//! version, and the gossip bytes each node sent (originated and forwarded) per simulated
-//! second during the rollout, by topic.
+//! version, and per node during the rollout: metrics gossip received and forwarded per
+//! simulated second, have-record bytes received (they go to direct peers only), and
+//! manifest gossip received and forwarded per second.
 
+use slmesh_protocol::node::RequestKind;
 use slmesh_protocol::rollout::Gates;
 use slmesh_sim::engine::SECOND;
 use slmesh_sim::fleet::{FleetSpec, NodeFleet};
@@ -47,8 +49,8 @@ fn main() {
     let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![30, 100, 300] } else { sizes };
     println!(
-        "{:>6} {:>9} {:>11} {:>10} {:>12} {:>10} {:>10} {:>10}",
-        "nodes", "wall s", "events", "events/s", "rollout s", "metrics", "haves", "manifests"
+        "{:>6} {:>9} {:>11} {:>10} {:>10} {:>12} {:>12} {:>12}",
+        "nodes", "wall s", "events", "events/s", "rollout s", "metrics B/s", "haves B/ver", "manifest B/s"
     );
     for n in sizes {
         let started = Instant::now();
@@ -62,25 +64,29 @@ fn main() {
         let v2 = f.manifest(2, &[(0.05, 30), (0.25, 30), (1.0, 0)], gates);
         let sim_before = f.now();
         let gossip_before = f.gossip_bytes.clone();
+        let haves_before = f.request_bytes.get(&RequestKind::Have).copied().unwrap_or(0);
         f.publish(0, v2).expect("publish v2");
         let rollout = until_all(&mut f, 2, 900);
         let wall = started.elapsed().as_secs_f64();
         let span = (f.now() - sim_before) as f64 / 1e6;
-        let per_node = |topic: &str| {
+        // Received + forwarded: every byte one node sends is one another receives (the
+        // links lose nothing here), so per node it is twice what nodes send on average.
+        let rx_and_fwd = |topic: &str| {
             let sent = f.gossip_bytes.get(topic).copied().unwrap_or(0) - gossip_before.get(topic).copied().unwrap_or(0);
-            sent as f64 / n as f64 / span
+            2.0 * sent as f64 / n as f64 / span
         };
+        let haves = f.request_bytes.get(&RequestKind::Have).copied().unwrap_or(0) - haves_before;
         let events = f.events_processed();
         println!(
-            "{:>6} {:>9.2} {:>11} {:>10.0} {:>12} {:>10.0} {:>10.0} {:>10.0}",
+            "{:>6} {:>9.2} {:>11} {:>10.0} {:>10} {:>12.0} {:>12.0} {:>12.0}",
             n,
             wall,
             events,
             events as f64 / wall,
             rollout.map_or("never".to_string(), |s| format!("{s:.0}")),
-            per_node(slmesh_protocol::mesh::TOPIC_METRICS),
-            per_node(slmesh_protocol::mesh::TOPIC_HAVES),
-            per_node(slmesh_protocol::mesh::TOPIC_MANIFESTS),
+            rx_and_fwd(slmesh_protocol::mesh::TOPIC_METRICS),
+            haves as f64 / n as f64,
+            rx_and_fwd(slmesh_protocol::mesh::TOPIC_MANIFESTS),
         );
     }
 }

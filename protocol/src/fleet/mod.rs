@@ -31,7 +31,8 @@
 //! record; `FleetView::expire` drops it after the configured time (`metrics_ttl_secs`),
 //! the next-ranked node then finds a free seat and reports at its next interval. A seat
 //! is refilled within `metrics_ttl_secs + metrics_interval` plus gossip's propagation
-//! (65 s with the defaults), and the gates read the panel as it stands meanwhile.
+//! (190 s with `slmesh node run`'s defaults of 180 s and 10 s), and the gates read the
+//! panel as it stands meanwhile.
 //! A report new to a node waits for its turn in proportion to its rank (at most six
 //! intervals), so that a wave opening on thousands of nodes at once does not make them
 //! all report before they see the seats taken.
@@ -64,12 +65,13 @@ mod gates;
 mod record;
 mod view;
 
+pub use crate::panel::rank_fraction;
 pub use engine::{
     advance, decide, CommandAction, OperatorState, RolloutCommand, RolloutDecision, RolloutProgress, SignedCommand,
 };
 pub use gates::{evaluate_gates, GateVerdict, NodeStat, VersionSummary, TIME_RATIO_FLOOR_SECS};
 pub use record::{verify_metrics, MetricsRecord, SignedMetrics, VersionReport, MAX_VERSIONS_PER_RECORD};
-pub use view::{panel_rank, rank_fraction, FleetView, MAX_FLEET_NODES, MAX_PANELS, PANEL_SIZE};
+pub use view::{panel_rank, FleetView, MAX_FLEET_NODES, MAX_PANELS, PANEL_SIZE};
 
 #[cfg(test)]
 mod tests;

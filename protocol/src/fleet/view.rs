@@ -25,7 +25,8 @@
 use super::gates::{NodeStat, VersionSummary};
 use super::record::{MetricsRecord, VersionReport};
 use crate::identity::NodeId;
-use std::collections::{BTreeMap, BTreeSet};
+use crate::panel::Panels;
+use std::collections::BTreeMap;
 
 /// Nodes whose reports count for one model version.
 pub const PANEL_SIZE: usize = 16;
@@ -39,19 +40,9 @@ type Key = (String, u64);
 
 /// Where a node stands in the metrics panel of one version: lower is earlier.
 pub fn panel_rank(node: &NodeId, model: &str, version: u64) -> u64 {
-    let mut h = blake3::Hasher::new_derive_key("slmesh metrics panel v1");
-    h.update(node.as_bytes());
-    h.update(&(model.len() as u64).to_le_bytes());
-    h.update(model.as_bytes());
-    h.update(&version.to_le_bytes());
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&h.finalize().as_bytes()[..8]);
-    u64::from_le_bytes(first)
-}
-
-/// A rank as a fraction of the hash space, in [0, 1).
-pub fn rank_fraction(rank: u64) -> f64 {
-    (rank >> 11) as f64 / (1u64 << 53) as f64
+    let mut key = model.as_bytes().to_vec();
+    key.extend_from_slice(&version.to_le_bytes());
+    crate::panel::rank("slmesh metrics panel v1", node, &key)
 }
 
 struct Held {
@@ -60,11 +51,15 @@ struct Held {
 }
 
 /// The newest record of every panel member heard from, bounded in number and age.
-#[derive(Default)]
 pub struct FleetView {
     records: BTreeMap<NodeId, Held>,
-    /// Per version, the seats: (rank, node), at most `PANEL_SIZE`.
-    panels: BTreeMap<Key, BTreeSet<(u64, NodeId)>>,
+    panels: Panels<Key>,
+}
+
+impl Default for FleetView {
+    fn default() -> Self {
+        FleetView { records: BTreeMap::new(), panels: Panels::new(PANEL_SIZE, MAX_PANELS) }
+    }
 }
 
 impl FleetView {
@@ -79,7 +74,14 @@ impl FleetView {
         self.remove(&node);
         let mut seated = false;
         for v in &record.versions {
-            seated |= self.seat(&node, &v.model, v.version);
+            let (taken, lost) =
+                self.panels.seat((v.model.clone(), v.version), panel_rank(&node, &v.model, v.version), node);
+            seated |= taken;
+            for n in lost.into_iter().filter(|n| *n != node) {
+                if !self.holds_a_seat(&n) {
+                    self.records.remove(&n);
+                }
+            }
         }
         if seated {
             self.records.insert(node, Held { record, received_at: now });
@@ -90,66 +92,22 @@ impl FleetView {
     /// Whether a report of `node` about this version would hold a seat now: fewer than
     /// `PANEL_SIZE` other nodes with a lower rank hold one.
     pub fn would_seat(&self, node: &NodeId, model: &str, version: u64) -> bool {
-        let rank = panel_rank(node, model, version);
-        match self.panels.get(&(model.to_string(), version)) {
-            None => true,
-            Some(seats) => seats.iter().filter(|(r, n)| n != node && *r < rank).count() < PANEL_SIZE,
-        }
-    }
-
-    /// Gives `node` a seat for the version if its rank earns one, evicting the highest
-    /// ranked member of a full panel (and its record, once it holds no seat at all).
-    fn seat(&mut self, node: &NodeId, model: &str, version: u64) -> bool {
-        if !self.would_seat(node, model, version) {
-            return false;
-        }
-        let key = (model.to_string(), version);
-        if !self.panels.contains_key(&key) && self.panels.len() >= MAX_PANELS {
-            self.drop_smallest_panel();
-        }
-        let seats = self.panels.entry(key).or_default();
-        seats.insert((panel_rank(node, model, version), *node));
-        let mut evicted = None;
-        if seats.len() > PANEL_SIZE {
-            evicted = seats.pop_last().map(|(_, n)| n);
-        }
-        if let Some(n) = evicted.filter(|n| n != node && !self.holds_a_seat(n)) {
-            self.records.remove(&n);
-        }
-        true
-    }
-
-    fn drop_smallest_panel(&mut self) {
-        let Some(key) = self.panels.iter().min_by_key(|(k, s)| (s.len(), (*k).clone())).map(|(k, _)| k.clone()) else {
-            return;
-        };
-        let members: Vec<NodeId> = self.panels.remove(&key).into_iter().flatten().map(|(_, n)| n).collect();
-        for n in members {
-            if !self.holds_a_seat(&n) {
-                self.records.remove(&n);
-            }
-        }
+        self.panels.would_seat(&(model.to_string(), version), panel_rank(node, model, version), node)
     }
 
     fn holds_a_seat(&self, node: &NodeId) -> bool {
         let Some(held) = self.records.get(node) else { return false };
-        held.record.versions.iter().any(|v| {
-            let rank = panel_rank(node, &v.model, v.version);
-            self.panels.get(&(v.model.clone(), v.version)).is_some_and(|s| s.contains(&(rank, *node)))
-        })
+        held.record
+            .versions
+            .iter()
+            .any(|v| self.panels.is_seated(&(v.model.clone(), v.version), panel_rank(node, &v.model, v.version), node))
     }
 
     /// Takes a node's record and its seats out of the view.
     fn remove(&mut self, node: &NodeId) {
         let Some(held) = self.records.remove(node) else { return };
         for v in &held.record.versions {
-            let key = (v.model.clone(), v.version);
-            if let Some(seats) = self.panels.get_mut(&key) {
-                seats.remove(&(panel_rank(node, &v.model, v.version), *node));
-                if seats.is_empty() {
-                    self.panels.remove(&key);
-                }
-            }
+            self.panels.unseat(&(v.model.clone(), v.version), panel_rank(node, &v.model, v.version), node);
         }
     }
 
@@ -188,17 +146,9 @@ impl FleetView {
         self.panels.keys().cloned().collect()
     }
 
-    /// About how many nodes report this version: the panel's count while it has room,
-    /// else the k-th minimum value estimate (k - 1) / (k-th smallest rank).
+    /// About how many nodes report this version (exact while its panel has room).
     pub fn estimated_reporters(&self, model: &str, version: u64) -> usize {
-        let Some(seats) = self.panels.get(&(model.to_string(), version)) else { return 0 };
-        match seats.last() {
-            Some((rank, _)) if seats.len() >= PANEL_SIZE => {
-                let top = rank_fraction(*rank).max(f64::MIN_POSITIVE);
-                (((PANEL_SIZE - 1) as f64 / top).round() as usize).max(seats.len())
-            }
-            _ => seats.len(),
-        }
+        self.panels.estimated_candidates(&(model.to_string(), version))
     }
 
     /// About how many nodes the fleet has: the most that report any one version.
@@ -209,8 +159,7 @@ impl FleetView {
     pub fn summary(&self, model: &str, version: u64) -> VersionSummary {
         let pooled = VersionReport { model: model.to_string(), version, ..Default::default() };
         let mut s = VersionSummary { pooled, ..Default::default() };
-        let Some(seats) = self.panels.get(&(model.to_string(), version)) else { return s };
-        for (_, node) in seats {
+        for node in self.panels.members(&(model.to_string(), version)) {
             let Some(held) = self.records.get(node) else { continue };
             for v in held.record.versions.iter().filter(|v| v.model == model && v.version == version) {
                 s.nodes_reporting += 1;

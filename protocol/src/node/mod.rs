@@ -115,10 +115,11 @@ pub struct NodeIdentity {
 }
 
 /// The request a response answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RequestKind {
     Hello,
     Sync,
+    Have,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -288,7 +289,6 @@ pub struct Node {
     versions: BTreeMap<VersionKey, VersionRecord>,
     commands: BTreeMap<VersionKey, Vec<SignedCommand>>,
     directory: BlobDirectory,
-    signed_haves: BTreeMap<NodeId, SignedHave>,
     my_have: Option<SignedHave>,
     have_seq: u64,
     have_dirty: bool,
@@ -374,7 +374,6 @@ impl Node {
             versions: BTreeMap::new(),
             commands: BTreeMap::new(),
             directory: BlobDirectory::default(),
-            signed_haves: BTreeMap::new(),
             my_have: None,
             have_seq: 0,
             have_dirty: true,

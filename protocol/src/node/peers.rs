@@ -6,7 +6,7 @@ use crate::identity::NodeId;
 use crate::manifest::SignedManifest;
 use crate::mesh::{
     admit, manifest_verdict, verify_have, GossipVerdict, Hello, ManifestDigest, PeerRequest, PeerResponse, SignedHave,
-    SyncReply, MAX_SYNC_COMMANDS, MAX_SYNC_HAVES, MAX_SYNC_MANIFESTS, MAX_SYNC_METRICS, TOPIC_COMMANDS, TOPIC_HAVES,
+    SyncReply, MAX_SYNC_COMMANDS, MAX_SYNC_HAVES, MAX_SYNC_MANIFESTS, MAX_SYNC_METRICS, TOPIC_COMMANDS,
     TOPIC_MANIFESTS, TOPIC_METRICS,
 };
 
@@ -40,7 +40,8 @@ impl Node {
         self.hello_asked.remove(&peer);
         self.hello_retry.remove(&peer);
         if self.peers.remove(&peer).is_some() {
-            // A fetch no longer lists it.
+            // A fetch no longer lists it, and what it holds is heard again on reconnecting.
+            self.directory.forget(&peer);
             self.update_providers();
         }
     }
@@ -58,8 +59,8 @@ impl Node {
         self.known.insert(peer, enrollment.tags.clone());
         self.peers.insert(peer, Peer { tags: enrollment.tags, rtt_micros: None });
         self.hello_retry.remove(&peer);
-        // Its have record may have come before it was admitted (relayed by another peer).
         self.update_providers();
+        self.send_have(peer);
         self.ask_sync(peer);
         Ok(())
     }
@@ -88,6 +89,10 @@ impl Node {
             // is only declined.
             PeerRequest::Sync(_) if !self.peers.contains_key(&peer) => PeerResponse::Refused("not admitted".into()),
             PeerRequest::Sync(digest) => PeerResponse::Sync(self.sync_reply(&digest)),
+            PeerRequest::Have(signed) => match self.take_have(peer, signed) {
+                Ok(()) => PeerResponse::Taken,
+                Err(why) => PeerResponse::Refused(why),
+            },
         }
     }
 
@@ -118,6 +123,8 @@ impl Node {
             (RequestKind::Sync, Ok(PeerResponse::Sync(reply))) => self.on_sync_reply(now, peer, reply),
             (RequestKind::Sync, Ok(_)) => {}
             (RequestKind::Sync, Err(_)) => {}
+            // A have record that did not arrive reaches the peer with its next sync.
+            (RequestKind::Have, _) => {}
         }
     }
 
@@ -134,7 +141,7 @@ impl Node {
             .filter_map(|key| self.manifests.get(&key).map(|m| m.signed.clone()))
             .take(MAX_SYNC_MANIFESTS)
             .collect();
-        let haves = self.signed_haves.values().chain(self.my_have.iter()).take(MAX_SYNC_HAVES).cloned().collect();
+        let haves = self.my_have.iter().take(MAX_SYNC_HAVES).cloned().collect();
         let metrics = self
             .fleet
             .records()
@@ -167,7 +174,9 @@ impl Node {
 
     fn on_sync_reply(&mut self, now: u64, peer: NodeId, reply: SyncReply) {
         for have in reply.haves {
-            self.take_have(have);
+            if let Err(why) = self.take_have(peer, have) {
+                self.event(None, Level::Warn, format!("peer {} sent a bad have record: {why}", peer.short()));
+            }
         }
         for m in reply.metrics {
             self.take_metrics(now, m);
@@ -186,10 +195,6 @@ impl Node {
         match topic {
             TOPIC_MANIFESTS => match SignedManifest::from_bytes(data) {
                 Ok(m) => self.take_manifest(now, m),
-                Err(e) => GossipVerdict::Reject(e.to_string()),
-            },
-            TOPIC_HAVES => match SignedHave::from_bytes(data) {
-                Ok(h) => self.take_have(h),
                 Err(e) => GossipVerdict::Reject(e.to_string()),
             },
             TOPIC_METRICS => match SignedMetrics::from_bytes(data) {
@@ -217,24 +222,31 @@ impl Node {
         verdict
     }
 
-    fn take_have(&mut self, signed: SignedHave) -> GossipVerdict {
-        let have = match verify_have(&signed) {
-            Ok(h) => h,
-            Err(e) => return GossipVerdict::Reject(e.to_string()),
-        };
-        if have.node == self.me {
-            return GossipVerdict::Ignore("my own record".into());
+    /// Takes an admitted peer's own have record (a record it relays for another node
+    /// is refused: each node hears of its direct peers' blobs from them).
+    fn take_have(&mut self, peer: NodeId, signed: SignedHave) -> Result<(), String> {
+        if !self.peers.contains_key(&peer) {
+            return Err("not admitted".into());
         }
-        let (node, addrs) = (have.node, have.blob_addrs.clone());
-        if !self.directory.update(have) {
-            return GossipVerdict::Ignore("not newer than the record held".into());
+        let have = verify_have(&signed).map_err(|e| e.to_string())?;
+        if have.node != peer {
+            return Err(format!("a have record of {} relayed by {}", have.node.short(), peer.short()));
         }
-        if !addrs.is_empty() {
-            self.outputs.push_back(Output::LearnAddrs { node, addrs });
+        let addrs = have.blob_addrs.clone();
+        if self.directory.update(have) {
+            if !addrs.is_empty() {
+                self.outputs.push_back(Output::LearnAddrs { node: peer, addrs });
+            }
+            self.update_providers();
         }
-        self.signed_haves.insert(node, signed);
-        self.update_providers();
-        GossipVerdict::Accept
+        Ok(())
+    }
+
+    /// Sends this node's have record to one admitted peer.
+    pub(super) fn send_have(&mut self, peer: NodeId) {
+        if let Some(signed) = self.my_have.clone() {
+            self.request(peer, RequestKind::Have, PeerRequest::Have(signed));
+        }
     }
 
     /// Keeps the newest record per node; an older or repeated one changes nothing.

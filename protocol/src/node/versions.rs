@@ -10,9 +10,7 @@ use crate::hex32::Hex32;
 use crate::identity::NodeId;
 use crate::manifest::{FileRole, SignedManifest, Variant, VerifiedManifest};
 use crate::mesh::TOPIC_METRICS;
-use crate::mesh::{
-    rank_providers, HaveRecord, ProviderInfo, SignedHave, MAX_BLOBS_PER_HAVE, TOPIC_HAVES, TOPIC_MANIFESTS,
-};
+use crate::mesh::{rank_providers, HaveRecord, ProviderInfo, SignedHave, MAX_BLOBS_PER_HAVE, TOPIC_MANIFESTS};
 use crate::rollout::RolloutPhase;
 use crate::select::{select_variant, NodeFacts};
 use crate::ProtocolError;
@@ -364,7 +362,8 @@ impl Node {
         self.outputs.push_back(Output::ReleaseBlobs { keep: keep_blobs.into_iter().collect() });
     }
 
-    /// Signs and gossips the blobs this node holds complete and those it is fetching.
+    /// Signs the blobs this node holds complete and those it is fetching, and sends the
+    /// record to every admitted peer.
     pub(super) fn announce_have(&mut self, now: u64) {
         let mut blobs: BTreeSet<Hex32> = self.complete.clone();
         blobs.extend(self.originated.iter().copied());
@@ -378,10 +377,13 @@ impl Node {
         let mut blob_addrs = self.blob_addrs.clone();
         blob_addrs.truncate(crate::mesh::MAX_ADDRS);
         let record = HaveRecord { node: self.me, seq: self.have_seq, blobs, blob_addrs, partial };
-        match SignedHave::sign(&record, &self.secret).and_then(|s| Ok((s.to_bytes()?, s))) {
-            Ok((data, signed)) => {
+        match SignedHave::sign(&record, &self.secret) {
+            Ok(signed) => {
                 self.my_have = Some(signed);
-                self.outputs.push_back(Output::Gossip { topic: TOPIC_HAVES, data });
+                let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+                for peer in peers {
+                    self.send_have(peer);
+                }
             }
             Err(e) => self.event(None, Level::Warn, format!("cannot sign the have record: {e}")),
         }

@@ -262,6 +262,8 @@ pub struct NodeFleet {
     pub events: Vec<(Micros, usize, String)>,
     /// Gossip bytes sent over links (originated and forwarded), by topic.
     pub gossip_bytes: BTreeMap<&'static str, u64>,
+    /// Bytes of peer requests sent (have records, syncs, hellos), by kind.
+    pub request_bytes: BTreeMap<RequestKind, u64>,
 }
 
 /// The key of simulated node `i`.
@@ -366,6 +368,7 @@ impl NodeFleet {
             refusals: vec![],
             events: vec![],
             gossip_bytes: BTreeMap::new(),
+            request_bytes: BTreeMap::new(),
         }
     }
 
@@ -518,6 +521,7 @@ impl NodeFleet {
             }
             Output::Request { peer, kind, data } => {
                 let Some(&j) = self.ids.get(&peer) else { return };
+                *self.request_bytes.entry(kind).or_default() += data.len() as u64;
                 match self.send(i, j, data.len() as u64) {
                     Some(at) => self.q.at(at, Ev::Request { to: j, from: i, kind, data }),
                     None => {

@@ -1,0 +1,107 @@
+//! What keeps a node's gossip and state bounded as the fleet grows, on many instances of
+//! the node's state machine: the metrics panel (only the lowest-ranked reporters of each
+//! version gossip and count) and have records sent to direct peers only.
+
+use slmesh_protocol::fleet::{panel_rank, PANEL_SIZE};
+use slmesh_protocol::identity::NodeId;
+use slmesh_protocol::mesh::{HaveRecord, PeerRequest, PeerResponse, SignedHave};
+use slmesh_protocol::node::RequestKind;
+use slmesh_sim::engine::SECOND;
+use slmesh_sim::fleet::{node_key, FleetSpec, NodeFleet as Fleet, MODEL};
+use std::collections::BTreeSet;
+
+fn fleet_on_v1(n: usize) -> Fleet {
+    let mut spec = FleetSpec::lan(n);
+    spec.mesh_degree = 6;
+    let f = Fleet::on_v1(spec);
+    assert!(f.live().all(|i| f.active(i) == Some(1)), "every node on v1");
+    f
+}
+
+fn panel_of(f: &Fleet, i: usize, version: u64) -> BTreeSet<NodeId> {
+    f.node(i).fleet().summary(MODEL, version).per_node.iter().map(|s| s.node).collect()
+}
+
+#[test]
+fn every_node_holds_the_same_panel_and_estimates_the_fleet_from_it() {
+    let n = 48;
+    let mut f = fleet_on_v1(n);
+    f.run_for(20 * SECOND);
+    let mut ranked: Vec<(u64, NodeId)> = (0..n).map(|i| (panel_rank(&f.id(i), MODEL, 1), f.id(i))).collect();
+    ranked.sort();
+    let lowest: BTreeSet<NodeId> = ranked.iter().take(PANEL_SIZE).map(|(_, id)| *id).collect();
+    for i in f.live() {
+        let view = f.node(i).fleet();
+        assert_eq!(panel_of(&f, i, 1), lowest, "node {i} holds the lowest-ranked reporters");
+        assert!(view.len() <= PANEL_SIZE, "node {i} holds {} records", view.len());
+        let estimate = view.estimated_nodes();
+        assert!((n / 2..=n * 2).contains(&estimate), "node {i} estimates {estimate} nodes of {n}");
+    }
+}
+
+#[test]
+fn a_panel_member_that_crashes_is_replaced_within_the_ttl_and_the_rollout_carries_on() {
+    let n = 40;
+    let mut f = fleet_on_v1(n);
+    let m = f.manifest(2, &[(0.6, 40), (1.0, 0)], Fleet::quick_gates(3));
+    f.publish(0, m).expect("publish");
+    f.run_for(10 * SECOND);
+    // The canary (about 24 nodes) fills the version's panel; crash its lowest member.
+    let observer = (1..n).find(|i| f.active(*i) == Some(1)).expect("a node outside the canary");
+    let members = panel_of(&f, observer, 2);
+    assert_eq!(members.len(), PANEL_SIZE, "the canary fills the panel");
+    let lowest = *members.iter().min_by_key(|id| panel_rank(id, MODEL, 2)).expect("a member");
+    let victim = (0..n).find(|i| f.id(*i) == lowest).expect("the member is a simulated node");
+    f.crash(victim);
+    // The bound: the record's TTL plus one metrics interval, plus gossip's few hops.
+    let ttl = f.spec.node_config.metrics_ttl_secs * SECOND;
+    f.run_for(ttl + 3 * SECOND);
+    for i in f.live() {
+        let panel = panel_of(&f, i, 2);
+        assert!(!panel.contains(&lowest), "node {i} still counts the crashed member");
+        assert_eq!(panel.len(), PANEL_SIZE, "node {i}: the seat was taken by the next-ranked node");
+    }
+    f.run_for(60 * SECOND);
+    for i in f.live() {
+        assert_eq!(f.active(i), Some(2), "node {i}: {:#?}", f.events_of(i));
+    }
+}
+
+fn have_request(signer: usize, blobs: Vec<slmesh_protocol::Hex32>) -> Vec<u8> {
+    let key = node_key(signer);
+    let have = HaveRecord { node: key.public(), seq: 1_000_000, blobs, blob_addrs: vec![], partial: vec![] };
+    PeerRequest::Have(SignedHave::sign(&have, &key).expect("sign")).to_bytes().expect("bytes")
+}
+
+#[test]
+fn have_records_go_to_direct_peers_only_and_only_from_the_node_they_describe() {
+    let mut f = fleet_on_v1(12);
+    // No have record travels as gossip, and each node sent its own to its peers.
+    assert!(f.gossip_bytes.keys().all(|t| !t.contains("have")), "{:?}", f.gossip_bytes.keys());
+    assert!(f.request_bytes.get(&RequestKind::Have).copied().unwrap_or(0) > 0);
+    let blob = slmesh_protocol::Hex32([9; 32]);
+    let now = f.now_ms();
+    let (receiver, peer) = {
+        let r = 1;
+        let peer = (0..12).find(|j| *j != r && f.node(r).is_admitted(&f.id(*j))).expect("an admitted peer");
+        (r, peer)
+    };
+    let other = (0..12).find(|j| *j != receiver && *j != peer).expect("a third node");
+    let node = f.nodes[receiver].node.as_mut().expect("running");
+    // A peer relaying another node's record is refused, and nothing is learnt from it.
+    let relayed = node.handle_request(now, f_id(peer), &have_request(other, vec![blob]));
+    assert!(matches!(relayed, PeerResponse::Refused(ref why) if why.contains("relayed")), "{relayed:?}");
+    // A node that is not admitted is refused, even with its own record.
+    let stranger = node_key(99).public();
+    let unknown = node.handle_request(now, stranger, &have_request(99, vec![blob]));
+    assert!(matches!(unknown, PeerResponse::Refused(ref why) if why.contains("not admitted")), "{unknown:?}");
+    // Garbage is refused, not a panic.
+    assert!(matches!(node.handle_request(now, f_id(peer), &[0xff; 40]), PeerResponse::Refused(_)));
+    assert!(matches!(node.handle_request(now, f_id(peer), &[]), PeerResponse::Refused(_)));
+    // The peer's own record is taken.
+    assert_eq!(node.handle_request(now, f_id(peer), &have_request(peer, vec![blob])), PeerResponse::Taken);
+}
+
+fn f_id(i: usize) -> NodeId {
+    node_key(i).public()
+}
