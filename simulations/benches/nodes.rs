@@ -1,11 +1,11 @@
 //! Speed of the simulator's fleet of node state machines (`fleet::NodeFleet`): one real
 //! `slmesh_protocol::node::Node` per simulated node, signatures and all.
 //!
-//! Run: `cargo bench -p slmesh-sim --bench nodes -- [NODES...]` (default: 30 100 300)
+//! Run: `cargo bench --workspace --bench nodes -- [NODES...]` (default: 30 100 300)
 //!
 //! A good three-wave rollout (5% / 25% / 100%, 30 s soaks, gates needing 3 nodes and 50
 //! requests) over three sites (1 / 20 / 40 ms apart), 100 Mbit/s links, a gossip mesh of
-//! degree 4, a 20 MB model fetched whole from one provider, metrics every 5 s. Prints the
+//! degree 4, a 20 MB model, metrics every 10 s (the node's default). Prints the
 //! wall time, events per second, the simulated time until every node served the new
 //! version, and per node during the rollout: metrics gossip received and forwarded per
 //! simulated second, have-record bytes received (they go to direct peers only), and
@@ -26,7 +26,7 @@ fn spec(n: usize) -> FleetSpec {
     spec.downlink_bytes_per_sec = 12.5e6;
     spec.mesh_degree = 4;
     spec.model_bytes = 20_000_000;
-    spec.node_config.metrics_interval_ms = 5_000;
+    spec.node_config.metrics_interval_ms = 10_000;
     spec.node_config.metrics_ttl_secs = 120;
     spec.node_config.sync_interval_ms = 30_000;
     spec
@@ -49,8 +49,8 @@ fn main() {
     let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![30, 100, 300] } else { sizes };
     println!(
-        "{:>6} {:>9} {:>11} {:>10} {:>10} {:>12} {:>12} {:>12}",
-        "nodes", "wall s", "events", "events/s", "rollout s", "metrics B/s", "haves B/ver", "manifest B/s"
+        "{:>6} {:>9} {:>11} {:>10} {:>10} {:>12} {:>12} {:>12} {:>12}",
+        "nodes", "wall s", "events", "events/s", "rollout s", "metrics B/s", "records/s", "haves B/ver", "manifest B/s"
     );
     for n in sizes {
         let started = Instant::now();
@@ -60,10 +60,21 @@ fn main() {
         let v1 = f.manifest(1, &[(1.0, 0)], NodeFleet::quick_gates(1));
         f.publish(0, v1).expect("publish v1");
         until_all(&mut f, 1, 600).expect("version 1 everywhere");
+        // The very first version of the first model: no panel exists yet to tell a node
+        // how large the fleet is, so every node reports it once. Measured apart; the
+        // rollout below starts once that has settled.
+        let (first, _) = f.gossip_originated.get(slmesh_protocol::mesh::TOPIC_METRICS).copied().unwrap_or_default();
+        f.run_for(30 * SECOND);
+        let (settled, _) = f.gossip_originated.get(slmesh_protocol::mesh::TOPIC_METRICS).copied().unwrap_or_default();
+        eprintln!(
+            "{n} nodes: {} metrics records in the 30 s after the first version reached every node",
+            settled - first
+        );
         let gates = Gates { min_samples: 50, min_reporting_nodes: 3, ..NodeFleet::quick_gates(3) };
         let v2 = f.manifest(2, &[(0.05, 30), (0.25, 30), (1.0, 0)], gates);
         let sim_before = f.now();
         let gossip_before = f.gossip_bytes.clone();
+        let originated_before = f.gossip_originated.clone();
         let haves_before = f.request_bytes.get(&RequestKind::Have).copied().unwrap_or(0);
         f.publish(0, v2).expect("publish v2");
         let rollout = until_all(&mut f, 2, 900);
@@ -77,14 +88,24 @@ fn main() {
         };
         let haves = f.request_bytes.get(&RequestKind::Have).copied().unwrap_or(0) - haves_before;
         let events = f.events_processed();
+        // Metrics records originated fleet-wide per simulated second, and their mean size.
+        let topic = slmesh_protocol::mesh::TOPIC_METRICS;
+        let (count, bytes) = f.gossip_originated.get(topic).copied().unwrap_or_default();
+        let (count0, bytes0) = originated_before.get(topic).copied().unwrap_or_default();
+        let records = format!(
+            "{:.1}x{:.0}B",
+            (count - count0) as f64 / span,
+            (bytes - bytes0) as f64 / (count - count0).max(1) as f64
+        );
         println!(
-            "{:>6} {:>9.2} {:>11} {:>10.0} {:>10} {:>12.0} {:>12.0} {:>12.0}",
+            "{:>6} {:>9.2} {:>11} {:>10.0} {:>10} {:>12.0} {:>12} {:>12.0} {:>12.0}",
             n,
             wall,
             events,
             events as f64 / wall,
             rollout.map_or("never".to_string(), |s| format!("{s:.0}")),
             rx_and_fwd(slmesh_protocol::mesh::TOPIC_METRICS),
+            records,
             haves as f64 / n as f64,
             rx_and_fwd(slmesh_protocol::mesh::TOPIC_MANIFESTS),
         );

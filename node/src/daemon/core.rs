@@ -422,6 +422,7 @@ impl Driver {
             Persist::Version { name, version, record } => store.put_version(name, *version, record),
             Persist::Command(signed) => store.put_command(signed),
             Persist::Originated(blobs) => store.put_originated(blobs),
+            Persist::ForgetPeer(node) => store.remove_peer(node),
             Persist::Peer { node, tags, addrs } => store.upsert_peer(&slmesh_store::PeerRecord {
                 node: *node,
                 addrs: addrs.clone(),

@@ -472,8 +472,15 @@ impl Node {
     pub fn handle(&mut self, now: u64, input: Input) {
         match input {
             Input::PeerConnected { peer } => {
-                self.connected.insert(peer);
-                self.ask_hello(peer);
+                if self.connected.len() >= peers::MAX_CONNECTED && !self.connected.contains(&peer) {
+                    // Never admitted, so nothing it sends counts; not blocked either, since
+                    // being full is no fault of the peer's.
+                    let text = format!("ignoring {}: {} connections already", peer.short(), peers::MAX_CONNECTED);
+                    self.event(None, Level::Warn, text);
+                } else {
+                    self.connected.insert(peer);
+                    self.ask_hello(peer);
+                }
             }
             Input::PeerDisconnected { peer } => self.on_disconnected(peer),
             Input::Rtt { peer, micros } => {

@@ -12,6 +12,11 @@ use crate::mesh::{
 
 /// Peers asked per anti-entropy round.
 const SYNC_FANOUT: usize = 3;
+/// Transport connections this node tracks at most (it never admits the rest); each
+/// holds a little state here until it is admitted or dropped.
+pub const MAX_CONNECTED: usize = 1024;
+/// Peers the peer book holds at most (the canary floor counts them; memory stays flat).
+pub const MAX_KNOWN_PEERS: usize = 4096;
 /// Operator commands held per rollout.
 const MAX_COMMANDS_PER_VERSION: usize = 64;
 
@@ -56,13 +61,27 @@ impl Node {
         self.event(None, Level::Info, format!("admitted peer {} (site {site})", peer.short()));
         self.outputs.push_back(Output::LearnAddrs { node: peer, addrs: hello.blob_addrs.clone() });
         self.persist(Persist::Peer { node: peer, tags: enrollment.tags.clone(), addrs: hello.blob_addrs.clone() });
-        self.known.insert(peer, enrollment.tags.clone());
+        self.remember(peer, enrollment.tags.clone());
         self.peers.insert(peer, Peer { tags: enrollment.tags, rtt_micros: None });
         self.hello_retry.remove(&peer);
         self.update_providers();
         self.send_have(peer);
         self.ask_sync(peer);
         Ok(())
+    }
+
+    /// Adds an admitted peer to the peer book. A full book forgets a peer that is not
+    /// admitted now (the lowest id: deterministic), so the book stays bounded however many
+    /// nodes come and go.
+    fn remember(&mut self, peer: NodeId, tags: crate::trust::Tags) {
+        if !self.known.contains_key(&peer) && self.known.len() >= MAX_KNOWN_PEERS {
+            let admitted = &self.peers;
+            if let Some(old) = self.known.keys().find(|n| !admitted.contains_key(n)).copied() {
+                self.known.remove(&old);
+                self.persist(Persist::ForgetPeer(old));
+            }
+        }
+        self.known.insert(peer, tags);
     }
 
     fn refuse(&mut self, peer: NodeId, reason: String) {

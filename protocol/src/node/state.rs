@@ -105,6 +105,8 @@ pub enum Persist {
     },
     /// Every blob this node published (it seeds them as the origin).
     Originated(Vec<Hex32>),
+    /// A peer dropped from the peer book (it is full, and the peer is not connected).
+    ForgetPeer(NodeId),
 }
 
 /// What the driver read back from its store on start.

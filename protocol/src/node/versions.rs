@@ -60,7 +60,7 @@ impl Node {
                 self.commands.entry((c.model, c.version)).or_default().push(signed);
             }
         }
-        self.known = restored.peers.into_iter().collect();
+        self.known = restored.peers.into_iter().take(super::peers::MAX_KNOWN_PEERS).collect();
         self.complete = restored.complete_blobs.into_iter().collect();
         self.originated = restored.originated.into_iter().collect();
         let models: Vec<(String, super::ModelState)> =

@@ -72,6 +72,9 @@ impl FakeStore {
                 self.peers.insert(node, tags);
             }
             Persist::Originated(blobs) => self.originated = blobs,
+            Persist::ForgetPeer(node) => {
+                self.peers.remove(&node);
+            }
         }
     }
 
@@ -262,6 +265,8 @@ pub struct NodeFleet {
     pub events: Vec<(Micros, usize, String)>,
     /// Gossip bytes sent over links (originated and forwarded), by topic.
     pub gossip_bytes: BTreeMap<&'static str, u64>,
+    /// Gossip messages nodes originated, and their bytes, by topic.
+    pub gossip_originated: BTreeMap<&'static str, (u64, u64)>,
     /// Bytes of peer requests sent (have records, syncs, hellos), by kind.
     pub request_bytes: BTreeMap<RequestKind, u64>,
 }
@@ -369,6 +374,7 @@ impl NodeFleet {
             events: vec![],
             gossip_bytes: BTreeMap::new(),
             request_bytes: BTreeMap::new(),
+            gossip_originated: BTreeMap::new(),
         }
     }
 
@@ -517,6 +523,8 @@ impl NodeFleet {
         match out {
             Output::Gossip { topic, data } => {
                 self.nodes[i].seen.insert(message_id(&data));
+                let origin = self.gossip_originated.entry(topic).or_default();
+                *origin = (origin.0 + 1, origin.1 + data.len() as u64);
                 self.flood(i, None, topic, std::rc::Rc::new(data));
             }
             Output::Request { peer, kind, data } => {
