@@ -10,7 +10,49 @@ use crate::identity::{PublicKey, SecretKey};
 use crate::{wire, PROTOCOL_VERSION};
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::cell::RefCell;
+use std::collections::{HashSet, VecDeque};
 use std::marker::PhantomData;
+
+/// Signatures this thread found valid, remembered by BLAKE3 of the signer, the signature
+/// and the signed bytes: a node checks the same bytes again and again (anti-entropy sends
+/// the same records each round; in the simulator every node checks the same gossip), and
+/// a hash costs about a hundredth of an ed25519 check. Only successes are kept, and the
+/// key covers everything the check covered, so a hit means these very bytes verified.
+const VERIFIED_MEMO: usize = 8192;
+
+/// The remembered keys, and the order they came in (the oldest goes first).
+type Memo = (HashSet<[u8; 32]>, VecDeque<[u8; 32]>);
+
+thread_local! {
+    static VERIFIED: RefCell<Memo> = RefCell::new(Default::default());
+}
+
+fn memo_key(signer: &PublicKey, signature: &[u8], message: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("slmesh verified signature v1");
+    h.update(signer.as_bytes());
+    h.update(signature);
+    h.update(message);
+    *h.finalize().as_bytes()
+}
+
+fn already_verified(key: &[u8; 32]) -> bool {
+    VERIFIED.with(|m| m.borrow().0.contains(key))
+}
+
+fn remember_verified(key: [u8; 32]) {
+    VERIFIED.with(|m| {
+        let (set, order) = &mut *m.borrow_mut();
+        if set.insert(key) {
+            order.push_back(key);
+            if order.len() > VERIFIED_MEMO {
+                if let Some(old) = order.pop_front() {
+                    set.remove(&old);
+                }
+            }
+        }
+    });
+}
 
 /// A record type that travels signed.
 pub trait SignedKind: Serialize + DeserializeOwned {
@@ -102,9 +144,13 @@ impl<T: SignedKind> Signed<T> {
             .as_slice()
             .try_into()
             .map_err(|_| ProtocolError::Malformed { what: T::WHAT, reason: "signature is not 64 bytes".into() })?;
-        let sig = Signature::from_bytes(&sig_bytes);
-        key.verify_strict(&signed_bytes(T::DOMAIN, self.protocol_version, &self.body), &sig)
-            .map_err(|_| ProtocolError::BadSignature { what: T::WHAT })?;
+        let message = signed_bytes(T::DOMAIN, self.protocol_version, &self.body);
+        let memo = memo_key(&self.signer, &sig_bytes, &message);
+        if !already_verified(&memo) {
+            key.verify_strict(&message, &Signature::from_bytes(&sig_bytes))
+                .map_err(|_| ProtocolError::BadSignature { what: T::WHAT })?;
+            remember_verified(memo);
+        }
         wire::decode(&self.body, T::WHAT)
     }
 
@@ -121,5 +167,31 @@ impl<T: SignedKind> Signed<T> {
     /// BLAKE3 of the envelope bytes: a stable id for deduplication.
     pub fn id(&self) -> Result<[u8; 32], ProtocolError> {
         Ok(*blake3::hash(&self.to_bytes()?).as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::fleet::{verify_metrics, MetricsRecord, SignedMetrics};
+    use crate::identity::{KeyKind, SecretKey};
+
+    #[test]
+    fn a_remembered_signature_never_vouches_for_other_bytes() {
+        let key = SecretKey::from_seed(KeyKind::Node, [4; 32]);
+        let record = MetricsRecord { node: key.public(), seq: 1, issued_at: 5, versions: vec![] };
+        let signed = SignedMetrics::sign(&record, &key).unwrap();
+        assert!(verify_metrics(&signed).is_ok());
+        assert!(verify_metrics(&signed).is_ok(), "the second check (remembered) agrees");
+        let mut body = signed.clone();
+        let last = body.body.len() - 1;
+        body.body[last] ^= 1;
+        assert!(verify_metrics(&body).is_err(), "a changed body");
+        let mut sig = signed.clone();
+        sig.signature[0] ^= 1;
+        assert!(verify_metrics(&sig).is_err(), "a changed signature");
+        let other = SecretKey::from_seed(KeyKind::Node, [5; 32]);
+        let mut signer = signed.clone();
+        signer.signer = other.public();
+        assert!(verify_metrics(&signer).is_err(), "another signer");
     }
 }

@@ -11,8 +11,13 @@ use slmesh_sim::fleet::{node_key, FleetSpec, NodeFleet as Fleet, MODEL};
 use std::collections::BTreeSet;
 
 fn fleet_on_v1(n: usize) -> Fleet {
+    fleet_on_v1_with_ttl(n, FleetSpec::lan(n).node_config.metrics_ttl_secs)
+}
+
+fn fleet_on_v1_with_ttl(n: usize, ttl_secs: u64) -> Fleet {
     let mut spec = FleetSpec::lan(n);
     spec.mesh_degree = 6;
+    spec.node_config.metrics_ttl_secs = ttl_secs;
     let f = Fleet::on_v1(spec);
     assert!(f.live().all(|i| f.active(i) == Some(1)), "every node on v1");
     f
@@ -42,8 +47,8 @@ fn every_node_holds_the_same_panel_and_estimates_the_fleet_from_it() {
 #[test]
 fn a_panel_member_that_crashes_is_replaced_within_the_ttl_and_the_rollout_carries_on() {
     let n = 40;
-    let mut f = fleet_on_v1(n);
-    let m = f.manifest(2, &[(0.6, 40), (1.0, 0)], Fleet::quick_gates(3));
+    let mut f = fleet_on_v1_with_ttl(n, 10);
+    let m = f.manifest(2, &[(0.6, 25), (1.0, 0)], Fleet::quick_gates(3));
     f.publish(0, m).expect("publish");
     f.run_for(10 * SECOND);
     // The canary (about 24 nodes) fills the version's panel; crash its lowest member.
@@ -61,7 +66,7 @@ fn a_panel_member_that_crashes_is_replaced_within_the_ttl_and_the_rollout_carrie
         assert!(!panel.contains(&lowest), "node {i} still counts the crashed member");
         assert_eq!(panel.len(), PANEL_SIZE, "node {i}: the seat was taken by the next-ranked node");
     }
-    f.run_for(60 * SECOND);
+    f.run_for(25 * SECOND);
     for i in f.live() {
         assert_eq!(f.active(i), Some(2), "node {i}: {:#?}", f.events_of(i));
     }
@@ -104,4 +109,71 @@ fn have_records_go_to_direct_peers_only_and_only_from_the_node_they_describe() {
 
 fn f_id(i: usize) -> NodeId {
     node_key(i).public()
+}
+
+/// Drains a node's outputs; how many hellos it asked and how many peers it forgot.
+fn drain(node: &mut slmesh_protocol::node::Node) -> (usize, usize) {
+    use slmesh_protocol::node::{Output, Persist};
+    let (mut hellos, mut forgotten) = (0, 0);
+    while let Some(out) = node.poll_output() {
+        match out {
+            Output::Request { kind: RequestKind::Hello, .. } => hellos += 1,
+            Output::Persist(Persist::ForgetPeer(_)) => forgotten += 1,
+            _ => {}
+        }
+    }
+    (hellos, forgotten)
+}
+
+#[test]
+fn a_flood_of_connections_is_tracked_only_up_to_its_cap() {
+    use slmesh_protocol::node::{Input, MAX_CONNECTED};
+    let mut f = Fleet::new(FleetSpec::lan(1));
+    f.start_all();
+    let now = f.now_ms();
+    let node = f.nodes[0].node.as_mut().expect("running");
+    drain(node);
+    let mut hellos = 0;
+    for k in 0..(MAX_CONNECTED + 100) {
+        node.handle(now, Input::PeerConnected { peer: node_key(10_000 + k).public() });
+        hellos += drain(node).0;
+    }
+    assert_eq!(hellos, MAX_CONNECTED, "a hello to each connection tracked, none beyond");
+    // A connection that goes frees its place.
+    node.handle(now, Input::PeerDisconnected { peer: node_key(10_000).public() });
+    node.handle(now, Input::PeerConnected { peer: node_key(99_999).public() });
+    assert_eq!(drain(node).0, 1);
+}
+
+#[test]
+fn the_peer_book_stays_bounded_however_many_peers_come_and_go() {
+    use slmesh_protocol::mesh::Hello;
+    use slmesh_protocol::node::{Input, MAX_KNOWN_PEERS};
+    use slmesh_protocol::trust::Enrollment;
+    let mut f = Fleet::new(FleetSpec::lan(1));
+    f.start_all();
+    let now = f.now_ms();
+    let publisher = f.publisher.clone();
+    let node = f.nodes[0].node.as_mut().expect("running");
+    drain(node);
+    let mut forgotten = 0;
+    for k in 0..(MAX_KNOWN_PEERS + 50) {
+        let key = node_key(20_000 + k);
+        let certificate = Enrollment {
+            node: key.public(),
+            tags: [("site".to_string(), "s0".to_string())].into(),
+            issued_at: now / 1000 - 10,
+            expires_at: now / 1000 + 86_400,
+        }
+        .sign(&publisher)
+        .expect("certificate");
+        let hello = PeerRequest::Hello(Hello { certificate, blob_addrs: vec![] }).to_bytes().expect("bytes");
+        node.handle(now, Input::PeerConnected { peer: key.public() });
+        let answer = node.handle_request(now, key.public(), &hello);
+        assert!(matches!(answer, PeerResponse::Hello(_)), "peer {k} admitted: {answer:?}");
+        node.handle(now, Input::PeerDisconnected { peer: key.public() });
+        forgotten += drain(node).1;
+    }
+    assert_eq!(node.known_peers(), MAX_KNOWN_PEERS);
+    assert_eq!(forgotten, 50, "each peer forgotten is forgotten in the store too");
 }

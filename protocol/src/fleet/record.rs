@@ -51,6 +51,14 @@ impl VersionReport {
 
     /// Adds another report of the same version: counters summed, sketches merged.
     pub fn add(&mut self, other: &VersionReport) {
+        self.add_counters(other);
+        self.latency.merge(&other.latency);
+        self.ttft.merge(&other.ttft);
+        self.tokens_per_sec.merge(&other.tokens_per_sec);
+    }
+
+    /// Adds another report's counters only (the sketches stay as they are).
+    pub fn add_counters(&mut self, other: &VersionReport) {
         self.active |= other.active;
         // Remote numbers: saturate rather than overflow.
         self.requests = self.requests.saturating_add(other.requests);
@@ -58,9 +66,6 @@ impl VersionReport {
         self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
         self.completion_tokens = self.completion_tokens.saturating_add(other.completion_tokens);
         self.activation_failures = self.activation_failures.saturating_add(other.activation_failures);
-        self.latency.merge(&other.latency);
-        self.ttft.merge(&other.ttft);
-        self.tokens_per_sec.merge(&other.tokens_per_sec);
     }
 }
 

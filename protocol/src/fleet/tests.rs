@@ -343,3 +343,19 @@ fn operators_pause_resume_promote_and_abort() {
     advance(&mut other, &p, 0, &GateVerdict::Pass, &aborted, 2);
     assert!(matches!(decide(&other, Some(0), true), RolloutDecision::RollBack(_)));
 }
+
+#[test]
+fn the_gates_read_the_same_figures_without_merging_sketches() {
+    let view = fleet(&[(100, 2), (50, 0), (80, 9)], 2, 0.3);
+    let (full, gates) = (view.summary("m", 2), view.gate_summary("m", 2));
+    assert_eq!(full.per_node, gates.per_node);
+    assert_eq!((full.pooled.requests, full.pooled.errors), (gates.pooled.requests, gates.pooled.errors));
+    assert_eq!(full.pooled.latency.count(), 230);
+    assert_eq!(gates.pooled.latency.count(), 0, "no sketch merged");
+    let g = gates_for_test();
+    assert_eq!(evaluate_gates(&g, &full, None), evaluate_gates(&g, &gates, None));
+}
+
+fn gates_for_test() -> Gates {
+    Gates { max_error_rate: 0.05, ..gates() }
+}

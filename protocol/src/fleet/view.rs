@@ -47,7 +47,22 @@ pub fn panel_rank(node: &NodeId, model: &str, version: u64) -> u64 {
 
 struct Held {
     record: MetricsRecord,
+    /// Each report's per-node figures (quantiles read once, not at every rollout tick).
+    stats: Vec<NodeStat>,
     received_at: u64,
+}
+
+fn node_stat(node: NodeId, v: &VersionReport) -> NodeStat {
+    NodeStat {
+        node,
+        active: v.active,
+        requests: v.requests,
+        errors: v.errors,
+        p95_latency: v.latency.quantile(0.95),
+        p95_ttft: v.ttft.quantile(0.95),
+        p50_tokens_per_sec: v.tokens_per_sec.quantile(0.5),
+        failed_activation: v.activation_failures > 0 && !v.active,
+    }
 }
 
 /// The newest record of every panel member heard from, bounded in number and age.
@@ -84,7 +99,8 @@ impl FleetView {
             }
         }
         if seated {
-            self.records.insert(node, Held { record, received_at: now });
+            let stats = record.versions.iter().map(|v| node_stat(node, v)).collect();
+            self.records.insert(node, Held { record, stats, received_at: now });
         }
         seated
     }
@@ -156,25 +172,34 @@ impl FleetView {
         self.panels.keys().map(|(m, v)| self.estimated_reporters(m, *v)).max().unwrap_or(0)
     }
 
+    /// One version across its panel, with every member's sketches merged (for display).
     pub fn summary(&self, model: &str, version: u64) -> VersionSummary {
+        self.summarise(model, version, true)
+    }
+
+    /// What the gates read: counters and per-node figures, without merging sketches
+    /// (the rollout engine asks every tick).
+    pub fn gate_summary(&self, model: &str, version: u64) -> VersionSummary {
+        self.summarise(model, version, false)
+    }
+
+    fn summarise(&self, model: &str, version: u64, sketches: bool) -> VersionSummary {
         let pooled = VersionReport { model: model.to_string(), version, ..Default::default() };
         let mut s = VersionSummary { pooled, ..Default::default() };
         for node in self.panels.members(&(model.to_string(), version)) {
             let Some(held) = self.records.get(node) else { continue };
-            for v in held.record.versions.iter().filter(|v| v.model == model && v.version == version) {
+            for (v, stat) in held.record.versions.iter().zip(&held.stats) {
+                if v.model != model || v.version != version {
+                    continue;
+                }
                 s.nodes_reporting += 1;
                 s.nodes_active += usize::from(v.active);
-                s.pooled.add(v);
-                s.per_node.push(NodeStat {
-                    node: *node,
-                    active: v.active,
-                    requests: v.requests,
-                    errors: v.errors,
-                    p95_latency: v.latency.quantile(0.95),
-                    p95_ttft: v.ttft.quantile(0.95),
-                    p50_tokens_per_sec: v.tokens_per_sec.quantile(0.5),
-                    failed_activation: v.activation_failures > 0 && !v.active,
-                });
+                if sketches {
+                    s.pooled.add(v);
+                } else {
+                    s.pooled.add_counters(v);
+                }
+                s.per_node.push(stat.clone());
             }
         }
         s.nodes_estimated = self.estimated_reporters(model, version);
@@ -184,7 +209,15 @@ impl FleetView {
     /// The version a candidate is compared with: the newest lower version of the model
     /// that some node still reports.
     pub fn baseline(&self, model: &str, candidate: u64) -> Option<VersionSummary> {
-        let best = self.versions().into_iter().filter(|(m, v)| m == model && *v < candidate).map(|(_, v)| v).max()?;
-        Some(self.summary(model, best))
+        Some(self.summary(model, self.baseline_version(model, candidate)?))
+    }
+
+    /// `baseline`, as the gates read it.
+    pub fn gate_baseline(&self, model: &str, candidate: u64) -> Option<VersionSummary> {
+        Some(self.gate_summary(model, self.baseline_version(model, candidate)?))
+    }
+
+    fn baseline_version(&self, model: &str, candidate: u64) -> Option<u64> {
+        self.panels.keys().filter(|(m, v)| m == model && *v < candidate).map(|(_, v)| *v).max()
     }
 }

@@ -47,6 +47,7 @@ pub mod state;
 pub mod uploads;
 mod versions;
 
+pub use peers::{MAX_CONNECTED, MAX_KNOWN_PEERS};
 pub use state::{ModelState, Persist, Restored, VersionRecord};
 pub use uploads::Uploads;
 
@@ -629,6 +630,11 @@ impl Node {
 
     pub fn admitted(&self) -> impl Iterator<Item = (&NodeId, &Tags)> {
         self.peers.iter().map(|(n, p)| (n, &p.tags))
+    }
+
+    /// Peers in the peer book (admitted at some time; bounded by `MAX_KNOWN_PEERS`).
+    pub fn known_peers(&self) -> usize {
+        self.known.len()
     }
 
     pub fn is_admitted(&self, node: &NodeId) -> bool {

@@ -81,8 +81,8 @@ impl Node {
             let Some(plan) = self.manifests.get(&key).map(|m| m.manifest.rollout.clone()) else { continue };
             let verdict = evaluate_gates(
                 &plan.gates,
-                &self.fleet.summary(name, version),
-                self.fleet.baseline(name, version).as_ref(),
+                &self.fleet.gate_summary(name, version),
+                self.fleet.gate_baseline(name, version).as_ref(),
             );
             let operator = self.operator_state(&key);
             let record = self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(secs)).clone();
