@@ -1,7 +1,8 @@
 //! Speed of the simulator's fleet of node state machines (`fleet::NodeFleet`): one real
 //! `slmesh_protocol::node::Node` per simulated node, signatures and all.
 //!
-//! Run: `cargo bench --workspace --bench nodes -- [NODES...]` (default: 30 100 300)
+//! Run: `cargo bench --workspace --bench nodes -- [NODES...] [interval=SECS]` (default:
+//! 30 100 300, metrics every 10 s)
 //!
 //! A good three-wave rollout (5% / 25% / 100%, 30 s soaks, gates needing 3 nodes and 50
 //! requests) over three sites (1 / 20 / 40 ms apart), 100 Mbit/s links, a gossip mesh of
@@ -17,7 +18,7 @@ use slmesh_sim::engine::SECOND;
 use slmesh_sim::fleet::{FleetSpec, NodeFleet};
 use std::time::Instant;
 
-fn spec(n: usize) -> FleetSpec {
+fn spec(n: usize, interval_secs: u64) -> FleetSpec {
     let mut spec = FleetSpec::lan(n);
     let third = n / 3;
     spec.sites = vec![third, third, n - 2 * third];
@@ -26,8 +27,9 @@ fn spec(n: usize) -> FleetSpec {
     spec.downlink_bytes_per_sec = 12.5e6;
     spec.mesh_degree = 4;
     spec.model_bytes = 20_000_000;
-    spec.node_config.metrics_interval_ms = 10_000;
-    spec.node_config.metrics_ttl_secs = 120;
+    spec.node_config.metrics_interval_ms = interval_secs * 1000;
+    // Above the five intervals after which an unchanged record is sent again.
+    spec.node_config.metrics_ttl_secs = (12 * interval_secs).max(120);
     spec.node_config.sync_interval_ms = 30_000;
     spec
 }
@@ -46,15 +48,18 @@ fn until_all(f: &mut NodeFleet, version: u64, cap: u64) -> Option<f64> {
 }
 
 fn main() {
-    let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![30, 100, 300] } else { sizes };
+    let interval_secs: u64 =
+        args.iter().find_map(|a| a.strip_prefix("interval=")).and_then(|s| s.parse().ok()).unwrap_or(10).max(1);
     println!(
         "{:>6} {:>9} {:>11} {:>10} {:>10} {:>12} {:>12} {:>12} {:>12}",
         "nodes", "wall s", "events", "events/s", "rollout s", "metrics B/s", "records/s", "haves B/ver", "manifest B/s"
     );
     for n in sizes {
         let started = Instant::now();
-        let mut f = NodeFleet::new(spec(n));
+        let mut f = NodeFleet::new(spec(n, interval_secs));
         f.start_all();
         f.run_for(SECOND);
         let v1 = f.manifest(1, &[(1.0, 0)], NodeFleet::quick_gates(1));

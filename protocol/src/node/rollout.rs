@@ -33,7 +33,7 @@ impl Node {
 
     /// About how many nodes the fleet has, by the metrics panels' estimate or the peers
     /// this node knows (itself included), whichever is more.
-    fn fleet_size(&self) -> usize {
+    pub(super) fn fleet_size(&self) -> usize {
         self.fleet.estimated_nodes().max(self.known.len() + 1)
     }
 

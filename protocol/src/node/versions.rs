@@ -486,7 +486,7 @@ impl Node {
     /// their seats taken, instead of all reporting at once.
     fn keep_panel_reports(&mut self, now: u64, reports: &mut Vec<VersionReport>) {
         let interval = self.cfg.metrics_interval_ms.max(1);
-        let fleet = self.fleet.estimated_nodes().max(self.known.len() + 1) as f64;
+        let fleet = self.fleet_size() as f64;
         self.reporting_since.retain(|(m, v), _| reports.iter().any(|r| &r.model == m && r.version == *v));
         for r in reports.iter() {
             self.reporting_since.entry((r.model.clone(), r.version)).or_insert(now);
