@@ -15,24 +15,11 @@ use slmesh_protocol::cohort::cohort;
 use slmesh_protocol::fleet::panel_rank;
 use slmesh_protocol::rollout::Gates;
 use slmesh_sim::engine::SECOND;
-use slmesh_sim::fleet::{FleetSpec, NodeFleet, MODEL};
+use slmesh_sim::fleet::{NodeFleet, MODEL};
 use slmesh_sim::scenario::Behaviour;
 use std::time::Instant;
 
-fn spec(n: usize) -> FleetSpec {
-    let mut spec = FleetSpec::lan(n);
-    let third = n / 3;
-    spec.sites = vec![third, third, n - 2 * third];
-    spec.latency_ms = vec![vec![1.0, 20.0, 40.0], vec![20.0, 1.0, 30.0], vec![40.0, 30.0, 1.0]];
-    spec.uplink_bytes_per_sec = 12.5e6;
-    spec.downlink_bytes_per_sec = 12.5e6;
-    spec.mesh_degree = 4;
-    spec.model_bytes = 2_000_000;
-    spec.node_config.metrics_interval_ms = 10_000;
-    spec.node_config.metrics_ttl_secs = 120;
-    spec.node_config.sync_interval_ms = 30_000;
-    spec
-}
+mod common;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Case {
@@ -54,7 +41,7 @@ fn lowest_ranked(f: &NodeFleet, n: usize, pick: impl Fn(f64) -> bool) -> usize {
 
 fn run(n: usize, case: Case) {
     let started = Instant::now();
-    let mut f = NodeFleet::new(spec(n));
+    let mut f = NodeFleet::new(common::fleet_spec(n, 10, 2_000_000));
     f.start_all();
     f.run_for(SECOND);
     let v1 = f.manifest(1, &[(1.0, 0)], NodeFleet::quick_gates(1));

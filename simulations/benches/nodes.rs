@@ -15,24 +15,10 @@
 use slmesh_protocol::node::RequestKind;
 use slmesh_protocol::rollout::Gates;
 use slmesh_sim::engine::SECOND;
-use slmesh_sim::fleet::{FleetSpec, NodeFleet};
+use slmesh_sim::fleet::NodeFleet;
 use std::time::Instant;
 
-fn spec(n: usize, interval_secs: u64) -> FleetSpec {
-    let mut spec = FleetSpec::lan(n);
-    let third = n / 3;
-    spec.sites = vec![third, third, n - 2 * third];
-    spec.latency_ms = vec![vec![1.0, 20.0, 40.0], vec![20.0, 1.0, 30.0], vec![40.0, 30.0, 1.0]];
-    spec.uplink_bytes_per_sec = 12.5e6;
-    spec.downlink_bytes_per_sec = 12.5e6;
-    spec.mesh_degree = 4;
-    spec.model_bytes = 20_000_000;
-    spec.node_config.metrics_interval_ms = interval_secs * 1000;
-    // Above the five intervals after which an unchanged record is sent again.
-    spec.node_config.metrics_ttl_secs = (12 * interval_secs).max(120);
-    spec.node_config.sync_interval_ms = 30_000;
-    spec
-}
+mod common;
 
 /// Runs until every live node serves `version`, or `cap` simulated seconds pass; the
 /// simulated seconds it took.
@@ -59,7 +45,7 @@ fn main() {
     );
     for n in sizes {
         let started = Instant::now();
-        let mut f = NodeFleet::new(spec(n, interval_secs));
+        let mut f = NodeFleet::new(common::fleet_spec(n, interval_secs, 20_000_000));
         f.start_all();
         f.run_for(SECOND);
         let v1 = f.manifest(1, &[(1.0, 0)], NodeFleet::quick_gates(1));

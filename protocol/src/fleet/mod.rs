@@ -32,7 +32,10 @@
 //! the next-ranked node then finds a free seat and reports at its next interval. A seat
 //! is refilled within `metrics_ttl_secs + metrics_interval` plus gossip's propagation
 //! (190 s with `slmesh node run`'s defaults of 180 s and 10 s), and the gates read the
-//! panel as it stands meanwhile.
+//! panel as it stands meanwhile. A record's age counts from its issue time (or its
+//! receipt, if that is earlier), and a record already older than the TTL is refused: a
+//! replay of a silent member's last record cannot keep its seat (nodes' clocks must agree
+//! to well within the TTL, as they must for certificates).
 //! A report new to a node waits for its turn in proportion to its rank (at most six
 //! intervals), so that a wave opening on thousands of nodes at once does not make them
 //! all report before they see the seats taken.

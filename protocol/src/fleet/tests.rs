@@ -70,6 +70,10 @@ fn record_of(node: NodeId, seq: u64, versions: Vec<VersionReport>) -> MetricsRec
     MetricsRecord { node, seq, issued_at: 100, versions }
 }
 
+fn record_at(node: NodeId, seq: u64, issued_at: u64, versions: Vec<VersionReport>) -> MetricsRecord {
+    MetricsRecord { node, seq, issued_at, versions }
+}
+
 /// The panel members among `nodes` for version 2 of "m": the lowest ranks.
 fn lowest_ranked(nodes: &[NodeId]) -> Vec<NodeId> {
     let mut ranked: Vec<(u64, NodeId)> = nodes.iter().map(|n| (panel_rank(n, "m", 2), *n)).collect();
@@ -134,12 +138,12 @@ fn a_member_that_goes_silent_is_replaced_once_its_record_expires() {
     let next = ranked[PANEL_SIZE];
     let mut view = FleetView::default();
     for n in &nodes {
-        view.update(record_of(*n, 1, vec![report(2, 10, 0, 0.2)]), 100);
+        view.update(record_at(*n, 1, 100, vec![report(2, 10, 0, 0.2)]), 100);
     }
     assert!(!view.would_seat(&next, "m", 2));
     // Every member but the lowest refreshes; the lowest crashed.
     for n in &panel[1..] {
-        view.update(record_of(*n, 2, vec![report(2, 20, 0, 0.2)]), 150);
+        view.update(record_at(*n, 2, 150, vec![report(2, 20, 0, 0.2)]), 150);
     }
     assert_eq!(view.expire(170, 60), 1);
     assert!(view.would_seat(&next, "m", 2), "the next-ranked node now has a seat");
@@ -358,4 +362,20 @@ fn the_gates_read_the_same_figures_without_merging_sketches() {
 
 fn gates_for_test() -> Gates {
     Gates { max_error_rate: 0.05, ..gates() }
+}
+
+#[test]
+fn a_replayed_old_record_does_not_come_back_and_age_counts_from_issue() {
+    let mut view = FleetView::with_ttl(60);
+    let n = many(1);
+    // Issued 70 s ago, received now: too old, refused (not kept, not forwarded).
+    assert!(!view.update(record_at(n, 1, 930, vec![report(2, 10, 0, 0.2)]), 1_000));
+    // Issued 50 s ago: taken, and it expires 60 s after it was issued, not received.
+    assert!(view.update(record_at(n, 2, 950, vec![report(2, 10, 0, 0.2)]), 1_000));
+    assert_eq!(view.expire(1_009, 60), 0);
+    assert_eq!(view.expire(1_010, 60), 1);
+    // A clock ahead of ours: the age counts from receipt.
+    assert!(view.update(record_at(n, 3, 5_000, vec![report(2, 10, 0, 0.2)]), 1_020));
+    assert_eq!(view.expire(1_079, 60), 0);
+    assert_eq!(view.expire(1_080, 60), 1);
 }

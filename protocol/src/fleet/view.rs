@@ -49,7 +49,10 @@ struct Held {
     record: MetricsRecord,
     /// Each report's per-node figures (quantiles read once, not at every rollout tick).
     stats: Vec<NodeStat>,
-    received_at: u64,
+    /// When the record was issued by its node's clock, or received if that is earlier
+    /// (a clock ahead of ours): its age counts from here, so a replayed old record does
+    /// not come back younger.
+    heard_at: u64,
 }
 
 fn node_stat(node: NodeId, v: &VersionReport) -> NodeStat {
@@ -69,21 +72,34 @@ fn node_stat(node: NodeId, v: &VersionReport) -> NodeStat {
 pub struct FleetView {
     records: BTreeMap<NodeId, Held>,
     panels: Panels<Key>,
+    /// Records older than this (by their issue time) are refused: a replay of a silent
+    /// member's last record does not keep its seat.
+    max_age_secs: Option<u64>,
 }
 
 impl Default for FleetView {
     fn default() -> Self {
-        FleetView { records: BTreeMap::new(), panels: Panels::new(PANEL_SIZE, MAX_PANELS) }
+        FleetView { records: BTreeMap::new(), panels: Panels::new(PANEL_SIZE, MAX_PANELS), max_age_secs: None }
     }
 }
 
 impl FleetView {
+    /// A view that refuses records issued `ttl_secs` or more before `now` (nodes' clocks
+    /// must agree to well within that, as for certificates).
+    pub fn with_ttl(ttl_secs: u64) -> Self {
+        FleetView { max_age_secs: Some(ttl_secs.max(1)), ..Default::default() }
+    }
+
     /// Takes a verified record; returns whether it was news. A record not newer than the
     /// one held (a duplicate, a replay, a reordering) changes nothing, and neither does
     /// one whose versions all lack a seat.
     pub fn update(&mut self, record: MetricsRecord, now: u64) -> bool {
         let node = record.node;
         if self.records.get(&node).is_some_and(|h| h.record.seq >= record.seq) {
+            return false;
+        }
+        let heard_at = record.issued_at.min(now);
+        if self.max_age_secs.is_some_and(|ttl| now - heard_at >= ttl) {
             return false;
         }
         self.remove(&node);
@@ -100,7 +116,7 @@ impl FleetView {
         }
         if seated {
             let stats = record.versions.iter().map(|v| node_stat(node, v)).collect();
-            self.records.insert(node, Held { record, stats, received_at: now });
+            self.records.insert(node, Held { record, stats, heard_at });
         }
         seated
     }
@@ -127,14 +143,11 @@ impl FleetView {
         }
     }
 
-    /// Forgets nodes not heard from for `ttl_secs`; returns how many.
+    /// Forgets nodes not heard from for `ttl_secs` (counted from a record's issue time, or
+    /// its receipt if that is earlier); returns how many.
     pub fn expire(&mut self, now: u64, ttl_secs: u64) -> usize {
-        let gone: Vec<NodeId> = self
-            .records
-            .iter()
-            .filter(|(_, h)| now.saturating_sub(h.received_at) >= ttl_secs)
-            .map(|(n, _)| *n)
-            .collect();
+        let gone: Vec<NodeId> =
+            self.records.iter().filter(|(_, h)| now.saturating_sub(h.heard_at) >= ttl_secs).map(|(n, _)| *n).collect();
         for n in &gone {
             self.remove(n);
         }

@@ -379,7 +379,7 @@ impl Node {
             have_seq: 0,
             have_dirty: true,
             fetch_check: true,
-            fleet: FleetView::default(),
+            fleet: FleetView::with_ttl(cfg.metrics_ttl_secs),
             signed_metrics: BTreeMap::new(),
             metrics_seq: 0,
             metrics_sent_at: None,
