@@ -10,7 +10,8 @@
 //! wall time, events per second, the simulated time until every node served the new
 //! version, and per node during the rollout: metrics gossip received and forwarded per
 //! simulated second, have-record bytes received (they go to direct peers only), and
-//! manifest gossip received and forwarded per second.
+//! manifest gossip received and forwarded per second; then metrics gossip per node once the
+//! fleet has settled (200 s after the last wave soaked).
 
 use slmesh_protocol::node::RequestKind;
 use slmesh_protocol::rollout::Gates;
@@ -40,8 +41,17 @@ fn main() {
     let interval_secs: u64 =
         args.iter().find_map(|a| a.strip_prefix("interval=")).and_then(|s| s.parse().ok()).unwrap_or(10).max(1);
     println!(
-        "{:>6} {:>9} {:>11} {:>10} {:>10} {:>12} {:>12} {:>12} {:>12}",
-        "nodes", "wall s", "events", "events/s", "rollout s", "metrics B/s", "records/s", "haves B/ver", "manifest B/s"
+        "{:>6} {:>9} {:>11} {:>10} {:>10} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "nodes",
+        "wall s",
+        "events",
+        "events/s",
+        "rollout s",
+        "metrics B/s",
+        "records/s",
+        "haves B/ver",
+        "manifest B/s",
+        "settled B/s"
     );
     for n in sizes {
         let started = Instant::now();
@@ -73,32 +83,44 @@ fn main() {
         let span = (f.now() - sim_before) as f64 / 1e6;
         // Received + forwarded: every byte one node sends is one another receives (the
         // links lose nothing here), so per node it is twice what nodes send on average.
-        let rx_and_fwd = |topic: &str| {
-            let sent = f.gossip_bytes.get(topic).copied().unwrap_or(0) - gossip_before.get(topic).copied().unwrap_or(0);
+        let per_node = |after: &std::collections::BTreeMap<&str, u64>,
+                        before: &std::collections::BTreeMap<&str, u64>,
+                        topic: &str,
+                        span: f64| {
+            let sent = after.get(topic).copied().unwrap_or(0) - before.get(topic).copied().unwrap_or(0);
             2.0 * sent as f64 / n as f64 / span
         };
+        let (metrics_topic, manifests_topic) =
+            (slmesh_protocol::mesh::TOPIC_METRICS, slmesh_protocol::mesh::TOPIC_MANIFESTS);
+        let metrics = per_node(&f.gossip_bytes, &gossip_before, metrics_topic, span);
+        let manifests = per_node(&f.gossip_bytes, &gossip_before, manifests_topic, span);
         let haves = f.request_bytes.get(&RequestKind::Have).copied().unwrap_or(0) - haves_before;
         let events = f.events_processed();
         // Metrics records originated fleet-wide per simulated second, and their mean size.
-        let topic = slmesh_protocol::mesh::TOPIC_METRICS;
-        let (count, bytes) = f.gossip_originated.get(topic).copied().unwrap_or_default();
-        let (count0, bytes0) = originated_before.get(topic).copied().unwrap_or_default();
+        let (count, bytes) = f.gossip_originated.get(metrics_topic).copied().unwrap_or_default();
+        let (count0, bytes0) = originated_before.get(metrics_topic).copied().unwrap_or_default();
         let records = format!(
             "{:.1}x{:.0}B",
             (count - count0) as f64 / span,
             (bytes - bytes0) as f64 / (count - count0).max(1) as f64
         );
+        // Settled: once the last wave has soaked, metrics go at the refresh pace (50 s).
+        f.run_for(60 * SECOND);
+        let (settled_before, settled_from) = (f.gossip_bytes.clone(), f.now());
+        f.run_for(200 * SECOND);
+        let settled = per_node(&f.gossip_bytes, &settled_before, metrics_topic, (f.now() - settled_from) as f64 / 1e6);
         println!(
-            "{:>6} {:>9.2} {:>11} {:>10.0} {:>10} {:>12.0} {:>12} {:>12.0} {:>12.0}",
+            "{:>6} {:>9.2} {:>11} {:>10.0} {:>10} {:>12.0} {:>12} {:>12.0} {:>12.0} {:>12.0}",
             n,
             wall,
             events,
             events as f64 / wall,
             rollout.map_or("never".to_string(), |s| format!("{s:.0}")),
-            rx_and_fwd(slmesh_protocol::mesh::TOPIC_METRICS),
+            metrics,
             records,
             haves as f64 / n as f64,
-            rx_and_fwd(slmesh_protocol::mesh::TOPIC_MANIFESTS),
+            manifests,
+            settled,
         );
     }
 }

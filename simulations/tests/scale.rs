@@ -177,3 +177,29 @@ fn the_peer_book_stays_bounded_however_many_peers_come_and_go() {
     assert_eq!(node.known_peers(), MAX_KNOWN_PEERS);
     assert_eq!(forgotten, 50, "each peer forgotten is forgotten in the store too");
 }
+
+/// Metrics records nodes originated so far.
+fn metrics_sent(f: &Fleet) -> u64 {
+    f.gossip_originated.get(slmesh_protocol::mesh::TOPIC_METRICS).map_or(0, |(count, _)| *count)
+}
+
+#[test]
+fn a_settled_fleet_sends_metrics_at_the_refresh_pace_and_a_rollout_at_every_interval() {
+    let mut f = fleet_on_v1(30);
+    // v1 has settled (one wave, opened more than a refresh period ago).
+    f.run_for(20 * SECOND);
+    let before = metrics_sent(&f);
+    f.run_for(30 * SECOND);
+    let settled = metrics_sent(&f) - before;
+    let m = f.manifest(2, &[(0.5, 20), (1.0, 0)], Fleet::quick_gates(3));
+    f.publish(0, m).expect("publish");
+    let before = metrics_sent(&f);
+    f.run_for(30 * SECOND);
+    let rolling = metrics_sent(&f) - before;
+    eprintln!("metrics records in 30 s: settled {settled}, rolling out {rolling}");
+    // Two panels of 16 at one record per second while rolling; one per five seconds settled.
+    assert!(rolling > 2 * settled, "rolling out: {rolling} records in 30 s; settled: {settled}");
+    assert!(settled <= 2 * 16 * 30 / 5, "settled: {settled} records in 30 s");
+    f.run_for(40 * SECOND);
+    assert!(f.live().all(|i| f.active(i) == Some(2)), "the rollout completes");
+}

@@ -36,6 +36,9 @@
 //! receipt, if that is earlier), and a record already older than the TTL is refused: a
 //! replay of a silent member's last record cannot keep its seat (nodes' clocks must agree
 //! to well within the TTL, as they must for certificates).
+//! Members send changed figures every interval while a rollout of the model is watched
+//! (waves left to open, or the last one still soaking), and every fifth interval once it
+//! has settled: nobody waits on a settled fleet's figures.
 //! A report new to a node waits for its turn in proportion to its rank (at most six
 //! intervals), so that a wave opening on thousands of nodes at once does not make them
 //! all report before they see the seats taken.

@@ -415,7 +415,8 @@ impl Node {
     }
 
     /// Signs this node's cumulative figures per model version and gossips them: when they
-    /// changed, or every few intervals so that peers do not expire this node. Versions
+    /// changed while a rollout of the model is watched, else every few intervals (so that
+    /// peers do not expire this node). Versions
     /// that failed to load here are reported too.
     pub(super) fn on_local_metrics(&mut self, now: u64, mut reports: Vec<VersionReport>) {
         let secs = now / 1000;
@@ -459,7 +460,10 @@ impl Node {
         }
         let refresh = self.cfg.metrics_interval_ms.saturating_mul(METRICS_REFRESH_INTERVALS);
         let unchanged = self.last_reports.as_ref() == Some(&reports);
-        if unchanged && self.metrics_sent_at.is_some_and(|t| now.saturating_sub(t) < refresh) {
+        // Changed figures go out every interval while a rollout reads them, else at the
+        // refresh pace.
+        let watched = reports.iter().any(|r| self.rollout_watched(&r.model, now, refresh / 1000));
+        if (unchanged || !watched) && self.metrics_sent_at.is_some_and(|t| now.saturating_sub(t) < refresh) {
             return;
         }
         self.metrics_seq = now.max(self.metrics_seq + 1);
