@@ -123,6 +123,9 @@ impl Node {
                     self.refuse(peer, reason);
                 }
             }
+            // A have record refused or lost (a peer that has not finished admitting us yet)
+            // reaches it with the sync that follows its admission: nothing to report.
+            (RequestKind::Have, _) => {}
             (_, Ok(PeerResponse::Refused(reason))) => {
                 self.event(None, Level::Warn, format!("peer {} refused us: {reason}", peer.short()))
             }
@@ -142,8 +145,6 @@ impl Node {
             (RequestKind::Sync, Ok(PeerResponse::Sync(reply))) => self.on_sync_reply(now, peer, reply),
             (RequestKind::Sync, Ok(_)) => {}
             (RequestKind::Sync, Err(_)) => {}
-            // A have record that did not arrive reaches the peer with its next sync.
-            (RequestKind::Have, _) => {}
         }
     }
 
