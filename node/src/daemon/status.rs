@@ -152,8 +152,12 @@ pub use slmesh_protocol::node::RolloutView;
 pub struct FleetVersionView {
     pub model: String,
     pub version: u64,
+    /// Members of the version's metrics panel that report it (at most 16): the figures
+    /// here are theirs.
     pub nodes_reporting: usize,
     pub nodes_active: usize,
+    /// About how many nodes of the fleet report the version (exact up to 16).
+    pub nodes_estimated: usize,
     pub requests: u64,
     pub errors: u64,
     pub error_rate: Option<f64>,
@@ -172,6 +176,7 @@ impl FleetVersionView {
             version: p.version,
             nodes_reporting: s.nodes_reporting,
             nodes_active: s.nodes_active,
+            nodes_estimated: s.nodes_estimated,
             requests: p.requests,
             errors: p.errors,
             error_rate: s.pooled_error_rate(),
@@ -191,16 +196,17 @@ fn opt(v: Option<f64>, scale: f64, unit: &str) -> String {
 /// The table `slmesh fleet` prints.
 pub fn fleet_text(versions: &[FleetVersionView]) -> String {
     let mut out = format!(
-        "{:<28} {:>7} {:>6} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8}\n",
-        "model@version", "active", "nodes", "requests", "errors", "p50 lat", "p95 lat", "p95 ttft", "tok/s"
+        "{:<28} {:>7} {:>6} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8}\n",
+        "model@version", "active", "nodes", "≈fleet", "requests", "errors", "p50 lat", "p95 lat", "p95 ttft", "tok/s"
     );
     for v in versions {
         let _ = writeln!(
             out,
-            "{:<28} {:>7} {:>6} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8}",
+            "{:<28} {:>7} {:>6} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8}",
             format!("{}@{}", v.model, v.version),
             v.nodes_active,
             v.nodes_reporting,
+            v.nodes_estimated,
             v.requests,
             opt(v.error_rate, 100.0, "%"),
             opt(v.p50_latency_secs, 1000.0, "ms"),
@@ -208,6 +214,9 @@ pub fn fleet_text(versions: &[FleetVersionView]) -> String {
             opt(v.p95_ttft_secs, 1000.0, "ms"),
             opt(v.p50_tokens_per_sec, 1.0, ""),
         );
+    }
+    if versions.iter().any(|v| v.nodes_estimated > v.nodes_reporting) {
+        out.push_str("(figures of each version's metrics panel of 16 nodes; ≈fleet: nodes estimated to report it)\n");
     }
     out
 }
