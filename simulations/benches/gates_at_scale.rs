@@ -1,7 +1,8 @@
 //! The gates at scale, on the node fleet (one real `Node` per simulated node): a bad
 //! version is halted in its canary, one liar can neither save it nor stop a good one.
 //!
-//! Run: `cargo bench --workspace --bench gates_at_scale -- [NODES...]` (default: 1000)
+//! Run: `cargo bench --workspace --bench gates_at_scale -- [NODES...] [good|bad|flatterer|accuser...]`
+//! (default: 1000 nodes, every case)
 //!
 //! The fleet of `benches/nodes.rs` (three sites, gossip mesh of degree 4, metrics every
 //! 10 s), waves of 5% / 25% / 100% with 30 s soaks, gates needing 3 nodes, 50 requests
@@ -102,12 +103,24 @@ fn run(n: usize, case: Case) {
 }
 
 fn main() {
-    let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![1000] } else { sizes };
+    let named = [
+        ("good", Case::Good),
+        ("bad", Case::Bad),
+        ("flatterer", Case::BadWithFlattererInCanary),
+        ("accuser", Case::GoodWithAccuserOutside),
+    ];
+    let mut cases: Vec<Case> =
+        named.iter().filter(|(name, _)| args.iter().any(|a| a == name)).map(|(_, c)| *c).collect();
+    if cases.is_empty() {
+        cases = named.iter().map(|(_, c)| *c).collect();
+    }
     println!("{:>6} {:<38} {:<30} {:>9} {:>8} {:>8}", "nodes", "case", "outcome", "blast", "liar", "wall s");
     for n in sizes {
-        for case in [Case::Good, Case::Bad, Case::BadWithFlattererInCanary, Case::GoodWithAccuserOutside] {
-            run(n, case);
+        for case in &cases {
+            run(n, *case);
         }
     }
 }
