@@ -28,8 +28,7 @@ pub fn cohort(node: &NodeId, model: &str, version: u64) -> f64 {
     let bytes = h.finalize();
     let mut first = [0u8; 8];
     first.copy_from_slice(&bytes.as_bytes()[..8]);
-    // The top 53 bits fill an f64 mantissa exactly: the result is in [0, 1).
-    (u64::from_le_bytes(first) >> 11) as f64 / (1u64 << 53) as f64
+    crate::panel::rank_fraction(u64::from_le_bytes(first))
 }
 
 /// The wave (0-based) a cohort value falls in, or `None` when it is beyond the plan's

@@ -1,10 +1,11 @@
-//! Panels: for each key (a model version, a blob), the few nodes with the lowest rank.
+//! Panels: for each key (a model version), the few nodes with the lowest rank.
 //!
 //! A rank is a hash of the node's id and the key, so it is uniform, the same on every
 //! node, and fixed once the node is enrolled. Gossip that only a panel's members send and
 //! only their messages count has a fleet-wide volume bounded by the panel's size, not the
 //! fleet's, and every node that heard the same messages holds the same panel. Used by
-//! the metrics panel (`fleet::FleetView`) and the have panel (`mesh::BlobDirectory`).
+//! the metrics panel (`fleet::FleetView`); have records need none, since they go only to
+//! direct peers.
 
 use crate::identity::NodeId;
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,7 +21,8 @@ pub fn rank(context: &str, node: &NodeId, key: &[u8]) -> u64 {
     u64::from_le_bytes(first)
 }
 
-/// A rank as a fraction of the hash space, in [0, 1).
+/// A rank as a fraction of the hash space, in [0, 1): the top 53 bits fill an f64
+/// mantissa exactly.
 pub fn rank_fraction(rank: u64) -> f64 {
     (rank >> 11) as f64 / (1u64 << 53) as f64
 }
