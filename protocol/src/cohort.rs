@@ -9,11 +9,19 @@
 //! empty about a quarter of the time), and a canary smaller than the gates' minimum of
 //! reporting nodes never gets a verdict. So the canary has a floor: the eligible nodes
 //! with the lowest cohorts among those a node knows are in wave 0 too, as many as the
-//! gates need (`min_reporting_nodes`, at least one). A node that knows only part of the
-//! fleet may count itself among them wrongly, which adds canaries but never removes one:
-//! the truly lowest node always knows it is lowest. The floor applies only while the
-//! fleet a node knows of is too small for the hash to fill the canary twice over, so in a
-//! large fleet the canary stays the plan's fraction.
+//! gates need (`min_reporting_nodes`, at least one). The floor applies only while the
+//! fleet a node has evidence of is too small for the hash to fill the canary twice over,
+//! so in a large fleet the canary stays the plan's fraction.
+//!
+//! A node that knows only part of the fleet (its direct peers, in a mesh) cannot know its
+//! rank, and counting itself among the lowest of the few it knows would make most of a
+//! sparse mesh canaries (60% of a 100-node fleet of degree 4, as the simulator found). So
+//! such a node joins by the floor only if, besides being among the lowest it knows, its
+//! cohort puts it among the lowest `2 x floor` nodes expected in a fleet of the size it
+//! has evidence of (`cohort x size < 2 x floor`): about twice the floor join, the truly
+//! lowest node almost surely among them (it misses the bound with probability about
+//! e^(-2 x floor), 0.25% for a floor of 3). A node that knows the whole fleet uses its
+//! exact rank.
 
 use crate::identity::NodeId;
 use crate::rollout::RolloutPlan;
@@ -98,7 +106,10 @@ pub fn membership_with_floor<'a>(
             lower += 1;
         }
     }
-    if floor_applies(plan, eligible.max(fleet_size)) && lower < canary_floor(plan) {
+    let (size, floor) = (eligible.max(fleet_size), canary_floor(plan));
+    let knows_all = eligible >= size;
+    let low_enough = knows_all || mine * (size as f64) < 2.0 * floor as f64;
+    if floor_applies(plan, size) && lower < floor && low_enough {
         Membership::Wave(0)
     } else {
         by_hash
@@ -236,6 +247,33 @@ mod tests {
             })
             .count();
         assert!((70..130).contains(&canaries), "{canaries} of 2000 in a 5% canary");
+    }
+
+    #[test]
+    fn a_node_that_knows_few_of_a_small_fleet_does_not_make_itself_a_canary() {
+        // 100 nodes, a 5% canary, gates needing 3 nodes (so the floor applies), each node
+        // knowing only its 4 mesh peers: about twice the floor are canaries, never none.
+        let mut p = plan(&[0.05, 1.0]);
+        p.gates.min_reporting_nodes = 3;
+        let tags = Tags::new();
+        let (mut total, mut fewest, mut most) = (0, usize::MAX, 0);
+        for seed in 0..50u64 {
+            let ids = random_ids(100, 100 + seed);
+            let canaries = ids
+                .iter()
+                .enumerate()
+                .filter(|(i, id)| {
+                    let known: Vec<(&NodeId, &Tags)> = (1..=4).map(|k| (&ids[(i + 25 * k) % 100], &tags)).collect();
+                    membership_with_floor(&p, id, &tags, "m", 1, known, ids.len()) == Membership::Wave(0)
+                })
+                .count();
+            total += canaries;
+            fewest = fewest.min(canaries);
+            most = most.max(canaries);
+        }
+        assert!(fewest >= 1, "a canary was empty");
+        assert!(most <= 15, "{most} of 100 nodes in a 5% canary");
+        assert!((150..=400).contains(&total), "{total} canaries in 50 fleets of 100: about 6 each expected");
     }
 
     #[test]

@@ -3,11 +3,12 @@
 //! still fetching is already a provider). Rarest piece first spreads every piece early;
 //! the origin seeds each piece at most once per site and leaves the rest to peers.
 //!
-//! Decisions only: which piece to ask a provider for, which waiting request a free slot
-//! serves, and whether to serve a request. The fetcher's side of one blob is a state
-//! machine (`PieceFetch`: which providers, which piece, refusals, failures, stalls) that
-//! `crates/blobs` and the simulator's node fleet drive; the simulator's large-scale `World`
-//! still calls the functions below with its own fetcher loop and provider queues.
+//! Decisions only: which piece to ask a provider for, and whether the origin sends a
+//! piece once more. The fetcher's side of one blob is a state machine (`PieceFetch`:
+//! which providers, which piece, refusals, failures, stalls) that `crates/blobs` and the
+//! simulator drive alike; a provider has no request queue (iroh-blobs has none to order):
+//! its upload gate (`node::Uploads`) serves or refuses, and a refused fetcher retries or
+//! asks another provider.
 
 mod fetch;
 pub use fetch::{AfterPiece, FetchPolicy, FetchState, Next, PieceFetch, PieceOutcome};
@@ -92,18 +93,9 @@ impl PieceSet {
     }
 }
 
-/// How a node takes part in a swarm. (Deserialize: scenario files of the simulator set it;
-/// it is not a wire type.)
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// How a node seeds what it originated.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SwarmPolicy {
-    /// Piece requests a node sends at once.
-    pub upload_slots: usize,
-    /// Requests that may wait for a slot; more are refused and go elsewhere. A waiting
-    /// request keeps the uplink busy the moment a slot frees.
-    pub upload_queue: usize,
-    /// Piece requests a fetcher keeps open at once, each to a different provider.
-    pub requests_in_flight: usize,
     /// The origin serves a piece only while fewer than this many other nodes of the
     /// requester's site hold it or are being sent it (1: it seeds each piece once per
     /// site at most, peers do the rest; per site, so that a piece held only across a
@@ -113,7 +105,7 @@ pub struct SwarmPolicy {
 
 impl Default for SwarmPolicy {
     fn default() -> Self {
-        SwarmPolicy { upload_slots: 1, upload_queue: 4, requests_in_flight: 8, origin_copies_per_piece: 1 }
+        SwarmPolicy { origin_copies_per_piece: 1 }
     }
 }
 
@@ -148,37 +140,13 @@ pub fn pick_piece(
     best.map(|(_, _, piece)| piece)
 }
 
-/// Whether to take one more piece request (to send now or queue). `pending`: requests
-/// being sent or waiting; `copies_elsewhere`: other nodes of the requester's site that
-/// hold the piece or are being sent it.
-pub fn piece_upload_decision(
-    policy: &SwarmPolicy,
-    pending: usize,
-    originated: bool,
-    copies_elsewhere: u32,
-) -> Result<(), String> {
-    if pending >= policy.upload_slots + policy.upload_queue {
-        return Err(format!("{pending} piece requests are pending here already"));
-    }
-    if originated {
-        origin_piece_decision(policy, copies_elsewhere)?;
-    }
-    Ok(())
-}
-
-/// The origin's part of `piece_upload_decision`: whether it sends this piece once more.
+/// Whether the origin sends this piece once more: `copies_elsewhere` is how many other
+/// nodes of the requester's site hold it or are being sent it.
 pub fn origin_piece_decision(policy: &SwarmPolicy, copies_elsewhere: u32) -> Result<(), String> {
     if policy.origin_copies_per_piece > 0 && copies_elsewhere >= policy.origin_copies_per_piece {
         return Err(format!("{copies_elsewhere} peers of this site hold this piece or are fetching it: ask them"));
     }
     Ok(())
-}
-
-/// Which waiting request a free upload slot serves: the requester holding the fewest
-/// pieces (the first among equals). Serving the furthest behind first evens out progress,
-/// so that the fleet finishes together instead of trailing off.
-pub fn next_to_serve(requester_pieces: &[u32]) -> Option<usize> {
-    requester_pieces.iter().enumerate().min_by_key(|(i, held)| (**held, *i)).map(|(i, _)| i)
 }
 
 #[cfg(test)]
@@ -221,23 +189,12 @@ mod tests {
     }
 
     #[test]
-    fn the_origin_seeds_each_piece_once_and_slots_bound_uploads() {
+    fn the_origin_seeds_each_piece_once_per_site() {
         let p = SwarmPolicy::default();
-        assert!(piece_upload_decision(&p, 0, true, 0).is_ok());
-        assert!(piece_upload_decision(&p, 0, true, 1).is_err(), "a peer has it: ask the peer");
-        assert!(piece_upload_decision(&p, 0, false, 50).is_ok(), "peers serve however common");
-        assert!(piece_upload_decision(&p, p.upload_slots, false, 0).is_ok(), "it may wait");
-        assert!(piece_upload_decision(&p, p.upload_slots + p.upload_queue, false, 0).is_err());
         assert!(origin_piece_decision(&p, 0).is_ok(), "not yet in this site");
-        assert!(origin_piece_decision(&p, 1).is_err(), "sent into this site already");
-        let always = SwarmPolicy { origin_copies_per_piece: 0, ..SwarmPolicy::default() };
+        assert!(origin_piece_decision(&p, 1).is_err(), "sent into this site already: ask the peer");
+        let always = SwarmPolicy { origin_copies_per_piece: 0 };
         assert!(origin_piece_decision(&always, 7).is_ok(), "0: no limit");
-    }
-
-    #[test]
-    fn a_free_slot_serves_the_requester_furthest_behind() {
-        assert_eq!(next_to_serve(&[40, 3, 90, 3]), Some(1));
-        assert_eq!(next_to_serve(&[]), None);
     }
 
     proptest! {

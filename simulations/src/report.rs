@@ -1,7 +1,71 @@
-//! The report as Markdown and as an SVG plot of coverage over time.
+//! What a scenario run reports, as JSON (serde), Markdown and SVG plots over time.
 
-use crate::world::Report;
+use serde::Serialize;
 use std::fmt::Write;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CoverageSample {
+    pub secs: f64,
+    /// Fraction of all nodes with the new version's file complete.
+    pub staged: f64,
+    /// Fraction of all nodes serving the new version.
+    pub active: f64,
+    /// Per wave: fraction of its members serving the new version.
+    pub waves_active: Vec<f64>,
+    /// Bytes of pieces the origin has uploaded so far.
+    pub origin_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WaveReport {
+    pub wave: usize,
+    pub members: usize,
+    /// Seconds after publication until 50/90/99/100% of the wave's members served the
+    /// new version (None: never reached).
+    pub p50_secs: Option<f64>,
+    pub p90_secs: Option<f64>,
+    pub p99_secs: Option<f64>,
+    pub p100_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub seed: u64,
+    pub nodes: usize,
+    pub sites: usize,
+    pub events: u64,
+    /// Simulated seconds from the start (the baseline already served) to the end.
+    pub simulated_secs: f64,
+    pub model_bytes: u64,
+    pub waves: Vec<WaveReport>,
+    /// Seconds from publication until every live node had the new version's file.
+    pub distribution_secs: Option<f64>,
+    /// The Kumar-Ross lower bound max(F/u_s, F/d_min, N F / (u_s + sum u_i)), seconds.
+    pub kumar_ross_secs: f64,
+    pub distribution_over_bound: Option<f64>,
+    /// Bytes of pieces the origin uploaded, and that over (model size x sites).
+    pub origin_egress_bytes: u64,
+    pub origin_egress_per_site: f64,
+    pub cross_site_bytes: u64,
+    pub partition_drops: u64,
+    /// Seconds after publication until 50% and 99% of the nodes live at publication
+    /// knew the new version (gossip or anti-entropy).
+    pub manifest_propagation_p50_secs: Option<f64>,
+    pub manifest_propagation_p99_secs: Option<f64>,
+    /// Gossip bytes sent (originated and forwarded) per node per second, by topic.
+    pub manifest_gossip_bytes_per_node_per_sec: f64,
+    pub metrics_gossip_bytes_per_node_per_sec: f64,
+    /// Have-record bytes per node over the run (sent to direct peers).
+    pub have_bytes_per_node: f64,
+    /// Fraction of nodes that ever served the new version.
+    pub ever_activated_fraction: f64,
+    pub halted: Option<String>,
+    /// Every 5 simulated seconds.
+    pub coverage: Vec<CoverageSample>,
+    /// (seconds, verdict) whenever the origin's view of the rollout changed.
+    pub gate_decisions: Vec<(f64, String)>,
+}
 
 fn opt(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "never".into())
@@ -57,12 +121,12 @@ pub fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "- gossip per node: manifests {:.1} B/s, metrics {:.1} B/s, have records {:.1} B/s",
+        "- gossip per node: manifests {:.1} B/s, metrics {:.1} B/s; have records {:.1} KB per node",
         r.manifest_gossip_bytes_per_node_per_sec,
         r.metrics_gossip_bytes_per_node_per_sec,
-        r.have_bytes_per_node_per_sec
+        r.have_bytes_per_node / 1e3
     );
-    let _ = writeln!(s, "- nodes that ever activated the new version: {:.1}%", r.ever_activated_fraction * 100.0);
+    let _ = writeln!(s, "- nodes that ever served the new version: {:.1}%", r.ever_activated_fraction * 100.0);
     if let Some(h) = &r.halted {
         let _ = writeln!(s, "- rollout halted: {h}");
     }

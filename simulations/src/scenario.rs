@@ -1,9 +1,10 @@
 //! Scenario files (TOML): the fleet's shape, its links, the model, the rollout plan, the
-//! faults, and whether the new version is bad.
+//! faults, and whether the new version is bad. Every node runs the node's own state
+//! machine (`run`), so what a node decides (piece transfers, gossip, gates) is not set
+//! here: only what is modelled around it.
 
 use serde::Deserialize;
 use slmesh_protocol::rollout::{Gates, RolloutPlan, Wave};
-use slmesh_protocol::swarm::SwarmPolicy;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,9 +27,27 @@ pub struct Scenario {
     pub gossip: Gossip,
     #[serde(default)]
     pub faults: Faults,
-    /// Piece transfers: upload slots and queue, requests in flight, origin seeding.
     #[serde(default)]
-    pub swarm: SwarmPolicy,
+    pub node: NodeSettings,
+}
+
+/// The settings of `slmesh node run` that a scenario may change, and the modelled engine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSettings {
+    /// Seconds between anti-entropy rounds (`[network] sync_interval_secs`).
+    pub sync_interval_secs: u64,
+    /// Metrics records not renewed for this long stop counting (`[fleet] metrics_ttl_secs`).
+    pub metrics_ttl_secs: u64,
+    /// Seconds the modelled engine takes to load a version.
+    pub load_secs: f64,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        // The node's defaults (node/src/config.rs); a load of the demo model takes about 2 s.
+        NodeSettings { sync_interval_secs: 30, metrics_ttl_secs: 180, load_secs: 2.0 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -43,32 +62,13 @@ pub struct Site {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Model {
+    /// The weights file's size (the node fetches it in 512 KiB pieces).
     pub size_mb: f64,
-    /// Transfers are simulated in chunks (pieces) of this size.
-    #[serde(default = "default_chunk_mb")]
-    pub chunk_mb: f64,
-    /// How a node fetches the model: `whole` files from one provider at a time (how the
-    /// node fetched before), or `pieces` from several providers at once, each piece
-    /// served again as soon as it arrived (`protocol::swarm`, as the node does now).
-    #[serde(default)]
-    pub transfer: Transfer,
     /// Requests per second per node.
     pub request_rate: f64,
     /// The baseline (running) and the new version's behaviour.
     pub baseline: Behaviour,
     pub candidate: Behaviour,
-}
-
-fn default_chunk_mb() -> f64 {
-    4.0
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transfer {
-    Whole,
-    #[default]
-    Pieces,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -110,7 +110,7 @@ impl Default for GatesSpec {
             max_p95_ttft_ratio: g.max_p95_ttft_ratio,
             min_tokens_per_sec_ratio: g.min_tokens_per_sec_ratio,
             min_samples: g.min_samples,
-            min_reporting_nodes: 1,
+            min_reporting_nodes: g.min_reporting_nodes,
         }
     }
 }
@@ -118,45 +118,18 @@ impl Default for GatesSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Gossip {
-    /// Mesh degree (gossipsub's D).
+    /// Mesh degree: each node's gossip peers, which are also the peers it connects to,
+    /// admits and fetches from.
     pub degree: usize,
+    /// How often a node measures itself and may send its metrics record
+    /// (`[fleet] metrics_interval_secs`).
     pub metrics_interval_secs: f64,
-    pub manifest_bytes: u64,
-    pub have_bytes: u64,
-    /// Size of one site's merged metrics record.
-    pub metrics_record_bytes: u64,
-    /// gossipsub's heartbeat: each one sends IHAVE (ids of recent messages) to
-    /// `lazy_degree` peers outside the mesh; a peer that lacks one answers IWANT.
-    pub heartbeat_secs: f64,
-    pub lazy_degree: usize,
-    /// Heartbeats a message stays in IHAVE gossip (gossipsub's history_gossip).
-    pub history_gossip: u32,
-    /// Messages larger than this make the receiver tell its mesh peers IDONTWANT
-    /// (gossipsub 1.2), so that they do not send it a copy it already has.
-    pub idontwant_threshold_bytes: u64,
-    /// Bytes of a control frame (IHAVE, IWANT, IDONTWANT: yamux and noise framing, the
-    /// protobuf envelope, the topic) and of each message id in it.
-    pub control_bytes: u64,
-    pub message_id_bytes: u64,
 }
 
 impl Default for Gossip {
     fn default() -> Self {
-        Gossip {
-            degree: 4,
-            metrics_interval_secs: 10.0,
-            manifest_bytes: 2_000,
-            have_bytes: 300,
-            metrics_record_bytes: 1_400,
-            // The node's gossipsub settings (crates/mesh), else libp2p-gossipsub 0.49's
-            // defaults. A message id is a 32-byte BLAKE3 hash plus its framing.
-            heartbeat_secs: 0.7,
-            lazy_degree: 6,
-            history_gossip: 3,
-            idontwant_threshold_bytes: 1_000,
-            control_bytes: 40,
-            message_id_bytes: 34,
-        }
+        // The node's gossipsub mesh degree (crates/mesh) and metrics interval.
+        Gossip { degree: 4, metrics_interval_secs: 10.0 }
     }
 }
 
@@ -185,8 +158,9 @@ pub struct PartitionSpec {
     pub until_secs: f64,
 }
 
-/// Nodes a scenario may have (each costs about a kilobyte of state).
-pub const MAX_NODES: usize = 1_000_000;
+/// Nodes a scenario may have: each runs the node's state machine, about 250 KB of state
+/// (100,000 nodes: about 25 GiB).
+pub const MAX_NODES: usize = 100_000;
 
 fn positive(x: f64) -> bool {
     x > 0.0 && x.is_finite()
@@ -214,9 +188,6 @@ impl Scenario {
         if !s.model.request_rate.is_finite() || s.model.request_rate < 0.0 || s.model.request_rate > 1000.0 {
             return Err("model.request_rate is requests per second per node, from 0 to 1000".into());
         }
-        if s.swarm.upload_slots == 0 || s.swarm.requests_in_flight == 0 {
-            return Err("swarm.upload_slots and swarm.requests_in_flight must be at least 1".into());
-        }
         if s.gossip.degree == 0 {
             return Err("gossip.degree must be at least 1".into());
         }
@@ -228,11 +199,17 @@ impl Scenario {
                 return Err(format!("a partition of {:?} must heal after it starts", p.sites));
             }
         }
-        if !positive(s.model.chunk_mb) || s.model.size_mb / s.model.chunk_mb > 1e6 {
-            return Err("model.chunk_mb must be positive and cut the model into at most a million pieces".into());
+        if s.model.size_mb > 1e6 {
+            return Err("model.size_mb is at most a million (a terabyte)".into());
         }
-        if !positive(s.gossip.heartbeat_secs) || !positive(s.gossip.metrics_interval_secs) {
-            return Err("gossip.heartbeat_secs and gossip.metrics_interval_secs must be positive".into());
+        if !(1.0..=3600.0).contains(&s.gossip.metrics_interval_secs) {
+            return Err("gossip.metrics_interval_secs is seconds, from 1 to 3600".into());
+        }
+        let n = &s.node;
+        if n.sync_interval_secs == 0 || n.metrics_ttl_secs == 0 || !(0.0..=3600.0).contains(&n.load_secs) {
+            return Err(
+                "node.sync_interval_secs and node.metrics_ttl_secs must be at least 1, node.load_secs 0 to 3600".into(),
+            );
         }
         let f = &s.faults;
         if [f.churn, f.joins, f.leaves].iter().any(|x| !(0.0..=1.0).contains(x)) || f.churn + f.joins + f.leaves > 1.0 {

@@ -212,11 +212,18 @@ impl PieceFetch {
         &self.failed
     }
 
+    /// Where the fetch stands. It runs while a piece arrived lately, a request is open, or
+    /// a running provider offers a piece this node lacks; a provider that offers nothing
+    /// (a peer still fetching, itself stuck) does not keep it alive, or two such peers
+    /// would wait on each other forever while the providers that went away and came
+    /// back are never asked again (the simulator found this after a partition healed).
     pub fn state(&self, now: u64) -> FetchState {
         if self.mine.is_full() {
             return FetchState::Complete;
         }
-        if !self.running.is_empty() || now.saturating_sub(self.progressed_at) <= self.policy.stalled_after_ms {
+        let recent = now.saturating_sub(self.progressed_at) <= self.policy.stalled_after_ms;
+        let useful = || self.theirs.values().any(|o| o.iter().any(|p| !self.mine.contains(p)));
+        if recent || self.requested.count() > 0 || useful() {
             return FetchState::Running;
         }
         if self.failed.is_empty() {
@@ -279,6 +286,27 @@ mod tests {
         assert_eq!(idle.state(60_000), FetchState::NoProvider);
         let resumed = PieceFetch::new(FetchPolicy::default(), PieceSet::full(4), 0);
         assert_eq!(resumed.state(0), FetchState::Complete, "a resumed fetch with every piece is done");
+    }
+
+    #[test]
+    fn a_provider_that_offers_nothing_does_not_keep_a_stalled_fetch_alive() {
+        let (me, a, b) = (node(1), node(2), node(3));
+        let policy = FetchPolicy { stalled_after_ms: 1000, ..FetchPolicy::default() };
+        let mut f = PieceFetch::new(policy, PieceSet::new(2), 0);
+        f.providers_to_start(&[a, b], &me);
+        f.offered(a, PieceSet::new(2));
+        f.provider_ended(&b, Err("partitioned".into()));
+        assert_eq!(f.next(&a, 0), Next::Wait);
+        assert_eq!(f.state(500), FetchState::Running, "not stalled yet");
+        assert!(matches!(f.state(2000), FetchState::Failed(v) if v.len() == 1), "a offers nothing: stalled");
+        // An open request, or an offer of a piece this node lacks, keeps it running.
+        let mut pieces = PieceSet::new(2);
+        pieces.insert(1);
+        f.offered(a, pieces);
+        assert_eq!(f.state(2000), FetchState::Running);
+        let Next::Ask(p) = f.next(&a, 0) else { panic!("a offers piece 1") };
+        f.offered(a, PieceSet::new(2));
+        assert_eq!(f.state(2000), FetchState::Running, "the request for piece {p} is open");
     }
 
     #[test]

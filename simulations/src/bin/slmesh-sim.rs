@@ -38,7 +38,7 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     eprintln!("running {} ({} nodes) ...", sc.name, sc.nodes());
     let started = Instant::now();
-    let report = slmesh_sim::World::new(sc).run_with_progress(|t, events| {
+    let report = slmesh_sim::run_with_progress(sc, |t, events| {
         eprint!(
             "\r  simulated {t:>7.1} s, {events:>10} events, {:>6.1} s of wall time",
             started.elapsed().as_secs_f64()

@@ -14,6 +14,7 @@
 //!
 //! Deterministic: one seeded random source, one event queue, no threads.
 
+mod installed;
 mod pieces;
 
 use crate::engine::{Micros, Queue, Rng, SECOND};
@@ -25,7 +26,7 @@ use slmesh_protocol::identity::{KeyKind, NodeId, SecretKey};
 use slmesh_protocol::manifest::{
     FileEntry, FileRole, InferenceDefaults, ModelFormat, ModelManifest, SignedManifest, Variant,
 };
-use slmesh_protocol::mesh::GossipVerdict;
+use slmesh_protocol::mesh::{GossipVerdict, TOPIC_MANIFESTS};
 use slmesh_protocol::node::{
     Input, ModelState, Node, NodeConfig, NodeIdentity, Output, Persist, RequestKind, Restored, VersionRecord,
 };
@@ -112,6 +113,13 @@ pub struct SimNode {
     pub served: Vec<(Micros, u64)>,
     /// Gossip peers (indices), for a mesh of degree D.
     pub mesh: Vec<usize>,
+    /// (time, version) each time this node's highest known version of the model rose
+    /// (by gossip or anti-entropy).
+    pub learned: Vec<(Micros, u64)>,
+    /// (time, blob) each time this node finished fetching a blob.
+    pub completed: Vec<(Micros, Hex32)>,
+    /// Bytes of pieces this node uploaded.
+    pub piece_bytes_sent: u64,
     seen: HashSet<u64>,
     timer_at: Option<u64>,
     /// Piece transfers: pieces held (on disk, kept across a restart), fetches under way,
@@ -322,6 +330,9 @@ impl NodeFleet {
                     flatterer: false,
                     served: vec![],
                     mesh: vec![],
+                    learned: vec![],
+                    completed: vec![],
+                    piece_bytes_sent: 0,
                     seen: HashSet::new(),
                     timer_at: None,
                     pieces: BTreeMap::new(),
@@ -516,7 +527,8 @@ impl NodeFleet {
         }
     }
 
-    /// Sends `bytes` over the simulated link; the delivery time, or None if it is lost.
+    /// Sends `bytes` over the simulated link (a reliable stream); the delivery time, or
+    /// None if a partition drops it.
     fn send(&mut self, from: usize, to: usize, bytes: u64) -> Option<Micros> {
         let now = self.q.now();
         self.links.send(now, from, to, bytes + self.spec.overhead_bytes, false, &mut self.rng)
@@ -583,7 +595,10 @@ impl NodeFleet {
             let j = self.nodes[from].mesh[k];
             if Some(j) != skip && self.linked(from, j) {
                 *self.gossip_bytes.entry(topic).or_default() += data.len() as u64;
-                if let Some(at) = self.send(from, j, data.len() as u64) {
+                // Gossip is the one traffic the links' loss applies to: the mesh repairs
+                // it (anti-entropy), where streams retransmit.
+                let (now, bytes) = (self.q.now(), data.len() as u64 + self.spec.overhead_bytes);
+                if let Some(at) = self.links.send(now, from, j, bytes, true, &mut self.rng) {
                     self.q.at(at, Ev::Gossip { to: j, from, topic, data: data.clone() });
                 }
             }
@@ -641,6 +656,9 @@ impl NodeFleet {
                 let peer = self.id(from);
                 let Some(node) = self.nodes[to].node.as_mut() else { return };
                 let verdict = node.handle_gossip(now, peer, topic, &data);
+                if topic == TOPIC_MANIFESTS {
+                    self.note_learned(to);
+                }
                 self.drain(to);
                 if verdict == GossipVerdict::Accept {
                     self.flood(to, Some(from), topic, data);
@@ -663,6 +681,7 @@ impl NodeFleet {
             Ev::Response { to, from, kind, result } => {
                 let peer = self.id(from);
                 self.input(to, Input::Response { peer, kind, result });
+                self.note_learned(to);
             }
             Ev::Loaded { node, model, version, incarnation } => {
                 if incarnation != self.incarnation[node] {
@@ -729,8 +748,6 @@ impl NodeFleet {
     /// A manifest of `version` (one weights file of `model_bytes`) with the given waves
     /// (fraction, soak seconds) and gates.
     pub fn manifest(&self, version: u64, waves: &[(f64, u64)], gates: Gates) -> SignedManifest {
-        let mut blake = [0u8; 32];
-        blake[..8].copy_from_slice(&version.to_le_bytes());
         let manifest = ModelManifest {
             name: MODEL.into(),
             version,
@@ -748,7 +765,7 @@ impl NodeFleet {
                 files: vec![FileEntry {
                     role: FileRole::Weights,
                     name: format!("v{version}.gguf"),
-                    blake3: Hex32(blake),
+                    blake3: Self::weights_blob(version),
                     size: self.spec.model_bytes.max(1),
                 }],
             }],
@@ -760,6 +777,14 @@ impl NodeFleet {
             },
         };
         SignedManifest::sign(&manifest, &self.publisher).expect("a valid manifest signs")
+    }
+
+    /// The hash standing for the weights of `version` in `manifest` (the bytes are not
+    /// simulated, only their size).
+    pub fn weights_blob(version: u64) -> Hex32 {
+        let mut blake = [0u8; 32];
+        blake[..8].copy_from_slice(&version.to_le_bytes());
+        Hex32(blake)
     }
 
     /// Publishes from node `origin`, which holds the files.
@@ -783,6 +808,23 @@ impl NodeFleet {
         let answer = node.command(now, signed);
         self.drain(at);
         answer
+    }
+
+    /// Records when node `i`'s highest known version of the model rose.
+    fn note_learned(&mut self, i: usize) {
+        let Some(latest) = self.nodes[i].node.as_ref().and_then(|n| n.model(MODEL)).map(|m| m.latest_known) else {
+            return;
+        };
+        if self.nodes[i].learned.last().is_none_or(|(_, v)| *v < latest) {
+            let now = self.q.now();
+            self.nodes[i].learned.push((now, latest));
+        }
+    }
+
+    /// Node `i`'s wave (0-based) in the rollout of `version`, as it last persisted it: set
+    /// once it activated the version.
+    pub fn my_wave(&self, i: usize, version: u64) -> Option<u32> {
+        self.nodes[i].store.versions.get(&(MODEL.to_string(), version)).and_then(|r| r.my_wave)
     }
 
     pub fn active(&self, i: usize) -> Option<u64> {

@@ -176,6 +176,7 @@ impl NodeFleet {
                 *self.nodes[j].uploading.entry(blob).or_default() += 1;
                 let now_us = self.q.now();
                 let bytes = piece_bytes(size, piece) + self.spec.overhead_bytes;
+                self.nodes[j].piece_bytes_sent += bytes;
                 let (sent, arrives) = self.links.send_timed(now_us, j, i, bytes, false, &mut self.rng);
                 let provider_inc = self.incarnation[j];
                 self.q.at(sent, Ev::SlotFree { node: j, blob, incarnation: provider_inc });
@@ -275,6 +276,8 @@ impl NodeFleet {
             self.nodes[*j].watchers.remove(&(i, blob));
         }
         self.nodes[i].blobs.insert(blob);
+        let now = self.q.now();
+        self.nodes[i].completed.push((now, blob));
         self.tell_watchers(i, blob);
         let key = (bf.model.clone(), bf.version);
         let done = match self.nodes[i].version_fetches.get_mut(&key) {
