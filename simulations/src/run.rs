@@ -70,6 +70,7 @@ fn spec(sc: &Scenario) -> FleetSpec {
         uplink_bytes_per_sec: sc.sites[0].uplink_mbps * 125_000.0,
         downlink_bytes_per_sec: sc.sites[0].downlink_mbps * 125_000.0,
         mesh_degree: sc.gossip.degree,
+        peer_degree: sc.node.peers,
         model_bytes: (sc.model.size_mb * 1e6) as u64,
         load_ms: (sc.node.load_secs * 1000.0) as u64,
         request_rate: sc.model.request_rate,

@@ -41,12 +41,15 @@ pub struct NodeSettings {
     pub metrics_ttl_secs: u64,
     /// Seconds the modelled engine takes to load a version.
     pub load_secs: f64,
+    /// Connected peers each node keeps, its gossip mesh among them (crates/mesh keeps 12);
+    /// a node admits, syncs with and fetches from these.
+    pub peers: usize,
 }
 
 impl Default for NodeSettings {
     fn default() -> Self {
         // The node's defaults (node/src/config.rs); a load of the demo model takes about 2 s.
-        NodeSettings { sync_interval_secs: 30, metrics_ttl_secs: 180, load_secs: 2.0 }
+        NodeSettings { sync_interval_secs: 30, metrics_ttl_secs: 180, load_secs: 2.0, peers: 12 }
     }
 }
 
@@ -118,8 +121,7 @@ impl Default for GatesSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Gossip {
-    /// Mesh degree: each node's gossip peers, which are also the peers it connects to,
-    /// admits and fetches from.
+    /// Mesh degree: each node's gossip peers (gossipsub's D), among its connected peers.
     pub degree: usize,
     /// How often a node measures itself and may send its metrics record
     /// (`[fleet] metrics_interval_secs`).
@@ -188,8 +190,8 @@ impl Scenario {
         if !s.model.request_rate.is_finite() || s.model.request_rate < 0.0 || s.model.request_rate > 1000.0 {
             return Err("model.request_rate is requests per second per node, from 0 to 1000".into());
         }
-        if s.gossip.degree == 0 {
-            return Err("gossip.degree must be at least 1".into());
+        if s.gossip.degree == 0 || s.node.peers < s.gossip.degree {
+            return Err("gossip.degree must be at least 1, and node.peers at least gossip.degree".into());
         }
         for p in &s.faults.partitions {
             if let Some(name) = p.sites.iter().find(|name| !s.sites.iter().any(|x| &x.name == *name)) {

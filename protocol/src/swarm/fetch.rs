@@ -88,6 +88,12 @@ pub struct PieceFetch {
     asked: BTreeSet<NodeId>,
     running: BTreeSet<NodeId>,
     refusals: BTreeMap<(NodeId, u32), u32>,
+    /// Pieces each provider refused since it last sent one: asked of it again only once
+    /// it has refused everything else it offers. A refusal cannot say why (iroh-blobs
+    /// resets the stream with one code), and an origin that seeded a piece into this
+    /// site already refuses that piece however often it is asked, while it would send
+    /// another.
+    refused: BTreeMap<NodeId, PieceSet>,
     failed: Vec<(NodeId, String)>,
     progressed_at: u64,
 }
@@ -104,6 +110,7 @@ impl PieceFetch {
             asked: BTreeSet::new(),
             running: BTreeSet::new(),
             refusals: BTreeMap::new(),
+            refused: BTreeMap::new(),
             failed: vec![],
             progressed_at: now,
         }
@@ -151,7 +158,18 @@ impl PieceFetch {
         let start = u32::from_le_bytes([provider.as_bytes()[0], provider.as_bytes()[1], 0, 0])
             .wrapping_add(lane.wrapping_mul(7));
         let copies = self.copies();
-        match pick_piece(&self.mine, &self.requested, offered, &copies, start) {
+        let mut skip = self.requested.clone();
+        if let Some(refused) = self.refused.get(provider) {
+            for p in refused.iter() {
+                skip.insert(p);
+            }
+        }
+        let mut pick = pick_piece(&self.mine, &skip, offered, &copies, start);
+        if pick.is_none() && self.refused.remove(provider).is_some() {
+            // Everything else it offers was refused too: ask again from the start.
+            pick = pick_piece(&self.mine, &self.requested, offered, &copies, start);
+        }
+        match pick {
             Some(p) => {
                 self.requested.insert(p);
                 Next::Ask(p)
@@ -183,9 +201,12 @@ impl PieceFetch {
                 self.mine.insert(piece);
                 self.progressed_at = now;
                 self.refusals.remove(&(*provider, lane));
+                self.refused.remove(provider);
                 AfterPiece::Continue
             }
             PieceOutcome::Refused => {
+                let n = self.mine.len();
+                self.refused.entry(*provider).or_insert_with(|| PieceSet::new(n)).insert(piece);
                 let refusals = self.refusals.entry((*provider, lane)).or_default();
                 *refusals += 1;
                 if *refusals > self.policy.max_refusals {
@@ -202,6 +223,7 @@ impl PieceFetch {
     pub fn provider_ended(&mut self, provider: &NodeId, result: Result<(), String>) {
         self.running.remove(provider);
         self.theirs.remove(provider);
+        self.refused.remove(provider);
         self.refusals.retain(|(p, _), _| p != provider);
         if let Err(reason) = result {
             self.failed.push((*provider, reason));
@@ -286,6 +308,26 @@ mod tests {
         assert_eq!(idle.state(60_000), FetchState::NoProvider);
         let resumed = PieceFetch::new(FetchPolicy::default(), PieceSet::full(4), 0);
         assert_eq!(resumed.state(0), FetchState::Complete, "a resumed fetch with every piece is done");
+    }
+
+    #[test]
+    fn a_refused_piece_is_asked_of_that_provider_again_only_once_the_others_were() {
+        // An origin that seeded piece p into this site already refuses p, and would send
+        // another piece: the lane asks for another one next.
+        let (me, a) = (node(1), node(2));
+        let mut f = PieceFetch::new(FetchPolicy::default(), PieceSet::new(3), 0);
+        f.providers_to_start(&[a], &me);
+        f.offered(a, PieceSet::full(3));
+        let Next::Ask(p) = f.next(&a, 0) else { panic!("a offers pieces") };
+        assert_eq!(f.outcome(&a, 0, p, PieceOutcome::Refused, 1), AfterPiece::RetryAfter(300));
+        let Next::Ask(q) = f.next(&a, 0) else { panic!("a offers other pieces") };
+        assert_ne!(q, p, "the refused piece is not asked again first");
+        assert_eq!(f.outcome(&a, 0, q, PieceOutcome::Refused, 2), AfterPiece::RetryAfter(300));
+        let Next::Ask(r) = f.next(&a, 0) else { panic!("one piece left that a has not refused") };
+        assert!(r != p && r != q);
+        assert_eq!(f.outcome(&a, 0, r, PieceOutcome::Refused, 3), AfterPiece::RetryAfter(300));
+        // Everything it offers was refused: start over rather than wait forever.
+        assert!(matches!(f.next(&a, 0), Next::Ask(_)));
     }
 
     #[test]

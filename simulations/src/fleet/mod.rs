@@ -113,6 +113,9 @@ pub struct SimNode {
     pub served: Vec<(Micros, u64)>,
     /// Gossip peers (indices), for a mesh of degree D.
     pub mesh: Vec<usize>,
+    /// Connected peers (indices): the gossip peers and more; the node admits, syncs with
+    /// and fetches from these.
+    pub peers: Vec<usize>,
     /// (time, version) each time this node's highest known version of the model rose
     /// (by gossip or anti-entropy).
     pub learned: Vec<(Micros, u64)>,
@@ -217,6 +220,9 @@ pub struct FleetSpec {
     pub downlink_bytes_per_sec: f64,
     /// Gossip mesh degree (0: every node is every node's gossip peer).
     pub mesh_degree: usize,
+    /// Connected peers per node, the gossip peers among them (at most the mesh degree:
+    /// connections are the gossip mesh).
+    pub peer_degree: usize,
     /// Bytes of each version's weights file.
     pub model_bytes: u64,
     /// How long a load takes.
@@ -238,6 +244,7 @@ impl FleetSpec {
             uplink_bytes_per_sec: 100e6,
             downlink_bytes_per_sec: 100e6,
             mesh_degree: 0,
+            peer_degree: 0,
             model_bytes: 1_000_000,
             load_ms: 200,
             request_rate: 4.0,
@@ -288,6 +295,23 @@ pub fn node_key(i: usize) -> SecretKey {
     SecretKey::from_seed(KeyKind::Node, seed)
 }
 
+/// Adds random links both ways until every node has about `degree` in the list `links`
+/// picks (a node whose partners are all full may end a little short).
+fn random_links(nodes: &mut [SimNode], degree: usize, rng: &mut Rng, links: impl Fn(&mut SimNode) -> &mut Vec<usize>) {
+    let n = nodes.len();
+    for i in 0..n {
+        let mut tries = 0;
+        while links(&mut nodes[i]).len() < degree && tries < 100 {
+            tries += 1;
+            let j = rng.below(n);
+            if j != i && links(&mut nodes[j]).len() < degree && !links(&mut nodes[i]).contains(&j) {
+                links(&mut nodes[i]).push(j);
+                links(&mut nodes[j]).push(i);
+            }
+        }
+    }
+}
+
 /// A gossip message's id for duplicate suppression (gossipsub uses a content hash too).
 fn message_id(data: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -330,6 +354,7 @@ impl NodeFleet {
                     flatterer: false,
                     served: vec![],
                     mesh: vec![],
+                    peers: vec![],
                     learned: vec![],
                     completed: vec![],
                     piece_bytes_sent: 0,
@@ -346,20 +371,20 @@ impl NodeFleet {
             .collect();
         let d = spec.mesh_degree.min(n.saturating_sub(1));
         if d > 0 {
-            for i in 0..n {
-                let mut tries = 0;
-                while nodes[i].mesh.len() < d && tries < 100 {
-                    tries += 1;
-                    let j = rng.below(n);
-                    if j != i && nodes[j].mesh.len() < d && !nodes[i].mesh.contains(&j) {
-                        nodes[i].mesh.push(j);
-                        nodes[j].mesh.push(i);
-                    }
-                }
+            // Gossip peers first; then more connections up to `peer_degree` (a node keeps
+            // more connected peers than its gossipsub mesh: crates/mesh's TARGET_PEERS).
+            random_links(&mut nodes, d, &mut rng, |node| &mut node.mesh);
+            for node in &mut nodes {
+                node.peers = node.mesh.clone();
+            }
+            let c = spec.peer_degree.min(n - 1);
+            if c > d {
+                random_links(&mut nodes, c, &mut rng, |node| &mut node.peers);
             }
         } else {
             for (i, node) in nodes.iter_mut().enumerate() {
                 node.mesh = (0..n).filter(|j| *j != i).collect();
+                node.peers = node.mesh.clone();
             }
         }
         let links = Links::new(
@@ -427,10 +452,10 @@ impl NodeFleet {
             && !self.links.partitioned(self.q.now(), a, b)
     }
 
-    /// The nodes `a` is connected to: connections follow the gossip mesh (everyone, when
-    /// the mesh degree is 0).
+    /// The nodes `a` is connected to: its gossip peers and more, up to the spec's
+    /// `peer_degree` (everyone, when the mesh degree is 0).
     fn neighbours(&self, a: usize) -> Vec<usize> {
-        self.nodes[a].mesh.clone()
+        self.nodes[a].peers.clone()
     }
 
     /// Starts (or restarts) node `i` from its store, and connects it to its live peers.
