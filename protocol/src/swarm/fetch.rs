@@ -84,6 +84,10 @@ pub struct PieceFetch {
     mine: PieceSet,
     requested: PieceSet,
     theirs: BTreeMap<NodeId, PieceSet>,
+    /// Per piece, how many running providers offer it: kept as offers change, since
+    /// every `next` reads it (computing it there was two thirds of a simulated fleet's
+    /// time).
+    copies: Vec<u32>,
     /// Providers asked during this fetch (each once), and those still running.
     asked: BTreeSet<NodeId>,
     running: BTreeSet<NodeId>,
@@ -107,6 +111,7 @@ impl PieceFetch {
             mine,
             requested: PieceSet::new(n),
             theirs: BTreeMap::new(),
+            copies: vec![0; n as usize],
             asked: BTreeSet::new(),
             running: BTreeSet::new(),
             refusals: BTreeMap::new(),
@@ -143,7 +148,8 @@ impl PieceFetch {
     /// Which pieces `provider` offers now (it may still be fetching them itself).
     pub fn offered(&mut self, provider: NodeId, pieces: PieceSet) {
         if self.running.contains(&provider) && pieces.len() == self.mine.len() {
-            self.theirs.insert(provider, pieces);
+            let old = self.theirs.insert(provider, pieces);
+            self.count_offer(provider, old.as_ref());
         }
     }
 
@@ -157,17 +163,17 @@ impl PieceFetch {
         let Some(offered) = self.theirs.get(provider).filter(|o| !o.is_empty()) else { return Next::Wait };
         let start = u32::from_le_bytes([provider.as_bytes()[0], provider.as_bytes()[1], 0, 0])
             .wrapping_add(lane.wrapping_mul(7));
-        let copies = self.copies();
+        let copies = &self.copies;
         let mut skip = self.requested.clone();
         if let Some(refused) = self.refused.get(provider) {
             for p in refused.iter() {
                 skip.insert(p);
             }
         }
-        let mut pick = pick_piece(&self.mine, &skip, offered, &copies, start);
+        let mut pick = pick_piece(&self.mine, &skip, offered, copies, start);
         if pick.is_none() && self.refused.remove(provider).is_some() {
             // Everything else it offers was refused too: ask again from the start.
-            pick = pick_piece(&self.mine, &self.requested, offered, &copies, start);
+            pick = pick_piece(&self.mine, &self.requested, offered, copies, start);
         }
         match pick {
             Some(p) => {
@@ -178,15 +184,28 @@ impl PieceFetch {
         }
     }
 
-    /// Per piece, how many running providers offer it.
-    fn copies(&self) -> Vec<u32> {
-        let mut copies = vec![0u32; self.mine.len() as usize];
-        for set in self.theirs.values() {
-            for p in set.iter() {
-                copies[p as usize] += 1;
+    /// Moves `copies` from `old` (the provider's previous offer) to its current one.
+    fn count_offer(&mut self, provider: NodeId, old: Option<&PieceSet>) {
+        let empty = PieceSet::new(self.mine.len());
+        let old = old.unwrap_or(&empty);
+        let new = self.theirs.get(&provider).unwrap_or(&empty);
+        for (w, (o, n)) in old.words.iter().zip(&new.words).enumerate() {
+            let (mut gained, mut lost) = (n & !o, o & !n);
+            while gained != 0 {
+                let piece = w * 64 + gained.trailing_zeros() as usize;
+                gained &= gained - 1;
+                if let Some(c) = self.copies.get_mut(piece) {
+                    *c = c.saturating_add(1);
+                }
+            }
+            while lost != 0 {
+                let piece = w * 64 + lost.trailing_zeros() as usize;
+                lost &= lost - 1;
+                if let Some(c) = self.copies.get_mut(piece) {
+                    *c = c.saturating_sub(1);
+                }
             }
         }
-        copies
     }
 
     /// A claimed piece whose request ended without an outcome (its lane was dropped).
@@ -222,7 +241,9 @@ impl PieceFetch {
     /// `provider`'s share ended: done, or dropped with a reason. Its offer no longer counts.
     pub fn provider_ended(&mut self, provider: &NodeId, result: Result<(), String>) {
         self.running.remove(provider);
-        self.theirs.remove(provider);
+        if let Some(old) = self.theirs.remove(provider) {
+            self.count_offer(*provider, Some(&old));
+        }
         self.refused.remove(provider);
         self.refusals.retain(|(p, _), _| p != provider);
         if let Err(reason) = result {
@@ -328,6 +349,39 @@ mod tests {
         assert_eq!(f.outcome(&a, 0, r, PieceOutcome::Refused, 3), AfterPiece::RetryAfter(300));
         // Everything it offers was refused: start over rather than wait forever.
         assert!(matches!(f.next(&a, 0), Next::Ask(_)));
+    }
+
+    #[test]
+    fn piece_copies_follow_offers_as_they_change_and_end() {
+        // Offers grow, shrink, are replaced and end, in a fixed pseudo-random order; the
+        // kept counts always equal a count from scratch.
+        let me = node(1);
+        let providers: Vec<NodeId> = (2..8).map(node).collect();
+        let mut f = PieceFetch::new(FetchPolicy::default(), PieceSet::new(130), 0);
+        f.providers_to_start(&providers, &me);
+        let mut x = 12345u64;
+        for step in 0..400 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let p = providers[(x >> 33) as usize % providers.len()];
+            if step % 97 == 96 {
+                f.provider_ended(&p, Ok(()));
+            } else {
+                let mut offer = PieceSet::new(130);
+                for k in 0..130 {
+                    if (x >> (k % 60)) & 3 == 0 {
+                        offer.insert(k);
+                    }
+                }
+                f.offered(p, offer);
+            }
+            let mut expected = vec![0u32; 130];
+            for set in f.theirs.values() {
+                for piece in set.iter() {
+                    expected[piece as usize] += 1;
+                }
+            }
+            assert_eq!(f.copies, expected, "step {step}");
+        }
     }
 
     #[test]
