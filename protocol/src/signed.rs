@@ -67,7 +67,9 @@ pub trait SignedKind: Serialize + DeserializeOwned {
 pub struct Signed<T> {
     pub protocol_version: u16,
     pub signer: PublicKey,
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
     #[serde(skip)]
     _kind: PhantomData<fn() -> T>,
@@ -139,6 +141,22 @@ impl<T: SignedKind> Signed<T> {
         if key.as_bytes() != self.signer.as_bytes() {
             return Err(ProtocolError::BadSignature { what: T::WHAT });
         }
+        self.verify_memoised(|| Ok(*key))
+    }
+
+    /// Checks the signature with the key the envelope names, whoever that is. Only for
+    /// self-certifying records (a node's own record); trust is the caller's business.
+    pub fn verify_self_signed(&self) -> Result<T, ProtocolError> {
+        self.verify_memoised(|| {
+            self.signer
+                .verifying_key()
+                .map_err(|_| ProtocolError::Malformed { what: T::WHAT, reason: "signer is not an ed25519 key".into() })
+        })
+    }
+
+    /// The memo first: bytes that verified before under the same signer bytes need
+    /// neither the key decompressed (`key`, a square root on the curve) nor ed25519.
+    fn verify_memoised(&self, key: impl FnOnce() -> Result<VerifyingKey, ProtocolError>) -> Result<T, ProtocolError> {
         let sig_bytes: [u8; 64] = self
             .signature
             .as_slice()
@@ -147,21 +165,12 @@ impl<T: SignedKind> Signed<T> {
         let message = signed_bytes(T::DOMAIN, self.protocol_version, &self.body);
         let memo = memo_key(&self.signer, &sig_bytes, &message);
         if !already_verified(&memo) {
-            key.verify_strict(&message, &Signature::from_bytes(&sig_bytes))
+            key()?
+                .verify_strict(&message, &Signature::from_bytes(&sig_bytes))
                 .map_err(|_| ProtocolError::BadSignature { what: T::WHAT })?;
             remember_verified(memo);
         }
         wire::decode(&self.body, T::WHAT)
-    }
-
-    /// Checks the signature with the key the envelope names, whoever that is. Only for
-    /// self-certifying records (a node's own record); trust is the caller's business.
-    pub fn verify_self_signed(&self) -> Result<T, ProtocolError> {
-        let key = self
-            .signer
-            .verifying_key()
-            .map_err(|_| ProtocolError::Malformed { what: T::WHAT, reason: "signer is not an ed25519 key".into() })?;
-        self.verify_with(&key)
     }
 
     /// BLAKE3 of the envelope bytes: a stable id for deduplication.
@@ -174,6 +183,31 @@ impl<T: SignedKind> Signed<T> {
 mod tests {
     use crate::fleet::{verify_metrics, MetricsRecord, SignedMetrics};
     use crate::identity::{KeyKind, SecretKey};
+
+    #[test]
+    fn byte_strings_are_the_same_bytes_on_the_wire_as_before() {
+        // serde_bytes only changes how they are decoded: the bytes a peer of an older
+        // build sends or expects are these.
+        #[derive(serde::Serialize)]
+        struct Plain {
+            protocol_version: u16,
+            signer: crate::identity::PublicKey,
+            body: Vec<u8>,
+            signature: Vec<u8>,
+        }
+        let key = SecretKey::from_seed(KeyKind::Node, [4; 32]);
+        let record = MetricsRecord { node: key.public(), seq: 1, issued_at: 5, versions: vec![] };
+        let signed = SignedMetrics::sign(&record, &key).unwrap();
+        let plain = Plain {
+            protocol_version: signed.protocol_version,
+            signer: signed.signer,
+            body: signed.body.clone(),
+            signature: signed.signature.clone(),
+        };
+        assert_eq!(crate::wire::encode(&signed).unwrap(), crate::wire::encode(&plain).unwrap());
+        let back: SignedMetrics = crate::wire::decode(&crate::wire::encode(&plain).unwrap(), "metrics").unwrap();
+        assert_eq!(back.body, signed.body);
+    }
 
     #[test]
     fn a_remembered_signature_never_vouches_for_other_bytes() {

@@ -9,7 +9,6 @@
 
 use crate::error::ProtocolError;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 /// Relative accuracy of every quantile sketch in the fleet (1%). One value fleet-wide, so
 /// that sketches from different nodes merge exactly.
@@ -38,7 +37,12 @@ fn value_of(index: i32) -> f64 {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(into = "SketchWire", try_from = "SketchWire")]
 pub struct Sketch {
-    buckets: BTreeMap<i32, u64>,
+    /// The bucket index of `counts[0]`. Dense counts (the value range holds about 1,400
+    /// buckets at most) rather than a map: decoding a record's sketches is on the path of
+    /// every gossiped metrics record. Kept trimmed: empty with `first` 0, or its first
+    /// and last counts non-zero, so that equal sketches are equal values.
+    first: i32,
+    counts: Vec<u64>,
     count: u64,
     sum: f64,
 }
@@ -49,9 +53,38 @@ impl Sketch {
             return;
         }
         let v = v.clamp(MIN_VALUE, MAX_VALUE);
-        *self.buckets.entry(index_of(v)).or_default() += 1;
-        self.count += 1;
+        self.add_to(index_of(v), 1);
+        self.count = self.count.saturating_add(1);
         self.sum += v;
+    }
+
+    /// Makes room for buckets `lo..=hi` (both in the value range).
+    fn cover(&mut self, lo: i32, hi: i32) {
+        if self.counts.is_empty() {
+            self.first = lo;
+        }
+        if lo < self.first {
+            let grow = (self.first - lo) as usize;
+            self.counts.splice(0..0, std::iter::repeat_n(0, grow));
+            self.first = lo;
+        }
+        let len = (hi - self.first + 1) as usize;
+        if len > self.counts.len() {
+            self.counts.resize(len, 0);
+        }
+    }
+
+    fn add_to(&mut self, index: i32, c: u64) {
+        if c == 0 {
+            return;
+        }
+        self.cover(index, index);
+        let slot = &mut self.counts[(index - self.first) as usize];
+        *slot = slot.saturating_add(c);
+    }
+
+    fn last(&self) -> Option<i32> {
+        (!self.counts.is_empty()).then(|| self.first + self.counts.len() as i32 - 1)
     }
 
     pub fn count(&self) -> u64 {
@@ -70,35 +103,49 @@ impl Sketch {
         // The rank of the value wanted, as in the paper: floor(q * (n - 1)).
         let rank = (q * (self.count - 1) as f64).floor() as u64;
         let mut seen = 0u64;
-        for (index, count) in &self.buckets {
-            seen += count;
+        for (k, count) in self.counts.iter().enumerate() {
+            seen = seen.saturating_add(*count);
             if seen > rank {
-                return Some(value_of(*index));
+                return Some(value_of(self.first + k as i32));
             }
         }
-        self.buckets.keys().next_back().map(|i| value_of(*i))
+        self.last().map(value_of)
     }
 
     /// Adds `other`'s counts. Order does not matter: merging is per-bucket addition.
+    /// Counts come from the network: each sketch is valid alone, but two with counts near
+    /// `u64::MAX` would overflow, so sums saturate (a saturated sketch still answers
+    /// quantiles, skewed towards the other sketch's values, and never panics).
     pub fn merge(&mut self, other: &Sketch) {
-        for (index, count) in &other.buckets {
-            *self.buckets.entry(*index).or_default() += count;
+        if let Some(last) = other.last() {
+            self.cover(other.first, last);
+            let offset = (other.first - self.first) as usize;
+            for (slot, c) in self.counts[offset..].iter_mut().zip(&other.counts) {
+                *slot = slot.saturating_add(*c);
+            }
         }
-        self.count += other.count;
-        self.sum += other.sum;
+        self.count = self.count.saturating_add(other.count);
+        self.sum = (self.sum + other.sum).min(f64::MAX);
     }
 
     /// Checks a sketch decoded from the network: bounded, consistent, finite.
     pub fn validate(&self) -> Result<(), ProtocolError> {
         let bad = |r: &str| Err(ProtocolError::invalid("sketch", r));
-        if self.buckets.len() > MAX_BUCKETS {
+        if self.counts.len() > MAX_BUCKETS {
             return bad("too many buckets");
         }
         let (lo, hi) = (index_of(MIN_VALUE), index_of(MAX_VALUE));
-        if self.buckets.keys().any(|i| *i < lo || *i > hi) {
-            return bad("a bucket outside the value range");
+        if let Some(last) = self.last() {
+            if self.first < lo || last > hi {
+                return bad("a bucket outside the value range");
+            }
+            if self.counts[0] == 0 || self.counts[self.counts.len() - 1] == 0 {
+                return bad("empty buckets at an end");
+            }
+        } else if self.first != 0 {
+            return bad("an empty sketch with a first bucket");
         }
-        let total = self.buckets.values().try_fold(0u64, |a, c| a.checked_add(*c));
+        let total = self.counts.iter().try_fold(0u64, |a, c| a.checked_add(*c));
         if total != Some(self.count) {
             return bad("bucket counts do not add up to the count");
         }
@@ -115,17 +162,16 @@ impl Sketch {
 #[derive(Serialize, Deserialize)]
 struct SketchWire {
     first: i32,
+    #[serde(with = "serde_bytes")]
     counts: Vec<u8>,
     sum: f64,
 }
 
 impl From<Sketch> for SketchWire {
     fn from(s: Sketch) -> Self {
-        let first = s.buckets.keys().next().copied().unwrap_or(0);
-        let last = s.buckets.keys().next_back().copied().unwrap_or(first - 1);
-        let mut counts = vec![];
-        for index in first..=last {
-            let mut c = s.buckets.get(&index).copied().unwrap_or(0);
+        let mut counts = Vec::with_capacity(s.counts.len() * 2);
+        for &count in &s.counts {
+            let mut c = count;
             loop {
                 let byte = (c & 0x7f) as u8;
                 c >>= 7;
@@ -136,7 +182,7 @@ impl From<Sketch> for SketchWire {
                 counts.push(byte | 0x80);
             }
         }
-        SketchWire { first, counts, sum: s.sum }
+        SketchWire { first: s.first, counts, sum: s.sum }
     }
 }
 
@@ -145,7 +191,7 @@ impl TryFrom<SketchWire> for Sketch {
 
     fn try_from(w: SketchWire) -> Result<Self, String> {
         let (lo, hi) = (index_of(MIN_VALUE), index_of(MAX_VALUE));
-        let mut buckets = BTreeMap::new();
+        let mut sketch = Sketch::default();
         let mut count = 0u64;
         let (mut index, mut value, mut shift) = (w.first, 0u64, 0u32);
         for byte in w.counts {
@@ -161,11 +207,9 @@ impl TryFrom<SketchWire> for Sketch {
                 if index < lo || index > hi {
                     return Err(format!("bucket {index} is outside the value range"));
                 }
-                buckets.insert(index, value);
+                // In range, so the dense counts stay within the range's ~1,400 buckets.
+                sketch.add_to(index, value);
                 count = count.checked_add(value).ok_or("the total count overflows")?;
-            }
-            if buckets.len() > MAX_BUCKETS {
-                return Err("too many buckets".into());
             }
             index = index.checked_add(1).ok_or("bucket index overflows")?;
             (value, shift) = (0, 0);
@@ -173,7 +217,8 @@ impl TryFrom<SketchWire> for Sketch {
         if shift != 0 {
             return Err("the last bucket count is cut short".into());
         }
-        let sketch = Sketch { buckets, count, sum: w.sum };
+        sketch.count = count;
+        sketch.sum = w.sum;
         sketch.validate().map_err(|e| e.to_string())?;
         Ok(sketch)
     }
@@ -219,7 +264,7 @@ mod tests {
             sketches.iter().for_each(|s| forward.merge(s));
             let mut backward = Sketch::default();
             sketches.iter().rev().for_each(|s| backward.merge(s));
-            prop_assert_eq!(&forward.buckets, &backward.buckets);
+            prop_assert_eq!((forward.first, &forward.counts), (backward.first, &backward.counts));
             prop_assert_eq!(forward.count, backward.count);
             let mut pooled: Vec<f64> = parts.concat();
             if !pooled.is_empty() {
@@ -267,13 +312,30 @@ mod tests {
         let mut lying = s.clone();
         lying.count = 99;
         assert!(lying.validate().is_err());
-        let mut far = s.clone();
-        far.buckets.insert(i32::MAX, 1);
-        far.count += 1;
+        let far = Sketch { first: index_of(MAX_VALUE) + 1, counts: vec![1], count: 1, sum: 1.0 };
         assert!(far.validate().is_err());
+        let padded = Sketch { first: 0, counts: vec![1, 0], count: 1, sum: 1.0 };
+        assert!(padded.validate().is_err(), "not trimmed: would compare unequal to its equal");
         let mut nan = s;
         nan.sum = f64::NAN;
         assert!(nan.validate().is_err());
         assert_eq!(Sketch::default().quantile(0.5), None);
+    }
+
+    #[test]
+    fn merging_sketches_with_counts_near_u64_max_saturates_without_a_panic() {
+        // Each valid alone (a remote record's sketch), together past u64::MAX.
+        let huge = Sketch { first: index_of(0.5), counts: vec![u64::MAX - 1], count: u64::MAX - 1, sum: 1e300 };
+        assert!(huge.validate().is_ok());
+        let mut merged = huge.clone();
+        merged.merge(&huge);
+        merged.merge(&huge);
+        assert_eq!(merged.count(), u64::MAX);
+        assert!(merged.sum().is_finite());
+        assert!(merged.quantile(0.99).is_some_and(|v| (v - 0.5).abs() < 0.01));
+        let mut other = Sketch::default();
+        other.add(2.0);
+        other.merge(&huge);
+        assert!(other.quantile(1.0).is_some());
     }
 }
