@@ -120,11 +120,15 @@ pub struct HttpConfig {
     /// If set, requests need `Authorization: Bearer <token>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bearer_token: Option<String>,
+    /// Host names the API answers for besides IP addresses and localhost; a request with
+    /// another `Host` is refused (a web page reaching the node by DNS rebinding).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { bind: "127.0.0.1:8080".into(), bearer_token: None }
+        HttpConfig { bind: "127.0.0.1:8080".into(), bearer_token: None, allowed_hosts: vec![] }
     }
 }
 
@@ -259,6 +263,14 @@ impl Config {
         match &self.http.bearer_token {
             Some(t) => out.push_str(&format!("bearer_token = {}\n", q(t))),
             None => out.push_str("# bearer_token = \"change-me\"\n"),
+        }
+        out.push_str("# Host names the API answers for besides IP addresses and localhost (other Host\n");
+        out.push_str("# headers are refused: a web page cannot reach the node by DNS rebinding):\n");
+        if self.http.allowed_hosts.is_empty() {
+            out.push_str("# allowed_hosts = [\"gateway-1.lan\"]\n");
+        } else {
+            let names: Vec<String> = self.http.allowed_hosts.iter().map(|h| q(h)).collect();
+            out.push_str(&format!("allowed_hosts = [{}]\n", names.join(", ")));
         }
         out.push_str("\n[fleet]\n");
         out.push_str("# Seconds between this node's signed metrics records (numbers only, never prompts).\n");

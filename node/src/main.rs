@@ -180,7 +180,7 @@ mod config_cmd {
         if let Some(parent) = args.config.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
         }
-        std::fs::write(&args.config, text).with_context(|| format!("cannot write {}", args.config.display()))?;
+        super::write_private(&args.config, &text).with_context(|| format!("cannot write {}", args.config.display()))?;
         println!("wrote {}", args.config.display());
         if config.trust.publishers.is_empty() {
             println!("note: no trusted publisher yet; add one under [trust] before the node can accept manifests");
@@ -188,6 +188,21 @@ mod config_cmd {
         println!("next: slmesh keygen --config {}", args.config.display());
         Ok(())
     }
+}
+
+/// Writes a file only its owner may read or write (a config may hold the API's bearer
+/// token), whatever the umask.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    #[cfg(unix)]
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -25,6 +25,11 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer <token>`.
     #[arg(long, env = "SLMESH_BEARER_TOKEN")]
     pub bearer_token: Option<String>,
+    /// A host name to answer for besides IP addresses and localhost (repeatable): other
+    /// `Host` headers are refused, so that a web page cannot reach the node by DNS
+    /// rebinding.
+    #[arg(long = "allow-host")]
+    pub allow_hosts: Vec<String>,
     /// Requests generating at once.
     #[arg(long, default_value_t = HttpLimits::default().max_concurrent)]
     pub max_concurrent: usize,
@@ -91,7 +96,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ..HttpLimits::default()
     };
     println!("serving {name}@{} on http://{addr}", args.model_version);
-    http::serve(listener, HttpState::new(engine, limits, args.bearer_token), shutdown_signal()).await?;
+    let hosts = http::HostPolicy { allowed_hosts: args.allow_hosts };
+    http::serve(listener, HttpState::new(engine, limits, args.bearer_token), hosts, shutdown_signal()).await?;
     eprintln!("stopped");
     Ok(())
 }

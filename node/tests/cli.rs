@@ -230,4 +230,16 @@ fn bad_arguments_get_clear_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("FRACTION:SOAK"));
     ok(d, &["init"]);
     assert!(fails(d, &["init"]).contains("--force"));
+    // The config may hold the API's bearer token: only its owner may read it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let config = std::fs::read_dir(d)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| e.path().extension().is_some_and(|x| x == "toml"))
+            .expect("init wrote a .toml config");
+        let mode = config.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is mode {mode:o}", config.path().display());
+    }
 }

@@ -1,7 +1,7 @@
 //! `slmesh serve` as a real process with the demo model: answers, and bad input that
 //! gets a 4xx JSON error while the node keeps serving.
 
-use slmesh_e2e::{demo_model, http, post_json};
+use slmesh_e2e::{demo_model, http, http_as, post_json};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
@@ -139,6 +139,47 @@ fn bearer_token_is_required_when_set() {
     assert_eq!(status, 401, "{body}");
     let (status, _) = http(&node.addr, "GET", "/v1/models", &[("Authorization", "Bearer s3cret")], vec![]);
     assert_eq!(status, 200);
+}
+
+#[test]
+fn a_web_page_in_the_operators_browser_cannot_use_the_node() {
+    let node = start(&["--bearer-token", "s3cret", "--allow-host", "gw-1.lan"]);
+    let (addr, port) = (&node.addr, node.addr.rsplit(':').next().unwrap_or_default());
+    let auth = ("Authorization", "Bearer s3cret");
+    let json = ("Content-Type", "application/json");
+    let chat = br#"{"messages":[{"role":"user","content":"Say hello."}],"max_tokens":4,"temperature":0}"#.to_vec();
+    // DNS rebinding: the page's own name, pointed at the node, arrives as the Host.
+    let (status, body) =
+        http_as(addr, &format!("evil.example:{port}"), "POST", "/v1/chat/completions", &[auth, json], chat.clone());
+    assert_eq!(status, 421, "{body}");
+    assert!(body.contains("allowed_hosts"), "{body}");
+    let (status, body) = http_as(addr, &format!("gw-1.lan:{port}"), "GET", "/v1/models", &[auth], vec![]);
+    assert_eq!(status, 200, "a name the operator allowed: {body}");
+    // A cross-site POST names its page in Origin.
+    let page = ("Origin", "http://evil.example");
+    let (status, body) = http(addr, "POST", "/v1/chat/completions", &[auth, json, page], chat.clone());
+    assert_eq!(status, 403, "{body}");
+    let own = format!("http://{addr}");
+    let (status, body) = http(addr, "GET", "/v1/models", &[auth, ("Origin", own.as_str())], vec![]);
+    assert_eq!(status, 200, "the node's own page: {body}");
+    // A form or text/plain body: what a page may send without a CORS preflight.
+    for ct in ["text/plain", "application/x-www-form-urlencoded"] {
+        let (status, body) = http(addr, "POST", "/v1/chat/completions", &[auth, ("Content-Type", ct)], chat.clone());
+        assert_eq!(status, 415, "{ct}: {body}");
+    }
+    let (status, body) = http(addr, "POST", "/v1/chat/completions", &[auth], chat.clone());
+    assert_eq!(status, 415, "no Content-Type: {body}");
+    // A guess of the right length is still wrong (compared in constant time).
+    let (status, _) = http(addr, "GET", "/v1/models", &[("Authorization", "Bearer s3creT")], vec![]);
+    assert_eq!(status, 401);
+    let (status, v) = post_json_with(addr, &[auth], chat);
+    assert_eq!(status, 200, "{v}");
+}
+
+fn post_json_with(addr: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, String) {
+    let mut all = vec![("Content-Type", "application/json")];
+    all.extend_from_slice(headers);
+    http(addr, "POST", "/v1/chat/completions", &all, body)
 }
 
 #[test]

@@ -27,10 +27,23 @@ pub fn demo_model() -> PathBuf {
 /// One HTTP/1.1 exchange over a fresh connection: (status, body). Write errors are
 /// ignored, since a server may answer before it has read a huge body.
 pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, String) {
+    http_as(addr, addr, method, path, headers, body)
+}
+
+/// As `http`, sending `host` as the Host header (what a browser sends for the page's
+/// own name when that name was made to point at the node).
+pub fn http_as(
+    addr: &str,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
     let mut head =
-        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+        format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }

@@ -155,7 +155,12 @@ fn main() {
         let limits = HttpLimits { max_concurrent: 4, ..HttpLimits::default() };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
-        tokio::spawn(http::serve(listener, HttpState::new(engine.clone(), limits, None), std::future::pending()));
+        tokio::spawn(http::serve(
+            listener,
+            HttpState::new(engine.clone(), limits, None),
+            Default::default(),
+            std::future::pending(),
+        ));
         // Warm up both paths.
         direct_one(&model, PROMPTS[0]).await;
         let a = addr.clone();

@@ -7,6 +7,7 @@
 //! model name). A bounded number of requests run at once and a bounded number wait; past
 //! that the answer is 429, so load never grows an unbounded queue.
 
+pub use crate::guard::HostPolicy;
 use crate::{Engine, LoadedModel};
 use axum::body::{to_bytes, Body};
 use axum::extract::State;
@@ -24,6 +25,7 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::StreamExt;
 
@@ -142,7 +144,9 @@ pub fn authorized(state: &HttpState, headers: &HeaderMap) -> Result<(), ApiError
     let Some(token) = &state.bearer_token else { return Ok(()) };
     let given =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(token.as_str()) {
+    // In constant time: how much of a guess matched must not show in how long the answer
+    // takes (only a length differing from the token's returns early).
+    if given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.as_bytes()))) {
         Ok(())
     } else {
         Err(api_error(StatusCode::UNAUTHORIZED, "authentication_error", "missing or wrong bearer token", None))
@@ -552,18 +556,24 @@ fn stream_chat(
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<HttpState>,
+    hosts: HostPolicy,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_router(listener, router(state), shutdown).await
+    serve_router(listener, router(state), hosts, shutdown).await
 }
 
-/// Serves any router (the inference routes merged with others) the same way.
+/// Serves any router (the inference routes merged with others) the same way, every
+/// route behind the browser guard (`guard`: Host, Origin, Content-Type).
 pub async fn serve_router(
     listener: tokio::net::TcpListener,
     router: Router,
+    hosts: HostPolicy,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
+    let hosts = Arc::new(hosts);
+    let router =
+        router.layer(axum::middleware::from_fn(move |req, next| crate::guard::guard(hosts.clone(), req, next)));
     // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each
     // one back until the client acknowledges the last.
     let listener = listener.tap_io(|tcp| {

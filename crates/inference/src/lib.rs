@@ -10,6 +10,7 @@
 //! swap; requests in flight hold their own reference to the old version and finish on
 //! it; the old engine stops when the last of them lets go.
 
+pub mod guard;
 pub mod http;
 mod prometheus;
 

@@ -23,9 +23,10 @@ async fn swap_under_load_drops_nothing() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(http::serve(listener, HttpState::new(engine.clone(), limits, None), async {
-        let _ = stopped.await;
-    }));
+    let server =
+        tokio::spawn(http::serve(listener, HttpState::new(engine.clone(), limits, None), Default::default(), async {
+            let _ = stopped.await;
+        }));
 
     let stop = Arc::new(AtomicBool::new(false));
     let outcomes = Arc::new(Mutex::new(Vec::new()));

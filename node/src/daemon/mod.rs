@@ -142,7 +142,8 @@ async fn run_node(config: Config) -> Result<()> {
     let (node, control) = core::Driver::start(parts, trust, enrollment, mesh.clone()).await?;
     let router = api::router(control.clone(), http_state.clone()).merge(slmesh_inference::http::router(http_state));
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(slmesh_inference::http::serve_router(http_listener, router, async move {
+    let hosts = slmesh_inference::http::HostPolicy { allowed_hosts: config.http.allowed_hosts.clone() };
+    let http = tokio::spawn(slmesh_inference::http::serve_router(http_listener, router, hosts, async move {
         let _ = stop_http_rx.await;
     }));
     tracing::info!(node = %control.me(), http = %http_addr, "node started");
