@@ -354,6 +354,30 @@ fn a_fetch_with_no_provider_left_waits_without_spinning() {
 }
 
 #[test]
+fn a_provider_that_takes_piece_requests_and_sends_nothing_loses_them_to_another() {
+    // Node 1 fetches version 2 like anyone, but never answers a piece request itself
+    // (it keeps the connection open and sends nothing). Node 2 asks both for pieces; the
+    // origin has seeded some into the site already and refuses those for a while, so
+    // node 2 needs node 1's. Without a deadline on each request, the pieces it claimed
+    // from node 1 are never asked of anyone else.
+    let mut spec = FleetSpec::lan(3);
+    spec.model_bytes = 4 << 20;
+    spec.uplink_bytes_per_sec = 1_000_000.0;
+    let mut f = Fleet::on_v1(spec);
+    f.nodes[1].stalls = true;
+    let m = f.manifest(2, &[(1.0, 0)], Fleet::quick_gates(1));
+    f.publish(0, m).expect("publish");
+    let mut waited = 0;
+    while f.serving(2) != Some(2) {
+        // Each fetch attempt loses one request deadline (20 s) to node 1 before it drops
+        // it (a later attempt starts afresh and may ask it again): bounded, not forever.
+        assert!(waited < 150, "node 2 never got version 2: {:#?}", f.events_of(2));
+        f.run_for(1_000 * MS);
+        waited += 1;
+    }
+}
+
+#[test]
 fn a_pin_in_the_local_config_overrides_the_plan() {
     let mut f = on_v1(3);
     f.crash(1);

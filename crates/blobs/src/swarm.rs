@@ -265,8 +265,12 @@ impl BlobNode {
         }
         let mut stream = self.store.remote().execute_get(conn.clone(), local.missing()).stream();
         let mut last = 0u64;
+        let stall = Duration::from_millis(lock(state).fetch.policy().piece_stall_ms);
         loop {
-            match stream.next().await {
+            let Ok(item) = tokio::time::timeout(stall, stream.next()).await else {
+                return Err(format!("no data for {} s", stall.as_secs()));
+            };
+            match item {
                 Some(GetProgressItem::Progress(n)) => {
                     let delta = n.saturating_sub(last);
                     last = n;

@@ -7,6 +7,12 @@ use crate::sketch::Sketch;
 use serde::{Deserialize, Serialize};
 
 pub const MAX_VERSIONS_PER_RECORD: usize = 64;
+/// Most requests one node may report for one version: 1,000 a second for 30 years stays
+/// below it. A record claiming more is refused, not added up: counts near `u64::MAX`
+/// would saturate every sum they enter and meet any `min_samples` on their own.
+pub const MAX_REPORTED_REQUESTS: u64 = 1 << 40;
+/// Most tokens (prompt or completion) one node may report for one version.
+pub const MAX_REPORTED_TOKENS: u64 = 1 << 50;
 
 /// What one node measured of one model version, since it started serving it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -100,8 +106,17 @@ pub fn verify_metrics(signed: &SignedMetrics) -> Result<MetricsRecord, ProtocolE
         if v.errors > v.requests {
             return bad(format!("{}@{}: more errors than requests", v.model, v.version));
         }
+        if v.requests > MAX_REPORTED_REQUESTS || v.prompt_tokens.max(v.completion_tokens) > MAX_REPORTED_TOKENS {
+            return bad(format!("{}@{}: counts beyond what one node can have served", v.model, v.version));
+        }
         for s in [&v.latency, &v.ttft, &v.tokens_per_sec] {
             s.validate()?;
+            if s.count() > MAX_REPORTED_REQUESTS {
+                return bad(format!(
+                    "{}@{}: a sketch of more values than one node can have measured",
+                    v.model, v.version
+                ));
+            }
         }
     }
     Ok(record)

@@ -280,6 +280,45 @@ fn a_version_that_fails_to_load_fails_its_gates_by_majority() {
     assert_eq!(total.requests, u64::MAX);
 }
 
+#[test]
+fn a_record_with_counts_near_u64_max_is_refused_without_a_panic() {
+    type Change<'a> = &'a dyn Fn(&mut VersionReport);
+    let huge = |f: Change| {
+        let mut v = report(2, 10, 0, 0.2);
+        f(&mut v);
+        SignedMetrics::sign(&record(5, 1, vec![v]), &node(5)).unwrap()
+    };
+    let cases: [(&str, Change); 4] = [
+        ("requests", &|v| v.requests = u64::MAX),
+        ("errors and requests", &|v| (v.requests, v.errors) = (u64::MAX, u64::MAX)),
+        ("tokens", &|v| v.completion_tokens = u64::MAX),
+        ("a sketch", &|v| {
+            let mut s = crate::sketch::Sketch::default();
+            s.add(0.2);
+            let wire = crate::wire::encode(&s).unwrap();
+            // The same one-bucket sketch with its count at u64::MAX - 1: valid alone.
+            let mut bytes = wire.clone();
+            let at = bytes.len() - 8 - 1; // the varint count just before the sum
+            bytes.splice(at..at + 1, [0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+            bytes[4..12].copy_from_slice(&10u64.to_le_bytes());
+            v.latency = crate::wire::decode(&bytes, "sketch").unwrap();
+            v.requests = 1 << 39;
+        }),
+    ];
+    for (what, f) in cases {
+        let signed = huge(f);
+        let err = verify_metrics(&signed).expect_err(what).to_string();
+        assert!(err.contains("one node can have"), "{what}: {err}");
+        // Whatever got through would still not wrap a view's sums.
+        let mut view = FleetView::default();
+        if let Ok(r) = verify_metrics(&signed) {
+            view.update(r, 0);
+        }
+    }
+    // An honest record far below the bounds is taken.
+    assert!(verify_metrics(&huge(&|v| v.requests = 1 << 30)).is_ok());
+}
+
 fn plan() -> RolloutPlan {
     RolloutPlan {
         waves: vec![

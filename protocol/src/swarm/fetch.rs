@@ -22,6 +22,11 @@ pub struct FetchPolicy {
     /// With no provider left to ask and no piece for this long, the fetch gives up (the
     /// node retries it later).
     pub stalled_after_ms: u64,
+    /// A piece request that receives no byte for this long fails, and its provider is
+    /// dropped (`PieceOutcome::Failed`): a provider that keeps the connection open and
+    /// sends nothing would otherwise hold the pieces it was asked for forever. The driver
+    /// runs the timer (it sees the bytes arrive).
+    pub piece_stall_ms: u64,
 }
 
 impl Default for FetchPolicy {
@@ -32,6 +37,8 @@ impl Default for FetchPolicy {
             refused_retry_ms: 300,
             max_refusals: 100,
             stalled_after_ms: 30_000,
+            // A 512 KiB piece takes 4 s at 1 Mbit/s: 20 s of silence is not a slow link.
+            piece_stall_ms: 20_000,
         }
     }
 }

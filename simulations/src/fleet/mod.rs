@@ -109,6 +109,9 @@ pub struct SimNode {
     pub liar: bool,
     /// Reports every version as flawless: no request failed.
     pub flatterer: bool,
+    /// Takes piece requests and never answers them (a provider that keeps the connection
+    /// open and sends nothing).
+    pub stalls: bool,
     /// (time, version) each time this node started serving a version.
     pub served: Vec<(Micros, u64)>,
     /// Gossip peers (indices), for a mesh of degree D.
@@ -197,6 +200,15 @@ enum Ev {
     SlotFree {
         node: usize,
         blob: Hex32,
+        incarnation: u32,
+    },
+    /// The driver's timer on one piece request (`FetchPolicy::piece_stall_ms`).
+    PieceStall {
+        node: usize,
+        blob: Hex32,
+        provider: usize,
+        lane: u32,
+        piece: u32,
         incarnation: u32,
     },
     LaneRetry {
@@ -352,6 +364,7 @@ impl NodeFleet {
                     loads: BTreeMap::new(),
                     liar: false,
                     flatterer: false,
+                    stalls: false,
                     served: vec![],
                     mesh: vec![],
                     peers: vec![],
@@ -734,6 +747,9 @@ impl NodeFleet {
                 self.on_piece_answer(to, from, blob, piece, lane, outcome, incarnation)
             }
             Ev::SlotFree { node, blob, incarnation } => self.on_slot_free(node, blob, incarnation),
+            Ev::PieceStall { node, blob, provider, lane, piece, incarnation } => {
+                self.on_piece_stall(node, blob, provider, lane, piece, incarnation)
+            }
             Ev::LaneRetry { node, blob, provider, lane, incarnation } => {
                 self.on_lane_retry(node, blob, provider, lane, incarnation)
             }

@@ -13,7 +13,7 @@ use slmesh_protocol::manifest::FileEntry;
 use slmesh_protocol::node::Input;
 use slmesh_protocol::swarm::{AfterPiece, FetchPolicy, FetchState, Next, PieceFetch, PieceOutcome, PieceSet};
 use slmesh_protocol::NodeId;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The node's piece: 512 BLAKE3 chunks of 1 KiB.
 pub const PIECE_BYTES: u64 = 512 * 1024;
@@ -38,6 +38,8 @@ pub(super) struct BlobFetch {
     parked: BTreeSet<(usize, u32)>,
     /// Providers whose offers this fetch watches.
     watching: BTreeSet<usize>,
+    /// Piece requests sent and not answered yet: (provider, lane) -> piece.
+    open: BTreeMap<(usize, u32), u32>,
 }
 
 impl NodeFleet {
@@ -60,6 +62,7 @@ impl NodeFleet {
                 ranked: providers,
                 parked: BTreeSet::new(),
                 watching: BTreeSet::new(),
+                open: BTreeMap::new(),
             };
             self.nodes[i].fetches.insert(file.blake3, bf);
             pending.insert(file.blake3);
@@ -132,6 +135,9 @@ impl NodeFleet {
             }
             Next::Ask(piece) => {
                 let inc = self.incarnation[i];
+                bf.open.insert((j, lane), piece);
+                let stall = bf.fetch.policy().piece_stall_ms * 1000;
+                self.q.after(stall, Ev::PieceStall { node: i, blob, provider: j, lane, piece, incarnation: inc });
                 match self.send(i, j, 64) {
                     Some(at) => self.q.at(at, Ev::PieceRequest { to: j, from: i, blob, piece, lane, incarnation: inc }),
                     None => {
@@ -155,6 +161,9 @@ impl NodeFleet {
             self.q.at(at, answer(PieceOutcome::Failed("connection lost".into())));
             return;
         };
+        if self.nodes[j].stalls {
+            return; // the request is taken and never answered
+        }
         let holds =
             self.nodes[j].blobs.contains(&blob) || self.nodes[j].pieces.get(&blob).is_some_and(|s| s.contains(piece));
         let uploading = self.nodes[j].uploading.get(&blob).copied().unwrap_or(0);
@@ -210,6 +219,42 @@ impl NodeFleet {
         if inc != self.incarnation[i] || self.nodes[i].node.is_none() {
             return;
         }
+        // An answer the stall timer already gave up on changes nothing.
+        match self.nodes[i].fetches.get_mut(&blob) {
+            Some(bf) if bf.open.get(&(j, lane)) == Some(&piece) => {
+                bf.open.remove(&(j, lane));
+            }
+            Some(_) => return,
+            None => {}
+        }
+        self.piece_outcome(i, j, blob, piece, lane, outcome, inc)
+    }
+
+    /// The stall timer of one piece request: if it is still unanswered, it failed.
+    pub(super) fn on_piece_stall(&mut self, i: usize, blob: Hex32, j: usize, lane: u32, piece: u32, inc: u32) {
+        if inc != self.incarnation[i] {
+            return;
+        }
+        let Some(bf) = self.nodes[i].fetches.get_mut(&blob) else { return };
+        if bf.open.get(&(j, lane)) != Some(&piece) {
+            return; // answered
+        }
+        bf.open.remove(&(j, lane));
+        let secs = bf.fetch.policy().piece_stall_ms / 1000;
+        self.piece_outcome(i, j, blob, piece, lane, PieceOutcome::Failed(format!("no data for {secs} s")), inc)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn piece_outcome(
+        &mut self,
+        i: usize,
+        j: usize,
+        blob: Hex32,
+        piece: u32,
+        lane: u32,
+        outcome: PieceOutcome,
+        inc: u32,
+    ) {
         let now = self.now_ms();
         let p = self.id(j);
         // The bytes of a provider that went away before the last one arrived are lost.
