@@ -142,6 +142,25 @@ pub struct BlobNode {
 }
 
 const TAG_PREFIX: &str = "slmesh/";
+/// Peers whose blob addresses are kept (the node's peer book holds as many), and
+/// addresses per peer (as a have record carries at most).
+pub const MAX_ADDR_BOOK: usize = 4096;
+pub const MAX_ADDRS_PER_PEER: usize = slmesh_protocol::mesh::MAX_ADDRS;
+/// Clients whose bytes sent are counted per blob before the count of clients no longer
+/// connected is dropped.
+const MAX_SENT_ENTRIES: usize = 16_384;
+
+/// Bounded: a full book forgets one peer (the lowest id, deterministic) for a new one,
+/// and keeps at most `MAX_ADDRS_PER_PEER` addresses each.
+fn remember_addrs(map: &mut HashMap<NodeId, Vec<SocketAddr>>, node: NodeId, mut addrs: Vec<SocketAddr>) {
+    addrs.truncate(MAX_ADDRS_PER_PEER);
+    if !map.contains_key(&node) && map.len() >= MAX_ADDR_BOOK {
+        if let Some(old) = map.keys().min().copied() {
+            map.remove(&old);
+        }
+    }
+    map.insert(node, addrs);
+}
 
 fn hash_of(h: &Hex32) -> Hash {
     Hash::from_bytes(h.0)
@@ -227,7 +246,7 @@ impl BlobNode {
     /// Remembers where a peer's blob endpoint listens (learned over the mesh).
     pub fn learn(&self, node: NodeId, addrs: Vec<SocketAddr>) {
         if let Ok(mut map) = self.addrs.lock() {
-            map.insert(node, addrs);
+            remember_addrs(&mut map, node, addrs);
         }
     }
 
@@ -365,6 +384,14 @@ async fn provider_events(
             }
             ProviderMessage::ConnectionClosed(msg) => {
                 clients.remove(&msg.inner.connection_id);
+                // Bytes sent count towards "holds the whole blob" across a client's
+                // connections; past the bound, only connected clients' counts stay.
+                if let Ok(mut m) = sent.lock() {
+                    if m.len() > MAX_SENT_ENTRIES {
+                        let connected: std::collections::HashSet<NodeId> = clients.values().copied().collect();
+                        m.retain(|(client, _), _| connected.contains(client));
+                    }
+                }
             }
             ProviderMessage::GetRequestReceived(msg) => {
                 let hash = msg.inner.request.hash;
@@ -424,6 +451,9 @@ async fn provider_events(
                             if let Ok(mut m) = uploading.lock() {
                                 if let Some(n) = m.get_mut(&hash) {
                                     *n = n.saturating_sub(1);
+                                    if *n == 0 {
+                                        m.remove(&hash);
+                                    }
                                 }
                             }
                         });
@@ -438,5 +468,26 @@ async fn provider_events(
             // Only throttle and get events are enabled in the mask; the rest need no answer.
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slmesh_protocol::identity::{KeyKind, SecretKey};
+
+    #[test]
+    fn the_address_book_is_bounded_in_peers_and_addresses() {
+        let mut map = HashMap::new();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        for i in 0..(MAX_ADDR_BOOK + 10) as u64 {
+            let mut seed = [1u8; 32];
+            seed[..8].copy_from_slice(&i.to_le_bytes());
+            let node = SecretKey::from_seed(KeyKind::Node, seed).public();
+            remember_addrs(&mut map, node, vec![addr; 100]);
+            assert!(map.len() <= MAX_ADDR_BOOK);
+            assert!(map[&node].len() <= MAX_ADDRS_PER_PEER, "the newest peer is kept, its addresses capped");
+        }
+        assert_eq!(map.len(), MAX_ADDR_BOOK);
     }
 }
