@@ -378,6 +378,28 @@ fn a_provider_that_takes_piece_requests_and_sends_nothing_loses_them_to_another(
 }
 
 #[test]
+fn a_peer_that_never_sends_a_hello_is_dropped_within_a_bounded_time() {
+    // Node 2 connects and stays silent: it answers no request, so it never presents a
+    // certificate. Its peers ask a bounded number of times (30 s transport timeout each,
+    // 1 s apart), then refuse it, which makes the driver disconnect and block it.
+    let mut f = Fleet::new(FleetSpec::lan(3));
+    f.nodes[2].silent = true;
+    f.start_all();
+    let attempts = u64::from(f.spec.node_config.hello_attempts) + 1;
+    let bound = attempts * (30_000 + f.spec.node_config.hello_retry_ms) + 1_000;
+    f.run_for(bound * MS);
+    for i in 0..2 {
+        assert!(
+            f.refusals.iter().any(|(n, why)| *n == i && why.contains("no hello after")),
+            "node {i} did not drop the silent peer: {:?}",
+            f.refusals
+        );
+        assert!(!f.node(i).is_admitted(&f.id(2)));
+    }
+    assert!(f.node(0).is_admitted(&f.id(1)), "the honest peers admitted each other");
+}
+
+#[test]
 fn a_pin_in_the_local_config_overrides_the_plan() {
     let mut f = on_v1(3);
     f.crash(1);

@@ -139,7 +139,11 @@ impl Node {
                 if retry.attempts <= self.cfg.hello_attempts {
                     retry.at = Some(now + self.cfg.hello_retry_ms);
                 } else {
-                    self.event(None, Level::Warn, format!("no hello from {} after retries: {e}", peer.short()));
+                    // A peer that stays connected and never presents a certificate would
+                    // otherwise keep a connection slot, and the gossip libp2p sends to
+                    // every connected subscriber, for as long as it likes.
+                    let attempts = retry.attempts - 1;
+                    self.refuse(peer, format!("no hello after {attempts} attempts: {e}"));
                 }
             }
             (RequestKind::Sync, Ok(PeerResponse::Sync(reply))) => self.on_sync_reply(now, peer, reply),

@@ -37,6 +37,8 @@ use slmesh_protocol::TrustStore;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 pub const MODEL: &str = "m";
+/// How long a peer request waits for its answer (crates/mesh's request-response timeout).
+const REQUEST_TIMEOUT: Micros = 30 * SECOND;
 /// The fake clock starts at a plausible Unix time (milliseconds): certificates and
 /// rollouts count in Unix seconds.
 pub const T0_MS: u64 = 1_800_000_000_000;
@@ -112,6 +114,9 @@ pub struct SimNode {
     /// Takes piece requests and never answers them (a provider that keeps the connection
     /// open and sends nothing).
     pub stalls: bool,
+    /// Stays connected and answers no peer request (an unenrolled peer that never sends a
+    /// hello, say): its peers' requests time out.
+    pub silent: bool,
     /// (time, version) each time this node started serving a version.
     pub served: Vec<(Micros, u64)>,
     /// Gossip peers (indices), for a mesh of degree D.
@@ -365,6 +370,7 @@ impl NodeFleet {
                     liar: false,
                     flatterer: false,
                     stalls: false,
+                    silent: false,
                     served: vec![],
                     mesh: vec![],
                     peers: vec![],
@@ -573,6 +579,9 @@ impl NodeFleet {
     }
 
     fn on_output(&mut self, i: usize, out: Output) {
+        if self.nodes[i].silent && matches!(out, Output::Gossip { .. } | Output::Request { .. }) {
+            return; // it sends nothing
+        }
         match out {
             Output::Gossip { topic, data } => {
                 self.nodes[i].seen.insert(message_id(&data));
@@ -703,6 +712,12 @@ impl NodeFleet {
                 }
             }
             Ev::Request { to, from, kind, data } => {
+                if self.nodes[to].silent {
+                    // The requester's transport gives up (crates/mesh: 30 s).
+                    let at = self.q.now() + REQUEST_TIMEOUT;
+                    self.q.at(at, Ev::Response { to: from, from: to, kind, result: Err("request timed out".into()) });
+                    return;
+                }
                 let result = if self.linked(from, to) {
                     let peer = self.id(from);
                     let Some(node) = self.nodes[to].node.as_mut() else { return };
