@@ -5,7 +5,8 @@
 
 use proptest::prelude::*;
 use slmesh_protocol::cohort::{cohort, wave_of};
-use slmesh_protocol::fleet::CommandAction;
+use slmesh_protocol::fleet::{CommandAction, RolloutCommand, SignedCommand};
+use slmesh_protocol::mesh::{GossipVerdict, TOPIC_COMMANDS};
 use slmesh_protocol::rollout::{Gates, RolloutPhase};
 use slmesh_sim::fleet::{FleetSpec, NodeFleet as Fleet, MODEL};
 use slmesh_sim::scenario::Behaviour;
@@ -397,6 +398,34 @@ fn a_peer_that_never_sends_a_hello_is_dropped_within_a_bounded_time() {
         assert!(!f.node(i).is_admitted(&f.id(2)));
     }
     assert!(f.node(0).is_admitted(&f.id(1)), "the honest peers admitted each other");
+}
+
+#[test]
+fn a_command_issued_far_ahead_of_the_clock_is_refused_and_cannot_outrank_later_ones() {
+    let mut f = on_v1(3);
+    let m = f.manifest(2, &[(0.34, 600), (1.0, 0)], Fleet::quick_gates(1));
+    f.publish(0, m).expect("publish");
+    f.run_for(3_000 * MS);
+    let paused = |f: &Fleet, i: usize| f.node(i).rollouts().iter().any(|r| r.version == 2 && r.paused);
+    // A pause dated a day ahead (a publisher's clock gone wrong): taken, it would outrank
+    // every command issued until then, a resume included.
+    let tomorrow = f.now_ms() / 1000 + 86_400;
+    let refused = f.command_issued(0, 2, CommandAction::Pause, tomorrow);
+    assert!(refused.as_ref().is_err_and(|e| e.contains("ahead of this node's clock")), "{refused:?}");
+    let c = RolloutCommand { model: MODEL.into(), version: 2, action: CommandAction::Pause, issued_at: tomorrow };
+    let bytes = SignedCommand::sign(&c, &f.publisher).expect("sign").to_bytes().expect("bytes");
+    let (now, from) = (f.now_ms(), f.id(0));
+    let verdict = f.nodes[1].node.as_mut().expect("running").handle_gossip(now, from, TOPIC_COMMANDS, &bytes);
+    assert!(matches!(verdict, GossipVerdict::Ignore(_)), "{verdict:?}");
+    f.run_for(2_000 * MS);
+    assert!(!paused(&f, 1), "the future pause was taken");
+    // Commands on time still work, in order.
+    f.command(0, 2, CommandAction::Pause).expect("pause");
+    f.run_for(2_000 * MS);
+    assert!((0..3).all(|i| paused(&f, i)));
+    f.command(0, 2, CommandAction::Resume).expect("resume");
+    f.run_for(2_000 * MS);
+    assert!((0..3).all(|i| !paused(&f, i)), "a resume after the pause wins");
 }
 
 #[test]

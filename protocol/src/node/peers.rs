@@ -1,7 +1,7 @@
 //! Peers: the admission handshake, anti-entropy, and what gossip and requests bring in.
 
 use super::{HelloRetry, Level, Node, Output, Peer, Persist, RequestKind};
-use crate::fleet::{verify_metrics, SignedCommand, SignedMetrics};
+use crate::fleet::{verify_metrics, CommandAction, SignedCommand, SignedMetrics};
 use crate::identity::NodeId;
 use crate::manifest::SignedManifest;
 use crate::mesh::{
@@ -17,8 +17,10 @@ const SYNC_FANOUT: usize = 3;
 pub const MAX_CONNECTED: usize = 1024;
 /// Peers the peer book holds at most (the canary floor counts them; memory stays flat).
 pub const MAX_KNOWN_PEERS: usize = 4096;
-/// Operator commands held per rollout.
+/// Operator commands held per rollout (aborts and roll-backs may take as many again).
 const MAX_COMMANDS_PER_VERSION: usize = 64;
+/// How far ahead of this node's clock a command's `issued_at` may be.
+pub const MAX_COMMAND_CLOCK_SKEW_SECS: u64 = 300;
 
 impl Node {
     fn my_hello(&self) -> Hello {
@@ -206,7 +208,8 @@ impl Node {
             self.take_metrics(now, m);
         }
         for c in reply.commands {
-            self.take_command(c);
+            // A refused one (issued ahead of this node's clock) comes again with a later sync.
+            let _ = self.take_command(now, c);
         }
         for manifest in reply.manifests {
             if let GossipVerdict::Reject(why) = self.take_manifest(now, manifest) {
@@ -228,8 +231,12 @@ impl Node {
             TOPIC_COMMANDS => match SignedCommand::from_bytes(data) {
                 Ok(c) => match self.trust.open(&c) {
                     Err(e) => GossipVerdict::Reject(e.to_string()),
-                    Ok(_) if self.take_command(c) => GossipVerdict::Accept,
-                    Ok(_) => GossipVerdict::Ignore("already held".into()),
+                    Ok(_) => match self.take_command(now, c) {
+                        Ok(true) => GossipVerdict::Accept,
+                        Ok(false) => GossipVerdict::Ignore("already held".into()),
+                        // Signed by a trusted publisher: not the forwarder's fault.
+                        Err(why) => GossipVerdict::Ignore(why),
+                    },
                 },
                 Err(e) => GossipVerdict::Reject(e.to_string()),
             },
@@ -301,11 +308,29 @@ impl Node {
     }
 
     /// Records an operator command signed by a trusted publisher; returns whether it is new.
-    pub(super) fn take_command(&mut self, signed: SignedCommand) -> bool {
-        let Ok((command, publisher)) = self.trust.open(&signed) else { return false };
+    /// Takes a command signed by a trusted publisher: Ok(true) if it is new. Refused: one
+    /// issued more than `MAX_COMMAND_CLOCK_SKEW_SECS` ahead of this node's clock (it would
+    /// outrank every later command for as long as that clock lags; anti-entropy offers it
+    /// again), and, once a version holds `MAX_COMMANDS_PER_VERSION`, any but an abort or
+    /// a roll-back (which end the rollout, so they must always get in).
+    pub(super) fn take_command(&mut self, now: u64, signed: SignedCommand) -> Result<bool, String> {
+        let (command, publisher) = self.trust.open(&signed).map_err(|e| e.to_string())?;
+        let ahead = command.issued_at.saturating_sub(now / 1000);
+        if ahead > MAX_COMMAND_CLOCK_SKEW_SECS {
+            return Err(format!(
+                "issued {ahead} s ahead of this node's clock (at most {MAX_COMMAND_CLOCK_SKEW_SECS} s)"
+            ));
+        }
+        let ends = matches!(command.action, CommandAction::Abort | CommandAction::RollBackTo { .. });
         let held = self.commands.entry((command.model.clone(), command.version)).or_default();
-        if held.contains(&signed) || held.len() >= MAX_COMMANDS_PER_VERSION {
-            return false;
+        if held.contains(&signed) {
+            return Ok(false);
+        }
+        let cap = if ends { 2 * MAX_COMMANDS_PER_VERSION } else { MAX_COMMANDS_PER_VERSION };
+        if held.len() >= cap {
+            let why = format!("{} commands are held for {}@{} already", held.len(), command.model, command.version);
+            self.event(Some(&command.model), Level::Warn, format!("operator command dropped: {why}"));
+            return Err(why);
         }
         held.push(signed.clone());
         self.persist(Persist::Command(signed));
@@ -315,12 +340,12 @@ impl Node {
             format!("operator command {:?} for version {} signed by {publisher}", command.action, command.version)
                 .to_lowercase(),
         );
-        true
+        Ok(true)
     }
 
     pub(super) fn on_command(&mut self, now: u64, signed: SignedCommand) -> Result<String, String> {
         let (c, _) = self.trust.open(&signed).map_err(|e| format!("the command is not accepted here: {e}"))?;
-        self.take_command(signed.clone());
+        self.take_command(now, signed.clone()).map_err(|e| format!("the command is not accepted here: {e}"))?;
         match signed.to_bytes() {
             Ok(data) => self.outputs.push_back(Output::Gossip { topic: TOPIC_COMMANDS, data }),
             Err(e) => return Err(format!("cannot encode the command: {e}")),

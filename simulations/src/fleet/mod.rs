@@ -857,8 +857,20 @@ impl NodeFleet {
 
     /// An operator command, signed by the fleet's publisher key, given to node `at`.
     pub fn command(&mut self, at: usize, version: u64, action: CommandAction) -> Result<String, String> {
+        let issued_at = self.now_ms() / 1000;
+        self.command_issued(at, version, action, issued_at)
+    }
+
+    /// As `command`, dated `issued_at` (Unix seconds) by the publisher's clock.
+    pub fn command_issued(
+        &mut self,
+        at: usize,
+        version: u64,
+        action: CommandAction,
+        issued_at: u64,
+    ) -> Result<String, String> {
         let now = self.now_ms();
-        let c = RolloutCommand { model: MODEL.into(), version, action, issued_at: now / 1000 };
+        let c = RolloutCommand { model: MODEL.into(), version, action, issued_at };
         let signed = SignedCommand::sign(&c, &self.publisher).map_err(|e| e.to_string())?;
         let node = self.nodes[at].node.as_mut().ok_or("the node is down")?;
         let answer = node.command(now, signed);
