@@ -429,6 +429,31 @@ fn a_command_issued_far_ahead_of_the_clock_is_refused_and_cannot_outrank_later_o
 }
 
 #[test]
+fn with_a_versions_commands_at_their_cap_an_abort_still_gets_in() {
+    let mut f = on_v1(3);
+    let m = f.manifest(2, &[(0.34, 600), (1.0, 0)], Fleet::quick_gates(1));
+    f.publish(0, m).expect("publish");
+    f.run_for(3_000 * MS);
+    // 64 pauses and resumes, each dated a second apart in the past: the version's cap.
+    let start = f.now_ms() / 1000 - 200;
+    for k in 0..64 {
+        let action = if k % 2 == 0 { CommandAction::Pause } else { CommandAction::Resume };
+        f.command_issued(0, 2, action, start + k).expect("under the cap");
+    }
+    let full = f.command_issued(0, 2, CommandAction::Pause, start + 100);
+    assert!(full.as_ref().is_err_and(|e| e.contains("held for")), "{full:?}");
+    f.command(0, 2, CommandAction::Abort).expect("an abort always gets in");
+    f.run_for(5_000 * MS);
+    for i in 0..3 {
+        assert!(
+            f.node(i).rollouts().iter().any(|r| r.version == 2 && r.halted.is_some()),
+            "node {i} did not halt: {:?}",
+            f.node(i).rollouts()
+        );
+    }
+}
+
+#[test]
 fn a_pin_in_the_local_config_overrides_the_plan() {
     let mut f = on_v1(3);
     f.crash(1);
