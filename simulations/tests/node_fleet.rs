@@ -454,6 +454,33 @@ fn with_a_versions_commands_at_their_cap_an_abort_still_gets_in() {
 }
 
 #[test]
+fn a_peer_whose_certificate_expires_while_connected_is_dropped() {
+    // Node 2's certificate expires 20 s after the start: its peers admitted it at the
+    // handshake, and drop it when it expires, not at some later handshake.
+    let mut f = Fleet::new(FleetSpec::lan(3));
+    let expires_at = slmesh_sim::fleet::T0_MS / 1000 + 20;
+    let node2 = f.nodes[2].identity.clone();
+    let cert = slmesh_protocol::trust::Enrollment {
+        node: node2.secret.public(),
+        tags: node2.tags.clone(),
+        issued_at: slmesh_sim::fleet::T0_MS / 1000 - 10,
+        expires_at,
+    }
+    .sign(&f.publisher)
+    .expect("sign");
+    f.nodes[2].identity.certificate = cert;
+    f.start_all();
+    f.run_for(5_000 * MS);
+    assert!(f.node(0).is_admitted(&f.id(2)) && f.node(1).is_admitted(&f.id(2)));
+    f.run_for(20_000 * MS);
+    for i in 0..2 {
+        assert!(!f.node(i).is_admitted(&f.id(2)), "node {i} still admits the expired peer");
+        assert!(f.refusals.iter().any(|(n, why)| *n == i && why.contains("certificate expired")), "{:?}", f.refusals);
+    }
+    assert!(f.node(0).is_admitted(&f.id(1)));
+}
+
+#[test]
 fn a_pin_in_the_local_config_overrides_the_plan() {
     let mut f = on_v1(3);
     f.crash(1);

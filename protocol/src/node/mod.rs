@@ -256,6 +256,9 @@ pub enum Output {
 struct Peer {
     tags: Tags,
     rtt_micros: Option<u64>,
+    /// When its certificate expires (Unix seconds): it is dropped then, not only refused
+    /// at its next handshake.
+    expires_at: u64,
 }
 
 struct HelloRetry {
@@ -465,6 +468,7 @@ impl Node {
         }
         if now >= self.next_rollout {
             self.next_rollout = now + self.cfg.rollout_tick_ms.max(1);
+            self.drop_expired_peers(now);
             self.rollout_tick(now);
         }
         self.finish(now);

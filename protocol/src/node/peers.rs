@@ -64,7 +64,7 @@ impl Node {
         self.outputs.push_back(Output::LearnAddrs { node: peer, addrs: hello.blob_addrs.clone() });
         self.persist(Persist::Peer { node: peer, tags: enrollment.tags.clone(), addrs: hello.blob_addrs.clone() });
         self.remember(peer, enrollment.tags.clone());
-        self.peers.insert(peer, Peer { tags: enrollment.tags, rtt_micros: None });
+        self.peers.insert(peer, Peer { tags: enrollment.tags, rtt_micros: None, expires_at: enrollment.expires_at });
         self.hello_retry.remove(&peer);
         self.update_providers();
         self.send_have(peer);
@@ -86,8 +86,23 @@ impl Node {
         self.known.insert(peer, tags);
     }
 
+    /// Admitted peers whose certificates have expired since their handshake are refused
+    /// like a peer that presents an expired one (checked every rollout tick).
+    pub(super) fn drop_expired_peers(&mut self, now: u64) {
+        let secs = now / 1000;
+        let expired: Vec<(NodeId, u64)> =
+            self.peers.iter().filter(|(_, p)| p.expires_at <= secs).map(|(n, p)| (*n, p.expires_at)).collect();
+        for (peer, at) in expired {
+            self.refuse(peer, format!("its certificate expired {} s ago", secs.saturating_sub(at)));
+        }
+    }
+
     fn refuse(&mut self, peer: NodeId, reason: String) {
-        self.peers.remove(&peer);
+        if self.peers.remove(&peer).is_some() {
+            // What it announced is no longer a source (as when it disconnects).
+            self.directory.forget(&peer);
+            self.update_providers();
+        }
         self.hello_retry.remove(&peer);
         self.outputs.push_back(Output::Refuse { peer, reason });
     }
