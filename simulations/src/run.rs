@@ -5,8 +5,8 @@
 //! live node serves it, or at `duration_secs`.
 //!
 //! Modelled around the nodes: the scenario's links (per-site bandwidth, latency, jitter,
-//! loss on gossip), the mesh (each node connects to its gossip peers only), loads, and the
-//! requests each version answers. Decided by the nodes: everything else.
+//! loss on gossip), the mesh (each node's connected peers, its gossip peers among them),
+//! loads, and the requests each version answers. Decided by the nodes: everything else.
 
 use crate::engine::{Micros, SECOND};
 use crate::fleet::{FleetSpec, NodeFleet, MODEL};
@@ -15,9 +15,8 @@ use crate::report::{CoverageSample, Report, WaveReport};
 use crate::scenario::Scenario;
 use slmesh_protocol::cohort::{membership, Membership};
 use slmesh_protocol::fleet::GateVerdict;
-use slmesh_protocol::hex32::Hex32;
 use slmesh_protocol::mesh::{TOPIC_MANIFESTS, TOPIC_METRICS};
-use slmesh_protocol::node::{NodeConfig, RequestKind};
+use slmesh_protocol::node::{NodeConfig, RequestKind, RolloutView};
 use slmesh_protocol::rollout::RolloutPlan;
 use slmesh_protocol::select::NodeFacts;
 use slmesh_protocol::trust::Tags;
@@ -100,7 +99,6 @@ struct Run {
     returns_pending: usize,
     /// Each node's wave by its cohort, before it activates (when its own wave is fixed).
     cohort_wave: Vec<Option<usize>>,
-    candidate_blob: Option<Hex32>,
     live_at_publish: Vec<bool>,
     coverage: Vec<CoverageSample>,
     gate_decisions: Vec<(f64, String)>,
@@ -182,7 +180,6 @@ impl Run {
             faults,
             returns_pending,
             cohort_wave,
-            candidate_blob: None,
             live_at_publish: vec![],
             coverage: vec![],
             gate_decisions: vec![],
@@ -239,7 +236,6 @@ impl Run {
 
     fn publish(&mut self) {
         let manifest = self.fleet.manifest(CANDIDATE, &self.sc.rollout.waves, self.plan.gates.clone());
-        self.candidate_blob = Some(NodeFleet::weights_blob(CANDIDATE));
         self.live_at_publish = (0..self.fleet.nodes.len()).map(|i| self.fleet.nodes[i].node.is_some()).collect();
         if let Err(e) = self.fleet.publish(0, manifest) {
             panic!("the candidate does not publish at the origin: {e}");
@@ -249,8 +245,7 @@ impl Run {
 
     /// The origin's view of the rollout, noted when its open waves or verdict change.
     fn note_gates(&mut self) {
-        let Some(origin) = self.fleet.nodes[0].node.as_ref() else { return };
-        let Some(view) = origin.rollouts().iter().find(|v| v.model == MODEL && v.version == CANDIDATE) else { return };
+        let Some(view) = self.origin_view() else { return };
         let kind = match (&view.halted, &view.verdict) {
             (Some(h), _) => format!("halted: {h}"),
             (None, GateVerdict::Pass) => "pass".into(),
@@ -270,8 +265,14 @@ impl Run {
         self.last_view = Some(key);
     }
 
+    /// The origin's view of the candidate's rollout (the fleet's, as the report tells it).
+    fn origin_view(&self) -> Option<&RolloutView> {
+        let origin = self.fleet.nodes[0].node.as_ref()?;
+        origin.rollouts().iter().find(|v| v.model == MODEL && v.version == CANDIDATE)
+    }
+
     fn has_candidate(&self, i: usize) -> bool {
-        self.candidate_blob.is_some_and(|b| self.fleet.nodes[i].blobs.contains(&b))
+        self.fleet.nodes[i].blobs.contains(&NodeFleet::weights_blob(CANDIDATE))
     }
 
     fn wave_of(&self, i: usize) -> Option<usize> {
@@ -310,11 +311,7 @@ impl Run {
         }
         let mut live = self.fleet.live();
         let all_v2 = live.all(|i| self.fleet.serving(i) == Some(CANDIDATE) && self.has_candidate(i));
-        let halted = self.fleet.nodes[0]
-            .node
-            .as_ref()
-            .and_then(|o| o.rollouts().iter().find(|v| v.version == CANDIDATE).map(|v| v.halted.is_some()))
-            .unwrap_or(false);
+        let halted = self.origin_view().is_some_and(|v| v.halted.is_some());
         all_v2 || (halted && self.fleet.live().all(|i| self.fleet.serving(i) != Some(CANDIDATE)))
     }
 
@@ -348,10 +345,8 @@ impl Run {
                 }
             })
             .collect();
-        let completed_at = |i: usize| {
-            let blob = self.candidate_blob?;
-            fleet.nodes[i].completed.iter().find(|(_, b)| *b == blob).map(|(t, _)| *t)
-        };
+        let blob = NodeFleet::weights_blob(CANDIDATE);
+        let completed_at = |i: usize| fleet.nodes[i].completed.iter().find(|(_, b)| *b == blob).map(|(t, _)| *t);
         // The origin holds the file from the start; the others must fetch it.
         let fetchers: Vec<usize> = fleet.live().filter(|i| *i != 0).collect();
         let distribution_secs =
@@ -376,10 +371,7 @@ impl Run {
         let origin_egress = fleet.nodes[0].piece_bytes_sent;
         let gossip = |topic: &str| fleet.gossip_bytes.get(topic).copied().unwrap_or(0) as f64 / n as f64 / span;
         let ever = (0..n).filter(|i| first_served[*i].is_some()).count();
-        let halted = fleet.nodes[0]
-            .node
-            .as_ref()
-            .and_then(|o| o.rollouts().iter().find(|v| v.version == CANDIDATE).and_then(|v| v.halted.clone()));
+        let halted = self.origin_view().and_then(|v| v.halted.clone());
         Report {
             scenario: self.sc.name.clone(),
             seed: self.sc.seed,

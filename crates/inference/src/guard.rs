@@ -15,8 +15,6 @@ use axum::extract::Request;
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use serde_json::json;
 use std::sync::Arc;
 
 /// Which `Host` names the node answers besides IP addresses and `localhost`.
@@ -104,11 +102,7 @@ pub fn check(policy: &HostPolicy, method: &Method, headers: &HeaderMap) -> Resul
 pub async fn guard(policy: Arc<HostPolicy>, req: Request, next: Next) -> Response {
     match check(&policy, req.method(), req.headers()) {
         Ok(()) => next.run(req).await,
-        Err(r) => {
-            let body =
-                json!({"error": {"message": r.message, "type": "invalid_request_error", "param": null, "code": null}});
-            (r.status, Json(body)).into_response()
-        }
+        Err(r) => crate::http::api_error(r.status, "invalid_request_error", r.message, None).into_response(),
     }
 }
 

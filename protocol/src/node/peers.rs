@@ -46,8 +46,13 @@ impl Node {
         self.connected.remove(&peer);
         self.hello_asked.remove(&peer);
         self.hello_retry.remove(&peer);
+        self.unadmit(peer);
+    }
+
+    /// No longer admitted: a fetch no longer lists it, and what it holds is heard again
+    /// if it is admitted again.
+    fn unadmit(&mut self, peer: NodeId) {
         if self.peers.remove(&peer).is_some() {
-            // A fetch no longer lists it, and what it holds is heard again on reconnecting.
             self.directory.forget(&peer);
             self.update_providers();
         }
@@ -98,11 +103,7 @@ impl Node {
     }
 
     fn refuse(&mut self, peer: NodeId, reason: String) {
-        if self.peers.remove(&peer).is_some() {
-            // What it announced is no longer a source (as when it disconnects).
-            self.directory.forget(&peer);
-            self.update_providers();
-        }
+        self.unadmit(peer);
         self.hello_retry.remove(&peer);
         self.outputs.push_back(Output::Refuse { peer, reason });
     }

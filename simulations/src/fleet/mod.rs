@@ -237,8 +237,8 @@ pub struct FleetSpec {
     pub downlink_bytes_per_sec: f64,
     /// Gossip mesh degree (0: every node is every node's gossip peer).
     pub mesh_degree: usize,
-    /// Connected peers per node, the gossip peers among them (at most the mesh degree:
-    /// connections are the gossip mesh).
+    /// Connected peers per node, the gossip peers among them (no more than the mesh
+    /// degree: the connections are the gossip mesh).
     pub peer_degree: usize,
     /// Bytes of each version's weights file.
     pub model_bytes: u64,
@@ -574,8 +574,13 @@ impl NodeFleet {
     /// Sends `bytes` over the simulated link (a reliable stream); the delivery time, or
     /// None if a partition drops it.
     fn send(&mut self, from: usize, to: usize, bytes: u64) -> Option<Micros> {
+        self.transmit(from, to, bytes, false)
+    }
+
+    /// `bytes` plus framing over the link; `lossy`: the links' loss applies.
+    fn transmit(&mut self, from: usize, to: usize, bytes: u64, lossy: bool) -> Option<Micros> {
         let now = self.q.now();
-        self.links.send(now, from, to, bytes + self.spec.overhead_bytes, false, &mut self.rng)
+        self.links.send(now, from, to, bytes + self.spec.overhead_bytes, lossy, &mut self.rng)
     }
 
     fn on_output(&mut self, i: usize, out: Output) {
@@ -644,8 +649,7 @@ impl NodeFleet {
                 *self.gossip_bytes.entry(topic).or_default() += data.len() as u64;
                 // Gossip is the one traffic the links' loss applies to: the mesh repairs
                 // it (anti-entropy), where streams retransmit.
-                let (now, bytes) = (self.q.now(), data.len() as u64 + self.spec.overhead_bytes);
-                if let Some(at) = self.links.send(now, from, j, bytes, true, &mut self.rng) {
+                if let Some(at) = self.transmit(from, j, data.len() as u64, true) {
                     self.q.at(at, Ev::Gossip { to: j, from, topic, data: data.clone() });
                 }
             }
