@@ -1,5 +1,5 @@
 //! Fleet metrics: the size of one signed metrics record, what receiving one costs (verify
-//! and keep it, then merge it into a version summary), against the bare ed25519
+//! it and the enrollment certificate it carries, and keep it, then merge it into a version summary), against the bare ed25519
 //! verification of the same record (the baseline, same run), and the gossip bytes per node
 //! per second these sizes imply at the default interval.
 //!
@@ -7,6 +7,7 @@
 
 use slmesh_protocol::fleet::{verify_metrics, FleetView, MetricsRecord, SignedMetrics, VersionReport};
 use slmesh_protocol::identity::{KeyKind, SecretKey};
+use slmesh_protocol::trust::{Enrollment, TrustStore};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -31,6 +32,9 @@ fn report(version: u64, requests: u64, seed: u64) -> VersionReport {
 }
 
 fn main() {
+    let operator = SecretKey::from_seed(KeyKind::Publisher, [9; 32]);
+    let mut trust = TrustStore::new();
+    trust.add("ops", operator.public()).expect("operator key");
     let nodes: Vec<SecretKey> = (0..1000u32)
         .map(|i| {
             let mut seed = [0u8; 32];
@@ -42,8 +46,11 @@ fn main() {
         .iter()
         .enumerate()
         .map(|(i, k)| {
+            let tags = [("site".to_string(), format!("site-{}", i % 3))].into();
+            let enrollment = Enrollment { node: k.public(), tags, issued_at: 0, expires_at: 1 << 40 };
             let record = MetricsRecord {
                 node: k.public(),
+                certificate: enrollment.sign(&operator).expect("enroll"),
                 seq: 1,
                 issued_at: 0,
                 versions: vec![report(6, 10_000, i as u64 + 1), report(7, 2_000, i as u64 + 7)],
@@ -68,7 +75,7 @@ fn main() {
     let mut view = FleetView::default();
     for b in &signed {
         let s = SignedMetrics::from_bytes(b).expect("decode");
-        view.update(verify_metrics(&s).expect("valid"), 0);
+        view.update(verify_metrics(&s, &trust, 0).expect("valid"), 0);
     }
     let receive = start.elapsed().as_secs_f64() / signed.len() as f64;
 

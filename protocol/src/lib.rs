@@ -64,7 +64,8 @@ pub mod decoders {
         ("peer_request", |b| crate::mesh::PeerRequest::from_bytes(b).is_ok()),
         ("peer_response", |b| crate::mesh::PeerResponse::from_bytes(b).is_ok()),
         ("signed_metrics", |b| {
-            crate::fleet::SignedMetrics::from_bytes(b).and_then(|s| crate::fleet::verify_metrics(&s)).is_ok()
+            let trust = trust::TrustStore::new();
+            crate::fleet::SignedMetrics::from_bytes(b).and_then(|s| crate::fleet::verify_metrics(&s, &trust, 0)).is_ok()
         }),
         ("signed_command", |b| crate::fleet::SignedCommand::from_bytes(b).and_then(|s| s.verify_self_signed()).is_ok()),
         ("signed_open", |b| {

@@ -181,8 +181,9 @@ impl<T: SignedKind> Signed<T> {
 
 #[cfg(test)]
 mod tests {
-    use crate::fleet::{verify_metrics, MetricsRecord, SignedMetrics};
+    use crate::fleet::{MetricsRecord, SignedMetrics};
     use crate::identity::{KeyKind, SecretKey};
+    use crate::trust::test_certificate;
 
     #[test]
     fn byte_strings_are_the_same_bytes_on_the_wire_as_before() {
@@ -196,7 +197,8 @@ mod tests {
             signature: Vec<u8>,
         }
         let key = SecretKey::from_seed(KeyKind::Node, [4; 32]);
-        let record = MetricsRecord { node: key.public(), seq: 1, issued_at: 5, versions: vec![] };
+        let certificate = test_certificate(&key, &key);
+        let record = MetricsRecord { node: key.public(), certificate, seq: 1, issued_at: 5, versions: vec![] };
         let signed = SignedMetrics::sign(&record, &key).unwrap();
         let plain = Plain {
             protocol_version: signed.protocol_version,
@@ -212,20 +214,21 @@ mod tests {
     #[test]
     fn a_remembered_signature_never_vouches_for_other_bytes() {
         let key = SecretKey::from_seed(KeyKind::Node, [4; 32]);
-        let record = MetricsRecord { node: key.public(), seq: 1, issued_at: 5, versions: vec![] };
+        let certificate = test_certificate(&key, &key);
+        let record = MetricsRecord { node: key.public(), certificate, seq: 1, issued_at: 5, versions: vec![] };
         let signed = SignedMetrics::sign(&record, &key).unwrap();
-        assert!(verify_metrics(&signed).is_ok());
-        assert!(verify_metrics(&signed).is_ok(), "the second check (remembered) agrees");
+        assert!(signed.verify_self_signed().is_ok());
+        assert!(signed.verify_self_signed().is_ok(), "the second check (remembered) agrees");
         let mut body = signed.clone();
         let last = body.body.len() - 1;
         body.body[last] ^= 1;
-        assert!(verify_metrics(&body).is_err(), "a changed body");
+        assert!(body.verify_self_signed().is_err(), "a changed body");
         let mut sig = signed.clone();
         sig.signature[0] ^= 1;
-        assert!(verify_metrics(&sig).is_err(), "a changed signature");
+        assert!(sig.verify_self_signed().is_err(), "a changed signature");
         let other = SecretKey::from_seed(KeyKind::Node, [5; 32]);
         let mut signer = signed.clone();
         signer.signer = other.public();
-        assert!(verify_metrics(&signer).is_err(), "another signer");
+        assert!(signer.verify_self_signed().is_err(), "another signer");
     }
 }

@@ -151,6 +151,16 @@ pub fn verify_certificate(
     Ok(enrollment)
 }
 
+/// A certificate for `node` by `operator`, valid from 0 to 10^10 (tests).
+#[cfg(test)]
+pub(crate) fn test_certificate(
+    node: &crate::identity::SecretKey,
+    operator: &crate::identity::SecretKey,
+) -> EnrollmentCertificate {
+    let tags = [("site".to_string(), "a".to_string())].into();
+    Enrollment { node: node.public(), tags, issued_at: 0, expires_at: 10_000_000_000 }.sign(operator).expect("sign")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

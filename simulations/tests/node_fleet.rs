@@ -278,6 +278,49 @@ fn gossip_from_a_peer_not_admitted_counts_for_nothing() {
     assert!(matches!(verdict, slmesh_protocol::mesh::GossipVerdict::Reject(_)));
 }
 
+#[test]
+fn an_enrolled_node_cannot_speak_for_node_ids_it_made_up() {
+    use slmesh_protocol::fleet::{MetricsRecord, SignedMetrics, VersionReport};
+    let mut f = on_v1(5);
+    let m = f.manifest(2, &[(0.5, 5), (1.0, 0)], Fleet::quick_gates(3));
+    f.publish(0, m).expect("publish");
+    // Node 1 is enrolled; it makes up 32 node ids (fresh keys) that report every request
+    // of version 2 as failed, with its own certificate, and sends them to node 2 as
+    // often as the real records go.
+    let insider = f.id(1);
+    let certificate = f.nodes[1].identity.certificate.clone();
+    let mut verdicts = vec![];
+    for round in 0..60u64 {
+        f.run_for(1_000 * MS);
+        let now = f.now_ms();
+        for k in 0..32 {
+            let made_up = slmesh_sim::fleet::node_key(10_000 + k);
+            let failing = VersionReport {
+                model: MODEL.into(),
+                version: 2,
+                active: true,
+                requests: 1_000,
+                errors: 1_000,
+                ..Default::default()
+            };
+            let record = MetricsRecord {
+                node: made_up.public(),
+                certificate: certificate.clone(),
+                seq: round + 1,
+                issued_at: now / 1000,
+                versions: vec![failing],
+            };
+            let data = SignedMetrics::sign(&record, &made_up).and_then(|s| s.to_bytes()).expect("record");
+            let node = f.nodes[2].node.as_mut().expect("running");
+            verdicts.push(node.handle_gossip(now, insider, slmesh_protocol::mesh::TOPIC_METRICS, &data));
+        }
+    }
+    assert!(verdicts.iter().all(|v| matches!(v, GossipVerdict::Reject(_))), "{:?}", verdicts[0]);
+    for i in 0..5 {
+        assert_eq!(f.active(i), Some(2), "node {i}: {:#?}", f.events_of(i));
+    }
+}
+
 /// One step of a random schedule.
 #[derive(Debug, Clone)]
 enum Step {

@@ -11,8 +11,8 @@ use iroh::protocol::Router;
 use iroh::{Endpoint, EndpointAddr, RelayMode};
 use iroh_blobs::api::blobs::{BlobStatus, ExportMode, ExportOptions};
 use iroh_blobs::provider::events::{
-    AbortReason, ConnectMode, EventMask, EventSender, ProviderMessage, RequestMode, RequestUpdate, ThrottleMode,
-    TransferAborted, TransferCompleted,
+    AbortReason, ConnectMode, EventMask, EventSender, ObserveMode, ProviderMessage, RequestMode, RequestUpdate,
+    ThrottleMode, TransferAborted, TransferCompleted,
 };
 use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::store::GcConfig;
@@ -68,9 +68,14 @@ pub struct BlobConfig {
     pub gate: Arc<dyn UploadGate>,
 }
 
-/// The provider's admission of a fetch request: `uploading` is how many transfers of
-/// that blob run now. Refused fetchers try their next provider.
+/// The provider's admission of a connection and of each request on it: `uploading` is
+/// how many transfers of that blob run now. Refused fetchers try their next provider.
 pub trait UploadGate: Send + Sync {
+    /// Whether `client` (None: the endpoint could not tell who it is) may talk to the
+    /// blob endpoint at all: fetch, probe sizes or observe what this node holds. Asked
+    /// when it connects and again on every request (admission can end meanwhile).
+    fn admit(&self, client: Option<NodeId>) -> Result<(), String>;
+
     fn allow(&self, blob: &Hex32, uploading: usize) -> Result<(), String>;
 
     /// As `allow`, knowing who asks (if known) and which piece (`swarm::PIECE_CHUNKS`
@@ -90,10 +95,14 @@ pub trait UploadGate: Send + Sync {
     fn served(&self, _blob: &Hex32, _to: NodeId) {}
 }
 
-/// Serves everyone.
+/// Serves everyone (tests and tools on a trusted host only).
 pub struct ServeAll;
 
 impl UploadGate for ServeAll {
+    fn admit(&self, _: Option<NodeId>) -> Result<(), String> {
+        Ok(())
+    }
+
     fn allow(&self, _: &Hex32, _: usize) -> Result<(), String> {
         Ok(())
     }
@@ -201,11 +210,15 @@ impl BlobNode {
         // Pacing asks about every 16 KiB chunk: only with a cap.
         let throttle =
             if config.max_upload_bytes_per_sec.is_some() { ThrottleMode::Intercept } else { ThrottleMode::None };
+        // Every connection and every request kind is put to the gate; the node fetches
+        // with `get` and `observe` only, so `get_many` (and `push`) are refused outright.
         let mask = EventMask {
             throttle,
             get: RequestMode::InterceptLog,
-            connected: ConnectMode::Notify,
-            ..EventMask::DEFAULT
+            get_many: RequestMode::Disabled,
+            push: RequestMode::Disabled,
+            observe: ObserveMode::Intercept,
+            connected: ConnectMode::Intercept,
         };
         let (events, rx) = EventSender::channel(64, mask);
         tokio::spawn(provider_events(
@@ -377,10 +390,29 @@ async fn provider_events(
                 }
                 msg.tx.send(Ok(())).await.ok();
             }
-            ProviderMessage::ClientConnectedNotify(msg) => {
-                if let Some(id) = msg.inner.endpoint_id {
-                    clients.insert(msg.inner.connection_id, NodeId::from_endpoint_id(&id));
+            ProviderMessage::ClientConnected(msg) => {
+                let client = msg.inner.endpoint_id.map(|id| NodeId::from_endpoint_id(&id));
+                match gate.admit(client) {
+                    Ok(()) => {
+                        if let Some(id) = client {
+                            clients.insert(msg.inner.connection_id, id);
+                        }
+                        msg.tx.send(Ok(())).await.ok();
+                    }
+                    Err(reason) => {
+                        tracing::info!(client = %client.map_or("unknown".into(), |c| c.short()), %reason, "refused a blob connection");
+                        counters.refused.fetch_add(1, Ordering::Relaxed);
+                        msg.tx.send(Err(AbortReason::Permission)).await.ok();
+                    }
                 }
+            }
+            ProviderMessage::ObserveRequestReceived(msg) => {
+                let client = clients.get(&msg.inner.connection_id).copied();
+                let answer = gate.admit(client).map_err(|reason| {
+                    tracing::debug!(%reason, "refused an observe request");
+                    AbortReason::Permission
+                });
+                msg.tx.send(answer).await.ok();
             }
             ProviderMessage::ConnectionClosed(msg) => {
                 clients.remove(&msg.inner.connection_id);
@@ -403,7 +435,7 @@ async fn provider_events(
                         (offset == 0).then(|| ranges.boundaries().first().map(|c| c.0)).flatten()
                     });
                 let piece = first_chunk.map(|c| (c / swarm::PIECE_CHUNKS) as u32);
-                match gate.allow_piece(&hex_of(&hash), running, client, piece) {
+                match gate.admit(client).and_then(|()| gate.allow_piece(&hex_of(&hash), running, client, piece)) {
                     Ok(()) => {
                         if let Ok(mut m) = uploading.lock() {
                             *m.entry(hash).or_default() += 1;
@@ -465,7 +497,8 @@ async fn provider_events(
                     }
                 }
             }
-            // Only throttle and get events are enabled in the mask; the rest need no answer.
+            // Only connections, throttle, get and observe are intercepted; the rest need
+            // no answer.
             _ => {}
         }
     }

@@ -26,6 +26,10 @@ impl GateState {
 }
 
 impl UploadGate for GateState {
+    fn admit(&self, client: Option<NodeId>) -> Result<(), String> {
+        self.lock().admit(client)
+    }
+
     fn allow(&self, blob: &Hex32, uploading: usize) -> Result<(), String> {
         self.lock().allow(blob, uploading)
     }

@@ -4,6 +4,7 @@ use crate::error::ProtocolError;
 use crate::identity::NodeId;
 use crate::signed::{Signed, SignedKind};
 use crate::sketch::Sketch;
+use crate::trust::{verify_certificate, EnrollmentCertificate, TrustStore};
 use serde::{Deserialize, Serialize};
 
 pub const MAX_VERSIONS_PER_RECORD: usize = 64;
@@ -78,6 +79,9 @@ impl VersionReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetricsRecord {
     pub node: NodeId,
+    /// The operator's enrollment of `node`: a record counts only for a fleet member, so
+    /// one enrolled node cannot make up node ids and fill a version's metrics panel.
+    pub certificate: EnrollmentCertificate,
     /// Grows with every record of this node: an older one never replaces a newer one.
     pub seq: u64,
     /// Unix seconds, by the node's clock.
@@ -92,8 +96,18 @@ impl SignedKind for MetricsRecord {
 
 pub type SignedMetrics = Signed<MetricsRecord>;
 
-/// Checks a metrics record: self-signed by the node it names, within limits, consistent.
-pub fn verify_metrics(signed: &SignedMetrics) -> Result<MetricsRecord, ProtocolError> {
+/// Checks a metrics record: self-signed by the node it names, within limits, consistent,
+/// and from a node the operator enrolled whose certificate is valid at `now` (Unix
+/// seconds).
+pub fn verify_metrics(signed: &SignedMetrics, trust: &TrustStore, now: u64) -> Result<MetricsRecord, ProtocolError> {
+    let record = verify_metrics_body(signed)?;
+    verify_certificate(&record.certificate, trust, &record.node, now)
+        .map_err(|e| ProtocolError::invalid("metrics record", format!("not from an enrolled node: {e}")))?;
+    Ok(record)
+}
+
+/// The checks that need no trust: signature, limits, consistency.
+fn verify_metrics_body(signed: &SignedMetrics) -> Result<MetricsRecord, ProtocolError> {
     let record = signed.verify_self_signed()?;
     let bad = |r: String| Err(ProtocolError::invalid("metrics record", r));
     if record.node != signed.signer {

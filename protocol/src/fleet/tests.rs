@@ -16,8 +16,19 @@ fn report(version: u64, requests: u64, errors: u64, latency: f64) -> VersionRepo
     r
 }
 
+fn operator() -> SecretKey {
+    SecretKey::from_seed(KeyKind::Publisher, [200; 32])
+}
+
+fn trust() -> crate::trust::TrustStore {
+    let mut trust = crate::trust::TrustStore::new();
+    trust.add("ops", operator().public()).unwrap();
+    trust
+}
+
 fn record(seed: u8, seq: u64, versions: Vec<VersionReport>) -> MetricsRecord {
-    MetricsRecord { node: node(seed).public(), seq, issued_at: 100, versions }
+    let certificate = crate::trust::test_certificate(&node(seed), &operator());
+    MetricsRecord { node: node(seed).public(), certificate, seq, issued_at: 100, versions }
 }
 
 fn gates() -> Gates {
@@ -29,11 +40,37 @@ fn records_are_self_signed_and_checked() {
     let r = record(1, 5, vec![report(2, 10, 1, 0.2)]);
     let signed = SignedMetrics::sign(&r, &node(1)).unwrap();
     let back = SignedMetrics::from_bytes(&signed.to_bytes().unwrap()).unwrap();
-    assert_eq!(verify_metrics(&back).unwrap(), r);
-    assert!(verify_metrics(&SignedMetrics::sign(&r, &node(2)).unwrap()).is_err(), "speaking for another node");
+    assert_eq!(verify_metrics(&back, &trust(), 100).unwrap(), r);
+    assert!(
+        verify_metrics(&SignedMetrics::sign(&r, &node(2)).unwrap(), &trust(), 100).is_err(),
+        "speaking for another node"
+    );
     let mut lying = r.clone();
     lying.versions[0].errors = 11;
-    assert!(verify_metrics(&SignedMetrics::sign(&lying, &node(1)).unwrap()).is_err());
+    assert!(verify_metrics(&SignedMetrics::sign(&lying, &node(1)).unwrap(), &trust(), 100).is_err());
+}
+
+#[test]
+fn a_record_counts_only_from_a_node_the_operator_enrolled() {
+    // An enrolled insider makes up a node id (its own fresh key) and signs a record
+    // for it with a certificate it has: its own, or one it signed itself.
+    let insider = node(1);
+    let made_up = node(77);
+    let mut r = record(77, 5, vec![report(2, 10, 0, 0.2)]);
+    r.certificate = crate::trust::test_certificate(&insider, &operator());
+    let err = verify_metrics(&SignedMetrics::sign(&r, &made_up).unwrap(), &trust(), 100).unwrap_err().to_string();
+    assert!(err.contains("not from an enrolled node"), "{err}");
+    r.certificate = crate::trust::test_certificate(&made_up, &insider);
+    assert!(verify_metrics(&SignedMetrics::sign(&r, &made_up).unwrap(), &trust(), 100).is_err(), "self-enrolled");
+    // A genuine member's record is refused once its certificate has expired.
+    let mut expiring = record(3, 5, vec![]);
+    expiring.certificate =
+        crate::trust::Enrollment { node: node(3).public(), tags: Default::default(), issued_at: 0, expires_at: 1_000 }
+            .sign(&operator())
+            .unwrap();
+    let signed = SignedMetrics::sign(&expiring, &node(3)).unwrap();
+    assert!(verify_metrics(&signed, &trust(), 999).is_ok());
+    assert!(verify_metrics(&signed, &trust(), 1_000).is_err(), "expired");
 }
 
 #[test]
@@ -67,11 +104,13 @@ fn many(i: u32) -> NodeId {
 }
 
 fn record_of(node: NodeId, seq: u64, versions: Vec<VersionReport>) -> MetricsRecord {
-    MetricsRecord { node, seq, issued_at: 100, versions }
+    record_at(node, seq, 100, versions)
 }
 
+/// The view takes verified records: the certificate is not looked at again.
 fn record_at(node: NodeId, seq: u64, issued_at: u64, versions: Vec<VersionReport>) -> MetricsRecord {
-    MetricsRecord { node, seq, issued_at, versions }
+    let certificate = crate::trust::test_certificate(&self::node(1), &operator());
+    MetricsRecord { node, certificate, seq, issued_at, versions }
 }
 
 /// The panel members among `nodes` for version 2 of "m": the lowest ranks.
@@ -307,16 +346,16 @@ fn a_record_with_counts_near_u64_max_is_refused_without_a_panic() {
     ];
     for (what, f) in cases {
         let signed = huge(f);
-        let err = verify_metrics(&signed).expect_err(what).to_string();
+        let err = verify_metrics(&signed, &trust(), 100).expect_err(what).to_string();
         assert!(err.contains("one node can have"), "{what}: {err}");
         // Whatever got through would still not wrap a view's sums.
         let mut view = FleetView::default();
-        if let Ok(r) = verify_metrics(&signed) {
+        if let Ok(r) = verify_metrics(&signed, &trust(), 100) {
             view.update(r, 0);
         }
     }
     // An honest record far below the bounds is taken.
-    assert!(verify_metrics(&huge(&|v| v.requests = 1 << 30)).is_ok());
+    assert!(verify_metrics(&huge(&|v| v.requests = 1 << 30), &trust(), 100).is_ok());
 }
 
 fn plan() -> RolloutPlan {

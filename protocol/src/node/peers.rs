@@ -23,6 +23,8 @@ const MAX_COMMANDS_PER_VERSION: usize = 64;
 pub const MAX_COMMAND_CLOCK_SKEW_SECS: u64 = 300;
 
 impl Node {
+    /// The answer to a peer's hello, once its certificate checked out: with the blob
+    /// addresses.
     fn my_hello(&self) -> Hello {
         Hello { certificate: self.certificate.clone(), blob_addrs: self.blob_addrs.clone() }
     }
@@ -38,7 +40,9 @@ impl Node {
         if self.peers.contains_key(&peer) || !self.hello_asked.insert(peer) {
             return;
         }
-        let hello = self.my_hello();
+        // Sent before the peer is verified: no blob addresses. It learns them from the
+        // have record this node sends once it has admitted the peer in turn.
+        let hello = Hello { certificate: self.certificate.clone(), blob_addrs: vec![] };
         self.request(peer, RequestKind::Hello, PeerRequest::Hello(hello));
     }
 
@@ -298,7 +302,7 @@ impl Node {
 
     /// Keeps the newest record per node; an older or repeated one changes nothing.
     fn take_metrics(&mut self, now: u64, signed: SignedMetrics) -> GossipVerdict {
-        let record = match verify_metrics(&signed) {
+        let record = match verify_metrics(&signed, &self.trust, now / 1000) {
             Ok(r) => r,
             Err(e) => return GossipVerdict::Reject(e.to_string()),
         };

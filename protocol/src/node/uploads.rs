@@ -44,6 +44,16 @@ impl Uploads {
         self.view = view;
     }
 
+    /// Only admitted fleet members may fetch, probe or observe this node's blobs: the
+    /// blob endpoint asks when a client connects and on every request.
+    pub fn admit(&self, client: Option<NodeId>) -> Result<(), String> {
+        match client {
+            Some(c) if self.view.admitted.contains(&c) => Ok(()),
+            Some(c) => Err(format!("{} is not an admitted fleet member", c.short())),
+            None => Err("the client did not say who it is".into()),
+        }
+    }
+
     pub fn allow(&self, blob: &Hex32, uploading: usize) -> Result<(), String> {
         let originated = self.view.originated.contains(blob);
         let mut copies: BTreeSet<NodeId> = self.view.holders.get(blob).cloned().unwrap_or_default();
@@ -62,6 +72,7 @@ impl Uploads {
         client: Option<NodeId>,
         piece: Option<u32>,
     ) -> Result<(), String> {
+        self.admit(client)?;
         self.allow(blob, uploading)?;
         let originated = self.view.originated.contains(blob);
         // origin_copies = 0: the publisher serves everyone everything.
@@ -135,5 +146,21 @@ mod tests {
         assert!(up.allow(&blob, 0).is_ok(), "b left: one copy");
         up.served(&blob, node(9));
         assert!(up.allow(&blob, 0).is_ok(), "a peer not admitted is no copy");
+    }
+
+    #[test]
+    fn only_admitted_peers_may_fetch_probe_or_observe() {
+        let blob = Hex32([5; 32]);
+        let (a, outsider) = (node(1), node(9));
+        let mut up = Uploads::new(UploadPolicy::default());
+        up.update(view(blob, &[(a, "x")]));
+        assert!(up.admit(Some(a)).is_ok());
+        assert!(up.admit(Some(outsider)).unwrap_err().contains("not an admitted fleet member"));
+        assert!(up.admit(None).is_err(), "a client that does not say who it is");
+        assert!(up.allow_piece(0, &blob, 0, Some(outsider), Some(0)).is_err());
+        assert!(up.allow_piece(0, &blob, 0, None, None).is_err());
+        assert!(up.allow_piece(0, &blob, 0, Some(a), Some(0)).is_ok());
+        up.update(view(blob, &[]));
+        assert!(up.admit(Some(a)).is_err(), "admission ends when the peer is refused or leaves");
     }
 }

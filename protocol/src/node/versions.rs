@@ -467,7 +467,13 @@ impl Node {
             return;
         }
         self.metrics_seq = now.max(self.metrics_seq + 1);
-        let record = MetricsRecord { node: self.me, seq: self.metrics_seq, issued_at: secs, versions: reports.clone() };
+        let record = MetricsRecord {
+            node: self.me,
+            certificate: self.certificate.clone(),
+            seq: self.metrics_seq,
+            issued_at: secs,
+            versions: reports.clone(),
+        };
         let signed = match SignedMetrics::sign(&record, &self.secret) {
             Ok(s) => s,
             Err(e) => return self.event(None, Level::Warn, format!("cannot sign the metrics record: {e}")),

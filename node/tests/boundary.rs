@@ -1,0 +1,127 @@
+//! The fleet boundary with a real `slmesh node run` process: an outsider that knows the
+//! node's blob address and a model's hash, and dials with the stock iroh-blobs client and
+//! its own fresh key, gets no byte of the model, no size and no bitfield.
+
+use iroh::endpoint::{presets, PortmapperConfig};
+use iroh::{Endpoint, EndpointAddr, RelayMode, SecretKey};
+use iroh_blobs::protocol::{ChunkRangesSeq, GetManyRequest, ObserveRequest};
+use iroh_blobs::store::mem::MemStore;
+use iroh_blobs::Hash;
+use n0_future::StreamExt;
+use slmesh_e2e::fleet::{model_field, Fleet};
+use slmesh_e2e::tiny_llama_gguf;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// What each of an outsider's requests got: `Ok` says what it learnt.
+async fn outsider_asks(
+    node: iroh::PublicKey,
+    addrs: &[SocketAddr],
+    hash: Hash,
+) -> Vec<(&'static str, Result<String, String>)> {
+    let endpoint = Endpoint::builder(presets::Minimal)
+        .secret_key(SecretKey::from_bytes(&rand_seed()))
+        .relay_mode(RelayMode::Disabled)
+        .portmapper_config(PortmapperConfig::Disabled)
+        .clear_address_lookup()
+        .clear_ip_transports()
+        .bind_addr("127.0.0.1:0".parse::<SocketAddr>().expect("addr"))
+        .expect("bind address")
+        .bind()
+        .await
+        .expect("outsider endpoint");
+    let addr = addrs.iter().fold(EndpointAddr::new(node), |a, s| a.with_ip_addr(*s));
+    let connect = || async {
+        tokio::time::timeout(Duration::from_secs(10), endpoint.connect(addr.clone(), iroh_blobs::ALPN))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| format!("connect: {e}"))
+    };
+    let store = MemStore::new();
+    let mut answers = vec![];
+    let got = match connect().await {
+        Ok(conn) => iroh_blobs::get::request::get_blob(conn, hash)
+            .bytes()
+            .await
+            .map(|b| format!("{} bytes", b.len()))
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    answers.push(("get", got));
+    let size = match connect().await {
+        Ok(conn) => iroh_blobs::get::request::get_verified_size(&conn, &hash)
+            .await
+            .map(|(s, _)| format!("size {s}"))
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    answers.push(("size probe", size));
+    let many = match connect().await {
+        Ok(conn) => store
+            .remote()
+            .execute_get_many(conn, GetManyRequest::new(vec![hash], ChunkRangesSeq::all()))
+            .await
+            .map(|s| format!("{} bytes", s.payload_bytes_read))
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    answers.push(("get_many", many));
+    let observed = match connect().await {
+        Ok(conn) => {
+            let mut stream = std::pin::pin!(store.remote().observe(conn, ObserveRequest::new(hash)));
+            match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+                Ok(Some(Ok(bitfield))) => Ok(format!("bitfield of size {}", bitfield.size())),
+                Ok(Some(Err(e))) => Err(e.to_string()),
+                Ok(None) => Err("no answer".into()),
+                Err(_) => Err("no answer in 10 s".into()),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    answers.push(("observe", observed));
+    endpoint.close().await;
+    answers
+}
+
+fn rand_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(7, |d| d.as_nanos());
+    seed[..16].copy_from_slice(&nanos.to_le_bytes());
+    seed[16..20].copy_from_slice(&std::process::id().to_le_bytes());
+    seed
+}
+
+#[test]
+fn an_outsider_with_its_own_key_gets_nothing_from_the_blob_endpoint() {
+    let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
+    let model = tiny_llama_gguf(1, 1 << 18);
+    std::fs::write(fleet.path("tiny.gguf"), &model).expect("write model");
+    let node = fleet.node("a", "a", &[]).start();
+    let slm = fleet.signed_manifest("tiny", 1, "tiny.gguf");
+    fleet.slmesh(&["publish", "--node", &node.http, "--manifest", slm.to_str().expect("path")]);
+    node.wait_status("tiny@1 active", WAIT, |s| model_field(s, "tiny", "active") == Some(1));
+
+    let status = node.status();
+    let addrs: Vec<SocketAddr> = status["blob_addrs"]
+        .as_array()
+        .expect("blob addresses")
+        .iter()
+        .filter_map(|a| a.as_str()?.parse().ok())
+        .collect();
+    assert!(!addrs.is_empty(), "no dialable blob address in {status}");
+    let key: [u8; 32] = hex::decode(&node.node.node_id).expect("hex id").try_into().expect("32 bytes");
+    let id = iroh::PublicKey::from_bytes(&key).expect("node key");
+    let hash = Hash::new(&model);
+    let refused_before = status["refused_fetches"].as_u64().unwrap_or(0);
+
+    let answers = tokio::runtime::Runtime::new().expect("runtime").block_on(outsider_asks(id, &addrs, hash));
+    for (what, answer) in &answers {
+        assert!(answer.is_err(), "the outsider's {what} was answered: {answer:?}");
+    }
+    // Refused by the node (not lost on the way): it counted the outsider's connections.
+    let refused = node.status()["refused_fetches"].as_u64().unwrap_or(0);
+    assert!(refused >= refused_before + answers.len() as u64, "refused {refused_before} -> {refused}: {answers:?}");
+    assert!(node.log_text().contains("refused a blob connection"), "{}", node.log_text());
+}
