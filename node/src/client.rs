@@ -209,3 +209,36 @@ pub fn rollout(cmd: RolloutCommandArgs) -> Result<()> {
     println!("{}", answer["message"].as_str().unwrap_or("accepted"));
     Ok(())
 }
+
+#[derive(Args)]
+pub struct RevokeArgs {
+    /// The node id to revoke (64 hex digits, as `slmesh status` and `slmesh keygen` show it).
+    pub node_id: String,
+    /// A trusted publisher key, which signs the revocation.
+    #[arg(long)]
+    pub publisher_key: PathBuf,
+    /// Why, for every node's log and status (at most 256 bytes).
+    #[arg(long, default_value = "revoked by the operator")]
+    pub reason: String,
+    #[command(flatten)]
+    pub node: NodeAddrArgs,
+}
+
+pub fn revoke(args: RevokeArgs) -> Result<()> {
+    use slmesh_protocol::revocation::{Revocation, SignedRevocation, MAX_REASON_BYTES};
+    let node: slmesh_protocol::NodeId =
+        args.node_id.trim().parse().map_err(|e| anyhow::anyhow!("{:?} is not a node id: {e}", args.node_id))?;
+    if args.reason.len() > MAX_REASON_BYTES {
+        anyhow::bail!("the reason is {} bytes long, at most {MAX_REASON_BYTES}", args.reason.len());
+    }
+    let key = slmesh_protocol::SecretKey::load(&args.publisher_key, slmesh_protocol::KeyKind::Publisher)
+        .with_context(|| format!("cannot load publisher key {}", args.publisher_key.display()))?;
+    let issued_at =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let signed = SignedRevocation::sign(&Revocation { node, issued_at, reason: args.reason }, &key)?;
+    let (addr, token) = args.node.resolve()?;
+    let body = serde_json::json!({ "revocation_hex": hex::encode(signed.to_bytes()?) });
+    let answer = call(agent().post(&format!("http://{addr}/v1/revocations")), &token, Some(body))?;
+    println!("{}", answer["message"].as_str().unwrap_or("accepted"));
+    Ok(())
+}

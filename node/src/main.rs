@@ -60,6 +60,11 @@ enum Command {
     /// abort, rollback).
     #[command(subcommand)]
     Rollout(client::RolloutCommandArgs),
+    /// Revoke a node's enrollment fleet-wide (a stolen key, a retired machine): signed
+    /// with a publisher key and given to a running node, which gossips it. Every node that
+    /// holds it drops the revoked node, keeps it out after restarts, and counts nothing it
+    /// reports. There is no undo: enroll the machine again with a new node key.
+    Revoke(client::RevokeArgs),
 }
 
 #[derive(Subcommand)]
@@ -218,6 +223,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status(a) => client::status(a),
         Command::Fleet(a) => client::fleet(a),
         Command::Rollout(c) => client::rollout(c),
+        Command::Revoke(a) => client::revoke(a),
     }
 }
 

@@ -125,3 +125,55 @@ fn an_outsider_with_its_own_key_gets_nothing_from_the_blob_endpoint() {
     assert!(refused >= refused_before + answers.len() as u64, "refused {refused_before} -> {refused}: {answers:?}");
     assert!(node.log_text().contains("refused a blob connection"), "{}", node.log_text());
 }
+
+/// A TCP port free on loopback now (for a node that must come back at the same address).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+#[test]
+fn a_revoked_node_is_dropped_by_every_peer_and_kept_out_after_a_restart() {
+    let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
+    let a = fleet.node("a", "a", &[]).start();
+    let boot_a = a.bootstrap_addr();
+    // b comes back at the same address after its restart, so that c dials it again.
+    let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let network = ["--http-bind", "127.0.0.1:0", "--listen", &listen, "--blobs-bind", "127.0.0.1:0", "--no-mdns"];
+    let mut b_args = network.to_vec();
+    b_args.extend(["--bootstrap", &boot_a, "--refusal-cooldown-secs", "2"]);
+    let b = fleet.node_with_network("b", "a", &b_args).start();
+    let boot_b = b.bootstrap_addr();
+    let c = fleet.node("c", "a", &["--bootstrap", &boot_a, "--bootstrap", &boot_b]).start();
+    let c_id = c.node.node_id.clone();
+    let c_peer = c.status()["peer_id"].as_str().expect("peer id").to_string();
+    let admits_c =
+        |s: &serde_json::Value| s["peers"].as_array().is_some_and(|p| p.iter().any(|p| p["node_id"] == c_id.as_str()));
+    a.wait_status("c admitted", WAIT, admits_c);
+    b.wait_status("c admitted", WAIT, admits_c);
+
+    // The stolen key's copy is offline when the operator revokes it: it learns nothing.
+    let c = c.stop();
+    let said =
+        fleet.slmesh(&["revoke", &c_id, "--publisher-key", "ops.key", "--reason", "key stolen", "--node", &a.http]);
+    assert!(said.contains("revoked"), "{said}");
+    let revoked_c = |s: &serde_json::Value| {
+        s["revoked"].as_array().is_some_and(|r| r.iter().any(|r| r[0] == c_id.as_str() && r[1] == "key stolen"))
+    };
+    for n in [&a, &b] {
+        n.wait_status("the revocation", Duration::from_secs(20), |s| !admits_c(s) && revoked_c(s));
+    }
+
+    // b restarts with no other peer to learn the revocation from again, and c comes back:
+    // b refuses c's handshake from what it persisted.
+    a.stop();
+    let b = b.stop().start();
+    let c = c.start();
+    let refused_c = |s: &serde_json::Value| {
+        s["refused_peers"].as_array().is_some_and(|r| {
+            r.iter().any(|r| r[0] == c_peer.as_str() && r[1].as_str().is_some_and(|w| w.contains("revoked")))
+        })
+    };
+    let status = b.wait_status("c refused after the restart", Duration::from_secs(40), refused_c);
+    assert!(!admits_c(&status) && revoked_c(&status), "{status}");
+    assert_eq!(c.status()["peers"].as_array().map(Vec::len), Some(0), "c has no peer");
+}

@@ -17,6 +17,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod panel;
+pub mod revocation;
 pub mod rollout;
 pub mod select;
 pub mod signed;

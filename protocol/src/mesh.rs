@@ -136,10 +136,13 @@ pub fn rank_providers(mut candidates: Vec<ProviderInfo>, my_site: Option<&str>) 
     candidates.into_iter().map(|p| p.node).collect()
 }
 
-/// A summary of the manifests a node holds: the newest version per model name.
+/// A summary of what a node holds: the newest manifest version per model name, and a
+/// hash of the nodes it knows to be revoked.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestDigest {
     pub latest: BTreeMap<String, u64>,
+    /// `RevocationList::digest` of the asker: a peer whose list differs sends its own.
+    pub revocations: [u8; 32],
 }
 
 impl ManifestDigest {
@@ -168,13 +171,16 @@ impl ManifestDigest {
 
 /// Gossipsub topics. The version suffix changes with an incompatible message format.
 pub const TOPIC_MANIFESTS: &str = "slmesh/manifests/1";
-pub const TOPIC_METRICS: &str = "slmesh/metrics/1";
+/// 2: records carry their node's enrollment certificate.
+pub const TOPIC_METRICS: &str = "slmesh/metrics/2";
 pub const TOPIC_COMMANDS: &str = "slmesh/commands/1";
+pub const TOPIC_REVOCATIONS: &str = "slmesh/revocations/1";
 
 pub const MAX_SYNC_MANIFESTS: usize = 64;
 pub const MAX_SYNC_HAVES: usize = 1024;
 pub const MAX_SYNC_METRICS: usize = 256;
 pub const MAX_SYNC_COMMANDS: usize = 256;
+pub const MAX_SYNC_REVOCATIONS: usize = 256;
 
 /// A request from one peer to another over the mesh's request-response protocol.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,6 +215,8 @@ pub struct SyncReply {
     pub metrics: Vec<crate::fleet::SignedMetrics>,
     /// Operator commands about rollouts (pause, promote, ...).
     pub commands: Vec<crate::fleet::SignedCommand>,
+    /// Revocations, when the asker's digest says its list differs (the newest first).
+    pub revocations: Vec<crate::revocation::SignedRevocation>,
 }
 
 fn check_hello(hello: &Hello) -> Result<(), ProtocolError> {
@@ -252,7 +260,8 @@ impl PeerResponse {
                 if r.manifests.len() > MAX_SYNC_MANIFESTS
                     || r.haves.len() > MAX_SYNC_HAVES
                     || r.metrics.len() > MAX_SYNC_METRICS
-                    || r.commands.len() > MAX_SYNC_COMMANDS =>
+                    || r.commands.len() > MAX_SYNC_COMMANDS
+                    || r.revocations.len() > MAX_SYNC_REVOCATIONS =>
             {
                 return Err(ProtocolError::invalid("sync reply", "too many manifests, records or commands"))
             }
@@ -399,9 +408,9 @@ mod tests {
 
     #[test]
     fn anti_entropy_asks_for_what_is_newer() {
-        let mine = ManifestDigest { latest: [("a".to_string(), 3), ("b".to_string(), 5)].into() };
-        let theirs =
-            ManifestDigest { latest: [("a".to_string(), 4), ("b".to_string(), 5), ("c".to_string(), 1)].into() };
+        let mine = ManifestDigest { latest: [("a".to_string(), 3), ("b".to_string(), 5)].into(), ..Default::default() };
+        let latest = [("a".to_string(), 4), ("b".to_string(), 5), ("c".to_string(), 1)].into();
+        let theirs = ManifestDigest { latest, ..Default::default() };
         let theirs = ManifestDigest::from_bytes(&theirs.to_bytes().unwrap()).unwrap();
         let mut other_version = theirs.to_bytes().unwrap();
         other_version[0] = 9;

@@ -159,7 +159,7 @@ proptest! {
         let have = HaveRecord { node: node.public(), seq, blobs: blobs.clone(), blob_addrs: addrs, partial: blobs };
         let signed = SignedHave::sign(&have, &node).unwrap();
         prop_assert_eq!(verify_have(&SignedHave::from_bytes(&signed.to_bytes().unwrap()).unwrap()).unwrap(), have);
-        let digest = ManifestDigest { latest };
+        let digest = ManifestDigest { latest, revocations: seed };
         prop_assert_eq!(ManifestDigest::from_bytes(&digest.to_bytes().unwrap()).unwrap(), digest);
     }
 

@@ -6,7 +6,7 @@
 use proptest::prelude::*;
 use slmesh_protocol::cohort::{cohort, wave_of};
 use slmesh_protocol::fleet::{CommandAction, RolloutCommand, SignedCommand};
-use slmesh_protocol::mesh::{GossipVerdict, TOPIC_COMMANDS};
+use slmesh_protocol::mesh::{GossipVerdict, TOPIC_COMMANDS, TOPIC_METRICS};
 use slmesh_protocol::rollout::{Gates, RolloutPhase};
 use slmesh_sim::fleet::{FleetSpec, NodeFleet as Fleet, MODEL};
 use slmesh_sim::scenario::Behaviour;
@@ -274,7 +274,7 @@ fn gossip_from_a_peer_not_admitted_counts_for_nothing() {
     assert!(node.version_record(MODEL, 2).is_none());
     // Garbage from an admitted peer is rejected, not a panic.
     let peer = f.id(0);
-    let verdict = f.nodes[1].node.as_mut().expect("running").handle_gossip(now, peer, "slmesh/metrics/1", &[1, 2, 3]);
+    let verdict = f.nodes[1].node.as_mut().expect("running").handle_gossip(now, peer, TOPIC_METRICS, &[1, 2, 3]);
     assert!(matches!(verdict, slmesh_protocol::mesh::GossipVerdict::Reject(_)));
 }
 
@@ -284,7 +284,7 @@ fn an_enrolled_node_cannot_speak_for_node_ids_it_made_up() {
     let mut f = on_v1(5);
     let m = f.manifest(2, &[(0.5, 5), (1.0, 0)], Fleet::quick_gates(3));
     f.publish(0, m).expect("publish");
-    // Node 1 is enrolled; it makes up 32 node ids (fresh keys) that report every request
+    // Node 1 is enrolled; it makes up 100 node ids (fresh keys) that report every request
     // of version 2 as failed, with its own certificate, and sends them to node 2 as
     // often as the real records go.
     let insider = f.id(1);
@@ -293,7 +293,7 @@ fn an_enrolled_node_cannot_speak_for_node_ids_it_made_up() {
     for round in 0..60u64 {
         f.run_for(1_000 * MS);
         let now = f.now_ms();
-        for k in 0..32 {
+        for k in 0..100 {
             let made_up = slmesh_sim::fleet::node_key(10_000 + k);
             let failing = VersionReport {
                 model: MODEL.into(),
@@ -312,13 +312,61 @@ fn an_enrolled_node_cannot_speak_for_node_ids_it_made_up() {
             };
             let data = SignedMetrics::sign(&record, &made_up).and_then(|s| s.to_bytes()).expect("record");
             let node = f.nodes[2].node.as_mut().expect("running");
-            verdicts.push(node.handle_gossip(now, insider, slmesh_protocol::mesh::TOPIC_METRICS, &data));
+            verdicts.push(node.handle_gossip(now, insider, TOPIC_METRICS, &data));
         }
     }
     assert!(verdicts.iter().all(|v| matches!(v, GossipVerdict::Reject(_))), "{:?}", verdicts[0]);
     for i in 0..5 {
         assert_eq!(f.active(i), Some(2), "node {i}: {:#?}", f.events_of(i));
     }
+}
+
+#[test]
+fn a_revoked_node_is_dropped_by_every_peer_and_stays_out_after_a_restart() {
+    let mut f = on_v1(6);
+    f.run_for(5_000 * MS);
+    let revoked = f.id(5);
+    let admitted_by = |f: &Fleet, i: usize| f.node(i).admitted().any(|(n, _)| *n == revoked);
+    assert!((0..5).any(|i| admitted_by(&f, i)), "node 5 is a peer before");
+    let said = f.revoke(0, 5, "key stolen").expect("revoke");
+    assert!(said.contains("revoked"), "{said}");
+    // Gossip carries it; a node that misses it gets it by anti-entropy.
+    f.run_for(20_000 * MS);
+    for i in 0..5 {
+        assert!(!admitted_by(&f, i), "node {i} still admits the revoked node");
+        assert!(f.node(i).revoked().any(|r| r.node == revoked && r.reason == "key stolen"), "node {i}");
+        assert!(f.node(i).fleet().record(&revoked).is_none(), "node {i} still counts its metrics");
+    }
+    assert_eq!(f.node(5).admitted().count(), 0, "the revoked node has no peer left");
+    // Its records are ignored from now on, whoever forwards them.
+    let now = f.now_ms();
+    let record = slmesh_protocol::fleet::MetricsRecord {
+        node: revoked,
+        certificate: f.nodes[5].identity.certificate.clone(),
+        seq: u64::MAX / 2,
+        issued_at: now / 1000,
+        versions: vec![],
+    };
+    let data = slmesh_protocol::fleet::SignedMetrics::sign(&record, &f.nodes[5].identity.secret)
+        .and_then(|s| s.to_bytes())
+        .expect("record");
+    let peer = f.id(0);
+    let verdict = f.nodes[1].node.as_mut().expect("running").handle_gossip(now, peer, TOPIC_METRICS, &data);
+    assert!(matches!(verdict, GossipVerdict::Ignore(ref why) if why.contains("revoked")), "{verdict:?}");
+    // A restarted node still refuses it from what it persisted: with every other node
+    // down, and the stolen key's copy starting from an empty store (it cannot hand the
+    // revocation back).
+    for i in 0..6 {
+        f.crash(i);
+    }
+    f.nodes[5].store = Default::default();
+    f.run_for(1_000 * MS);
+    f.start(2);
+    f.start(5);
+    f.run_for(10_000 * MS);
+    assert!(f.linked(2, 5) && f.nodes[2].peers.contains(&5), "the two are connected again");
+    assert!(!admitted_by(&f, 2), "after a restart: {:#?}", f.events_of(2));
+    assert!(f.node(5).revoked().len() == 0, "the copy never heard of it");
 }
 
 /// One step of a random schedule.

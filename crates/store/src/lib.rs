@@ -1,5 +1,6 @@
 //! Node state in sled: accepted manifests, the active and previous version of each
-//! model, per-version rollout records and operator commands, and the peer book. The
+//! model, per-version rollout records, operator commands and revocations, and the peer
+//! book. The
 //! node state machine (`slmesh_protocol::node`) decides every change; this crate makes
 //! it durable and reads it back on start.
 //!
@@ -13,6 +14,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use slmesh_protocol::fleet::SignedCommand;
 use slmesh_protocol::manifest::SignedManifest;
 use slmesh_protocol::node::VersionRecord;
+use slmesh_protocol::revocation::SignedRevocation;
 use slmesh_protocol::trust::Tags;
 use slmesh_protocol::{wire, NodeId, ProtocolError};
 use std::path::Path;
@@ -64,6 +66,8 @@ pub struct Store {
     versions: sled::Tree,
     /// Operator commands, keyed by the BLAKE3 of their bytes.
     commands: sled::Tree,
+    /// Revocations, keyed by the BLAKE3 of their bytes.
+    revocations: sled::Tree,
     peers: sled::Tree,
 }
 
@@ -138,6 +142,7 @@ impl Store {
             path: path.display().to_string(),
             meta: db.open_tree("meta")?,
             manifests: db.open_tree("manifests")?,
+            revocations: db.open_tree("revocations")?,
             models: db.open_tree("models")?,
             versions: db.open_tree("versions")?,
             commands: db.open_tree("commands")?,
@@ -277,6 +282,22 @@ impl Store {
             .map(|v| {
                 SignedCommand::from_bytes(&v?)
                     .map_err(|e| StoreError::Corrupt { what: "operator command", reason: e.to_string() })
+            })
+            .collect()
+    }
+
+    pub fn put_revocation(&self, signed: &SignedRevocation) -> Result<()> {
+        self.revocations.insert(signed.id()?, signed.to_bytes()?)?;
+        Ok(())
+    }
+
+    pub fn revocations(&self) -> Result<Vec<SignedRevocation>> {
+        self.revocations
+            .iter()
+            .values()
+            .map(|v| {
+                SignedRevocation::from_bytes(&v?)
+                    .map_err(|e| StoreError::Corrupt { what: "revocation", reason: e.to_string() })
             })
             .collect()
     }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use slmesh_inference::http::{api_error, authorized, ApiError, HttpState};
 use slmesh_protocol::fleet::SignedCommand;
 use slmesh_protocol::manifest::SignedManifest;
+use slmesh_protocol::revocation::SignedRevocation;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -36,6 +37,7 @@ pub(super) fn router(control: Control, http: Arc<HttpState>) -> Router {
         .route("/v1/fleet", get(fleet))
         .route("/v1/rollouts", get(rollouts))
         .route("/v1/rollouts/command", post(command))
+        .route("/v1/revocations", post(revoke))
         .layer(DefaultBodyLimit::max(4 << 20))
         .with_state(ApiState { control, http })
 }
@@ -79,6 +81,25 @@ async fn rollouts(State(s): State<ApiState>, headers: HeaderMap) -> Result<Respo
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CommandRequest {
     pub command_hex: String,
+}
+
+/// `POST /v1/revocations`: `{"revocation_hex": ...}`, a node's revocation signed by a
+/// trusted publisher key (`slmesh revoke` makes one).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RevocationRequest {
+    pub revocation_hex: String,
+}
+
+async fn revoke(State(s): State<ApiState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    authorized(&s.http, &headers)?;
+    let request: RevocationRequest =
+        serde_json::from_slice(&body).map_err(|e| invalid(format!("body is not a revocation request: {e}")))?;
+    let bytes = hex::decode(request.revocation_hex.trim()).map_err(|e| invalid(format!("revocation_hex: {e}")))?;
+    let signed = SignedRevocation::from_bytes(&bytes).map_err(|e| invalid(format!("revocation: {e}")))?;
+    match s.control.revoke(signed).await {
+        Ok(message) => Ok(Json(serde_json::json!({ "accepted": true, "message": message })).into_response()),
+        Err(message) => Err(api_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", message, None)),
+    }
 }
 
 async fn command(State(s): State<ApiState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, ApiError> {

@@ -6,6 +6,7 @@ use slmesh_blobs::BlobNode;
 use slmesh_inference::Engine;
 use slmesh_protocol::fleet::SignedCommand;
 use slmesh_protocol::manifest::SignedManifest;
+use slmesh_protocol::revocation::SignedRevocation;
 use slmesh_protocol::trust::Tags;
 use slmesh_protocol::NodeId;
 use std::collections::BTreeMap;
@@ -23,6 +24,7 @@ pub(super) struct Shared {
     pub listen: Vec<String>,
     pub blob_addrs: Vec<String>,
     pub refused: Vec<(String, String)>,
+    pub revoked: Vec<(String, String)>,
     pub rollouts: Vec<RolloutView>,
     pub fleet: Vec<FleetVersionView>,
 }
@@ -34,6 +36,7 @@ pub(super) fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> 
 pub(crate) enum ControlMsg {
     Publish { signed: SignedManifest, files_dir: PathBuf, reply: oneshot::Sender<Result<String, String>> },
     Command { signed: SignedCommand, reply: oneshot::Sender<Result<String, String>> },
+    Revoke { signed: SignedRevocation, reply: oneshot::Sender<Result<String, String>> },
 }
 
 #[derive(Clone)]
@@ -65,6 +68,12 @@ impl Control {
         rx.await.map_err(|_| STOPPING.to_string())?
     }
 
+    pub async fn revoke(&self, signed: SignedRevocation) -> Result<String, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(ControlMsg::Revoke { signed, reply }).await.map_err(|_| STOPPING.to_string())?;
+        rx.await.map_err(|_| STOPPING.to_string())?
+    }
+
     pub fn rollouts(&self) -> Vec<RolloutView> {
         lock(&self.shared).rollouts.clone()
     }
@@ -90,6 +99,7 @@ impl Control {
             downloaded_bytes: counters.downloaded.load(Ordering::Relaxed),
             refused_fetches: counters.refused.load(Ordering::Relaxed),
             refused_peers: shared.refused.clone(),
+            revoked: shared.revoked.clone(),
         }
     }
 }

@@ -94,6 +94,7 @@ impl Driver {
             models: store.models()?,
             versions: store.versions()?,
             commands: store.commands()?,
+            revocations: store.revocations()?,
             peers: store.peers()?.into_iter().map(|p| (p.node, p.tags)).collect(),
             complete_blobs,
             originated: store.originated()?,
@@ -306,6 +307,9 @@ impl Driver {
             ControlMsg::Command { signed, reply } => {
                 let _ = reply.send(self.node.command(unix_millis(), signed));
             }
+            ControlMsg::Revoke { signed, reply } => {
+                let _ = reply.send(self.node.revoke(unix_millis(), signed));
+            }
         }
     }
 
@@ -421,6 +425,7 @@ impl Driver {
             Persist::Model { name, state } => store.put_model(name, state),
             Persist::Version { name, version, record } => store.put_version(name, *version, record),
             Persist::Command(signed) => store.put_command(signed),
+            Persist::Revocation(signed) => store.put_revocation(signed),
             Persist::Originated(blobs) => store.put_originated(blobs),
             Persist::ForgetPeer(node) => store.remove_peer(node),
             Persist::Peer { node, tags, addrs } => store.upsert_peer(&slmesh_store::PeerRecord {
@@ -558,6 +563,10 @@ impl Driver {
         shared.peers = peers;
         shared.models = models;
         shared.rollouts = self.node.rollouts().to_vec();
+        // Revocations are never taken back: a new one changes the count.
+        if shared.revoked.len() != self.node.revoked().len() {
+            shared.revoked = self.node.revoked().map(|r| (r.node.to_string(), r.reason.clone())).collect();
+        }
         if let Some(fleet) = fleet {
             shared.fleet = fleet;
         }

@@ -17,7 +17,7 @@ use slmesh_blobs::{BlobConfig, BlobNode};
 use slmesh_inference::http::{HttpLimits, HttpState};
 use slmesh_inference::Engine;
 use slmesh_protocol::identity::KeyKind;
-use slmesh_protocol::mesh::{UploadPolicy, TOPIC_COMMANDS, TOPIC_MANIFESTS, TOPIC_METRICS};
+use slmesh_protocol::mesh::{UploadPolicy, TOPIC_COMMANDS, TOPIC_MANIFESTS, TOPIC_METRICS, TOPIC_REVOCATIONS};
 use slmesh_protocol::trust::verify_certificate;
 use slmesh_protocol::{EnrollmentCertificate, SecretKey};
 use slmesh_store::Store;
@@ -115,7 +115,7 @@ async fn run_node(config: Config) -> Result<()> {
         listen,
         bootstrap,
         mdns: config.network.mdns,
-        topics: [TOPIC_MANIFESTS, TOPIC_METRICS, TOPIC_COMMANDS].map(String::from).to_vec(),
+        topics: [TOPIC_MANIFESTS, TOPIC_METRICS, TOPIC_COMMANDS, TOPIC_REVOCATIONS].map(String::from).to_vec(),
         refusal_cooldown: Duration::from_secs(config.network.refusal_cooldown_secs),
         discovery_interval: Duration::from_secs(10),
     })?;

@@ -22,6 +22,9 @@ pub struct NodeStatus {
     pub refused_fetches: u64,
     /// Peers refused at admission since start, with the reason.
     pub refused_peers: Vec<(String, String)>,
+    /// Nodes the operator revoked (node id, reason), as this node holds them.
+    #[serde(default)]
+    pub revoked: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -102,6 +105,12 @@ impl NodeStatus {
         }
         for (peer, reason) in &self.refused_peers {
             let _ = writeln!(out, "  refused {peer}: {reason}");
+        }
+        if !self.revoked.is_empty() {
+            let _ = writeln!(out, "\nrevoked ({})", self.revoked.len());
+            for (node, reason) in &self.revoked {
+                let _ = writeln!(out, "  {}  {reason}", short(node));
+            }
         }
         let _ = writeln!(out, "\nmodels ({})", self.models.len());
         for m in &self.models {

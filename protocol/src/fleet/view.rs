@@ -135,8 +135,8 @@ impl FleetView {
             .any(|v| self.panels.is_seated(&(v.model.clone(), v.version), panel_rank(node, &v.model, v.version), node))
     }
 
-    /// Takes a node's record and its seats out of the view.
-    fn remove(&mut self, node: &NodeId) {
+    /// Takes a node's record and its seats out of the view (a revoked node's, say).
+    pub fn remove(&mut self, node: &NodeId) {
         let Some(held) = self.records.remove(node) else { return };
         for v in &held.record.versions {
             self.panels.unseat(&(v.model.clone(), v.version), panel_rank(node, &v.model, v.version), node);

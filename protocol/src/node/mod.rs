@@ -31,10 +31,13 @@
 //!   best healthy older one it holds. The wave a node joins in is fixed when it activates,
 //!   so a node that learns of more nodes later never serves outside its wave.
 //! - `uploads`: whether to serve a fetcher (slots, origin copies, per-site seeding).
+//! - `revocations`: a node the operator revoked is refused at the handshake, dropped
+//!   if connected, and nothing it reports counts, on every node that holds the
+//!   revocation (gossiped, synced, persisted).
 //!
 //! What survives a restart (`Persist`): manifests, each model's state (active, previous,
 //! staged, pinned), each version's record (first seen, wave open times, halt, this node's
-//! wave, failed activations), operator commands, and the peer book (for the canary floor).
+//! wave, failed activations), operator commands, revocations, and the peer book (for the canary floor).
 //! Metrics records, have records and connections are rebuilt from the fleet.
 //!
 //! Piece scheduling within one blob is its own state machine, `swarm::PieceFetch`, which
@@ -42,6 +45,7 @@
 //! simulator's node fleet over its links).
 
 mod peers;
+mod revocations;
 mod rollout;
 pub mod state;
 pub mod uploads;
@@ -56,6 +60,7 @@ use crate::hex32::Hex32;
 use crate::identity::{NodeId, SecretKey};
 use crate::manifest::{FileEntry, Variant, VerifiedManifest};
 use crate::mesh::{BlobDirectory, GossipVerdict, SignedHave};
+use crate::revocation::RevocationList;
 use crate::select::NodeFacts;
 use crate::trust::{EnrollmentCertificate, Tags, TrustStore};
 use serde::{Deserialize, Serialize};
@@ -292,6 +297,7 @@ pub struct Node {
     models: BTreeMap<String, ModelState>,
     versions: BTreeMap<VersionKey, VersionRecord>,
     commands: BTreeMap<VersionKey, Vec<SignedCommand>>,
+    revoked: RevocationList,
     directory: BlobDirectory,
     my_have: Option<SignedHave>,
     have_seq: u64,
@@ -377,6 +383,7 @@ impl Node {
             models: BTreeMap::new(),
             versions: BTreeMap::new(),
             commands: BTreeMap::new(),
+            revoked: RevocationList::default(),
             directory: BlobDirectory::default(),
             my_have: None,
             have_seq: 0,

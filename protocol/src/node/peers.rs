@@ -6,8 +6,8 @@ use crate::identity::NodeId;
 use crate::manifest::SignedManifest;
 use crate::mesh::{
     admit, manifest_verdict, verify_have, GossipVerdict, Hello, ManifestDigest, PeerRequest, PeerResponse, SignedHave,
-    SyncReply, MAX_SYNC_COMMANDS, MAX_SYNC_HAVES, MAX_SYNC_MANIFESTS, MAX_SYNC_METRICS, TOPIC_COMMANDS,
-    TOPIC_MANIFESTS, TOPIC_METRICS,
+    SyncReply, MAX_SYNC_COMMANDS, MAX_SYNC_HAVES, MAX_SYNC_MANIFESTS, MAX_SYNC_METRICS, MAX_SYNC_REVOCATIONS,
+    TOPIC_COMMANDS, TOPIC_MANIFESTS, TOPIC_METRICS, TOPIC_REVOCATIONS,
 };
 
 /// Peers asked per anti-entropy round.
@@ -64,6 +64,9 @@ impl Node {
 
     /// Admits `peer` if `hello` carries a valid certificate for its own key.
     fn on_hello(&mut self, now: u64, peer: NodeId, hello: &Hello) -> Result<(), String> {
+        if let Some(why) = self.revoked_because(&peer) {
+            return Err(why);
+        }
         let enrollment = admit(hello, &peer, &self.trust, now / 1000).map_err(|e| e.to_string())?;
         if self.peers.contains_key(&peer) {
             return Ok(());
@@ -106,7 +109,7 @@ impl Node {
         }
     }
 
-    fn refuse(&mut self, peer: NodeId, reason: String) {
+    pub(super) fn refuse(&mut self, peer: NodeId, reason: String) {
         self.unadmit(peer);
         self.hello_retry.remove(&peer);
         self.outputs.push_back(Output::Refuse { peer, reason });
@@ -176,7 +179,7 @@ impl Node {
 
     fn digest(&self) -> ManifestDigest {
         let latest = self.models.iter().filter(|(_, m)| m.latest_known > 0).map(|(n, m)| (n.clone(), m.latest_known));
-        ManifestDigest { latest: latest.collect() }
+        ManifestDigest { latest: latest.collect(), revocations: self.revoked.digest() }
     }
 
     fn sync_reply(&self, theirs: &ManifestDigest) -> SyncReply {
@@ -196,7 +199,12 @@ impl Node {
             .cloned()
             .collect();
         let commands = self.commands.values().flatten().take(MAX_SYNC_COMMANDS).cloned().collect();
-        SyncReply { manifests, haves, metrics, commands }
+        let revocations = if theirs.revocations == self.revoked.digest() {
+            vec![]
+        } else {
+            self.revoked.for_sync(MAX_SYNC_REVOCATIONS)
+        };
+        SyncReply { manifests, haves, metrics, commands, revocations }
     }
 
     fn ask_sync(&mut self, peer: NodeId) {
@@ -219,6 +227,12 @@ impl Node {
     }
 
     fn on_sync_reply(&mut self, now: u64, peer: NodeId, reply: SyncReply) {
+        // Revocations first: what the rest brings from a revoked node then counts for nothing.
+        for r in reply.revocations {
+            if let Err(why) = self.take_revocation(r) {
+                self.event(None, Level::Warn, format!("peer {} sent a bad revocation: {why}", peer.short()));
+            }
+        }
         for have in reply.haves {
             if let Err(why) = self.take_have(peer, have) {
                 self.event(None, Level::Warn, format!("peer {} sent a bad have record: {why}", peer.short()));
@@ -260,6 +274,7 @@ impl Node {
                 },
                 Err(e) => GossipVerdict::Reject(e.to_string()),
             },
+            TOPIC_REVOCATIONS => self.on_revocation_gossip(data),
             other => GossipVerdict::Reject(format!("unknown topic {other}")),
         }
     }
@@ -308,6 +323,10 @@ impl Node {
         };
         if record.node == self.me {
             return GossipVerdict::Ignore("my own record".into());
+        }
+        // Not the forwarder's fault: it may not hold the revocation yet.
+        if let Some(why) = self.revoked_because(&record.node) {
+            return GossipVerdict::Ignore(why);
         }
         let node = record.node;
         if !self.fleet.update(record, now / 1000) {

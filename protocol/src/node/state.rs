@@ -5,6 +5,7 @@ use crate::fleet::SignedCommand;
 use crate::hex32::Hex32;
 use crate::identity::NodeId;
 use crate::manifest::SignedManifest;
+use crate::revocation::SignedRevocation;
 use crate::rollout::RolloutPhase;
 use crate::trust::Tags;
 use serde::{Deserialize, Serialize};
@@ -107,6 +108,8 @@ pub enum Persist {
     Originated(Vec<Hex32>),
     /// A peer dropped from the peer book (it is full, and the peer is not connected).
     ForgetPeer(NodeId),
+    /// A node the operator revoked (already checked against the trust store).
+    Revocation(SignedRevocation),
 }
 
 /// What the driver read back from its store on start.
@@ -122,4 +125,6 @@ pub struct Restored {
     pub complete_blobs: Vec<Hex32>,
     /// The blobs this node published.
     pub originated: Vec<Hex32>,
+    /// Revocations taken before.
+    pub revocations: Vec<SignedRevocation>,
 }

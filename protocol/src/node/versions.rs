@@ -53,6 +53,7 @@ impl Node {
                 Err(e) => self.event(None, Level::Warn, format!("a stored manifest no longer verifies: {e}")),
             }
         }
+        self.restore_revocations(restored.revocations);
         self.models = restored.models.into_iter().collect();
         self.versions = restored.versions.into_iter().collect();
         for signed in restored.commands {

@@ -50,6 +50,7 @@ pub struct FakeStore {
     models: BTreeMap<String, ModelState>,
     versions: BTreeMap<(String, u64), VersionRecord>,
     commands: Vec<SignedCommand>,
+    revocations: Vec<slmesh_protocol::revocation::SignedRevocation>,
     peers: BTreeMap<NodeId, Tags>,
     originated: Vec<Hex32>,
 }
@@ -78,6 +79,7 @@ impl FakeStore {
             Persist::ForgetPeer(node) => {
                 self.peers.remove(&node);
             }
+            Persist::Revocation(r) => self.revocations.push(r),
         }
     }
 
@@ -87,6 +89,7 @@ impl FakeStore {
             models: self.models.clone().into_iter().collect(),
             versions: self.versions.clone().into_iter().collect(),
             commands: self.commands.clone(),
+            revocations: self.revocations.clone(),
             peers: self.peers.clone().into_iter().collect(),
             complete_blobs: blobs.iter().copied().collect(),
             originated: self.originated.clone(),
@@ -878,6 +881,18 @@ impl NodeFleet {
         let signed = SignedCommand::sign(&c, &self.publisher).map_err(|e| e.to_string())?;
         let node = self.nodes[at].node.as_mut().ok_or("the node is down")?;
         let answer = node.command(now, signed);
+        self.drain(at);
+        answer
+    }
+
+    /// The operator revokes node `revoked` through node `at`'s API.
+    pub fn revoke(&mut self, at: usize, revoked: usize, reason: &str) -> Result<String, String> {
+        use slmesh_protocol::revocation::{Revocation, SignedRevocation};
+        let now = self.now_ms();
+        let r = Revocation { node: self.id(revoked), issued_at: now / 1000, reason: reason.into() };
+        let signed = SignedRevocation::sign(&r, &self.publisher).map_err(|e| e.to_string())?;
+        let node = self.nodes[at].node.as_mut().ok_or("the node is down")?;
+        let answer = node.revoke(now, signed);
         self.drain(at);
         answer
     }
