@@ -243,3 +243,29 @@ fn bad_arguments_get_clear_errors() {
         assert_eq!(mode, 0o600, "{} is mode {mode:o}", config.path().display());
     }
 }
+
+#[test]
+fn model_quantize_derives_a_variant_and_refuses_what_it_cannot_do() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let demo = slmesh_e2e::demo_model();
+    let input = dir.path().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    std::fs::copy(&demo, &input).expect("copy the demo model");
+    let input = input.to_str().expect("path");
+    let said = ok(dir.path(), &["model", "quantize", input, "--to", "q8_0"]);
+    assert!(said.contains("SmolLM2-135M-Instruct.Q8_0.gguf") && said.contains("Q8_0"), "{said}");
+    ok(
+        dir.path(),
+        &["manifest", "create", "--name", "m", "--version", "1", "SmolLM2-135M-Instruct.Q8_0.gguf", "--out", "m.toml"],
+    );
+    let toml = std::fs::read_to_string(dir.path().join("m.toml")).expect("manifest");
+    assert!(toml.contains("Q8_0"), "the manifest names the variant's quantisation: {toml}");
+
+    let err = fails(dir.path(), &["model", "quantize", input, "--to", "q4_1"]);
+    assert!(err.contains("q4_0, q8_0, q4_k, q6_k"), "{err}");
+    let err = fails(dir.path(), &["model", "quantize", input, "--to", "q8_0"]);
+    assert!(err.contains("exists already"), "{err}");
+    std::fs::write(dir.path().join("half.gguf"), &std::fs::read(&demo).expect("demo")[..1 << 20]).expect("write");
+    let err = fails(dir.path(), &["model", "quantize", "half.gguf", "--to", "q4_0"]);
+    assert!(err.contains("half.gguf"), "{err}");
+    assert!(!dir.path().join("half.Q4_0.gguf").exists());
+}

@@ -69,6 +69,12 @@ pub mod decoders {
             crate::fleet::SignedMetrics::from_bytes(b).and_then(|s| crate::fleet::verify_metrics(&s, &trust, 0)).is_ok()
         }),
         ("signed_command", |b| crate::fleet::SignedCommand::from_bytes(b).and_then(|s| s.verify_self_signed()).is_ok()),
+        ("signed_revocation", |b| {
+            let trust = trust::TrustStore::new();
+            crate::revocation::SignedRevocation::from_bytes(b)
+                .and_then(|s| crate::revocation::verify_revocation(&s, &trust))
+                .is_ok()
+        }),
         ("signed_open", |b| {
             Signed::<manifest::ModelManifest>::from_bytes(b).and_then(|s| s.verify_self_signed()).is_ok()
         }),

@@ -13,6 +13,7 @@
 pub mod guard;
 pub mod http;
 mod prometheus;
+pub mod quantize;
 
 use mistralrs::{
     ChatCompletionResponse, CompletionResponse, Constraint, GgufModelBuilder, Model, NormalRequest, Request,
