@@ -307,38 +307,44 @@ fn old_versions_are_garbage_collected_keeping_active_and_previous() {
     assert!(node.log_text().contains("deleting an old version's files"));
 }
 
-#[test]
-fn a_fetch_that_does_not_fit_on_disk_is_refused_with_a_clear_error() {
-    let (fleet, _) = fleet_with_model(8 << 20); // about 32 MiB
-    let publisher = fleet.node("p", "a", &[]).start();
-    let boot = publisher.bootstrap_addr();
-    let small = fleet.node("small", "a", &["--bootstrap", &boot]);
-    // A 24 MiB file system for the node's data folder.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A node whose data folder is a tmpfs of `size` ("24m"), bootstrapped to `boot`; None
+/// where a tmpfs cannot be mounted (not root).
+fn node_on_a_small_disk(fleet: &Fleet, boot: &str, size: &str) -> Option<(Running, Unmount)> {
+    let small = fleet.node("small", "a", &["--bootstrap", boot]);
     std::fs::create_dir_all(&small.data).expect("data dir");
     let cert = std::fs::read(small.data.join("node.cert")).expect("cert");
     let key = std::fs::read(small.config.with_file_name("slmesh-data/node.key")).expect("key");
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
         .arg(&small.data)
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
         eprintln!("SKIPPED: cannot mount a small tmpfs here (not root?)");
-        return;
+        return None;
     }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.data.clone());
+    let unmount = Unmount(small.data.clone());
     std::fs::write(small.data.join("node.cert"), cert).expect("cert");
     let key_path = small.data.join("node.key");
     std::fs::write(&key_path, key).expect("key");
-    std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&key_path).expect("key").permissions(), 0o600);
     std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
-    let node = small.start();
+    Some((small.start(), unmount))
+}
+
+/// Publishes a 32 MiB model to a node on a disk of `size`: it must refuse with a clear
+/// note before it fetches a byte.
+fn refused_for_lack_of_space(size: &str) {
+    let (fleet, _) = fleet_with_model(8 << 20); // about 32 MiB
+    let publisher = fleet.node("p", "a", &[]).start();
+    let Some((node, _unmount)) = node_on_a_small_disk(&fleet, &publisher.bootstrap_addr(), size) else { return };
     publisher.wait_status("1 peer", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == 1));
     publish(&fleet, &publisher, 1);
     let status = node.wait_status("a disk space note", WAIT, |s| {
@@ -346,4 +352,15 @@ fn a_fetch_that_does_not_fit_on_disk_is_refused_with_a_clear_error() {
     });
     assert_eq!(model_field(&status, MODEL, "active"), None);
     assert_eq!(node.status()["downloaded_bytes"], 0, "it fetched although the file cannot fit");
+}
+
+#[test]
+fn a_fetch_that_does_not_fit_on_disk_is_refused_with_a_clear_error() {
+    refused_for_lack_of_space("24m");
+}
+
+#[test]
+fn a_fetch_whose_staged_copy_would_not_fit_is_refused_before_it_starts() {
+    // The file fits in the blob store, but not twice (store and staging folder).
+    refused_for_lack_of_space("64m");
 }

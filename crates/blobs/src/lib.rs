@@ -43,6 +43,8 @@ pub enum BlobError {
     HashMismatch { path: String, got: String, want: String },
     #[error("not enough free disk space in {path}: blob {hash} needs {needed} more bytes, {available} are free")]
     DiskFull { path: String, hash: String, needed: u64, available: u64 },
+    #[error("not enough free disk space in {path}: this version needs {needed} bytes (its files and the copies staged from them), {available} are free and {reserved} are set aside for other fetches")]
+    NoRoom { path: String, needed: u64, available: u64, reserved: u64 },
     #[error("no provider is known for blob {hash}")]
     NoProvider { hash: String },
     #[error("every provider of blob {hash} failed: {failures}")]
@@ -148,6 +150,21 @@ pub struct BlobNode {
     store_dir: PathBuf,
     addrs: Mutex<HashMap<NodeId, Vec<SocketAddr>>>,
     counters: Arc<Counters>,
+    /// Bytes that running fetches will still write (`reserve_space`).
+    reserved: Arc<AtomicU64>,
+}
+
+/// Disk space set aside for one version's fetch and staging while it runs, so that two
+/// fetches at once do not both count the same free bytes. Given back on drop.
+pub struct Reservation {
+    reserved: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.reserved.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
 }
 
 const TAG_PREFIX: &str = "slmesh/";
@@ -238,6 +255,7 @@ impl BlobNode {
             store_dir: config.store_dir,
             addrs: Mutex::new(HashMap::new()),
             counters,
+            reserved: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -325,6 +343,32 @@ impl BlobNode {
             .map_err(|e| format!("cannot connect: {e}"))
     }
 
+    /// Sets aside the disk space a version needs: what its blobs still miss in the store,
+    /// plus a staged copy of each (`files`: hash and size), on top of what other running
+    /// fetches have set aside. Refuses, before any byte is fetched, when it does not fit.
+    pub async fn reserve_space(&self, files: &[(Hex32, u64)]) -> Result<Reservation> {
+        let mut needed: u64 = 0;
+        for (hash, size) in files {
+            let missing = size.saturating_sub(self.local_bytes(hash).await?);
+            // The outboard (about 1/256 of the data), and the staged copy.
+            needed = needed.saturating_add(missing + missing / 128).saturating_add(*size);
+        }
+        let available = fs2::available_space(&self.store_dir).map_err(|e| BlobError::StoreOp(e.to_string()))?;
+        // The database and logs keep a margin.
+        let with_margin = needed.saturating_add(16 << 20);
+        let reserved = self.reserved.fetch_add(needed, Ordering::SeqCst);
+        let reservation = Reservation { reserved: self.reserved.clone(), bytes: needed };
+        if available.saturating_sub(reserved) < with_margin {
+            return Err(BlobError::NoRoom {
+                path: self.store_dir.display().to_string(),
+                needed: with_margin,
+                available,
+                reserved,
+            });
+        }
+        Ok(reservation)
+    }
+
     fn check_disk_space(&self, hash: &Hex32, needed: u64) -> Result<()> {
         let available = fs2::available_space(&self.store_dir).map_err(|e| BlobError::StoreOp(e.to_string()))?;
         // Keep a margin for the outboard (about 1/256 of the data) and the database.
@@ -355,8 +399,10 @@ impl BlobNode {
         Ok(())
     }
 
-    /// Stops serving and closes the store (the router's shutdown closes both).
-    pub async fn shutdown(self) {
+    /// Stops serving and closes the store (the router's shutdown closes both), so that
+    /// what the store holds is on disk. Other holders of the node (fetch jobs, the HTTP
+    /// API) may still exist: later calls fail cleanly, the store is closed either way.
+    pub async fn shutdown(&self) {
         if let Err(e) = self.router.shutdown().await {
             tracing::warn!("blob endpoint shutdown: {e}");
         }

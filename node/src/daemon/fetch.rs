@@ -22,6 +22,14 @@ pub(super) struct FetchJob {
 
 impl FetchJob {
     pub async fn run(self) -> Result<PathBuf, String> {
+        // Files staged already (a resumed job) need no room again.
+        let to_stage: Vec<(slmesh_protocol::Hex32, u64)> = self
+            .plan
+            .iter()
+            .filter(|(f, _)| !std::fs::metadata(self.dir.join(&f.name)).is_ok_and(|m| m.len() == f.size))
+            .map(|(f, _)| (f.blake3, f.size))
+            .collect();
+        let _room = self.blobs.reserve_space(&to_stage).await.map_err(|e| e.to_string())?;
         for (file, providers) in &self.plan {
             let key = (self.name.clone(), self.version, file.name.clone());
             let report = self
@@ -58,12 +66,21 @@ impl FetchJob {
             if std::fs::metadata(&target).is_ok_and(|m| m.len() == file.size) {
                 continue;
             }
-            // Written under a temporary name and renamed: a crash never leaves a
-            // half-copied file under the real name.
+            // Written under a temporary name, synced, and renamed: neither a crash nor a
+            // power loss leaves a half-copied file under the real name, and a file under
+            // the real name is on disk before the version is marked staged.
             let partial = self.dir.join(format!(".{}.partial", file.name));
             self.blobs.export(&file.blake3, &partial).await.map_err(|e| e.to_string())?;
+            sync_file(&partial)?;
             std::fs::rename(&partial, &target).map_err(|e| format!("cannot move {}: {e}", target.display()))?;
         }
+        // The renames themselves.
+        sync_file(&self.dir)?;
         Ok(self.dir)
     }
+}
+
+/// Flushes a file (or a folder's entries) to the disk.
+fn sync_file(path: &std::path::Path) -> Result<(), String> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| format!("cannot sync {}: {e}", path.display()))
 }

@@ -155,9 +155,10 @@ async fn run_node(config: Config) -> Result<()> {
         tracing::warn!("http server: {e}");
     }
     mesh.shutdown().await;
-    if let Some(blobs) = Arc::into_inner(blobs) {
-        blobs.shutdown().await;
-    }
+    // Not only when this is the last handle (fetch jobs and the API hold one too): a
+    // store that is not shut down loses what it wrote last (a blob fetched just before a
+    // stop came back incomplete, and the node could no longer serve it).
+    blobs.shutdown().await;
     eprintln!("stopped");
     Ok(())
 }

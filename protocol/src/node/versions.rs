@@ -336,15 +336,17 @@ impl Node {
                 keep.insert(*v);
             }
             let gone: Vec<u64> = state.staged.iter().filter(|v| !keep.contains(v)).copied().collect();
-            for version in &gone {
-                self.version_event(&name, *version, Level::Info, "deleting an old version's files");
-                self.outputs.push_back(Output::DeleteVersion { model: name.clone(), version: *version });
-            }
+            // The store forgets the versions before their files go: a crash in between
+            // leaves files nobody needs, never a version marked staged without its files.
             if !gone.is_empty() {
                 if let Some(s) = self.models.get_mut(&name) {
                     s.staged.retain(|v| !gone.contains(v));
                 }
                 self.persist_model(&name);
+            }
+            for version in &gone {
+                self.version_event(&name, *version, Level::Info, "deleting an old version's files");
+                self.outputs.push_back(Output::DeleteVersion { model: name.clone(), version: *version });
             }
             for version in keep {
                 keep_blobs.extend(self.chosen_files(&name, version));
