@@ -174,6 +174,9 @@ pub struct OperatorArgs {
     /// The version being rolled out.
     #[arg(long = "model-version")]
     pub version: u64,
+    /// The fleet the command is for (default: the node's, from its status).
+    #[arg(long)]
+    pub fleet: Option<String>,
 }
 
 pub fn rollout(cmd: RolloutCommandArgs) -> Result<()> {
@@ -201,9 +204,10 @@ pub fn rollout(cmd: RolloutCommandArgs) -> Result<()> {
         .with_context(|| format!("cannot load publisher key {}", args.publisher_key.display()))?;
     let issued_at =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let command = RolloutCommand { model: args.model, version: args.version, action, issued_at };
-    let signed = SignedCommand::sign(&command, &key)?;
     let (addr, token) = args.node.resolve()?;
+    let fleet = fleet_or_the_nodes(args.fleet, &addr, &token)?;
+    let command = RolloutCommand { model: args.model, version: args.version, action, issued_at, fleet };
+    let signed = SignedCommand::sign(&command, &key)?;
     let body = serde_json::json!({ "command_hex": hex::encode(signed.to_bytes()?) });
     let answer = call(agent().post(&format!("http://{addr}/v1/rollouts/command")), &token, Some(body))?;
     println!("{}", answer["message"].as_str().unwrap_or("accepted"));
@@ -220,6 +224,9 @@ pub struct RevokeArgs {
     /// Why, for every node's log and status (at most 256 bytes).
     #[arg(long, default_value = "revoked by the operator")]
     pub reason: String,
+    /// The fleet the revocation is for (default: the node's, from its status).
+    #[arg(long)]
+    pub fleet: Option<String>,
     #[command(flatten)]
     pub node: NodeAddrArgs,
 }
@@ -235,10 +242,24 @@ pub fn revoke(args: RevokeArgs) -> Result<()> {
         .with_context(|| format!("cannot load publisher key {}", args.publisher_key.display()))?;
     let issued_at =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let signed = SignedRevocation::sign(&Revocation { node, issued_at, reason: args.reason }, &key)?;
     let (addr, token) = args.node.resolve()?;
+    let fleet = fleet_or_the_nodes(args.fleet, &addr, &token)?;
+    let signed = SignedRevocation::sign(&Revocation { node, issued_at, reason: args.reason, fleet }, &key)?;
     let body = serde_json::json!({ "revocation_hex": hex::encode(signed.to_bytes()?) });
     let answer = call(agent().post(&format!("http://{addr}/v1/revocations")), &token, Some(body))?;
     println!("{}", answer["message"].as_str().unwrap_or("accepted"));
     Ok(())
+}
+
+/// The fleet given, or else the one the node says it is in.
+fn fleet_or_the_nodes(fleet: Option<String>, addr: &str, token: &Option<String>) -> Result<String> {
+    if let Some(f) = fleet {
+        return Ok(f);
+    }
+    let status = call(agent().get(&format!("http://{addr}/v1/status")), token, None)?;
+    status["fleet"]
+        .as_str()
+        .filter(|f| !f.is_empty())
+        .map(String::from)
+        .ok_or_else(|| anyhow::anyhow!("the node at {addr} did not say which fleet it is in: give --fleet"))
 }

@@ -86,6 +86,11 @@ pub struct EnrollArgs {
     /// How long the certificate is valid.
     #[arg(long, default_value_t = 365)]
     pub valid_days: u64,
+    /// The fleet the node joins: it admits only peers of this fleet and takes only
+    /// manifests, commands and revocations addressed to it. Give each fleet that shares
+    /// a publisher key (staging, production) its own.
+    #[arg(long, default_value = slmesh_protocol::trust::DEFAULT_FLEET)]
+    pub fleet: String,
     /// Where to write the certificate (copy it to the node's data folder as node.cert).
     #[arg(long)]
     pub out: PathBuf,
@@ -120,13 +125,14 @@ pub fn enroll(args: EnrollArgs) -> Result<()> {
         tags: args.tags.into_iter().collect(),
         issued_at,
         expires_at: issued_at.saturating_add(args.valid_days.saturating_mul(86_400)),
+        fleet: args.fleet.clone(),
     };
     let cert = enrollment.sign(&operator)?;
     if args.out.exists() {
         bail!("{} already exists: remove it or choose another --out", args.out.display());
     }
     std::fs::write(&args.out, cert.to_bytes()?).with_context(|| format!("cannot write {}", args.out.display()))?;
-    println!("enrolled node {} with tags {:?}", node, enrollment.tags);
+    println!("enrolled node {} in fleet {:?} with tags {:?}", node, enrollment.fleet, enrollment.tags);
     println!("valid for {} days; certificate: {}", args.valid_days, args.out.display());
     Ok(())
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 #[derive(Subcommand)]
 pub enum ManifestCommand {
     /// Describe GGUF files as an unsigned manifest (TOML, to review and edit before signing).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Sign a TOML manifest with a publisher key, giving the binary manifest nodes accept.
     Sign(SignArgs),
     /// Check a signed manifest against trusted publisher keys (and optionally its files).
@@ -76,6 +76,10 @@ pub struct CreateArgs {
     pub max_tokens: u32,
     #[arg(long, default_value_t = InferenceDefaults::default().temperature)]
     pub temperature: f64,
+    /// The fleet to publish to: nodes of other fleets refuse the manifest (also when the
+    /// same publisher key signs for both).
+    #[arg(long, default_value = slmesh_protocol::trust::DEFAULT_FLEET)]
+    pub fleet: String,
     /// Accept a GGUF architecture that mistral.rs 0.8.1 cannot load.
     #[arg(long)]
     pub allow_unsupported_architecture: bool,
@@ -228,6 +232,7 @@ pub fn create(args: &CreateArgs) -> Result<ModelManifest> {
                 min_reporting_nodes: args.min_reporting_nodes,
             },
         },
+        fleet: args.fleet.clone(),
     };
     manifest.validate()?;
     Ok(manifest)

@@ -177,3 +177,71 @@ fn a_revoked_node_is_dropped_by_every_peer_and_kept_out_after_a_restart() {
     assert!(!admits_c(&status) && revoked_c(&status), "{status}");
     assert_eq!(c.status()["peers"].as_array().map(Vec::len), Some(0), "c has no peer");
 }
+
+#[test]
+fn a_node_and_a_manifest_of_another_fleet_with_the_same_key_are_refused() {
+    let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
+    let model = tiny_llama_gguf(1, 0);
+    std::fs::write(fleet.path("tiny.gguf"), &model).expect("write model");
+    let prod = fleet.node("prod", "a", &[]).start();
+    // Same operator key, enrolled in the staging fleet.
+    let staging = fleet.node("staging", "a", &["--bootstrap", &prod.bootstrap_addr()]);
+    let cert = staging.data.join("node.cert");
+    std::fs::remove_file(&cert).expect("old certificate");
+    let cert = cert.to_str().expect("path");
+    fleet.slmesh(&[
+        "enroll",
+        "--publisher-key",
+        "ops.key",
+        "--node",
+        &staging.node_id,
+        "--tag",
+        "site=a",
+        "--fleet",
+        "staging",
+        "--out",
+        cert,
+    ]);
+    let staging = staging.start();
+    assert_eq!(staging.status()["fleet"], "staging");
+    let peer = staging.status()["peer_id"].as_str().expect("peer id").to_string();
+    let refused = prod.wait_status("the staging node refused", WAIT, |s| {
+        s["refused_peers"].as_array().is_some_and(|r| r.iter().any(|p| p[0] == peer.as_str()))
+    });
+    let reason = refused["refused_peers"][0][1].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("fleet \"staging\""), "{reason}");
+
+    // A manifest signed for staging is refused by a production node.
+    let toml = fleet.path("staging.toml");
+    let slm = fleet.path("staging.slm");
+    fleet.slmesh(&[
+        "manifest",
+        "create",
+        "--name",
+        "tiny",
+        "--version",
+        "1",
+        "--fleet",
+        "staging",
+        "tiny.gguf",
+        "--out",
+        toml.to_str().expect("path"),
+    ]);
+    fleet.slmesh(&[
+        "manifest",
+        "sign",
+        "--key",
+        "ops.key",
+        toml.to_str().expect("path"),
+        "--out",
+        slm.to_str().expect("path"),
+    ]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_slmesh"))
+        .current_dir(fleet.path(""))
+        .args(["publish", "--node", &prod.http, "--manifest", slm.to_str().expect("path")])
+        .output()
+        .expect("run publish");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("fleet \"staging\""), "{err}");
+    assert!(prod.status()["models"].as_array().is_some_and(Vec::is_empty));
+}

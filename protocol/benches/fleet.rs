@@ -7,7 +7,7 @@
 
 use slmesh_protocol::fleet::{verify_metrics, FleetView, MetricsRecord, SignedMetrics, VersionReport};
 use slmesh_protocol::identity::{KeyKind, SecretKey};
-use slmesh_protocol::trust::{Enrollment, TrustStore};
+use slmesh_protocol::trust::{Enrollment, TrustStore, DEFAULT_FLEET};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -47,7 +47,8 @@ fn main() {
         .enumerate()
         .map(|(i, k)| {
             let tags = [("site".to_string(), format!("site-{}", i % 3))].into();
-            let enrollment = Enrollment { node: k.public(), tags, issued_at: 0, expires_at: 1 << 40 };
+            let enrollment =
+                Enrollment { node: k.public(), tags, issued_at: 0, expires_at: 1 << 40, fleet: DEFAULT_FLEET.into() };
             let record = MetricsRecord {
                 node: k.public(),
                 certificate: enrollment.sign(&operator).expect("enroll"),
@@ -75,7 +76,7 @@ fn main() {
     let mut view = FleetView::default();
     for b in &signed {
         let s = SignedMetrics::from_bytes(b).expect("decode");
-        view.update(verify_metrics(&s, &trust, 0).expect("valid"), 0);
+        view.update(verify_metrics(&s, &trust, DEFAULT_FLEET, 0).expect("valid"), 0);
     }
     let receive = start.elapsed().as_secs_f64() / signed.len() as f64;
 

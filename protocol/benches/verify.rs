@@ -36,6 +36,7 @@ fn manifest() -> ModelManifest {
         variants: vec![variant("q8_0", "Q8_0"), variant("q4_1", "Q4_1")],
         inference: InferenceDefaults::default(),
         rollout: RolloutPlan::default(),
+        fleet: "default".into(),
     }
 }
 

@@ -39,6 +39,9 @@ pub enum ProtocolError {
 
     #[error("invalid {what}: {reason}")]
     Invalid { what: &'static str, reason: String },
+
+    #[error("{what} is for fleet {theirs:?}, this node is in fleet {mine:?}")]
+    OtherFleet { what: &'static str, theirs: String, mine: String },
 }
 
 impl ProtocolError {

@@ -66,7 +66,9 @@ pub mod decoders {
         ("peer_response", |b| crate::mesh::PeerResponse::from_bytes(b).is_ok()),
         ("signed_metrics", |b| {
             let trust = trust::TrustStore::new();
-            crate::fleet::SignedMetrics::from_bytes(b).and_then(|s| crate::fleet::verify_metrics(&s, &trust, 0)).is_ok()
+            crate::fleet::SignedMetrics::from_bytes(b)
+                .and_then(|s| crate::fleet::verify_metrics(&s, &trust, trust::DEFAULT_FLEET, 0))
+                .is_ok()
         }),
         ("signed_command", |b| crate::fleet::SignedCommand::from_bytes(b).and_then(|s| s.verify_self_signed()).is_ok()),
         ("signed_revocation", |b| {

@@ -25,6 +25,9 @@ pub struct ModelManifest {
     pub variants: Vec<Variant>,
     pub inference: InferenceDefaults,
     pub rollout: RolloutPlan,
+    /// The fleet it is published to (`trust::DEFAULT_FLEET` unless given).
+    #[serde(default = "crate::trust::default_fleet")]
+    pub fleet: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,6 +151,7 @@ impl ModelManifest {
         if self.version == 0 {
             return bad("version must be at least 1".into());
         }
+        crate::trust::validate_fleet(&self.fleet)?;
         if self.description.len() > MAX_TEXT_LEN {
             return bad(format!("description is longer than {MAX_TEXT_LEN} bytes"));
         }
@@ -280,6 +284,7 @@ pub(crate) mod tests {
             }],
             inference: InferenceDefaults::default(),
             rollout: RolloutPlan::default(),
+            fleet: crate::trust::default_fleet(),
         }
     }
 
@@ -325,6 +330,7 @@ pub(crate) mod tests {
                 tags: Default::default(),
                 issued_at: 0,
                 expires_at: 1,
+                fleet: crate::trust::default_fleet(),
             },
             &publisher,
         )

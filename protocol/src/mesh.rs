@@ -347,7 +347,13 @@ mod tests {
         let mut trust = TrustStore::new();
         trust.add("ops", operator.public()).unwrap();
         let a = node(2);
-        let enrollment = Enrollment { node: a.public(), tags: Default::default(), issued_at: 10, expires_at: 100 };
+        let enrollment = Enrollment {
+            node: a.public(),
+            tags: Default::default(),
+            issued_at: 10,
+            expires_at: 100,
+            fleet: crate::trust::default_fleet(),
+        };
         let hello =
             Hello { certificate: enrollment.sign(&operator).unwrap(), blob_addrs: vec!["127.0.0.1:4002".into()] };
         let hello = Hello::from_bytes(&hello.to_bytes().unwrap()).unwrap();
@@ -425,7 +431,13 @@ mod tests {
     #[test]
     fn peer_requests_round_trip_and_refuse_oversized_lists() {
         let operator = SecretKey::from_seed(KeyKind::Publisher, [1; 32]);
-        let enrollment = Enrollment { node: node(2).public(), tags: Default::default(), issued_at: 1, expires_at: 9 };
+        let enrollment = Enrollment {
+            node: node(2).public(),
+            tags: Default::default(),
+            issued_at: 1,
+            expires_at: 9,
+            fleet: crate::trust::default_fleet(),
+        };
         let hello =
             Hello { certificate: enrollment.sign(&operator).unwrap(), blob_addrs: vec!["10.0.0.1:4002".into()] };
         for request in [PeerRequest::Hello(hello.clone()), PeerRequest::Sync(ManifestDigest::default())] {

@@ -30,6 +30,8 @@ pub struct Revocation {
     pub issued_at: u64,
     /// Why, for the logs of every node.
     pub reason: String,
+    /// The fleet it is addressed to.
+    pub fleet: String,
 }
 
 impl SignedKind for Revocation {
@@ -129,7 +131,12 @@ mod tests {
     }
 
     fn revocation(node: u8, at: u64, reason: &str) -> Revocation {
-        Revocation { node: key(KeyKind::Node, node).public(), issued_at: at, reason: reason.into() }
+        Revocation {
+            node: key(KeyKind::Node, node).public(),
+            issued_at: at,
+            reason: reason.into(),
+            fleet: "default".into(),
+        }
     }
 
     #[test]

@@ -62,6 +62,37 @@ pub struct Enrollment {
     pub issued_at: u64,
     /// Unix seconds; the certificate is invalid from this instant on.
     pub expires_at: u64,
+    /// The fleet the node belongs to: a node admits only peers of its own fleet, and
+    /// takes only manifests, commands and revocations addressed to it, so that one
+    /// publisher key can serve several fleets (staging and production, say) without a
+    /// message of one being valid in the other.
+    #[serde(default = "default_fleet")]
+    pub fleet: String,
+}
+
+/// The fleet of certificates, manifests and commands made without `--fleet`.
+pub const DEFAULT_FLEET: &str = "default";
+
+pub fn default_fleet() -> String {
+    DEFAULT_FLEET.to_string()
+}
+
+/// Checks a fleet id: 1-64 of a-z, A-Z, 0-9, `-`, `_`, `.`.
+pub fn validate_fleet(fleet: &str) -> Result<(), ProtocolError> {
+    let ok =
+        !fleet.is_empty() && fleet.len() <= 64 && fleet.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok {
+        return Err(ProtocolError::invalid("fleet id", format!("{fleet:?}: use 1-64 of a-z, A-Z, 0-9, - _ .")));
+    }
+    Ok(())
+}
+
+/// Checks that something addressed to fleet `theirs` may count in fleet `mine`.
+pub fn same_fleet(what: &'static str, theirs: &str, mine: &str) -> Result<(), ProtocolError> {
+    if theirs != mine {
+        return Err(ProtocolError::OtherFleet { what, theirs: theirs.to_string(), mine: mine.to_string() });
+    }
+    Ok(())
 }
 
 impl SignedKind for Enrollment {
@@ -111,6 +142,7 @@ pub fn parse_tag(s: &str) -> Result<(String, String), String> {
 impl Enrollment {
     pub fn sign(&self, operator: &crate::identity::SecretKey) -> Result<EnrollmentCertificate, ProtocolError> {
         validate_tags(&self.tags)?;
+        validate_fleet(&self.fleet)?;
         if self.expires_at <= self.issued_at {
             return Err(ProtocolError::invalid("enrollment", "expiry must come after issue time"));
         }
@@ -158,7 +190,9 @@ pub(crate) fn test_certificate(
     operator: &crate::identity::SecretKey,
 ) -> EnrollmentCertificate {
     let tags = [("site".to_string(), "a".to_string())].into();
-    Enrollment { node: node.public(), tags, issued_at: 0, expires_at: 10_000_000_000 }.sign(operator).expect("sign")
+    Enrollment { node: node.public(), tags, issued_at: 0, expires_at: 10_000_000_000, fleet: default_fleet() }
+        .sign(operator)
+        .expect("sign")
 }
 
 #[cfg(test)]
@@ -176,6 +210,7 @@ mod tests {
             tags: [("site".to_string(), "berlin".to_string()), ("class".into(), "gateway".into())].into(),
             issued_at: 1_000,
             expires_at: 2_000,
+            fleet: default_fleet(),
         };
         (operator, trust, node, enrollment)
     }

@@ -98,6 +98,7 @@ fn manifest() -> impl Strategy<Value = ModelManifest> {
                     min_reporting_nodes: g.5,
                 },
             },
+            fleet: format!("fleet-{}", version % 7),
         })
 }
 
@@ -108,6 +109,7 @@ fn enrollment() -> impl Strategy<Value = Enrollment> {
             tags,
             issued_at,
             expires_at,
+            fleet: format!("f{}", issued_at % 5),
         },
     )
 }

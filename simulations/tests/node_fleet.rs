@@ -8,6 +8,7 @@ use slmesh_protocol::cohort::{cohort, wave_of};
 use slmesh_protocol::fleet::{CommandAction, RolloutCommand, SignedCommand};
 use slmesh_protocol::mesh::{GossipVerdict, TOPIC_COMMANDS, TOPIC_METRICS};
 use slmesh_protocol::rollout::{Gates, RolloutPhase};
+use slmesh_protocol::trust::DEFAULT_FLEET;
 use slmesh_sim::fleet::{FleetSpec, NodeFleet as Fleet, MODEL};
 use slmesh_sim::scenario::Behaviour;
 
@@ -369,6 +370,69 @@ fn a_revoked_node_is_dropped_by_every_peer_and_stays_out_after_a_restart() {
     assert!(f.node(5).revoked().len() == 0, "the copy never heard of it");
 }
 
+#[test]
+fn manifests_commands_revocations_and_peers_of_another_fleet_count_for_nothing() {
+    use slmesh_protocol::manifest::{ModelManifest, SignedManifest};
+    use slmesh_protocol::revocation::{Revocation, SignedRevocation};
+    use slmesh_protocol::trust::Enrollment;
+    // The same publisher key signs for a staging fleet: none of it is valid in this one.
+    let mut f = on_v1(3);
+    let staging = |m: &SignedManifest| {
+        let mut body: ModelManifest = slmesh_protocol::wire::decode(&m.body, "manifest").expect("body");
+        body.fleet = "staging".into();
+        SignedManifest::sign(&body, &f.publisher).expect("sign")
+    };
+    let m = staging(&f.manifest(2, &[(1.0, 0)], Fleet::quick_gates(1)));
+    let refused = f.publish(0, m.clone());
+    assert!(refused.as_ref().is_err_and(|e| e.contains("fleet \"staging\"")), "{refused:?}");
+    let (now, from) = (f.now_ms(), f.id(0));
+    let data = m.to_bytes().expect("bytes");
+    let node = f.nodes[1].node.as_mut().expect("running");
+    let verdict = node.handle_gossip(now, from, slmesh_protocol::mesh::TOPIC_MANIFESTS, &data);
+    assert!(matches!(verdict, GossipVerdict::Reject(ref why) if why.contains("staging")), "{verdict:?}");
+
+    let c = RolloutCommand {
+        model: MODEL.into(),
+        version: 1,
+        action: CommandAction::Abort,
+        issued_at: now / 1000,
+        fleet: "staging".into(),
+    };
+    let data = SignedCommand::sign(&c, &f.publisher).and_then(|s| s.to_bytes()).expect("command");
+    let verdict = f.nodes[1].node.as_mut().expect("running").handle_gossip(now, from, TOPIC_COMMANDS, &data);
+    assert!(matches!(verdict, GossipVerdict::Ignore(ref why) if why.contains("staging")), "{verdict:?}");
+
+    let r = Revocation { node: f.id(2), issued_at: now / 1000, reason: "staging".into(), fleet: "staging".into() };
+    let data = SignedRevocation::sign(&r, &f.publisher).and_then(|s| s.to_bytes()).expect("revocation");
+    let node = f.nodes[1].node.as_mut().expect("running");
+    let verdict = node.handle_gossip(now, from, slmesh_protocol::mesh::TOPIC_REVOCATIONS, &data);
+    assert!(matches!(verdict, GossipVerdict::Reject(_)), "{verdict:?}");
+    assert_eq!(f.node(1).revoked().len(), 0);
+
+    // A staging node with a valid certificate from the same key is not admitted.
+    f.crash(2);
+    let node2 = f.nodes[2].identity.clone();
+    f.nodes[2].identity.certificate = Enrollment {
+        node: node2.secret.public(),
+        tags: node2.tags.clone(),
+        issued_at: slmesh_sim::fleet::T0_MS / 1000 - 10,
+        expires_at: slmesh_sim::fleet::T0_MS / 1000 + 86_400,
+        fleet: "staging".into(),
+    }
+    .sign(&f.publisher)
+    .expect("sign");
+    f.nodes[2].identity.fleet = "staging".into();
+    f.run_for(1_000 * MS);
+    f.start(2);
+    f.run_for(10_000 * MS);
+    let peer2 = f.id(2);
+    for i in 0..2 {
+        assert!(!f.node(i).admitted().any(|(n, _)| *n == peer2), "node {i} admitted a staging node");
+        assert_eq!(f.active(i), Some(1), "node {i}");
+    }
+    assert!(f.events_of(0).iter().any(|e| e.contains("fleet \"staging\"")), "{:#?}", f.events_of(0));
+}
+
 /// One step of a random schedule.
 #[derive(Debug, Clone)]
 enum Step {
@@ -503,7 +567,13 @@ fn a_command_issued_far_ahead_of_the_clock_is_refused_and_cannot_outrank_later_o
     let tomorrow = f.now_ms() / 1000 + 86_400;
     let refused = f.command_issued(0, 2, CommandAction::Pause, tomorrow);
     assert!(refused.as_ref().is_err_and(|e| e.contains("ahead of this node's clock")), "{refused:?}");
-    let c = RolloutCommand { model: MODEL.into(), version: 2, action: CommandAction::Pause, issued_at: tomorrow };
+    let c = RolloutCommand {
+        model: MODEL.into(),
+        version: 2,
+        action: CommandAction::Pause,
+        issued_at: tomorrow,
+        fleet: DEFAULT_FLEET.into(),
+    };
     let bytes = SignedCommand::sign(&c, &f.publisher).expect("sign").to_bytes().expect("bytes");
     let (now, from) = (f.now_ms(), f.id(0));
     let verdict = f.nodes[1].node.as_mut().expect("running").handle_gossip(now, from, TOPIC_COMMANDS, &bytes);
@@ -556,6 +626,7 @@ fn a_peer_whose_certificate_expires_while_connected_is_dropped() {
         tags: node2.tags.clone(),
         issued_at: slmesh_sim::fleet::T0_MS / 1000 - 10,
         expires_at,
+        fleet: DEFAULT_FLEET.into(),
     }
     .sign(&f.publisher)
     .expect("sign");

@@ -164,6 +164,7 @@ fn the_peer_book_stays_bounded_however_many_peers_come_and_go() {
             tags: [("site".to_string(), "s0".to_string())].into(),
             issued_at: now / 1000 - 10,
             expires_at: now / 1000 + 86_400,
+            fleet: slmesh_protocol::trust::DEFAULT_FLEET.into(),
         }
         .sign(&publisher)
         .expect("certificate");

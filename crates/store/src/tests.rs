@@ -33,6 +33,7 @@ fn verified(name: &str, version: u64) -> VerifiedManifest {
         }],
         inference: InferenceDefaults::default(),
         rollout: RolloutPlan::default(),
+        fleet: "default".into(),
     };
     let bytes = SignedManifest::sign(&m, &key).unwrap().to_bytes().unwrap();
     verify_manifest(&bytes, &trust, |_| None).unwrap()
@@ -194,7 +195,13 @@ fn the_state_machines_records_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let (key, _) = publisher();
     let command = SignedCommand::sign(
-        &RolloutCommand { model: "m".into(), version: 4, action: CommandAction::Pause, issued_at: 7 },
+        &RolloutCommand {
+            model: "m".into(),
+            version: 4,
+            action: CommandAction::Pause,
+            issued_at: 7,
+            fleet: "default".into(),
+        },
         &key,
     )
     .unwrap();

@@ -42,6 +42,7 @@ pub(crate) enum ControlMsg {
 #[derive(Clone)]
 pub(crate) struct Control {
     pub(super) me: NodeId,
+    pub(super) fleet: String,
     pub(super) tags: Tags,
     pub(super) tx: mpsc::Sender<ControlMsg>,
     pub(super) shared: Arc<Mutex<Shared>>,
@@ -87,6 +88,7 @@ impl Control {
         let counters = self.blobs.counters();
         NodeStatus {
             node_id: self.me.to_string(),
+            fleet: self.fleet.clone(),
             peer_id: self.me.peer_id().map(|p| p.to_string()).unwrap_or_default(),
             tags: self.tags.clone(),
             listen: shared.listen.clone(),

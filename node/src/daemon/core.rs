@@ -114,6 +114,7 @@ impl Driver {
             secret: parts.secret.clone(),
             certificate: parts.certificate.clone(),
             tags: enrollment.tags.clone(),
+            fleet: enrollment.fleet.clone(),
         };
         let node = Node::new(cfg, identity, trust, restored, unix_millis());
         let (internal_tx, internal_rx) = mpsc::channel(256);
@@ -121,6 +122,7 @@ impl Driver {
         let shared = Arc::new(Mutex::new(Shared::default()));
         let control = Control {
             me: node.id(),
+            fleet: enrollment.fleet,
             tags: enrollment.tags,
             tx: control_tx,
             shared: shared.clone(),

@@ -8,6 +8,9 @@ use std::fmt::Write;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub node_id: String,
+    /// The fleet its certificate names.
+    #[serde(default)]
+    pub fleet: String,
     pub peer_id: String,
     pub tags: BTreeMap<String, String>,
     pub listen: Vec<String>,
@@ -82,6 +85,7 @@ impl NodeStatus {
         let mut out = String::new();
         let tags: Vec<String> = self.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let _ = writeln!(out, "node     {}", self.node_id);
+        let _ = writeln!(out, "fleet    {}", self.fleet);
         let _ = writeln!(out, "peer id  {}", self.peer_id);
         let _ = writeln!(out, "tags     {}", if tags.is_empty() { "-".into() } else { tags.join(" ") });
         let _ = writeln!(out, "serving  {}", self.serving.as_deref().unwrap_or("nothing yet"));

@@ -13,6 +13,9 @@ pub struct RolloutCommand {
     pub action: CommandAction,
     /// Unix seconds; also orders the commands of one rollout.
     pub issued_at: u64,
+    /// The fleet it is addressed to.
+    #[serde(default = "crate::trust::default_fleet")]
+    pub fleet: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

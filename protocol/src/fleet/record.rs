@@ -97,12 +97,18 @@ impl SignedKind for MetricsRecord {
 pub type SignedMetrics = Signed<MetricsRecord>;
 
 /// Checks a metrics record: self-signed by the node it names, within limits, consistent,
-/// and from a node the operator enrolled whose certificate is valid at `now` (Unix
-/// seconds).
-pub fn verify_metrics(signed: &SignedMetrics, trust: &TrustStore, now: u64) -> Result<MetricsRecord, ProtocolError> {
+/// and from a node the operator enrolled in `fleet` whose certificate is valid at `now`
+/// (Unix seconds).
+pub fn verify_metrics(
+    signed: &SignedMetrics,
+    trust: &TrustStore,
+    fleet: &str,
+    now: u64,
+) -> Result<MetricsRecord, ProtocolError> {
     let record = verify_metrics_body(signed)?;
-    verify_certificate(&record.certificate, trust, &record.node, now)
+    let enrollment = verify_certificate(&record.certificate, trust, &record.node, now)
         .map_err(|e| ProtocolError::invalid("metrics record", format!("not from an enrolled node: {e}")))?;
+    crate::trust::same_fleet("the metrics record's node", &enrollment.fleet, fleet)?;
     Ok(record)
 }
 

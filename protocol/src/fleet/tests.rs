@@ -1,6 +1,7 @@
 use super::*;
 use crate::identity::{KeyKind, NodeId, SecretKey};
 use crate::rollout::{Gates, RolloutPlan, Wave};
+use crate::trust::DEFAULT_FLEET;
 
 fn node(seed: u8) -> SecretKey {
     SecretKey::from_seed(KeyKind::Node, [seed; 32])
@@ -40,14 +41,14 @@ fn records_are_self_signed_and_checked() {
     let r = record(1, 5, vec![report(2, 10, 1, 0.2)]);
     let signed = SignedMetrics::sign(&r, &node(1)).unwrap();
     let back = SignedMetrics::from_bytes(&signed.to_bytes().unwrap()).unwrap();
-    assert_eq!(verify_metrics(&back, &trust(), 100).unwrap(), r);
+    assert_eq!(verify_metrics(&back, &trust(), DEFAULT_FLEET, 100).unwrap(), r);
     assert!(
-        verify_metrics(&SignedMetrics::sign(&r, &node(2)).unwrap(), &trust(), 100).is_err(),
+        verify_metrics(&SignedMetrics::sign(&r, &node(2)).unwrap(), &trust(), DEFAULT_FLEET, 100).is_err(),
         "speaking for another node"
     );
     let mut lying = r.clone();
     lying.versions[0].errors = 11;
-    assert!(verify_metrics(&SignedMetrics::sign(&lying, &node(1)).unwrap(), &trust(), 100).is_err());
+    assert!(verify_metrics(&SignedMetrics::sign(&lying, &node(1)).unwrap(), &trust(), DEFAULT_FLEET, 100).is_err());
 }
 
 #[test]
@@ -58,19 +59,29 @@ fn a_record_counts_only_from_a_node_the_operator_enrolled() {
     let made_up = node(77);
     let mut r = record(77, 5, vec![report(2, 10, 0, 0.2)]);
     r.certificate = crate::trust::test_certificate(&insider, &operator());
-    let err = verify_metrics(&SignedMetrics::sign(&r, &made_up).unwrap(), &trust(), 100).unwrap_err().to_string();
+    let err = verify_metrics(&SignedMetrics::sign(&r, &made_up).unwrap(), &trust(), DEFAULT_FLEET, 100)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not from an enrolled node"), "{err}");
     r.certificate = crate::trust::test_certificate(&made_up, &insider);
-    assert!(verify_metrics(&SignedMetrics::sign(&r, &made_up).unwrap(), &trust(), 100).is_err(), "self-enrolled");
+    assert!(
+        verify_metrics(&SignedMetrics::sign(&r, &made_up).unwrap(), &trust(), DEFAULT_FLEET, 100).is_err(),
+        "self-enrolled"
+    );
     // A genuine member's record is refused once its certificate has expired.
     let mut expiring = record(3, 5, vec![]);
-    expiring.certificate =
-        crate::trust::Enrollment { node: node(3).public(), tags: Default::default(), issued_at: 0, expires_at: 1_000 }
-            .sign(&operator())
-            .unwrap();
+    expiring.certificate = crate::trust::Enrollment {
+        node: node(3).public(),
+        tags: Default::default(),
+        issued_at: 0,
+        expires_at: 1_000,
+        fleet: DEFAULT_FLEET.into(),
+    }
+    .sign(&operator())
+    .unwrap();
     let signed = SignedMetrics::sign(&expiring, &node(3)).unwrap();
-    assert!(verify_metrics(&signed, &trust(), 999).is_ok());
-    assert!(verify_metrics(&signed, &trust(), 1_000).is_err(), "expired");
+    assert!(verify_metrics(&signed, &trust(), DEFAULT_FLEET, 999).is_ok());
+    assert!(verify_metrics(&signed, &trust(), DEFAULT_FLEET, 1_000).is_err(), "expired");
 }
 
 #[test]
@@ -346,16 +357,16 @@ fn a_record_with_counts_near_u64_max_is_refused_without_a_panic() {
     ];
     for (what, f) in cases {
         let signed = huge(f);
-        let err = verify_metrics(&signed, &trust(), 100).expect_err(what).to_string();
+        let err = verify_metrics(&signed, &trust(), DEFAULT_FLEET, 100).expect_err(what).to_string();
         assert!(err.contains("one node can have"), "{what}: {err}");
         // Whatever got through would still not wrap a view's sums.
         let mut view = FleetView::default();
-        if let Ok(r) = verify_metrics(&signed, &trust(), 100) {
+        if let Ok(r) = verify_metrics(&signed, &trust(), DEFAULT_FLEET, 100) {
             view.update(r, 0);
         }
     }
     // An honest record far below the bounds is taken.
-    assert!(verify_metrics(&huge(&|v| v.requests = 1 << 30), &trust(), 100).is_ok());
+    assert!(verify_metrics(&huge(&|v| v.requests = 1 << 30), &trust(), DEFAULT_FLEET, 100).is_ok());
 }
 
 fn plan() -> RolloutPlan {
@@ -403,7 +414,13 @@ fn a_failing_gate_halts_and_rolls_back_only_active_nodes() {
 #[test]
 fn operators_pause_resume_promote_and_abort() {
     let p = plan();
-    let cmd = |action, at| RolloutCommand { model: "m".into(), version: 2, action, issued_at: at };
+    let cmd = |action, at| RolloutCommand {
+        model: "m".into(),
+        version: 2,
+        action,
+        issued_at: at,
+        fleet: DEFAULT_FLEET.into(),
+    };
     let mut progress = RolloutProgress::default();
     let paused = OperatorState::fold(&[cmd(CommandAction::Pause, 5)]);
     advance(&mut progress, &p, 0, &GateVerdict::Pass, &paused, 100);

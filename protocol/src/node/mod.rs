@@ -118,6 +118,9 @@ pub struct NodeIdentity {
     pub certificate: EnrollmentCertificate,
     /// The tags its certificate carries.
     pub tags: Tags,
+    /// The fleet its certificate names: peers, manifests, commands and revocations of
+    /// any other fleet count for nothing here.
+    pub fleet: String,
 }
 
 /// The request a response answers.
@@ -283,6 +286,8 @@ pub struct Node {
     me: NodeId,
     tags: Tags,
     certificate: EnrollmentCertificate,
+    /// The fleet this node is in (its certificate's).
+    fleet_id: String,
     trust: TrustStore,
     blob_addrs: Vec<String>,
     // Peers.
@@ -372,6 +377,7 @@ impl Node {
             secret: identity.secret,
             tags: identity.tags,
             certificate: identity.certificate,
+            fleet_id: identity.fleet,
             trust,
             blob_addrs: vec![],
             connected: BTreeSet::new(),

@@ -9,6 +9,7 @@ use crate::mesh::{
     SyncReply, MAX_SYNC_COMMANDS, MAX_SYNC_HAVES, MAX_SYNC_MANIFESTS, MAX_SYNC_METRICS, MAX_SYNC_REVOCATIONS,
     TOPIC_COMMANDS, TOPIC_MANIFESTS, TOPIC_METRICS, TOPIC_REVOCATIONS,
 };
+use crate::trust::same_fleet;
 
 /// Peers asked per anti-entropy round.
 const SYNC_FANOUT: usize = 3;
@@ -68,6 +69,7 @@ impl Node {
             return Err(why);
         }
         let enrollment = admit(hello, &peer, &self.trust, now / 1000).map_err(|e| e.to_string())?;
+        same_fleet("its certificate", &enrollment.fleet, &self.fleet_id).map_err(|e| e.to_string())?;
         if self.peers.contains_key(&peer) {
             return Ok(());
         }
@@ -317,7 +319,7 @@ impl Node {
 
     /// Keeps the newest record per node; an older or repeated one changes nothing.
     fn take_metrics(&mut self, now: u64, signed: SignedMetrics) -> GossipVerdict {
-        let record = match verify_metrics(&signed, &self.trust, now / 1000) {
+        let record = match verify_metrics(&signed, &self.trust, &self.fleet_id, now / 1000) {
             Ok(r) => r,
             Err(e) => return GossipVerdict::Reject(e.to_string()),
         };
@@ -354,6 +356,7 @@ impl Node {
     /// a roll-back (which end the rollout, so they must always get in).
     pub(super) fn take_command(&mut self, now: u64, signed: SignedCommand) -> Result<bool, String> {
         let (command, publisher) = self.trust.open(&signed).map_err(|e| e.to_string())?;
+        same_fleet("the command", &command.fleet, &self.fleet_id).map_err(|e| e.to_string())?;
         let ahead = command.issued_at.saturating_sub(now / 1000);
         if ahead > MAX_COMMAND_CLOCK_SKEW_SECS {
             return Err(format!(

@@ -44,6 +44,7 @@ impl Node {
     /// the revoked node is dropped and forgotten here.
     pub(super) fn take_revocation(&mut self, signed: SignedRevocation) -> Result<bool, String> {
         let (revocation, publisher) = verify_revocation(&signed, &self.trust).map_err(|e| e.to_string())?;
+        crate::trust::same_fleet("the revocation", &revocation.fleet, &self.fleet_id).map_err(|e| e.to_string())?;
         if !self.revoked.insert(revocation.clone(), signed.clone()).map_err(|why| {
             self.event(None, Level::Warn, format!("a revocation was dropped: {why}"));
             why

@@ -25,9 +25,11 @@ const MAX_REPORT_WAIT_INTERVALS: u64 = 6;
 impl Node {
     pub(super) fn verify(&self, signed: SignedManifest) -> Result<VerifiedManifest, ProtocolError> {
         let models = &self.models;
-        crate::manifest::verify_signed_manifest(signed, &self.trust, |name| {
+        let verified = crate::manifest::verify_signed_manifest(signed, &self.trust, |name| {
             models.get(name).map(|m| m.latest_known).filter(|v| *v > 0)
-        })
+        })?;
+        crate::trust::same_fleet("the manifest", &verified.manifest.fleet, &self.fleet_id)?;
+        Ok(verified)
     }
 
     fn facts(&self) -> NodeFacts {

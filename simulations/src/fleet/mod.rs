@@ -32,7 +32,7 @@ use slmesh_protocol::node::{
 };
 use slmesh_protocol::rollout::{Gates, RolloutPlan, TagSelector, Wave};
 use slmesh_protocol::select::NodeFacts;
-use slmesh_protocol::trust::{Enrollment, Tags};
+use slmesh_protocol::trust::{Enrollment, Tags, DEFAULT_FLEET};
 use slmesh_protocol::TrustStore;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -359,12 +359,13 @@ impl NodeFleet {
                     tags: tags.clone(),
                     issued_at: T0_MS / 1000 - 10,
                     expires_at: T0_MS / 1000 + 365 * 86_400,
+                    fleet: DEFAULT_FLEET.into(),
                 }
                 .sign(&publisher)
                 .expect("valid tags");
                 SimNode {
                     node: None,
-                    identity: NodeIdentity { secret, certificate, tags },
+                    identity: NodeIdentity { secret, certificate, tags, fleet: DEFAULT_FLEET.into() },
                     store: FakeStore::default(),
                     blobs: BTreeSet::new(),
                     serving: None,
@@ -838,6 +839,7 @@ impl NodeFleet {
                 selector: TagSelector::default(),
                 gates,
             },
+            fleet: DEFAULT_FLEET.into(),
         };
         SignedManifest::sign(&manifest, &self.publisher).expect("a valid manifest signs")
     }
@@ -877,7 +879,7 @@ impl NodeFleet {
         issued_at: u64,
     ) -> Result<String, String> {
         let now = self.now_ms();
-        let c = RolloutCommand { model: MODEL.into(), version, action, issued_at };
+        let c = RolloutCommand { model: MODEL.into(), version, action, issued_at, fleet: DEFAULT_FLEET.into() };
         let signed = SignedCommand::sign(&c, &self.publisher).map_err(|e| e.to_string())?;
         let node = self.nodes[at].node.as_mut().ok_or("the node is down")?;
         let answer = node.command(now, signed);
@@ -889,7 +891,12 @@ impl NodeFleet {
     pub fn revoke(&mut self, at: usize, revoked: usize, reason: &str) -> Result<String, String> {
         use slmesh_protocol::revocation::{Revocation, SignedRevocation};
         let now = self.now_ms();
-        let r = Revocation { node: self.id(revoked), issued_at: now / 1000, reason: reason.into() };
+        let r = Revocation {
+            node: self.id(revoked),
+            issued_at: now / 1000,
+            reason: reason.into(),
+            fleet: DEFAULT_FLEET.into(),
+        };
         let signed = SignedRevocation::sign(&r, &self.publisher).map_err(|e| e.to_string())?;
         let node = self.nodes[at].node.as_mut().ok_or("the node is down")?;
         let answer = node.revoke(now, signed);
