@@ -8,6 +8,7 @@
 //! that the answer is 429, so load never grows an unbounded queue.
 
 pub use crate::guard::HostPolicy;
+pub use crate::listener::ConnectionLimits;
 use crate::{Engine, LoadedModel};
 use axum::body::{to_bytes, Body};
 use axum::extract::State;
@@ -482,9 +483,18 @@ fn sample_from_usage(latency_secs: f64, queued_secs: f64, usage: &Usage) -> Requ
     }
 }
 
+/// How long a streamed event may wait for a client that stopped reading before the
+/// stream is given up and its generation slot freed.
+const STREAM_SEND_STALL: Duration = Duration::from_secs(15);
+
+/// Sends one event; false if the client is gone or has not read for `STREAM_SEND_STALL`.
+async fn send_or_give_up(tx: &tokio::sync::mpsc::Sender<Event>, event: Event) -> bool {
+    matches!(tokio::time::timeout(STREAM_SEND_STALL, tx.send(event)).await, Ok(Ok(())))
+}
+
 /// `stream: true`: server-sent events, one per chunk, the last one with usage, then
-/// `data: [DONE]`. A client that goes away stops the stream; the turn is held until the
-/// generation ends.
+/// `data: [DONE]`. A client that goes away, or stops reading for `STREAM_SEND_STALL`,
+/// stops the stream and frees its turn.
 fn stream_chat(
     state: Arc<HttpState>,
     model: Arc<LoadedModel>,
@@ -519,7 +529,7 @@ fn stream_chat(
                         let last = chunk.usage.is_some();
                         usage = chunk.usage.clone().or(usage);
                         let data = serde_json::to_string(&chunk).unwrap_or_default();
-                        if tx.send(Event::default().data(data)).await.is_err() || last {
+                        if !send_or_give_up(&tx, Event::default().data(data)).await || last {
                             break;
                         }
                     }
@@ -538,9 +548,9 @@ fn stream_chat(
         }
         if let Some(e) = &error {
             let body = json!({"error": {"message": e, "type": "server_error", "param": null, "code": 500}});
-            let _ = tx.send(Event::default().data(body.to_string())).await;
+            send_or_give_up(&tx, Event::default().data(body.to_string())).await;
         }
-        let _ = tx.send(Event::default().data("[DONE]")).await;
+        send_or_give_up(&tx, Event::default().data("[DONE]")).await;
         let latency_secs = start.elapsed().as_secs_f64();
         let mut sample = match (&usage, &error) {
             (Some(u), None) => sample_from_usage(latency_secs, 0.0, u),
@@ -570,16 +580,19 @@ pub async fn serve_router(
     hosts: HostPolicy,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
+    serve_router_with(listener, router, hosts, ConnectionLimits::default(), shutdown).await
+}
+
+/// As `serve_router`, with other connection limits.
+pub async fn serve_router_with(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    hosts: HostPolicy,
+    limits: ConnectionLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let hosts = Arc::new(hosts);
     let router =
         router.layer(axum::middleware::from_fn(move |req, next| crate::guard::guard(hosts.clone(), req, next)));
-    // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each
-    // one back until the client acknowledges the last.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-    });
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    crate::listener::serve_connections(listener, router, limits, shutdown).await
 }

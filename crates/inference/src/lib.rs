@@ -12,6 +12,7 @@
 
 pub mod guard;
 pub mod http;
+mod listener;
 mod prometheus;
 pub mod quantize;
 
