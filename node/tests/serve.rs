@@ -133,6 +133,67 @@ fn serves_the_demo_model_and_refuses_bad_input() {
 }
 
 #[test]
+fn openai_parameters_are_honoured_or_refused_by_name() {
+    let node = start(&[]);
+    let addr = node.addr.as_str();
+    let chat = |extra: &str| {
+        post(
+            addr,
+            format!(
+                r#"{{"messages":[{{"role":"user","content":"What is the capital of France? Answer in one word."}}],"max_tokens":16{extra}}}"#
+            ),
+        )
+    };
+    let (status, v) = chat(r#","temperature":0"#);
+    assert_eq!(status, 200, "{v}");
+    let full = v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string();
+    assert!(full.contains("Paris"), "{full}");
+    // A stop sequence ends the answer before it.
+    let (status, v) = chat(r#","temperature":0,"stop":["Paris"]"#);
+    assert_eq!(status, 200, "{v}");
+    let stopped = v["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    assert!(!stopped.contains("Paris") && stopped.len() < full.len(), "{stopped:?} against {full:?}");
+    // Accepted: n = 1, a text response_format, a seed with temperature 0, penalties, usage options.
+    for ok in [
+        r#","temperature":0,"n":1,"response_format":{"type":"text"},"seed":7,"user":"u1""#,
+        r#","temperature":0.7,"top_p":0.9,"frequency_penalty":0.5,"presence_penalty":0.1"#,
+    ] {
+        let (status, v) = chat(ok);
+        assert_eq!(status, 200, "{ok}: {v}");
+    }
+    let streamed = br#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":4,"stream":true,"stream_options":{"include_usage":true}}"#;
+    let (status, body) =
+        http(addr, "POST", "/v1/chat/completions", &[("Content-Type", "application/json")], streamed.to_vec());
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("completion_tokens") && body.contains("[DONE]"), "{body}");
+    // Refused by name, not silently ignored.
+    for (extra, param) in [
+        (r#","n":2"#, "n"),
+        (r#","tools":[{"type":"function","function":{"name":"f","parameters":{}}}]"#, "tools"),
+        (r#","tool_choice":"auto""#, "tool_choice"),
+        (r#","response_format":{"type":"json_object"}"#, "response_format"),
+        (r#","logprobs":true"#, "logprobs"),
+        (r#","seed":7,"temperature":0.8"#, "seed"),
+        (r#","stop":["a","b","c","d","e"]"#, "stop"),
+        (r#","stop":[1]"#, "stop"),
+        (r#","frequency_penalty":3"#, "frequency_penalty"),
+    ] {
+        let (status, v) = chat(extra);
+        assert_eq!(status, 400, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], param, "{extra}: {v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    }
+    let (status, v) = post_json(addr, "/v1/completions", r#"{"prompt":"x","n":3}"#);
+    assert_eq!(status, 400, "{v}");
+    let (status, body) = http(addr, "GET", "/v1/models/smollm2", &[], vec![]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""id":"smollm2""#), "{body}");
+    let (status, body) = http(addr, "GET", "/v1/models/gpt-9", &[], vec![]);
+    assert_eq!(status, 404, "{body}");
+    chat_ok(addr);
+}
+
+#[test]
 fn bearer_token_is_required_when_set() {
     let node = start(&["--bearer-token", "s3cret"]);
     let (status, body) = http(&node.addr, "GET", "/v1/models", &[], vec![]);

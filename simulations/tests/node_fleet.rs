@@ -433,6 +433,28 @@ fn manifests_commands_revocations_and_peers_of_another_fleet_count_for_nothing()
     assert!(f.events_of(0).iter().any(|e| e.contains("fleet \"staging\"")), "{:#?}", f.events_of(0));
 }
 
+#[test]
+fn a_hello_from_a_peer_admitted_already_still_brings_its_blob_addresses() {
+    use slmesh_protocol::mesh::{Hello, PeerRequest};
+    use slmesh_protocol::node::Output;
+    // Both sides ask at once: the answer to ours (with the addresses) comes after its
+    // request (without them) admitted it.
+    let mut f = on_v1(2);
+    let (now, peer) = (f.now_ms(), f.id(0));
+    let certificate = f.nodes[0].identity.certificate.clone();
+    let addrs = vec!["127.0.0.1:4002".to_string()];
+    let hello = PeerRequest::Hello(Hello { certificate, blob_addrs: addrs.clone() }).to_bytes().expect("hello");
+    let node = f.nodes[1].node.as_mut().expect("running");
+    assert!(node.admitted().any(|(n, _)| *n == peer), "admitted already");
+    while node.poll_output().is_some() {}
+    let _ = node.handle_request(now, peer, &hello);
+    let mut learned = false;
+    while let Some(output) = node.poll_output() {
+        learned |= matches!(output, Output::LearnAddrs { node, addrs: ref a } if node == peer && *a == addrs);
+    }
+    assert!(learned, "the addresses of a second hello were dropped");
+}
+
 /// One step of a random schedule.
 #[derive(Debug, Clone)]
 enum Step {

@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP surface of a node: `POST /v1/chat/completions`,
-//! `GET /v1/models`, `GET /health`.
+//! `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`,
+//! `GET /metrics`. Which request parameters are honoured: `request.rs`.
 //!
 //! Bad input gets a 4xx with OpenAI's error shape and never reaches the model: the body
 //! is read with a size limit, parsed by hand (so malformed JSON and invalid UTF-8 get the
@@ -9,6 +10,7 @@
 
 pub use crate::guard::HostPolicy;
 pub use crate::listener::ConnectionLimits;
+use crate::request::{build_request, completion_sampling, ChatRequest, CompletionRequest};
 use crate::{Engine, LoadedModel};
 use axum::body::{to_bytes, Body};
 use axum::extract::State;
@@ -17,8 +19,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use mistralrs::{RequestBuilder, Response as EngineResponse, SamplingParams, TextMessageRole, TextMessages, Usage};
-use serde::Deserialize;
+use mistralrs::{RequestBuilder, Response as EngineResponse, Usage};
 use serde_json::json;
 use slmesh_protocol::metrics::{NodeMetrics, RequestSample};
 use std::collections::BTreeMap;
@@ -103,6 +104,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model_by_id))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/metrics", get(metrics))
@@ -136,7 +138,7 @@ pub fn api_error(
     ApiError { status, kind, message: message.into(), param }
 }
 
-fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> ApiError {
+pub(crate) fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> ApiError {
     api_error(StatusCode::BAD_REQUEST, "invalid_request_error", message, param)
 }
 
@@ -161,6 +163,18 @@ async fn health(State(state): State<Arc<HttpState>>) -> Response {
         .into_response()
 }
 
+/// `GET /v1/models/{id}`: the served model by its name (or `name@version`), else 404.
+async fn model_by_id(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    authorized(&state, &headers)?;
+    let m = model_for(&state, Some(&id))?;
+    Ok(Json(json!({"id": m.spec.name, "object": "model", "owned_by": "slmesh", "version": m.spec.version}))
+        .into_response())
+}
+
 async fn models(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorized(&state, &headers)?;
     let data: Vec<_> = state
@@ -182,89 +196,6 @@ async fn metrics(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Res
         active.as_ref().map(|m| (m.spec.name.as_str(), m.spec.version)),
     );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
-}
-
-/// The fields that chat and plain completion requests share.
-#[derive(Debug, Deserialize)]
-struct CommonParams {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    max_tokens: Option<serde_json::Number>,
-    #[serde(default)]
-    temperature: Option<f64>,
-    #[serde(default)]
-    top_p: Option<f64>,
-    #[serde(default)]
-    stream: Option<bool>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ChatRequest {
-    messages: Vec<ChatMessage>,
-    #[serde(default)]
-    max_completion_tokens: Option<serde_json::Number>,
-    #[serde(flatten)]
-    common: CommonParams,
-}
-
-#[derive(Debug, Deserialize)]
-struct ChatMessage {
-    role: String,
-    content: Option<serde_json::Value>,
-}
-
-/// The text of a message: a string, or OpenAI's list of `{"type": "text", "text": ..}` parts.
-fn message_text(content: &serde_json::Value) -> Option<String> {
-    match content {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Array(parts) => parts
-            .iter()
-            .map(|p| (p.get("type")?.as_str()? == "text").then(|| p.get("text")?.as_str().map(str::to_string))?)
-            .collect::<Option<Vec<_>>>()
-            .map(|v| v.concat()),
-        _ => None,
-    }
-}
-
-fn build_request(req: &ChatRequest, limits: &HttpLimits) -> Result<RequestBuilder, ApiError> {
-    if req.messages.is_empty() {
-        return Err(bad_request("messages must not be empty", Some("messages")));
-    }
-    let mut messages = TextMessages::new();
-    for (i, m) in req.messages.iter().enumerate() {
-        let role = match m.role.as_str() {
-            "system" | "developer" => TextMessageRole::System,
-            "user" => TextMessageRole::User,
-            "assistant" => TextMessageRole::Assistant,
-            other => {
-                return Err(bad_request(
-                    format!("messages[{i}].role {other:?} is not one of system, developer, user, assistant"),
-                    Some("messages"),
-                ))
-            }
-        };
-        let text = m
-            .content
-            .as_ref()
-            .and_then(message_text)
-            .ok_or_else(|| bad_request(format!("messages[{i}].content must be text"), Some("messages")))?;
-        if text.trim().is_empty() {
-            return Err(bad_request(format!("messages[{i}].content is empty"), Some("messages")));
-        }
-        messages = messages.add_message(role, text);
-    }
-    let max_tokens = max_tokens(req.max_completion_tokens.as_ref().or(req.common.max_tokens.as_ref()), limits)?;
-    check_sampling(req.common.temperature, req.common.top_p)?;
-    let mut builder = RequestBuilder::from(messages);
-    if let Some(t) = req.common.temperature {
-        builder = if t == 0.0 { builder.set_deterministic_sampler() } else { builder.set_sampler_temperature(t) };
-    }
-    if let Some(p) = req.common.top_p {
-        builder = builder.set_sampler_topp(p);
-    }
-    // After set_deterministic_sampler, which resets the length.
-    Ok(builder.set_sampler_max_len(max_tokens as usize))
 }
 
 /// Counts a waiting request for as long as it lives, so that a client that gives up
@@ -301,13 +232,6 @@ async fn chat_completions(State(state): State<Arc<HttpState>>, headers: HeaderMa
     chat_completions_inner(&state, &headers, body).await.unwrap_or_else(|e| refused(&state, e))
 }
 
-#[derive(Debug, Deserialize)]
-struct CompletionRequest {
-    prompt: String,
-    #[serde(flatten)]
-    common: CommonParams,
-}
-
 async fn completions(State(state): State<Arc<HttpState>>, headers: HeaderMap, body: Body) -> Response {
     completions_inner(&state, &headers, body).await.unwrap_or_else(|e| refused(&state, e))
 }
@@ -322,11 +246,7 @@ async fn completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, body: Bo
     if req.common.stream == Some(true) {
         return Err(bad_request("stream: true is supported on /v1/chat/completions only", Some("stream")));
     }
-    check_sampling(req.common.temperature, req.common.top_p)?;
-    let mut sampling = SamplingParams::deterministic();
-    sampling.max_len = Some(max_tokens(req.common.max_tokens.as_ref(), &state.limits)? as usize);
-    sampling.temperature = req.common.temperature.filter(|t| *t > 0.0);
-    sampling.top_p = req.common.top_p;
+    let sampling = completion_sampling(&req.common, &state.limits)?;
     let start = Instant::now();
     let turn = take_turn(state).await?;
     generate(state, &model, start, turn, model.complete(req.prompt, sampling)).await
@@ -369,29 +289,6 @@ fn refused(state: &HttpState, e: ApiError) -> Response {
         state.count_rejected(e.status);
     }
     e.into_response()
-}
-
-fn max_tokens(requested: Option<&serde_json::Number>, limits: &HttpLimits) -> Result<u32, ApiError> {
-    match requested {
-        None => Ok(limits.default_max_tokens),
-        Some(n) => match n.as_u64() {
-            Some(n) if n >= 1 && n <= limits.max_tokens_cap as u64 => Ok(n as u32),
-            _ => Err(bad_request(
-                format!("max_tokens {n} must be a whole number from 1 to {}", limits.max_tokens_cap),
-                Some("max_tokens"),
-            )),
-        },
-    }
-}
-
-fn check_sampling(temperature: Option<f64>, top_p: Option<f64>) -> Result<(), ApiError> {
-    if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
-        return Err(bad_request("temperature must be in [0, 2]", Some("temperature")));
-    }
-    if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-        return Err(bad_request("top_p must be in (0, 1]", Some("top_p")));
-    }
-    Ok(())
 }
 
 async fn chat_completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {

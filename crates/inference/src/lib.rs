@@ -15,6 +15,7 @@ pub mod http;
 mod listener;
 mod prometheus;
 pub mod quantize;
+mod request;
 
 use mistralrs::{
     ChatCompletionResponse, CompletionResponse, Constraint, GgufModelBuilder, Model, NormalRequest, Request,

@@ -71,11 +71,18 @@ impl Node {
         let enrollment = admit(hello, &peer, &self.trust, now / 1000).map_err(|e| e.to_string())?;
         same_fleet("its certificate", &enrollment.fleet, &self.fleet_id).map_err(|e| e.to_string())?;
         if self.peers.contains_key(&peer) {
+            // Hellos that crossed: the answer to ours carries the blob addresses its
+            // request left out.
+            if !hello.blob_addrs.is_empty() {
+                self.outputs.push_back(Output::LearnAddrs { node: peer, addrs: hello.blob_addrs.clone() });
+            }
             return Ok(());
         }
         let site = enrollment.tags.get("site").cloned().unwrap_or_else(|| "-".into());
         self.event(None, Level::Info, format!("admitted peer {} (site {site})", peer.short()));
-        self.outputs.push_back(Output::LearnAddrs { node: peer, addrs: hello.blob_addrs.clone() });
+        if !hello.blob_addrs.is_empty() {
+            self.outputs.push_back(Output::LearnAddrs { node: peer, addrs: hello.blob_addrs.clone() });
+        }
         self.persist(Persist::Peer { node: peer, tags: enrollment.tags.clone(), addrs: hello.blob_addrs.clone() });
         self.remember(peer, enrollment.tags.clone());
         self.peers.insert(peer, Peer { tags: enrollment.tags, rtt_micros: None, expires_at: enrollment.expires_at });

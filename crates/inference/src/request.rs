@@ -1,0 +1,262 @@
+//! What an OpenAI-style request asks for, checked and turned into the engine's request.
+//!
+//! Supported: `messages` (or `prompt`), `max_tokens` / `max_completion_tokens`,
+//! `temperature`, `top_p`, `stop` (a string or up to 4), `frequency_penalty`,
+//! `presence_penalty`, `n` = 1, `seed` with `temperature` 0 (answers are deterministic
+//! then), `response_format` `text`, `stream` and `stream_options.include_usage` (the last
+//! chunk always carries usage), `user`. Anything else a client may rely on (`tools`,
+//! `response_format` JSON, `logprobs`, `n` > 1, a `seed` with sampling) gets a 400 in
+//! OpenAI's error shape naming the parameter, rather than being ignored silently.
+
+use crate::http::{bad_request, ApiError, HttpLimits};
+use mistralrs::{RequestBuilder, SamplingParams, StopTokens, TextMessageRole, TextMessages};
+use serde::Deserialize;
+
+/// Stop sequences a request may give, at most (OpenAI's limit).
+const MAX_STOP_SEQUENCES: usize = 4;
+
+/// The fields that chat and plain completion requests share.
+#[derive(Debug, Deserialize)]
+pub(crate) struct CommonParams {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    max_tokens: Option<serde_json::Number>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    stop: Option<serde_json::Value>,
+    #[serde(default)]
+    frequency_penalty: Option<f64>,
+    #[serde(default)]
+    presence_penalty: Option<f64>,
+    #[serde(default)]
+    n: Option<serde_json::Value>,
+    #[serde(default)]
+    seed: Option<serde_json::Value>,
+    #[serde(default)]
+    response_format: Option<serde_json::Value>,
+    #[serde(default)]
+    logprobs: Option<serde_json::Value>,
+    #[serde(default)]
+    top_logprobs: Option<serde_json::Value>,
+    #[serde(default)]
+    tools: Option<serde_json::Value>,
+    #[serde(default)]
+    tool_choice: Option<serde_json::Value>,
+    #[serde(default)]
+    functions: Option<serde_json::Value>,
+    #[serde(default)]
+    function_call: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChatRequest {
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    max_completion_tokens: Option<serde_json::Number>,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct CompletionRequest {
+    pub prompt: String,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+/// The text of a message: a string, or OpenAI's list of `{"type": "text", "text": ..}` parts.
+fn message_text(content: &serde_json::Value) -> Option<String> {
+    match content {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(parts) => parts
+            .iter()
+            .map(|p| (p.get("type")?.as_str()? == "text").then(|| p.get("text")?.as_str().map(str::to_string))?)
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.concat()),
+        _ => None,
+    }
+}
+
+/// The checked sampling settings of a request.
+struct Sampling {
+    max_tokens: u32,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    stop: Vec<String>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+}
+
+fn sampling(
+    common: &CommonParams,
+    max_tokens: Option<&serde_json::Number>,
+    limits: &HttpLimits,
+) -> Result<Sampling, ApiError> {
+    refuse_unsupported(common)?;
+    if common.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+        return Err(bad_request("temperature must be in [0, 2]", Some("temperature")));
+    }
+    if common.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        return Err(bad_request("top_p must be in (0, 1]", Some("top_p")));
+    }
+    let penalty = |v: Option<f64>, name: &'static str| match v {
+        Some(p) if !(-2.0..=2.0).contains(&p) => Err(bad_request(format!("{name} must be in [-2, 2]"), Some(name))),
+        v => Ok(v.map(|p| p as f32)),
+    };
+    Ok(Sampling {
+        max_tokens: self::max_tokens(max_tokens.or(common.max_tokens.as_ref()), limits)?,
+        temperature: common.temperature,
+        top_p: common.top_p,
+        stop: stop_sequences(common.stop.as_ref())?,
+        frequency_penalty: penalty(common.frequency_penalty, "frequency_penalty")?,
+        presence_penalty: penalty(common.presence_penalty, "presence_penalty")?,
+    })
+}
+
+/// Parameters a client relies on that this node does not do: a clear 400, not silence.
+fn refuse_unsupported(c: &CommonParams) -> Result<(), ApiError> {
+    let present = |v: &Option<serde_json::Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    for (name, value) in [
+        ("tools", &c.tools),
+        ("tool_choice", &c.tool_choice),
+        ("functions", &c.functions),
+        ("function_call", &c.function_call),
+    ] {
+        if present(value) {
+            return Err(bad_request(format!("{name} is not supported by this node yet"), Some(name)));
+        }
+    }
+    if c.logprobs.as_ref().is_some_and(|v| v != &serde_json::Value::Bool(false) && !v.is_null())
+        || present(&c.top_logprobs)
+    {
+        return Err(bad_request("logprobs are not supported by this node yet", Some("logprobs")));
+    }
+    if let Some(n) = c.n.as_ref().filter(|v| !v.is_null()) {
+        if n.as_u64() != Some(1) {
+            return Err(bad_request(format!("n = {n}: this node answers with one choice (n = 1)"), Some("n")));
+        }
+    }
+    if let Some(format) = c.response_format.as_ref().filter(|v| !v.is_null()) {
+        if format.get("type").and_then(|t| t.as_str()) != Some("text") {
+            return Err(bad_request(
+                "response_format: only {\"type\": \"text\"} is supported by this node yet",
+                Some("response_format"),
+            ));
+        }
+    }
+    if present(&c.seed) && c.temperature != Some(0.0) {
+        return Err(bad_request(
+            "seed is not supported with sampling; use temperature 0 for answers that repeat",
+            Some("seed"),
+        ));
+    }
+    Ok(())
+}
+
+fn stop_sequences(stop: Option<&serde_json::Value>) -> Result<Vec<String>, ApiError> {
+    let bad =
+        || bad_request(format!("stop must be a string or a list of up to {MAX_STOP_SEQUENCES} strings"), Some("stop"));
+    let stops = match stop {
+        None | Some(serde_json::Value::Null) => vec![],
+        Some(serde_json::Value::String(s)) => vec![s.clone()],
+        Some(serde_json::Value::Array(items)) => {
+            items.iter().map(|i| i.as_str().map(String::from).ok_or_else(bad)).collect::<Result<Vec<_>, _>>()?
+        }
+        Some(_) => return Err(bad()),
+    };
+    if stops.len() > MAX_STOP_SEQUENCES || stops.iter().any(String::is_empty) {
+        return Err(bad());
+    }
+    // mistral.rs 0.8.1 matches a stop sequence that is one token as that token only, so
+    // "Paris" would not stop " Paris" (another token): the variant with a leading space
+    // is given too.
+    let spaced =
+        stops.iter().filter(|s| !s.starts_with(char::is_whitespace)).map(|s| format!(" {s}")).collect::<Vec<_>>();
+    Ok(stops.into_iter().chain(spaced).collect())
+}
+
+fn max_tokens(requested: Option<&serde_json::Number>, limits: &HttpLimits) -> Result<u32, ApiError> {
+    match requested {
+        None => Ok(limits.default_max_tokens),
+        Some(n) => match n.as_u64() {
+            Some(n) if n >= 1 && n <= limits.max_tokens_cap as u64 => Ok(n as u32),
+            _ => Err(bad_request(
+                format!("max_tokens {n} must be a whole number from 1 to {}", limits.max_tokens_cap),
+                Some("max_tokens"),
+            )),
+        },
+    }
+}
+
+pub(crate) fn build_request(req: &ChatRequest, limits: &HttpLimits) -> Result<RequestBuilder, ApiError> {
+    if req.messages.is_empty() {
+        return Err(bad_request("messages must not be empty", Some("messages")));
+    }
+    let mut messages = TextMessages::new();
+    for (i, m) in req.messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => TextMessageRole::System,
+            "user" => TextMessageRole::User,
+            "assistant" => TextMessageRole::Assistant,
+            other => {
+                return Err(bad_request(
+                    format!("messages[{i}].role {other:?} is not one of system, developer, user, assistant"),
+                    Some("messages"),
+                ))
+            }
+        };
+        let text = m
+            .content
+            .as_ref()
+            .and_then(message_text)
+            .ok_or_else(|| bad_request(format!("messages[{i}].content must be text"), Some("messages")))?;
+        if text.trim().is_empty() {
+            return Err(bad_request(format!("messages[{i}].content is empty"), Some("messages")));
+        }
+        messages = messages.add_message(role, text);
+    }
+    let s = sampling(&req.common, req.max_completion_tokens.as_ref(), limits)?;
+    let mut builder = RequestBuilder::from(messages);
+    if let Some(t) = s.temperature {
+        builder = if t == 0.0 { builder.set_deterministic_sampler() } else { builder.set_sampler_temperature(t) };
+    }
+    if let Some(p) = s.top_p {
+        builder = builder.set_sampler_topp(p);
+    }
+    if !s.stop.is_empty() {
+        builder = builder.set_sampler_stop_toks(StopTokens::Seqs(s.stop));
+    }
+    if let Some(p) = s.frequency_penalty {
+        builder = builder.set_sampler_frequency_penalty(p);
+    }
+    if let Some(p) = s.presence_penalty {
+        builder = builder.set_sampler_presence_penalty(p);
+    }
+    // After set_deterministic_sampler, which resets the length.
+    Ok(builder.set_sampler_max_len(s.max_tokens as usize))
+}
+
+/// The engine's sampling settings for a plain completion.
+pub(crate) fn completion_sampling(common: &CommonParams, limits: &HttpLimits) -> Result<SamplingParams, ApiError> {
+    let s = sampling(common, None, limits)?;
+    let mut params = SamplingParams::deterministic();
+    params.max_len = Some(s.max_tokens as usize);
+    params.temperature = s.temperature.filter(|t| *t > 0.0);
+    params.top_p = s.top_p;
+    params.stop_toks = (!s.stop.is_empty()).then_some(StopTokens::Seqs(s.stop));
+    params.frequency_penalty = s.frequency_penalty;
+    params.presence_penalty = s.presence_penalty;
+    Ok(params)
+}
