@@ -200,18 +200,40 @@ pub fn rollout(cmd: RolloutCommandArgs) -> Result<()> {
         RolloutCommandArgs::Abort(a) | RolloutCommandArgs::Rollback { args: a, to: None } => (a, CommandAction::Abort),
         RolloutCommandArgs::Rollback { args, to: Some(to) } => (args, CommandAction::RollBackTo { to }),
     };
-    let key = slmesh_protocol::SecretKey::load(&args.publisher_key, slmesh_protocol::KeyKind::Publisher)
-        .with_context(|| format!("cannot load publisher key {}", args.publisher_key.display()))?;
-    let issued_at =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (addr, token) = args.node.resolve()?;
-    let fleet = fleet_or_the_nodes(args.fleet, &addr, &token)?;
-    let command = RolloutCommand { model: args.model, version: args.version, action, issued_at, fleet };
-    let signed = SignedCommand::sign(&command, &key)?;
-    let body = serde_json::json!({ "command_hex": hex::encode(signed.to_bytes()?) });
-    let answer = call(agent().post(&format!("http://{addr}/v1/rollouts/command")), &token, Some(body))?;
-    println!("{}", answer["message"].as_str().unwrap_or("accepted"));
-    Ok(())
+    let op = Operator::new(&args.publisher_key, &args.node, args.fleet)?;
+    let command =
+        RolloutCommand { model: args.model, version: args.version, action, issued_at: op.now, fleet: op.fleet.clone() };
+    let signed = SignedCommand::sign(&command, &op.key)?;
+    op.send("/v1/rollouts/command", "command_hex", signed.to_bytes()?)
+}
+
+/// What an operator's signed order needs: the publisher key, the node to give it to, the
+/// fleet it is for (the node's unless given) and the time.
+struct Operator {
+    key: slmesh_protocol::SecretKey,
+    addr: String,
+    token: Option<String>,
+    fleet: String,
+    now: u64,
+}
+
+impl Operator {
+    fn new(publisher_key: &std::path::Path, node: &NodeAddrArgs, fleet: Option<String>) -> Result<Self> {
+        let key = slmesh_protocol::SecretKey::load(publisher_key, slmesh_protocol::KeyKind::Publisher)
+            .with_context(|| format!("cannot load publisher key {}", publisher_key.display()))?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let (addr, token) = node.resolve()?;
+        let fleet = fleet_or_the_nodes(fleet, &addr, &token)?;
+        Ok(Operator { key, addr, token, fleet, now })
+    }
+
+    /// Posts the signed bytes as `{field: hex}` and prints the node's answer.
+    fn send(&self, path: &str, field: &str, signed: Vec<u8>) -> Result<()> {
+        let body = serde_json::json!({ field: hex::encode(signed) });
+        let answer = call(agent().post(&format!("http://{}{path}", self.addr)), &self.token, Some(body))?;
+        println!("{}", answer["message"].as_str().unwrap_or("accepted"));
+        Ok(())
+    }
 }
 
 #[derive(Args)]
@@ -238,17 +260,10 @@ pub fn revoke(args: RevokeArgs) -> Result<()> {
     if args.reason.len() > MAX_REASON_BYTES {
         anyhow::bail!("the reason is {} bytes long, at most {MAX_REASON_BYTES}", args.reason.len());
     }
-    let key = slmesh_protocol::SecretKey::load(&args.publisher_key, slmesh_protocol::KeyKind::Publisher)
-        .with_context(|| format!("cannot load publisher key {}", args.publisher_key.display()))?;
-    let issued_at =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (addr, token) = args.node.resolve()?;
-    let fleet = fleet_or_the_nodes(args.fleet, &addr, &token)?;
-    let signed = SignedRevocation::sign(&Revocation { node, issued_at, reason: args.reason, fleet }, &key)?;
-    let body = serde_json::json!({ "revocation_hex": hex::encode(signed.to_bytes()?) });
-    let answer = call(agent().post(&format!("http://{addr}/v1/revocations")), &token, Some(body))?;
-    println!("{}", answer["message"].as_str().unwrap_or("accepted"));
-    Ok(())
+    let op = Operator::new(&args.publisher_key, &args.node, args.fleet)?;
+    let revocation = Revocation { node, issued_at: op.now, reason: args.reason, fleet: op.fleet.clone() };
+    let signed = SignedRevocation::sign(&revocation, &op.key)?;
+    op.send("/v1/revocations", "revocation_hex", signed.to_bytes()?)
 }
 
 /// The fleet given, or else the one the node says it is in.

@@ -94,21 +94,31 @@ async fn revoke(State(s): State<ApiState>, headers: HeaderMap, body: axum::body:
     authorized(&s.http, &headers)?;
     let request: RevocationRequest =
         serde_json::from_slice(&body).map_err(|e| invalid(format!("body is not a revocation request: {e}")))?;
-    let bytes = hex::decode(request.revocation_hex.trim()).map_err(|e| invalid(format!("revocation_hex: {e}")))?;
-    let signed = SignedRevocation::from_bytes(&bytes).map_err(|e| invalid(format!("revocation: {e}")))?;
-    match s.control.revoke(signed).await {
-        Ok(message) => Ok(Json(serde_json::json!({ "accepted": true, "message": message })).into_response()),
-        Err(message) => Err(api_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", message, None)),
-    }
+    let signed = from_hex(&request.revocation_hex, "revocation", SignedRevocation::from_bytes)?;
+    answered(s.control.revoke(signed).await)
 }
 
 async fn command(State(s): State<ApiState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, ApiError> {
     authorized(&s.http, &headers)?;
     let request: CommandRequest =
         serde_json::from_slice(&body).map_err(|e| invalid(format!("body is not a command request: {e}")))?;
-    let bytes = hex::decode(request.command_hex.trim()).map_err(|e| invalid(format!("command_hex: {e}")))?;
-    let signed = SignedCommand::from_bytes(&bytes).map_err(|e| invalid(format!("command: {e}")))?;
-    match s.control.command(signed).await {
+    let signed = from_hex(&request.command_hex, "command", SignedCommand::from_bytes)?;
+    answered(s.control.command(signed).await)
+}
+
+/// Signed bytes sent as hex, decoded.
+fn from_hex<T>(
+    text: &str,
+    what: &str,
+    decode: impl FnOnce(&[u8]) -> Result<T, slmesh_protocol::ProtocolError>,
+) -> Result<T, ApiError> {
+    let bytes = hex::decode(text.trim()).map_err(|e| invalid(format!("{what}_hex: {e}")))?;
+    decode(&bytes).map_err(|e| invalid(format!("{what}: {e}")))
+}
+
+/// The node's answer to an operator's signed order.
+fn answered(result: Result<String, String>) -> Result<Response, ApiError> {
+    match result {
         Ok(message) => Ok(Json(serde_json::json!({ "accepted": true, "message": message })).into_response()),
         Err(message) => Err(api_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", message, None)),
     }

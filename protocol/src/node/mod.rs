@@ -37,8 +37,8 @@
 //!
 //! What survives a restart (`Persist`): manifests, each model's state (active, previous,
 //! staged, pinned), each version's record (first seen, wave open times, halt, this node's
-//! wave, failed activations), operator commands, revocations, and the peer book (for the canary floor).
-//! Metrics records, have records and connections are rebuilt from the fleet.
+//! wave, failed activations), operator commands, revocations, and the peer book (for the
+//! canary floor). Metrics records, have records and connections are rebuilt from the fleet.
 //!
 //! Piece scheduling within one blob is its own state machine, `swarm::PieceFetch`, which
 //! the driver runs for each `Output::Fetch` (crates/blobs over iroh-blobs; the
