@@ -1,5 +1,9 @@
 //! Variant selection: the first variant (publishers list them best first) that fits the
-//! node's memory, CPU architecture and tags.
+//! node's memory, CPU architecture and tags; on a CPU with the SIMD this engine's fast
+//! kernels use, the first fitting variant whose quantisation has such kernels goes before
+//! the others. candle 0.10.2 (under mistral.rs 0.8.1) has AVX2 and NEON kernels for Q4_0,
+//! Q8_0 and the K-quants and only scalar ones for Q4_1, Q5_0 and Q5_1: the demo model as
+//! Q4_1 decodes at 0.68× its Q4_0 re-quantisation here (BENCHMARKS.md).
 
 use crate::error::ProtocolError;
 use crate::manifest::{ModelManifest, Variant};
@@ -11,6 +15,14 @@ pub struct NodeFacts {
     /// As Rust names it: `x86_64`, `aarch64`, ...
     pub cpu_arch: String,
     pub tags: Tags,
+    /// The CPU has the SIMD the engine's fast kernels use (AVX2 on x86_64, NEON on aarch64).
+    pub simd: bool,
+}
+
+/// Whether this engine runs a quantisation (as the GGUF header names it) with SIMD kernels.
+pub fn has_fast_kernels(quantization: &str) -> bool {
+    let q = quantization.to_ascii_uppercase();
+    q == "Q4_0" || q == "Q8_0" || ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"].iter().any(|k| q.starts_with(k))
 }
 
 /// Why a variant does not fit, or `None` if it does.
@@ -30,13 +42,17 @@ pub fn misfit(variant: &Variant, facts: &NodeFacts) -> Option<String> {
 
 pub fn select_variant<'a>(manifest: &'a ModelManifest, facts: &NodeFacts) -> Result<&'a Variant, ProtocolError> {
     let mut reasons = Vec::new();
+    let mut fitting = Vec::new();
     for v in &manifest.variants {
         match misfit(v, facts) {
-            None => return Ok(v),
+            None => fitting.push(v),
             Some(why) => reasons.push(format!("{}: {why}", v.id)),
         }
     }
-    Err(ProtocolError::NoVariantFits { name: manifest.name.clone(), reasons: reasons.join("; ") })
+    let fast = fitting.iter().find(|v| facts.simd && has_fast_kernels(&v.quantization));
+    fast.or(fitting.first())
+        .copied()
+        .ok_or_else(|| ProtocolError::NoVariantFits { name: manifest.name.clone(), reasons: reasons.join("; ") })
 }
 
 #[cfg(test)]
@@ -49,6 +65,7 @@ mod tests {
             ram_bytes: ram_mib << 20,
             cpu_arch: arch.into(),
             tags: tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            simd: false,
         }
     }
 
@@ -70,6 +87,26 @@ mod tests {
         assert_eq!(select_variant(&m, &facts(8192, "x86_64", &[("class", "workstation")])).unwrap().id, "q8_0");
         assert_eq!(select_variant(&m, &facts(8192, "x86_64", &[("class", "gateway")])).unwrap().id, "q4_1");
         assert_eq!(select_variant(&m, &facts(1024, "aarch64", &[("class", "workstation")])).unwrap().id, "q4_1");
+    }
+
+    #[test]
+    fn a_cpu_with_simd_takes_the_first_fitting_variant_with_fast_kernels() {
+        let mut m = sample_manifest(1);
+        let q4_1 = m.variants[0].clone();
+        let mut q4_0 = q4_1.clone();
+        (q4_0.id, q4_0.quantization) = ("q4_0".into(), "Q4_0".into());
+        let mut big = q4_1.clone();
+        (big.id, big.quantization, big.min_ram_bytes) = ("q8_0".into(), "Q8_0".into(), 4096 << 20);
+        m.variants = vec![big, q4_1, q4_0];
+        let mut f = facts(1024, "x86_64", &[]);
+        assert_eq!(select_variant(&m, &f).unwrap().id, "q4_1", "no SIMD: the publisher's order");
+        f.simd = true;
+        assert_eq!(select_variant(&m, &f).unwrap().id, "q4_0", "Q4_1 runs on scalar kernels");
+        f.ram_bytes = 8192 << 20;
+        assert_eq!(select_variant(&m, &f).unwrap().id, "q8_0", "the first fast one that fits");
+        m.variants.retain(|v| v.id == "q4_1");
+        assert_eq!(select_variant(&m, &f).unwrap().id, "q4_1", "a slow one rather than none");
+        assert!(has_fast_kernels("Q4_K_M") && has_fast_kernels("q6_k") && !has_fast_kernels("Q5_1"));
     }
 
     #[test]

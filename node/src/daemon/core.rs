@@ -107,6 +107,7 @@ impl Driver {
                 ram_bytes: total_ram_bytes(),
                 cpu_arch: std::env::consts::ARCH.to_string(),
                 tags: enrollment.tags.clone(),
+                simd: cpu_has_simd(),
             },
             ..NodeConfig::default()
         };
@@ -596,4 +597,14 @@ fn total_ram_bytes() -> u64 {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// Whether this CPU has the SIMD candle's fast quantised kernels use.
+fn cpu_has_simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx2");
+    #[cfg(target_arch = "aarch64")]
+    return true; // NEON is part of every aarch64 CPU.
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    return false;
 }

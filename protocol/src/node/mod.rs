@@ -106,7 +106,7 @@ impl Default for NodeConfig {
             fetch_retry_max_ms: 60_000,
             hello_retry_ms: 1_000,
             hello_attempts: 5,
-            facts: NodeFacts { ram_bytes: 0, cpu_arch: String::new(), tags: Tags::new() },
+            facts: NodeFacts { ram_bytes: 0, cpu_arch: String::new(), tags: Tags::new(), simd: false },
         }
     }
 }

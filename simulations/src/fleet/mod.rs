@@ -274,7 +274,7 @@ impl FleetSpec {
                 metrics_ttl_secs: 30,
                 sync_interval_ms: 3_000,
                 rollout_tick_ms: 1_000,
-                facts: NodeFacts { ram_bytes: 8 << 30, cpu_arch: "x86_64".into(), tags: Tags::new() },
+                facts: NodeFacts { ram_bytes: 8 << 30, cpu_arch: "x86_64".into(), tags: Tags::new(), simd: true },
                 ..NodeConfig::default()
             },
         }
