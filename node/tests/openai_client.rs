@@ -1,0 +1,59 @@
+//! The official `openai` Python client (PyPI) against `slmesh serve` with the demo model:
+//! chat, streaming with usage, stop sequences, completions, models, and the 400s for
+//! what the node does not support. The client is installed once into a venv under
+//! `~/.cache/slmesh-tools`.
+
+use slmesh_e2e::demo_model;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+const OPENAI_VERSION: &str = "3.57.0";
+
+/// A Python with the pinned `openai` package.
+fn python_with_openai() -> PathBuf {
+    let home = std::env::var("HOME").expect("HOME");
+    let venv = PathBuf::from(home).join(format!(".cache/slmesh-tools/openai-{OPENAI_VERSION}"));
+    let python = venv.join("bin/python");
+    let has_it = || Command::new(&python).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    if !has_it() {
+        let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().expect("python3 -m venv");
+        assert!(made.success(), "cannot make a venv at {}", venv.display());
+        let pip = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", &format!("openai=={OPENAI_VERSION}")])
+            .status()
+            .expect("pip");
+        assert!(pip.success(), "cannot install openai {OPENAI_VERSION} from PyPI");
+    }
+    assert!(has_it(), "openai does not import in {}", venv.display());
+    python
+}
+
+#[test]
+fn the_official_openai_client_gets_what_it_asks_for_or_a_clear_400() {
+    let python = python_with_openai();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_slmesh"))
+        .args([
+            "serve",
+            "--model",
+            demo_model().to_str().expect("path"),
+            "--name",
+            "smollm2",
+            "--http-bind",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start slmesh serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
+    let addr = line.trim().rsplit("http://").next().unwrap_or_default().to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/openai_client.py");
+    let out =
+        Command::new(&python).arg(script).arg(format!("http://{addr}/v1")).arg("smollm2").output().expect("python");
+    let _ = child.kill();
+    let _ = child.wait();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.trim() == "ok", "{said}\n{}", String::from_utf8_lossy(&out.stderr));
+}
