@@ -351,11 +351,13 @@ impl BlobNode {
         for (hash, size) in files {
             let missing = size.saturating_sub(self.local_bytes(hash).await?);
             // The outboard (about 1/256 of the data), and the staged copy.
-            needed = needed.saturating_add(missing + missing / 128).saturating_add(*size);
+            needed = needed.saturating_add(missing.saturating_add(missing / 128)).saturating_add(*size);
         }
         let available = fs2::available_space(&self.store_dir).map_err(|e| BlobError::StoreOp(e.to_string()))?;
         // The database and logs keep a margin.
         let with_margin = needed.saturating_add(16 << 20);
+        // Conservative: what other fetches wrote already is both gone from `available`
+        // and still in their reservations.
         let reserved = self.reserved.fetch_add(needed, Ordering::SeqCst);
         let reservation = Reservation { reserved: self.reserved.clone(), bytes: needed };
         if available.saturating_sub(reserved) < with_margin {
