@@ -277,6 +277,44 @@ fn a_full_queue_answers_429_and_the_node_recovers() {
 }
 
 #[cfg(unix)]
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok());
+    kib.unwrap_or(0.0) / 1024.0
+}
+
+#[test]
+fn ten_times_the_concurrency_gets_429s_memory_stays_bounded_and_service_recovers() {
+    let node = start(&["--max-concurrent", "2", "--max-waiting", "4"]);
+    let addr = node.addr.clone();
+    chat_ok(&addr);
+    let pid = node.child.id();
+    let before = rss_mib(pid);
+    let body = r#"{"messages":[{"role":"user","content":"Tell me about rivers."}],"max_tokens":32,"temperature":0}"#;
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || post(&addr, body).0)
+        })
+        .collect();
+    let mut peak = before;
+    while !clients.iter().all(|c| c.is_finished()) {
+        peak = peak.max(rss_mib(pid));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let statuses: Vec<u16> = clients.into_iter().map(|c| c.join().expect("client")).collect();
+    let (ok, busy) = (statuses.iter().filter(|s| **s == 200).count(), statuses.iter().filter(|s| **s == 429).count());
+    assert_eq!(ok + busy, 20, "only 200 or 429: {statuses:?}");
+    assert!(ok >= 2 && busy >= 1, "{statuses:?}");
+    println!(
+        "20 clients at concurrency 2: {ok} answered, {busy} told 429; RSS {before:.0} MiB before, peak {peak:.0} MiB"
+    );
+    assert!(peak < before + 100.0, "RSS grew from {before:.0} to {peak:.0} MiB under load");
+    // Service is back at once.
+    chat_ok(&addr);
+}
+
 #[test]
 fn sigterm_lets_the_request_in_flight_finish_then_stops() {
     let mut node = start(&[]);
