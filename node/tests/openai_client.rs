@@ -3,10 +3,9 @@
 //! what the node does not support. The client is installed once into a venv under
 //! `~/.cache/slmesh-tools`.
 
-use slmesh_e2e::demo_model;
-use std::io::{BufRead, BufReader};
+use slmesh_e2e::serve::serve_demo;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 const OPENAI_VERSION: &str = "3.57.0";
 
@@ -32,28 +31,15 @@ fn python_with_openai() -> PathBuf {
 #[test]
 fn the_official_openai_client_gets_what_it_asks_for_or_a_clear_400() {
     let python = python_with_openai();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_slmesh"))
-        .args([
-            "serve",
-            "--model",
-            demo_model().to_str().expect("path"),
-            "--name",
-            "smollm2",
-            "--http-bind",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start slmesh serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
-    let addr = line.trim().rsplit("http://").next().unwrap_or_default().to_string();
+    let node = serve_demo(env!("CARGO_BIN_EXE_slmesh").as_ref(), &[]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/openai_client.py");
-    let out =
-        Command::new(&python).arg(script).arg(format!("http://{addr}/v1")).arg("smollm2").output().expect("python");
-    let _ = child.kill();
-    let _ = child.wait();
+    let out = Command::new(&python)
+        .arg(script)
+        .arg(format!("http://{}/v1", node.addr))
+        .arg("smollm2")
+        .output()
+        .expect("python");
+    drop(node);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && said.trim() == "ok", "{said}\n{}", String::from_utf8_lossy(&out.stderr));
 }

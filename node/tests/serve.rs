@@ -1,43 +1,12 @@
 //! `slmesh serve` as a real process with the demo model: answers, and bad input that
 //! gets a 4xx JSON error while the node keeps serving.
 
-use slmesh_e2e::{demo_model, http, http_as, post_json};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use slmesh_e2e::serve::{serve_demo, Served};
+use slmesh_e2e::{http, http_as, post_json};
+use std::process::Command;
 
-struct Node {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(extra: &[&str]) -> Node {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_slmesh"))
-        .args([
-            "serve",
-            "--model",
-            demo_model().to_str().expect("UTF-8 path"),
-            "--name",
-            "smollm2",
-            "--http-bind",
-            "127.0.0.1:0",
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start slmesh serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
-    let addr = line.trim().rsplit("http://").next().unwrap_or_default().to_string();
-    assert!(line.starts_with("serving smollm2@1"), "unexpected: {line:?}");
-    Node { child, addr }
+fn start(extra: &[&str]) -> Served {
+    serve_demo(env!("CARGO_BIN_EXE_slmesh").as_ref(), extra)
 }
 
 fn post(addr: &str, body: impl Into<Vec<u8>>) -> (u16, serde_json::Value) {

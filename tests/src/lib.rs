@@ -3,6 +3,7 @@
 
 pub mod fleet;
 pub mod rollout_rig;
+pub mod serve;
 mod tiny_gguf;
 
 pub use tiny_gguf::tiny_llama_gguf;

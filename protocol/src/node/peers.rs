@@ -1,7 +1,7 @@
 //! Peers: the admission handshake, anti-entropy, and what gossip and requests bring in.
 
 use super::{HelloRetry, Level, Node, Output, Peer, Persist, RequestKind};
-use crate::fleet::{verify_metrics, CommandAction, SignedCommand, SignedMetrics};
+use crate::fleet::{verify_metrics, CommandAction, RolloutCommand, SignedCommand, SignedMetrics};
 use crate::identity::NodeId;
 use crate::manifest::SignedManifest;
 use crate::mesh::{
@@ -275,8 +275,8 @@ impl Node {
                 Ok(c) => match self.trust.open(&c) {
                     Err(e) => GossipVerdict::Reject(e.to_string()),
                     Ok(_) => match self.take_command(now, c) {
-                        Ok(true) => GossipVerdict::Accept,
-                        Ok(false) => GossipVerdict::Ignore("already held".into()),
+                        Ok((_, true)) => GossipVerdict::Accept,
+                        Ok((_, false)) => GossipVerdict::Ignore("already held".into()),
                         // Signed by a trusted publisher: not the forwarder's fault.
                         Err(why) => GossipVerdict::Ignore(why),
                     },
@@ -355,13 +355,12 @@ impl Node {
         self.signed_metrics.retain(|n, _| fleet.record(n).is_some());
     }
 
-    /// Records an operator command signed by a trusted publisher; returns whether it is new.
-    /// Takes a command signed by a trusted publisher: Ok(true) if it is new. Refused: one
+    /// Takes a command signed by a trusted publisher, returned with whether it is new. Refused: one
     /// issued more than `MAX_COMMAND_CLOCK_SKEW_SECS` ahead of this node's clock (it would
     /// outrank every later command for as long as that clock lags; anti-entropy offers it
     /// again), and, once a version holds `MAX_COMMANDS_PER_VERSION`, any but an abort or
     /// a roll-back (which end the rollout, so they must always get in).
-    pub(super) fn take_command(&mut self, now: u64, signed: SignedCommand) -> Result<bool, String> {
+    pub(super) fn take_command(&mut self, now: u64, signed: SignedCommand) -> Result<(RolloutCommand, bool), String> {
         let (command, publisher) = self.trust.open(&signed).map_err(|e| e.to_string())?;
         same_fleet("the command", &command.fleet, &self.fleet_id).map_err(|e| e.to_string())?;
         let ahead = command.issued_at.saturating_sub(now / 1000);
@@ -373,7 +372,7 @@ impl Node {
         let ends = matches!(command.action, CommandAction::Abort | CommandAction::RollBackTo { .. });
         let held = self.commands.entry((command.model.clone(), command.version)).or_default();
         if held.contains(&signed) {
-            return Ok(false);
+            return Ok((command, false));
         }
         let cap = if ends { 2 * MAX_COMMANDS_PER_VERSION } else { MAX_COMMANDS_PER_VERSION };
         if held.len() >= cap {
@@ -389,12 +388,12 @@ impl Node {
             format!("operator command {:?} for version {} signed by {publisher}", command.action, command.version)
                 .to_lowercase(),
         );
-        Ok(true)
+        Ok((command, true))
     }
 
     pub(super) fn on_command(&mut self, now: u64, signed: SignedCommand) -> Result<String, String> {
-        let (c, _) = self.trust.open(&signed).map_err(|e| format!("the command is not accepted here: {e}"))?;
-        self.take_command(now, signed.clone()).map_err(|e| format!("the command is not accepted here: {e}"))?;
+        let (c, _) =
+            self.take_command(now, signed.clone()).map_err(|e| format!("the command is not accepted here: {e}"))?;
         match signed.to_bytes() {
             Ok(data) => self.outputs.push_back(Output::Gossip { topic: TOPIC_COMMANDS, data }),
             Err(e) => return Err(format!("cannot encode the command: {e}")),

@@ -15,10 +15,9 @@ impl Node {
     }
 
     fn on_revoke(&mut self, signed: SignedRevocation) -> Result<String, String> {
-        let refused = |e: String| format!("the revocation is not accepted here: {e}");
-        let (revocation, _) = verify_revocation(&signed, &self.trust).map_err(|e| refused(e.to_string()))?;
-        let news = self.take_revocation(signed.clone()).map_err(refused)?;
         let data = signed.to_bytes().map_err(|e| format!("cannot encode the revocation: {e}"))?;
+        let (revocation, news) =
+            self.take_revocation(signed).map_err(|e| format!("the revocation is not accepted here: {e}"))?;
         self.outputs.push_back(Output::Gossip { topic: TOPIC_REVOCATIONS, data });
         let node = revocation.node.short();
         Ok(if news {
@@ -34,26 +33,26 @@ impl Node {
             Err(e) => return GossipVerdict::Reject(e.to_string()),
         };
         match self.take_revocation(signed) {
-            Ok(true) => GossipVerdict::Accept,
-            Ok(false) => GossipVerdict::Ignore("held already".into()),
+            Ok((_, true)) => GossipVerdict::Accept,
+            Ok((_, false)) => GossipVerdict::Ignore("held already".into()),
             Err(why) => GossipVerdict::Reject(why),
         }
     }
 
-    /// Takes a revocation signed by a trusted publisher: Ok(true) if it is news, and then
-    /// the revoked node is dropped and forgotten here.
-    pub(super) fn take_revocation(&mut self, signed: SignedRevocation) -> Result<bool, String> {
+    /// Takes a revocation signed by a trusted publisher, returned with whether it is news;
+    /// if it is, the revoked node is dropped and forgotten here.
+    pub(super) fn take_revocation(&mut self, signed: SignedRevocation) -> Result<(Revocation, bool), String> {
         let (revocation, publisher) = verify_revocation(&signed, &self.trust).map_err(|e| e.to_string())?;
         crate::trust::same_fleet("the revocation", &revocation.fleet, &self.fleet_id).map_err(|e| e.to_string())?;
         if !self.revoked.insert(revocation.clone(), signed.clone()).map_err(|why| {
             self.event(None, Level::Warn, format!("a revocation was dropped: {why}"));
             why
         })? {
-            return Ok(false);
+            return Ok((revocation, false));
         }
         self.persist(Persist::Revocation(signed));
         self.enforce(&revocation, &publisher);
-        Ok(true)
+        Ok((revocation, true))
     }
 
     /// Restores revocations taken before a restart (no event, no persist).
