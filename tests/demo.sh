@@ -25,6 +25,11 @@ cleanup() {
 trap cleanup EXIT
 
 "$slmesh" publisher keygen --out ops.key
+# Every node's API needs a bearer token (an OpenAI client's API key). Without
+# --bearer-token, init makes a fresh one per node; the demo gives its three nodes one, which
+# every slmesh command below reads from SLMESH_BEARER_TOKEN.
+SLMESH_BEARER_TOKEN="$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
+export SLMESH_BEARER_TOKEN
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 rss_mib() { awk '/VmRSS/ {printf "%.0f MiB", $2/1024}' "/proc/$1/status"; }
 
@@ -33,7 +38,8 @@ start_node() { # name site [bootstrap]; sets $addr (not in a subshell, so $pids 
   local extra=()
   [ -n "$boot" ] && extra=(--bootstrap "$boot")
   "$slmesh" init --config "$name/slmesh.toml" --tag "site=$site" --trust "ops=$(cat ops.key.pub)" \
-    --http-bind 127.0.0.1:0 --listen /ip4/127.0.0.1/tcp/0 --blobs-bind 127.0.0.1:0 --no-mdns "${extra[@]}" >/dev/null
+    --http-bind 127.0.0.1:0 --listen /ip4/127.0.0.1/tcp/0 --blobs-bind 127.0.0.1:0 --no-mdns \
+    --bearer-token "$SLMESH_BEARER_TOKEN" "${extra[@]}" >/dev/null
   local id
   id="$("$slmesh" keygen --config "$name/slmesh.toml" | sed -n 's/^node id: *//p')"
   "$slmesh" enroll --publisher-key ops.key --node "$id" --tag "site=$site" --out "$name/slmesh-data/node.cert" >/dev/null
@@ -87,11 +93,12 @@ done
 
 echo "== a chat completion on node3, which fetched the model from a peer"
 python3 - "$addr3" <<'PY'
-import json, sys, urllib.request
+import json, os, sys, urllib.request
 body = {"model": "smollm2-135m-instruct", "max_tokens": 40, "temperature": 0,
         "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]}
 req = urllib.request.Request(f"http://{sys.argv[1]}/v1/chat/completions", json.dumps(body).encode(),
-                             {"Content-Type": "application/json"})
+                             {"Content-Type": "application/json",
+                              "Authorization": "Bearer " + os.environ["SLMESH_BEARER_TOKEN"]})
 r = json.load(urllib.request.urlopen(req, timeout=120))
 print("answer:", r["choices"][0]["message"]["content"].strip())
 print("usage:", r["usage"]["prompt_tokens"], "prompt tokens,", r["usage"]["completion_tokens"], "completion tokens")

@@ -16,15 +16,22 @@ pub struct NodeAddrArgs {
     /// The node's HTTP address instead (e.g. 127.0.0.1:8080).
     #[arg(long)]
     pub node: Option<String>,
-    /// Bearer token, if the node needs one (default: the config's).
-    #[arg(long, env = "SLMESH_BEARER_TOKEN")]
+    /// The node's API token (default: the config's http.bearer_token, else the one the
+    /// node made in its data folder, data_dir/api-token).
+    #[arg(long, env = "SLMESH_BEARER_TOKEN", hide_env_values = true)]
     pub bearer_token: Option<String>,
 }
 
 impl NodeAddrArgs {
     fn resolve(&self) -> Result<(String, Option<String>)> {
         if let Some(addr) = &self.node {
-            return Ok((addr.clone(), self.bearer_token.clone()));
+            // Another node's address: its token comes from the flag, or from the config
+            // when there is one (the node may be this machine's, on another address).
+            let token = match &self.bearer_token {
+                Some(t) => Some(t.clone()),
+                None => Config::load(&self.config).ok().and_then(|c| c.api_token().ok().flatten()),
+            };
+            return Ok((addr.clone(), token));
         }
         let config = Config::load(&self.config)?;
         let mut addr = config.http.bind.clone();
@@ -32,7 +39,11 @@ impl NodeAddrArgs {
         if let Some(port) = addr.strip_prefix("0.0.0.0:") {
             addr = format!("127.0.0.1:{port}");
         }
-        Ok((addr, self.bearer_token.clone().or(config.http.bearer_token)))
+        let token = match &self.bearer_token {
+            Some(t) => Some(t.clone()),
+            None => config.api_token()?,
+        };
+        Ok((addr, token))
     }
 }
 
@@ -55,6 +66,12 @@ fn call(req: ureq::Request, token: &Option<String>, body: Option<serde_json::Val
         Err(ureq::Error::Status(code, resp)) => {
             let body: serde_json::Value = resp.into_json().unwrap_or_default();
             let message = body["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| body.to_string());
+            if code == 401 {
+                bail!(
+                    "the node answered 401: {message} (give its API token with --bearer-token or \
+                     SLMESH_BEARER_TOKEN; it is the config's http.bearer_token, or data_dir/api-token)"
+                )
+            }
             bail!("the node answered {code}: {message}")
         }
         Err(e) => Err(anyhow!("cannot reach the node at {url}: {e} (is `slmesh node run` running?)")),

@@ -8,6 +8,16 @@ use slmesh_protocol::TrustStore;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The shortest API token a config may set (a made one has 64 hex digits).
+const MIN_TOKEN_CHARS: usize = 16;
+
+/// A fresh API token: 32 random bytes, in hex.
+pub fn new_api_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+    hex::encode(bytes)
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -170,6 +180,25 @@ impl Config {
     }
 
     /// Reads and checks a config file; relative paths in it become relative to its folder.
+    /// Where `slmesh node run` keeps the API token it made when the config sets none.
+    pub fn api_token_path(&self) -> PathBuf {
+        self.data_dir.join("api-token")
+    }
+
+    /// The API token: the config's, else the one in `api_token_path` (if there is one).
+    pub fn api_token(&self) -> Result<Option<String>> {
+        if let Some(t) = &self.http.bearer_token {
+            return Ok(Some(t.clone()));
+        }
+        let path = self.api_token_path();
+        match std::fs::read_to_string(&path) {
+            Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_string())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read the API token {}", path.display())),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {} (create one with `slmesh init`)", path.display()))?;
@@ -194,6 +223,11 @@ impl Config {
         }
         if self.network.blobs_bind.parse::<std::net::SocketAddr>().is_err() {
             bail!("network.blobs_bind {:?} is not an address like 0.0.0.0:4002", self.network.blobs_bind);
+        }
+        if let Some(t) = &self.http.bearer_token {
+            if t.len() < MIN_TOKEN_CHARS || t.chars().any(|c| !c.is_ascii_graphic()) {
+                bail!("http.bearer_token must be at least {MIN_TOKEN_CHARS} printable characters without spaces");
+            }
         }
         Ok(())
     }
@@ -259,10 +293,11 @@ impl Config {
         out.push_str("# OpenAI-compatible API and operations endpoints. Loopback by default, so\n");
         out.push_str("# prompts never leave this machine; widen it only behind your own access control.\n");
         out.push_str(&format!("bind = {}\n", q(&self.http.bind)));
-        out.push_str("# Require `Authorization: Bearer <token>` on every request:\n");
+        out.push_str("# Every request needs `Authorization: Bearer <token>` (OpenAI clients: the API key).\n");
+        out.push_str("# Without one here, `slmesh node run` makes one in data_dir/api-token.\n");
         match &self.http.bearer_token {
             Some(t) => out.push_str(&format!("bearer_token = {}\n", q(t))),
-            None => out.push_str("# bearer_token = \"change-me\"\n"),
+            None => out.push_str("# bearer_token = \"...\"\n"),
         }
         out.push_str("# Host names the API answers for besides IP addresses and localhost (other Host\n");
         out.push_str("# headers are refused: a web page cannot reach the node by DNS rebinding):\n");

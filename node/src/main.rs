@@ -116,6 +116,10 @@ mod config_cmd {
         /// Address of the HTTP API.
         #[arg(long, default_value = "127.0.0.1:8080")]
         pub http_bind: String,
+        /// The token every API request must carry (`Authorization: Bearer <token>`; an
+        /// OpenAI client's API key). Default: a fresh random one, written to the config.
+        #[arg(long)]
+        pub bearer_token: Option<String>,
         /// libp2p listen addresses (repeatable); default TCP and QUIC on port 4001.
         #[arg(long = "listen")]
         pub listen: Vec<String>,
@@ -163,6 +167,7 @@ mod config_cmd {
             config.trust.publishers.push(TrustedPublisher { name, key });
         }
         config.http.bind = args.http_bind;
+        config.http.bearer_token = Some(args.bearer_token.unwrap_or_else(crate::config::new_api_token));
         if !args.listen.is_empty() {
             config.network.listen = args.listen;
         }

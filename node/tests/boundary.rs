@@ -246,10 +246,136 @@ fn a_node_and_a_manifest_of_another_fleet_with_the_same_key_are_refused() {
     ]);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_slmesh"))
         .current_dir(fleet.path(""))
+        .env("SLMESH_BEARER_TOKEN", slmesh_e2e::TEST_TOKEN)
         .args(["publish", "--node", &prod.http, "--manifest", slm.to_str().expect("path")])
         .output()
         .expect("run publish");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("fleet \"staging\""), "{err}");
     assert!(prod.status()["models"].as_array().is_some_and(Vec::is_empty));
+}
+
+/// What an unenrolled libp2p peer that connects and never says hello got.
+struct SilentOutsider {
+    /// Gossip messages it was sent.
+    messages: usize,
+    /// Seconds from its connection until the node disconnected it (None: never).
+    dropped_after: Option<f64>,
+}
+
+/// Joins the node's mesh with a fresh key, subscribes to every slmesh topic, answers no
+/// request, and watches for `watch` (or until the node drops it).
+async fn silent_outsider(bootstrap: &str, watch: Duration, publish: impl FnOnce()) -> SilentOutsider {
+    use slmesh_mesh::{MeshConfig, MeshEvent};
+    use slmesh_protocol::mesh::{TOPIC_COMMANDS, TOPIC_MANIFESTS, TOPIC_METRICS, TOPIC_REVOCATIONS};
+    let config = MeshConfig {
+        keypair: libp2p_identity::Keypair::generate_ed25519(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+        bootstrap: vec![bootstrap.parse().expect("bootstrap address")],
+        mdns: false,
+        topics: [TOPIC_MANIFESTS, TOPIC_METRICS, TOPIC_COMMANDS, TOPIC_REVOCATIONS].map(String::from).to_vec(),
+        refusal_cooldown: Duration::from_secs(600),
+        discovery_interval: Duration::from_secs(60),
+    };
+    let (mesh, mut events) = slmesh_mesh::start(config).expect("outsider mesh");
+    let mut connected_at = None;
+    let mut publish = Some(publish);
+    let mut out = SilentOutsider { messages: 0, dropped_after: None };
+    let end = tokio::time::Instant::now() + watch;
+    while let Ok(Some(event)) = tokio::time::timeout_at(end, events.recv()).await {
+        match event {
+            MeshEvent::Connected { .. } => {
+                connected_at = Some(std::time::Instant::now());
+                if let Some(p) = publish.take() {
+                    tokio::task::block_in_place(p);
+                }
+            }
+            MeshEvent::Message { .. } => out.messages += 1,
+            MeshEvent::Disconnected { .. } => {
+                out.dropped_after = connected_at.map(|t| t.elapsed().as_secs_f64());
+                break;
+            }
+            _ => {}
+        }
+    }
+    mesh.shutdown().await;
+    out
+}
+
+#[test]
+fn an_unenrolled_peer_that_stays_silent_gets_no_gossip_and_is_dropped_within_the_deadline() {
+    let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
+    let model = tiny_llama_gguf(1, 0);
+    std::fs::write(fleet.path("tiny.gguf"), &model).expect("write model");
+    let node = fleet.node("a", "a", &[]).start();
+    let slm = fleet.signed_manifest("tiny", 1, "tiny.gguf");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    // Once the outsider is connected, the node publishes a manifest and gossips its metrics
+    // (every 5 s): flood publishing would send both to every connected subscriber.
+    let publish = || {
+        fleet.slmesh(&["publish", "--node", &node.http, "--manifest", slm.to_str().expect("path")]);
+    };
+    let seen = runtime.block_on(silent_outsider(&node.bootstrap_addr(), Duration::from_secs(60), publish));
+    node.wait_status("tiny@1 active", WAIT, |s| model_field(s, "tiny", "active") == Some(1));
+    assert_eq!(seen.messages, 0, "the outsider was sent gossip");
+    let after = seen.dropped_after.expect("the silent outsider was never dropped");
+    // The deadline is 20 s; the node looks at it with its next timer.
+    assert!((19.0..30.0).contains(&after), "dropped {after:.1} s after connecting");
+    let status = node.status();
+    let refused = status["refused_peers"].as_array().expect("refused peers");
+    assert!(refused.iter().any(|r| r[1].as_str().is_some_and(|w| w.contains("not admitted within 20 s"))), "{status}");
+}
+
+#[test]
+fn a_node_whose_config_sets_no_token_makes_one_and_requires_it() {
+    let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
+    let dir = fleet.node("a", "a", &[]);
+    // A config from before tokens were the default: no bearer_token line.
+    let text = std::fs::read_to_string(&dir.config).expect("config");
+    let without: String = text.lines().filter(|l| !l.starts_with("bearer_token")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&dir.config, without).expect("config");
+    let node = dir.start();
+    let path = dir.data.join("api-token");
+    let token = std::fs::read_to_string(&path).expect("the node made data_dir/api-token").trim().to_string();
+    assert_eq!(token.len(), 64, "{token}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("token file").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "api-token is mode {mode:o}");
+    }
+    let auth = format!("Bearer {token}");
+    // JSON, so that the browser guard (which looks before the token) lets the POSTs by.
+    let json = ("Content-Type", "application/json");
+    for (path, method) in
+        [("/v1/status", "GET"), ("/v1/models", "GET"), ("/v1/publish", "POST"), ("/v1/revocations", "POST")]
+    {
+        let (code, _) =
+            slmesh_e2e::http(&node.http, method, path, &[("Authorization", "Bearer wrong-token-000000"), json], vec![]);
+        assert_eq!(code, 401, "{method} {path} without the token");
+        let (code, _) = slmesh_e2e::http(&node.http, method, path, &[("Authorization", ""), json], vec![]);
+        assert_eq!(code, 401, "{method} {path} with an empty Authorization");
+    }
+    let (code, _) = slmesh_e2e::http(&node.http, "GET", "/v1/status", &[("Authorization", &auth)], vec![]);
+    assert_eq!(code, 200);
+    // The operator's commands on the node's machine find the token by its config (the
+    // address too, but this test's config binds port 0).
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_slmesh"))
+            .env_remove("SLMESH_BEARER_TOKEN")
+            .args(args)
+            .output()
+            .expect("run slmesh")
+    };
+    let config = dir.config.to_str().expect("path");
+    let out = run(&["status", "--node", &node.http, "--config", config, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&["status", "--node", &node.http, "--config", "/nonexistent.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("401") && err.contains("--bearer-token"), "{err}");
+    // A restart keeps the token.
+    let node = node.stop().start();
+    assert_eq!(std::fs::read_to_string(&path).expect("token").trim(), token);
+    let (code, _) = slmesh_e2e::http(&node.http, "GET", "/v1/status", &[("Authorization", &auth)], vec![]);
+    assert_eq!(code, 200);
 }

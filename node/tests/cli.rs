@@ -230,6 +230,13 @@ fn bad_arguments_get_clear_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("FRACTION:SOAK"));
     ok(d, &["init"]);
     assert!(fails(d, &["init"]).contains("--force"));
+    // The API needs a token by default: init makes a fresh one.
+    let config = std::fs::read_to_string(d.join("slmesh.toml")).unwrap();
+    let token = config.lines().find_map(|l| l.strip_prefix("bearer_token = ")).expect("a bearer token");
+    let token = token.trim_matches('"');
+    assert!(token.len() == 64 && token.chars().all(|c| c.is_ascii_hexdigit()), "{token}");
+    let err = fails(d, &["init", "--config", "short.toml", "--bearer-token", "abc"]);
+    assert!(err.contains("at least 16"), "{err}");
     // The config may hold the API's bearer token: only its owner may read it.
     #[cfg(unix)]
     {

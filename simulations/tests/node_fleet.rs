@@ -556,25 +556,32 @@ fn a_provider_that_takes_piece_requests_and_sends_nothing_loses_them_to_another(
 }
 
 #[test]
-fn a_peer_that_never_sends_a_hello_is_dropped_within_a_bounded_time() {
+fn a_peer_that_never_sends_a_hello_gets_no_gossip_and_is_dropped_within_the_deadline() {
     // Node 2 connects and stays silent: it answers no request, so it never presents a
-    // certificate. Its peers ask a bounded number of times (30 s transport timeout each,
-    // 1 s apart), then refuse it, which makes the driver disconnect and block it.
+    // certificate. Its peers gossip nothing to it, and refuse it once the admission
+    // deadline has passed (however long their hellos take to time out), which makes the
+    // driver disconnect and block it.
     let mut f = Fleet::new(FleetSpec::lan(3));
     f.nodes[2].silent = true;
     f.start_all();
-    let attempts = u64::from(f.spec.node_config.hello_attempts) + 1;
-    let bound = attempts * (30_000 + f.spec.node_config.hello_retry_ms) + 1_000;
-    f.run_for(bound * MS);
+    f.run_for(1_000 * MS);
+    let m = f.manifest(1, &[(1.0, 0)], Fleet::quick_gates(1));
+    f.publish(0, m).expect("publish");
+    f.run_for(5_000 * MS);
+    assert_eq!(f.active(1), Some(1), "the honest peer got the version by gossip: {:#?}", f.events_of(1));
+    assert_eq!(f.nodes[2].gossip_received, 0, "the silent peer was sent gossip");
+    let deadline = f.spec.node_config.admission_deadline_ms;
+    f.run_for((deadline + 1_000) * MS);
     for i in 0..2 {
         assert!(
-            f.refusals.iter().any(|(n, why)| *n == i && why.contains("no hello after")),
+            f.refusals.iter().any(|(n, why)| *n == i && why.contains("not admitted within")),
             "node {i} did not drop the silent peer: {:?}",
             f.refusals
         );
         assert!(!f.node(i).is_admitted(&f.id(2)));
     }
     assert!(f.node(0).is_admitted(&f.id(1)), "the honest peers admitted each other");
+    assert_eq!(f.nodes[2].gossip_received, 0, "the silent peer was sent gossip");
 }
 
 #[test]

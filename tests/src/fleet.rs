@@ -70,7 +70,12 @@ impl Fleet {
 
     /// Runs `slmesh ARGS` in the fleet folder; panics on failure; returns stdout.
     pub fn slmesh(&self, args: &[&str]) -> String {
-        run_ok(Command::new(&self.bin).current_dir(self.dir.path()).args(args))
+        run_ok(
+            Command::new(&self.bin)
+                .current_dir(self.dir.path())
+                .env("SLMESH_BEARER_TOKEN", crate::TEST_TOKEN)
+                .args(args),
+        )
     }
 
     /// An enrolled node (loopback only, mDNS off) with `extra` `slmesh init` arguments.
@@ -103,6 +108,7 @@ impl Fleet {
         let site_tag = format!("site={site}");
         let trust = format!("ops={}", self.ops_pub);
         let mut args = vec!["init", "--config", &config_s, "--tag", &site_tag, "--trust", &trust];
+        args.extend(["--bearer-token", crate::TEST_TOKEN]);
         args.extend(also_trust.iter().flat_map(|t| ["--trust", t]));
         args.extend(network);
         self.slmesh(&args);
@@ -216,6 +222,7 @@ impl Running {
             // The node's loopback is its namespace's: ask from inside it.
             let out = run_ok(
                 Command::new("ip")
+                    .env("SLMESH_BEARER_TOKEN", crate::TEST_TOKEN)
                     .args(["netns", "exec", ns])
                     .arg(&self.node.bin)
                     .args(["status", "--json", "--node", &self.http]),

@@ -13,6 +13,11 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The API token of every node the test fleets make (`slmesh init --bearer-token`); the
+/// HTTP helpers below send it unless a test gives its own `Authorization` header, and
+/// the fleet's `slmesh` commands get it as `SLMESH_BEARER_TOKEN`.
+pub const TEST_TOKEN: &str = "slmesh-test-token-0123456789";
+
 /// The demo model's GGUF (SmolLM2-135M-Instruct, Q4_1), fetched once into the cache by
 /// `tests/fetch-demo-model.sh`, or `$SLMESH_DEMO_GGUF`.
 pub fn demo_model() -> PathBuf {
@@ -47,6 +52,9 @@ pub fn http_as(
         format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("authorization")) {
+        head.push_str(&format!("Authorization: Bearer {TEST_TOKEN}\r\n"));
     }
     head.push_str("\r\n");
     stream.write_all(head.as_bytes()).expect("write head");

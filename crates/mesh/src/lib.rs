@@ -5,6 +5,13 @@
 //! ping (its round-trip times feed provider ranking); and a request-response protocol
 //! that carries the admission handshake and anti-entropy.
 //!
+//! A connected peer is outside the fleet until the node says it is admitted
+//! (`MeshHandle::admit`): until then its gossipsub score sits below the graylist
+//! threshold, so it is sent no publication, no IHAVE and no mesh slot, and what it sends
+//! is dropped; Kademlia neither lists it in the routing table (so no other peer learns of
+//! it here) nor stores a record for anyone. The node refuses it if it is not admitted
+//! within its deadline.
+//!
 //! This crate moves bytes and reports events; it decides nothing. The node reads every
 //! message through the protocol core and tells the mesh what to accept, whom to refuse
 //! and what to send.
@@ -17,7 +24,7 @@ use libp2p::{
     allow_block_list, identify, identity::Keypair, kad, mdns, noise, ping, request_response, tcp, yamux,
     StreamProtocol, Swarm,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
@@ -110,6 +117,7 @@ enum Command {
     Request { peer: PeerId, data: Vec<u8>, token: u64 },
     Respond { id: u64, data: Vec<u8> },
     Refuse { peer: PeerId },
+    Admit { peer: PeerId },
     Dial { addr: Multiaddr },
     Info { done: oneshot::Sender<MeshInfo> },
     Shutdown { done: oneshot::Sender<()> },
@@ -157,6 +165,11 @@ impl MeshHandle {
 
     pub fn respond(&self, id: u64, data: Vec<u8>) {
         self.send(Command::Respond { id, data });
+    }
+
+    /// The node admitted this peer: gossip flows to and from it, and Kademlia may list it.
+    pub fn admit(&self, peer: PeerId) {
+        self.send(Command::Admit { peer });
     }
 
     /// Disconnects a peer and refuses its connections and gossip from now on.
@@ -224,6 +237,8 @@ pub fn start(config: MeshConfig) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent
         refused: HashMap::new(),
         refusal_cooldown: config.refusal_cooldown,
         local_peers: HashMap::new(),
+        admitted: HashSet::new(),
+        listen_addrs: HashMap::new(),
     };
     tokio::spawn(driver.run());
     Ok((MeshHandle { tx }, events))
@@ -239,11 +254,12 @@ fn build_swarm(config: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
             let gossipsub = gossip_behaviour(key, &config.topics)?;
-            let mut kad = kad::Behaviour::with_config(
-                peer_id,
-                kad::store::MemoryStore::new(peer_id),
-                kad::Config::new(StreamProtocol::new("/slmesh/kad/1.0.0")),
-            );
+            let mut kad_config = kad::Config::new(StreamProtocol::new("/slmesh/kad/1.0.0"));
+            // Only admitted peers enter the routing table (`Command::Admit`), and the
+            // DHT stores nothing a peer puts (the node uses it to find peers only).
+            kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
+            kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
+            let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
             kad.set_mode(Some(kad::Mode::Server));
             let mdns =
                 if config.mdns { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
@@ -291,7 +307,12 @@ fn gossip_behaviour(
         .message_id_fn(|m: &gossipsub::Message| MessageId::new(blake3::hash(&m.data).as_bytes()))
         .build()?;
     let mut behaviour = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), config)?;
-    let mut params = gossipsub::PeerScoreParams::default();
+    let mut params = gossipsub::PeerScoreParams {
+        // Peers are admitted by certificate, not told apart by address: many nodes of a
+        // site share one address behind NAT, and tests run whole fleets on loopback.
+        ip_colocation_factor_weight: 0.0,
+        ..Default::default()
+    };
     for topic in topics {
         let t = gossipsub::TopicScoreParams {
             // A rejected message (forged, unsigned by a trusted key, garbage) costs much
@@ -328,7 +349,22 @@ struct Driver {
     /// Peers mDNS saw on the local network, redialled at each discovery tick while
     /// not connected: mDNS reports a peer once, and that first dial can fail.
     local_peers: HashMap<PeerId, Multiaddr>,
+    /// Connected peers the node has admitted.
+    admitted: HashSet<PeerId>,
+    /// The listen addresses connected peers announced (identify), for Kademlia once
+    /// they are admitted.
+    listen_addrs: HashMap<PeerId, Vec<Multiaddr>>,
 }
+
+/// The application score (times gossipsub's default weight of 10) of a connected peer
+/// not admitted yet: below the graylist threshold (-80), so below the publish (-50) and
+/// gossip (-10) thresholds too.
+const UNADMITTED_SCORE: f64 = -100.0;
+/// Peers found by mDNS that are remembered for redialling (anyone on the local network
+/// can answer mDNS).
+const MAX_LOCAL_PEERS: usize = 256;
+/// Listen addresses kept per peer (identify lets a peer announce any number).
+const MAX_LISTEN_ADDRS: usize = 8;
 
 /// Dials a known peer from a fresh local port. Reusing the listen port lets two nodes
 /// that find each other at the same instant (mDNS) open one TCP connection from both
@@ -443,7 +479,17 @@ impl Driver {
                     }
                 }
             }
+            Command::Admit { peer } => {
+                if self.swarm.is_connected(&peer) && self.admitted.insert(peer) {
+                    let b = self.swarm.behaviour_mut();
+                    b.gossipsub.set_application_score(&peer, 0.0);
+                    for addr in self.listen_addrs.get(&peer).into_iter().flatten() {
+                        b.kad.add_address(&peer, addr.clone());
+                    }
+                }
+            }
             Command::Refuse { peer } => {
+                self.admitted.remove(&peer);
                 self.refused.insert(peer, Instant::now());
                 b.blocked.block_peer(peer);
                 b.gossipsub.blacklist_peer(&peer);
@@ -484,6 +530,8 @@ impl Driver {
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. }
                 if num_established.get() == 1 =>
             {
+                // Before gossipsub is polled again: nothing is published to it meanwhile.
+                self.swarm.behaviour_mut().gossipsub.set_application_score(&peer_id, UNADMITTED_SCORE);
                 let addr = endpoint.get_remote_address().clone();
                 return self.emit(MeshEvent::Connected { peer: peer_id, addr }).await;
             }
@@ -491,6 +539,8 @@ impl Driver {
                 tracing::debug!(peer = ?peer_id, "outgoing connection failed: {error}");
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                self.admitted.remove(&peer_id);
+                self.listen_addrs.remove(&peer_id);
                 return self.emit(MeshEvent::Disconnected { peer: peer_id }).await;
             }
             SwarmEvent::Behaviour(event) => return self.on_behaviour_event(event).await,
@@ -519,12 +569,16 @@ impl Driver {
                 };
                 return self.emit(event).await;
             }
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })
-                if !self.refused.contains_key(&peer_id) =>
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, mut info, .. })
+                if !self.refused.contains_key(&peer_id) && self.swarm.is_connected(&peer_id) =>
             {
-                for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                info.listen_addrs.truncate(MAX_LISTEN_ADDRS);
+                if self.admitted.contains(&peer_id) {
+                    for addr in &info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
+                    }
                 }
+                self.listen_addrs.insert(peer_id, info.listen_addrs);
             }
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, addresses, .. }) => {
                 let room = self.swarm.connected_peers().count() < TARGET_PEERS;
@@ -536,15 +590,17 @@ impl Driver {
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
-                    if self.refused.contains_key(&peer) {
+                    let full = self.local_peers.len() >= MAX_LOCAL_PEERS && !self.local_peers.contains_key(&peer);
+                    if self.refused.contains_key(&peer) || full {
                         continue;
                     }
                     self.local_peers.insert(peer, addr.clone());
                     if self.swarm.is_connected(&peer) {
                         continue;
                     }
+                    // Dialled, not listed in Kademlia: anyone on the local network can
+                    // answer mDNS, and only admitted peers are listed.
                     tracing::info!(%peer, %addr, "found a peer by mDNS");
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
                     if let Err(e) = self.swarm.dial(dial_peer_opts(peer, vec![addr])) {
                         tracing::debug!(%peer, "cannot dial a peer found by mDNS: {e}");
                     }

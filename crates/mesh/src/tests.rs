@@ -37,6 +37,66 @@ async fn wait_messages(events: &mut mpsc::Receiver<MeshEvent>, want: Option<&[u8
     seen
 }
 
+/// Waits until each mesh reports the other connected, and admits it (what the node does
+/// once the peer's certificate checked out).
+async fn admit_each_other(
+    a: (&MeshHandle, &mut mpsc::Receiver<MeshEvent>),
+    b: (&MeshHandle, &mut mpsc::Receiver<MeshEvent>),
+) {
+    for (mesh, events) in [a, b] {
+        loop {
+            if let Some(MeshEvent::Connected { peer, .. }) = events.recv().await {
+                mesh.admit(peer);
+                break;
+            }
+        }
+    }
+}
+
+/// A connected peer gets no gossip until the node admits it, then gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_not_admitted_gets_no_gossip() {
+    let run = async {
+        let (a, mut a_events) = start(config(Keypair::generate_ed25519(), vec![])).expect("mesh a");
+        let a_peer = a.info().await.expect("info").peer_id.expect("peer id");
+        let addr = next_listen(&mut a_events).await.with(multiaddr::Protocol::P2p(a_peer));
+        let (b, mut b_events) = start(config(Keypair::generate_ed25519(), vec![addr])).expect("mesh b");
+        let b_peer = loop {
+            if let Some(MeshEvent::Connected { peer, .. }) = a_events.recv().await {
+                break peer;
+            }
+        };
+        // b admits a (b's node checked a's certificate); a has not admitted b.
+        loop {
+            if let Some(MeshEvent::Connected { peer, .. }) = b_events.recv().await {
+                b.admit(peer);
+                break;
+            }
+        }
+        for n in 0..20 {
+            a.publish(TOPIC, format!("before {n}").into_bytes());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let got = tokio::time::timeout(Duration::from_secs(2), wait_messages(&mut b_events, None, 1)).await;
+        assert!(got.is_err(), "a peer a did not admit got a's gossip");
+        // Nor does what b publishes reach a's node.
+        b.publish(TOPIC, b"from b".to_vec());
+        let got = tokio::time::timeout(Duration::from_secs(2), wait_messages(&mut a_events, None, 1)).await;
+        assert!(got.is_err(), "gossip from a peer not admitted reached the node");
+        a.admit(b_peer);
+        for n in 0.. {
+            a.publish(TOPIC, format!("after {n}").into_bytes());
+            let first = tokio::time::timeout(Duration::from_millis(300), wait_messages(&mut b_events, None, 1));
+            if first.await.is_ok() {
+                break;
+            }
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+    };
+    tokio::time::timeout(Duration::from_secs(60), run).await.expect("the admitted peer never got gossip");
+}
+
 /// The node of mesh `b` does not read its events while the swarm delivers more than the
 /// queue holds, and meanwhile keeps giving the mesh commands (gossip to publish, verdicts
 /// to report), as a node busy with an event does. Before, each command waited for the
@@ -48,6 +108,7 @@ async fn a_full_event_queue_stalls_neither_the_node_nor_the_swarm() {
         let a_peer = a.info().await.expect("info").peer_id.expect("peer id");
         let addr = next_listen(&mut a_events).await.with(multiaddr::Protocol::P2p(a_peer));
         let (b, mut b_events) = start(config(Keypair::generate_ed25519(), vec![addr])).expect("mesh b");
+        admit_each_other((&a, &mut a_events), (&b, &mut b_events)).await;
         // Both subscribed and meshed: a's gossip reaches b.
         for n in 0.. {
             a.publish(TOPIC, format!("ping {n}").into_bytes());

@@ -216,6 +216,7 @@ impl Driver {
                 self.conn_addrs.remove(&peer);
                 self.rtts.remove(&peer);
                 if let Some(node) = self.node_of(&peer) {
+                    self.peer_ids.remove(&node);
                     self.node.handle(now, Input::PeerDisconnected { peer: node });
                 }
             }
@@ -337,8 +338,13 @@ impl Driver {
                 None => tracing::warn!(peer = %peer.short(), "no libp2p peer id for this node"),
             },
             Output::Refuse { peer, reason } => {
-                if let Some(peer_id) = self.peer_ids.get(&peer).copied() {
+                if let Some(peer_id) = self.peer_ids.get(&peer).copied().or(peer.peer_id().ok()) {
                     self.refuse(peer_id, reason);
+                }
+            }
+            Output::Admitted { peer } => {
+                if let Some(peer_id) = self.peer_ids.get(&peer).copied() {
+                    self.mesh.admit(peer_id);
                 }
             }
             Output::LearnAddrs { node, addrs } => {

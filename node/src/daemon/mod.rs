@@ -128,7 +128,8 @@ async fn run_node(config: Config) -> Result<()> {
     if let Some(f) = &limits.fault_version {
         tracing::warn!("SLMESH_TEST_FAULT: requests to {f} will fail (test-only fault injection)");
     }
-    let http_state = HttpState::new(engine.clone(), limits, config.http.bearer_token.clone());
+    let token = api_token(&config)?;
+    let http_state = HttpState::new(engine.clone(), limits, Some(token));
     let parts = Parts {
         config: config.clone(),
         secret,
@@ -161,4 +162,17 @@ async fn run_node(config: Config) -> Result<()> {
     blobs.shutdown().await;
     eprintln!("stopped");
     Ok(())
+}
+
+/// The token every API request must carry: the config's, else the one this node made
+/// in its data folder the first time it ran without one (readable by its owner only).
+fn api_token(config: &Config) -> Result<String> {
+    if let Some(token) = config.api_token()? {
+        return Ok(token);
+    }
+    let path = config.api_token_path();
+    let token = crate::config::new_api_token();
+    crate::write_private(&path, &format!("{token}\n")).with_context(|| format!("cannot write {}", path.display()))?;
+    tracing::info!(path = %path.display(), "made an API bearer token (http.bearer_token sets one in the config)");
+    Ok(token)
 }

@@ -13,7 +13,8 @@
 //! What it decides, and where:
 //!
 //! - `peers`: admission (a hello with a valid certificate for the peer's own key, else
-//!   `Output::Refuse`), retries of a hello that failed in transport, anti-entropy (a few
+//!   `Output::Refuse`; a peer not admitted within `admission_deadline_ms` of connecting
+//!   is refused too), retries of a hello that failed in transport, anti-entropy (a few
 //!   admitted peers each round, in turn), and what gossip and sync replies bring in:
 //!   manifests verified against the trust store and held versions, have records and
 //!   metrics records self-signed by their node and newer than the one held, operator
@@ -89,6 +90,9 @@ pub struct NodeConfig {
     /// Admission handshakes that fail in transport are asked again this often, this many times.
     pub hello_retry_ms: u64,
     pub hello_attempts: u32,
+    /// A connected peer not admitted this long after it connected is refused, however
+    /// its hellos fare: until then it gets no gossip and nothing it sends counts.
+    pub admission_deadline_ms: u64,
     /// What variant selection needs of this machine.
     pub facts: NodeFacts,
 }
@@ -106,6 +110,7 @@ impl Default for NodeConfig {
             fetch_retry_max_ms: 60_000,
             hello_retry_ms: 1_000,
             hello_attempts: 5,
+            admission_deadline_ms: 20_000,
             facts: NodeFacts { ram_bytes: 0, cpu_arch: String::new(), tags: Tags::new(), simd: false },
         }
     }
@@ -209,6 +214,11 @@ pub enum Output {
         kind: RequestKind,
         data: Vec<u8>,
     },
+    /// A peer's certificate checked out: it may now get gossip (until then the driver
+    /// sends it none) and be handed to other peers as a contact.
+    Admitted {
+        peer: NodeId,
+    },
     /// Disconnect and block a peer that failed admission.
     Refuse {
         peer: NodeId,
@@ -291,7 +301,8 @@ pub struct Node {
     trust: TrustStore,
     blob_addrs: Vec<String>,
     // Peers.
-    connected: BTreeSet<NodeId>,
+    /// Transport connections, with when each came up (the admission deadline counts from it).
+    connected: BTreeMap<NodeId, u64>,
     hello_asked: BTreeSet<NodeId>,
     hello_retry: BTreeMap<NodeId, HelloRetry>,
     peers: BTreeMap<NodeId, Peer>,
@@ -380,7 +391,7 @@ impl Node {
             fleet_id: identity.fleet,
             trust,
             blob_addrs: vec![],
-            connected: BTreeSet::new(),
+            connected: BTreeMap::new(),
             hello_asked: BTreeSet::new(),
             hello_retry: BTreeMap::new(),
             peers: BTreeMap::new(),
@@ -449,6 +460,9 @@ impl Node {
         for r in self.fetch_retry.values().filter(|r| r.at > 0) {
             t = t.min(r.at);
         }
+        if let Some(at) = self.next_admission_deadline() {
+            t = t.min(at);
+        }
         t
     }
 
@@ -468,10 +482,11 @@ impl Node {
             if let Some(r) = self.hello_retry.get_mut(&peer) {
                 r.at = None;
             }
-            if self.connected.contains(&peer) {
+            if self.connected.contains_key(&peer) {
                 self.ask_hello(peer);
             }
         }
+        self.refuse_late_peers(now);
         if self.fetch_retry.values().any(|r| r.at > 0 && r.at <= now) {
             self.try_fetches(now);
             // Those that could not start wait for a provider to appear, not for a timer.
@@ -490,13 +505,13 @@ impl Node {
     pub fn handle(&mut self, now: u64, input: Input) {
         match input {
             Input::PeerConnected { peer } => {
-                if self.connected.len() >= peers::MAX_CONNECTED && !self.connected.contains(&peer) {
+                if self.connected.len() >= peers::MAX_CONNECTED && !self.connected.contains_key(&peer) {
                     // Never admitted, so nothing it sends counts; not blocked either, since
                     // being full is no fault of the peer's.
                     let text = format!("ignoring {}: {} connections already", peer.short(), peers::MAX_CONNECTED);
                     self.event(None, Level::Warn, text);
                 } else {
-                    self.connected.insert(peer);
+                    self.connected.entry(peer).or_insert(now);
                     self.ask_hello(peer);
                 }
             }

@@ -87,6 +87,7 @@ impl Node {
         self.remember(peer, enrollment.tags.clone());
         self.peers.insert(peer, Peer { tags: enrollment.tags, rtt_micros: None, expires_at: enrollment.expires_at });
         self.hello_retry.remove(&peer);
+        self.outputs.push_back(Output::Admitted { peer });
         self.update_providers();
         self.send_have(peer);
         self.ask_sync(peer);
@@ -118,7 +119,32 @@ impl Node {
         }
     }
 
+    /// When the first connected peer not admitted yet runs out of time.
+    pub(super) fn next_admission_deadline(&self) -> Option<u64> {
+        let waiting = self.connected.iter().filter(|(n, _)| !self.peers.contains_key(n));
+        waiting.map(|(_, at)| at.saturating_add(self.cfg.admission_deadline_ms)).min()
+    }
+
+    /// Refuses connected peers that have not been admitted within the deadline: a peer
+    /// that connects and stays silent (or keeps failing its hello) holds a connection
+    /// slot for a bounded time only.
+    pub(super) fn refuse_late_peers(&mut self, now: u64) {
+        let deadline = self.cfg.admission_deadline_ms;
+        let late: Vec<NodeId> = self
+            .connected
+            .iter()
+            .filter(|(n, at)| !self.peers.contains_key(n) && at.saturating_add(deadline) <= now)
+            .map(|(n, _)| *n)
+            .collect();
+        for peer in late {
+            self.refuse(peer, format!("not admitted within {} s of connecting", deadline / 1000));
+        }
+    }
+
     pub(super) fn refuse(&mut self, peer: NodeId, reason: String) {
+        // The driver disconnects it; if it connects again (after the cool-down), its
+        // admission deadline starts afresh.
+        self.connected.remove(&peer);
         self.unadmit(peer);
         self.hello_retry.remove(&peer);
         self.outputs.push_back(Output::Refuse { peer, reason });

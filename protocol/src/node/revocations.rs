@@ -75,7 +75,7 @@ impl Node {
             return;
         }
         self.event(None, Level::Warn, format!("node {} {why}", node.short()));
-        if self.connected.contains(&node) || self.peers.contains_key(&node) {
+        if self.connected.contains_key(&node) || self.peers.contains_key(&node) {
             self.refuse(node, why);
         }
         self.fleet.remove(&node);

@@ -134,6 +134,8 @@ pub struct SimNode {
     pub completed: Vec<(Micros, Hex32)>,
     /// Bytes of pieces this node uploaded.
     pub piece_bytes_sent: u64,
+    /// Gossip messages delivered to this node (duplicates included).
+    pub gossip_received: u64,
     seen: HashSet<u64>,
     timer_at: Option<u64>,
     /// Piece transfers: pieces held (on disk, kept across a restart), fetches under way,
@@ -297,6 +299,8 @@ pub struct NodeFleet {
     q: Queue<Ev>,
     incarnation: Vec<u32>,
     ids: HashMap<NodeId, usize>,
+    /// Each node's id, by index.
+    node_ids: Vec<NodeId>,
     /// Every refusal, and every event the nodes logged, for reports and assertions.
     pub refusals: Vec<(usize, String)>,
     pub events: Vec<(Micros, usize, String)>,
@@ -381,6 +385,7 @@ impl NodeFleet {
                     learned: vec![],
                     completed: vec![],
                     piece_bytes_sent: 0,
+                    gossip_received: 0,
                     seen: HashSet::new(),
                     timer_at: None,
                     pieces: BTreeMap::new(),
@@ -418,7 +423,8 @@ impl NodeFleet {
             0.0,
             0.0,
         );
-        let ids = nodes.iter().enumerate().map(|(i, s)| (s.identity.secret.public(), i)).collect();
+        let node_ids: Vec<NodeId> = nodes.iter().map(|s| s.identity.secret.public()).collect();
+        let ids = node_ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         NodeFleet {
             spec,
             publisher,
@@ -432,6 +438,7 @@ impl NodeFleet {
             q: Queue::default(),
             incarnation: vec![0; n],
             ids,
+            node_ids,
             refusals: vec![],
             events: vec![],
             gossip_bytes: BTreeMap::new(),
@@ -460,7 +467,7 @@ impl NodeFleet {
     }
 
     pub fn id(&self, i: usize) -> NodeId {
-        self.nodes[i].identity.secret.public()
+        self.node_ids[i]
     }
 
     pub fn node(&self, i: usize) -> &Node {
@@ -619,7 +626,8 @@ impl NodeFleet {
                     self.input(i, Input::PeerDisconnected { peer });
                 }
             }
-            Output::LearnAddrs { .. } | Output::DeleteVersion { .. } => {}
+            // Gossip goes to admitted peers only (`flood` asks the node).
+            Output::Admitted { .. } | Output::LearnAddrs { .. } | Output::DeleteVersion { .. } => {}
             Output::Fetch { model, version, files } => self.fetch_pieces(i, model, version, files),
             Output::Providers { blob, providers } => self.update_providers(i, blob, providers),
             Output::Uploads(view) => self.nodes[i].uploads.update(view),
@@ -644,12 +652,15 @@ impl NodeFleet {
         }
     }
 
-    /// Gossip as gossipsub floods it: to every linked gossip peer but the sender.
+    /// Gossip as gossipsub floods it: to every linked gossip peer but the sender that the
+    /// node has admitted (crates/mesh scores a peer below gossipsub's publish and gossip
+    /// thresholds until its node admits it).
     fn flood(&mut self, from: usize, skip: Option<usize>, topic: &'static str, data: std::rc::Rc<Vec<u8>>) {
         // By index: this is the hot path, and the mesh does not change while it runs.
         for k in 0..self.nodes[from].mesh.len() {
             let j = self.nodes[from].mesh[k];
-            if Some(j) != skip && self.linked(from, j) {
+            let admitted = self.nodes[from].node.as_ref().is_some_and(|n| n.is_admitted(&self.node_ids[j]));
+            if Some(j) != skip && admitted && self.linked(from, j) {
                 *self.gossip_bytes.entry(topic).or_default() += data.len() as u64;
                 // Gossip is the one traffic the links' loss applies to: the mesh repairs
                 // it (anti-entropy), where streams retransmit.
@@ -705,7 +716,11 @@ impl NodeFleet {
         match ev {
             Ev::Gossip { to, from, topic, data } => {
                 let id = message_id(&data);
-                if !self.linked(from, to) || !self.nodes[to].seen.insert(id) {
+                if !self.linked(from, to) {
+                    return;
+                }
+                self.nodes[to].gossip_received += 1;
+                if !self.nodes[to].seen.insert(id) {
                     return;
                 }
                 let peer = self.id(from);
