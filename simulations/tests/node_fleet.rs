@@ -619,6 +619,56 @@ fn a_command_issued_far_ahead_of_the_clock_is_refused_and_cannot_outrank_later_o
 }
 
 #[test]
+fn a_replayed_old_command_changes_nothing_even_after_a_restart() {
+    let mut f = on_v1(3);
+    let m = f.manifest(2, &[(0.34, 600), (1.0, 0)], Fleet::quick_gates(1));
+    f.publish(0, m).expect("publish");
+    f.run_for(3_000 * MS);
+    let paused = |f: &Fleet, i: usize| f.node(i).rollouts().iter().any(|r| r.version == 2 && r.paused);
+    let pause = RolloutCommand {
+        model: MODEL.into(),
+        version: 2,
+        action: CommandAction::Pause,
+        issued_at: f.now_ms() / 1000,
+        fleet: DEFAULT_FLEET.into(),
+    };
+    let pause = SignedCommand::sign(&pause, &f.publisher).expect("sign");
+    let now = f.now_ms();
+    f.nodes[0].node.as_mut().expect("running").command(now, pause.clone()).expect("pause");
+    f.run_for(2_000 * MS);
+    assert!((0..3).all(|i| paused(&f, i)), "the pause reached every node");
+    f.command(0, 2, CommandAction::Resume).expect("resume");
+    f.run_for(2_000 * MS);
+    assert!((0..3).all(|i| !paused(&f, i)), "the resume reached every node");
+
+    // Someone who recorded the pause sends it again: held already, it changes nothing.
+    let bytes = pause.to_bytes().expect("bytes");
+    let replay = |f: &mut Fleet, to: usize| {
+        let (now, from) = (f.now_ms(), f.id(0));
+        f.nodes[to].node.as_mut().expect("running").handle_gossip(now, from, TOPIC_COMMANDS, &bytes)
+    };
+    let verdict = replay(&mut f, 1);
+    assert!(matches!(&verdict, GossipVerdict::Ignore(why) if why.contains("already held")), "{verdict:?}");
+    f.run_for(2_000 * MS);
+    assert!(!paused(&f, 1), "the replayed pause was taken");
+    // A node that restarted kept both commands (persisted): the replay is as old there.
+    f.crash(2);
+    f.start(2);
+    f.run_for(2_000 * MS);
+    assert!(!paused(&f, 2), "the restarted node forgot the resume");
+    let verdict = replay(&mut f, 2);
+    assert!(matches!(verdict, GossipVerdict::Ignore(_)), "{verdict:?}");
+    f.run_for(2_000 * MS);
+    assert!((0..3).all(|i| !paused(&f, i)), "a replayed pause paused a node");
+    // Through the API too: taken as held, and the later resume still wins.
+    let now = f.now_ms();
+    let said = f.nodes[1].node.as_mut().expect("running").command(now, pause);
+    assert!(said.is_ok(), "{said:?}");
+    f.run_for(2_000 * MS);
+    assert!((0..3).all(|i| !paused(&f, i)), "a replayed pause paused a node");
+}
+
+#[test]
 fn with_a_versions_commands_at_their_cap_an_abort_still_gets_in() {
     let mut f = on_v1(3);
     let m = f.manifest(2, &[(0.34, 600), (1.0, 0)], Fleet::quick_gates(1));

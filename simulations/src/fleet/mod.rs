@@ -301,6 +301,9 @@ pub struct NodeFleet {
     ids: HashMap<NodeId, usize>,
     /// Each node's id, by index.
     node_ids: Vec<NodeId>,
+    /// When set, every message the nodes send, as (what, bytes): `gossip <topic>`,
+    /// `request`, `response` (the fuzzers' seed corpus is made from it).
+    pub wire_log: Option<Vec<(String, Vec<u8>)>>,
     /// Every refusal, and every event the nodes logged, for reports and assertions.
     pub refusals: Vec<(usize, String)>,
     pub events: Vec<(Micros, usize, String)>,
@@ -439,6 +442,7 @@ impl NodeFleet {
             incarnation: vec![0; n],
             ids,
             node_ids,
+            wire_log: None,
             refusals: vec![],
             events: vec![],
             gossip_bytes: BTreeMap::new(),
@@ -600,12 +604,14 @@ impl NodeFleet {
         }
         match out {
             Output::Gossip { topic, data } => {
+                self.log_wire(|| format!("gossip {topic}"), &data);
                 self.nodes[i].seen.insert(message_id(&data));
                 let origin = self.gossip_originated.entry(topic).or_default();
                 *origin = (origin.0 + 1, origin.1 + data.len() as u64);
                 self.flood(i, None, topic, std::rc::Rc::new(data));
             }
             Output::Request { peer, kind, data } => {
+                self.log_wire(|| "request".into(), &data);
                 let Some(&j) = self.ids.get(&peer) else { return };
                 *self.request_bytes.entry(kind).or_default() += data.len() as u64;
                 match self.send(i, j, data.len() as u64) {
@@ -649,6 +655,12 @@ impl NodeFleet {
                 };
                 self.events.push((self.q.now(), i, text))
             }
+        }
+    }
+
+    fn log_wire(&mut self, what: impl FnOnce() -> String, data: &[u8]) {
+        if let Some(log) = &mut self.wire_log {
+            log.push((what(), data.to_vec()));
         }
     }
 
@@ -746,7 +758,11 @@ impl NodeFleet {
                     let Some(node) = self.nodes[to].node.as_mut() else { return };
                     let answer = node.handle_request(now, peer, &data);
                     self.drain(to);
-                    answer.to_bytes().map_err(|e| e.to_string())
+                    let bytes = answer.to_bytes().map_err(|e| e.to_string());
+                    if let Ok(b) = &bytes {
+                        self.log_wire(|| "response".into(), b);
+                    }
+                    bytes
                 } else {
                     Err("not connected".into())
                 };
