@@ -305,6 +305,17 @@ fn old_versions_are_garbage_collected_keeping_active_and_previous() {
     assert!(!models.join("1").exists(), "version 1's files are still on disk");
     assert!(models.join("2/tiny.gguf").exists() && models.join("3/tiny.gguf").exists());
     assert!(node.log_text().contains("deleting an old version's files"));
+
+    // A crash after the store forgot version 1 and before its files went would leave
+    // them behind: the node deletes version folders no state lists when it starts.
+    let node = node.stop();
+    std::fs::create_dir_all(models.join("1")).expect("folder");
+    std::fs::write(models.join("1/tiny.gguf"), tiny_llama_gguf(1, 1000)).expect("left-over file");
+    let node = node.start();
+    wait_active(&node, 3);
+    slmesh_e2e::fleet::wait_for("the left-over folder deleted", WAIT, || (!models.join("1").exists()).then_some(()));
+    assert!(models.join("2/tiny.gguf").exists() && models.join("3/tiny.gguf").exists());
+    assert!(node.log_text().contains("an interrupted clean-up"), "{}", node.log_text());
 }
 
 struct Unmount(std::path::PathBuf);

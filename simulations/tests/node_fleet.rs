@@ -9,8 +9,9 @@ use slmesh_protocol::fleet::{CommandAction, RolloutCommand, SignedCommand};
 use slmesh_protocol::mesh::{GossipVerdict, TOPIC_COMMANDS, TOPIC_METRICS};
 use slmesh_protocol::rollout::{Gates, RolloutPhase};
 use slmesh_protocol::trust::DEFAULT_FLEET;
-use slmesh_sim::fleet::{FleetSpec, NodeFleet as Fleet, MODEL};
+use slmesh_sim::fleet::{CrashPoint, FleetSpec, NodeFleet as Fleet, MODEL};
 use slmesh_sim::scenario::Behaviour;
+use std::collections::BTreeSet;
 
 const MS: u64 = 1000;
 
@@ -789,4 +790,31 @@ fn peers_spread_a_version_in_pieces_and_the_origin_sends_about_one_copy() {
     assert!(origin < 1.5, "the origin sent {origin:.2} copies of the model; peers should send the rest");
     let peers_sent: u64 = (1..8).map(|i| f.links.sent[i]).sum();
     assert!(peers_sent > 5 * (8 << 20), "peers passed pieces on: {peers_sent} bytes");
+}
+
+#[test]
+fn garbage_collection_cut_short_by_a_crash_leaves_no_version_without_its_files_nor_stray_files() {
+    for point in [CrashPoint::BeforeFiles, CrashPoint::AfterFiles] {
+        let mut f = on_v1(3);
+        let m = f.manifest(2, &[(1.0, 0)], Fleet::quick_gates(1));
+        f.publish(0, m).expect("publish");
+        f.run_for(10_000 * MS);
+        assert_eq!(f.active(1), Some(2), "{:#?}", f.events_of(1));
+        // Version 3 makes version 1 garbage on node 1, which crashes as its files go.
+        f.nodes[1].crash_at_delete = Some(point);
+        let m = f.manifest(3, &[(1.0, 0)], Fleet::quick_gates(1));
+        f.publish(0, m).expect("publish");
+        f.run_for(10_000 * MS);
+        assert!(f.nodes[1].node.is_none(), "{point:?}: node 1 never collected version 1");
+        let on_disk = |f: &Fleet| f.nodes[1].on_disk.iter().map(|(_, v)| *v).collect::<BTreeSet<u64>>();
+        let staged = |f: &Fleet| f.nodes[1].store.model(MODEL).map(|m| m.staged.clone()).unwrap_or_default();
+        // What the store lists as staged is on disk, wherever the crash fell.
+        assert!(staged(&f).is_subset(&on_disk(&f)), "{point:?}: staged {:?}, on disk {:?}", staged(&f), on_disk(&f));
+        f.start(1);
+        f.run_for(5_000 * MS);
+        assert_eq!(f.active(1), Some(3), "{point:?}: {:#?}", f.events_of(1));
+        // Nothing is left on disk that no state lists.
+        assert_eq!(on_disk(&f), BTreeSet::from([2, 3]), "{point:?}: {:#?}", f.events_of(1));
+        assert_eq!(staged(&f), BTreeSet::from([2, 3]), "{point:?}");
+    }
 }

@@ -78,6 +78,19 @@ impl Fleet {
         )
     }
 
+    /// As `slmesh`, inside a network namespace (where a node there can be reached), or here.
+    pub fn slmesh_in(&self, netns: Option<&str>, args: &[&str]) -> String {
+        let Some(ns) = netns else { return self.slmesh(args) };
+        run_ok(
+            Command::new("ip")
+                .current_dir(self.dir.path())
+                .env("SLMESH_BEARER_TOKEN", crate::TEST_TOKEN)
+                .args(["netns", "exec", ns])
+                .arg(&self.bin)
+                .args(args),
+        )
+    }
+
     /// An enrolled node (loopback only, mDNS off) with `extra` `slmesh init` arguments.
     pub fn node(&self, name: &str, site: &str, extra: &[&str]) -> NodeDir {
         self.node_signed_by(name, site, extra, "ops.key", &[])
@@ -158,6 +171,12 @@ const LOOPBACK: [&str; 7] =
     ["--http-bind", "127.0.0.1:0", "--listen", "/ip4/127.0.0.1/tcp/0", "--blobs-bind", "127.0.0.1:0", "--no-mdns"];
 
 impl NodeDir {
+    /// The node's libp2p peer id.
+    pub fn peer_id(&self) -> String {
+        let id: slmesh_protocol::NodeId = self.node_id.parse().expect("node id");
+        id.peer_id().expect("an ed25519 key").to_string()
+    }
+
     pub fn start(&self) -> Running {
         self.start_in(None)
     }
@@ -217,6 +236,11 @@ impl NodeDir {
 }
 
 impl Running {
+    /// The network namespace the node runs in, if not this one.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
     pub fn status(&self) -> Value {
         if let Some(ns) = &self.netns {
             // The node's loopback is its namespace's: ask from inside it.

@@ -238,6 +238,7 @@ pub fn start(config: MeshConfig) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent
         refusal_cooldown: config.refusal_cooldown,
         local_peers: HashMap::new(),
         admitted: HashSet::new(),
+        ping_failures: HashMap::new(),
         listen_addrs: HashMap::new(),
     };
     tokio::spawn(driver.run());
@@ -271,7 +272,9 @@ fn build_swarm(config: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
                 ),
                 kad,
                 mdns: mdns.into(),
-                ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
+                ping: ping::Behaviour::new(
+                    ping::Config::new().with_interval(Duration::from_secs(5)).with_timeout(PING_TIMEOUT),
+                ),
                 rpc: request_response::Behaviour::new(
                     [(StreamProtocol::new("/slmesh/peer/1"), request_response::ProtocolSupport::Full)],
                     request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
@@ -351,6 +354,8 @@ struct Driver {
     local_peers: HashMap<PeerId, Multiaddr>,
     /// Connected peers the node has admitted.
     admitted: HashSet<PeerId>,
+    /// Pings in a row that failed, per connected peer.
+    ping_failures: HashMap<PeerId, u32>,
     /// The listen addresses connected peers announced (identify), for Kademlia once
     /// they are admitted.
     listen_addrs: HashMap<PeerId, Vec<Multiaddr>>,
@@ -360,6 +365,10 @@ struct Driver {
 /// not admitted yet: below the graylist threshold (-80), so below the publish (-50) and
 /// gossip (-10) thresholds too.
 const UNADMITTED_SCORE: f64 = -100.0;
+/// A ping unanswered this long failed; this many failures in a row close the peer's
+/// connections (a peer gone without a word is noticed within about half a minute).
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_PING_FAILURES: u32 = 2;
 /// Peers found by mDNS that are remembered for redialling (anyone on the local network
 /// can answer mDNS).
 const MAX_LOCAL_PEERS: usize = 256;
@@ -541,6 +550,7 @@ impl Driver {
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.admitted.remove(&peer_id);
                 self.listen_addrs.remove(&peer_id);
+                self.ping_failures.remove(&peer_id);
                 return self.emit(MeshEvent::Disconnected { peer: peer_id }).await;
             }
             SwarmEvent::Behaviour(event) => return self.on_behaviour_event(event).await,
@@ -614,7 +624,20 @@ impl Driver {
                 }
             }
             BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. }) => {
+                self.ping_failures.remove(&peer);
                 return self.emit(MeshEvent::Rtt { peer, rtt }).await;
+            }
+            BehaviourEvent::Ping(ping::Event { peer, result: Err(e), .. }) => {
+                // A peer behind a cut link keeps its TCP connection for many minutes (the
+                // kernel retransmits in silence): close it, so that it is dialled afresh,
+                // and caught up by anti-entropy, once the network is back.
+                let failures = self.ping_failures.entry(peer).or_default();
+                *failures += 1;
+                if *failures >= MAX_PING_FAILURES {
+                    tracing::info!(%peer, "peer unreachable ({failures} pings failed: {e}); closing its connections");
+                    self.ping_failures.remove(&peer);
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
             }
             BehaviourEvent::Rpc(request_response::Event::Message { peer, message, .. }) => match message {
                 request_response::Message::Request { request, channel, .. } => {

@@ -98,6 +98,7 @@ impl Driver {
             peers: store.peers()?.into_iter().map(|p| (p.node, p.tags)).collect(),
             complete_blobs,
             originated: store.originated()?,
+            on_disk: version_folders(&parts.config.data_dir.join("models")),
         };
         let cfg = NodeConfig {
             metrics_interval_ms: parts.config.fleet.metrics_interval_secs.max(1) * 1000,
@@ -613,4 +614,20 @@ fn cpu_has_simd() -> bool {
     return true; // NEON is part of every aarch64 CPU.
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     return false;
+}
+
+/// The version folders under `models/` (`models/NAME/VERSION`), for the node to check
+/// against what its state lists.
+fn version_folders(models: &std::path::Path) -> Vec<(String, u64)> {
+    let mut out = vec![];
+    for model in std::fs::read_dir(models).into_iter().flatten().flatten() {
+        let Some(name) = model.file_name().to_str().map(str::to_string) else { continue };
+        for version in std::fs::read_dir(model.path()).into_iter().flatten().flatten() {
+            let is_dir = version.file_type().is_ok_and(|t| t.is_dir());
+            if let (true, Some(v)) = (is_dir, version.file_name().to_str().and_then(|v| v.parse::<u64>().ok())) {
+                out.push((name.clone(), v));
+            }
+        }
+    }
+    out
 }

@@ -127,4 +127,8 @@ pub struct Restored {
     pub originated: Vec<Hex32>,
     /// Revocations taken before.
     pub revocations: Vec<SignedRevocation>,
+    /// The version folders the driver found on disk (model, version). One that no model
+    /// state lists as staged (a crash between garbage collection's update of the store
+    /// and its deletion of the files) is deleted.
+    pub on_disk: Vec<(String, u64)>,
 }

@@ -83,8 +83,24 @@ impl Node {
                 self.complete.extend(files);
             }
         }
+        self.delete_unlisted_versions(&restored.on_disk);
         self.fetch_check = true;
         let _ = now;
+    }
+
+    /// Deletes the version folders on disk that no model state lists as staged and no
+    /// fetch is about to fill: left by a garbage collection cut short, they would hold a
+    /// model's size of disk for nothing.
+    fn delete_unlisted_versions(&mut self, on_disk: &[(String, u64)]) {
+        for (name, version) in on_disk {
+            let staged = self.models.get(name).is_some_and(|m| m.staged.contains(version));
+            let key = (name.clone(), *version);
+            if staged || self.wanted.contains_key(&key) || self.fetching.contains_key(&key) {
+                continue;
+            }
+            self.version_event(name, *version, Level::Info, "deleting files no state lists (an interrupted clean-up)");
+            self.outputs.push_back(Output::DeleteVersion { model: name.clone(), version: *version });
+        }
     }
 
     /// A verified manifest newer than anything held: record it, choose a variant, fetch.

@@ -56,6 +56,11 @@ pub struct FakeStore {
 }
 
 impl FakeStore {
+    /// A model's state as persisted.
+    pub fn model(&self, name: &str) -> Option<&ModelState> {
+        self.models.get(name)
+    }
+
     fn apply(&mut self, p: Persist) {
         match p {
             Persist::Manifest { name, version, signed } => {
@@ -83,8 +88,9 @@ impl FakeStore {
         }
     }
 
-    fn restored(&self, blobs: &BTreeSet<Hex32>) -> Restored {
+    fn restored(&self, blobs: &BTreeSet<Hex32>, on_disk: &BTreeSet<(String, u64)>) -> Restored {
         Restored {
+            on_disk: on_disk.iter().cloned().collect(),
             manifests: self.manifests.values().cloned().collect(),
             models: self.models.clone().into_iter().collect(),
             versions: self.versions.clone().into_iter().collect(),
@@ -95,6 +101,13 @@ impl FakeStore {
             originated: self.originated.clone(),
         }
     }
+}
+
+/// Where a simulated crash cuts a deletion of a version's files short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    BeforeFiles,
+    AfterFiles,
 }
 
 /// One simulated node: its state machine (None while it is down) and what is modelled
@@ -136,6 +149,11 @@ pub struct SimNode {
     pub piece_bytes_sent: u64,
     /// Gossip messages delivered to this node (duplicates included).
     pub gossip_received: u64,
+    /// The version folders on its disk (staged files; they survive a crash).
+    pub on_disk: BTreeSet<(String, u64)>,
+    /// The node crashes at the next deletion of a version's files: before or after they
+    /// go (once).
+    pub crash_at_delete: Option<CrashPoint>,
     seen: HashSet<u64>,
     timer_at: Option<u64>,
     /// Piece transfers: pieces held (on disk, kept across a restart), fetches under way,
@@ -389,6 +407,8 @@ impl NodeFleet {
                     completed: vec![],
                     piece_bytes_sent: 0,
                     gossip_received: 0,
+                    on_disk: BTreeSet::new(),
+                    crash_at_delete: None,
                     seen: HashSet::new(),
                     timer_at: None,
                     pieces: BTreeMap::new(),
@@ -498,7 +518,7 @@ impl NodeFleet {
         self.incarnation[i] += 1;
         let now = self.now_ms();
         let sim = &mut self.nodes[i];
-        let restored = sim.store.restored(&sim.blobs);
+        let restored = sim.store.restored(&sim.blobs, &sim.on_disk);
         sim.serving = None;
         sim.seen.clear();
         sim.timer_at = None;
@@ -568,6 +588,9 @@ impl NodeFleet {
 
     pub fn input(&mut self, i: usize, input: Input) {
         let now = self.now_ms();
+        if let Input::FetchFinished { model, version, result: Ok(()) } = &input {
+            self.nodes[i].on_disk.insert((model.clone(), *version));
+        }
         if let Some(node) = self.nodes[i].node.as_mut() {
             node.handle(now, input);
             self.drain(i);
@@ -633,7 +656,17 @@ impl NodeFleet {
                 }
             }
             // Gossip goes to admitted peers only (`flood` asks the node).
-            Output::Admitted { .. } | Output::LearnAddrs { .. } | Output::DeleteVersion { .. } => {}
+            Output::Admitted { .. } | Output::LearnAddrs { .. } => {}
+            Output::DeleteVersion { model, version } => {
+                let crash = self.nodes[i].crash_at_delete.take();
+                if crash == Some(CrashPoint::BeforeFiles) {
+                    return self.crash(i);
+                }
+                self.nodes[i].on_disk.remove(&(model, version));
+                if crash == Some(CrashPoint::AfterFiles) {
+                    self.crash(i);
+                }
+            }
             Output::Fetch { model, version, files } => self.fetch_pieces(i, model, version, files),
             Output::Providers { blob, providers } => self.update_providers(i, blob, providers),
             Output::Uploads(view) => self.nodes[i].uploads.update(view),
@@ -889,6 +922,9 @@ impl NodeFleet {
         let node = self.nodes[origin].node.as_mut().ok_or("the origin is down")?;
         let files: Vec<Hex32> = node.files_to_publish(&signed)?.iter().map(|f| f.blake3).collect();
         self.nodes[origin].blobs.extend(files.iter().copied());
+        if let Ok(m) = slmesh_protocol::wire::decode::<ModelManifest>(&signed.body, "manifest") {
+            self.nodes[origin].on_disk.insert((m.name, m.version));
+        }
         let node = self.nodes[origin].node.as_mut().ok_or("the origin is down")?;
         let answer = node.publish(now, signed, &files);
         self.drain(origin);
