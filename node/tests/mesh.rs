@@ -371,7 +371,23 @@ fn a_fetch_that_does_not_fit_on_disk_is_refused_with_a_clear_error() {
 }
 
 #[test]
-fn a_fetch_whose_staged_copy_would_not_fit_is_refused_before_it_starts() {
-    // The file fits in the blob store, but not twice (store and staging folder).
-    refused_for_lack_of_space("64m");
+fn a_version_needs_its_size_on_disk_once_not_twice() {
+    // A 32 MiB model on a 64 MiB disk: it fits once, not twice. The staged file is a hard
+    // link to the blob store's own file, so the node fetches, stages and serves it.
+    let (fleet, _) = fleet_with_model(8 << 20);
+    let size = std::fs::metadata(fleet.path("tiny.gguf")).expect("model").len();
+    let publisher = fleet.node("p", "a", &[]).start();
+    let Some((node, _unmount)) = node_on_a_small_disk(&fleet, &publisher.bootstrap_addr(), "64m") else { return };
+    publisher.wait_status("1 peer", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == 1));
+    publish(&fleet, &publisher, 1);
+    wait_active(&node, 1);
+    let staged = node.node.data.join("models/tiny/1/tiny.gguf");
+    let meta = std::fs::metadata(&staged).expect("staged file");
+    assert_eq!(meta.len(), size);
+    assert_eq!(std::os::unix::fs::MetadataExt::nlink(&meta), 2, "the staged file is not the store's file");
+    // du counts a file with two names once.
+    let du = std::process::Command::new("du").arg("-sb").arg(&node.node.data).output().expect("du");
+    let used: u64 =
+        String::from_utf8_lossy(&du.stdout).split_whitespace().next().and_then(|n| n.parse().ok()).expect("du");
+    assert!(used < size + size / 2, "{used} bytes in the data folder for a {size}-byte model");
 }

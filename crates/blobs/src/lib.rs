@@ -148,10 +148,36 @@ pub struct BlobNode {
     router: Router,
     store: FsStore,
     store_dir: PathBuf,
+    /// Where the store keeps each complete blob's bytes (its own layout, from its options).
+    paths: iroh_blobs::store::fs::options::PathOptions,
     addrs: Mutex<HashMap<NodeId, Vec<SocketAddr>>>,
     counters: Arc<Counters>,
     /// Bytes that running fetches will still write (`reserve_space`).
     reserved: Arc<AtomicU64>,
+}
+
+/// How `BlobNode::stage` put a blob in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staged {
+    /// A hard link to the store's own file: no second copy on disk.
+    Linked,
+    Copied,
+}
+
+/// The BLAKE3 hash of a file's bytes (read in large blocks, hashed on every core).
+fn file_hash(path: &Path) -> std::io::Result<Hex32> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update_rayon(&buf[..n]);
+    }
+    Ok(Hex32(*hasher.finalize().as_bytes()))
 }
 
 /// Disk space set aside for one version's fetch and staging while it runs, so that two
@@ -220,6 +246,7 @@ impl BlobNode {
         let db_path = config.store_dir.join("blobs.db");
         let mut options = iroh_blobs::store::fs::options::Options::new(&config.store_dir);
         options.gc = Some(GcConfig { interval: config.gc_interval, add_protected: None });
+        let paths = options.path.clone();
         let store = FsStore::load_with_opts(db_path, options)
             .await
             .map_err(|e| BlobError::Store { path: config.store_dir.display().to_string(), reason: e.to_string() })?;
@@ -253,6 +280,7 @@ impl BlobNode {
             router,
             store,
             store_dir: config.store_dir,
+            paths,
             addrs: Mutex::new(HashMap::new()),
             counters,
             reserved: Arc::new(AtomicU64::new(0)),
@@ -344,14 +372,18 @@ impl BlobNode {
     }
 
     /// Sets aside the disk space a version needs: what its blobs still miss in the store,
-    /// plus a staged copy of each (`files`: hash and size), on top of what other running
-    /// fetches have set aside. Refuses, before any byte is fetched, when it does not fit.
-    pub async fn reserve_space(&self, files: &[(Hex32, u64)]) -> Result<Reservation> {
+    /// plus a staged copy of each (`files`: hash and size) unless staging into
+    /// `stage_dir` can link to the store's files (same file system), on top of what other
+    /// running fetches have set aside. Refuses, before any byte is fetched, when it does
+    /// not fit.
+    pub async fn reserve_space(&self, files: &[(Hex32, u64)], stage_dir: &Path) -> Result<Reservation> {
+        let copies = !self.can_link_into(stage_dir);
         let mut needed: u64 = 0;
         for (hash, size) in files {
             let missing = size.saturating_sub(self.local_bytes(hash).await?);
-            // The outboard (about 1/256 of the data), and the staged copy.
-            needed = needed.saturating_add(missing.saturating_add(missing / 128)).saturating_add(*size);
+            // The outboard (about 1/256 of the data), and the staged copy if there is one.
+            let copy = if copies { *size } else { 0 };
+            needed = needed.saturating_add(missing.saturating_add(missing / 128)).saturating_add(copy);
         }
         let available = fs2::available_space(&self.store_dir).map_err(|e| BlobError::StoreOp(e.to_string()))?;
         // The database and logs keep a margin.
@@ -386,7 +418,43 @@ impl BlobNode {
         Ok(())
     }
 
-    /// Writes a complete blob to `target` (a copy where the store cannot lend the file).
+    /// Whether files staged into `dir` can be hard links to the store's own files: the
+    /// same file system (and a store whose data folder exists).
+    pub fn can_link_into(&self, dir: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        // The folder may not exist yet: its nearest existing ancestor decides.
+        let existing = dir.ancestors().find(|a| a.exists());
+        let device = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+        match (existing.and_then(device), device(&self.paths.data_path)) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        }
+    }
+
+    /// Puts a complete blob's bytes at `target` (which must not exist): a hard link to the
+    /// file the store keeps them in where it can, so the model is on disk once (the store
+    /// serves from it and the engine loads it, and either may delete its name without
+    /// harming the other: the store's complete files are never written again); else a
+    /// copy. A link is checked against the hash before it is kept.
+    pub async fn stage(&self, hash: &Hex32, size: u64, target: &Path) -> Result<Staged> {
+        let source = self.paths.data_path(&hash_of(hash));
+        let same_size = std::fs::metadata(&source).is_ok_and(|m| m.len() == size);
+        if same_size && std::fs::hard_link(&source, target).is_ok() {
+            let (check, expected) = (target.to_path_buf(), *hash);
+            let matches = tokio::task::spawn_blocking(move || file_hash(&check).is_ok_and(|h| h == expected))
+                .await
+                .unwrap_or(false);
+            if matches {
+                return Ok(Staged::Linked);
+            }
+            tracing::warn!(hash = %hash.to_hex(), "the store's file does not hold the blob's bytes; copying instead");
+            let _ = std::fs::remove_file(target);
+        }
+        self.export(hash, target).await?;
+        Ok(Staged::Copied)
+    }
+
+    /// Writes a complete blob to `target` as a copy.
     pub async fn export(&self, hash: &Hex32, target: &Path) -> Result<()> {
         let export_err =
             |reason: String| BlobError::Export { hash: hash.to_hex(), path: target.display().to_string(), reason };

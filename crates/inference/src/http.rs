@@ -405,6 +405,9 @@ fn stream_chat(
         let mut first_token = None;
         let mut usage = None;
         let mut error = None;
+        // The client went away or stopped reading: nothing more is sent (each send would
+        // wait out the stall again while the slot stays taken).
+        let mut gone = false;
         let deadline = tokio::time::Instant::now() + state.limits.request_timeout;
         match model.model().stream_chat_request(builder).await {
             Err(e) => error = Some(e.to_string()),
@@ -426,7 +429,11 @@ fn stream_chat(
                         let last = chunk.usage.is_some();
                         usage = chunk.usage.clone().or(usage);
                         let data = serde_json::to_string(&chunk).unwrap_or_default();
-                        if !send_or_give_up(&tx, Event::default().data(data)).await || last {
+                        if !send_or_give_up(&tx, Event::default().data(data)).await {
+                            gone = true;
+                            break;
+                        }
+                        if last {
                             break;
                         }
                     }
@@ -443,11 +450,14 @@ fn stream_chat(
                 }
             },
         }
-        if let Some(e) = &error {
+        if let (Some(e), false) = (&error, gone) {
             let body = json!({"error": {"message": e, "type": "server_error", "param": null, "code": 500}});
-            send_or_give_up(&tx, Event::default().data(body.to_string())).await;
+            gone = !send_or_give_up(&tx, Event::default().data(body.to_string())).await;
         }
-        send_or_give_up(&tx, Event::default().data("[DONE]")).await;
+        if !gone {
+            send_or_give_up(&tx, Event::default().data("[DONE]")).await;
+        }
+        drop(tx);
         let latency_secs = start.elapsed().as_secs_f64();
         let mut sample = match (&usage, &error) {
             (Some(u), None) => sample_from_usage(latency_secs, 0.0, u),

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 /// One version's files: fetched one after another from their ranked providers, then
-/// copied into the staging folder.
+/// staged in the version folder (hard links to the blob store's files where possible).
 pub(super) struct FetchJob {
     pub name: String,
     pub version: u64,
@@ -29,7 +29,7 @@ impl FetchJob {
             .filter(|(f, _)| !std::fs::metadata(self.dir.join(&f.name)).is_ok_and(|m| m.len() == f.size))
             .map(|(f, _)| (f.blake3, f.size))
             .collect();
-        let _room = self.blobs.reserve_space(&to_stage).await.map_err(|e| e.to_string())?;
+        let _room = self.blobs.reserve_space(&to_stage, &self.dir).await.map_err(|e| e.to_string())?;
         for (file, providers) in &self.plan {
             let key = (self.name.clone(), self.version, file.name.clone());
             let report = self
@@ -70,7 +70,13 @@ impl FetchJob {
             // power loss leaves a half-copied file under the real name, and a file under
             // the real name is on disk before the version is marked staged.
             let partial = self.dir.join(format!(".{}.partial", file.name));
-            self.blobs.export(&file.blake3, &partial).await.map_err(|e| e.to_string())?;
+            if let Err(e) = std::fs::remove_file(&partial) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(format!("cannot remove {}: {e}", partial.display()));
+                }
+            }
+            let how = self.blobs.stage(&file.blake3, file.size, &partial).await.map_err(|e| e.to_string())?;
+            tracing::debug!(file = %file.name, ?how, "staged");
             sync_file(&partial)?;
             std::fs::rename(&partial, &target).map_err(|e| format!("cannot move {}: {e}", target.display()))?;
         }
