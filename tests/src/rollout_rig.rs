@@ -32,11 +32,16 @@ impl Drop for Mesh {
 }
 
 /// Node dirs (keys made) for `n` nodes, ordered by their cohort for `version`: the first
-/// ones fall in the earliest waves.
+/// ones fall in the earliest waves. They send metrics every second (gates decide quickly).
 pub fn nodes_by_cohort(fleet: &Fleet, n: usize, version: u64) -> Vec<(NodeDir, f64)> {
+    nodes_by_cohort_with(fleet, n, version, &["--metrics-interval-secs", "1"])
+}
+
+/// As `nodes_by_cohort`, with other `slmesh init` arguments.
+pub fn nodes_by_cohort_with(fleet: &Fleet, n: usize, version: u64, init_args: &[&str]) -> Vec<(NodeDir, f64)> {
     let mut dirs: Vec<(NodeDir, f64)> = (0..n)
         .map(|i| {
-            let dir = fleet.node(&format!("n{i}"), "a", &["--metrics-interval-secs", "1"]);
+            let dir = fleet.node(&format!("n{i}"), "a", init_args);
             let id: NodeId = dir.node_id.parse().expect("node id");
             let c = cohort(&id, MODEL, version);
             (dir, c)

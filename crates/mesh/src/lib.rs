@@ -25,6 +25,7 @@ use libp2p::{
     StreamProtocol, Swarm,
 };
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
@@ -139,6 +140,18 @@ pub struct MeshInfo {
 #[derive(Clone)]
 pub struct MeshHandle {
     tx: mpsc::UnboundedSender<Command>,
+    /// gossipsub's counters (it updates them; they are read on demand).
+    metrics: Arc<std::sync::Mutex<prometheus_client::registry::Registry>>,
+}
+
+/// Gossip bytes of one topic since the start: messages this node published or forwarded,
+/// and messages it received (duplicates included), as gossipsub counts them (the
+/// messages' encoded size; control messages such as IHAVE not included).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GossipBytes {
+    pub topic: String,
+    pub sent: u64,
+    pub received: u64,
 }
 
 impl MeshHandle {
@@ -151,6 +164,17 @@ impl MeshHandle {
     /// logged); anti-entropy delivers it later.
     pub fn publish(&self, topic: &str, data: Vec<u8>) {
         self.send(Command::Publish { topic: topic.into(), data });
+    }
+
+    /// Gossip bytes per topic since the start.
+    pub fn gossip_bytes(&self) -> Vec<GossipBytes> {
+        let mut text = String::new();
+        if let Ok(registry) = self.metrics.lock() {
+            if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
+                return vec![];
+            }
+        }
+        parse_gossip_bytes(&text)
     }
 
     pub fn report(&self, id: MessageId, source: PeerId, acceptance: Acceptance) {
@@ -210,7 +234,8 @@ struct Behaviour {
 /// Starts the swarm on the current tokio runtime. Events arrive on the returned receiver;
 /// if nobody reads them the mesh slows down rather than dropping anything.
 pub fn start(config: MeshConfig) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>), MeshError> {
-    let mut swarm = build_swarm(&config)?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let mut swarm = build_swarm(&config, &mut registry)?;
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
@@ -242,10 +267,36 @@ pub fn start(config: MeshConfig) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent
         listen_addrs: HashMap::new(),
     };
     tokio::spawn(driver.run());
-    Ok((MeshHandle { tx }, events))
+    Ok((MeshHandle { tx, metrics: Arc::new(std::sync::Mutex::new(registry)) }, events))
 }
 
-fn build_swarm(config: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
+/// The per-topic byte counters out of gossipsub's metrics in the Prometheus text format
+/// (`..._topic_msg_sent_bytes_total{hash="TOPIC"} N`; an `IdentTopic`'s hash is its name).
+fn parse_gossip_bytes(text: &str) -> Vec<GossipBytes> {
+    let mut by_topic: std::collections::BTreeMap<String, GossipBytes> = Default::default();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let sent = line.contains("topic_msg_sent_bytes");
+        if !sent && !line.contains("topic_msg_recv_bytes") {
+            continue;
+        }
+        let Some(topic) = line.split("hash=\"").nth(1).and_then(|r| r.split('"').next()) else { continue };
+        let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else { continue };
+        let entry = by_topic
+            .entry(topic.to_string())
+            .or_insert_with(|| GossipBytes { topic: topic.into(), ..Default::default() });
+        if sent {
+            entry.sent = value as u64;
+        } else {
+            entry.received = value as u64;
+        }
+    }
+    by_topic.into_values().collect()
+}
+
+fn build_swarm(
+    config: &MeshConfig,
+    registry: &mut prometheus_client::registry::Registry,
+) -> Result<Swarm<Behaviour>, MeshError> {
     let build = |e: &dyn std::fmt::Display| MeshError::Build(e.to_string());
     let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
@@ -254,7 +305,8 @@ fn build_swarm(config: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
         .with_quic()
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
-            let gossipsub = gossip_behaviour(key, &config.topics)?;
+            let gossipsub =
+                gossip_behaviour(key, &config.topics)?.with_metrics(registry, gossipsub::MetricsConfig::default());
             let mut kad_config = kad::Config::new(StreamProtocol::new("/slmesh/kad/1.0.0"));
             // Only admitted peers enter the routing table (`Command::Admit`), and the
             // DHT stores nothing a peer puts (the node uses it to find peers only).
@@ -298,13 +350,20 @@ fn gossip_behaviour(
         .validate_messages()
         .max_transmit_size(MAX_GOSSIP_BYTES)
         .heartbeat_interval(Duration::from_millis(700))
-        // Each message reaches a node from about D mesh peers. Metrics records are 1.4 KB
-        // every 10 s per site; D = 4 (gossipsub's default is 6) keeps their gossip under
-        // 2 KB/s a node at 10,000 nodes (simulations/README.md) while IHAVE gossip to
-        // peers outside the mesh still repairs what a thin mesh misses.
+        // Each message reaches a node from about D mesh peers, and each node forwards it
+        // to D - 1: D = 4 (gossipsub's default is 6) keeps the bytes down while IHAVE
+        // gossip to peers outside the mesh still repairs what a thin mesh misses. A mesh
+        // may grow to 5 (not gossipsub's 12, nor the 8 used before): with 8, grafts from
+        // peers pushed meshes in a 24-node fleet well past 4, and the metrics gossip a
+        // node handled with them (benches/gossip_bytes).
         .mesh_n(4)
         .mesh_n_low(3)
-        .mesh_n_high(8)
+        .mesh_n_high(5)
+        // A node's own messages go to its mesh peers (and gossip) like any other, not to
+        // every connected subscriber: flooding them to its 12 connections doubled the
+        // metrics gossip a node sends and receives (24 real nodes, benches/gossip_bytes),
+        // and anti-entropy delivers whatever a thin mesh misses.
+        .flood_publish(false)
         // Content addressing: the same record forwarded twice is one message. The raw
         // 32-byte hash, not its hex: ids travel in every IHAVE, IWANT and IDONTWANT.
         .message_id_fn(|m: &gossipsub::Message| MessageId::new(blake3::hash(&m.data).as_bytes()))

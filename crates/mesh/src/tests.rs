@@ -91,6 +91,10 @@ async fn a_peer_not_admitted_gets_no_gossip() {
                 break;
             }
         }
+        // gossipsub counted what a sent and b received on the topic.
+        let count = |m: &MeshHandle| m.gossip_bytes().into_iter().find(|g| g.topic == TOPIC).unwrap_or_default();
+        let (sent, received) = (count(&a).sent, count(&b).received);
+        assert!(sent > 0 && received > 0 && received <= sent, "sent {sent}, received {received}");
         a.shutdown().await;
         b.shutdown().await;
     };

@@ -48,6 +48,7 @@ pub(crate) struct Control {
     pub(super) shared: Arc<Mutex<Shared>>,
     pub(super) blobs: Arc<BlobNode>,
     pub(super) engine: Arc<Engine>,
+    pub(super) mesh: slmesh_mesh::MeshHandle,
 }
 
 const STOPPING: &str = "the node is shutting down";
@@ -102,6 +103,7 @@ impl Control {
             refused_fetches: counters.refused.load(Ordering::Relaxed),
             refused_peers: shared.refused.clone(),
             revoked: shared.revoked.clone(),
+            gossip: self.mesh.gossip_bytes(),
         }
     }
 }

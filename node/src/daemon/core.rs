@@ -130,6 +130,7 @@ impl Driver {
             shared: shared.clone(),
             blobs: parts.blobs.clone(),
             engine: parts.engine.clone(),
+            mesh: mesh.clone(),
         };
         let driver = Driver {
             parts,

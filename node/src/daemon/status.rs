@@ -28,6 +28,9 @@ pub struct NodeStatus {
     /// Nodes the operator revoked (node id, reason), as this node holds them.
     #[serde(default)]
     pub revoked: Vec<(String, String)>,
+    /// Gossip bytes sent (published and forwarded) and received per topic since start.
+    #[serde(default)]
+    pub gossip: Vec<slmesh_mesh::GossipBytes>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

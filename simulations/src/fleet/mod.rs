@@ -103,6 +103,14 @@ impl FakeStore {
     }
 }
 
+/// What gossipsub adds to each message's data, as it counts a message's size (its
+/// protobuf encoding, signed by its author): the author's peer id (40 bytes with its
+/// tag and length), the data's tag and length (3), a sequence number (10), the topic
+/// (2 + its name) and the signature (66); an ed25519 key is inlined in the peer id.
+pub fn gossip_envelope_bytes(topic: &str) -> u64 {
+    40 + 3 + 10 + 2 + topic.len() as u64 + 66
+}
+
 /// Where a simulated crash cuts a deletion of a version's files short.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashPoint {
@@ -701,15 +709,16 @@ impl NodeFleet {
     /// node has admitted (crates/mesh scores a peer below gossipsub's publish and gossip
     /// thresholds until its node admits it).
     fn flood(&mut self, from: usize, skip: Option<usize>, topic: &'static str, data: std::rc::Rc<Vec<u8>>) {
+        let bytes = data.len() as u64 + gossip_envelope_bytes(topic);
         // By index: this is the hot path, and the mesh does not change while it runs.
         for k in 0..self.nodes[from].mesh.len() {
             let j = self.nodes[from].mesh[k];
             let admitted = self.nodes[from].node.as_ref().is_some_and(|n| n.is_admitted(&self.node_ids[j]));
             if Some(j) != skip && admitted && self.linked(from, j) {
-                *self.gossip_bytes.entry(topic).or_default() += data.len() as u64;
+                *self.gossip_bytes.entry(topic).or_default() += bytes;
                 // Gossip is the one traffic the links' loss applies to: the mesh repairs
                 // it (anti-entropy), where streams retransmit.
-                if let Some(at) = self.transmit(from, j, data.len() as u64, true) {
+                if let Some(at) = self.transmit(from, j, bytes, true) {
                     self.q.at(at, Ev::Gossip { to: j, from, topic, data: data.clone() });
                 }
             }
