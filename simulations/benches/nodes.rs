@@ -1,8 +1,8 @@
 //! Speed of the simulator's fleet of node state machines (`fleet::NodeFleet`): one real
 //! `slmesh_protocol::node::Node` per simulated node, signatures and all.
 //!
-//! Run: `cargo bench --workspace --bench nodes -- [NODES...] [interval=SECS]` (default:
-//! 30 100 300, metrics every 10 s)
+//! Run: `cargo bench --workspace --bench nodes -- [NODES...] [interval=SECS] [plot=FILE.svg]`
+//! (default: 30 100 300, metrics every 10 s)
 //!
 //! A good three-wave rollout (5% / 25% / 100%, 30 s soaks, gates needing 3 nodes and 50
 //! requests) over three sites (1 / 20 / 40 ms apart), 100 Mbit/s links, a gossip mesh of
@@ -11,13 +11,45 @@
 //! version, and per node during the rollout: metrics gossip received and forwarded per
 //! simulated second, have-record bytes received (they go to direct peers only), and
 //! manifest gossip received and forwarded per second; then metrics gossip per node once the
-//! fleet has settled (200 s after the last wave soaked).
+//! fleet has settled (200 s after the last wave soaked). Then, per node and simulated
+//! second during the rollout, each term of what a node receives and sends (gossip by
+//! topic, and requests with their answers by kind) and which one dominates; `plot=`
+//! draws them against the fleet's size (log-log).
 
+use slmesh_protocol::mesh::{TOPIC_COMMANDS, TOPIC_MANIFESTS, TOPIC_METRICS, TOPIC_REVOCATIONS};
 use slmesh_protocol::node::RequestKind;
 use slmesh_protocol::rollout::Gates;
 use slmesh_sim::engine::SECOND;
 use slmesh_sim::fleet::NodeFleet;
+use slmesh_sim::plot::{line_chart, Chart, Series};
+use std::collections::BTreeMap;
 use std::time::Instant;
+
+/// The terms of a node's traffic, received + sent per simulated second.
+const TERMS: [&str; 5] =
+    ["metrics gossip", "manifest, command and revocation gossip", "have records", "anti-entropy", "hellos"];
+
+/// Bytes moved fleet-wide per term between two snapshots of the fleet's counters.
+fn terms(
+    f: &NodeFleet,
+    gossip: &BTreeMap<&str, u64>,
+    requests: &BTreeMap<RequestKind, u64>,
+    responses: &BTreeMap<RequestKind, u64>,
+) -> [u64; 5] {
+    let g = |t: &str| f.gossip_bytes.get(t).copied().unwrap_or(0) - gossip.get(t).copied().unwrap_or(0);
+    let r = |k: RequestKind| {
+        let req = f.request_bytes.get(&k).copied().unwrap_or(0) - requests.get(&k).copied().unwrap_or(0);
+        let resp = f.response_bytes.get(&k).copied().unwrap_or(0) - responses.get(&k).copied().unwrap_or(0);
+        req + resp
+    };
+    [
+        g(TOPIC_METRICS),
+        g(TOPIC_MANIFESTS) + g(TOPIC_COMMANDS) + g(TOPIC_REVOCATIONS),
+        r(RequestKind::Have),
+        r(RequestKind::Sync),
+        r(RequestKind::Hello),
+    ]
+}
 
 mod common;
 
@@ -40,6 +72,9 @@ fn main() {
     let sizes = if sizes.is_empty() { vec![30, 100, 300] } else { sizes };
     let interval_secs: u64 =
         args.iter().find_map(|a| a.strip_prefix("interval=")).and_then(|s| s.parse().ok()).unwrap_or(10).max(1);
+    let plot = args.iter().find_map(|a| a.strip_prefix("plot="));
+    // Per fleet size: each term, received + sent per node per simulated second.
+    let mut by_term: Vec<(usize, [f64; 5])> = vec![];
     println!(
         "{:>6} {:>9} {:>11} {:>10} {:>10} {:>12} {:>12} {:>12} {:>12} {:>12}",
         "nodes",
@@ -60,7 +95,27 @@ fn main() {
         f.run_for(SECOND);
         let v1 = f.manifest(1, &[(1.0, 0)], NodeFleet::quick_gates(1));
         f.publish(0, v1).expect("publish v1");
-        until_all(&mut f, 1, 600).expect("version 1 everywhere");
+        if until_all(&mut f, 1, 600).is_none() {
+            let serving = f.live().filter(|i| f.serving(*i) == Some(1)).count();
+            let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+            for (_, why) in &f.refusals {
+                *reasons.entry(why.chars().take(60).collect()).or_default() += 1;
+            }
+            let missing: Vec<String> = f
+                .live()
+                .filter(|i| f.serving(*i) != Some(1))
+                .take(5)
+                .map(|i| {
+                    let admitted = f.node(i).admitted().count();
+                    format!(
+                        "node {i}: {} peers, {} gossip peers, {admitted} admitted",
+                        f.nodes[i].peers.len(),
+                        f.nodes[i].mesh.len()
+                    )
+                })
+                .collect();
+            panic!("version 1 reached {serving} of {n} nodes in 600 s ({missing:?}); refusals: {reasons:?}");
+        }
         // The very first version of the first model: no panel exists yet to tell a node
         // how large the fleet is, so every node reports it once. Measured apart; the
         // rollout below starts once that has settled.
@@ -77,6 +132,7 @@ fn main() {
         let gossip_before = f.gossip_bytes.clone();
         let originated_before = f.gossip_originated.clone();
         let haves_before = f.request_bytes.get(&RequestKind::Have).copied().unwrap_or(0);
+        let (requests_before, responses_before) = (f.request_bytes.clone(), f.response_bytes.clone());
         f.publish(0, v2).expect("publish v2");
         let rollout = until_all(&mut f, 2, 900);
         let wall = started.elapsed().as_secs_f64();
@@ -95,6 +151,10 @@ fn main() {
         let metrics = per_node(&f.gossip_bytes, &gossip_before, metrics_topic, span);
         let manifests = per_node(&f.gossip_bytes, &gossip_before, manifests_topic, span);
         let haves = f.request_bytes.get(&RequestKind::Have).copied().unwrap_or(0) - haves_before;
+        // Each byte a node sends is one another receives: received + sent per node is twice
+        // the fleet's bytes over the nodes.
+        let moved = terms(&f, &gossip_before, &requests_before, &responses_before);
+        by_term.push((n, moved.map(|b| 2.0 * b as f64 / n as f64 / span)));
         let events = f.events_processed();
         // Metrics records originated fleet-wide per simulated second, and their mean size.
         let (count, bytes) = f.gossip_originated.get(metrics_topic).copied().unwrap_or_default();
@@ -122,5 +182,44 @@ fn main() {
             manifests,
             settled,
         );
+    }
+    println!();
+    println!("per node, received + sent, B/s during the rollout:");
+    print!("{:>6}", "nodes");
+    for t in TERMS {
+        print!(" | {t}");
+    }
+    println!(" | dominant");
+    for (n, values) in &by_term {
+        print!("{n:>6}");
+        for v in values {
+            print!(" | {v:.0}");
+        }
+        let top = values.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+        println!(" | {}", TERMS[top]);
+    }
+    if let Some(path) = plot {
+        let series: Vec<Series> = TERMS
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Series {
+                name: t.to_string(),
+                points: by_term.iter().map(|(n, v)| (*n as f64, v[i].max(0.1))).collect(),
+            })
+            .collect();
+        let chart = Chart {
+            title: "What a node receives and sends during a rollout, by fleet size (simulated)",
+            x_label: "nodes in the fleet",
+            y_label: "bytes per second per node (received + sent)",
+            log_x: true,
+            log_y: true,
+        };
+        match line_chart(&chart, &series) {
+            Ok(svg) => match std::fs::write(path, svg) {
+                Ok(()) => println!("wrote {path}"),
+                Err(e) => eprintln!("cannot write {path}: {e}"),
+            },
+            Err(e) => eprintln!("cannot draw the chart: {e}"),
+        }
     }
 }

@@ -14,6 +14,7 @@
 pub mod engine;
 pub mod fleet;
 pub mod net;
+pub mod plot;
 pub mod report;
 pub mod run;
 pub mod scenario;

@@ -400,13 +400,27 @@ fn stream_chat(
     start: Instant,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(32);
+    // mistral.rs hands out each token through a channel of one: a generation that waited
+    // for a client that stopped reading would stop the engine, every other request with
+    // it. So generation puts events in a queue that never blocks (at most `max_tokens`
+    // of them), and a forwarder gives them to the client, giving up (and so ending the
+    // generation and freeing its turn) once the client has not read for
+    // `STREAM_SEND_STALL`.
+    let (queue, mut queued) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    tokio::spawn(async move {
+        while let Some(event) = queued.recv().await {
+            if !send_or_give_up(&tx, event).await {
+                break;
+            }
+        }
+    });
     tokio::spawn(async move {
         let _turn = turn;
         let mut first_token = None;
         let mut usage = None;
         let mut error = None;
-        // The client went away or stopped reading: nothing more is sent (each send would
-        // wait out the stall again while the slot stays taken).
+        // The client went away or stopped reading (the forwarder gave up): nothing more
+        // is generated or sent.
         let mut gone = false;
         let deadline = tokio::time::Instant::now() + state.limits.request_timeout;
         match model.model().stream_chat_request(builder).await {
@@ -429,7 +443,7 @@ fn stream_chat(
                         let last = chunk.usage.is_some();
                         usage = chunk.usage.clone().or(usage);
                         let data = serde_json::to_string(&chunk).unwrap_or_default();
-                        if !send_or_give_up(&tx, Event::default().data(data)).await {
+                        if queue.send(Event::default().data(data)).is_err() {
                             gone = true;
                             break;
                         }
@@ -452,12 +466,12 @@ fn stream_chat(
         }
         if let (Some(e), false) = (&error, gone) {
             let body = json!({"error": {"message": e, "type": "server_error", "param": null, "code": 500}});
-            gone = !send_or_give_up(&tx, Event::default().data(body.to_string())).await;
+            gone = queue.send(Event::default().data(body.to_string())).is_err();
         }
         if !gone {
-            send_or_give_up(&tx, Event::default().data("[DONE]")).await;
+            let _ = queue.send(Event::default().data("[DONE]"));
         }
-        drop(tx);
+        drop(queue);
         let latency_secs = start.elapsed().as_secs_f64();
         let mut sample = match (&usage, &error) {
             (Some(u), None) => sample_from_usage(latency_secs, 0.0, u),

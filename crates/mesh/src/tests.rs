@@ -37,6 +37,15 @@ async fn wait_messages(events: &mut mpsc::Receiver<MeshEvent>, want: Option<&[u8
     seen
 }
 
+/// Mesh a, and mesh b bootstrapped from it (each with its events).
+async fn two_meshes() -> (MeshHandle, mpsc::Receiver<MeshEvent>, MeshHandle, mpsc::Receiver<MeshEvent>) {
+    let (a, mut a_events) = start(config(Keypair::generate_ed25519(), vec![])).expect("mesh a");
+    let a_peer = a.info().await.expect("info").peer_id.expect("peer id");
+    let addr = next_listen(&mut a_events).await.with(multiaddr::Protocol::P2p(a_peer));
+    let (b, b_events) = start(config(Keypair::generate_ed25519(), vec![addr])).expect("mesh b");
+    (a, a_events, b, b_events)
+}
+
 /// Waits until each mesh reports the other connected, and admits it (what the node does
 /// once the peer's certificate checked out).
 async fn admit_each_other(
@@ -57,10 +66,7 @@ async fn admit_each_other(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_not_admitted_gets_no_gossip() {
     let run = async {
-        let (a, mut a_events) = start(config(Keypair::generate_ed25519(), vec![])).expect("mesh a");
-        let a_peer = a.info().await.expect("info").peer_id.expect("peer id");
-        let addr = next_listen(&mut a_events).await.with(multiaddr::Protocol::P2p(a_peer));
-        let (b, mut b_events) = start(config(Keypair::generate_ed25519(), vec![addr])).expect("mesh b");
+        let (a, mut a_events, b, mut b_events) = two_meshes().await;
         let b_peer = loop {
             if let Some(MeshEvent::Connected { peer, .. }) = a_events.recv().await {
                 break peer;
@@ -108,10 +114,7 @@ async fn a_peer_not_admitted_gets_no_gossip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_event_queue_stalls_neither_the_node_nor_the_swarm() {
     let run = async {
-        let (a, mut a_events) = start(config(Keypair::generate_ed25519(), vec![])).expect("mesh a");
-        let a_peer = a.info().await.expect("info").peer_id.expect("peer id");
-        let addr = next_listen(&mut a_events).await.with(multiaddr::Protocol::P2p(a_peer));
-        let (b, mut b_events) = start(config(Keypair::generate_ed25519(), vec![addr])).expect("mesh b");
+        let (a, mut a_events, b, mut b_events) = two_meshes().await;
         admit_each_other((&a, &mut a_events), (&b, &mut b_events)).await;
         // Both subscribed and meshed: a's gossip reaches b.
         for n in 0.. {

@@ -339,6 +339,8 @@ pub struct NodeFleet {
     pub gossip_originated: BTreeMap<&'static str, (u64, u64)>,
     /// Bytes of peer requests sent (have records, syncs, hellos), by kind.
     pub request_bytes: BTreeMap<RequestKind, u64>,
+    /// Bytes of the answers to requests, per kind of request.
+    pub response_bytes: BTreeMap<RequestKind, u64>,
 }
 
 /// The key of simulated node `i`.
@@ -348,8 +350,8 @@ pub fn node_key(i: usize) -> SecretKey {
     SecretKey::from_seed(KeyKind::Node, seed)
 }
 
-/// Adds random links both ways until every node has about `degree` in the list `links`
-/// picks (a node whose partners are all full may end a little short).
+/// Adds random links both ways until every node has `degree` in the list `links` picks
+/// (a few end with one or two more).
 fn random_links(nodes: &mut [SimNode], degree: usize, rng: &mut Rng, links: impl Fn(&mut SimNode) -> &mut Vec<usize>) {
     let n = nodes.len();
     for i in 0..n {
@@ -358,6 +360,20 @@ fn random_links(nodes: &mut [SimNode], degree: usize, rng: &mut Rng, links: impl
             tries += 1;
             let j = rng.below(n);
             if j != i && links(&mut nodes[j]).len() < degree && !links(&mut nodes[i]).contains(&j) {
+                links(&mut nodes[i]).push(j);
+                links(&mut nodes[j]).push(i);
+            }
+        }
+    }
+    // The last nodes may find every other node full (at 3,000 nodes one was left with no
+    // link at all, and never heard of anything): they link to any node, which may then
+    // hold a link more than `degree` (gossipsub's meshes vary by as much).
+    for i in 0..n {
+        let mut tries = 0;
+        while links(&mut nodes[i]).len() < degree.min(n.saturating_sub(1)) && tries < 1000 {
+            tries += 1;
+            let j = rng.below(n);
+            if j != i && !links(&mut nodes[i]).contains(&j) {
                 links(&mut nodes[i]).push(j);
                 links(&mut nodes[j]).push(i);
             }
@@ -475,6 +491,7 @@ impl NodeFleet {
             events: vec![],
             gossip_bytes: BTreeMap::new(),
             request_bytes: BTreeMap::new(),
+            response_bytes: BTreeMap::new(),
             gossip_originated: BTreeMap::new(),
         }
     }
@@ -809,6 +826,7 @@ impl NodeFleet {
                     Err("not connected".into())
                 };
                 let bytes = result.as_ref().map_or(0, |b| b.len() as u64);
+                *self.response_bytes.entry(kind).or_default() += bytes;
                 let at = self.send(to, from, bytes).unwrap_or(self.q.now() + SECOND);
                 self.q.at(at, Ev::Response { to: from, from: to, kind, result });
             }

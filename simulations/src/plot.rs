@@ -1,0 +1,119 @@
+//! Line charts as SVG (plotters): axes with ticks and units, a legend, log scales where
+//! the figures span decades.
+
+use plotters::prelude::*;
+
+/// One line of a chart: its name in the legend and its points.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A chart's frame.
+pub struct Chart<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub log_x: bool,
+    pub log_y: bool,
+}
+
+/// The range the points span, widened a little (and kept positive on a log scale).
+fn span(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
+    let (lo, hi) = values
+        .filter(|v| v.is_finite() && (!log || *v > 0.0))
+        .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    if lo > hi {
+        return (if log { 1.0 } else { 0.0 }, 10.0);
+    }
+    if log {
+        (lo / 2.0, hi * 2.0)
+    } else {
+        let pad = ((hi - lo) * 0.05).max(1e-9);
+        ((lo - pad).min(0.0f64.max(lo - pad)), hi + pad)
+    }
+}
+
+/// Draws `series` as lines with markers; returns the SVG text.
+pub fn line_chart(chart: &Chart, series: &[Series]) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (900, 520)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let points = || series.iter().flat_map(|s| s.points.iter().copied());
+        let (x0, x1) = span(points().map(|p| p.0), chart.log_x);
+        let (y0, y1) = span(points().map(|p| p.1), chart.log_y);
+        let mut builder = ChartBuilder::on(&root);
+        builder.caption(chart.title, ("sans-serif", 20)).margin(16).x_label_area_size(48).y_label_area_size(72);
+        // plotters types a log axis apart from a linear one: four cases, one drawing.
+        macro_rules! draw {
+            ($x:expr, $y:expr) => {{
+                let mut c = builder.build_cartesian_2d($x, $y).map_err(|e| e.to_string())?;
+                c.configure_mesh()
+                    .x_desc(chart.x_label)
+                    .y_desc(chart.y_label)
+                    .x_label_formatter(&|v| format_number(*v))
+                    .y_label_formatter(&|v| format_number(*v))
+                    .draw()
+                    .map_err(|e| e.to_string())?;
+                for (i, s) in series.iter().enumerate() {
+                    let color = Palette99::pick(i).to_rgba();
+                    c.draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
+                        .map_err(|e| e.to_string())?
+                        .label(s.name.as_str())
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                    c.draw_series(s.points.iter().map(|p| Circle::new(*p, 3, color.filled())))
+                        .map_err(|e| e.to_string())?;
+                }
+                c.configure_series_labels()
+                    .position(SeriesLabelPosition::UpperLeft)
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(BLACK)
+                    .draw()
+                    .map_err(|e| e.to_string())?;
+            }};
+        }
+        match (chart.log_x, chart.log_y) {
+            (true, true) => draw!((x0..x1).log_scale(), (y0..y1).log_scale()),
+            (true, false) => draw!((x0..x1).log_scale(), y0..y1),
+            (false, true) => draw!(x0..x1, (y0..y1).log_scale()),
+            (false, false) => draw!(x0..x1, y0..y1),
+        }
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(svg)
+}
+
+/// A tick label: 1,000 as "1k", 2,500,000 as "2.5M", small numbers as they are.
+fn format_number(v: f64) -> String {
+    let a = v.abs();
+    let (scaled, unit) = if a >= 1e6 {
+        (v / 1e6, "M")
+    } else if a >= 1e3 {
+        (v / 1e3, "k")
+    } else {
+        (v, "")
+    };
+    let text = if scaled.fract().abs() < 1e-9 { format!("{scaled:.0}") } else { format!("{scaled:.1}") };
+    format!("{text}{unit}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_log_chart_has_its_axes_labels_and_legend() {
+        let series = vec![
+            Series { name: "metrics".into(), points: vec![(10.0, 900.0), (1000.0, 1900.0), (10000.0, 2000.0)] },
+            Series { name: "have records".into(), points: vec![(10.0, 20.0), (1000.0, 30.0), (10000.0, 31.0)] },
+        ];
+        let chart = Chart { title: "per node", x_label: "nodes", y_label: "bytes/s", log_x: true, log_y: true };
+        let svg = line_chart(&chart, &series).expect("chart");
+        for text in ["per node", "nodes", "bytes/s", "metrics", "have records", "10k", "1k"] {
+            assert!(svg.contains(text), "no {text:?} in the chart");
+        }
+        assert_eq!(format_number(2_500_000.0), "2.5M");
+        assert_eq!(format_number(0.5), "0.5");
+    }
+}
