@@ -44,6 +44,13 @@ fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `slmesh ARGS` run inside network namespace `ns`, with the test fleets' API token.
+fn slmesh_in_netns(bin: &Path, ns: &str, args: &[&str]) -> Command {
+    let mut command = Command::new("ip");
+    command.env("SLMESH_BEARER_TOKEN", crate::TEST_TOKEN).args(["netns", "exec", ns]).arg(bin).args(args);
+    command
+}
+
 /// Polls `check` until it returns Some, or panics after `timeout` saying what was awaited.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -81,14 +88,7 @@ impl Fleet {
     /// As `slmesh`, inside a network namespace (where a node there can be reached), or here.
     pub fn slmesh_in(&self, netns: Option<&str>, args: &[&str]) -> String {
         let Some(ns) = netns else { return self.slmesh(args) };
-        run_ok(
-            Command::new("ip")
-                .current_dir(self.dir.path())
-                .env("SLMESH_BEARER_TOKEN", crate::TEST_TOKEN)
-                .args(["netns", "exec", ns])
-                .arg(&self.bin)
-                .args(args),
-        )
+        run_ok(slmesh_in_netns(&self.bin, ns, args).current_dir(self.dir.path()))
     }
 
     /// An enrolled node (loopback only, mDNS off) with `extra` `slmesh init` arguments.
@@ -244,13 +244,7 @@ impl Running {
     pub fn status(&self) -> Value {
         if let Some(ns) = &self.netns {
             // The node's loopback is its namespace's: ask from inside it.
-            let out = run_ok(
-                Command::new("ip")
-                    .env("SLMESH_BEARER_TOKEN", crate::TEST_TOKEN)
-                    .args(["netns", "exec", ns])
-                    .arg(&self.node.bin)
-                    .args(["status", "--json", "--node", &self.http]),
-            );
+            let out = run_ok(&mut slmesh_in_netns(&self.node.bin, ns, &["status", "--json", "--node", &self.http]));
             return serde_json::from_str(&out).expect("status JSON");
         }
         let (code, body) = crate::http(&self.http, "GET", "/v1/status", &[], vec![]);

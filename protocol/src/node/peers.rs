@@ -121,23 +121,24 @@ impl Node {
 
     /// When the first connected peer not admitted yet runs out of time.
     pub(super) fn next_admission_deadline(&self) -> Option<u64> {
+        self.admission_deadlines().map(|(_, at)| at).min()
+    }
+
+    /// Connected peers not admitted yet, with when their time to be admitted runs out.
+    fn admission_deadlines(&self) -> impl Iterator<Item = (NodeId, u64)> + '_ {
+        let deadline = self.cfg.admission_deadline_ms;
         let waiting = self.connected.iter().filter(|(n, _)| !self.peers.contains_key(n));
-        waiting.map(|(_, at)| at.saturating_add(self.cfg.admission_deadline_ms)).min()
+        waiting.map(move |(n, at)| (*n, at.saturating_add(deadline)))
     }
 
     /// Refuses connected peers that have not been admitted within the deadline: a peer
     /// that connects and stays silent (or keeps failing its hello) holds a connection
     /// slot for a bounded time only.
     pub(super) fn refuse_late_peers(&mut self, now: u64) {
-        let deadline = self.cfg.admission_deadline_ms;
-        let late: Vec<NodeId> = self
-            .connected
-            .iter()
-            .filter(|(n, at)| !self.peers.contains_key(n) && at.saturating_add(deadline) <= now)
-            .map(|(n, _)| *n)
-            .collect();
+        let late: Vec<NodeId> = self.admission_deadlines().filter(|(_, at)| *at <= now).map(|(n, _)| n).collect();
+        let secs = self.cfg.admission_deadline_ms / 1000;
         for peer in late {
-            self.refuse(peer, format!("not admitted within {} s of connecting", deadline / 1000));
+            self.refuse(peer, format!("not admitted within {secs} s of connecting"));
         }
     }
 
