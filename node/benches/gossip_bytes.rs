@@ -5,7 +5,8 @@
 //! gossipsub's own counters (`/v1/status` `gossip`: messages published or forwarded, and
 //! received with duplicates, at their encoded size); the simulator's from its links (each
 //! message a node sends is one another receives). Both over the window from publication
-//! until every node serves the new version.
+//! until every node serves the new version. The simulator is given the spread of the
+//! latencies the real nodes measured (it decides how full a record's sketches are).
 //!
 //! Run: `cargo bench --workspace --profile dev --bench gossip_bytes [-- NODES]`
 
@@ -19,16 +20,29 @@ use std::time::{Duration, Instant};
 
 const SOAK_SECS: u64 = 20;
 
-/// Per topic: bytes sent + received by one node since it started.
-fn gossip_of(node: &Running) -> BTreeMap<String, u64> {
+/// Per topic, since the node started: [bytes sent + received, messages sent + received,
+/// messages it published].
+fn gossip_of(node: &Running) -> BTreeMap<String, [u64; 3]> {
     let status = node.status();
     let mut out = BTreeMap::new();
     for g in status["gossip"].as_array().into_iter().flatten() {
         let topic = g["topic"].as_str().unwrap_or_default().to_string();
-        let bytes = g["sent"].as_u64().unwrap_or(0) + g["received"].as_u64().unwrap_or(0);
-        out.insert(topic, bytes);
+        let field = |k: &str| g[k].as_u64().unwrap_or(0);
+        let counts = [
+            field("sent") + field("received"),
+            field("sent_messages") + field("received_messages"),
+            field("published"),
+        ];
+        out.insert(topic, counts);
     }
     out
+}
+
+/// What a fleet's metrics gossip was made of during the rollout: records published per
+/// second fleet-wide, and the mean size of a metrics message.
+struct Makeup {
+    records_per_sec: f64,
+    message_bytes: f64,
 }
 
 /// Wave sizes: 2, 6, then everyone (cumulative).
@@ -36,9 +50,10 @@ fn wave_counts(n: usize) -> Vec<usize> {
     vec![2, 6.min(n), n]
 }
 
-/// Per node: (metrics B/s, manifests B/s), received + sent, during the rollout; and the
-/// rollout's length in seconds.
-fn real(n: usize) -> (Vec<(f64, f64)>, f64) {
+/// Per node: (metrics B/s, manifests B/s), received + sent, during the rollout; the
+/// rollout's length in seconds; the metrics gossip's makeup; the spread of the measured
+/// latencies (sigma of a log-normal).
+fn real(n: usize) -> (Vec<(f64, f64)>, f64, Makeup, f64) {
     let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
     let dirs = nodes_by_cohort_with(&fleet, n, 2, &[]);
     let waves = waves_for(&dirs, &wave_counts(n), &format!("{SOAK_SECS}s"));
@@ -47,7 +62,7 @@ fn real(n: usize) -> (Vec<(f64, f64)>, f64) {
     std::thread::sleep(Duration::from_secs(30));
     let mut gates = vec!["--min-samples", "10", "--min-reporting-nodes", "2"];
     gates.extend(LENIENT_RATIOS);
-    let before: Vec<BTreeMap<String, u64>> = mesh.nodes.iter().map(gossip_of).collect();
+    let before: Vec<BTreeMap<String, [u64; 3]>> = mesh.nodes.iter().map(gossip_of).collect();
     let start = Instant::now();
     publish_v2(&mesh, &waves, &gates);
     while !mesh.nodes.iter().all(|node| model_field(&node.status(), MODEL, "active") == Some(2)) {
@@ -55,22 +70,36 @@ fn real(n: usize) -> (Vec<(f64, f64)>, f64) {
         std::thread::sleep(Duration::from_millis(500));
     }
     let span = start.elapsed().as_secs_f64();
-    let per_node = mesh
-        .nodes
-        .iter()
-        .zip(&before)
-        .map(|(node, before)| {
-            let after = gossip_of(node);
-            let rate =
-                |t: &str| (after.get(t).copied().unwrap_or(0) - before.get(t).copied().unwrap_or(0)) as f64 / span;
-            (rate(TOPIC_METRICS), rate(TOPIC_MANIFESTS))
-        })
+    // How widely the latencies spread decides how many buckets a record's sketches fill:
+    // the simulator is given the spread the real nodes measured of version 2.
+    let (_, fleet) = slmesh_e2e::http(&mesh.nodes[0].http, "GET", "/v1/fleet", &[], vec![]);
+    let fleet: serde_json::Value = serde_json::from_str(&fleet).unwrap_or_default();
+    let v2 = fleet["versions"].as_array().into_iter().flatten().find(|v| v["version"] == 2);
+    let quantile = |k: &str| v2.and_then(|v| v[k].as_f64()).filter(|x| *x > 0.0);
+    let spread = match (quantile("p50_latency_secs"), quantile("p95_latency_secs")) {
+        (Some(p50), Some(p95)) => (p95 / p50).ln().max(0.0) / 1.645,
+        _ => 0.3,
+    };
+    println!(
+        "real latencies of version 2: p50 {:.1} ms, p95 {:.1} ms (log-normal sigma {spread:.2})",
+        quantile("p50_latency_secs").unwrap_or(0.0) * 1e3,
+        quantile("p95_latency_secs").unwrap_or(0.0) * 1e3
+    );
+    let after: Vec<BTreeMap<String, [u64; 3]>> = mesh.nodes.iter().map(gossip_of).collect();
+    let delta = |i: usize, t: &str, k: usize| {
+        let get = |m: &BTreeMap<String, [u64; 3]>| m.get(t).map_or(0, |c| c[k]);
+        get(&after[i]).saturating_sub(get(&before[i]))
+    };
+    let per_node = (0..n)
+        .map(|i| (delta(i, TOPIC_METRICS, 0) as f64 / span, delta(i, TOPIC_MANIFESTS, 0) as f64 / span))
         .collect();
-    (per_node, span)
+    let total = |k: usize| (0..n).map(|i| delta(i, TOPIC_METRICS, k)).sum::<u64>() as f64;
+    let makeup = Makeup { records_per_sec: total(2) / span, message_bytes: total(0) / total(1).max(1.0) };
+    (per_node, span, makeup, spread)
 }
 
 /// The same rollout on the simulator's fleet of node state machines.
-fn simulated(n: usize) -> ((f64, f64), f64) {
+fn simulated(n: usize, latency_spread: f64) -> ((f64, f64), f64, Makeup) {
     use slmesh_sim::engine::SECOND;
     use slmesh_sim::fleet::{FleetSpec, NodeFleet};
     let mut spec = FleetSpec::lan(n);
@@ -81,6 +110,7 @@ fn simulated(n: usize) -> ((f64, f64), f64) {
     spec.load_ms = 300;
     // The bench's load loop reaches each node about once a second.
     spec.request_rate = 1.0;
+    spec.latency_spread = latency_spread;
     spec.model_bytes = 100_000;
     spec.node_config.metrics_interval_ms = 10_000;
     spec.node_config.metrics_ttl_secs = 180;
@@ -96,6 +126,8 @@ fn simulated(n: usize) -> ((f64, f64), f64) {
     let gates = Gates { min_samples: 10, min_reporting_nodes: 2, ..NodeFleet::quick_gates(2) };
     let m = f.manifest(2, &waves, gates);
     let (before, started) = (f.gossip_bytes.clone(), f.now());
+    let originated = |f: &NodeFleet| f.gossip_originated.get(TOPIC_METRICS).copied().unwrap_or_default();
+    let originated_before = originated(&f);
     f.publish(0, m).expect("publish");
     while !f.live().all(|i| f.serving(i) == Some(2)) {
         assert!(f.now() - started < 600 * SECOND, "the simulated rollout did not complete");
@@ -106,13 +138,21 @@ fn simulated(n: usize) -> ((f64, f64), f64) {
         let sent = f.gossip_bytes.get(t).copied().unwrap_or(0) - before.get(t).copied().unwrap_or(0);
         2.0 * sent as f64 / n as f64 / span
     };
-    ((rate(TOPIC_METRICS), rate(TOPIC_MANIFESTS)), span)
+    let (records, bytes) = originated(&f);
+    let (records, bytes) = (records - originated_before.0, bytes - originated_before.1);
+    let envelope = slmesh_sim::fleet::gossip_envelope_bytes(TOPIC_METRICS) as f64;
+    let message_bytes = bytes as f64 / (records as f64).max(1.0) + envelope;
+    (
+        (rate(TOPIC_METRICS), rate(TOPIC_MANIFESTS)),
+        span,
+        Makeup { records_per_sec: records as f64 / span, message_bytes },
+    )
 }
 
 fn main() {
     let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(24);
-    let ((sim_metrics, sim_manifests), sim_span) = simulated(n);
-    let (real_nodes, real_span) = real(n);
+    let (real_nodes, real_span, real_makeup, spread) = real(n);
+    let ((sim_metrics, sim_manifests), sim_span, sim_makeup) = simulated(n, spread);
     let mean = |f: &dyn Fn(&(f64, f64)) -> f64| real_nodes.iter().map(f).sum::<f64>() / real_nodes.len() as f64;
     let (real_metrics, real_manifests) = (mean(&|x| x.0), mean(&|x| x.1));
     let spread = |f: &dyn Fn(&(f64, f64)) -> f64| {
@@ -130,6 +170,11 @@ fn main() {
     println!(
         "manifest gossip per node: real {real_manifests:.0} B/s, simulated {sim_manifests:.0} B/s, ratio {:.2}",
         real_manifests / sim_manifests.max(1e-9)
+    );
+    println!(
+        "metrics records published fleet-wide: real {:.2}/s, simulated {:.2}/s; mean metrics message: real {:.0} B, \
+         simulated {:.0} B",
+        real_makeup.records_per_sec, sim_makeup.records_per_sec, real_makeup.message_bytes, sim_makeup.message_bytes
     );
     let within = |r: f64| if (0.7..=1.3).contains(&r) { "within 30%" } else { "NOT within 30%" };
     let per_node_within = real_nodes.iter().filter(|x| (0.7..=1.3).contains(&(x.0 / sim_metrics))).count();

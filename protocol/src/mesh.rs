@@ -136,13 +136,28 @@ pub fn rank_providers(mut candidates: Vec<ProviderInfo>, my_site: Option<&str>) 
     candidates.into_iter().map(|p| p.node).collect()
 }
 
-/// A summary of what a node holds: the newest manifest version per model name, and a
-/// hash of the nodes it knows to be revoked.
+/// A summary of what a node holds: the newest manifest version per model name, a hash
+/// of the nodes it knows to be revoked, and the metrics records it holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestDigest {
     pub latest: BTreeMap<String, u64>,
     /// `RevocationList::digest` of the asker: a peer whose list differs sends its own.
     pub revocations: [u8; 32],
+    /// The metrics records the asker holds (`MetricsMark`, at most `MAX_SYNC_METRICS`):
+    /// a peer sends only records it holds newer, not every record every round.
+    pub metrics: Vec<MetricsMark>,
+}
+
+/// A metrics record in a digest: the first 8 bytes of its node's id and its sequence
+/// number (17 bytes on the wire instead of a record's 700). Two nodes sharing a prefix
+/// (one in 2^64 a pair) only cost the asker a record until a later round or gossip.
+pub type MetricsMark = ([u8; 8], u64);
+
+/// `MetricsMark` of a node's record.
+pub fn metrics_mark(node: &crate::identity::NodeId, seq: u64) -> MetricsMark {
+    let mut prefix = [0u8; 8];
+    prefix.copy_from_slice(&node.as_bytes()[..8]);
+    (prefix, seq)
 }
 
 impl ManifestDigest {
@@ -152,10 +167,31 @@ impl ManifestDigest {
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProtocolError> {
         let digest: ManifestDigest = crate::wire::decode_versioned(bytes, "manifest digest")?;
-        if digest.latest.len() > MAX_DIGEST_ENTRIES {
+        digest.check()?;
+        Ok(digest)
+    }
+
+    fn check(&self) -> Result<(), ProtocolError> {
+        if self.latest.len() > MAX_DIGEST_ENTRIES {
             return Err(ProtocolError::invalid("manifest digest", "too many entries"));
         }
-        Ok(digest)
+        if self.metrics.len() > MAX_SYNC_METRICS {
+            return Err(ProtocolError::invalid(
+                "manifest digest",
+                format!("{} metrics records, at most {MAX_SYNC_METRICS}", self.metrics.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The sequence number of the newest record of `node`'s the digest lists (by prefix).
+    pub fn metrics_held(&self) -> BTreeMap<[u8; 8], u64> {
+        let mut held = BTreeMap::new();
+        for (prefix, seq) in &self.metrics {
+            let e = held.entry(*prefix).or_insert(*seq);
+            *e = (*e).max(*seq);
+        }
+        held
     }
 
     /// The model names for which `self` (a peer's digest) holds a newer version than
@@ -171,8 +207,9 @@ impl ManifestDigest {
 
 /// Gossipsub topics. The version suffix changes with an incompatible message format.
 pub const TOPIC_MANIFESTS: &str = "slmesh/manifests/1";
-/// 2: records carry their node's enrollment certificate.
-pub const TOPIC_METRICS: &str = "slmesh/metrics/2";
+/// 2: records carry their node's enrollment certificate. 3: sketches at 2% accuracy
+/// (a node of another accuracy would merge buckets that mean other values).
+pub const TOPIC_METRICS: &str = "slmesh/metrics/3";
 pub const TOPIC_COMMANDS: &str = "slmesh/commands/1";
 pub const TOPIC_REVOCATIONS: &str = "slmesh/revocations/1";
 
@@ -206,12 +243,13 @@ pub enum PeerResponse {
 }
 
 /// What a peer sends back to a `Sync`: the newest manifest of each model the asker lacks,
-/// and the peer's own have record. The asker verifies every one as if it were gossiped.
+/// the peer's own have record, and the metrics records it holds newer than the asker. The asker verifies every one as if it were gossiped.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SyncReply {
     pub manifests: Vec<crate::manifest::SignedManifest>,
     pub haves: Vec<SignedHave>,
-    /// The newest metrics records the peer holds, so a late node sees the fleet at once.
+    /// The metrics records the peer holds and the asker's digest lacks (or lists older),
+    /// so a late node sees the fleet at once.
     pub metrics: Vec<crate::fleet::SignedMetrics>,
     /// Operator commands about rollouts (pause, promote, ...).
     pub commands: Vec<crate::fleet::SignedCommand>,
@@ -238,10 +276,8 @@ impl PeerRequest {
         let request: PeerRequest = crate::wire::decode_versioned(bytes, "peer request")?;
         match &request {
             PeerRequest::Hello(h) => check_hello(h)?,
-            PeerRequest::Sync(d) if d.latest.len() > MAX_DIGEST_ENTRIES => {
-                return Err(ProtocolError::invalid("manifest digest", "too many entries"))
-            }
-            PeerRequest::Sync(_) | PeerRequest::Have(_) => {}
+            PeerRequest::Sync(d) => d.check()?,
+            PeerRequest::Have(_) => {}
         }
         Ok(request)
     }
@@ -413,6 +449,18 @@ mod tests {
     }
 
     #[test]
+    fn a_metrics_digest_keeps_each_node_prefix_at_its_newest_record() {
+        let a = node(4).public();
+        let digest = ManifestDigest {
+            metrics: vec![metrics_mark(&a, 9), metrics_mark(&a, 3), metrics_mark(&node(5).public(), 1)],
+            ..Default::default()
+        };
+        let held = digest.metrics_held();
+        assert_eq!(held.len(), 2);
+        assert_eq!(held.get(&metrics_mark(&a, 0).0), Some(&9));
+    }
+
+    #[test]
     fn anti_entropy_asks_for_what_is_newer() {
         let mine = ManifestDigest { latest: [("a".to_string(), 3), ("b".to_string(), 5)].into(), ..Default::default() };
         let latest = [("a".to_string(), 4), ("b".to_string(), 5), ("c".to_string(), 1)].into();
@@ -446,6 +494,10 @@ mod tests {
         let too_many = Hello { blob_addrs: vec!["10.0.0.1:1".into(); MAX_ADDRS + 1], ..hello.clone() };
         assert!(PeerRequest::from_bytes(&PeerRequest::Hello(too_many.clone()).to_bytes().unwrap()).is_err());
         assert!(PeerResponse::from_bytes(&PeerResponse::Hello(too_many).to_bytes().unwrap()).is_err());
+        let marks = ManifestDigest { metrics: vec![([1; 8], 2); MAX_SYNC_METRICS + 1], ..Default::default() };
+        let err = PeerRequest::from_bytes(&PeerRequest::Sync(marks.clone()).to_bytes().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("metrics records"), "{err}");
+        assert!(ManifestDigest::from_bytes(&marks.to_bytes().unwrap()).is_err());
         let reply = PeerResponse::Sync(SyncReply::default());
         assert_eq!(PeerResponse::from_bytes(&reply.to_bytes().unwrap()).unwrap(), reply);
         assert!(PeerResponse::from_bytes(b"\x01\x00\x07").is_err());

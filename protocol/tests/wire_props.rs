@@ -161,7 +161,7 @@ proptest! {
         let have = HaveRecord { node: node.public(), seq, blobs: blobs.clone(), blob_addrs: addrs, partial: blobs };
         let signed = SignedHave::sign(&have, &node).unwrap();
         prop_assert_eq!(verify_have(&SignedHave::from_bytes(&signed.to_bytes().unwrap()).unwrap()).unwrap(), have);
-        let digest = ManifestDigest { latest, revocations: seed };
+        let digest = ManifestDigest { latest, revocations: seed, metrics: vec![(seed[..8].try_into().unwrap(), seq)] };
         prop_assert_eq!(ManifestDigest::from_bytes(&digest.to_bytes().unwrap()).unwrap(), digest);
     }
 

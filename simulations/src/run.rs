@@ -73,6 +73,7 @@ fn spec(sc: &Scenario) -> FleetSpec {
         model_bytes: (sc.model.size_mb * 1e6) as u64,
         load_ms: (sc.node.load_secs * 1000.0) as u64,
         request_rate: sc.model.request_rate,
+        latency_spread: 0.3,
         overhead_bytes: 64,
         node_config: NodeConfig {
             metrics_interval_ms: (sc.gossip.metrics_interval_secs * 1000.0) as u64,

@@ -7,6 +7,8 @@ use slmesh_protocol::identity::NodeId;
 use slmesh_protocol::mesh::{HaveRecord, PeerRequest, PeerResponse, SignedHave};
 use slmesh_protocol::node::RequestKind;
 use slmesh_sim::engine::SECOND;
+
+const MS: u64 = SECOND / 1000;
 use slmesh_sim::fleet::{node_key, FleetSpec, NodeFleet as Fleet, MODEL};
 use std::collections::BTreeSet;
 
@@ -185,7 +187,7 @@ fn metrics_sent(f: &Fleet) -> u64 {
 }
 
 #[test]
-fn a_settled_fleet_sends_metrics_at_the_refresh_pace_and_a_rollout_at_every_interval() {
+fn metrics_go_when_a_gate_needs_them_and_the_waves_open_as_soon_as_they_soaked() {
     let mut f = fleet_on_v1(30);
     // v1 has settled (one wave, opened more than a refresh period ago).
     f.run_for(20 * SECOND);
@@ -195,12 +197,106 @@ fn a_settled_fleet_sends_metrics_at_the_refresh_pace_and_a_rollout_at_every_inte
     let m = f.manifest(2, &[(0.5, 20), (1.0, 0)], Fleet::quick_gates(3));
     f.publish(0, m).expect("publish");
     let before = metrics_sent(&f);
-    f.run_for(30 * SECOND);
+    // The canary soaks 20 s (counted from the whole second it opened in): each of its
+    // members sends a record in the last interval before that, and the second wave
+    // opens on those figures at once.
+    f.run_for(18_500 * MS);
+    let before_checkpoint = metrics_sent(&f);
+    f.run_for(1_500 * MS);
+    let at_checkpoint = metrics_sent(&f) - before_checkpoint;
+    let canary = f.live().filter(|i| f.active(*i) == Some(2)).count() as u64;
+    eprintln!("{at_checkpoint} records in the 1.5 s before the soak's end, from a canary of {canary}");
+    assert!(at_checkpoint >= canary.min(PANEL_SIZE as u64), "{at_checkpoint} records before the soak's end");
+    f.run_for(3 * SECOND);
+    assert!(f.live().all(|i| f.active(i) == Some(2)), "the second wave opened within 3 s of the soak's end");
+    f.run_for(7 * SECOND);
     let rolling = metrics_sent(&f) - before;
     eprintln!("metrics records in 30 s: settled {settled}, rolling out {rolling}");
-    // Two panels of 16 at one record per second while rolling; one per five seconds settled.
-    assert!(rolling > 2 * settled, "rolling out: {rolling} records in 30 s; settled: {settled}");
+    // Refreshes alone: 16 seats, one record per five intervals of a second.
     assert!(settled <= 2 * 16 * 30 / 5, "settled: {settled} records in 30 s");
-    f.run_for(40 * SECOND);
-    assert!(f.live().all(|i| f.active(i) == Some(2)), "the rollout completes");
+    // Two panels of 16 sending every interval would be 960 records: a rollout sends a
+    // record when a version starts, measures, nears the end of a soak, or at the refresh.
+    assert!(rolling < 2 * 16 * 30 / 3, "rolling out: {rolling} records in 30 s");
+    assert!(rolling > settled, "a rollout still sends more than a settled fleet: {rolling} against {settled}");
+}
+
+#[test]
+fn a_failing_node_reports_every_interval_so_a_bad_version_halts_long_before_its_soak_ends() {
+    let mut f = fleet_on_v1(30);
+    f.run_for(20 * SECOND);
+    f.behaviour.insert(
+        2,
+        slmesh_sim::scenario::Behaviour {
+            latency_median_secs: 0.2,
+            ttft_median_secs: 0.05,
+            tokens_per_sec: 50.0,
+            error_rate: 0.5,
+        },
+    );
+    // Many samples needed: the first record of each canary node is not enough, the
+    // gate fails only on the figures its failing members keep sending.
+    let gates = slmesh_protocol::rollout::Gates { min_samples: 1000, ..Fleet::quick_gates(3) };
+    let m = f.manifest(2, &[(0.5, 120), (1.0, 0)], gates);
+    f.publish(0, m).expect("publish");
+    let mut halted_after = None;
+    let before = metrics_sent(&f);
+    for s in 1..=60 {
+        f.run_for(SECOND);
+        if f.live().all(|i| f.node(i).version_record(MODEL, 2).is_some_and(|r| r.halted.is_some())) {
+            halted_after = Some(s);
+            break;
+        }
+    }
+    let halted_after = halted_after.expect("the bad version halted within 60 s of a 120 s soak");
+    let records = metrics_sent(&f) - before;
+    let canary = f.live().filter(|i| f.nodes[*i].served.iter().any(|(_, v)| *v == 2)).count() as u64;
+    eprintln!("halted {halted_after} s after publication; {records} records from a canary of {canary}");
+    // Figures within the gates' limits would go at the refresh pace (one per five
+    // intervals of a second): the failing canary's go at nearly every interval.
+    assert!(
+        records * 10 >= canary * halted_after * 7,
+        "{records} records from {canary} failing nodes in {halted_after} s"
+    );
+    f.run_for(5 * SECOND);
+    assert!(f.live().all(|i| f.active(i) == Some(1)), "every node is back on v1");
+}
+
+#[test]
+fn a_sync_reply_carries_only_the_metrics_records_the_asker_lacks_or_holds_older() {
+    use slmesh_protocol::mesh::{metrics_mark, ManifestDigest, MetricsMark};
+    let mut f = fleet_on_v1(12);
+    f.run_for(20 * SECOND);
+    let asker = 1;
+    let peer = (0..12).find(|j| *j != asker && f.node(asker).is_admitted(&f.id(*j))).expect("an admitted peer");
+    let mut marks: Vec<MetricsMark> = f.node(asker).fleet().records().map(|r| metrics_mark(&r.node, r.seq)).collect();
+    let held = |f: &Fleet, i: usize| f.node(i).fleet().records().map(|r| (r.node, r.seq)).collect::<Vec<_>>();
+    assert!(marks.len() >= 12, "the asker holds every node's record: {}", marks.len());
+    let now = f.now_ms();
+    let peer_holds = held(&f, peer);
+    let asker_holds = held(&f, asker);
+    let node = f.nodes[peer].node.as_mut().expect("running");
+    let mut sync = |metrics: Vec<MetricsMark>| {
+        let request = PeerRequest::Sync(ManifestDigest { metrics, ..Default::default() }).to_bytes().expect("bytes");
+        match node.handle_request(now, f_id(asker), &request) {
+            PeerResponse::Sync(reply) => reply
+                .metrics
+                .iter()
+                .map(|m| m.verify_self_signed().map(|r| (r.node, r.seq)).expect("a signed record"))
+                .collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        }
+    };
+    // An asker that holds nothing gets every record; one that holds what the peer holds, none.
+    assert_eq!(sync(vec![]).len(), peer_holds.len());
+    let sent = sync(marks.clone());
+    for (node, seq) in &sent {
+        let theirs = asker_holds.iter().find(|(n, _)| n == node).map(|(_, s)| *s);
+        assert!(theirs.is_none_or(|s| s < *seq), "sent {node:?}@{seq}, the asker holds {theirs:?}");
+    }
+    assert!(sent.len() < peer_holds.len() / 2, "{} of {} records sent", sent.len(), peer_holds.len());
+    // One record the asker holds older than the peer does is sent.
+    let (older, seq) = peer_holds[0];
+    marks.retain(|m| *m != metrics_mark(&older, seq));
+    marks.push(metrics_mark(&older, seq - 1));
+    assert!(sync(marks).contains(&(older, seq)));
 }

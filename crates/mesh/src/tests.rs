@@ -101,6 +101,13 @@ async fn a_peer_not_admitted_gets_no_gossip() {
         let count = |m: &MeshHandle| m.gossip_bytes().into_iter().find(|g| g.topic == TOPIC).unwrap_or_default();
         let (sent, received) = (count(&a).sent, count(&b).received);
         assert!(sent > 0 && received > 0 && received <= sent, "sent {sent}, received {received}");
+        let (published, messages) = (count(&a).published, count(&b).received_messages);
+        assert!(
+            published >= 1 && messages >= 1 && count(&a).sent_messages >= messages,
+            "{:?} {:?}",
+            count(&a),
+            count(&b)
+        );
         a.shutdown().await;
         b.shutdown().await;
     };

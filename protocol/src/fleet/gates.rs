@@ -198,3 +198,20 @@ pub fn evaluate_gates(gates: &Gates, candidate: &VersionSummary, baseline: Optio
     }
     GateVerdict::Pass
 }
+
+/// Whether one node's own figures are beyond a gate's limit (against the baseline's
+/// medians): what makes its report urgent. Not a verdict: one node decides nothing.
+pub fn node_beyond_limits(gates: &Gates, stat: &NodeStat, baseline: Option<&VersionSummary>) -> bool {
+    if !stat.failed_activation && stat.requests == 0 {
+        return false;
+    }
+    let alone = VersionSummary {
+        nodes_reporting: 1,
+        nodes_active: usize::from(stat.active),
+        nodes_estimated: 1,
+        pooled: VersionReport { requests: stat.requests, errors: stat.errors, ..Default::default() },
+        per_node: vec![stat.clone()],
+    };
+    let gates = Gates { min_reporting_nodes: 1, min_samples: 0, ..gates.clone() };
+    matches!(evaluate_gates(&gates, &alone, baseline), GateVerdict::Fail(_))
+}

@@ -36,9 +36,16 @@
 //! receipt, if that is earlier), and a record already older than the TTL is refused: a
 //! replay of a silent member's last record cannot keep its seat (nodes' clocks must agree
 //! to well within the TTL, as they must for certificates).
-//! Members send changed figures every interval while a rollout of the model is watched
-//! (waves left to open, or the last one still soaking), and every fifth interval once it
-//! has settled: nobody waits on a settled fleet's figures.
+//! Members send a record when a gate needs it, not every interval (`node::reporting`):
+//! a report that is new, starts or stops serving, measures its first request or fails to
+//! load; figures beyond a gate's limit (every interval, and the all-clear after them), so
+//! that a bad version halts as fast as before; one record in the last interval before a
+//! wave's soak ends, and every interval after it while the next wave waits on the gate;
+//! and every fifth interval regardless, so that peers do not expire them. During a
+//! three-wave rollout that is a third of the records of sending every interval, and the
+//! waves open as early (BENCHMARKS.md). Anti-entropy sends a peer only the records it
+//! lacks or holds older: a sync request lists the asker's records by the first 8 bytes of
+//! their node's id and their sequence number (`mesh::MetricsMark`).
 //! A report new to a node waits for its turn in proportion to its rank (at most six
 //! intervals), so that a wave opening on thousands of nodes at once does not make them
 //! all report before they see the seats taken.
@@ -75,9 +82,9 @@ pub use crate::panel::rank_fraction;
 pub use engine::{
     advance, decide, CommandAction, OperatorState, RolloutCommand, RolloutDecision, RolloutProgress, SignedCommand,
 };
-pub use gates::{evaluate_gates, GateVerdict, NodeStat, VersionSummary, TIME_RATIO_FLOOR_SECS};
+pub use gates::{evaluate_gates, node_beyond_limits, GateVerdict, NodeStat, VersionSummary, TIME_RATIO_FLOOR_SECS};
 pub use record::{verify_metrics, MetricsRecord, SignedMetrics, VersionReport, MAX_VERSIONS_PER_RECORD};
-pub use view::{panel_rank, FleetView, MAX_FLEET_NODES, MAX_PANELS, PANEL_SIZE};
+pub use view::{node_stat, panel_rank, FleetView, MAX_FLEET_NODES, MAX_PANELS, PANEL_SIZE};
 
 #[cfg(test)]
 mod tests;

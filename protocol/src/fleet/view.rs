@@ -55,7 +55,8 @@ struct Held {
     heard_at: u64,
 }
 
-fn node_stat(node: NodeId, v: &VersionReport) -> NodeStat {
+/// One node's figures for one version, as the gates read them.
+pub fn node_stat(node: NodeId, v: &VersionReport) -> NodeStat {
     NodeStat {
         node,
         active: v.active,

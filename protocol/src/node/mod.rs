@@ -46,6 +46,7 @@
 //! simulator's node fleet over its links).
 
 mod peers;
+mod reporting;
 mod revocations;
 mod rollout;
 pub mod state;

@@ -5,9 +5,9 @@ use crate::fleet::{verify_metrics, CommandAction, RolloutCommand, SignedCommand,
 use crate::identity::NodeId;
 use crate::manifest::SignedManifest;
 use crate::mesh::{
-    admit, manifest_verdict, verify_have, GossipVerdict, Hello, ManifestDigest, PeerRequest, PeerResponse, SignedHave,
-    SyncReply, MAX_SYNC_COMMANDS, MAX_SYNC_HAVES, MAX_SYNC_MANIFESTS, MAX_SYNC_METRICS, MAX_SYNC_REVOCATIONS,
-    TOPIC_COMMANDS, TOPIC_MANIFESTS, TOPIC_METRICS, TOPIC_REVOCATIONS,
+    admit, manifest_verdict, metrics_mark, verify_have, GossipVerdict, Hello, ManifestDigest, PeerRequest,
+    PeerResponse, SignedHave, SyncReply, MAX_SYNC_COMMANDS, MAX_SYNC_HAVES, MAX_SYNC_MANIFESTS, MAX_SYNC_METRICS,
+    MAX_SYNC_REVOCATIONS, TOPIC_COMMANDS, TOPIC_MANIFESTS, TOPIC_METRICS, TOPIC_REVOCATIONS,
 };
 use crate::trust::same_fleet;
 
@@ -215,7 +215,8 @@ impl Node {
 
     fn digest(&self) -> ManifestDigest {
         let latest = self.models.iter().filter(|(_, m)| m.latest_known > 0).map(|(n, m)| (n.clone(), m.latest_known));
-        ManifestDigest { latest: latest.collect(), revocations: self.revoked.digest() }
+        let metrics = self.fleet.records().map(|r| metrics_mark(&r.node, r.seq)).take(MAX_SYNC_METRICS).collect();
+        ManifestDigest { latest: latest.collect(), revocations: self.revoked.digest(), metrics }
     }
 
     fn sync_reply(&self, theirs: &ManifestDigest) -> SyncReply {
@@ -227,9 +228,14 @@ impl Node {
             .take(MAX_SYNC_MANIFESTS)
             .collect();
         let haves = self.my_have.iter().take(MAX_SYNC_HAVES).cloned().collect();
+        let held = theirs.metrics_held();
         let metrics = self
             .fleet
             .records()
+            .filter(|r| {
+                let (prefix, seq) = metrics_mark(&r.node, r.seq);
+                held.get(&prefix).is_none_or(|theirs| *theirs < seq)
+            })
             .filter_map(|r| self.signed_metrics.get(&r.node))
             .take(MAX_SYNC_METRICS)
             .cloned()

@@ -20,7 +20,7 @@ struct Standing {
 }
 
 impl Node {
-    fn operator_state(&self, key: &VersionKey) -> OperatorState {
+    pub(super) fn operator_state(&self, key: &VersionKey) -> OperatorState {
         let commands: Vec<RolloutCommand> = self
             .commands
             .get(key)
@@ -35,26 +35,6 @@ impl Node {
     /// this node knows (itself included), whichever is more.
     pub(super) fn fleet_size(&self) -> usize {
         self.fleet.estimated_nodes().max(self.known.len() + 1)
-    }
-
-    /// Whether the gates of `model` are being watched closely: its newest version has
-    /// waves left to open, or opened its last one less than that wave's soak ago (and at
-    /// least `refresh_secs`). Afterwards the model's metrics go at the refresh pace only:
-    /// in a settled fleet, nobody waits on them.
-    pub(super) fn rollout_watched(&self, model: &str, now: u64, refresh_secs: u64) -> bool {
-        let range = (model.to_string(), 0)..=(model.to_string(), u64::MAX);
-        let Some((key, m)) = self.manifests.range(range).next_back() else { return false };
-        let Some(record) = self.versions.get(key) else { return true };
-        if record.halted.is_some() {
-            return false;
-        }
-        let waves = &m.manifest.rollout.waves;
-        if record.opened.len() < waves.len() {
-            return true;
-        }
-        let last_opened = record.opened.last().copied().unwrap_or(0);
-        let hold = waves.last().map_or(0, |w| w.soak_secs).max(refresh_secs);
-        now / 1000 < last_opened.saturating_add(hold)
     }
 
     fn my_wave(&self, key: &VersionKey, record: &VersionRecord) -> Option<usize> {

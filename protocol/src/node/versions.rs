@@ -3,24 +3,14 @@
 //! and telling the fleet what this node holds and measures.
 
 use super::{Activation, FetchRetry, Level, Node, Output, Persist, Restored, UploadView, VersionKey, VersionRecord};
-use crate::fleet::{
-    panel_rank, rank_fraction, MetricsRecord, SignedMetrics, VersionReport, MAX_VERSIONS_PER_RECORD, PANEL_SIZE,
-};
 use crate::hex32::Hex32;
 use crate::identity::NodeId;
 use crate::manifest::{FileRole, SignedManifest, Variant, VerifiedManifest};
-use crate::mesh::TOPIC_METRICS;
 use crate::mesh::{rank_providers, HaveRecord, ProviderInfo, SignedHave, MAX_BLOBS_PER_HAVE, TOPIC_MANIFESTS};
 use crate::rollout::RolloutPhase;
 use crate::select::{select_variant, NodeFacts};
 use crate::ProtocolError;
 use std::collections::BTreeSet;
-
-/// A node gossips an unchanged metrics record again after this many intervals, so that
-/// peers do not expire it.
-const METRICS_REFRESH_INTERVALS: u64 = 5;
-/// The longest a new report waits for its turn in the metrics panel, in intervals.
-const MAX_REPORT_WAIT_INTERVALS: u64 = 6;
 
 impl Node {
     pub(super) fn verify(&self, signed: SignedManifest) -> Result<VerifiedManifest, ProtocolError> {
@@ -433,102 +423,6 @@ impl Node {
         Ok(format!(
             "published {name}@{version}: {count} file(s) added, sent to the mesh (peers that miss it get it by anti-entropy)"
         ))
-    }
-
-    /// Signs this node's cumulative figures per model version and gossips them: when they
-    /// changed while a rollout of the model is watched, else every few intervals (so that
-    /// peers do not expire this node). Versions
-    /// that failed to load here are reported too.
-    pub(super) fn on_local_metrics(&mut self, now: u64, mut reports: Vec<VersionReport>) {
-        let secs = now / 1000;
-        for r in &mut reports {
-            r.active = self.serving(&r.model) == Some(r.version);
-            r.active_since = self.active_since.get(&(r.model.clone(), r.version)).copied();
-        }
-        for name in self.models.keys() {
-            if let Some(v) = self.serving(name) {
-                if !reports.iter().any(|r| &r.model == name && r.version == v) {
-                    reports.push(VersionReport {
-                        model: name.clone(),
-                        version: v,
-                        active: true,
-                        active_since: self.active_since.get(&(name.clone(), v)).copied(),
-                        ..Default::default()
-                    });
-                }
-            }
-        }
-        for ((name, version), record) in &self.versions {
-            if record.activation_failures == 0 || self.serving(name) == Some(*version) {
-                continue;
-            }
-            match reports.iter_mut().find(|r| &r.model == name && r.version == *version) {
-                Some(r) => r.activation_failures = record.activation_failures,
-                None => reports.push(VersionReport {
-                    model: name.clone(),
-                    version: *version,
-                    activation_failures: record.activation_failures,
-                    ..Default::default()
-                }),
-            }
-        }
-        reports.sort_by(|a, b| (&a.model, a.version).cmp(&(&b.model, b.version)));
-        reports.truncate(MAX_VERSIONS_PER_RECORD);
-        self.keep_panel_reports(now, &mut reports);
-        if reports.is_empty() {
-            self.last_reports = None;
-            return;
-        }
-        let refresh = self.cfg.metrics_interval_ms.saturating_mul(METRICS_REFRESH_INTERVALS);
-        let unchanged = self.last_reports.as_ref() == Some(&reports);
-        // Changed figures go out every interval while a rollout reads them, else at the
-        // refresh pace.
-        let watched = reports.iter().any(|r| self.rollout_watched(&r.model, now, refresh / 1000));
-        if (unchanged || !watched) && self.metrics_sent_at.is_some_and(|t| now.saturating_sub(t) < refresh) {
-            return;
-        }
-        self.metrics_seq = now.max(self.metrics_seq + 1);
-        let record = MetricsRecord {
-            node: self.me,
-            certificate: self.certificate.clone(),
-            seq: self.metrics_seq,
-            issued_at: secs,
-            versions: reports.clone(),
-        };
-        let signed = match SignedMetrics::sign(&record, &self.secret) {
-            Ok(s) => s,
-            Err(e) => return self.event(None, Level::Warn, format!("cannot sign the metrics record: {e}")),
-        };
-        let data = match signed.to_bytes() {
-            Ok(d) => d,
-            Err(e) => return self.event(None, Level::Warn, format!("cannot encode the metrics record: {e}")),
-        };
-        self.fleet.update(record, secs);
-        self.signed_metrics.insert(self.me, signed);
-        self.last_reports = Some(reports);
-        self.metrics_sent_at = Some(now);
-        self.outputs.push_back(Output::Gossip { topic: TOPIC_METRICS, data });
-    }
-
-    /// Keeps the reports that hold a seat in their version's metrics panel (the others
-    /// would not count, so they are not sent). A report new to this node first waits in
-    /// proportion to its rank, in intervals, once the fleet is larger than a panel: when a
-    /// wave opens on many nodes at once, the lowest ranks report first and the rest find
-    /// their seats taken, instead of all reporting at once.
-    fn keep_panel_reports(&mut self, now: u64, reports: &mut Vec<VersionReport>) {
-        let interval = self.cfg.metrics_interval_ms.max(1);
-        let fleet = self.fleet_size() as f64;
-        self.reporting_since.retain(|(m, v), _| reports.iter().any(|r| &r.model == m && r.version == *v));
-        for r in reports.iter() {
-            self.reporting_since.entry((r.model.clone(), r.version)).or_insert(now);
-        }
-        let (me, since, view) = (self.me, &self.reporting_since, &self.fleet);
-        reports.retain(|r| {
-            let rank = rank_fraction(panel_rank(&me, &r.model, r.version));
-            let turns = ((rank * fleet / PANEL_SIZE as f64).floor() as u64).min(MAX_REPORT_WAIT_INTERVALS);
-            let first = since.get(&(r.model.clone(), r.version)).copied().unwrap_or(now);
-            now >= first.saturating_add(turns.saturating_mul(interval)) && view.would_seat(&me, &r.model, r.version)
-        });
     }
 
     pub(super) fn upload_view(&self) -> UploadView {

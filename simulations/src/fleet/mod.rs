@@ -104,11 +104,11 @@ impl FakeStore {
 }
 
 /// What gossipsub adds to each message's data, as it counts a message's size (its
-/// protobuf encoding, signed by its author): the author's peer id (40 bytes with its
-/// tag and length), the data's tag and length (3), a sequence number (10), the topic
-/// (2 + its name) and the signature (66); an ed25519 key is inlined in the peer id.
+/// protobuf encoding): the data's tag and length (3) and the topic (2 + its name). Nodes
+/// publish anonymously (`crates/mesh`): no author, sequence number or signature, since
+/// every payload carries its author's signature.
 pub fn gossip_envelope_bytes(topic: &str) -> u64 {
-    40 + 3 + 10 + 2 + topic.len() as u64 + 66
+    3 + 2 + topic.len() as u64
 }
 
 /// Where a simulated crash cuts a deletion of a version's files short.
@@ -277,6 +277,10 @@ pub struct FleetSpec {
     pub load_ms: u64,
     /// Requests per second each node serves.
     pub request_rate: f64,
+    /// The spread of measured latencies and TTFTs: sigma of their log-normal (0.3; what
+    /// real nodes measure can be much wider, and a wider spread fills more of a metrics
+    /// record's sketch buckets).
+    pub latency_spread: f64,
     /// Bytes on the wire a request or reply takes beyond its payload (framing).
     pub overhead_bytes: u64,
     pub node_config: NodeConfig,
@@ -296,6 +300,7 @@ impl FleetSpec {
             model_bytes: 1_000_000,
             load_ms: 200,
             request_rate: 4.0,
+            latency_spread: 0.3,
             overhead_bytes: 64,
             node_config: NodeConfig {
                 metrics_interval_ms: 1_000,
@@ -761,8 +766,9 @@ impl NodeFleet {
             for _ in 0..requests {
                 r.requests += 1;
                 r.errors += u64::from(self.rng.unit() < b.error_rate);
-                r.latency.add(self.rng.lognormal(b.latency_median_secs, 0.3));
-                r.ttft.add(self.rng.lognormal(b.ttft_median_secs, 0.3));
+                let spread = self.spec.latency_spread;
+                r.latency.add(self.rng.lognormal(b.latency_median_secs, spread));
+                r.ttft.add(self.rng.lognormal(b.ttft_median_secs, spread));
                 r.tokens_per_sec.add(self.rng.lognormal(b.tokens_per_sec, 0.1));
             }
             self.nodes[i].measured.insert(v, r);

@@ -1,0 +1,181 @@
+//! When a node tells the fleet what it measured: its signed metrics record goes out when
+//! a gate needs it, not every interval.
+//!
+//! Gates read cumulative figures, so a record replaces the one before it, and most of a
+//! rollout's records would only repeat what the gates already conclude. A panel member
+//! sends its record when
+//!
+//! - a report is new, starts or stops serving, measures its first request, or fails to
+//!   load (what `min_reporting_nodes` and the failed-load gate count);
+//! - its own figures are beyond a gate's limit, or were at the last record: an alarm goes
+//!   every interval, so that a bad version halts as fast as before, and so does the
+//!   all-clear;
+//! - a wave's soak is about to end: one fresh record within the last interval before it,
+//!   so the gate that opens the next wave reads figures at most one interval old; and
+//!   every interval after it while that wave waits on the gate (too few samples, nodes
+//!   split), unless an operator paused the rollout;
+//! - `METRICS_REFRESH_INTERVALS` intervals passed since its last record, so that peers do
+//!   not expire it.
+
+use super::Node;
+use super::{Level, Output};
+use crate::fleet::{
+    node_beyond_limits, node_stat, panel_rank, rank_fraction, MetricsRecord, SignedMetrics, VersionReport,
+    MAX_VERSIONS_PER_RECORD, PANEL_SIZE,
+};
+use crate::mesh::TOPIC_METRICS;
+
+/// A node gossips its metrics record again after this many intervals, changed or not, so
+/// that peers do not expire it.
+const METRICS_REFRESH_INTERVALS: u64 = 5;
+/// The longest a new report waits for its turn in the metrics panel, in intervals.
+const MAX_REPORT_WAIT_INTERVALS: u64 = 6;
+
+impl Node {
+    /// Signs this node's cumulative figures per model version and gossips them when a
+    /// gate needs them (`record_due`), else every few intervals (so that peers do not
+    /// expire this node). Versions that failed to load here are reported too.
+    pub(super) fn on_local_metrics(&mut self, now: u64, mut reports: Vec<VersionReport>) {
+        let secs = now / 1000;
+        for r in &mut reports {
+            r.active = self.serving(&r.model) == Some(r.version);
+            r.active_since = self.active_since.get(&(r.model.clone(), r.version)).copied();
+        }
+        for name in self.models.keys() {
+            if let Some(v) = self.serving(name) {
+                if !reports.iter().any(|r| &r.model == name && r.version == v) {
+                    reports.push(VersionReport {
+                        model: name.clone(),
+                        version: v,
+                        active: true,
+                        active_since: self.active_since.get(&(name.clone(), v)).copied(),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        for ((name, version), record) in &self.versions {
+            if record.activation_failures == 0 || self.serving(name) == Some(*version) {
+                continue;
+            }
+            match reports.iter_mut().find(|r| &r.model == name && r.version == *version) {
+                Some(r) => r.activation_failures = record.activation_failures,
+                None => reports.push(VersionReport {
+                    model: name.clone(),
+                    version: *version,
+                    activation_failures: record.activation_failures,
+                    ..Default::default()
+                }),
+            }
+        }
+        reports.sort_by(|a, b| (&a.model, a.version).cmp(&(&b.model, b.version)));
+        reports.truncate(MAX_VERSIONS_PER_RECORD);
+        self.keep_panel_reports(now, &mut reports);
+        if reports.is_empty() {
+            self.last_reports = None;
+            return;
+        }
+        if !self.record_due(now, &reports) {
+            return;
+        }
+        self.metrics_seq = now.max(self.metrics_seq + 1);
+        let record = MetricsRecord {
+            node: self.me,
+            certificate: self.certificate.clone(),
+            seq: self.metrics_seq,
+            issued_at: secs,
+            versions: reports.clone(),
+        };
+        let signed = match SignedMetrics::sign(&record, &self.secret) {
+            Ok(s) => s,
+            Err(e) => return self.event(None, Level::Warn, format!("cannot sign the metrics record: {e}")),
+        };
+        let data = match signed.to_bytes() {
+            Ok(d) => d,
+            Err(e) => return self.event(None, Level::Warn, format!("cannot encode the metrics record: {e}")),
+        };
+        self.fleet.update(record, secs);
+        self.signed_metrics.insert(self.me, signed);
+        self.last_reports = Some(reports);
+        self.metrics_sent_at = Some(now);
+        self.outputs.push_back(Output::Gossip { topic: TOPIC_METRICS, data });
+    }
+
+    /// Keeps the reports that hold a seat in their version's metrics panel (the others
+    /// would not count, so they are not sent). A report new to this node first waits in
+    /// proportion to its rank, in intervals, once the fleet is larger than a panel: when a
+    /// wave opens on many nodes at once, the lowest ranks report first and the rest find
+    /// their seats taken, instead of all reporting at once.
+    fn keep_panel_reports(&mut self, now: u64, reports: &mut Vec<VersionReport>) {
+        let interval = self.cfg.metrics_interval_ms.max(1);
+        let fleet = self.fleet_size() as f64;
+        self.reporting_since.retain(|(m, v), _| reports.iter().any(|r| &r.model == m && r.version == *v));
+        for r in reports.iter() {
+            self.reporting_since.entry((r.model.clone(), r.version)).or_insert(now);
+        }
+        let (me, since, view) = (self.me, &self.reporting_since, &self.fleet);
+        reports.retain(|r| {
+            let rank = rank_fraction(panel_rank(&me, &r.model, r.version));
+            let turns = ((rank * fleet / PANEL_SIZE as f64).floor() as u64).min(MAX_REPORT_WAIT_INTERVALS);
+            let first = since.get(&(r.model.clone(), r.version)).copied().unwrap_or(now);
+            now >= first.saturating_add(turns.saturating_mul(interval)) && view.would_seat(&me, &r.model, r.version)
+        });
+    }
+
+    /// Whether this node's record goes out now (the rules are in this module's docs).
+    fn record_due(&self, now: u64, reports: &[VersionReport]) -> bool {
+        let Some(sent_at) = self.metrics_sent_at else { return true };
+        let refresh = self.cfg.metrics_interval_ms.saturating_mul(METRICS_REFRESH_INTERVALS);
+        if now.saturating_sub(sent_at) >= refresh {
+            return true;
+        }
+        let last = self.last_reports.as_deref().unwrap_or_default();
+        if last == reports {
+            return false;
+        }
+        let same_versions = last.len() == reports.len()
+            && last.iter().zip(reports).all(|(l, r)| (&l.model, l.version) == (&r.model, r.version));
+        if !same_versions {
+            return true;
+        }
+        reports.iter().zip(last).any(|(r, l)| self.report_due(now, sent_at, r, l))
+    }
+
+    fn report_due(&self, now: u64, sent_at: u64, report: &VersionReport, last: &VersionReport) -> bool {
+        if report == last {
+            return false;
+        }
+        if report.active != last.active
+            || report.activation_failures != last.activation_failures
+            || (report.requests == 0) != (last.requests == 0)
+        {
+            return true;
+        }
+        let key = (report.model.clone(), report.version);
+        let Some(plan) = self.manifests.get(&key).map(|m| &m.manifest.rollout) else { return false };
+        let baseline = self.fleet.gate_baseline(&report.model, report.version);
+        let beyond = |r: &VersionReport| node_beyond_limits(&plan.gates, &node_stat(self.me, r), baseline.as_ref());
+        if beyond(report) || beyond(last) {
+            return true;
+        }
+        self.gate_checkpoint_due(now, sent_at, &key)
+    }
+
+    /// Whether the gate that opens a version's next wave needs fresh figures: within the
+    /// last interval before the open wave's soak ends (once), and every interval after it
+    /// while the next wave stays shut and no operator paused the rollout.
+    fn gate_checkpoint_due(&self, now: u64, sent_at: u64, key: &(String, u64)) -> bool {
+        let (Some(record), Some(m)) = (self.versions.get(key), self.manifests.get(key)) else { return false };
+        let waves = &m.manifest.rollout.waves;
+        let (Some(k), Some(&opened)) = (record.opened.len().checked_sub(1), record.opened.last()) else { return false };
+        if record.halted.is_some() || k + 1 >= waves.len() {
+            return false;
+        }
+        let soak_end = opened.saturating_add(waves[k].soak_secs).saturating_mul(1000);
+        let window = soak_end.saturating_sub(self.cfg.metrics_interval_ms.max(1));
+        if now < window {
+            return false;
+        }
+        sent_at < window || (now >= soak_end && !self.operator_state(key).paused)
+    }
+}
