@@ -160,6 +160,25 @@ pub enum RolloutCommandArgs {
         #[arg(long)]
         json: bool,
     },
+    /// Show what this node decided about rollouts, oldest first: waves opened, gate
+    /// verdicts with their figures, halts, activations, rollbacks, load failures and
+    /// operators' commands with their signer. The node keeps its newest 2,000 events
+    /// across restarts.
+    History {
+        #[command(flatten)]
+        node: NodeAddrArgs,
+        /// Only this model's events.
+        #[arg(long)]
+        model: Option<String>,
+        /// Only this version's events (with --model).
+        #[arg(long = "model-version", requires = "model")]
+        version: Option<u64>,
+        /// At most this many (the newest).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Open no further wave of a rollout.
     Pause(OperatorArgs),
     /// Let a paused rollout continue.
@@ -211,6 +230,25 @@ pub fn rollout(cmd: RolloutCommandArgs) -> Result<()> {
             }
             return Ok(());
         }
+        RolloutCommandArgs::History { node, model, version, limit, json } => {
+            let (addr, token) = node.resolve()?;
+            let mut url = format!("http://{addr}/v1/events?limit={limit}");
+            if let Some(m) = &model {
+                url.push_str(&format!("&model={}", urlencode(m)));
+            }
+            if let Some(v) = version {
+                url.push_str(&format!("&version={v}"));
+            }
+            let value = call(agent().get(&url), &token, None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                let events: Vec<slmesh_protocol::history::HistoryEvent> =
+                    serde_json::from_value(value["events"].clone()).context("unexpected events from the node")?;
+                print!("{}", crate::daemon::status::history_text(&events));
+            }
+            return Ok(());
+        }
         RolloutCommandArgs::Pause(a) => (a, CommandAction::Pause),
         RolloutCommandArgs::Resume(a) => (a, CommandAction::Resume),
         RolloutCommandArgs::Promote(a) => (a, CommandAction::Promote),
@@ -222,6 +260,16 @@ pub fn rollout(cmd: RolloutCommandArgs) -> Result<()> {
         RolloutCommand { model: args.model, version: args.version, action, issued_at: op.now, fleet: op.fleet.clone() };
     let signed = SignedCommand::sign(&command, &op.key)?;
     op.send("/v1/rollouts/command", "command_hex", signed.to_bytes()?)
+}
+
+/// A query-string value: letters, digits and `-._~` as they are, the rest percent-encoded.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// What an operator's signed order needs: the publisher key, the node to give it to, the

@@ -96,6 +96,31 @@ fn a_bad_version_halts_in_its_canary_and_rolls_back() {
     }
     let rollouts = mesh.fleet.slmesh(&["rollout", "status", "--node", &mesh.nodes[4].http]);
     assert!(rollouts.contains("halted") && rollouts.contains("error rate"), "{rollouts}");
+    // A canary node's history says what it decided and on which figures, and keeps it
+    // across a restart.
+    let canary = &mesh.nodes[0];
+    let history = mesh.fleet.slmesh(&["rollout", "history", "--node", &canary.http, "--model", MODEL]);
+    for want in ["wave opened", "gate verdict", "activated", "HALTED", "rolled back", "error rate", "request(s)"] {
+        assert!(history.contains(want), "no {want:?} in:\n{history}");
+    }
+    let (code, body) = slmesh_e2e::http(&canary.http, "GET", "/v1/events?version=two", &[], vec![]);
+    assert_eq!(code, 400, "{body}");
+    let mut mesh = mesh;
+    mesh.stop_load();
+    let canary = mesh.nodes.remove(0).stop().start_with_env(&[("SLMESH_TEST_FAULT", "tiny@2")]);
+    let args = ["rollout", "history", "--node", &canary.http, "--model", MODEL, "--model-version", "2", "--json"];
+    let after: serde_json::Value = serde_json::from_str(&mesh.fleet.slmesh(&args)).expect("history JSON");
+    let kinds: Vec<String> = after["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            e["kind"].as_object().and_then(|k| k.keys().next().cloned()).or(e["kind"].as_str().map(String::from))
+        })
+        .collect();
+    for want in ["wave_opened", "activated", "verdict", "halted"] {
+        assert!(kinds.iter().any(|k| k == want), "no {want} after a restart: {kinds:?}");
+    }
 }
 
 #[test]

@@ -11,6 +11,7 @@ pub mod error;
 pub mod fleet;
 pub mod gguf;
 pub mod hex32;
+pub mod history;
 pub mod identity;
 pub mod manifest;
 pub mod mesh;

@@ -6,6 +6,7 @@
 use proptest::prelude::*;
 use slmesh_protocol::cohort::{cohort, wave_of};
 use slmesh_protocol::fleet::{CommandAction, RolloutCommand, SignedCommand};
+use slmesh_protocol::history::{HistoryKind, Outcome};
 use slmesh_protocol::mesh::{GossipVerdict, TOPIC_COMMANDS, TOPIC_METRICS};
 use slmesh_protocol::rollout::{Gates, RolloutPhase};
 use slmesh_protocol::trust::DEFAULT_FLEET;
@@ -82,9 +83,27 @@ fn a_bad_version_halts_in_its_canary_and_rolls_back() {
         assert!(record.halted.as_deref().is_some_and(|h| h.contains("error rate")), "{record:?}");
         assert_eq!(record.opened.len(), 1, "wave 2 never opened");
     }
-    for i in ever {
+    for i in ever.iter().copied() {
         assert_eq!(f.node(i).version_record(MODEL, 2).expect("record").phase, RolloutPhase::RolledBack);
     }
+    // A canary node's history says what it decided, in order, and why.
+    let kinds: Vec<&HistoryKind> =
+        f.nodes[ever[0]].history.iter().filter(|e| e.version == 2).map(|e| &e.kind).collect();
+    let at = |want: &dyn Fn(&HistoryKind) -> bool| kinds.iter().position(|k| want(k));
+    let opened = at(&|k| matches!(k, HistoryKind::WaveOpened { wave: 1, waves: 2 })).expect("wave 1 opened");
+    let activated = at(&|k| matches!(k, HistoryKind::Activated)).expect("activated");
+    let failed = at(&|k| matches!(k, HistoryKind::Verdict { outcome: Outcome::Fail, .. })).expect("a failing verdict");
+    let halted = at(&|k| matches!(k, HistoryKind::Halted { reason } if reason.contains("error rate"))).expect("halted");
+    assert!(opened < activated && activated < failed && failed < halted, "{kinds:?}");
+    let Some(HistoryKind::Verdict { figures, .. }) = kinds.get(failed) else { unreachable!() };
+    assert!(figures.nodes_measured >= 2 && figures.median_error_rate.is_some_and(|r| r > 0.1), "{figures:?}");
+    let v1 = f.nodes[ever[0]].history.iter().filter(|e| e.version == 1).map(|e| &e.kind);
+    assert!(v1.clone().any(|k| matches!(k, HistoryKind::RolledBack { from: 2 })), "{:?}", v1.collect::<Vec<_>>());
+    let outside = (0..6).find(|i| !ever.contains(i)).expect("a node outside the canary");
+    assert!(
+        !f.nodes[outside].history.iter().any(|e| e.version == 2 && matches!(e.kind, HistoryKind::Activated)),
+        "a node outside the canary never activated v2"
+    );
 }
 
 /// A version number for which no node of `f`'s ids has a cohort below `fraction`.
@@ -256,6 +275,12 @@ fn an_operator_rollback_sends_every_node_back_and_a_newer_version_still_rolls_ou
     f.run_for(10_000 * MS);
     for i in 0..4 {
         assert_eq!(f.active(i), Some(1), "node {i} went back to v1");
+        // Every node's history holds the order, with the key that signed it.
+        let order = f.nodes[i].history.iter().find_map(|e| match &e.kind {
+            HistoryKind::Command { action: CommandAction::RollBackTo { to: 1 }, signer, .. } => Some(signer.clone()),
+            _ => None,
+        });
+        assert!(order.is_some_and(|s| !s.is_empty()), "node {i}: {:?}", f.nodes[i].history);
     }
     let m = f.manifest(3, &[(1.0, 0)], Fleet::quick_gates(1));
     f.publish(0, m).expect("v3");

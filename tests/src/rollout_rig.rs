@@ -22,12 +22,19 @@ pub struct Mesh {
     load: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Drop for Mesh {
-    fn drop(&mut self) {
+impl Mesh {
+    /// Stops the chat requests to every node (before a test stops a node of its own).
+    pub fn stop_load(&mut self) {
         self.stop_load.store(true, Ordering::Relaxed);
         if let Some(l) = self.load.take() {
             let _ = l.join();
         }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.stop_load();
     }
 }
 

@@ -69,6 +69,8 @@ pub struct Store {
     /// Revocations, keyed by the BLAKE3 of their bytes.
     revocations: sled::Tree,
     peers: sled::Tree,
+    /// The rollout history, keyed by a big-endian id that grows with every event.
+    events: sled::Tree,
 }
 
 fn manifest_key(name: &str, version: u64) -> Vec<u8> {
@@ -147,6 +149,7 @@ impl Store {
             versions: db.open_tree("versions")?,
             commands: db.open_tree("commands")?,
             peers: db.open_tree("peers")?,
+            events: db.open_tree("events")?,
             db,
         };
         store.check_schema()?;
@@ -284,6 +287,31 @@ impl Store {
                     .map_err(|e| StoreError::Corrupt { what: "operator command", reason: e.to_string() })
             })
             .collect()
+    }
+
+    /// Appends an event to the rollout history, dropping the oldest beyond `MAX_EVENTS`.
+    pub fn put_event(&self, event: &slmesh_protocol::history::HistoryEvent) -> Result<()> {
+        let id = self.db.generate_id()?;
+        self.events.insert(id.to_be_bytes(), encode(event)?)?;
+        while self.events.len() > slmesh_protocol::history::MAX_EVENTS {
+            if self.events.pop_min()?.is_none() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The history, oldest first, and how many stored events could not be read (written
+    /// by another version of slmesh): those are skipped, not an error.
+    pub fn events(&self) -> Result<(Vec<slmesh_protocol::history::HistoryEvent>, usize)> {
+        let (mut events, mut unreadable) = (Vec::new(), 0);
+        for v in self.events.iter().values() {
+            match decode(&v?, "history event") {
+                Ok(e) => events.push(e),
+                Err(_) => unreadable += 1,
+            }
+        }
+        Ok((events, unreadable))
     }
 
     pub fn put_revocation(&self, signed: &SignedRevocation) -> Result<()> {

@@ -238,3 +238,34 @@ fn published_blobs_survive_reopen() {
     }
     assert_eq!(Store::open(dir.path()).unwrap().originated().unwrap(), vec![Hex32([4; 32])]);
 }
+
+#[test]
+fn the_history_keeps_the_newest_events_in_order_across_a_reopen_and_skips_unreadable_ones() {
+    use slmesh_protocol::history::{HistoryEvent, HistoryKind, MAX_EVENTS};
+    let dir = tempfile::tempdir().unwrap();
+    let event = |k: usize| HistoryEvent {
+        at: k as u64,
+        model: "m".into(),
+        version: 2,
+        kind: HistoryKind::WaveOpened { wave: 1, waves: 3 },
+        text: format!("event {k}"),
+    };
+    {
+        let store = Store::open(dir.path()).unwrap();
+        for k in 0..MAX_EVENTS + 5 {
+            store.put_event(&event(k)).unwrap();
+        }
+        // What another version of slmesh may have written.
+        store.events.insert(u64::MAX.to_be_bytes(), &b"\xff\xfe"[..]).unwrap();
+        store.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let (events, unreadable) = store.events().unwrap();
+    assert_eq!(unreadable, 1);
+    assert_eq!(events.len(), MAX_EVENTS, "the oldest went when the cap was passed");
+    assert_eq!(events.first().map(|e| e.at), Some(5));
+    assert_eq!(events.last(), Some(&event(MAX_EVENTS + 4)));
+    // New events go after the ones before the reopen.
+    store.put_event(&event(99_999)).unwrap();
+    assert_eq!(store.events().unwrap().0.last().map(|e| e.at), Some(99_999));
+}

@@ -37,6 +37,7 @@ pub(super) fn router(control: Control, http: Arc<HttpState>) -> Router {
         .route("/v1/fleet", get(fleet))
         .route("/v1/rollouts", get(rollouts))
         .route("/v1/rollouts/command", post(command))
+        .route("/v1/events", get(events))
         .route("/v1/revocations", post(revoke))
         .layer(DefaultBodyLimit::max(4 << 20))
         .with_state(ApiState { control, http })
@@ -69,6 +70,27 @@ async fn publish(State(s): State<ApiState>, headers: HeaderMap, body: axum::body
 async fn fleet(State(s): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorized(&s.http, &headers)?;
     Ok(Json(serde_json::json!({ "versions": s.control.fleet() })).into_response())
+}
+
+/// `GET /v1/events`: the rollout history, oldest first; `model`, `version` and `limit`
+/// (default 200) narrow it.
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    model: Option<String>,
+    version: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn events(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    authorized(&s.http, &headers)?;
+    let axum::extract::Query(q) = query.map_err(|e| invalid(format!("bad query: {e}")))?;
+    let limit = q.limit.unwrap_or(200).min(slmesh_protocol::history::MAX_EVENTS);
+    let events = s.control.events(q.model.as_deref(), q.version, limit);
+    Ok(Json(serde_json::json!({ "events": events })).into_response())
 }
 
 async fn rollouts(State(s): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {

@@ -27,6 +27,8 @@ pub(super) struct Shared {
     pub revoked: Vec<(String, String)>,
     pub rollouts: Vec<RolloutView>,
     pub fleet: Vec<FleetVersionView>,
+    /// The rollout history, oldest first (the newest `MAX_EVENTS`, as the store keeps).
+    pub events: std::collections::VecDeque<slmesh_protocol::history::HistoryEvent>,
 }
 
 pub(super) fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -82,6 +84,22 @@ impl Control {
 
     pub fn fleet(&self) -> Vec<FleetVersionView> {
         lock(&self.shared).fleet.clone()
+    }
+
+    /// The newest `limit` events of the history about `model` (and `version`), oldest first.
+    pub fn events(
+        &self,
+        model: Option<&str>,
+        version: Option<u64>,
+        limit: usize,
+    ) -> Vec<slmesh_protocol::history::HistoryEvent> {
+        let shared = lock(&self.shared);
+        let wanted = |e: &&slmesh_protocol::history::HistoryEvent| {
+            model.is_none_or(|m| e.model == m) && version.is_none_or(|v| e.version == v)
+        };
+        let mut events: Vec<_> = shared.events.iter().rev().filter(wanted).take(limit).cloned().collect();
+        events.reverse();
+        events
     }
 
     pub fn status(&self) -> NodeStatus {

@@ -121,7 +121,14 @@ impl Driver {
         let node = Node::new(cfg, identity, trust, restored, unix_millis());
         let (internal_tx, internal_rx) = mpsc::channel(256);
         let (control_tx, control_rx) = mpsc::channel(16);
-        let shared = Arc::new(Mutex::new(Shared::default()));
+        let (events, unreadable) =
+            parts.store.events().map_err(|e| anyhow::anyhow!("cannot read the rollout history: {e}"))?;
+        if unreadable > 0 {
+            tracing::warn!(
+                "{unreadable} event(s) of the rollout history were written by another version and are skipped"
+            );
+        }
+        let shared = Arc::new(Mutex::new(Shared { events: events.into(), ..Shared::default() }));
         let control = Control {
             me: node.id(),
             fleet: enrollment.fleet,
@@ -406,6 +413,16 @@ impl Driver {
                 self.node.handle(unix_millis(), Input::LocalMetrics(reports));
             }
             Output::Uploads(view) => self.parts.gate.update(&view),
+            Output::History(event) => {
+                if let Err(e) = self.parts.store.put_event(&event) {
+                    tracing::warn!("cannot keep an event of the rollout history: {e}");
+                }
+                let mut shared = lock(&self.shared);
+                if shared.events.len() >= slmesh_protocol::history::MAX_EVENTS {
+                    shared.events.pop_front();
+                }
+                shared.events.push_back(event);
+            }
             Output::Event { model, version, level, text } => {
                 let model = model.unwrap_or_default();
                 match (level, version) {

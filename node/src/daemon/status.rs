@@ -276,3 +276,39 @@ pub fn rollouts_text(rollouts: &[RolloutView]) -> String {
     }
     out
 }
+
+/// The rollout history as `slmesh rollout history` prints it: one line per event, oldest
+/// first, with the gates' figures under each verdict.
+pub fn history_text(events: &[slmesh_protocol::history::HistoryEvent]) -> String {
+    use slmesh_protocol::history::HistoryKind;
+    let mut out = String::new();
+    if events.is_empty() {
+        out.push_str("no rollout event on this node yet\n");
+    }
+    for e in events {
+        let when = httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.at));
+        let what = match &e.kind {
+            HistoryKind::WaveOpened { .. } => "wave opened",
+            HistoryKind::Verdict { .. } => "gate verdict",
+            HistoryKind::Halted { .. } => "HALTED",
+            HistoryKind::Activated => "activated",
+            HistoryKind::RolledBack { .. } => "rolled back",
+            HistoryKind::ActivationFailed { .. } => "LOAD FAILED",
+            HistoryKind::Command { .. } => "operator",
+        };
+        let _ = writeln!(out, "{when}  {}@{}  {what:<12}  {}", e.model, e.version, e.text);
+        if let HistoryKind::Verdict { figures: f, .. } = &e.kind {
+            let _ = writeln!(
+                out,
+                "    on {} node(s), {} request(s): error rate {}, p95 latency {}, p95 TTFT {}, tokens/s {}",
+                f.nodes_measured,
+                f.requests,
+                f.median_error_rate.map(|r| format!("{:.1}%", r * 100.0)).unwrap_or_else(|| "-".into()),
+                opt(f.median_p95_latency_secs, 1000.0, " ms"),
+                opt(f.median_p95_ttft_secs, 1000.0, " ms"),
+                opt(f.median_tokens_per_sec, 1.0, ""),
+            );
+        }
+    }
+    out
+}

@@ -59,6 +59,7 @@ pub use uploads::Uploads;
 
 use crate::fleet::{FleetView, SignedCommand, SignedMetrics, VersionReport};
 use crate::hex32::Hex32;
+use crate::history::{HistoryEvent, HistoryKind};
 use crate::identity::{NodeId, SecretKey};
 use crate::manifest::{FileEntry, Variant, VerifiedManifest};
 use crate::mesh::{BlobDirectory, GossipVerdict, SignedHave};
@@ -263,6 +264,9 @@ pub enum Output {
     /// Measure: answer with `Input::LocalMetrics`.
     SampleMetrics,
     Uploads(UploadView),
+    /// A decision about a rollout, for the node's history (kept by the daemon; also
+    /// logged as an `Event`).
+    History(crate::history::HistoryEvent),
     /// Something an operator should see in the log (about one version, when `version`).
     Event {
         model: Option<String>,
@@ -328,6 +332,9 @@ pub struct Node {
     last_reports: Option<Vec<VersionReport>>,
     /// When this node first had a report of each version (its turn in the panel counts from it).
     reporting_since: BTreeMap<(String, u64), u64>,
+    /// The gates' last verdict per version whose rollout is under way (a change of kind
+    /// goes into the history).
+    verdicts: BTreeMap<VersionKey, crate::fleet::GateVerdict>,
     originated: BTreeSet<Hex32>,
     complete: BTreeSet<Hex32>,
     // Work under way.
@@ -413,6 +420,7 @@ impl Node {
             metrics_sent_at: None,
             last_reports: None,
             reporting_since: BTreeMap::new(),
+            verdicts: BTreeMap::new(),
             originated: BTreeSet::new(),
             complete: BTreeSet::new(),
             wanted: BTreeMap::new(),
@@ -605,6 +613,22 @@ impl Node {
     fn event(&mut self, model: Option<&str>, level: Level, text: impl Into<String>) {
         let model = model.map(String::from);
         self.outputs.push_back(Output::Event { model, version: None, level, text: text.into() });
+    }
+
+    /// A decision about a rollout: logged, and kept in the node's history.
+    fn history(
+        &mut self,
+        now: u64,
+        model: &str,
+        version: u64,
+        level: Level,
+        kind: HistoryKind,
+        text: impl Into<String>,
+    ) {
+        let text = text.into();
+        self.version_event(model, version, level, text.clone());
+        let event = HistoryEvent { at: now / 1000, model: model.to_string(), version, kind, text };
+        self.outputs.push_back(Output::History(event));
     }
 
     fn version_event(&mut self, model: &str, version: u64, level: Level, text: impl Into<String>) {

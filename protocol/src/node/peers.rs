@@ -2,6 +2,7 @@
 
 use super::{HelloRetry, Level, Node, Output, Peer, Persist, RequestKind};
 use crate::fleet::{verify_metrics, CommandAction, RolloutCommand, SignedCommand, SignedMetrics};
+use crate::history::HistoryKind;
 use crate::identity::NodeId;
 use crate::manifest::SignedManifest;
 use crate::mesh::{
@@ -415,12 +416,13 @@ impl Node {
         }
         held.push(signed.clone());
         self.persist(Persist::Command(signed));
-        self.event(
-            Some(&command.model),
-            Level::Info,
-            format!("operator command {:?} for version {} signed by {publisher}", command.action, command.version)
-                .to_lowercase(),
-        );
+        let text = format!("operator command {:?} signed by {publisher}", command.action).to_lowercase();
+        let kind = HistoryKind::Command {
+            action: command.action,
+            signer: publisher.to_string(),
+            issued_at: command.issued_at,
+        };
+        self.history(now, &command.model, command.version, Level::Info, kind, text);
         Ok((command, true))
     }
 

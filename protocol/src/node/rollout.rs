@@ -5,6 +5,7 @@
 use super::{Activation, Level, Node, RolloutView, VersionKey, VersionRecord};
 use crate::cohort::{membership_with_floor, wave_counts, Membership};
 use crate::fleet::{advance, evaluate_gates, GateVerdict, OperatorState, RolloutCommand, RolloutProgress};
+use crate::history::{verdict_changed, GateFigures, HistoryKind, Outcome};
 use crate::identity::NodeId;
 use crate::rollout::RolloutPhase;
 use crate::trust::Tags;
@@ -35,6 +36,40 @@ impl Node {
     /// this node knows (itself included), whichever is more.
     pub(super) fn fleet_size(&self) -> usize {
         self.fleet.estimated_nodes().max(self.known.len() + 1)
+    }
+
+    /// Puts a change in the kind of a version's verdict into the history, with the figures
+    /// it was reached on, while its rollout is under way or a failure would halt it (a
+    /// settled version's verdict moves as records expire, and decides nothing).
+    fn note_verdict(
+        &mut self,
+        now: u64,
+        key: &VersionKey,
+        plan: &crate::rollout::RolloutPlan,
+        record: &VersionRecord,
+        verdict: &GateVerdict,
+    ) {
+        let waves_left = record.opened.len() < plan.waves.len();
+        if record.halted.is_some() || !(waves_left || matches!(verdict, GateVerdict::Fail(_))) {
+            self.verdicts.remove(key);
+            return;
+        }
+        if !verdict_changed(self.verdicts.get(key), verdict) {
+            return;
+        }
+        self.verdicts.insert(key.clone(), verdict.clone());
+        let figures = GateFigures::of(&self.fleet.gate_summary(&key.0, key.1));
+        let text = match verdict {
+            GateVerdict::Pending(why) => format!("gates pending: {why}"),
+            GateVerdict::Pass => {
+                format!("gates pass ({} nodes, {} requests)", figures.nodes_measured, figures.requests)
+            }
+            GateVerdict::Fail(why) => format!("gate failed: {why}"),
+        };
+        let level = if matches!(verdict, GateVerdict::Fail(_)) { Level::Warn } else { Level::Info };
+        let (outcome, reason) = Outcome::of(verdict);
+        let kind = HistoryKind::Verdict { outcome, reason, figures };
+        self.history(now, &key.0, key.1, level, kind, text);
     }
 
     fn my_wave(&self, key: &VersionKey, record: &VersionRecord) -> Option<usize> {
@@ -89,13 +124,23 @@ impl Node {
             let mut progress =
                 RolloutProgress { opened: record.opened.clone(), halted: record.halted.clone(), verdict: None };
             advance(&mut progress, &plan, record.first_seen, &verdict, &operator, secs);
+            self.note_verdict(now, &key, &plan, &record, &verdict);
             if progress.opened != record.opened || progress.halted != record.halted {
+                let waves = plan.waves.len() as u32;
                 for k in record.opened.len()..progress.opened.len() {
-                    let text = format!("wave {} of {} opened", k + 1, plan.waves.len());
-                    self.version_event(name, version, Level::Info, text);
+                    let text = format!("wave {} of {waves} opened", k + 1);
+                    self.history(
+                        now,
+                        name,
+                        version,
+                        Level::Info,
+                        HistoryKind::WaveOpened { wave: k as u32 + 1, waves },
+                        text,
+                    );
                 }
                 if let (None, Some(reason)) = (&record.halted, &progress.halted) {
-                    self.version_event(name, version, Level::Warn, format!("rollout halted: {reason}"));
+                    let kind = HistoryKind::Halted { reason: reason.clone() };
+                    self.history(now, name, version, Level::Warn, kind, format!("rollout halted: {reason}"));
                 }
                 if let Some(r) = self.versions.get_mut(&key) {
                     r.opened = progress.opened.clone();

@@ -4,6 +4,7 @@
 
 use super::{Activation, FetchRetry, Level, Node, Output, Persist, Restored, UploadView, VersionKey, VersionRecord};
 use crate::hex32::Hex32;
+use crate::history::HistoryKind;
 use crate::identity::NodeId;
 use crate::manifest::{FileRole, SignedManifest, Variant, VerifiedManifest};
 use crate::mesh::{rank_providers, HaveRecord, ProviderInfo, SignedHave, MAX_BLOBS_PER_HAVE, TOPIC_MANIFESTS};
@@ -288,7 +289,8 @@ impl Node {
                 if let (Activation::RollBack { from }, Some(bad)) = (why, old) {
                     let reason = format!("rolled back to version {version}");
                     self.set_phase(now, &(name.clone(), bad), RolloutPhase::RolledBack, &reason);
-                    self.version_event(&name, version, Level::Warn, format!("rolled back from version {from}"));
+                    let text = format!("rolled back from version {from}");
+                    self.history(now, &name, version, Level::Warn, HistoryKind::RolledBack { from }, text);
                 }
                 self.persist_model(&name);
                 self.active_since.insert(key.clone(), secs);
@@ -297,7 +299,7 @@ impl Node {
                 }
                 self.set_phase(now, &key, RolloutPhase::Active, "");
                 self.notes.remove(&name);
-                self.version_event(&name, version, Level::Info, "serving");
+                self.history(now, &name, version, Level::Info, HistoryKind::Activated, "serving");
                 self.collect_garbage();
             }
             Err(e) => {
@@ -307,6 +309,15 @@ impl Node {
                 record.activation_failures = record.activation_failures.saturating_add(1);
                 record.last_activation_error = Some(e.clone());
                 let failures = record.activation_failures;
+                let kind = HistoryKind::ActivationFailed { reason: e.clone() };
+                self.outputs.push_back(Output::History(crate::history::HistoryEvent {
+                    at: secs,
+                    model: name.clone(),
+                    version,
+                    kind,
+                    text: format!("failed to load (attempt {failures} of {max}): {e}"),
+                }));
+                let record = self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(secs));
                 if failures >= max {
                     record.retry_activation_at = None;
                     let reason = format!("failed to load {failures} time(s): {e}");

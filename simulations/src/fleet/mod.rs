@@ -143,6 +143,8 @@ pub struct SimNode {
     pub silent: bool,
     /// (time, version) each time this node started serving a version.
     pub served: Vec<(Micros, u64)>,
+    /// The node's rollout history, as its daemon would keep it (the newest `MAX_EVENTS`).
+    pub history: std::collections::VecDeque<slmesh_protocol::history::HistoryEvent>,
     /// Gossip peers (indices), for a mesh of degree D.
     pub mesh: Vec<usize>,
     /// Connected peers (indices): the gossip peers and more; the node admits, syncs with
@@ -430,6 +432,7 @@ impl NodeFleet {
                     stalls: false,
                     silent: false,
                     served: vec![],
+                    history: Default::default(),
                     mesh: vec![],
                     peers: vec![],
                     learned: vec![],
@@ -710,6 +713,13 @@ impl NodeFleet {
             Output::SampleMetrics => {
                 let reports = self.measure(i);
                 self.input(i, Input::LocalMetrics(reports));
+            }
+            Output::History(event) => {
+                let history = &mut self.nodes[i].history;
+                if history.len() >= slmesh_protocol::history::MAX_EVENTS {
+                    history.pop_front();
+                }
+                history.push_back(event);
             }
             Output::Event { text, version, .. } => {
                 let text = match version {

@@ -1,0 +1,114 @@
+//! The rollout history: every decision a node makes about a rollout, with what it was
+//! based on, for operators (`slmesh rollout history`, `GET /v1/events`). The node's state
+//! machine decides and stamps each event; the daemon keeps the newest `MAX_EVENTS`.
+
+use crate::fleet::{CommandAction, GateVerdict, VersionSummary};
+use serde::{Deserialize, Serialize};
+
+/// How many events a node keeps (the oldest go first).
+pub const MAX_EVENTS: usize = 2_000;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEvent {
+    /// Unix seconds, by this node's clock.
+    pub at: u64,
+    pub model: String,
+    pub version: u64,
+    pub kind: HistoryKind,
+    /// What happened, in words (as the log says it).
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryKind {
+    /// Wave `wave` (from 1) of `waves` opened.
+    WaveOpened { wave: u32, waves: u32 },
+    /// The gates' verdict changed (pending, pass, fail), on these figures. (Not a
+    /// `GateVerdict`, whose tagged form the store's encoding cannot read back.)
+    Verdict { outcome: Outcome, reason: String, figures: GateFigures },
+    /// The rollout stopped for good.
+    Halted { reason: String },
+    /// This node began serving the version.
+    Activated,
+    /// This node went back to this version from `from`.
+    RolledBack { from: u64 },
+    /// This node could not load the version.
+    ActivationFailed { reason: String },
+    /// An operator's command was taken, signed by `signer` (a publisher key).
+    Command { action: CommandAction, signer: String, issued_at: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Pending,
+    Pass,
+    Fail,
+}
+
+impl Outcome {
+    /// A verdict's outcome and its reason.
+    pub fn of(verdict: &GateVerdict) -> (Self, String) {
+        match verdict {
+            GateVerdict::Pending(why) => (Outcome::Pending, why.clone()),
+            GateVerdict::Pass => (Outcome::Pass, String::new()),
+            GateVerdict::Fail(why) => (Outcome::Fail, why.clone()),
+        }
+    }
+}
+
+/// The figures a verdict was reached on: the candidate's, as the gates read them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GateFigures {
+    pub nodes_measured: usize,
+    pub requests: u64,
+    pub median_error_rate: Option<f64>,
+    pub median_p95_latency_secs: Option<f64>,
+    pub median_p95_ttft_secs: Option<f64>,
+    pub median_tokens_per_sec: Option<f64>,
+}
+
+impl GateFigures {
+    pub fn of(s: &VersionSummary) -> Self {
+        GateFigures {
+            nodes_measured: s.nodes_measured(),
+            requests: s.pooled.requests,
+            median_error_rate: s.median_node_error_rate(),
+            median_p95_latency_secs: s.median_node_p95_latency(),
+            median_p95_ttft_secs: s.median_node_p95_ttft(),
+            median_tokens_per_sec: s.median_node_tokens_per_sec(),
+        }
+    }
+}
+
+/// Whether two verdicts differ in kind (a pending verdict's reason changes as figures
+/// arrive; only a change of kind is an event).
+pub fn verdict_changed(before: Option<&GateVerdict>, now: &GateVerdict) -> bool {
+    before.is_none_or(|b| std::mem::discriminant(b) != std::mem::discriminant(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_change_of_kind_is_a_new_verdict_and_events_round_trip() {
+        let pending = GateVerdict::Pending("2 nodes".into());
+        assert!(verdict_changed(None, &pending));
+        assert!(!verdict_changed(Some(&pending), &GateVerdict::Pending("3 nodes".into())));
+        assert!(verdict_changed(Some(&pending), &GateVerdict::Pass));
+        let e = HistoryEvent {
+            at: 7,
+            model: "m".into(),
+            version: 2,
+            kind: HistoryKind::Verdict {
+                outcome: Outcome::of(&GateVerdict::Fail("error rate".into())).0,
+                reason: "error rate".into(),
+                figures: GateFigures { median_error_rate: Some(0.5), ..Default::default() },
+            },
+            text: "gate failed".into(),
+        };
+        assert_eq!(crate::wire::decode::<HistoryEvent>(&crate::wire::encode(&e).unwrap(), "event").unwrap(), e);
+    }
+}
