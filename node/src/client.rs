@@ -109,6 +109,15 @@ pub struct PublishArgs {
     /// Folder holding the files the manifest names (default: the manifest's folder).
     #[arg(long)]
     pub files: Option<PathBuf>,
+    /// Then follow the rollout, as this node sees it, with progress bars (waves open,
+    /// the gates' verdict, the soak left, how many of the version's metrics panel serve
+    /// it) until it completes (every wave open and the last one soaked), halts, or
+    /// --timeout passes. Exit code: 0 completed, 2 halted, 3 timed out, 1 an error.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait follows the rollout: 600, 90s, 30m, 2h.
+    #[arg(long, default_value = "1h", requires = "wait", value_parser = crate::manifest_cmd::parse_duration_secs)]
+    pub timeout: u64,
 }
 
 pub fn publish(args: PublishArgs) -> Result<()> {
@@ -122,10 +131,29 @@ pub fn publish(args: PublishArgs) -> Result<()> {
         },
     };
     let dir = std::fs::canonicalize(&dir).with_context(|| format!("no folder {}", dir.display()))?;
-    let body = serde_json::json!({ "manifest_hex": hex::encode(bytes), "files_dir": dir });
+    // What --wait follows: read from the manifest itself (the node checks its signature).
+    let manifest = slmesh_protocol::manifest::SignedManifest::from_bytes(&bytes)
+        .and_then(|m| m.verify_self_signed())
+        .with_context(|| format!("{} is not a signed manifest", args.manifest.display()))?;
+    let body = serde_json::json!({ "manifest_hex": hex::encode(&bytes), "files_dir": dir });
     let answer = call(agent().post(&format!("http://{addr}/v1/publish")), &token, Some(body))?;
     println!("{}", answer["message"].as_str().unwrap_or("published"));
+    if !args.wait {
+        return Ok(());
+    }
+    let timeout = Duration::from_secs(args.timeout);
+    let ending = crate::follow::follow(&addr, &token, &manifest.name, manifest.version, &manifest.rollout, timeout)?;
+    if ending != crate::follow::Ending::Completed {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::process::exit(ending.code());
+    }
     Ok(())
+}
+
+/// `GET path` on the node's API.
+pub(crate) fn get(addr: &str, token: &Option<String>, path: &str) -> Result<serde_json::Value> {
+    call(agent().get(&format!("http://{addr}{path}")), token, None)
 }
 
 #[derive(Args)]

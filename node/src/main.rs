@@ -3,6 +3,7 @@
 mod client;
 mod config;
 mod daemon;
+mod follow;
 mod keys;
 mod manifest_cmd;
 mod model_cmd;

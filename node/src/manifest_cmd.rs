@@ -88,7 +88,8 @@ pub struct CreateArgs {
     pub out: PathBuf,
 }
 
-fn parse_duration_secs(s: &str) -> Result<u64, String> {
+/// A duration in seconds: `600`, `90s`, `10m`, `2h`, `1d`.
+pub(crate) fn parse_duration_secs(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
         Some((i, 's')) => (&s[..i], 1),
@@ -97,7 +98,8 @@ fn parse_duration_secs(s: &str) -> Result<u64, String> {
         Some((i, 'd')) => (&s[..i], 86_400),
         _ => (s, 1),
     };
-    num.parse::<u64>().map(|n| n * mult).map_err(|_| format!("{s:?} is not a duration like 600, 10m, 2h"))
+    let bad = || format!("{s:?} is not a duration like 600, 10m, 2h");
+    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).ok_or_else(bad)
 }
 
 fn parse_wave(s: &str) -> Result<Wave, String> {

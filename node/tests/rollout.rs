@@ -6,7 +6,9 @@
 //! failures cannot stop a good version.
 
 use slmesh_e2e::fleet::{model_field, Fleet, Running};
-use slmesh_e2e::rollout_rig::{mesh_on_v1, nodes_by_cohort, publish_v2, waves_for, LENIENT_RATIOS, MODEL, WAIT};
+use slmesh_e2e::rollout_rig::{
+    mesh_on_v1, nodes_by_cohort, publish_v2, publish_v2_and_wait, waves_for, LENIENT_RATIOS, MODEL, WAIT,
+};
 use std::time::Duration;
 
 fn served_v2(node: &Running) -> bool {
@@ -80,7 +82,10 @@ fn a_bad_version_halts_in_its_canary_and_rolls_back() {
     let mesh = mesh_on_v1(fleet, &dirs, |_| vec![("SLMESH_TEST_FAULT", "tiny@2")]);
     let mut gates = vec!["--min-samples", "10", "--min-reporting-nodes", "2", "--max-error-rate", "0.1"];
     gates.extend(LENIENT_RATIOS);
-    publish_v2(&mesh, &waves, &gates);
+    // The publisher follows the rollout until it halts, and says so in its exit code.
+    let (code, out) = publish_v2_and_wait(&mesh, &waves, &gates, "3m");
+    assert_eq!(code, Some(2), "publish --wait on a halted rollout: {out}");
+    assert!(out.contains("HALTED") && out.contains("error rate"), "{out}");
     for node in &mesh.nodes[..2] {
         slmesh_e2e::fleet::wait_for(&format!("{} to run v2, then roll back", node.node.name), WAIT, || {
             (served_v2(node) && node.log_text().contains("rolled back")).then_some(())
@@ -132,7 +137,9 @@ fn one_node_reporting_fabricated_failures_cannot_stop_a_good_version() {
     let mesh = mesh_on_v1(fleet, &dirs, |i| if i == 1 { vec![("SLMESH_TEST_LIE_METRICS", "1")] } else { vec![] });
     let mut gates = vec!["--min-samples", "10", "--min-reporting-nodes", "3", "--max-error-rate", "0.1"];
     gates.extend(LENIENT_RATIOS);
-    publish_v2(&mesh, &waves, &gates);
+    let (code, out) = publish_v2_and_wait(&mesh, &waves, &gates, "3m");
+    assert_eq!(code, Some(0), "publish --wait on a rollout that completes: {out}");
+    assert!(out.contains("rollout completed"), "{out}");
     for node in &mesh.nodes {
         node.wait_status("v2 active everywhere despite the liar", WAIT, |s| model_field(s, MODEL, "active") == Some(2));
     }

@@ -85,6 +85,15 @@ impl Fleet {
         )
     }
 
+    /// Runs `slmesh ARGS` in the fleet folder; returns its exit code and stdout, whatever
+    /// the code.
+    pub fn slmesh_code(&self, args: &[&str]) -> (Option<i32>, String) {
+        let mut cmd = Command::new(&self.bin);
+        cmd.current_dir(self.dir.path()).env("SLMESH_BEARER_TOKEN", crate::TEST_TOKEN).args(args);
+        let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// As `slmesh`, inside a network namespace (where a node there can be reached), or here.
     pub fn slmesh_in(&self, netns: Option<&str>, args: &[&str]) -> String {
         let Some(ns) = netns else { return self.slmesh(args) };

@@ -118,13 +118,26 @@ pub fn waves_for(dirs: &[(NodeDir, f64)], counts: &[usize], soak: &str) -> Vec<S
 }
 
 pub fn publish_v2(mesh: &Mesh, waves: &[String], gates: &[&str]) {
+    let slm = signed_v2(mesh, waves, gates);
+    mesh.fleet.slmesh(&["publish", "--node", &mesh.nodes[0].http, "--manifest", slm.to_str().expect("path")]);
+}
+
+fn signed_v2(mesh: &Mesh, waves: &[String], gates: &[&str]) -> std::path::PathBuf {
     let mut args: Vec<&str> = vec![];
     for w in waves {
         args.extend(["--wave", w]);
     }
     args.extend(gates);
-    let slm = mesh.fleet.signed_manifest_with(MODEL, 2, "v2.gguf", &args);
-    mesh.fleet.slmesh(&["publish", "--node", &mesh.nodes[0].http, "--manifest", slm.to_str().expect("path")]);
+    mesh.fleet.signed_manifest_with(MODEL, 2, "v2.gguf", &args)
+}
+
+/// Publishes version 2 with `slmesh publish --wait --timeout TIMEOUT`: its exit code and
+/// what it printed, once the rollout completed, halted or timed out.
+pub fn publish_v2_and_wait(mesh: &Mesh, waves: &[String], gates: &[&str], timeout: &str) -> (Option<i32>, String) {
+    let slm = signed_v2(mesh, waves, gates);
+    let node = &mesh.nodes[0].http;
+    let path = slm.to_str().expect("path");
+    mesh.fleet.slmesh_code(&["publish", "--node", node, "--manifest", path, "--wait", "--timeout", timeout])
 }
 
 pub const LENIENT_RATIOS: [&str; 6] =

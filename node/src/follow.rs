@@ -1,0 +1,135 @@
+//! `slmesh publish --wait`: follows a rollout through a node's API, with progress bars,
+//! until it completes (every wave open and the last one soaked), halts, or times out.
+
+use anyhow::{Context, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use slmesh_protocol::rollout::RolloutPlan;
+use std::time::{Duration, Instant};
+
+/// How a followed rollout ended; the process exits with `code()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    Completed,
+    Halted(String),
+    TimedOut,
+}
+
+impl Ending {
+    pub fn code(&self) -> i32 {
+        match self {
+            Ending::Completed => 0,
+            Ending::Halted(_) => 2,
+            Ending::TimedOut => 3,
+        }
+    }
+}
+
+/// One look at the rollout through the node's API.
+struct Seen {
+    waves_open: usize,
+    opened_at: Vec<u64>,
+    verdict: String,
+    halted: Option<String>,
+    paused: bool,
+    /// Nodes of the version's metrics panel that serve it (all of them up to 16).
+    nodes_active: u64,
+    nodes_estimated: u64,
+}
+
+fn look(addr: &str, token: &Option<String>, model: &str, version: u64) -> Result<Option<Seen>> {
+    let rollouts = crate::client::get(addr, token, "/v1/rollouts")?;
+    let Some(r) = rollouts["rollouts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["model"] == model && r["version"].as_u64() == Some(version))
+    else {
+        return Ok(None);
+    };
+    let fleet = crate::client::get(addr, token, "/v1/fleet")?;
+    let v = fleet["versions"].as_array().into_iter().flatten().find(|v| v["model"] == model && v["version"] == version);
+    let verdict = match (r["verdict"]["verdict"].as_str(), r["verdict"]["reason"].as_str()) {
+        (Some(v), Some(why)) => format!("{v}: {why}"),
+        (Some(v), None) => v.to_string(),
+        _ => String::new(),
+    };
+    Ok(Some(Seen {
+        waves_open: r["waves_open"].as_u64().unwrap_or(0) as usize,
+        opened_at: r["opened_at"].as_array().into_iter().flatten().filter_map(|t| t.as_u64()).collect(),
+        verdict,
+        halted: r["halted"].as_str().map(String::from),
+        paused: r["paused"].as_bool().unwrap_or(false),
+        nodes_active: v.and_then(|v| v["nodes_active"].as_u64()).unwrap_or(0),
+        nodes_estimated: v.and_then(|v| v["nodes_estimated"].as_u64()).unwrap_or(0),
+    }))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Follows `model@version` on the node at `addr` until it completes, halts or `timeout`
+/// passes. Progress goes to standard error (bars on a terminal, nothing otherwise); the
+/// ending is printed to standard output.
+pub fn follow(
+    addr: &str,
+    token: &Option<String>,
+    model: &str,
+    version: u64,
+    plan: &RolloutPlan,
+    timeout: Duration,
+) -> Result<Ending> {
+    let start = Instant::now();
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
+        .context("progress bar template")?
+        .progress_chars("=> ");
+    let waves = bars.add(ProgressBar::new(plan.waves.len() as u64).with_style(style.clone()).with_prefix("waves"));
+    let nodes = bars.add(ProgressBar::new(0).with_style(style).with_prefix("serving"));
+    let last_soak = plan.waves.last().map_or(0, |w| w.soak_secs);
+    let ending = loop {
+        if start.elapsed() >= timeout {
+            break Ending::TimedOut;
+        }
+        match look(addr, token, model, version) {
+            Ok(Some(seen)) => {
+                waves.set_position(seen.waves_open as u64);
+                let soak = match (seen.opened_at.last(), plan.waves.get(seen.waves_open.saturating_sub(1))) {
+                    (Some(at), Some(w)) => {
+                        let left = at.saturating_add(w.soak_secs).saturating_sub(unix_now());
+                        if left > 0 {
+                            format!(", wave {} soaking {left} s more", seen.waves_open)
+                        } else {
+                            String::new()
+                        }
+                    }
+                    _ => String::new(),
+                };
+                let paused = if seen.paused { " (paused)" } else { "" };
+                waves.set_message(format!("gates {}{soak}{paused}", seen.verdict));
+                nodes.set_length(seen.nodes_estimated.max(seen.nodes_active));
+                nodes.set_position(seen.nodes_active);
+                nodes.set_message("of the version's metrics panel (up to 16 nodes)");
+                if let Some(why) = seen.halted {
+                    break Ending::Halted(why);
+                }
+                let all_open = seen.waves_open >= plan.waves.len();
+                let soaked = seen.opened_at.last().is_some_and(|t| unix_now() >= t.saturating_add(last_soak));
+                if all_open && soaked {
+                    break Ending::Completed;
+                }
+            }
+            Ok(None) => waves.set_message("waiting for the node to take the manifest"),
+            Err(e) => waves.set_message(format!("cannot reach the node: {e:#}")),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    waves.finish();
+    nodes.finish();
+    match &ending {
+        Ending::Completed => println!("{model}@{version}: rollout completed, every wave open and soaked"),
+        Ending::Halted(why) => println!("{model}@{version}: rollout HALTED: {why}"),
+        Ending::TimedOut => println!("{model}@{version}: still rolling out after {} s (--timeout)", timeout.as_secs()),
+    }
+    Ok(ending)
+}
