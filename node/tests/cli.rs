@@ -228,6 +228,13 @@ fn bad_arguments_get_clear_errors() {
     let out = slmesh(d, &["manifest", "create", "--name", "m", "--version", "1", "x.gguf", "--wave", "half"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("FRACTION:SOAK"));
+    // A soak whose seconds overflow is refused, not wrapped (nor a panic).
+    let out =
+        slmesh(d, &["manifest", "create", "--name", "m", "--version", "1", "x.gguf", "--wave", "1:9999999999999999d"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a duration"));
+    let err = fails(d, &["publish", "--manifest", "x.slm", "--wait", "--timeout", "forever"]);
+    assert!(err.contains("is not a duration"), "{err}");
     ok(d, &["init"]);
     assert!(fails(d, &["init"]).contains("--force"));
     // The API needs a token by default: init makes a fresh one.

@@ -71,7 +71,12 @@ pub struct HttpState {
     waiting: AtomicUsize,
     metrics: Mutex<NodeMetrics>,
     rejected: Mutex<BTreeMap<u16, u64>>,
+    /// More of `GET /metrics`, from whoever serves this API (a node's fleet figures).
+    extra_metrics: std::sync::OnceLock<ExtraMetrics>,
 }
+
+/// Text appended to `GET /metrics` (Prometheus text format, families of their own).
+pub type ExtraMetrics = Box<dyn Fn() -> String + Send + Sync>;
 
 impl HttpState {
     pub fn new(engine: Arc<Engine>, limits: HttpLimits, bearer_token: Option<String>) -> Arc<Self> {
@@ -83,7 +88,13 @@ impl HttpState {
             waiting: AtomicUsize::new(0),
             metrics: Mutex::new(NodeMetrics::default()),
             rejected: Mutex::new(BTreeMap::new()),
+            extra_metrics: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Adds to `GET /metrics` what `extra` renders at each scrape (set once).
+    pub fn add_metrics(&self, extra: ExtraMetrics) {
+        let _ = self.extra_metrics.set(extra);
     }
 
     /// A copy of what this node measured so far, per model version.
@@ -190,11 +201,14 @@ async fn metrics(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Res
     authorized(&state, &headers)?;
     let active = state.engine.active();
     let rejected = state.rejected.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let text = crate::prometheus::render(
+    let mut text = crate::prometheus::render(
         &state.metrics(),
         &rejected,
         active.as_ref().map(|m| (m.spec.name.as_str(), m.spec.version)),
     );
+    if let Some(extra) = state.extra_metrics.get() {
+        text.push_str(&extra());
+    }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 

@@ -13,7 +13,7 @@
 pub mod guard;
 pub mod http;
 mod listener;
-mod prometheus;
+pub mod prometheus;
 pub mod quantize;
 mod request;
 

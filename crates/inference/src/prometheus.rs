@@ -6,14 +6,16 @@ use slmesh_protocol::metrics::{Histogram, NodeMetrics, VersionMetrics};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-fn escape(v: &str) -> String {
+/// A label value, escaped for the text format.
+pub fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Name, help text, and the counter's value.
 type Counter = (&'static str, &'static str, fn(&VersionMetrics) -> u64);
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+/// A metric family's `# HELP` and `# TYPE` lines.
+pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 

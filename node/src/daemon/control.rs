@@ -86,6 +86,12 @@ impl Control {
         lock(&self.shared).fleet.clone()
     }
 
+    /// The fleet's part of `GET /metrics`, as this node sees it.
+    pub fn fleet_metrics_text(&self) -> String {
+        let shared = lock(&self.shared);
+        super::metrics::fleet_text(&shared.fleet, &shared.rollouts, shared.peers.len())
+    }
+
     /// The newest `limit` events of the history about `model` (and `version`), oldest first.
     pub fn events(
         &self,

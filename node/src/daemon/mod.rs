@@ -8,6 +8,7 @@ mod control;
 mod core;
 mod fetch;
 mod gate;
+mod metrics;
 pub mod status;
 
 use crate::config::Config;
@@ -141,6 +142,8 @@ async fn run_node(config: Config) -> Result<()> {
         gate,
     };
     let (node, control) = core::Driver::start(parts, trust, enrollment, mesh.clone()).await?;
+    let fleet_metrics = control.clone();
+    http_state.add_metrics(Box::new(move || fleet_metrics.fleet_metrics_text()));
     let router = api::router(control.clone(), http_state.clone()).merge(slmesh_inference::http::router(http_state));
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
     let hosts = slmesh_inference::http::HostPolicy { allowed_hosts: config.http.allowed_hosts.clone() };
