@@ -85,18 +85,42 @@ pub struct StatusArgs {
     /// Print the status as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Print it again every SECS seconds (2 if not given) until interrupted; a node that
+    /// does not answer is said so, and asked again.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+    pub watch: Option<u64>,
+}
+
+fn status_text(addr: &str, token: &Option<String>, json: bool) -> Result<String> {
+    let value = get(addr, token, "/v1/status")?;
+    if json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&value)?));
+    }
+    let status: NodeStatus = serde_json::from_value(value).context("unexpected status from the node")?;
+    Ok(status.to_text())
 }
 
 pub fn status(args: StatusArgs) -> Result<()> {
     let (addr, token) = args.node.resolve()?;
-    let value = call(agent().get(&format!("http://{addr}/v1/status")), &token, None)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
-    } else {
-        let status: NodeStatus = serde_json::from_value(value).context("unexpected status from the node")?;
-        print!("{}", status.to_text());
+    let Some(every) = args.watch else {
+        print!("{}", status_text(&addr, &token, args.json)?);
+        return Ok(());
+    };
+    use std::io::{IsTerminal, Write};
+    let every = Duration::from_secs(every.max(1));
+    loop {
+        let text = status_text(&addr, &token, args.json).unwrap_or_else(|e| format!("{e:#}\n"));
+        let mut out = std::io::stdout().lock();
+        if out.is_terminal() {
+            // Clear the screen and go home: the status replaces the last one.
+            write!(out, "\x1b[2J\x1b[H")?;
+        }
+        let when = httpdate::fmt_http_date(std::time::SystemTime::now());
+        write!(out, "{addr} at {when} (every {} s; Ctrl-C stops)\n{text}\n", every.as_secs())?;
+        out.flush()?;
+        drop(out);
+        std::thread::sleep(every);
     }
-    Ok(())
 }
 
 #[derive(Args)]

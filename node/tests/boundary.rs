@@ -370,6 +370,19 @@ fn a_node_whose_config_sets_no_token_makes_one_and_requires_it() {
     let config = dir.config.to_str().expect("path");
     let out = run(&["status", "--node", &node.http, "--config", config, "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // --watch prints the status again every interval until it is stopped.
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_slmesh"))
+        .env_remove("SLMESH_BEARER_TOKEN")
+        .args(["status", "--node", &node.http, "--config", config, "--watch", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run slmesh status --watch");
+    std::thread::sleep(Duration::from_millis(2_500));
+    let _ = watch.kill();
+    let watched = String::from_utf8_lossy(&watch.wait_with_output().expect("output").stdout).into_owned();
+    assert!(watched.matches("(every 1 s; Ctrl-C stops)").count() >= 2, "{watched}");
+    let line = format!("node     {}", node.node.node_id);
+    assert!(watched.matches(&line).count() >= 2, "{watched}");
     let out = run(&["status", "--node", &node.http, "--config", "/nonexistent.toml"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("401") && err.contains("--bearer-token"), "{err}");

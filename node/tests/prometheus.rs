@@ -119,4 +119,28 @@ fn prometheus_scrapes_two_nodes_and_answers_the_active_versions_request_rate() {
         std::thread::sleep(Duration::from_secs(1));
     };
     eprintln!("prometheus: {answer}");
+
+    // Every query of the Grafana dashboard in the repository is valid PromQL over these
+    // series, and the request rate panel has data.
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../grafana/slmesh-fleet.json")).expect("dashboard JSON");
+    let exprs: Vec<(String, String)> = dashboard["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or_default().to_string();
+            p["targets"].as_array().cloned().unwrap_or_default().into_iter().map(move |t| (title.clone(), t))
+        })
+        .filter_map(|(title, t)| Some((title, t["expr"].as_str()?.to_string())))
+        .collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    for (title, expr) in &exprs {
+        let (code, body) = http(&web, "GET", &format!("/api/v1/query?query={}", urlencode(expr)), &[], vec![]);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        assert!(code == 200 && v["status"] == "success", "panel {title:?}: {expr}: {body}");
+        if title.starts_with("Requests per second") {
+            assert!(v["data"]["result"].as_array().is_some_and(|r| !r.is_empty()), "no data for {title:?}: {body}");
+        }
+    }
 }

@@ -88,9 +88,9 @@ fn a_bad_version_halts_in_its_canary_and_rolls_back() {
     assert!(out.contains("HALTED") && out.contains("error rate"), "{out}");
     for node in &mesh.nodes[..2] {
         slmesh_e2e::fleet::wait_for(&format!("{} to run v2, then roll back", node.node.name), WAIT, || {
-            (served_v2(node) && node.log_text().contains("rolled back")).then_some(())
+            // The log says so just before the status does.
+            (served_v2(node) && node.log_text().contains("rolled back") && node.active(MODEL) == Some(1)).then_some(())
         });
-        assert_eq!(node.active(MODEL), Some(1));
     }
     std::thread::sleep(Duration::from_secs(8));
     for node in &mesh.nodes {

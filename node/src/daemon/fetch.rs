@@ -9,6 +9,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
+/// How often a fetch in progress says how far it is, in the log.
+const PROGRESS_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const MIB: f64 = 1024.0 * 1024.0;
+
 /// One version's files: fetched one after another from their ranked providers, then
 /// staged in the version folder (hard links to the blob store's files where possible).
 pub(super) struct FetchJob {
@@ -32,9 +36,21 @@ impl FetchJob {
         let _room = self.blobs.reserve_space(&to_stage, &self.dir).await.map_err(|e| e.to_string())?;
         for (file, providers) in &self.plan {
             let key = (self.name.clone(), self.version, file.name.clone());
+            let mut logged = (std::time::Instant::now(), 0u64);
             let report = self
                 .blobs
                 .fetch(&file.blake3, file.size, providers.clone(), |p| {
+                    // A line in the log every PROGRESS_LOG_EVERY while the file comes in.
+                    let since = logged.0.elapsed();
+                    if since >= PROGRESS_LOG_EVERY {
+                        let rate = p.received.saturating_sub(logged.1) as f64 / since.as_secs_f64() / MIB;
+                        tracing::info!(
+                            model = %self.name, version = self.version, file = %file.name,
+                            "fetching: {:.1} of {:.1} MiB, {rate:.1} MiB/s, last piece from {}",
+                            p.had.saturating_add(p.received) as f64 / MIB, p.size as f64 / MIB, p.provider.short()
+                        );
+                        logged = (std::time::Instant::now(), p.received);
+                    }
                     lock(&self.shared).fetches.insert(
                         key.clone(),
                         FetchStatus {
