@@ -284,14 +284,14 @@ pub fn rollout(cmd: RolloutCommandArgs) -> Result<()> {
         }
         RolloutCommandArgs::History { node, model, version, limit, json } => {
             let (addr, token) = node.resolve()?;
-            let mut url = format!("http://{addr}/v1/events?limit={limit}");
+            let mut request = agent().get(&format!("http://{addr}/v1/events")).query("limit", &limit.to_string());
             if let Some(m) = &model {
-                url.push_str(&format!("&model={}", urlencode(m)));
+                request = request.query("model", m);
             }
             if let Some(v) = version {
-                url.push_str(&format!("&version={v}"));
+                request = request.query("version", &v.to_string());
             }
-            let value = call(agent().get(&url), &token, None)?;
+            let value = call(request, &token, None)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
@@ -312,16 +312,6 @@ pub fn rollout(cmd: RolloutCommandArgs) -> Result<()> {
         RolloutCommand { model: args.model, version: args.version, action, issued_at: op.now, fleet: op.fleet.clone() };
     let signed = SignedCommand::sign(&command, &op.key)?;
     op.send("/v1/rollouts/command", "command_hex", signed.to_bytes()?)
-}
-
-/// A query-string value: letters, digits and `-._~` as they are, the rest percent-encoded.
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// What an operator's signed order needs: the publisher key, the node to give it to, the
