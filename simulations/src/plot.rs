@@ -84,6 +84,63 @@ pub fn line_chart(chart: &Chart, series: &[Series]) -> Result<String, String> {
     Ok(svg)
 }
 
+/// A span of time drawn in one colour on a timeline, with what it stands for.
+pub struct Span {
+    pub from: f64,
+    pub to: f64,
+    /// Index into the timeline's `kinds`.
+    pub kind: usize,
+}
+
+/// Spans of time coloured by kind, on one row, with a time axis and a legend of the
+/// kinds (name, colour); returns the SVG text.
+pub fn timeline(
+    title: &str,
+    x_label: &str,
+    t_max: f64,
+    kinds: &[(&str, RGBColor)],
+    spans: &[Span],
+) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (900, 220)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let mut c = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(16)
+            .build_cartesian_2d(0.0..t_max.max(1.0), 0.0..1.0)
+            .map_err(|e| e.to_string())?;
+        c.configure_mesh()
+            .x_desc(x_label)
+            .x_label_formatter(&|v| format_number(*v))
+            .disable_y_mesh()
+            .y_labels(0)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (k, (name, colour)) in kinds.iter().enumerate() {
+            let colour = *colour;
+            let rects = spans
+                .iter()
+                .filter(|s| s.kind == k)
+                .map(|s| Rectangle::new([(s.from, 0.25), (s.to.max(s.from), 0.75)], colour.filled()));
+            c.draw_series(rects)
+                .map_err(|e| e.to_string())?
+                .label(*name)
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], colour.filled()));
+        }
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(svg)
+}
+
 /// A tick label: 1,000 as "1k", 2,500,000 as "2.5M", small numbers as they are.
 fn format_number(v: f64) -> String {
     let a = v.abs();
@@ -114,6 +171,13 @@ mod tests {
             assert!(svg.contains(text), "no {text:?} in the chart");
         }
         assert_eq!(format_number(2_500_000.0), "2.5M");
+        let kinds =
+            [("pending", RGBColor(187, 187, 187)), ("pass", RGBColor(44, 160, 44)), ("fail", RGBColor(214, 39, 40))];
+        let spans = [Span { from: 0.0, to: 30.0, kind: 0 }, Span { from: 30.0, to: 61.0, kind: 2 }];
+        let svg = timeline("gates", "seconds", 61.0, &kinds, &spans).expect("timeline");
+        for text in ["gates", "seconds", "pending", "pass", "fail", "60"] {
+            assert!(svg.contains(text), "no {text:?} in the timeline");
+        }
         assert_eq!(format_number(0.5), "0.5");
     }
 }

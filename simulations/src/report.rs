@@ -1,5 +1,7 @@
 //! What a scenario run reports, as JSON (serde), Markdown and SVG plots over time.
 
+use crate::plot::{line_chart, timeline, Chart, Series, Span};
+use plotters::style::RGBColor;
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -137,96 +139,58 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
-const COLOURS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"];
-
-/// A line chart: x in seconds, each series a named polyline, y from 0 to `y_max`.
-fn line_chart(title: &str, y_label: &str, y_max: f64, series: &[(String, Vec<(f64, f64)>)]) -> String {
-    let (w, h, pad) = (720.0, 360.0, 50.0);
-    let t_max = series.iter().flat_map(|(_, p)| p.iter().map(|(t, _)| *t)).fold(1.0, f64::max);
-    let y_max = if y_max > 0.0 { y_max } else { 1.0 };
-    let x = |t: f64| pad + (w - 2.0 * pad) * t / t_max;
-    let y = |v: f64| h - pad - (h - 2.0 * pad) * (v / y_max).min(1.0);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n"
-    );
-    let _ = writeln!(s, "<text x=\"{pad}\" y=\"20\" font-size=\"14\">{title}</text>");
-    let _ = writeln!(
-        s,
-        "<line x1=\"{pad}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/><line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{0}\" stroke=\"black\"/>",
-        h - pad,
-        w - pad
-    );
-    let _ = writeln!(s, "<text x=\"{}\" y=\"{}\">{t_max:.0} s</text>", w - pad - 20.0, h - pad + 18.0);
-    let _ = writeln!(s, "<text x=\"{pad}\" y=\"{}\">0</text>", h - pad + 18.0);
-    let _ = writeln!(s, "<text x=\"4\" y=\"{}\">{y_label}</text>", pad - 6.0);
-    for (i, (name, points)) in series.iter().enumerate() {
-        let colour = COLOURS[i % COLOURS.len()];
-        let pts: Vec<String> = points.iter().map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v))).collect();
-        let _ = writeln!(
-            s,
-            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
-            pts.join(" ")
-        );
-        let _ = writeln!(
-            s,
-            "<text x=\"{}\" y=\"{}\" fill=\"{colour}\">{name}</text>",
-            w - pad - 150.0,
-            pad + 16.0 * (i as f64 + 1.0)
-        );
-    }
-    s.push_str("</svg>\n");
-    s
-}
-
 /// Coverage over time: per wave, the fraction of its members active on the new version;
 /// and the fraction of all nodes with the file staged.
-pub fn coverage_svg(r: &Report) -> String {
-    let mut series = vec![("staged (all nodes)".to_string(), r.coverage.iter().map(|c| (c.secs, c.staged)).collect())];
+pub fn coverage_svg(r: &Report) -> Result<String, String> {
+    let mut series = vec![Series {
+        name: "staged (all nodes)".into(),
+        points: r.coverage.iter().map(|c| (c.secs, c.staged)).collect(),
+    }];
     for w in 0..r.waves.len() {
         let points = r.coverage.iter().map(|c| (c.secs, c.waves_active.get(w).copied().unwrap_or(0.0))).collect();
-        series.push((format!("wave {} active", w + 1), points));
+        series.push(Series { name: format!("wave {} active", w + 1), points });
     }
-    line_chart(&format!("{}: coverage over time", r.scenario), "fraction", 1.0, &series)
+    let title = format!("{}: coverage over time", r.scenario);
+    let chart = Chart {
+        title: &title,
+        x_label: "seconds after the start",
+        y_label: "fraction of nodes",
+        log_x: false,
+        log_y: false,
+    };
+    line_chart(&chart, &series)
 }
 
 /// Bytes uploaded by the origin over time, in MB.
-pub fn origin_svg(r: &Report) -> String {
+pub fn origin_svg(r: &Report) -> Result<String, String> {
     let points: Vec<(f64, f64)> = r.coverage.iter().map(|c| (c.secs, c.origin_bytes as f64 / 1e6)).collect();
-    let max = points.iter().map(|p| p.1).fold(0.0, f64::max) * 1.1;
-    line_chart(&format!("{}: bytes uploaded by the origin", r.scenario), "MB", max, &[("origin".into(), points)])
+    let title = format!("{}: bytes uploaded by the origin", r.scenario);
+    let chart = Chart { title: &title, x_label: "seconds after the start", y_label: "MB", log_x: false, log_y: false };
+    line_chart(&chart, &[Series { name: "origin".into(), points }])
 }
 
-/// Gate decisions over time as the origin saw them: a band coloured by verdict.
-pub fn gates_svg(r: &Report) -> String {
-    let (w, h, pad) = (720.0, 120.0, 50.0);
+/// Gate verdicts over time as the origin saw them: spans coloured by verdict (a halt
+/// counts as failed).
+pub fn gates_svg(r: &Report) -> Result<String, String> {
     let t_max = r.coverage.last().map_or(1.0, |c| c.secs).max(1.0);
-    let x = |t: f64| pad + (w - 2.0 * pad) * t / t_max;
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n"
-    );
-    let _ = writeln!(
-        s,
-        "<text x=\"{pad}\" y=\"20\" font-size=\"14\">{}: gate verdicts (grey pending, green pass, red fail)</text>",
-        r.scenario
-    );
-    for (i, (t, verdict)) in r.gate_decisions.iter().enumerate() {
-        let end = r.gate_decisions.get(i + 1).map_or(t_max, |n| n.0);
-        let colour = if verdict.starts_with("pass") {
-            "#2ca02c"
-        } else if verdict.starts_with("fail") {
-            "#d62728"
-        } else {
-            "#bbbbbb"
-        };
-        let _ = writeln!(
-            s,
-            "<rect x=\"{:.1}\" y=\"40\" width=\"{:.1}\" height=\"40\" fill=\"{colour}\"><title>{t:.0} s: {}</title></rect>",
-            x(*t),
-            (x(end) - x(*t)).max(1.0),
-            verdict.replace('<', "&lt;")
-        );
-    }
-    let _ = writeln!(s, "<text x=\"{}\" y=\"100\">{t_max:.0} s</text>", w - pad - 20.0);
-    s.push_str("</svg>\n");
-    s
+    let kinds =
+        [("pending", RGBColor(187, 187, 187)), ("pass", RGBColor(44, 160, 44)), ("fail", RGBColor(214, 39, 40))];
+    let spans: Vec<Span> = r
+        .gate_decisions
+        .iter()
+        .enumerate()
+        .map(|(i, (t, verdict))| Span {
+            from: *t,
+            to: r.gate_decisions.get(i + 1).map_or(t_max, |n| n.0),
+            kind: if verdict.starts_with("pass") {
+                1
+            } else if verdict.starts_with("fail") || verdict.starts_with("halted") {
+                2
+            } else {
+                0
+            },
+        })
+        .collect();
+    let title = format!("{}: gate verdicts", r.scenario);
+    timeline(&title, "seconds after the start", t_max, &kinds, &spans)
 }

@@ -32,6 +32,17 @@ fn a_bad_version_stays_within_its_canary() {
         r.ever_activated_fraction
     );
     assert!(r.waves[1].p50_secs.is_none(), "wave 2 opened");
+    // The report's charts (plotters) have their axes, legends and the failing verdict.
+    let gates = slmesh_sim::report::gates_svg(&r).expect("gates chart");
+    for text in ["gate verdicts", "seconds after the start", "pending", "fail"] {
+        assert!(gates.contains(text), "no {text:?} in the gates chart");
+    }
+    assert!(gates.matches("fill=\"#D62728\"").count() >= 2, "a failing span and its legend entry");
+    let coverage = slmesh_sim::report::coverage_svg(&r).expect("coverage chart");
+    for text in ["coverage over time", "fraction of nodes", "wave 1 active", "staged (all nodes)"] {
+        assert!(coverage.contains(text), "no {text:?} in the coverage chart");
+    }
+    assert!(slmesh_sim::report::origin_svg(&r).expect("origin chart").contains("MB"));
 }
 
 #[test]

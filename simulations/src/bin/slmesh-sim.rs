@@ -50,9 +50,9 @@ fn main() -> Result<()> {
     std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     let md = slmesh_sim::report::markdown(&report);
     std::fs::write(out.join("report.md"), &md)?;
-    std::fs::write(out.join("coverage.svg"), slmesh_sim::report::coverage_svg(&report))?;
-    std::fs::write(out.join("origin.svg"), slmesh_sim::report::origin_svg(&report))?;
-    std::fs::write(out.join("gates.svg"), slmesh_sim::report::gates_svg(&report))?;
+    std::fs::write(out.join("coverage.svg"), slmesh_sim::report::coverage_svg(&report).map_err(anyhow::Error::msg)?)?;
+    std::fs::write(out.join("origin.svg"), slmesh_sim::report::origin_svg(&report).map_err(anyhow::Error::msg)?)?;
+    std::fs::write(out.join("gates.svg"), slmesh_sim::report::gates_svg(&report).map_err(anyhow::Error::msg)?)?;
     print!("{md}");
     println!("\nwritten to {}", out.display());
     Ok(())
