@@ -174,6 +174,12 @@ fn a_version_that_does_not_load_is_tried_a_bounded_number_of_times_and_halts_the
     f.run_for(600_000 * MS);
     let after: u32 = (0..5).map(|i| f.nodes[i].loads[&2]).sum();
     assert_eq!(before, after);
+    // Each failed load is in the history of the node that tried, with its reason.
+    let failed_loads = (0..5)
+        .flat_map(|i| f.nodes[i].history.iter())
+        .filter(|e| e.version == 2 && matches!(&e.kind, HistoryKind::ActivationFailed { reason } if !reason.is_empty()))
+        .count() as u32;
+    assert_eq!(failed_loads, after, "one event per failed load");
 }
 
 #[test]
