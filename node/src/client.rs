@@ -192,7 +192,7 @@ pub struct FleetArgs {
 /// `slmesh fleet`: per version across the fleet, as this node sees it.
 pub fn fleet(args: FleetArgs) -> Result<()> {
     let (addr, token) = args.node.resolve()?;
-    let value = call(agent().get(&format!("http://{addr}/v1/fleet")), &token, None)?;
+    let value = get(&addr, &token, "/v1/fleet")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -272,7 +272,7 @@ pub fn rollout(cmd: RolloutCommandArgs) -> Result<()> {
     let (args, action) = match cmd {
         RolloutCommandArgs::Status { node, json } => {
             let (addr, token) = node.resolve()?;
-            let value = call(agent().get(&format!("http://{addr}/v1/rollouts")), &token, None)?;
+            let value = get(&addr, &token, "/v1/rollouts")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
@@ -378,7 +378,7 @@ fn fleet_or_the_nodes(fleet: Option<String>, addr: &str, token: &Option<String>)
     if let Some(f) = fleet {
         return Ok(f);
     }
-    let status = call(agent().get(&format!("http://{addr}/v1/status")), token, None)?;
+    let status = get(addr, token, "/v1/status")?;
     status["fleet"]
         .as_str()
         .filter(|f| !f.is_empty())

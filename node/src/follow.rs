@@ -64,10 +64,6 @@ fn look(addr: &str, token: &Option<String>, model: &str, version: u64) -> Result
     }))
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 /// Follows `model@version` on the node at `addr` until it completes, halts or `timeout`
 /// passes. Progress goes to standard error (bars on a terminal, nothing otherwise); the
 /// ending is printed to standard output.
@@ -93,10 +89,11 @@ pub fn follow(
         }
         match look(addr, token, model, version) {
             Ok(Some(seen)) => {
+                let now = crate::keys::unix_now()?;
                 waves.set_position(seen.waves_open as u64);
                 let soak = match (seen.opened_at.last(), plan.waves.get(seen.waves_open.saturating_sub(1))) {
                     (Some(at), Some(w)) => {
-                        let left = at.saturating_add(w.soak_secs).saturating_sub(unix_now());
+                        let left = at.saturating_add(w.soak_secs).saturating_sub(now);
                         if left > 0 {
                             format!(", wave {} soaking {left} s more", seen.waves_open)
                         } else {
@@ -114,7 +111,7 @@ pub fn follow(
                     break Ending::Halted(why);
                 }
                 let all_open = seen.waves_open >= plan.waves.len();
-                let soaked = seen.opened_at.last().is_some_and(|t| unix_now() >= t.saturating_add(last_soak));
+                let soaked = seen.opened_at.last().is_some_and(|t| now >= t.saturating_add(last_soak));
                 if all_open && soaked {
                     break Ending::Completed;
                 }

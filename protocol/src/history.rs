@@ -48,6 +48,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Its name, as it is serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Pending => "pending",
+            Outcome::Pass => "pass",
+            Outcome::Fail => "fail",
+        }
+    }
+
     /// A verdict's outcome and its reason.
     pub fn of(verdict: &GateVerdict) -> (Self, String) {
         match verdict {
@@ -80,6 +89,14 @@ impl GateFigures {
             median_tokens_per_sec: s.median_node_tokens_per_sec(),
         }
     }
+}
+
+/// Appends `event` to a history kept in memory, dropping the oldest beyond `MAX_EVENTS`.
+pub fn remember(history: &mut std::collections::VecDeque<HistoryEvent>, event: HistoryEvent) {
+    while history.len() >= MAX_EVENTS {
+        history.pop_front();
+    }
+    history.push_back(event);
 }
 
 /// Whether two verdicts differ in kind (a pending verdict's reason changes as figures

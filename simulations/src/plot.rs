@@ -34,6 +34,19 @@ fn span(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
     }
 }
 
+/// The legend of the series drawn so far, boxed, at `position`.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    c: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> Result<(), String> {
+    c.configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
 /// Draws `series` as lines with markers; returns the SVG text.
 pub fn line_chart(chart: &Chart, series: &[Series]) -> Result<String, String> {
     let mut svg = String::new();
@@ -65,12 +78,7 @@ pub fn line_chart(chart: &Chart, series: &[Series]) -> Result<String, String> {
                     c.draw_series(s.points.iter().map(|p| Circle::new(*p, 3, color.filled())))
                         .map_err(|e| e.to_string())?;
                 }
-                c.configure_series_labels()
-                    .position(SeriesLabelPosition::UpperLeft)
-                    .background_style(WHITE.mix(0.85))
-                    .border_style(BLACK)
-                    .draw()
-                    .map_err(|e| e.to_string())?;
+                legend(&mut c, SeriesLabelPosition::UpperLeft)?;
             }};
         }
         match (chart.log_x, chart.log_y) {
@@ -130,12 +138,7 @@ pub fn timeline(
                 .label(*name)
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], colour.filled()));
         }
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| e.to_string())?;
+        legend(&mut c, SeriesLabelPosition::UpperRight)?;
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(svg)

@@ -171,21 +171,13 @@ impl MeshHandle {
 
     /// Gossip bytes per topic since the start.
     pub fn gossip_bytes(&self) -> Vec<GossipBytes> {
-        parse_gossip_bytes(&self.metrics_text())
-    }
-
-    /// gossipsub's own metrics in OpenMetrics text (ending with `# EOF`).
-    fn metrics_text(&self) -> String {
         let mut text = String::new();
-        let encoded = match self.metrics.lock() {
-            Ok(registry) => prometheus_client::encoding::text::encode(&mut text, &registry).is_ok(),
-            Err(_) => false,
-        };
-        if encoded {
-            text
-        } else {
-            "# EOF\n".into()
+        if let Ok(registry) = self.metrics.lock() {
+            if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
+                return vec![];
+            }
         }
+        parse_gossip_bytes(&text)
     }
 
     pub fn report(&self, id: MessageId, source: PeerId, acceptance: Acceptance) {

@@ -417,11 +417,7 @@ impl Driver {
                 if let Err(e) = self.parts.store.put_event(&event) {
                     tracing::warn!("cannot keep an event of the rollout history: {e}");
                 }
-                let mut shared = lock(&self.shared);
-                if shared.events.len() >= slmesh_protocol::history::MAX_EVENTS {
-                    shared.events.pop_front();
-                }
-                shared.events.push_back(event);
+                slmesh_protocol::history::remember(&mut lock(&self.shared).events, event);
             }
             Output::Event { model, version, level, text } => {
                 let model = model.unwrap_or_default();

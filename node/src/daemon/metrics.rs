@@ -5,6 +5,7 @@
 
 use super::status::{FleetVersionView, RolloutView};
 use slmesh_inference::prometheus::{escape, header};
+use slmesh_protocol::history::Outcome;
 use std::fmt::Write;
 
 /// A gauge per version: name, help text, and its value.
@@ -87,13 +88,10 @@ pub fn fleet_text(fleet: &[FleetVersionView], rollouts: &[RolloutView], peers: u
         per_rollout(|r| f64::from(u8::from(r.halted.is_some()))),
     );
     let verdicts = rollouts.iter().flat_map(|r| {
-        let now = match r.verdict {
-            slmesh_protocol::fleet::GateVerdict::Pass => "pass",
-            slmesh_protocol::fleet::GateVerdict::Pending(_) => "pending",
-            slmesh_protocol::fleet::GateVerdict::Fail(_) => "fail",
-        };
-        ["pass", "pending", "fail"].map(|kind| {
-            (format!("{},verdict=\"{kind}\"", labels(&r.model, r.version)), f64::from(u8::from(kind == now)))
+        let now = Outcome::of(&r.verdict).0;
+        [Outcome::Pass, Outcome::Pending, Outcome::Fail].map(|kind| {
+            let l = format!("{},verdict=\"{}\"", labels(&r.model, r.version), kind.as_str());
+            (l, f64::from(u8::from(kind == now)))
         })
     });
     gauge(&mut out, "slmesh_rollout_verdict", "1 for the gates' current verdict (pass, pending, fail).", verdicts);

@@ -627,6 +627,12 @@ impl Node {
     ) {
         let text = text.into();
         self.version_event(model, version, level, text.clone());
+        self.keep_history(now, model, version, kind, text);
+    }
+
+    /// Keeps a decision in the node's history without logging it (its caller logs it
+    /// its own way).
+    fn keep_history(&mut self, now: u64, model: &str, version: u64, kind: HistoryKind, text: String) {
         let event = HistoryEvent { at: now / 1000, model: model.to_string(), version, kind, text };
         self.outputs.push_back(Output::History(event));
     }

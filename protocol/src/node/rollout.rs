@@ -48,6 +48,7 @@ impl Node {
         plan: &crate::rollout::RolloutPlan,
         record: &VersionRecord,
         verdict: &GateVerdict,
+        summary: &crate::fleet::VersionSummary,
     ) {
         let waves_left = record.opened.len() < plan.waves.len();
         if record.halted.is_some() || !(waves_left || matches!(verdict, GateVerdict::Fail(_))) {
@@ -58,7 +59,7 @@ impl Node {
             return;
         }
         self.verdicts.insert(key.clone(), verdict.clone());
-        let figures = GateFigures::of(&self.fleet.gate_summary(&key.0, key.1));
+        let figures = GateFigures::of(summary);
         let text = match verdict {
             GateVerdict::Pending(why) => format!("gates pending: {why}"),
             GateVerdict::Pass => {
@@ -114,17 +115,14 @@ impl Node {
         for version in versions {
             let key = (name.to_string(), version);
             let Some(plan) = self.manifests.get(&key).map(|m| m.manifest.rollout.clone()) else { continue };
-            let verdict = evaluate_gates(
-                &plan.gates,
-                &self.fleet.gate_summary(name, version),
-                self.fleet.gate_baseline(name, version).as_ref(),
-            );
+            let summary = self.fleet.gate_summary(name, version);
+            let verdict = evaluate_gates(&plan.gates, &summary, self.fleet.gate_baseline(name, version).as_ref());
             let operator = self.operator_state(&key);
             let record = self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(secs)).clone();
             let mut progress =
                 RolloutProgress { opened: record.opened.clone(), halted: record.halted.clone(), verdict: None };
             advance(&mut progress, &plan, record.first_seen, &verdict, &operator, secs);
-            self.note_verdict(now, &key, &plan, &record, &verdict);
+            self.note_verdict(now, &key, &plan, &record, &verdict, &summary);
             if progress.opened != record.opened || progress.halted != record.halted {
                 let waves = plan.waves.len() as u32;
                 for k in record.opened.len()..progress.opened.len() {

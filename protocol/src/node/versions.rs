@@ -310,13 +310,14 @@ impl Node {
                 record.last_activation_error = Some(e.clone());
                 let failures = record.activation_failures;
                 let kind = HistoryKind::ActivationFailed { reason: e.clone() };
-                self.outputs.push_back(Output::History(crate::history::HistoryEvent {
-                    at: secs,
-                    model: name.clone(),
+                // Logged by the note below.
+                self.keep_history(
+                    now,
+                    &name,
                     version,
                     kind,
-                    text: format!("failed to load (attempt {failures} of {max}): {e}"),
-                }));
+                    format!("failed to load (attempt {failures} of {max}): {e}"),
+                );
                 let record = self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(secs));
                 if failures >= max {
                     record.retry_activation_at = None;

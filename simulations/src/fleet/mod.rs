@@ -714,13 +714,7 @@ impl NodeFleet {
                 let reports = self.measure(i);
                 self.input(i, Input::LocalMetrics(reports));
             }
-            Output::History(event) => {
-                let history = &mut self.nodes[i].history;
-                if history.len() >= slmesh_protocol::history::MAX_EVENTS {
-                    history.pop_front();
-                }
-                history.push_back(event);
-            }
+            Output::History(event) => slmesh_protocol::history::remember(&mut self.nodes[i].history, event),
             Output::Event { text, version, .. } => {
                 let text = match version {
                     Some(v) => format!("v{v}: {text}"),
