@@ -100,6 +100,23 @@ fn status_text(addr: &str, token: &Option<String>, json: bool) -> Result<String>
     Ok(status.to_text())
 }
 
+#[derive(Args)]
+pub struct DashboardArgs {
+    #[command(flatten)]
+    pub node: NodeAddrArgs,
+}
+
+/// The dashboard's address; the token after `#` is not sent to the node, the page reads
+/// it and keeps it for its tab.
+pub fn dashboard(args: DashboardArgs) -> Result<()> {
+    let (addr, token) = args.node.resolve()?;
+    match token {
+        Some(t) => println!("http://{addr}/#token={t}"),
+        None => println!("http://{addr}/"),
+    }
+    Ok(())
+}
+
 pub fn status(args: StatusArgs) -> Result<()> {
     let (addr, token) = args.node.resolve()?;
     let Some(every) = args.watch else {

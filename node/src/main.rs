@@ -58,6 +58,10 @@ enum Command {
     Publish(client::PublishArgs),
     /// Show a running node's id, peers (RTT, site), models and fetches in progress.
     Status(client::StatusArgs),
+    /// Print the address of a running node's dashboard (a page in the browser: fleet,
+    /// rollouts with their gates, peers, fetches, events), with its API token in the
+    /// address's fragment, which the browser keeps to itself.
+    Dashboard(client::DashboardArgs),
     /// Per model version across the fleet: nodes active, requests, error rate, latency,
     /// time to first token, tokens/s (from the signed metrics records nodes gossip).
     Fleet(client::FleetArgs),
@@ -232,6 +236,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Node(NodeCommand::Run(a)) => daemon::run(a),
         Command::Publish(a) => client::publish(a),
         Command::Status(a) => client::status(a),
+        Command::Dashboard(a) => client::dashboard(a),
         Command::Fleet(a) => client::fleet(a),
         Command::Rollout(c) => client::rollout(c),
         Command::Revoke(a) => client::revoke(a),

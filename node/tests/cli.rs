@@ -88,6 +88,11 @@ fn operator_workflow_end_to_end() {
             &format!("ops={}", f.publisher_pub),
         ],
     );
+    // The dashboard's address carries the config's token in its fragment.
+    let config = std::fs::read_to_string(d.join("node1/slmesh.toml")).unwrap();
+    let token = config.lines().find_map(|l| l.strip_prefix("bearer_token = ")).expect("a token").trim_matches('"');
+    let url = ok(d, &["dashboard", "--config", "node1/slmesh.toml"]);
+    assert_eq!(url.trim(), format!("http://127.0.0.1:8080/#token={token}"));
     let out = ok(d, &["keygen", "--config", "node1/slmesh.toml"]);
     let node_id = value_after(&out, "node id:").to_string();
     let peer_id = value_after(&out, "peer id:").to_string();

@@ -101,6 +101,8 @@ fn a_bad_version_halts_in_its_canary_and_rolls_back() {
     }
     let rollouts = mesh.fleet.slmesh(&["rollout", "status", "--node", &mesh.nodes[4].http]);
     assert!(rollouts.contains("halted") && rollouts.contains("error rate"), "{rollouts}");
+    // Each gate's figure beside its limit, against the baseline.
+    assert!(rollouts.contains("error rate 100.0% (max 10.0%)") && rollouts.contains("against version 1"), "{rollouts}");
     // A canary node's history says what it decided and on which figures, and keeps it
     // across a restart.
     let canary = &mesh.nodes[0];

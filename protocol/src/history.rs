@@ -91,6 +91,31 @@ impl GateFigures {
     }
 }
 
+/// The candidate's medians over its baseline's, as the ratio gates compare them (times
+/// under `TIME_RATIO_FLOOR_SECS` count as that floor). For people to read: the gates
+/// themselves also weigh how the nodes split.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GateRatios {
+    pub p95_latency: Option<f64>,
+    pub p95_ttft: Option<f64>,
+    pub tokens_per_sec: Option<f64>,
+}
+
+impl GateFigures {
+    pub fn ratios_to(&self, baseline: &GateFigures) -> GateRatios {
+        let floor = crate::fleet::TIME_RATIO_FLOOR_SECS;
+        let over = |c: Option<f64>, b: Option<f64>, floor: f64| match (c, b) {
+            (Some(c), Some(b)) if b.max(floor) > 0.0 => Some(c.max(floor) / b.max(floor)),
+            _ => None,
+        };
+        GateRatios {
+            p95_latency: over(self.median_p95_latency_secs, baseline.median_p95_latency_secs, floor),
+            p95_ttft: over(self.median_p95_ttft_secs, baseline.median_p95_ttft_secs, floor),
+            tokens_per_sec: over(self.median_tokens_per_sec, baseline.median_tokens_per_sec, 0.0),
+        }
+    }
+}
+
 /// Appends `event` to a history kept in memory, dropping the oldest beyond `MAX_EVENTS`.
 pub fn remember(history: &mut std::collections::VecDeque<HistoryEvent>, event: HistoryEvent) {
     while history.len() >= MAX_EVENTS {
@@ -108,6 +133,23 @@ pub fn verdict_changed(before: Option<&GateVerdict>, now: &GateVerdict) -> bool 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ratios_to_the_baseline_floor_tiny_times_and_need_both_figures() {
+        let f = |lat, ttft, tps| GateFigures {
+            median_p95_latency_secs: lat,
+            median_p95_ttft_secs: ttft,
+            median_tokens_per_sec: tps,
+            ..Default::default()
+        };
+        let r = f(Some(0.3), Some(0.001), Some(20.0)).ratios_to(&f(Some(0.2), Some(0.0001), Some(40.0)));
+        assert!((r.p95_latency.unwrap() - 1.5).abs() < 1e-9);
+        // 1 ms against 0.1 ms is noise: both count as the 10 ms floor.
+        assert_eq!(r.p95_ttft, Some(1.0));
+        assert_eq!(r.tokens_per_sec, Some(0.5));
+        let none = f(None, Some(0.5), Some(1.0)).ratios_to(&f(Some(0.2), None, Some(0.0)));
+        assert_eq!(none, GateRatios::default());
+    }
 
     #[test]
     fn only_a_change_of_kind_is_a_new_verdict_and_events_round_trip() {

@@ -36,7 +36,8 @@ impl FetchJob {
         let _room = self.blobs.reserve_space(&to_stage, &self.dir).await.map_err(|e| e.to_string())?;
         for (file, providers) in &self.plan {
             let key = (self.name.clone(), self.version, file.name.clone());
-            let mut logged = (std::time::Instant::now(), 0u64);
+            let started = std::time::Instant::now();
+            let mut logged = (started, 0u64);
             let report = self
                 .blobs
                 .fetch(&file.blake3, file.size, providers.clone(), |p| {
@@ -61,6 +62,7 @@ impl FetchJob {
                             had: p.had,
                             received: p.received,
                             provider: p.provider.to_string(),
+                            secs: started.elapsed().as_secs_f64(),
                         },
                     );
                 })

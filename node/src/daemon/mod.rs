@@ -6,6 +6,7 @@
 mod api;
 mod control;
 mod core;
+mod dashboard;
 mod fetch;
 mod gate;
 mod metrics;
@@ -144,13 +145,16 @@ async fn run_node(config: Config) -> Result<()> {
     let (node, control) = core::Driver::start(parts, trust, enrollment, mesh.clone()).await?;
     let fleet_metrics = control.clone();
     http_state.add_metrics(Box::new(move || fleet_metrics.fleet_metrics_text()));
-    let router = api::router(control.clone(), http_state.clone()).merge(slmesh_inference::http::router(http_state));
+    let router = api::router(control.clone(), http_state.clone())
+        .merge(dashboard::router())
+        .merge(slmesh_inference::http::router(http_state));
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
     let hosts = slmesh_inference::http::HostPolicy { allowed_hosts: config.http.allowed_hosts.clone() };
     let http = tokio::spawn(slmesh_inference::http::serve_router(http_listener, router, hosts, async move {
         let _ = stop_http_rx.await;
     }));
     tracing::info!(node = %control.me(), http = %http_addr, "node started");
+    tracing::info!("dashboard at http://{http_addr}/ (`slmesh dashboard` prints the address with the API token)");
     println!("node {} serving http://{http_addr}", control.me());
     let blobs = node.run(events, crate::serve::shutdown_signal()).await?;
     // Requests in flight finish; then the mesh and blob endpoint close and the store flushes.

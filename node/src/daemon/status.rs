@@ -65,6 +65,16 @@ pub struct FetchStatus {
     pub had: u64,
     pub received: u64,
     pub provider: String,
+    /// Seconds since this file's fetch began (`received / secs` is its rate).
+    #[serde(default)]
+    pub secs: f64,
+}
+
+impl FetchStatus {
+    /// Bytes per second received since the fetch began.
+    pub fn rate(&self) -> Option<f64> {
+        (self.secs > 0.0).then(|| self.received as f64 / self.secs)
+    }
 }
 
 fn human_bytes(n: u64) -> String {
@@ -141,9 +151,10 @@ impl NodeStatus {
         for f in &self.fetches {
             let done = f.had + f.received;
             let pct = if f.size == 0 { 100.0 } else { 100.0 * done as f64 / f.size as f64 };
+            let rate = f.rate().map(|r| format!("{}/s", human_bytes(r as u64))).unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 out,
-                "  {}@{} {}  {} / {} ({pct:.0}%)  from {}",
+                "  {}@{} {}  {} / {} ({pct:.0}%)  {rate}  from {}",
                 f.model,
                 f.version,
                 f.file,
@@ -261,6 +272,7 @@ pub fn rollouts_text(rollouts: &[RolloutView]) -> String {
             r.decision,
             r.halted.as_ref().map(|h| format!("\n  halted: {h}")).unwrap_or_default(),
         );
+        let _ = writeln!(out, "  {}", gate_figures_text(r));
         if !r.known_per_wave.is_empty() {
             let counts: Vec<String> = r.known_per_wave.iter().map(usize::to_string).collect();
             let _ = writeln!(out, "  nodes known per wave: {}", counts.join(" / "));
@@ -275,6 +287,38 @@ pub fn rollouts_text(rollouts: &[RolloutView]) -> String {
         }
     }
     out
+}
+
+/// The figures the gates read, each beside its limit.
+fn gate_figures_text(r: &RolloutView) -> String {
+    let (f, g) = (&r.figures, &r.gates);
+    let ratio = |v: Option<f64>| v.map(|v| format!("{v:.2}x")).unwrap_or_else(|| "-".into());
+    let mut text = format!(
+        "figures: {} node(s), {} request(s) (needs {} and {}); error rate {} (max {:.1}%)",
+        f.nodes_measured,
+        f.requests,
+        g.min_reporting_nodes,
+        g.min_samples,
+        opt(f.median_error_rate, 100.0, "%"),
+        g.max_error_rate * 100.0
+    );
+    match &r.baseline {
+        Some(b) => {
+            let _ = write!(
+                text,
+                "; against version {}: p95 latency {} (max {:.2}x), p95 TTFT {} (max {:.2}x), tokens/s {} (min {:.2}x)",
+                b.version,
+                ratio(b.ratios.p95_latency),
+                g.max_p95_latency_ratio,
+                ratio(b.ratios.p95_ttft),
+                g.max_p95_ttft_ratio,
+                ratio(b.ratios.tokens_per_sec),
+                g.min_tokens_per_sec_ratio
+            );
+        }
+        None => text.push_str("; no baseline version to compare with"),
+    }
+    text
 }
 
 /// The rollout history as `slmesh rollout history` prints it: one line per event, oldest

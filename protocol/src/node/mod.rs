@@ -383,6 +383,27 @@ pub struct RolloutView {
     pub activation_failures: u32,
     #[serde(default)]
     pub activation_error: Option<String>,
+    /// The plan's waves (cumulative fraction, soak) and gate thresholds, to show beside
+    /// the figures.
+    #[serde(default)]
+    pub plan_waves: Vec<crate::rollout::Wave>,
+    #[serde(default)]
+    pub gates: crate::rollout::Gates,
+    /// The figures the verdict rests on: the version's, and its baseline's (the previous
+    /// version, which the ratio gates compare with).
+    #[serde(default)]
+    pub figures: crate::history::GateFigures,
+    #[serde(default)]
+    pub baseline: Option<BaselineFigures>,
+}
+
+/// The previous version's figures, which a rollout's ratio gates compare with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaselineFigures {
+    pub version: u64,
+    pub figures: crate::history::GateFigures,
+    /// The version's figures over these.
+    pub ratios: crate::history::GateRatios,
 }
 
 impl Node {

@@ -2,13 +2,20 @@
 //! soak while the gates pass, halt when they fail or an operator says so, and choose the
 //! one version of each model this node serves.
 
-use super::{Activation, Level, Node, RolloutView, VersionKey, VersionRecord};
+use super::{Activation, BaselineFigures, Level, Node, RolloutView, VersionKey, VersionRecord};
 use crate::cohort::{membership_with_floor, wave_counts, Membership};
 use crate::fleet::{advance, evaluate_gates, GateVerdict, OperatorState, RolloutCommand, RolloutProgress};
 use crate::history::{verdict_changed, GateFigures, HistoryKind, Outcome};
 use crate::identity::NodeId;
 use crate::rollout::RolloutPhase;
 use crate::trust::Tags;
+
+/// The gates' verdict on a version, and the figures it rests on.
+struct GateReading<'a> {
+    verdict: &'a GateVerdict,
+    figures: GateFigures,
+    baseline: Option<BaselineFigures>,
+}
 
 /// How one version stands on this node after a tick.
 struct Standing {
@@ -116,7 +123,8 @@ impl Node {
             let key = (name.to_string(), version);
             let Some(plan) = self.manifests.get(&key).map(|m| m.manifest.rollout.clone()) else { continue };
             let summary = self.fleet.gate_summary(name, version);
-            let verdict = evaluate_gates(&plan.gates, &summary, self.fleet.gate_baseline(name, version).as_ref());
+            let baseline_summary = self.fleet.gate_baseline(name, version);
+            let verdict = evaluate_gates(&plan.gates, &summary, baseline_summary.as_ref());
             let operator = self.operator_state(&key);
             let record = self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(secs)).clone();
             let mut progress =
@@ -166,7 +174,13 @@ impl Node {
             };
             standings.push(Standing { version, ok, roll_back_to: operator.roll_back_to, wave });
             if active.is_none_or(|a| version >= a) {
-                views.push(self.view(name, version, &plan, &progress, &operator, wave, &verdict, &record));
+                let figures = GateFigures::of(&summary);
+                let baseline = baseline_summary.as_ref().map(|b| {
+                    let base = GateFigures::of(b);
+                    BaselineFigures { version: b.pooled.version, ratios: figures.ratios_to(&base), figures: base }
+                });
+                let reading = GateReading { verdict: &verdict, figures, baseline };
+                views.push(self.view(name, version, &plan, &progress, &operator, wave, reading, &record));
             }
         }
         self.choose(now, name, &standings);
@@ -233,7 +247,7 @@ impl Node {
         progress: &RolloutProgress,
         operator: &OperatorState,
         wave: Option<usize>,
-        verdict: &GateVerdict,
+        gates: GateReading,
         record: &VersionRecord,
     ) -> RolloutView {
         let state = self.models.get(name).cloned().unwrap_or_default();
@@ -277,11 +291,15 @@ impl Node {
             known_per_wave,
             active_here,
             decision,
-            verdict: verdict.clone(),
+            verdict: gates.verdict.clone(),
             halted: progress.halted.clone(),
             paused: operator.paused,
             activation_failures: record.activation_failures,
             activation_error: record.last_activation_error.clone(),
+            plan_waves: plan.waves.clone(),
+            gates: plan.gates.clone(),
+            figures: gates.figures,
+            baseline: gates.baseline,
         }
     }
 }
