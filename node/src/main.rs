@@ -3,6 +3,7 @@
 mod client;
 mod config;
 mod daemon;
+mod eval_cmd;
 mod follow;
 mod keys;
 mod manifest_cmd;
@@ -50,6 +51,9 @@ enum Command {
     Model(model_cmd::ModelCommand),
     /// Serve one local GGUF file over the OpenAI-compatible API (a single machine, no mesh).
     Serve(serve::ServeArgs),
+    /// Run an evaluation suite (prompts with checks on the answers) on a GGUF file here,
+    /// before publishing it: a readable report, exit 1 below the pass rate.
+    Eval(eval_cmd::EvalArgs),
     /// Run this machine's node: join the mesh, fetch and serve the models it is given.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -233,6 +237,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Manifest(c) => manifest_cmd::run(c),
         Command::Model(c) => model_cmd::run(c),
         Command::Serve(a) => serve::run(a),
+        Command::Eval(a) => eval_cmd::run(a),
         Command::Node(NodeCommand::Run(a)) => daemon::run(a),
         Command::Publish(a) => client::publish(a),
         Command::Status(a) => client::status(a),

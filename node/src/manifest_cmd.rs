@@ -80,6 +80,15 @@ pub struct CreateArgs {
     /// same publisher key signs for both).
     #[arg(long, default_value = slmesh_protocol::trust::DEFAULT_FLEET)]
     pub fleet: String,
+    /// An evaluation suite (JSON Lines, one prompt with its checks per line; `slmesh eval
+    /// --help` describes it) that every node runs on the version before serving it. The
+    /// rollout then also gates on the share of its cases passed.
+    #[arg(long, value_name = "FILE")]
+    pub eval: Option<PathBuf>,
+    /// With --eval: the lowest acceptable share of the suite's cases passed (median across
+    /// nodes), in [0, 1].
+    #[arg(long, default_value_t = slmesh_protocol::eval::DEFAULT_MIN_PASS_RATE, requires = "eval")]
+    pub min_eval_pass_rate: f64,
     /// Accept a GGUF architecture that mistral.rs 0.8.1 cannot load.
     #[arg(long)]
     pub allow_unsupported_architecture: bool,
@@ -106,6 +115,13 @@ fn parse_wave(s: &str) -> Result<Wave, String> {
     let (f, soak) = s.split_once(':').ok_or_else(|| format!("wave {s:?} is not FRACTION:SOAK, e.g. 0.05:10m"))?;
     let fraction: f64 = f.parse().map_err(|_| format!("wave fraction {f:?} is not a number"))?;
     Ok(Wave { fraction, soak_secs: parse_duration_secs(soak)? })
+}
+
+/// An evaluation suite file; an error names the file and the line.
+pub(crate) fn read_suite(path: &Path) -> Result<slmesh_protocol::eval::EvalSuite> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    slmesh_protocol::eval::EvalSuite::parse_jsonl(&text)
+        .map_err(|e| anyhow!("evaluation suite {}: {e}", path.display()))
 }
 
 /// A read-only memory map of a file: GGUF header and BLAKE3 read the same pages once.
@@ -209,6 +225,7 @@ pub fn create(args: &CreateArgs) -> Result<ModelManifest> {
     let context_length = infos_context.iter().copied().min().map_or(InferenceDefaults::default().context_length, |c| {
         u32::try_from(c).unwrap_or(u32::MAX).min(InferenceDefaults::default().context_length)
     });
+    let eval = args.eval.as_deref().map(read_suite).transpose()?;
     let defaults = RolloutPlan::default();
     let manifest = ModelManifest {
         name: args.name.clone(),
@@ -232,9 +249,11 @@ pub fn create(args: &CreateArgs) -> Result<ModelManifest> {
                 min_tokens_per_sec_ratio: args.min_tokens_per_sec_ratio,
                 min_samples: args.min_samples,
                 min_reporting_nodes: args.min_reporting_nodes,
+                min_eval_pass_rate: eval.is_some().then_some(args.min_eval_pass_rate),
             },
         },
         fleet: args.fleet.clone(),
+        eval,
     };
     manifest.validate()?;
     Ok(manifest)

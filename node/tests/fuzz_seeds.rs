@@ -34,7 +34,14 @@ fn messages() -> BTreeMap<&'static str, Vec<Vec<u8>>> {
     f.wire_log = Some(vec![]);
     f.start_all();
     f.run_for(SECOND);
-    let m = f.manifest(1, &[(0.34, 60), (1.0, 0)], NodeFleet::quick_gates(1));
+    // With an evaluation suite and its gate: the manifest and metrics decoders see both.
+    let suite = slmesh_protocol::eval::EvalSuite::parse_jsonl(
+        "{\"prompt\": \"2 + 2?\", \"regex\": \"\\\\b4\\\\b\", \"max_chars\": 40}\n\
+         {\"prompt\": \"JSON?\", \"json_schema\": {\"type\": \"object\"}, \"contains_any\": [\"{\"]}",
+    )
+    .expect("suite");
+    let gates = slmesh_protocol::rollout::Gates { min_eval_pass_rate: Some(0.8), ..NodeFleet::quick_gates(1) };
+    let m = f.manifest_with_suite(1, &[(0.34, 60), (1.0, 0)], gates, Some(suite));
     f.publish(0, m).expect("publish");
     f.run_for(20 * SECOND);
     f.command(0, 1, CommandAction::Pause).expect("pause");

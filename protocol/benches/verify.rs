@@ -37,6 +37,7 @@ fn manifest() -> ModelManifest {
         inference: InferenceDefaults::default(),
         rollout: RolloutPlan::default(),
         fleet: "default".into(),
+        eval: None,
     }
 }
 

@@ -37,6 +37,8 @@ pub enum HistoryKind {
     ActivationFailed { reason: String },
     /// An operator's command was taken, signed by `signer` (a publisher key).
     Command { action: CommandAction, signer: String, issued_at: u64 },
+    /// This node ran the manifest's evaluation suite on the version: `passed` of `cases`.
+    Evaluated { passed: u32, cases: u32 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +78,10 @@ pub struct GateFigures {
     pub median_p95_latency_secs: Option<f64>,
     pub median_p95_ttft_secs: Option<f64>,
     pub median_tokens_per_sec: Option<f64>,
+    /// The median node's share of the evaluation suite passed.
+    pub median_eval_pass_rate: Option<f64>,
+    /// Nodes that ran the suite.
+    pub nodes_evaluated: usize,
 }
 
 impl GateFigures {
@@ -87,6 +93,8 @@ impl GateFigures {
             median_p95_latency_secs: s.median_node_p95_latency(),
             median_p95_ttft_secs: s.median_node_p95_ttft(),
             median_tokens_per_sec: s.median_node_tokens_per_sec(),
+            median_eval_pass_rate: s.median_node_eval_pass_rate(),
+            nodes_evaluated: s.per_node.iter().filter(|n| n.eval_pass_rate.is_some()).count(),
         }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod cohort;
 pub mod error;
+pub mod eval;
 pub mod fleet;
 pub mod gguf;
 pub mod hex32;

@@ -28,6 +28,10 @@ pub struct ModelManifest {
     /// The fleet it is published to (`trust::DEFAULT_FLEET` unless given).
     #[serde(default = "crate::trust::default_fleet")]
     pub fleet: String,
+    /// Prompts with checks a node runs on this version before serving it; only the
+    /// counts of checks passed leave the node (`crate::eval`).
+    #[serde(default)]
+    pub eval: Option<crate::eval::EvalSuite>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -202,6 +206,12 @@ impl ModelManifest {
         if inf.system_prompt.as_ref().is_some_and(|p| p.len() > MAX_TEXT_LEN) {
             return bad(format!("system prompt is longer than {MAX_TEXT_LEN} bytes"));
         }
+        if let Some(suite) = &self.eval {
+            suite.validate().map_err(|e| ProtocolError::invalid("manifest", format!("evaluation suite: {e}")))?;
+        }
+        if self.rollout.gates.min_eval_pass_rate.is_some() && self.eval.is_none() {
+            return bad("the plan gates on an evaluation suite's pass rate, and the manifest carries none".into());
+        }
         self.rollout.validate()
     }
 
@@ -285,6 +295,7 @@ pub(crate) mod tests {
             inference: InferenceDefaults::default(),
             rollout: RolloutPlan::default(),
             fleet: crate::trust::default_fleet(),
+            eval: None,
         }
     }
 
@@ -302,6 +313,37 @@ pub(crate) mod tests {
         let v = verify_manifest(&bytes, &trust, |_| Some(2)).unwrap();
         assert_eq!(v.manifest, sample_manifest(3));
         assert_eq!(v.publisher_name, "release");
+    }
+
+    #[test]
+    fn a_manifest_carries_its_evaluation_suite_and_a_quality_gate_needs_one() {
+        let (publisher, trust) = setup();
+        let suite = crate::eval::EvalSuite::parse_jsonl(
+            "{\"prompt\": \"2 + 2?\", \"regex\": \"4\"}\n{\"prompt\": \"JSON?\", \"json_schema\": {\"type\": \"object\"}}",
+        )
+        .unwrap();
+        let mut m = sample_manifest(3);
+        m.eval = Some(suite.clone());
+        m.rollout.gates.min_eval_pass_rate = Some(0.8);
+        let bytes = SignedManifest::sign(&m, &publisher).unwrap().to_bytes().unwrap();
+        let v = verify_manifest(&bytes, &trust, |_| Some(2)).unwrap();
+        assert_eq!(v.manifest.eval, Some(suite.clone()));
+        // A gate with no suite to read, a rate out of range, a suite that does not
+        // validate (a signed manifest is checked like a file): refused.
+        let mut no_suite = m.clone();
+        no_suite.eval = None;
+        assert!(no_suite.validate().unwrap_err().to_string().contains("carries none"));
+        let mut rate = m.clone();
+        rate.rollout.gates.min_eval_pass_rate = Some(1.5);
+        assert!(rate.validate().unwrap_err().to_string().contains("min_eval_pass_rate"));
+        let mut bad = m.clone();
+        if let Some(s) = bad.eval.as_mut() {
+            s.cases[0].checks.regex = Some("(".into());
+        }
+        assert!(bad.validate().unwrap_err().to_string().contains("does not compile"));
+        let mut empty = m;
+        empty.eval = Some(crate::eval::EvalSuite::default());
+        assert!(empty.validate().unwrap_err().to_string().contains("1 to"));
     }
 
     #[test]

@@ -65,6 +65,11 @@ pub struct Gates {
     /// reporting nodes: from 3 on, one node cannot decide alone. The canary wave holds
     /// at least this many eligible nodes (`cohort::membership_with_floor`).
     pub min_reporting_nodes: u32,
+    /// Lowest acceptable fraction of the manifest's evaluation suite passed (median
+    /// across nodes, each node's share of cases passed), in [0, 1]. None: no quality
+    /// gate. Set, it needs `min_reporting_nodes` nodes to have run the suite.
+    #[serde(default)]
+    pub min_eval_pass_rate: Option<f64>,
 }
 
 impl Default for Gates {
@@ -77,6 +82,7 @@ impl Default for Gates {
             min_samples: 50,
             // Three, so that a majority is two nodes: one node never decides a gate alone.
             min_reporting_nodes: 3,
+            min_eval_pass_rate: None,
         }
     }
 }
@@ -126,6 +132,11 @@ impl RolloutPlan {
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return bad(format!("{name} {v} must be a positive number"));
+            }
+        }
+        if let Some(r) = g.min_eval_pass_rate {
+            if !(0.0..=1.0).contains(&r) {
+                return bad(format!("min_eval_pass_rate {r} is not in [0, 1]"));
             }
         }
         for (key, values) in &self.selector.require {

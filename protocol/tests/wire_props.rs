@@ -96,9 +96,11 @@ fn manifest() -> impl Strategy<Value = ModelManifest> {
                     min_tokens_per_sec_ratio: g.3,
                     min_samples: g.4,
                     min_reporting_nodes: g.5,
+                    min_eval_pass_rate: None,
                 },
             },
             fleet: format!("fleet-{}", version % 7),
+            eval: None,
         })
 }
 

@@ -238,6 +238,7 @@ impl Scenario {
                 min_tokens_per_sec_ratio: g.min_tokens_per_sec_ratio,
                 min_samples: g.min_samples,
                 min_reporting_nodes: g.min_reporting_nodes,
+                min_eval_pass_rate: None,
             },
         }
     }

@@ -106,6 +106,50 @@ fn a_bad_version_halts_in_its_canary_and_rolls_back() {
     );
 }
 
+fn suite(cases: usize) -> slmesh_protocol::eval::EvalSuite {
+    let lines: String = (0..cases).map(|i| format!("{{\"prompt\": \"q{i}\", \"exact\": \"a{i}\"}}\n")).collect();
+    slmesh_protocol::eval::EvalSuite::parse_jsonl(&lines).expect("suite")
+}
+
+#[test]
+fn a_version_that_answers_wrongly_is_halted_in_its_canary_by_its_suite_and_a_good_one_passes() {
+    let mut f = on_v1(6);
+    // Fast and error-free, but wrong: 2 of 10 cases pass.
+    f.wrong_answers.insert(2, 0.2);
+    let gates = Gates { min_eval_pass_rate: Some(0.8), ..Fleet::quick_gates(2) };
+    let m = f.manifest_with_suite(2, &[(0.34, 20), (1.0, 0)], gates.clone(), Some(suite(10)));
+    f.publish(0, m).expect("publish");
+    f.run_for(60_000 * MS);
+    let ever: Vec<usize> = (0..6).filter(|i| f.nodes[*i].served.iter().any(|(_, v)| *v == 2)).collect();
+    assert!(!ever.is_empty() && ever.len() < 6, "only the canary ran v2: {ever:?}");
+    for i in 0..6 {
+        assert_eq!(f.active(i), Some(1), "node {i} is back on v1");
+        let record = f.node(i).version_record(MODEL, 2).expect("record");
+        assert!(record.halted.as_deref().is_some_and(|h| h.contains("evaluation suite passed 20%")), "{record:?}");
+    }
+    // The canary's history has its own counts, and the verdict the median of theirs.
+    let canary = &f.nodes[ever[0]].history;
+    assert!(canary.iter().any(|e| e.version == 2 && e.kind == HistoryKind::Evaluated { passed: 2, cases: 10 }));
+    let figures = canary.iter().find_map(|e| match &e.kind {
+        HistoryKind::Verdict { outcome: Outcome::Fail, figures, .. } if e.version == 2 => Some(figures.clone()),
+        _ => None,
+    });
+    let figures = figures.expect("a failing verdict");
+    assert!(figures.nodes_evaluated >= 2 && figures.median_eval_pass_rate == Some(0.2), "{figures:?}");
+    // A good version with the same suite goes everywhere; each node ran the suite once.
+    let m = f.manifest_with_suite(3, &[(0.34, 5), (1.0, 0)], gates, Some(suite(10)));
+    f.publish(0, m).expect("publish");
+    f.run_for(60_000 * MS);
+    for i in 0..6 {
+        assert_eq!(f.active(i), Some(3), "node {i}: {:#?}", f.events_of(i));
+        let runs =
+            f.nodes[i].history.iter().filter(|e| e.version == 3 && matches!(e.kind, HistoryKind::Evaluated { .. }));
+        assert_eq!(runs.count(), 1, "node {i}");
+    }
+    let view = f.node(0).rollouts().iter().find(|r| r.version == 3).expect("view").clone();
+    assert_eq!(view.figures.median_eval_pass_rate, Some(1.0), "{view:?}");
+}
+
 /// A version number for which no node of `f`'s ids has a cohort below `fraction`.
 fn version_with_empty_canary(f: &Fleet, fraction: f64) -> u64 {
     let plan = slmesh_protocol::rollout::RolloutPlan {

@@ -1,6 +1,7 @@
 //! Helpers for tests that run real parts: the demo model, and a plain HTTP/1.1 client
 //! (std only) that can send what a well-behaved client would not.
 
+pub mod damage;
 pub mod fleet;
 pub mod rollout_rig;
 pub mod serve;

@@ -59,14 +59,18 @@ pub fn nodes_by_cohort_with(fleet: &Fleet, n: usize, version: u64, init_args: &[
 }
 
 /// Starts the nodes (the first as bootstrap of the others), rolls version 1 out to all,
-/// and keeps a trickle of chat requests going to every node.
+/// and keeps a trickle of chat requests going to every node. Versions 1 and 2 are the
+/// tiny model unless the test wrote `v1.gguf` or `v2.gguf` into the fleet's folder.
 pub fn mesh_on_v1(
     fleet: Fleet,
     dirs: &[(NodeDir, f64)],
     env: impl Fn(usize) -> Vec<(&'static str, &'static str)>,
 ) -> Mesh {
-    std::fs::write(fleet.path("v1.gguf"), tiny_llama_gguf(1, 1000)).expect("write");
-    std::fs::write(fleet.path("v2.gguf"), tiny_llama_gguf(1, 2000)).expect("write");
+    for (file, seed) in [("v1.gguf", 1000), ("v2.gguf", 2000)] {
+        if !fleet.path(file).exists() {
+            std::fs::write(fleet.path(file), tiny_llama_gguf(1, seed)).expect("write");
+        }
+    }
     let first = dirs[0].0.start_with_env(&env(0));
     let boot = first.bootstrap_addr();
     let mut nodes = vec![first];

@@ -10,6 +10,7 @@
 //! swap; requests in flight hold their own reference to the old version and finish on
 //! it; the old engine stops when the last of them lets go.
 
+pub mod eval;
 pub mod guard;
 pub mod http;
 mod listener;
@@ -229,8 +230,33 @@ impl Engine {
     /// Loads and smoke-tests `spec` beside the active version, then swaps it in. On any
     /// failure the active version keeps serving and the error says why.
     pub async fn activate(&self, spec: ModelSpec) -> Result<()> {
+        self.activate_evaluated(spec, None).await.map(|_| ())
+    }
+
+    /// As `activate`, running `suite` on the loaded version before the swap (in the
+    /// smoke test's place: nothing is served from it yet): its counts, if given one.
+    /// A suite that cannot run (a generation error) refuses the version like a failed
+    /// smoke test; answers that fail checks do not, the fleet's gates judge the counts.
+    pub async fn activate_evaluated(
+        &self,
+        spec: ModelSpec,
+        suite: Option<&slmesh_protocol::eval::EvalSuite>,
+    ) -> Result<Option<slmesh_protocol::eval::EvalCounts>> {
         let _one_at_a_time = self.activating.lock().await;
-        let result = LoadedModel::load(spec).await;
+        let mut result = LoadedModel::load(spec).await;
+        let mut counts = None;
+        if let (Ok(loaded), Some(suite)) = (&result, suite) {
+            match loaded.run_suite(suite).await {
+                Ok(run) => {
+                    tracing::info!(
+                        model = %loaded.spec.id(), passed = run.counts.passed, cases = run.counts.cases,
+                        secs = run.secs, "evaluation suite run before the swap"
+                    );
+                    counts = Some(run.counts);
+                }
+                Err(e) => result = Err(e),
+            }
+        }
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = result.as_ref().err().map(|e| e.to_string());
         let loaded = Arc::new(result?);
         let old = self.active.write().unwrap_or_else(|e| e.into_inner()).replace(loaded);
@@ -238,7 +264,7 @@ impl Engine {
             *self.previous.write().unwrap_or_else(|e| e.into_inner()) = Some(old.spec.clone());
             tracing::info!(old = %old.spec.id(), "swapped; the old version stops when its last request ends");
         }
-        Ok(())
+        Ok(counts)
     }
 
     /// Goes back to the previous version (loaded again from its files on disk).

@@ -21,7 +21,8 @@ use std::path::Path;
 use thiserror::Error;
 
 /// Bump when the layout of stored values changes; `open` refuses other versions.
-pub const SCHEMA_VERSION: u32 = 1;
+// 2: manifests carry an evaluation suite, version records and reports its counts.
+pub const SCHEMA_VERSION: u32 = 2;
 const SCHEMA_KEY: &[u8] = b"schema_version";
 const ORIGINATED_KEY: &[u8] = b"originated";
 

@@ -34,6 +34,7 @@ fn verified(name: &str, version: u64) -> VerifiedManifest {
         inference: InferenceDefaults::default(),
         rollout: RolloutPlan::default(),
         fleet: "default".into(),
+        eval: None,
     };
     let bytes = SignedManifest::sign(&m, &key).unwrap().to_bytes().unwrap();
     verify_manifest(&bytes, &trust, |_| None).unwrap()

@@ -36,8 +36,18 @@ pub(super) fn unix_millis() -> u64 {
 
 /// Work the driver started off the loop, reporting back.
 enum Internal {
-    FetchDone { name: String, version: u64, blobs: Vec<Hex32>, result: Result<PathBuf, String> },
-    Activated { name: String, version: u64, result: Result<(), String> },
+    FetchDone {
+        name: String,
+        version: u64,
+        blobs: Vec<Hex32>,
+        result: Result<PathBuf, String>,
+    },
+    Activated {
+        name: String,
+        version: u64,
+        result: Result<(), String>,
+        eval: Option<slmesh_protocol::eval::EvalCounts>,
+    },
 }
 
 pub(crate) struct Driver {
@@ -282,8 +292,8 @@ impl Driver {
                 let result = result.map(|_| ());
                 self.node.handle(now, Input::FetchFinished { model: name, version, result });
             }
-            Internal::Activated { name, version, result } => {
-                self.node.handle(now, Input::ActivationFinished { model: name, version, result });
+            Internal::Activated { name, version, result, eval } => {
+                self.node.handle(now, Input::ActivationFinished { model: name, version, result, eval });
             }
         }
     }
@@ -372,7 +382,7 @@ impl Driver {
                     });
                 }
             }
-            Output::Activate { model, version, weights, why } => {
+            Output::Activate { model, version, weights, why, eval } => {
                 let gguf = self.staging_dir(&model, version).join(weights);
                 match why {
                     Activation::RollBack { from } => tracing::warn!(model = %model, from, to = version, "rolling back"),
@@ -383,8 +393,11 @@ impl Driver {
                 let tx = self.internal_tx.clone();
                 let spec = ModelSpec { name: model.clone(), version, gguf };
                 tokio::spawn(async move {
-                    let result = engine.activate(spec).await.map_err(|e| e.to_string());
-                    let _ = tx.send(Internal::Activated { name: model, version, result }).await;
+                    let (result, eval) = match engine.activate_evaluated(spec, eval.as_ref()).await {
+                        Ok(counts) => (Ok(()), counts),
+                        Err(e) => (Err(e.to_string()), None),
+                    };
+                    let _ = tx.send(Internal::Activated { name: model, version, result, eval }).await;
                 });
             }
             Output::DeleteVersion { model, version } => {

@@ -302,6 +302,15 @@ fn gate_figures_text(r: &RolloutView) -> String {
         opt(f.median_error_rate, 100.0, "%"),
         g.max_error_rate * 100.0
     );
+    if let Some(min) = g.min_eval_pass_rate {
+        let _ = write!(
+            text,
+            "; evaluation suite passed {} on {} node(s) (min {:.0}%)",
+            opt(f.median_eval_pass_rate, 100.0, "%"),
+            f.nodes_evaluated,
+            min * 100.0
+        );
+    }
     match &r.baseline {
         Some(b) => {
             let _ = write!(
@@ -319,6 +328,14 @@ fn gate_figures_text(r: &RolloutView) -> String {
         None => text.push_str("; no baseline version to compare with"),
     }
     text
+}
+
+/// The evaluation suite's figure, when nodes ran one.
+fn eval_text(f: &slmesh_protocol::history::GateFigures) -> String {
+    match f.median_eval_pass_rate {
+        Some(rate) => format!("evaluation suite passed {:.0}% on {} node(s), ", rate * 100.0, f.nodes_evaluated),
+        None => String::new(),
+    }
 }
 
 /// The rollout history as `slmesh rollout history` prints it: one line per event, oldest
@@ -339,14 +356,16 @@ pub fn history_text(events: &[slmesh_protocol::history::HistoryEvent]) -> String
             HistoryKind::RolledBack { .. } => "rolled back",
             HistoryKind::ActivationFailed { .. } => "LOAD FAILED",
             HistoryKind::Command { .. } => "operator",
+            HistoryKind::Evaluated { .. } => "evaluated",
         };
         let _ = writeln!(out, "{when}  {}@{}  {what:<12}  {}", e.model, e.version, e.text);
         if let HistoryKind::Verdict { figures: f, .. } = &e.kind {
             let _ = writeln!(
                 out,
-                "    on {} node(s), {} request(s): error rate {}, p95 latency {}, p95 TTFT {}, tokens/s {}",
+                "    on {} node(s), {} request(s): {}error rate {}, p95 latency {}, p95 TTFT {}, tokens/s {}",
                 f.nodes_measured,
                 f.requests,
+                eval_text(f),
                 f.median_error_rate.map(|r| format!("{:.1}%", r * 100.0)).unwrap_or_else(|| "-".into()),
                 opt(f.median_p95_latency_secs, 1000.0, " ms"),
                 opt(f.median_p95_ttft_secs, 1000.0, " ms"),

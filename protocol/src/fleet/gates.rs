@@ -18,6 +18,9 @@ pub struct NodeStat {
     pub p50_tokens_per_sec: Option<f64>,
     /// The node failed to load the version and does not serve it.
     pub failed_activation: bool,
+    /// The share of the evaluation suite's cases this node's answers passed.
+    #[serde(default)]
+    pub eval_pass_rate: Option<f64>,
 }
 
 /// One version across the fleet.
@@ -86,6 +89,16 @@ impl VersionSummary {
         median(self.measured().filter_map(|n| n.p50_tokens_per_sec).collect())
     }
 
+    /// Each reporting node's share of the evaluation suite passed (nodes that ran it).
+    fn eval_pass_rates(&self) -> Vec<f64> {
+        self.per_node.iter().filter_map(|n| n.eval_pass_rate).collect()
+    }
+
+    /// The median across nodes of each node's share of the evaluation suite passed.
+    pub fn median_node_eval_pass_rate(&self) -> Option<f64> {
+        median(self.eval_pass_rates())
+    }
+
     fn error_rate_bounds(&self) -> Option<(f64, f64)> {
         median_bounds(self.measured().map(|n| n.errors as f64 / n.requests as f64).collect())
     }
@@ -147,6 +160,25 @@ pub fn evaluate_gates(gates: &Gates, candidate: &VersionSummary, baseline: Optio
     if failed > serving && failed * 2 > min_nodes {
         return GateVerdict::Fail(format!("the version failed to load on {failed} node(s), {serving} serve it"));
     }
+    // The quality gate reads the suite's results, which nodes report before serving a
+    // request: it may fail before the traffic gates have figures.
+    let mut readings = vec![];
+    if let Some(min_rate) = gates.min_eval_pass_rate {
+        let rates = candidate.eval_pass_rates();
+        if rates.len() < min_nodes {
+            return GateVerdict::Pending(format!(
+                "{} node(s) ran the evaluation suite, {min_nodes} needed",
+                rates.len()
+            ));
+        }
+        let reading = at_most(median_bounds(rates).map(|(low, high)| (-high, -low)), -min_rate, |r| {
+            format!("evaluation suite passed {:.0}% (median across nodes), below {:.0}%", -r * 100.0, min_rate * 100.0)
+        });
+        if let Reading::Fail(why) = reading {
+            return GateVerdict::Fail(why);
+        }
+        readings.push(reading);
+    }
     let nodes = candidate.nodes_measured();
     if nodes < min_nodes {
         return GateVerdict::Pending(format!("{nodes} node(s) measured, {min_nodes} needed"));
@@ -155,9 +187,9 @@ pub fn evaluate_gates(gates: &Gates, candidate: &VersionSummary, baseline: Optio
     if requests < gates.min_samples {
         return GateVerdict::Pending(format!("{requests} requests measured, {} needed", gates.min_samples));
     }
-    let mut readings = vec![at_most(candidate.error_rate_bounds(), gates.max_error_rate, |rate| {
+    readings.push(at_most(candidate.error_rate_bounds(), gates.max_error_rate, |rate| {
         format!("error rate {:.1}% (median across nodes) above {:.1}%", rate * 100.0, gates.max_error_rate * 100.0)
-    })];
+    }));
     let base = baseline.filter(|b| b.nodes_measured() > 0);
     if let Some(b) = base {
         // Candidate medians over the baseline's median; below TIME_RATIO_FLOOR_SECS a time

@@ -35,6 +35,10 @@ pub struct VersionReport {
     /// does not). Reported while the node does not serve it: a failing signal for the
     /// gates even though no request was ever measured.
     pub activation_failures: u32,
+    /// This node's results of the manifest's evaluation suite on the version (counts
+    /// only), once it ran it.
+    #[serde(default)]
+    pub eval: Option<crate::eval::EvalCounts>,
 }
 
 impl VersionReport {
@@ -53,6 +57,7 @@ impl VersionReport {
             ttft: m.ttft.clone(),
             tokens_per_sec: m.tokens_per_sec.clone(),
             activation_failures: 0,
+            eval: None,
         }
     }
 
@@ -73,6 +78,13 @@ impl VersionReport {
         self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
         self.completion_tokens = self.completion_tokens.saturating_add(other.completion_tokens);
         self.activation_failures = self.activation_failures.saturating_add(other.activation_failures);
+        if let Some(theirs) = other.eval {
+            let mine = self.eval.get_or_insert_with(Default::default);
+            mine.cases = mine.cases.saturating_add(theirs.cases);
+            mine.passed = mine.passed.saturating_add(theirs.passed);
+            mine.checks = mine.checks.saturating_add(theirs.checks);
+            mine.checks_passed = mine.checks_passed.saturating_add(theirs.checks_passed);
+        }
     }
 }
 

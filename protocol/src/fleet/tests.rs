@@ -474,3 +474,42 @@ fn a_replayed_old_record_does_not_come_back_and_age_counts_from_issue() {
     assert_eq!(view.expire(1_079, 60), 0);
     assert_eq!(view.expire(1_080, 60), 1);
 }
+
+/// A view where each node reports `passed` of 10 cases of the suite (and no request).
+fn evaluated(passed: &[u32]) -> FleetView {
+    let mut view = FleetView::default();
+    for (i, p) in passed.iter().enumerate() {
+        let eval = crate::eval::EvalCounts { cases: 10, passed: *p, checks: 10, checks_passed: *p };
+        let v = VersionReport { model: "m".into(), version: 2, active: true, eval: Some(eval), ..Default::default() };
+        view.update(record(i as u8 + 1, 1, vec![v]), 0);
+    }
+    view
+}
+
+#[test]
+fn the_quality_gate_fails_a_version_its_suite_fails_before_any_request_and_one_liar_cannot_decide() {
+    let g = Gates { min_eval_pass_rate: Some(0.8), ..gates() };
+    // Too few nodes ran the suite: pending, whatever they found.
+    let verdict = evaluate_gates(&g, &evaluated(&[0, 0]).summary("m", 2), None);
+    assert!(matches!(&verdict, GateVerdict::Pending(r) if r.contains("ran the evaluation suite")), "{verdict:?}");
+    // Three of three fail it: a verdict at once, with no request measured.
+    let verdict = evaluate_gates(&g, &evaluated(&[1, 2, 0]).summary("m", 2), None);
+    assert!(matches!(&verdict, GateVerdict::Fail(r) if r.contains("evaluation suite passed 10%")), "{verdict:?}");
+    // One liar claims a perfect score among three that fail: it still fails.
+    let verdict = evaluate_gates(&g, &evaluated(&[1, 2, 10, 0]).summary("m", 2), None);
+    assert!(matches!(verdict, GateVerdict::Fail(_)), "{verdict:?}");
+    // One liar claims a zero score among three that pass: the suite holds, and the
+    // traffic gates wait for requests.
+    let verdict = evaluate_gates(&g, &evaluated(&[10, 9, 0, 10]).summary("m", 2), None);
+    assert!(matches!(&verdict, GateVerdict::Pending(r) if r.contains("node(s) measured")), "{verdict:?}");
+    // Without the gate the suite's counts decide nothing.
+    let verdict = evaluate_gates(&gates(), &evaluated(&[0, 0, 0]).summary("m", 2), None);
+    assert!(matches!(verdict, GateVerdict::Pending(_)), "{verdict:?}");
+    // Counts that do not add up (more passed than run) count as no result.
+    let mut view = evaluated(&[10, 10]);
+    let bogus = crate::eval::EvalCounts { cases: 1, passed: 9, checks: 0, checks_passed: 0 };
+    let v = VersionReport { model: "m".into(), version: 2, active: true, eval: Some(bogus), ..Default::default() };
+    view.update(record(9, 1, vec![v]), 0);
+    let verdict = evaluate_gates(&g, &view.summary("m", 2), None);
+    assert!(matches!(&verdict, GateVerdict::Pending(r) if r.contains("2 node(s) ran")), "{verdict:?}");
+}

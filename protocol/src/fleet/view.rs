@@ -66,6 +66,7 @@ pub fn node_stat(node: NodeId, v: &VersionReport) -> NodeStat {
         p95_ttft: v.ttft.quantile(0.95),
         p50_tokens_per_sec: v.tokens_per_sec.quantile(0.5),
         failed_activation: v.activation_failures > 0 && !v.active,
+        eval_pass_rate: v.eval.and_then(|e| e.pass_rate()),
     }
 }
 

@@ -166,11 +166,13 @@ pub enum Input {
         version: u64,
         result: Result<(), String>,
     },
-    /// An activation asked for by `Output::Activate` ended.
+    /// An activation asked for by `Output::Activate` ended; with the evaluation suite's
+    /// counts if it asked for a run.
     ActivationFinished {
         model: String,
         version: u64,
         result: Result<(), String>,
+        eval: Option<crate::eval::EvalCounts>,
     },
     /// The answer to `Output::SampleMetrics`: this node's cumulative figures per version.
     LocalMetrics(Vec<VersionReport>),
@@ -250,6 +252,9 @@ pub enum Output {
         version: u64,
         weights: String,
         why: Activation,
+        /// Run this suite on the loaded version before swapping it in (a version rolled
+        /// out for the first time whose manifest carries one), and report its counts.
+        eval: Option<crate::eval::EvalSuite>,
     },
     /// Delete a version's staged files.
     DeleteVersion {
@@ -559,8 +564,8 @@ impl Node {
                 }
             }
             Input::FetchFinished { model, version, result } => self.on_fetch_finished(now, model, version, result),
-            Input::ActivationFinished { model, version, result } => {
-                self.on_activation_finished(now, model, version, result)
+            Input::ActivationFinished { model, version, result, eval } => {
+                self.on_activation_finished(now, model, version, result, eval)
             }
             Input::LocalMetrics(reports) => self.on_local_metrics(now, reports),
         }

@@ -54,6 +54,20 @@ impl Node {
                 }
             }
         }
+        // The suite's counts go with the version's report (served now or not: a canary
+        // that rolled back still tells why).
+        for ((name, version), record) in &self.versions {
+            let Some(eval) = record.eval else { continue };
+            match reports.iter_mut().find(|r| &r.model == name && r.version == *version) {
+                Some(r) => r.eval = Some(eval),
+                None => reports.push(VersionReport {
+                    model: name.clone(),
+                    version: *version,
+                    eval: Some(eval),
+                    ..Default::default()
+                }),
+            }
+        }
         for ((name, version), record) in &self.versions {
             if record.activation_failures == 0 || self.serving(name) == Some(*version) {
                 continue;
@@ -147,6 +161,7 @@ impl Node {
         }
         if report.active != last.active
             || report.activation_failures != last.activation_failures
+            || report.eval != last.eval
             || (report.requests == 0) != (last.requests == 0)
         {
             return true;

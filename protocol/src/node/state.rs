@@ -54,6 +54,8 @@ pub struct VersionRecord {
     pub last_activation_error: Option<String>,
     /// Unix seconds before which a failed activation is not tried again.
     pub retry_activation_at: Option<u64>,
+    /// This node's results of the manifest's evaluation suite on the version.
+    pub eval: Option<crate::eval::EvalCounts>,
 }
 
 impl VersionRecord {
@@ -69,6 +71,7 @@ impl VersionRecord {
             activation_failures: 0,
             last_activation_error: None,
             retry_activation_at: None,
+            eval: None,
         }
     }
 

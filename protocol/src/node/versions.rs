@@ -3,6 +3,7 @@
 //! and telling the fleet what this node holds and measures.
 
 use super::{Activation, FetchRetry, Level, Node, Output, Persist, Restored, UploadView, VersionKey, VersionRecord};
+use crate::eval::EvalCounts;
 use crate::hex32::Hex32;
 use crate::history::HistoryKind;
 use crate::identity::NodeId;
@@ -261,11 +262,24 @@ impl Node {
         let Some(weights) = weights else {
             return self.note(name, format!("version {version}: no weights file in the chosen variant"));
         };
+        let key = (name.to_string(), version);
+        let evaluated = self.versions.get(&key).is_some_and(|r| r.eval.is_some());
+        let eval = match why {
+            Activation::Rollout if !evaluated => self.manifests.get(&key).and_then(|m| m.manifest.eval.clone()),
+            _ => None,
+        };
         self.activating.insert(name.to_string(), (version, why));
-        self.outputs.push_back(Output::Activate { model: name.to_string(), version, weights, why });
+        self.outputs.push_back(Output::Activate { model: name.to_string(), version, weights, why, eval });
     }
 
-    pub(super) fn on_activation_finished(&mut self, now: u64, name: String, version: u64, result: Result<(), String>) {
+    pub(super) fn on_activation_finished(
+        &mut self,
+        now: u64,
+        name: String,
+        version: u64,
+        result: Result<(), String>,
+        eval: Option<EvalCounts>,
+    ) {
         let Some((v, why)) = self.activating.get(&name).copied() else { return };
         if v != version {
             return;
@@ -273,6 +287,12 @@ impl Node {
         self.activating.remove(&name);
         let key = (name.clone(), version);
         let secs = now / 1000;
+        if let (Ok(()), Some(counts)) = (&result, eval) {
+            self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(secs)).eval = Some(counts);
+            let (passed, cases) = (counts.passed, counts.cases);
+            let text = format!("evaluation suite: {passed} of {cases} case(s) passed");
+            self.history(now, &name, version, Level::Info, HistoryKind::Evaluated { passed, cases }, text);
+        }
         match result {
             Ok(()) => {
                 self.serving.insert(name.clone(), version);

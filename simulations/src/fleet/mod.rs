@@ -9,8 +9,9 @@
 //!   core's `swarm::PieceFetch` on the fetcher's side and the node's `Uploads` gate on the
 //!   provider's (`pieces.rs`), as `crates/blobs` drives them.
 //! - Store: each node's `Persist` outputs are kept and handed back on restart.
-//! - Inference: a load takes `load_ms` and fails for versions marked broken; requests
-//!   are drawn per served version from a `Behaviour`.
+//! - Inference: a load takes `load_ms` and fails for versions marked broken; a version
+//!   marked as answering wrongly passes only part of its evaluation suite; requests are
+//!   drawn per served version from a `Behaviour`.
 //!
 //! Deterministic: one seeded random source, one event queue, no threads.
 
@@ -201,6 +202,8 @@ enum Ev {
         model: String,
         version: u64,
         incarnation: u32,
+        /// Cases of the evaluation suite the node was asked to run.
+        eval_cases: Option<u32>,
     },
     Timer {
         node: usize,
@@ -323,6 +326,9 @@ pub struct NodeFleet {
     pub nodes: Vec<SimNode>,
     /// Versions whose weights do not load.
     pub broken: BTreeSet<u64>,
+    /// Versions that load and answer at full speed, but wrongly: each passes this share
+    /// of its evaluation suite's cases (every other version passes all of them).
+    pub wrong_answers: BTreeMap<u64, f64>,
     /// How requests of each version behave (a default one for versions not listed).
     pub behaviour: BTreeMap<u64, Behaviour>,
     /// Node pairs cut off from each other (beside the links' own partitions).
@@ -486,6 +492,7 @@ impl NodeFleet {
             trust,
             nodes,
             broken: BTreeSet::new(),
+            wrong_answers: BTreeMap::new(),
             behaviour: BTreeMap::new(),
             cut: BTreeSet::new(),
             links,
@@ -703,10 +710,11 @@ impl NodeFleet {
             Output::Fetch { model, version, files } => self.fetch_pieces(i, model, version, files),
             Output::Providers { blob, providers } => self.update_providers(i, blob, providers),
             Output::Uploads(view) => self.nodes[i].uploads.update(view),
-            Output::Activate { model, version, .. } => {
+            Output::Activate { model, version, eval, .. } => {
                 *self.nodes[i].loads.entry(version).or_default() += 1;
                 let (incarnation, at) = (self.incarnation[i], self.q.now() + self.spec.load_ms * 1000);
-                self.q.at(at, Ev::Loaded { node: i, model, version, incarnation });
+                let eval_cases = eval.map(|s| s.cases.len() as u32);
+                self.q.at(at, Ev::Loaded { node: i, model, version, incarnation, eval_cases });
             }
             Output::ReleaseBlobs { keep } => self.nodes[i].blobs.retain(|b| keep.contains(b)),
             Output::Persist(p) => self.nodes[i].store.apply(p),
@@ -845,7 +853,7 @@ impl NodeFleet {
                 self.input(to, Input::Response { peer, kind, result });
                 self.note_learned(to);
             }
-            Ev::Loaded { node, model, version, incarnation } => {
+            Ev::Loaded { node, model, version, incarnation, eval_cases } => {
                 if incarnation != self.incarnation[node] {
                     return;
                 }
@@ -856,7 +864,12 @@ impl NodeFleet {
                     self.nodes[node].served.push((self.q.now(), version));
                     Ok(())
                 };
-                self.input(node, Input::ActivationFinished { model, version, result });
+                let share = self.wrong_answers.get(&version).copied().unwrap_or(1.0);
+                let eval = eval_cases.filter(|_| result.is_ok()).map(|cases| {
+                    let passed = ((cases as f64 * share).round() as u32).min(cases);
+                    slmesh_protocol::eval::EvalCounts { cases, passed, checks: cases, checks_passed: passed }
+                });
+                self.input(node, Input::ActivationFinished { model, version, result, eval });
             }
             Ev::VersionFetched { node, model, version, result, incarnation } => {
                 if incarnation == self.incarnation[node] {
@@ -913,6 +926,17 @@ impl NodeFleet {
     /// A manifest of `version` (one weights file of `model_bytes`) with the given waves
     /// (fraction, soak seconds) and gates.
     pub fn manifest(&self, version: u64, waves: &[(f64, u64)], gates: Gates) -> SignedManifest {
+        self.manifest_with_suite(version, waves, gates, None)
+    }
+
+    /// As `manifest`, carrying an evaluation suite (which nodes run before serving).
+    pub fn manifest_with_suite(
+        &self,
+        version: u64,
+        waves: &[(f64, u64)],
+        gates: Gates,
+        eval: Option<slmesh_protocol::eval::EvalSuite>,
+    ) -> SignedManifest {
         let manifest = ModelManifest {
             name: MODEL.into(),
             version,
@@ -941,6 +965,7 @@ impl NodeFleet {
                 gates,
             },
             fleet: DEFAULT_FLEET.into(),
+            eval,
         };
         SignedManifest::sign(&manifest, &self.publisher).expect("a valid manifest signs")
     }
@@ -1051,6 +1076,7 @@ impl NodeFleet {
             max_p95_latency_ratio: 10.0,
             max_p95_ttft_ratio: 10.0,
             min_tokens_per_sec_ratio: 0.1,
+            min_eval_pass_rate: None,
         }
     }
 

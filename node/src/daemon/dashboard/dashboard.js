@@ -158,6 +158,12 @@ function drawGates(r) {
     label, fmt(value) + (b ? " (v" + b.version + ": " + fmt(baseValue) + ", " + fmtRatio(r) + ")" : ""),
     (atMost ? "≤ " : "≥ ") + fmtRatio(limit) + " the baseline",
     check(!b || !has(r) ? null : atMost ? r <= limit : r >= limit)];
+  if (g.min_eval_pass_rate !== null && g.min_eval_pass_rate !== undefined) {
+    const rate = f.median_eval_pass_rate;
+    rows.push(["evaluation suite passed (median node)",
+      has(rate) ? fmtPct(rate) + " on " + f.nodes_evaluated + " node(s)" : dash,
+      "≥ " + fmtPct(g.min_eval_pass_rate), check(has(rate) ? rate >= g.min_eval_pass_rate : null)]);
+  }
   const bf = b ? b.figures : {}, br = b ? b.ratios : {};
   rows.push(ratio("p95 latency (median node)", f.median_p95_latency_secs, bf.median_p95_latency_secs, fmtMs,
     br.p95_latency, g.max_p95_latency_ratio, true));

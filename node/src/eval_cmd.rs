@@ -1,0 +1,170 @@
+//! `slmesh eval --model FILE --suite FILE`: an evaluation suite run on a GGUF on this
+//! machine, the way a node runs it before serving a version, so that a broken build is
+//! caught before it is signed.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+use slmesh_inference::eval::SuiteRun;
+use slmesh_inference::{LoadedModel, ModelSpec};
+use slmesh_protocol::eval::DEFAULT_MIN_PASS_RATE;
+use std::fmt::Write;
+use std::path::PathBuf;
+
+const SUITE_FORMAT: &str = "\
+Runs an evaluation suite on a GGUF file, as a node does before it serves a version
+(`slmesh manifest create --eval FILE` puts the suite in the manifest), and prints each
+case's answer and checks. Exits 0 when the share of cases passed reaches
+--min-pass-rate, 1 otherwise.
+
+The suite is JSON Lines: one case per line; blank lines and lines starting with # are
+skipped. A case has a prompt, one or more checks, and optionally a name, max_tokens
+(default 64, at most 512) and min_score (the share of its checks that must hold; default
+1, all of them):
+
+  {\"name\": \"capital\", \"prompt\": \"What is the capital of France?\", \"contains_any\": [\"Paris\"]}
+  {\"prompt\": \"Reply with a JSON object with a key ok.\", \"json_schema\": {\"type\": \"object\", \"required\": [\"ok\"]}}
+  {\"prompt\": \"What is 2 + 2?\", \"regex\": \"\\\\b4\\\\b\", \"max_chars\": 40}
+
+Checks: exact (the trimmed answer equals it), contains_any (contains one of them,
+ignoring case), regex (matches somewhere), json_schema (the answer, inside a Markdown
+code fence or not, is JSON valid against the schema), max_chars (at most that many
+characters). Answers are greedy (temperature 0), through the model's chat template. At
+most 64 cases, 64 KiB of text. A file that cannot be used gets an error naming its line.";
+
+#[derive(Args)]
+#[command(long_about = SUITE_FORMAT)]
+pub struct EvalArgs {
+    /// The GGUF file to evaluate.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The evaluation suite (JSON Lines; see above).
+    #[arg(long)]
+    pub suite: PathBuf,
+    /// The share of cases that must pass, in [0, 1] (what `manifest create
+    /// --min-eval-pass-rate` gates a rollout on).
+    #[arg(long, default_value_t = DEFAULT_MIN_PASS_RATE)]
+    pub min_pass_rate: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct CaseReport<'a> {
+    name: &'a str,
+    passed: bool,
+    checks: u32,
+    checks_passed: u32,
+    failures: &'a [String],
+    answer: &'a str,
+    secs: f64,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    model: String,
+    cases: u32,
+    passed: u32,
+    checks: u32,
+    checks_passed: u32,
+    pass_rate: f64,
+    min_pass_rate: f64,
+    ok: bool,
+    secs: f64,
+    results: Vec<CaseReport<'a>>,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    crate::init_logging(false);
+    if !(0.0..=1.0).contains(&args.min_pass_rate) {
+        bail!("--min-pass-rate {} is not in [0, 1]", args.min_pass_rate);
+    }
+    let suite = crate::manifest_cmd::read_suite(&args.suite)?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    let spec = ModelSpec { name: "eval".into(), version: 1, gguf: args.model.clone() };
+    if !args.json {
+        eprintln!("loading {} ...", args.model.display());
+    }
+    let run = runtime.block_on(async {
+        let model = LoadedModel::load(spec).await.context("the model cannot be loaded")?;
+        model.run_suite(&suite).await.context("the suite could not run")
+    })?;
+    let rate = run.counts.pass_rate().unwrap_or(0.0);
+    let ok = rate + 1e-9 >= args.min_pass_rate;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report(&args, &run, rate, ok))?);
+    } else {
+        print!("{}", text(&args, &run, rate, ok));
+    }
+    if !ok {
+        bail!(
+            "{} of {} case(s) passed ({:.0}%), below {:.0}%",
+            run.counts.passed,
+            run.counts.cases,
+            rate * 100.0,
+            args.min_pass_rate * 100.0
+        );
+    }
+    Ok(())
+}
+
+fn report<'a>(args: &EvalArgs, run: &'a SuiteRun, rate: f64, ok: bool) -> Report<'a> {
+    Report {
+        model: args.model.display().to_string(),
+        cases: run.counts.cases,
+        passed: run.counts.passed,
+        checks: run.counts.checks,
+        checks_passed: run.counts.checks_passed,
+        pass_rate: rate,
+        min_pass_rate: args.min_pass_rate,
+        ok,
+        secs: run.secs,
+        results: run
+            .cases
+            .iter()
+            .map(|c| CaseReport {
+                name: &c.name,
+                passed: c.outcome.passed,
+                checks: c.outcome.checks,
+                checks_passed: c.outcome.checks_passed,
+                failures: &c.outcome.failures,
+                answer: &c.answer,
+                secs: c.secs,
+            })
+            .collect(),
+    }
+}
+
+fn text(args: &EvalArgs, run: &SuiteRun, rate: f64, ok: bool) -> String {
+    let mut out = String::new();
+    let width = run.cases.iter().map(|c| c.name.chars().count()).max().unwrap_or(4).min(40);
+    for c in &run.cases {
+        let verdict = if c.outcome.passed { "PASS" } else { "FAIL" };
+        let _ = writeln!(
+            out,
+            "{verdict}  {:<width$}  {}/{} checks  {:>5.1} s",
+            c.name, c.outcome.checks_passed, c.outcome.checks, c.secs
+        );
+        let answer: String = c.answer.trim().chars().take(160).collect();
+        let _ = writeln!(out, "      answer: {answer:?}");
+        for f in &c.outcome.failures {
+            let _ = writeln!(out, "      - {f}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n{}: {} of {} case(s) passed ({:.0}%, needs {:.0}%), {} of {} check(s), in {:.1} s: {}",
+        args.model.display(),
+        run.counts.passed,
+        run.counts.cases,
+        rate * 100.0,
+        args.min_pass_rate * 100.0,
+        run.counts.checks_passed,
+        run.counts.checks,
+        run.secs,
+        if ok { "PASS" } else { "FAIL" }
+    );
+    out
+}

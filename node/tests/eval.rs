@@ -1,0 +1,127 @@
+//! Quality gates with the demo model (SmolLM2-135M-Instruct) and a real evaluation suite
+//! (`tests/eval/smollm2-basic.jsonl`):
+//! - `slmesh eval` passes the demo file and its Q4_0 re-quantisation, and fails a copy
+//!   whose attention weights were damaged (it loads and answers at full speed, wrongly);
+//!   a bad suite file gets an error naming its line, here and in `manifest create --eval`;
+//! - on a real four-node mesh, the damaged version is halted in its canary by the suite
+//!   and rolled back, and the good Q4_0 version published after it goes everywhere.
+
+use slmesh_e2e::damage::damage_attention;
+use slmesh_e2e::fleet::{model_field, Fleet};
+use slmesh_e2e::rollout_rig::{mesh_on_v1, nodes_by_cohort, waves_for, LENIENT_RATIOS, MODEL, WAIT};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const SUITE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/eval/smollm2-basic.jsonl");
+
+/// The demo file, its Q4_0 re-quantisation and a damaged copy of that, in `dir`.
+fn models(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let q4_1 = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    std::fs::copy(slmesh_e2e::demo_model(), &q4_1).expect("copy the demo model");
+    let out = slmesh(dir, &["model", "quantize", q4_1.to_str().expect("path"), "--to", "q4_0"]);
+    assert!(out.status.success(), "quantize: {}", String::from_utf8_lossy(&out.stderr));
+    let q4_0 = dir.join("SmolLM2-135M-Instruct.Q4_0.gguf");
+    let damaged = dir.join("damaged.Q4_0.gguf");
+    damage_attention(&q4_0, &damaged);
+    (q4_1, q4_0, damaged)
+}
+
+fn slmesh(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_slmesh")).current_dir(dir).args(args).output().expect("run slmesh")
+}
+
+fn eval(dir: &Path, model: &Path, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec!["eval", "--model", model.to_str().expect("path"), "--suite", SUITE];
+    args.extend(extra);
+    let out = slmesh(dir, &args);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn slmesh_eval_passes_sound_weights_and_fails_damaged_ones() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (q4_1, q4_0, damaged) = models(dir.path());
+    for good in [&q4_1, &q4_0] {
+        let (ok, out, err) = eval(dir.path(), good, &[]);
+        assert!(ok, "{} should pass:\n{out}\n{err}", good.display());
+        assert!(out.contains("PASS  sum") && out.contains("7 of 7 case(s) passed"), "{out}");
+    }
+    let (ok, out, err) = eval(dir.path(), &damaged, &["--json"]);
+    assert!(!ok, "the damaged model passed:\n{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("a JSON report");
+    let rate = report["pass_rate"].as_f64().expect("pass_rate");
+    assert!(rate < 0.5, "the damaged model passed {rate} of the suite:\n{out}");
+    assert_eq!(report["results"].as_array().map(Vec::len), Some(7), "{out}");
+    assert!(err.contains("below 80%"), "{err}");
+
+    // A bad suite: the error names the file and the line, and nothing is loaded.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"fine\", \"exact\": \"ok\"}\n{\"prompt\": \"x\", \"regex\": \"(\"}\n").unwrap();
+    let out = slmesh(dir.path(), &["eval", "--model", "nowhere.gguf", "--suite", bad.to_str().expect("path")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("bad.jsonl: line 2:") && err.contains("regex"), "{err}");
+
+    // The suite travels in the manifest, and its gate with it.
+    let q4_0_name = "SmolLM2-135M-Instruct.Q4_0.gguf";
+    let create = |suite: &str| {
+        slmesh(dir.path(), &["manifest", "create", "--name", "m", "--version", "1", q4_0_name, "--eval", suite])
+    };
+    let out = create(bad.to_str().expect("path"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("line 2"), "{err}");
+    let out = create(SUITE);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let toml = String::from_utf8_lossy(&out.stdout);
+    assert!(toml.contains("min_eval_pass_rate = 0.8") && toml.contains("[[eval.cases]]"), "{toml}");
+    assert!(toml.contains("How many legs does a dog have"), "{toml}");
+}
+
+#[test]
+fn a_version_that_answers_wrongly_is_halted_in_its_canary_by_the_suite() {
+    let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
+    let (q4_1, q4_0, damaged) = models(&fleet.path(""));
+    std::fs::rename(&q4_1, fleet.path("v1.gguf")).expect("v1");
+    std::fs::rename(&damaged, fleet.path("v2.gguf")).expect("v2");
+    std::fs::rename(&q4_0, fleet.path("v3.gguf")).expect("v3");
+    let dirs = nodes_by_cohort(&fleet, 4, 2);
+    let waves = waves_for(&dirs, &[2, 4], "3s");
+    let mesh = mesh_on_v1(fleet, &dirs, |_| vec![]);
+    let node = mesh.nodes[0].http.clone();
+    let mut args = vec!["--eval", SUITE, "--min-samples", "10", "--min-reporting-nodes", "2"];
+    args.extend(LENIENT_RATIOS);
+    let publish_and_wait = |version: u64, file: &str| {
+        let mut create: Vec<&str> = vec![];
+        for w in &waves {
+            create.extend(["--wave", w.as_str()]);
+        }
+        create.extend(args.iter().copied());
+        let slm = mesh.fleet.signed_manifest_with(MODEL, version, file, &create);
+        let slm = slm.to_str().expect("path").to_string();
+        mesh.fleet.slmesh_code(&["publish", "--node", &node, "--manifest", &slm, "--wait", "--timeout", "4m"])
+    };
+
+    // The damaged version loads and serves at full speed; its suite fails on the canary.
+    let (code, out) = publish_and_wait(2, "v2.gguf");
+    assert_eq!(code, Some(2), "the damaged version was not halted: {out}");
+    assert!(out.contains("evaluation suite passed"), "{out}");
+    for n in &mesh.nodes {
+        n.wait_status("back on version 1", WAIT, |s| model_field(s, MODEL, "active") == Some(1));
+    }
+    let canary = &mesh.nodes[0];
+    let history = mesh.fleet.slmesh(&["rollout", "history", "--node", &canary.http, "--model", MODEL]);
+    assert!(history.contains("evaluated") && history.contains("of 7 case(s) passed"), "{history}");
+    for n in &mesh.nodes[2..] {
+        let served = n.log_text().lines().any(|l| l.contains("serving") && l.contains("version=2"));
+        assert!(!served, "{} outside the canary served the damaged version", n.node.name);
+    }
+
+    // The good re-quantised version passes the same suite and goes everywhere.
+    let (code, out) = publish_and_wait(3, "v3.gguf");
+    assert_eq!(code, Some(0), "the good version did not complete: {out}");
+    for n in &mesh.nodes {
+        n.wait_status("version 3", WAIT, |s| model_field(s, MODEL, "active") == Some(3));
+    }
+    let rollouts = mesh.fleet.slmesh(&["rollout", "status", "--node", &canary.http]);
+    assert!(rollouts.contains("evaluation suite passed 100.0% on"), "{rollouts}");
+}
