@@ -11,7 +11,7 @@ use slmesh_protocol::eval::DEFAULT_MIN_PASS_RATE;
 use std::fmt::Write;
 use std::path::PathBuf;
 
-const SUITE_FORMAT: &str = "\
+pub(crate) const SUITE_FORMAT: &str = "\
 Runs an evaluation suite on a GGUF file, as a node does before it serves a version
 (`slmesh manifest create --eval FILE` puts the suite in the manifest), and prints each
 case's answer and checks. Exits 0 when the share of cases passed reaches
@@ -33,7 +33,6 @@ characters). Answers are greedy (temperature 0), through the model's chat templa
 most 64 cases, 64 KiB of text. A file that cannot be used gets an error naming its line.";
 
 #[derive(Args)]
-#[command(long_about = SUITE_FORMAT)]
 pub struct EvalArgs {
     /// The GGUF file to evaluate.
     #[arg(long)]

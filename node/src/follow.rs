@@ -82,6 +82,17 @@ pub fn follow(
         .progress_chars("=> ");
     let waves = bars.add(ProgressBar::new(plan.waves.len() as u64).with_style(style.clone()).with_prefix("waves"));
     let nodes = bars.add(ProgressBar::new(0).with_style(style).with_prefix("serving"));
+    // Bytes this node has sent to fetchers since the publish: the origin's share of the
+    // spread (peers fetch from each other too, which no single node sees).
+    let sent = bars.add(
+        ProgressBar::new(0)
+            .with_style(ProgressStyle::with_template("{prefix:>8} {msg}").context("progress bar template")?)
+            .with_prefix("sent"),
+    );
+    let uploaded = |addr: &str| -> Option<u64> {
+        crate::client::get(addr, token, "/v1/status").ok().and_then(|s| s["uploaded_bytes"].as_u64())
+    };
+    let uploaded_at_start = uploaded(addr).unwrap_or(0);
     let last_soak = plan.waves.last().map_or(0, |w| w.soak_secs);
     let ending = loop {
         if start.elapsed() >= timeout {
@@ -107,6 +118,10 @@ pub fn follow(
                 nodes.set_length(seen.nodes_estimated.max(seen.nodes_active));
                 nodes.set_position(seen.nodes_active);
                 nodes.set_message("of the version's metrics panel (up to 16 nodes)");
+                if let Some(now_sent) = uploaded(addr) {
+                    let bytes = indicatif::HumanBytes(now_sent.saturating_sub(uploaded_at_start));
+                    sent.set_message(format!("{bytes} uploaded by this node to its peers since publishing"));
+                }
                 if let Some(why) = seen.halted {
                     break Ending::Halted(why);
                 }
@@ -123,6 +138,7 @@ pub fn follow(
     };
     waves.finish();
     nodes.finish();
+    sent.finish();
     match &ending {
         Ending::Completed => println!("{model}@{version}: rollout completed, every wave open and soaked"),
         Ending::Halted(why) => println!("{model}@{version}: rollout HALTED: {why}"),

@@ -53,6 +53,7 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run an evaluation suite (prompts with checks on the answers) on a GGUF file here,
     /// before publishing it: a readable report, exit 1 below the pass rate.
+    #[command(long_about = eval_cmd::SUITE_FORMAT)]
     Eval(eval_cmd::EvalArgs),
     /// Run this machine's node: join the mesh, fetch and serve the models it is given.
     #[command(subcommand)]

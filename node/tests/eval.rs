@@ -55,6 +55,10 @@ fn slmesh_eval_passes_sound_weights_and_fails_damaged_ones() {
     assert_eq!(report["results"].as_array().map(Vec::len), Some(7), "{out}");
     assert!(err.contains("below 80%"), "{err}");
 
+    // The format is in the command's help.
+    let help = String::from_utf8_lossy(&slmesh(dir.path(), &["eval", "--help"]).stdout).into_owned();
+    assert!(help.contains("JSON Lines: one case per line") && help.contains("min_score"), "{help}");
+
     // A bad suite: the error names the file and the line, and nothing is loaded.
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"prompt\": \"fine\", \"exact\": \"ok\"}\n{\"prompt\": \"x\", \"regex\": \"(\"}\n").unwrap();
