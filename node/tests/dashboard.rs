@@ -11,15 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn chromium() -> &'static str {
-    if Command::new("chromium").arg("--version").output().is_ok_and(|o| o.status.success()) {
-        return "chromium";
-    }
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends", "chromium"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .expect("run apt-get");
-    assert!(status.success(), "cannot install Debian's chromium package");
+    slmesh_e2e::need_debian_package("chromium", "chromium");
     "chromium"
 }
 

@@ -9,17 +9,9 @@ use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Installs Debian's `prometheus` package (the server and promtool) when promtool is missing.
+/// Debian's `prometheus` package: the server and promtool.
 fn need_prometheus() {
-    if Command::new("promtool").arg("--version").output().is_ok_and(|o| o.status.success()) {
-        return;
-    }
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends", "prometheus"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .expect("run apt-get");
-    assert!(status.success(), "cannot install Debian's prometheus package");
+    slmesh_e2e::need_debian_package("promtool", "prometheus");
 }
 
 struct Server(Child);

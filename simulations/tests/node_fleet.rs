@@ -68,6 +68,20 @@ fn a_good_version_goes_through_its_waves() {
     assert!(f.live().all(|i| f.node(i).model(MODEL).is_some_and(|m| m.previous == Some(1))));
 }
 
+/// Version 2 ran on some nodes but not all, every node is back on version 1, and each
+/// holds v2 halted for `reason`: the nodes that ran it.
+fn halted_in_its_canary(f: &Fleet, reason: &str) -> Vec<usize> {
+    let n = f.nodes.len();
+    let ever: Vec<usize> = (0..n).filter(|i| f.nodes[*i].served.iter().any(|(_, v)| *v == 2)).collect();
+    assert!(!ever.is_empty() && ever.len() < n, "only the canary ran v2: {ever:?}");
+    for i in 0..n {
+        assert_eq!(f.active(i), Some(1), "node {i} is back on v1");
+        let record = f.node(i).version_record(MODEL, 2).expect("record");
+        assert!(record.halted.as_deref().is_some_and(|h| h.contains(reason)), "{record:?}");
+    }
+    ever
+}
+
 #[test]
 fn a_bad_version_halts_in_its_canary_and_rolls_back() {
     let mut f = on_v1(6);
@@ -75,12 +89,9 @@ fn a_bad_version_halts_in_its_canary_and_rolls_back() {
     let m = f.manifest(2, &[(0.34, 20), (1.0, 0)], Fleet::quick_gates(2));
     f.publish(0, m).expect("publish");
     f.run_for(60_000 * MS);
-    let ever: Vec<usize> = (0..6).filter(|i| f.nodes[*i].served.iter().any(|(_, v)| *v == 2)).collect();
-    assert!(!ever.is_empty() && ever.len() < 6, "only the canary ran v2: {ever:?}");
+    let ever = halted_in_its_canary(&f, "error rate");
     for i in 0..6 {
-        assert_eq!(f.active(i), Some(1), "node {i} is back on v1");
         let record = f.node(i).version_record(MODEL, 2).expect("record");
-        assert!(record.halted.as_deref().is_some_and(|h| h.contains("error rate")), "{record:?}");
         assert_eq!(record.opened.len(), 1, "wave 2 never opened");
     }
     for i in ever.iter().copied() {
@@ -120,13 +131,7 @@ fn a_version_that_answers_wrongly_is_halted_in_its_canary_by_its_suite_and_a_goo
     let m = f.manifest_with_suite(2, &[(0.34, 20), (1.0, 0)], gates.clone(), Some(suite(10)));
     f.publish(0, m).expect("publish");
     f.run_for(60_000 * MS);
-    let ever: Vec<usize> = (0..6).filter(|i| f.nodes[*i].served.iter().any(|(_, v)| *v == 2)).collect();
-    assert!(!ever.is_empty() && ever.len() < 6, "only the canary ran v2: {ever:?}");
-    for i in 0..6 {
-        assert_eq!(f.active(i), Some(1), "node {i} is back on v1");
-        let record = f.node(i).version_record(MODEL, 2).expect("record");
-        assert!(record.halted.as_deref().is_some_and(|h| h.contains("evaluation suite passed 20%")), "{record:?}");
-    }
+    let ever = halted_in_its_canary(&f, "evaluation suite passed 20%");
     // The canary's history has its own counts, and the verdict the median of theirs.
     let canary = &f.nodes[ever[0]].history;
     assert!(canary.iter().any(|e| e.version == 2 && e.kind == HistoryKind::Evaluated { passed: 2, cases: 10 }));

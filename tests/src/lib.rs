@@ -31,6 +31,19 @@ pub fn demo_model() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
+/// Installs Debian's `package` (with apt, as root) when `command --version` does not run.
+pub fn need_debian_package(command: &str, package: &str) {
+    if std::process::Command::new(command).arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return;
+    }
+    let status = std::process::Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends", package])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .expect("run apt-get");
+    assert!(status.success(), "cannot install Debian's {package} package");
+}
+
 /// One HTTP/1.1 exchange over a fresh connection: (status, body). Write errors are
 /// ignored, since a server may answer before it has read a huge body.
 pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, String) {
