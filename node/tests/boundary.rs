@@ -276,6 +276,7 @@ async fn silent_outsider(bootstrap: &str, watch: Duration, publish: impl FnOnce(
         topics: [TOPIC_MANIFESTS, TOPIC_METRICS, TOPIC_COMMANDS, TOPIC_REVOCATIONS].map(String::from).to_vec(),
         refusal_cooldown: Duration::from_secs(600),
         discovery_interval: Duration::from_secs(60),
+        wire_log: None,
     };
     let (mesh, mut events) = slmesh_mesh::start(config).expect("outsider mesh");
     let mut connected_at = None;

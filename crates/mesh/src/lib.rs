@@ -49,6 +49,8 @@ pub enum MeshError {
     Listen { addr: String, reason: String },
     #[error("cannot build the libp2p swarm: {0}")]
     Build(String),
+    #[error("cannot open the wire log {path}: {reason}")]
+    WireLog { path: String, reason: String },
     #[error("the mesh task has stopped")]
     Stopped,
 }
@@ -64,6 +66,10 @@ pub struct MeshConfig {
     pub refusal_cooldown: Duration,
     /// How often to look for more peers through Kademlia and redial bootstrap peers.
     pub discovery_interval: Duration,
+    /// Tests only: append every payload this node hands the mesh (gossip it publishes,
+    /// requests, answers) to this file, before encryption, so a test can search what the
+    /// node tells its peers.
+    pub wire_log: Option<std::path::PathBuf>,
 }
 
 /// What a gossip receiver decided about a message.
@@ -140,6 +146,7 @@ pub struct MeshHandle {
     tx: mpsc::UnboundedSender<Command>,
     /// gossipsub's counters (it updates them; they are read on demand).
     metrics: Arc<std::sync::Mutex<prometheus_client::registry::Registry>>,
+    wire_log: Option<Arc<std::sync::Mutex<std::fs::File>>>,
 }
 
 /// Gossip bytes of one topic since the start: messages this node published or forwarded,
@@ -159,6 +166,15 @@ pub struct GossipBytes {
 
 impl MeshHandle {
     fn send(&self, c: Command) {
+        if let (
+            Some(log),
+            Command::Publish { data, .. } | Command::Request { data, .. } | Command::Respond { data, .. },
+        ) = (&self.wire_log, &c)
+        {
+            use std::io::Write;
+            let mut file = log.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = file.write_all(data).and_then(|_| file.write_all(b"\n"));
+        }
         // The task is gone only when the node is shutting down.
         let _ = self.tx.send(c);
     }
@@ -237,6 +253,17 @@ struct Behaviour {
 /// Starts the swarm on the current tokio runtime. Events arrive on the returned receiver;
 /// if nobody reads them the mesh slows down rather than dropping anything.
 pub fn start(config: MeshConfig) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>), MeshError> {
+    let wire_log = match &config.wire_log {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| MeshError::WireLog { path: path.display().to_string(), reason: e.to_string() })?;
+            Some(Arc::new(std::sync::Mutex::new(file)))
+        }
+        None => None,
+    };
     let mut registry = prometheus_client::registry::Registry::default();
     let mut swarm = build_swarm(&config, &mut registry)?;
     for addr in &config.listen {
@@ -270,7 +297,7 @@ pub fn start(config: MeshConfig) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent
         listen_addrs: HashMap::new(),
     };
     tokio::spawn(driver.run());
-    Ok((MeshHandle { tx, metrics: Arc::new(std::sync::Mutex::new(registry)) }, events))
+    Ok((MeshHandle { tx, metrics: Arc::new(std::sync::Mutex::new(registry)), wire_log }, events))
 }
 
 /// The per-topic byte counters out of gossipsub's metrics in the Prometheus text format

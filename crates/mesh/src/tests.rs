@@ -12,6 +12,7 @@ fn config(keypair: Keypair, bootstrap: Vec<Multiaddr>) -> MeshConfig {
         topics: vec![TOPIC.into()],
         refusal_cooldown: Duration::from_secs(60),
         discovery_interval: Duration::from_secs(1),
+        wire_log: None,
     }
 }
 

@@ -120,6 +120,7 @@ async fn run_node(config: Config) -> Result<()> {
         topics: [TOPIC_MANIFESTS, TOPIC_METRICS, TOPIC_COMMANDS, TOPIC_REVOCATIONS].map(String::from).to_vec(),
         refusal_cooldown: Duration::from_secs(config.network.refusal_cooldown_secs),
         discovery_interval: Duration::from_secs(10),
+        wire_log: std::env::var_os("SLMESH_TEST_WIRE_LOG").map(std::path::PathBuf::from),
     })?;
     let http_listener = tokio::net::TcpListener::bind(&config.http.bind)
         .await

@@ -1,0 +1,77 @@
+//! No prompt and no answer leaves a node: a three-node mesh (the demo model) serves chat
+//! requests whose prompts carry a unique marker while a rollout with an evaluation suite runs, and every
+//! byte each node hands to the mesh (gossip it publishes, requests it sends, answers it
+//! gives peers: `SLMESH_TEST_WIRE_LOG`, recorded before encryption) is searched for the
+//! marker and for the answers the nodes gave.
+
+use slmesh_e2e::fleet::model_field;
+use slmesh_e2e::post_json;
+use slmesh_e2e::rollout_rig::{mesh_on_v1, nodes_by_cohort, LENIENT_RATIOS, MODEL, WAIT};
+use std::time::Duration;
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn no_prompt_or_answer_is_in_any_byte_a_node_sends_its_peers() {
+    let fleet = slmesh_e2e::fleet::Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
+    // The demo model, whose answers are sentences worth searching for; version 2 is the
+    // same file again.
+    for v in ["v1.gguf", "v2.gguf"] {
+        std::fs::copy(slmesh_e2e::demo_model(), fleet.path(v)).expect("copy the demo model");
+    }
+    let dirs = nodes_by_cohort(&fleet, 3, 2);
+    let logs: Vec<std::path::PathBuf> = (0..3).map(|i| fleet.path(&format!("wire-{i}.log"))).collect();
+    let leaked = logs.clone();
+    let mut mesh = mesh_on_v1(fleet, &dirs, move |i| {
+        let path: &'static str = Box::leak(leaked[i].to_string_lossy().into_owned().into_boxed_str());
+        vec![("SLMESH_TEST_WIRE_LOG", path)]
+    });
+    // Only this test's requests: three nodes of the real model share two cores.
+    mesh.stop_load();
+    // A version with a suite rolls out meanwhile, so that evaluation counts travel too.
+    let suite = mesh.fleet.path("suite.jsonl");
+    std::fs::write(&suite, "{\"prompt\": \"Say something.\", \"max_chars\": 100000}\n").expect("suite");
+    let mut args = vec!["--wave", "1:0", "--eval", suite.to_str().expect("path"), "--min-samples", "5"];
+    args.extend(LENIENT_RATIOS);
+    let slm = mesh.fleet.signed_manifest_with(MODEL, 2, "v2.gguf", &args);
+    mesh.fleet.slmesh(&["publish", "--node", &mesh.nodes[0].http, "--manifest", slm.to_str().expect("path")]);
+
+    let marker = "slmesh-privacy-marker-7f3a9c2e5b";
+    let mut answers = vec![];
+    for round in 0..3 {
+        for node in &mesh.nodes {
+            let body = format!(
+                r#"{{"model":"tiny","max_tokens":24,"messages":[{{"role":"user","content":"{marker} round {round}"}}]}}"#
+            );
+            let (code, v) = post_json(&node.http, "/v1/chat/completions", body);
+            assert_eq!(code, 200, "{v}");
+            let answer = v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string();
+            if answer.trim().len() >= 12 {
+                answers.push(answer.trim().to_string());
+            }
+        }
+    }
+    for node in &mesh.nodes {
+        node.wait_status("version 2", WAIT, |s| model_field(s, MODEL, "active") == Some(2));
+    }
+    // Metrics go out every second here: let several records carry the requests' figures.
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(!answers.is_empty(), "no answer long enough to search for");
+    eprintln!("{} answers searched for, e.g. {:?}", answers.len(), answers[0]);
+    for (i, log) in logs.iter().enumerate() {
+        let bytes = std::fs::read(log).unwrap_or_else(|e| panic!("node {i} wrote no wire log {}: {e}", log.display()));
+        // The log holds what the node really sends: its metrics records name the model.
+        assert!(bytes.len() > 1000 && contains(&bytes, MODEL.as_bytes()), "node {i}: {} bytes", bytes.len());
+        if i == 0 {
+            // Text that does leave a node is found: the suite's prompt, in the manifest
+            // the publishing node gossips.
+            assert!(contains(&bytes, b"Say something."), "the wire log misses the published manifest");
+        }
+        assert!(!contains(&bytes, marker.as_bytes()), "node {i} sent a prompt to its peers");
+        for a in &answers {
+            assert!(!contains(&bytes, a.as_bytes()), "node {i} sent an answer to its peers: {a:?}");
+        }
+    }
+}
