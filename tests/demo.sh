@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: a 3-node mesh on this machine. An operator key, three enrolled nodes, the demo
-# model (SmolLM2-135M-Instruct, GGUF Q4_1, re-quantised to Q4_0) published from node 1; nodes 2 and 3 fetch it
-# from their peers, verify it and serve it; a chat completion goes to node 3.
+# model (SmolLM2-135M-Instruct, GGUF Q4_1, re-quantised to Q4_0) published from node 1 with
+# an evaluation suite; nodes 2 and 3 fetch it from their peers, verify it, run the suite on
+# it and serve it; a chat completion goes to node 3.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/slmesh-target}"
@@ -76,7 +77,8 @@ cp "$gguf" .
 "$slmesh" model quantize "$(basename "$gguf")" --to q4_0
 model="$(basename "$gguf" | sed 's/\.Q4_1\.gguf$//').Q4_0.gguf"
 "$slmesh" manifest create --name smollm2-135m-instruct --version 1 \
-  --description "SmolLM2 135M Instruct" --wave 1:0 "$model" --out v1.toml
+  --description "SmolLM2 135M Instruct" --wave 1:0 "$model" --out v1.toml \
+  --eval "$repo/tests/eval/smollm2-basic.jsonl"   # every node runs it before serving; the rollout gates on it
 "$slmesh" manifest sign --key ops.key v1.toml --out v1.slm
 "$slmesh" publish --node "$addr1" --manifest v1.slm
 
@@ -109,3 +111,5 @@ for i in 1 2 3; do
   echo "== status of node$i (RSS $(rss_mib "${pids[$((i-1))]}"))"
   "$slmesh" status --node "${!addr_var}"
 done
+echo "== what node3 decided (slmesh rollout history)"
+"$slmesh" rollout history --node "$addr3"
