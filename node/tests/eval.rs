@@ -128,4 +128,10 @@ fn a_version_that_answers_wrongly_is_halted_in_its_canary_by_the_suite() {
     }
     let rollouts = mesh.fleet.slmesh(&["rollout", "status", "--node", &canary.http]);
     assert!(rollouts.contains("evaluation suite passed 100.0% on"), "{rollouts}");
+    // The fleet view shows each version's suite figure beside the others.
+    let fleet = mesh.fleet.slmesh(&["fleet", "--node", &canary.http]);
+    let line =
+        |v: &str| fleet.lines().find(|l| l.starts_with(&format!("{MODEL}@{v} "))).unwrap_or_default().to_string();
+    assert!(line("3").trim_end().ends_with("100.0%") && line("2").trim_end().ends_with("%"), "{fleet}");
+    assert!(fleet.contains("evaluation suite passed"), "{fleet}");
 }

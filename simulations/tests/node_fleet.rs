@@ -153,6 +153,14 @@ fn a_version_that_answers_wrongly_is_halted_in_its_canary_by_its_suite_and_a_goo
     }
     let view = f.node(0).rollouts().iter().find(|r| r.version == 3).expect("view").clone();
     assert_eq!(view.figures.median_eval_pass_rate, Some(1.0), "{view:?}");
+    // Two releases later (v3 previous, v4 active), nobody reports v2's counts any more.
+    assert!(f.node(0).fleet().summary(MODEL, 2).per_node.iter().any(|n| n.eval_pass_rate.is_some()));
+    let m = f.manifest_with_suite(4, &[(1.0, 0)], Fleet::quick_gates(2), Some(suite(10)));
+    f.publish(0, m).expect("publish");
+    f.run_for(60_000 * MS);
+    assert!((0..6).all(|i| f.active(i) == Some(4)));
+    let v2 = f.node(0).fleet().summary(MODEL, 2);
+    assert!(v2.per_node.iter().all(|n| n.eval_pass_rate.is_none()), "{v2:?}");
 }
 
 /// A version number for which no node of `f`'s ids has a cohort below `fraction`.

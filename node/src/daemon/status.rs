@@ -193,6 +193,11 @@ pub struct FleetVersionView {
     pub p95_latency_secs: Option<f64>,
     pub p95_ttft_secs: Option<f64>,
     pub p50_tokens_per_sec: Option<f64>,
+    /// The median node's share of the evaluation suite passed, and how many nodes ran it.
+    #[serde(default)]
+    pub median_eval_pass_rate: Option<f64>,
+    #[serde(default)]
+    pub nodes_evaluated: usize,
 }
 
 impl FleetVersionView {
@@ -212,6 +217,8 @@ impl FleetVersionView {
             p95_latency_secs: p.latency.quantile(0.95),
             p95_ttft_secs: p.ttft.quantile(0.95),
             p50_tokens_per_sec: p.tokens_per_sec.quantile(0.5),
+            median_eval_pass_rate: s.median_node_eval_pass_rate(),
+            nodes_evaluated: s.per_node.iter().filter(|n| n.eval_pass_rate.is_some()).count(),
         }
     }
 }
@@ -223,13 +230,23 @@ fn opt(v: Option<f64>, scale: f64, unit: &str) -> String {
 /// The table `slmesh fleet` prints.
 pub fn fleet_text(versions: &[FleetVersionView]) -> String {
     let mut out = format!(
-        "{:<28} {:>7} {:>6} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8}\n",
-        "model@version", "active", "nodes", "≈fleet", "requests", "errors", "p50 lat", "p95 lat", "p95 ttft", "tok/s"
+        "{:<28} {:>7} {:>6} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>7}\n",
+        "model@version",
+        "active",
+        "nodes",
+        "≈fleet",
+        "requests",
+        "errors",
+        "p50 lat",
+        "p95 lat",
+        "p95 ttft",
+        "tok/s",
+        "suite"
     );
     for v in versions {
         let _ = writeln!(
             out,
-            "{:<28} {:>7} {:>6} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8}",
+            "{:<28} {:>7} {:>6} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>7}",
             format!("{}@{}", v.model, v.version),
             v.nodes_active,
             v.nodes_reporting,
@@ -240,10 +257,14 @@ pub fn fleet_text(versions: &[FleetVersionView]) -> String {
             opt(v.p95_latency_secs, 1000.0, "ms"),
             opt(v.p95_ttft_secs, 1000.0, "ms"),
             opt(v.p50_tokens_per_sec, 1.0, ""),
+            opt(v.median_eval_pass_rate, 100.0, "%"),
         );
     }
     if versions.iter().any(|v| v.nodes_estimated > v.nodes_reporting) {
         out.push_str("(figures of each version's metrics panel of 16 nodes; ≈fleet: nodes estimated to report it)\n");
+    }
+    if versions.iter().any(|v| v.nodes_evaluated > 0) {
+        out.push_str("(suite: the median node's share of the version's evaluation suite passed)\n");
     }
     out
 }

@@ -55,9 +55,15 @@ impl Node {
             }
         }
         // The suite's counts go with the version's report (served now or not: a canary
-        // that rolled back still tells why).
+        // that rolled back still tells why), for versions no older than the one before
+        // the active one: a long-lived node does not report every release it ever ran.
         for ((name, version), record) in &self.versions {
             let Some(eval) = record.eval else { continue };
+            let state = self.models.get(name);
+            let oldest = state.and_then(|s| s.previous.or(s.active));
+            if oldest.is_some_and(|o| *version < o) {
+                continue;
+            }
             match reports.iter_mut().find(|r| &r.model == name && r.version == *version) {
                 Some(r) => r.eval = Some(eval),
                 None => reports.push(VersionReport {

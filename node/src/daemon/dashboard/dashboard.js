@@ -106,11 +106,13 @@ function drawNode(s) {
 
 function drawFleet(versions) {
   const heads = ["version", num("active nodes"), num("reporting"), num("≈ fleet"), num("requests"),
-    num("error rate"), num("p50 latency"), num("p95 latency"), num("p95 TTFT"), num("p50 tokens/s")];
+    num("error rate"), num("p50 latency"), num("p95 latency"), num("p95 TTFT"), num("p50 tokens/s"),
+    num("suite passed")];
   const rows = versions.map((v) => [
     el("b", {}, v.model + "@" + v.version), v.nodes_active, v.nodes_reporting, v.nodes_estimated, v.requests,
     fmtPct(v.error_rate), fmtMs(v.p50_latency_secs), fmtMs(v.p95_latency_secs), fmtMs(v.p95_ttft_secs),
-    fmtNum(v.p50_tokens_per_sec)]);
+    fmtNum(v.p50_tokens_per_sec),
+    v.nodes_evaluated ? fmtPct(v.median_eval_pass_rate) + " (" + v.nodes_evaluated + " nodes)" : dash]);
   replace("fleet", table(heads, rows, "No version reported yet."));
 }
 
