@@ -94,7 +94,7 @@ impl GateFigures {
             median_p95_ttft_secs: s.median_node_p95_ttft(),
             median_tokens_per_sec: s.median_node_tokens_per_sec(),
             median_eval_pass_rate: s.median_node_eval_pass_rate(),
-            nodes_evaluated: s.per_node.iter().filter(|n| n.eval_pass_rate.is_some()).count(),
+            nodes_evaluated: s.nodes_evaluated(),
         }
     }
 }

@@ -218,7 +218,7 @@ impl FleetVersionView {
             p95_ttft_secs: p.ttft.quantile(0.95),
             p50_tokens_per_sec: p.tokens_per_sec.quantile(0.5),
             median_eval_pass_rate: s.median_node_eval_pass_rate(),
-            nodes_evaluated: s.per_node.iter().filter(|n| n.eval_pass_rate.is_some()).count(),
+            nodes_evaluated: s.nodes_evaluated(),
         }
     }
 }

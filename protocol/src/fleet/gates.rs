@@ -94,6 +94,11 @@ impl VersionSummary {
         self.per_node.iter().filter_map(|n| n.eval_pass_rate).collect()
     }
 
+    /// Reporting nodes that ran the evaluation suite.
+    pub fn nodes_evaluated(&self) -> usize {
+        self.per_node.iter().filter(|n| n.eval_pass_rate.is_some()).count()
+    }
+
     /// The median across nodes of each node's share of the evaluation suite passed.
     pub fn median_node_eval_pass_rate(&self) -> Option<f64> {
         median(self.eval_pass_rates())
