@@ -208,8 +208,9 @@ impl ManifestDigest {
 /// Gossipsub topics. The version suffix changes with an incompatible message format.
 pub const TOPIC_MANIFESTS: &str = "slmesh/manifests/1";
 /// 2: records carry their node's enrollment certificate. 3: sketches at 2% accuracy
-/// (a node of another accuracy would merge buckets that mean other values).
-pub const TOPIC_METRICS: &str = "slmesh/metrics/3";
+/// (a node of another accuracy would merge buckets that mean other values). 4: the
+/// record's body is encoded compactly (`wire::Encoding::Compact`).
+pub const TOPIC_METRICS: &str = "slmesh/metrics/4";
 pub const TOPIC_COMMANDS: &str = "slmesh/commands/1";
 pub const TOPIC_REVOCATIONS: &str = "slmesh/revocations/1";
 

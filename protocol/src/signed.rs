@@ -60,6 +60,8 @@ pub trait SignedKind: Serialize + DeserializeOwned {
     const DOMAIN: &'static [u8];
     /// Name used in error messages.
     const WHAT: &'static str;
+    /// How the body is encoded (the envelope is always `wire::Encoding::Fixed`).
+    const BODY: wire::Encoding = wire::Encoding::Fixed;
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -108,7 +110,7 @@ fn signed_bytes(domain: &[u8], version: u16, body: &[u8]) -> Vec<u8> {
 
 impl<T: SignedKind> Signed<T> {
     pub fn sign(value: &T, key: &SecretKey) -> Result<Self, ProtocolError> {
-        let body = wire::encode(value)?;
+        let body = wire::encode_as(value, T::BODY)?;
         let signature = key.sign(&signed_bytes(T::DOMAIN, PROTOCOL_VERSION, &body));
         Ok(Signed {
             protocol_version: PROTOCOL_VERSION,
@@ -170,7 +172,7 @@ impl<T: SignedKind> Signed<T> {
                 .map_err(|_| ProtocolError::BadSignature { what: T::WHAT })?;
             remember_verified(memo);
         }
-        wire::decode(&self.body, T::WHAT)
+        wire::decode_as(&self.body, T::WHAT, T::BODY)
     }
 
     /// BLAKE3 of the envelope bytes: a stable id for deduplication.
@@ -209,6 +211,48 @@ mod tests {
         assert_eq!(crate::wire::encode(&signed).unwrap(), crate::wire::encode(&plain).unwrap());
         let back: SignedMetrics = crate::wire::decode(&crate::wire::encode(&plain).unwrap(), "metrics").unwrap();
         assert_eq!(back.body, signed.body);
+    }
+
+    #[test]
+    fn a_metrics_body_is_compact_and_a_fixed_width_one_is_refused() {
+        use crate::fleet::VersionReport;
+        let key = SecretKey::from_seed(KeyKind::Node, [4; 32]);
+        let certificate = test_certificate(&key, &key);
+        let report = |version: u64, requests: u64| {
+            let mut r =
+                VersionReport { model: "smollm2".into(), version, active: true, requests, ..Default::default() };
+            for k in 0..requests {
+                r.latency.add(0.2 + k as f64 / 100.0);
+                r.ttft.add(0.05);
+                r.tokens_per_sec.add(40.0);
+            }
+            r
+        };
+        let record = MetricsRecord {
+            node: key.public(),
+            certificate,
+            seq: 7,
+            issued_at: 5,
+            versions: vec![report(1, 300), report(2, 12)],
+        };
+        let signed = SignedMetrics::sign(&record, &key).unwrap();
+        let fixed = crate::wire::encode(&record).unwrap();
+        assert!(
+            signed.body.len() * 4 < fixed.len() * 3,
+            "compact body {} B against fixed-width {} B",
+            signed.body.len(),
+            fixed.len()
+        );
+        let back = SignedMetrics::from_bytes(&signed.to_bytes().unwrap()).unwrap();
+        assert_eq!(back.verify_self_signed().unwrap(), record);
+        // A body in the fixed-width form of an older build, signed by its own node, is
+        // refused with an error, not misread.
+        let mut old = signed.clone();
+        old.signature =
+            key.sign(&super::signed_bytes(b"slmesh/metrics", old.protocol_version, &fixed)).to_bytes().to_vec();
+        old.body = fixed;
+        let err = old.verify_self_signed().unwrap_err().to_string();
+        assert!(err.contains("metrics record"), "{err}");
     }
 
     #[test]

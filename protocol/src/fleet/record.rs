@@ -104,6 +104,9 @@ pub struct MetricsRecord {
 impl SignedKind for MetricsRecord {
     const DOMAIN: &'static [u8] = b"slmesh/metrics";
     const WHAT: &'static str = "metrics record";
+    /// Sent by panel members again and again: small counters and short strings, which
+    /// fixed-width encoding spent 8 bytes each on.
+    const BODY: crate::wire::Encoding = crate::wire::Encoding::Compact;
 }
 
 pub type SignedMetrics = Signed<MetricsRecord>;
