@@ -5,7 +5,7 @@
 //!
 //! Run: `cargo bench -p slmesh-protocol --bench fleet`
 
-use slmesh_protocol::fleet::{verify_metrics, FleetView, MetricsRecord, SignedMetrics, VersionReport};
+use slmesh_protocol::fleet::{verify_metrics, FleetView, MetricsMessage, MetricsRecord, SignedMetrics, VersionReport};
 use slmesh_protocol::identity::{KeyKind, SecretKey};
 use slmesh_protocol::trust::{Enrollment, TrustStore, DEFAULT_FLEET};
 use std::hint::black_box;
@@ -51,12 +51,14 @@ fn main() {
                 Enrollment { node: k.public(), tags, issued_at: 0, expires_at: 1 << 40, fleet: DEFAULT_FLEET.into() };
             let record = MetricsRecord {
                 node: k.public(),
-                certificate: enrollment.sign(&operator).expect("enroll"),
                 seq: 1,
                 issued_at: 0,
                 versions: vec![report(6, 10_000, i as u64 + 1), report(7, 2_000, i as u64 + 7)],
             };
-            SignedMetrics::sign(&record, k).expect("sign").to_bytes().expect("encode")
+            // With its certificate, as a node's first record goes.
+            let certificate = Some(enrollment.sign(&operator).expect("enroll"));
+            let record = SignedMetrics::sign(&record, k).expect("sign");
+            MetricsMessage { record, certificate }.to_bytes().expect("encode")
         })
         .collect();
     let sizes: Vec<usize> = signed.iter().map(Vec::len).collect();
@@ -64,7 +66,8 @@ fn main() {
     let max_size = *sizes.iter().max().expect("records");
 
     // Baseline: the ed25519 verification inside each record.
-    let decoded: Vec<SignedMetrics> = signed.iter().map(|b| SignedMetrics::from_bytes(b).expect("decode")).collect();
+    let decoded: Vec<SignedMetrics> =
+        signed.iter().map(|b| MetricsMessage::from_bytes(b).expect("decode").record).collect();
     let start = Instant::now();
     for s in &decoded {
         black_box(s.verify_self_signed().expect("verify"));
@@ -75,8 +78,9 @@ fn main() {
     let start = Instant::now();
     let mut view = FleetView::default();
     for b in &signed {
-        let s = SignedMetrics::from_bytes(b).expect("decode");
-        view.update(verify_metrics(&s, &trust, DEFAULT_FLEET, 0).expect("valid"), 0);
+        let m = MetricsMessage::from_bytes(b).expect("decode");
+        let certificate = m.certificate.expect("sent with it");
+        view.update(verify_metrics(&m.record, &certificate, &trust, DEFAULT_FLEET, 0).expect("valid"), 0);
     }
     let receive = start.elapsed().as_secs_f64() / signed.len() as f64;
 

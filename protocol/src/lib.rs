@@ -68,8 +68,12 @@ pub mod decoders {
         ("peer_response", |b| crate::mesh::PeerResponse::from_bytes(b).is_ok()),
         ("signed_metrics", |b| {
             let trust = trust::TrustStore::new();
-            crate::fleet::SignedMetrics::from_bytes(b)
-                .and_then(|s| crate::fleet::verify_metrics(&s, &trust, trust::DEFAULT_FLEET, 0))
+            crate::fleet::MetricsMessage::from_bytes(b)
+                .and_then(|m| match &m.certificate {
+                    Some(c) => crate::fleet::verify_metrics(&m.record, c, &trust, trust::DEFAULT_FLEET, 0).map(|_| ()),
+                    // Without one, the record's signature and body are still checked.
+                    None => m.record.verify_self_signed().map(|_| ()),
+                })
                 .is_ok()
         }),
         ("signed_command", |b| crate::fleet::SignedCommand::from_bytes(b).and_then(|s| s.verify_self_signed()).is_ok()),

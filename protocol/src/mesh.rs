@@ -209,7 +209,8 @@ impl ManifestDigest {
 pub const TOPIC_MANIFESTS: &str = "slmesh/manifests/1";
 /// 2: records carry their node's enrollment certificate. 3: sketches at 2% accuracy
 /// (a node of another accuracy would merge buckets that mean other values). 4: the
-/// record's body is encoded compactly (`wire::Encoding::Compact`).
+/// record's body is encoded compactly (`wire::Encoding::Compact`) and the certificate
+/// goes beside it, only sometimes (`fleet::MetricsMessage`).
 pub const TOPIC_METRICS: &str = "slmesh/metrics/4";
 pub const TOPIC_COMMANDS: &str = "slmesh/commands/1";
 pub const TOPIC_REVOCATIONS: &str = "slmesh/revocations/1";
@@ -250,8 +251,9 @@ pub struct SyncReply {
     pub manifests: Vec<crate::manifest::SignedManifest>,
     pub haves: Vec<SignedHave>,
     /// The metrics records the peer holds and the asker's digest lacks (or lists older),
-    /// so a late node sees the fleet at once.
-    pub metrics: Vec<crate::fleet::SignedMetrics>,
+    /// so a late node sees the fleet at once; with the certificate of each node whose
+    /// record the digest does not list.
+    pub metrics: Vec<crate::fleet::MetricsMessage>,
     /// Operator commands about rollouts (pause, promote, ...).
     pub commands: Vec<crate::fleet::SignedCommand>,
     /// Revocations, when the asker's digest says its list differs (the newest first).

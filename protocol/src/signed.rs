@@ -129,13 +129,20 @@ impl<T: SignedKind> Signed<T> {
     /// signature is not checked yet: see [`Signed::verify_with`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProtocolError> {
         let env: Self = wire::decode(bytes, T::WHAT)?;
-        if env.protocol_version != PROTOCOL_VERSION {
+        env.check_version()?;
+        Ok(env)
+    }
+
+    /// Refuses an envelope of another protocol version (one decoded inside another
+    /// message, which `from_bytes` did not see).
+    pub fn check_version(&self) -> Result<(), ProtocolError> {
+        if self.protocol_version != PROTOCOL_VERSION {
             return Err(ProtocolError::UnknownProtocolVersion {
-                got: env.protocol_version,
+                got: self.protocol_version,
                 supported: PROTOCOL_VERSION,
             });
         }
-        Ok(env)
+        Ok(())
     }
 
     /// Checks the signature with the signer's (already trusted) key and decodes the body.
@@ -185,7 +192,6 @@ impl<T: SignedKind> Signed<T> {
 mod tests {
     use crate::fleet::{MetricsRecord, SignedMetrics};
     use crate::identity::{KeyKind, SecretKey};
-    use crate::trust::test_certificate;
 
     #[test]
     fn byte_strings_are_the_same_bytes_on_the_wire_as_before() {
@@ -199,8 +205,7 @@ mod tests {
             signature: Vec<u8>,
         }
         let key = SecretKey::from_seed(KeyKind::Node, [4; 32]);
-        let certificate = test_certificate(&key, &key);
-        let record = MetricsRecord { node: key.public(), certificate, seq: 1, issued_at: 5, versions: vec![] };
+        let record = MetricsRecord { node: key.public(), seq: 1, issued_at: 5, versions: vec![] };
         let signed = SignedMetrics::sign(&record, &key).unwrap();
         let plain = Plain {
             protocol_version: signed.protocol_version,
@@ -217,7 +222,6 @@ mod tests {
     fn a_metrics_body_is_compact_and_a_fixed_width_one_is_refused() {
         use crate::fleet::VersionReport;
         let key = SecretKey::from_seed(KeyKind::Node, [4; 32]);
-        let certificate = test_certificate(&key, &key);
         let report = |version: u64, requests: u64| {
             let mut r =
                 VersionReport { model: "smollm2".into(), version, active: true, requests, ..Default::default() };
@@ -228,13 +232,8 @@ mod tests {
             }
             r
         };
-        let record = MetricsRecord {
-            node: key.public(),
-            certificate,
-            seq: 7,
-            issued_at: 5,
-            versions: vec![report(1, 300), report(2, 12)],
-        };
+        let record =
+            MetricsRecord { node: key.public(), seq: 7, issued_at: 5, versions: vec![report(1, 300), report(2, 12)] };
         let signed = SignedMetrics::sign(&record, &key).unwrap();
         let fixed = crate::wire::encode(&record).unwrap();
         assert!(
@@ -258,8 +257,7 @@ mod tests {
     #[test]
     fn a_remembered_signature_never_vouches_for_other_bytes() {
         let key = SecretKey::from_seed(KeyKind::Node, [4; 32]);
-        let certificate = test_certificate(&key, &key);
-        let record = MetricsRecord { node: key.public(), certificate, seq: 1, issued_at: 5, versions: vec![] };
+        let record = MetricsRecord { node: key.public(), seq: 1, issued_at: 5, versions: vec![] };
         let signed = SignedMetrics::sign(&record, &key).unwrap();
         assert!(signed.verify_self_signed().is_ok());
         assert!(signed.verify_self_signed().is_ok(), "the second check (remembered) agrees");

@@ -281,22 +281,99 @@ fn a_sync_reply_carries_only_the_metrics_records_the_asker_lacks_or_holds_older(
             PeerResponse::Sync(reply) => reply
                 .metrics
                 .iter()
-                .map(|m| m.verify_self_signed().map(|r| (r.node, r.seq)).expect("a signed record"))
+                .map(|m| {
+                    let r = m.record.verify_self_signed().expect("a signed record");
+                    (r.node, r.seq, m.certificate.is_some())
+                })
                 .collect::<Vec<_>>(),
             other => panic!("{other:?}"),
         }
     };
-    // An asker that holds nothing gets every record; one that holds what the peer holds, none.
-    assert_eq!(sync(vec![]).len(), peer_holds.len());
+    // An asker that holds nothing gets every record, each with its node's certificate;
+    // one that holds what the peer holds, none.
+    let all = sync(vec![]);
+    assert_eq!(all.len(), peer_holds.len());
+    assert!(all.iter().all(|(_, _, certified)| *certified), "every record comes with its certificate");
     let sent = sync(marks.clone());
-    for (node, seq) in &sent {
+    for (node, seq, _) in &sent {
         let theirs = asker_holds.iter().find(|(n, _)| n == node).map(|(_, s)| *s);
         assert!(theirs.is_none_or(|s| s < *seq), "sent {node:?}@{seq}, the asker holds {theirs:?}");
     }
     assert!(sent.len() < peer_holds.len() / 2, "{} of {} records sent", sent.len(), peer_holds.len());
-    // One record the asker holds older than the peer does is sent.
+    // One record the asker holds older than the peer does is sent, without the
+    // certificate the asker holds already.
     let (older, seq) = peer_holds[0];
     marks.retain(|m| *m != metrics_mark(&older, seq));
     marks.push(metrics_mark(&older, seq - 1));
-    assert!(sync(marks).contains(&(older, seq)));
+    assert!(sync(marks.clone()).contains(&(older, seq, false)));
+    // Once the asker lists nothing of that node, the certificate comes too.
+    marks.retain(|m| *m != metrics_mark(&older, seq - 1));
+    assert!(sync(marks).contains(&(older, seq, true)));
+}
+
+#[test]
+fn a_certificate_goes_with_a_nodes_first_record_of_a_version_and_a_node_that_missed_it_gets_it_by_anti_entropy() {
+    use slmesh_protocol::fleet::MetricsMessage;
+    use slmesh_protocol::mesh::{GossipVerdict, TOPIC_METRICS};
+    let n = 24;
+    let mut f = fleet_on_v1(n);
+    f.wire_log = Some(vec![]);
+    let m = f.manifest(2, &[(0.5, 10), (1.0, 0)], Fleet::quick_gates(3));
+    f.publish(0, m).expect("publish");
+    f.run_for(60 * SECOND);
+    assert!(f.live().all(|i| f.active(i) == Some(2)), "every node is on v2");
+    let topic = format!("gossip {TOPIC_METRICS}");
+    let log = f.wire_log.take().expect("logged");
+    let records: Vec<MetricsMessage> = log
+        .iter()
+        .filter(|(what, _)| *what == topic)
+        .map(|(_, bytes)| MetricsMessage::from_bytes(bytes).expect("a metrics message"))
+        .collect();
+    let certified = records.iter().filter(|m| m.certificate.is_some()).count();
+    assert!(certified * 4 < records.len(), "{certified} of {} records carried a certificate", records.len());
+    // A node's first record that reports version 2 (a new panel seat) carries it.
+    let mut reporting = BTreeSet::new();
+    for m in &records {
+        let r = m.record.verify_self_signed().expect("a signed record");
+        if r.versions.iter().any(|v| v.version == 2) && reporting.insert(r.node) {
+            assert!(m.certificate.is_some(), "node {}'s first record of v2", r.node.short());
+        }
+    }
+    assert!(reporting.len() >= 3, "{} nodes reported v2", reporting.len());
+
+    // A node that restarts holds no record: a record without its certificate counts for
+    // nothing there, until anti-entropy brings the node's record with one.
+    let k = 5;
+    let observer = if k == 1 { 2 } else { 1 };
+    let author = f.node(observer).fleet().records().map(|r| r.node).find(|n| *n != f.id(k)).expect("a panel member");
+    let certless = records
+        .iter()
+        .rev()
+        .find(|m| m.record.signer == author && m.certificate.is_none())
+        .expect("a record sent without its certificate")
+        .to_bytes()
+        .expect("bytes");
+    f.crash(k);
+    f.start(k);
+    let started = f.now_ms();
+    let peer = loop {
+        f.run_for(MS);
+        if let Some(p) = f.live().find(|j| *j != k && f.node(k).is_admitted(&f.id(*j))) {
+            break p;
+        }
+        assert!(f.now_ms() < started + 2_000, "node {k} admits a peer within 2 s");
+    };
+    assert!(f.node(k).fleet().record(&author).is_none(), "its first sync has not been answered yet");
+    let (now, from) = (f.now_ms(), f.id(peer));
+    let verdict = f.nodes[k].node.as_mut().expect("running").handle_gossip(now, from, TOPIC_METRICS, &certless);
+    assert!(matches!(verdict, GossipVerdict::Ignore(ref why) if why.contains("no certificate")), "{verdict:?}");
+    assert!(f.node(k).fleet().record(&author).is_none());
+    f.wire_log = Some(vec![]);
+    f.run_for(2 * SECOND);
+    assert!(f.node(k).fleet().record(&author).is_some(), "anti-entropy brought the record with its certificate");
+    let gossiped_certificate = f.wire_log.take().expect("logged").iter().any(|(what, bytes)| {
+        *what == topic
+            && MetricsMessage::from_bytes(bytes).is_ok_and(|m| m.record.signer == author && m.certificate.is_some())
+    });
+    assert!(!gossiped_certificate, "meanwhile, gossip did not bring the certificate");
 }

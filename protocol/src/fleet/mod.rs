@@ -45,15 +45,20 @@
 //! three-wave rollout that is a third of the records of sending every interval, and the
 //! waves open as early (BENCHMARKS.md). Anti-entropy sends a peer only the records it
 //! lacks or holds older: a sync request lists the asker's records by the first 8 bytes of
-//! their node's id and their sequence number (`mesh::MetricsMark`).
+//! their node's id and their sequence number (`mesh::MetricsMark`). A record counts only
+//! under its node's enrollment certificate, which travels beside it only now and then
+//! (`MetricsMessage`: about 200 of a record's 500 bytes): receivers keep the certificate
+//! with the record they hold and check later records against it. A record's body is
+//! encoded compactly (`wire::Encoding::Compact`).
 //! A report new to a node waits for its turn in proportion to its rank (at most six
 //! intervals), so that a wave opening on thousands of nodes at once does not make them
 //! all report before they see the seats taken.
 //!
 //! # What k lying nodes can and cannot do
 //!
-//! (Enrolled nodes; until records are checked against enrollments, one insider can sign
-//! records under made-up ids, which grinds ranks and defeats all of this.)
+//! (Enrolled nodes. A record counts only under its node's enrollment certificate, so an
+//! insider cannot make up node ids to grind ranks: it has the one rank it was enrolled
+//! with.)
 //!
 //! - They cannot choose seats: a rank is fixed by the node's enrolled id and the
 //!   version, which the publisher picks after enrollment. A liar with a seat is one vote
@@ -83,7 +88,9 @@ pub use engine::{
     advance, decide, CommandAction, OperatorState, RolloutCommand, RolloutDecision, RolloutProgress, SignedCommand,
 };
 pub use gates::{evaluate_gates, node_beyond_limits, GateVerdict, NodeStat, VersionSummary, TIME_RATIO_FLOOR_SECS};
-pub use record::{verify_metrics, MetricsRecord, SignedMetrics, VersionReport, MAX_VERSIONS_PER_RECORD};
+pub use record::{
+    verify_metrics, MetricsMessage, MetricsRecord, SignedMetrics, VersionReport, MAX_VERSIONS_PER_RECORD,
+};
 pub use view::{node_stat, panel_rank, FleetView, MAX_FLEET_NODES, MAX_PANELS, PANEL_SIZE};
 
 #[cfg(test)]

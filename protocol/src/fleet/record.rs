@@ -88,12 +88,13 @@ impl VersionReport {
     }
 }
 
+/// What a node measured, signed by it. It counts only with the operator's enrollment of
+/// `node` (a `MetricsMessage` carries it beside the record when receivers may not know
+/// it yet), so one enrolled node cannot make up node ids and fill a version's metrics
+/// panel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetricsRecord {
     pub node: NodeId,
-    /// The operator's enrollment of `node`: a record counts only for a fleet member, so
-    /// one enrolled node cannot make up node ids and fill a version's metrics panel.
-    pub certificate: EnrollmentCertificate,
     /// Grows with every record of this node: an older one never replaces a newer one.
     pub seq: u64,
     /// Unix seconds, by the node's clock.
@@ -111,17 +112,49 @@ impl SignedKind for MetricsRecord {
 
 pub type SignedMetrics = Signed<MetricsRecord>;
 
+/// A metrics record as gossiped and synced. The enrollment certificate (about 40% of a
+/// record's bytes) goes beside the record, outside its signature, only when receivers
+/// may not know the node yet: with a node's first record, when its reports change
+/// versions, every 30 metrics intervals, and in a sync reply to a
+/// node that holds no record of it. A receiver keeps the certificate of every record
+/// it holds and checks a record without one against that; a record without one from a
+/// node it holds nothing of is ignored (anti-entropy brings it with its certificate).
+/// Being outside the signature, a certificate can be stripped or swapped by a
+/// forwarder, which gains nothing: only a valid one for the record's own node counts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsMessage {
+    pub record: SignedMetrics,
+    pub certificate: Option<EnrollmentCertificate>,
+}
+
+impl MetricsMessage {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
+        crate::wire::encode(self)
+    }
+
+    /// Decodes untrusted bytes; nothing is verified yet (`verify_metrics` does).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        let message: Self = crate::wire::decode(bytes, "metrics message")?;
+        message.record.check_version()?;
+        if let Some(c) = &message.certificate {
+            c.check_version()?;
+        }
+        Ok(message)
+    }
+}
+
 /// Checks a metrics record: self-signed by the node it names, within limits, consistent,
-/// and from a node the operator enrolled in `fleet` whose certificate is valid at `now`
-/// (Unix seconds).
+/// and from a node the operator enrolled in `fleet` (by `certificate`, which must be
+/// valid at `now`, Unix seconds).
 pub fn verify_metrics(
     signed: &SignedMetrics,
+    certificate: &EnrollmentCertificate,
     trust: &TrustStore,
     fleet: &str,
     now: u64,
 ) -> Result<MetricsRecord, ProtocolError> {
     let record = verify_metrics_body(signed)?;
-    let enrollment = verify_certificate(&record.certificate, trust, &record.node, now)
+    let enrollment = verify_certificate(certificate, trust, &record.node, now)
         .map_err(|e| ProtocolError::invalid("metrics record", format!("not from an enrolled node: {e}")))?;
     crate::trust::same_fleet("the metrics record's node", &enrollment.fleet, fleet)?;
     Ok(record)
@@ -129,6 +162,7 @@ pub fn verify_metrics(
 
 /// The checks that need no trust: signature, limits, consistency.
 fn verify_metrics_body(signed: &SignedMetrics) -> Result<MetricsRecord, ProtocolError> {
+    signed.check_version()?;
     let record = signed.verify_self_signed()?;
     let bad = |r: String| Err(ProtocolError::invalid("metrics record", r));
     if record.node != signed.signer {

@@ -28,8 +28,12 @@ fn trust() -> crate::trust::TrustStore {
 }
 
 fn record(seed: u8, seq: u64, versions: Vec<VersionReport>) -> MetricsRecord {
-    let certificate = crate::trust::test_certificate(&node(seed), &operator());
-    MetricsRecord { node: node(seed).public(), certificate, seq, issued_at: 100, versions }
+    MetricsRecord { node: node(seed).public(), seq, issued_at: 100, versions }
+}
+
+/// The operator's enrollment of node `seed`.
+fn cert(seed: u8) -> crate::trust::EnrollmentCertificate {
+    crate::trust::test_certificate(&node(seed), &operator())
 }
 
 fn gates() -> Gates {
@@ -41,14 +45,46 @@ fn records_are_self_signed_and_checked() {
     let r = record(1, 5, vec![report(2, 10, 1, 0.2)]);
     let signed = SignedMetrics::sign(&r, &node(1)).unwrap();
     let back = SignedMetrics::from_bytes(&signed.to_bytes().unwrap()).unwrap();
-    assert_eq!(verify_metrics(&back, &trust(), DEFAULT_FLEET, 100).unwrap(), r);
-    assert!(
-        verify_metrics(&SignedMetrics::sign(&r, &node(2)).unwrap(), &trust(), DEFAULT_FLEET, 100).is_err(),
-        "speaking for another node"
-    );
+    assert_eq!(verify_metrics(&back, &cert(1), &trust(), DEFAULT_FLEET, 100).unwrap(), r);
+    for (key, certificate) in [(2, 1), (2, 2)] {
+        assert!(
+            verify_metrics(
+                &SignedMetrics::sign(&r, &node(key)).unwrap(),
+                &cert(certificate),
+                &trust(),
+                DEFAULT_FLEET,
+                100
+            )
+            .is_err(),
+            "speaking for another node"
+        );
+    }
     let mut lying = r.clone();
     lying.versions[0].errors = 11;
-    assert!(verify_metrics(&SignedMetrics::sign(&lying, &node(1)).unwrap(), &trust(), DEFAULT_FLEET, 100).is_err());
+    assert!(verify_metrics(&SignedMetrics::sign(&lying, &node(1)).unwrap(), &cert(1), &trust(), DEFAULT_FLEET, 100)
+        .is_err());
+}
+
+#[test]
+fn a_metrics_message_carries_the_certificate_beside_the_record_or_not_at_all() {
+    let signed = SignedMetrics::sign(&record(1, 5, vec![report(2, 10, 1, 0.2)]), &node(1)).unwrap();
+    let with = MetricsMessage { record: signed.clone(), certificate: Some(cert(1)) };
+    let without = MetricsMessage { record: signed, certificate: None };
+    let (with_bytes, without_bytes) = (with.to_bytes().unwrap(), without.to_bytes().unwrap());
+    assert_eq!(MetricsMessage::from_bytes(&with_bytes).unwrap(), with);
+    assert_eq!(MetricsMessage::from_bytes(&without_bytes).unwrap(), without);
+    assert!(without_bytes.len() + 150 < with_bytes.len(), "{} against {}", without_bytes.len(), with_bytes.len());
+    // Truncated, with trailing bytes, or of another protocol version: an error each.
+    for cut in [1, without_bytes.len() / 2, without_bytes.len() - 1] {
+        assert!(MetricsMessage::from_bytes(&without_bytes[..cut]).is_err(), "cut at {cut}");
+    }
+    let mut longer = with_bytes.clone();
+    longer.push(0);
+    assert!(MetricsMessage::from_bytes(&longer).is_err(), "trailing bytes");
+    let mut other_version = without.clone();
+    other_version.record.protocol_version += 1;
+    let err = MetricsMessage::from_bytes(&other_version.to_bytes().unwrap()).unwrap_err();
+    assert!(matches!(err, crate::ProtocolError::UnknownProtocolVersion { .. }), "{err}");
 }
 
 #[test]
@@ -57,20 +93,16 @@ fn a_record_counts_only_from_a_node_the_operator_enrolled() {
     // for it with a certificate it has: its own, or one it signed itself.
     let insider = node(1);
     let made_up = node(77);
-    let mut r = record(77, 5, vec![report(2, 10, 0, 0.2)]);
-    r.certificate = crate::trust::test_certificate(&insider, &operator());
-    let err = verify_metrics(&SignedMetrics::sign(&r, &made_up).unwrap(), &trust(), DEFAULT_FLEET, 100)
-        .unwrap_err()
-        .to_string();
+    let r = record(77, 5, vec![report(2, 10, 0, 0.2)]);
+    let signed = SignedMetrics::sign(&r, &made_up).unwrap();
+    let insiders = crate::trust::test_certificate(&insider, &operator());
+    let err = verify_metrics(&signed, &insiders, &trust(), DEFAULT_FLEET, 100).unwrap_err().to_string();
     assert!(err.contains("not from an enrolled node"), "{err}");
-    r.certificate = crate::trust::test_certificate(&made_up, &insider);
-    assert!(
-        verify_metrics(&SignedMetrics::sign(&r, &made_up).unwrap(), &trust(), DEFAULT_FLEET, 100).is_err(),
-        "self-enrolled"
-    );
+    let self_enrolled = crate::trust::test_certificate(&made_up, &insider);
+    assert!(verify_metrics(&signed, &self_enrolled, &trust(), DEFAULT_FLEET, 100).is_err(), "self-enrolled");
     // A genuine member's record is refused once its certificate has expired.
-    let mut expiring = record(3, 5, vec![]);
-    expiring.certificate = crate::trust::Enrollment {
+    let expiring = record(3, 5, vec![]);
+    let expiring_cert = crate::trust::Enrollment {
         node: node(3).public(),
         tags: Default::default(),
         issued_at: 0,
@@ -80,8 +112,8 @@ fn a_record_counts_only_from_a_node_the_operator_enrolled() {
     .sign(&operator())
     .unwrap();
     let signed = SignedMetrics::sign(&expiring, &node(3)).unwrap();
-    assert!(verify_metrics(&signed, &trust(), DEFAULT_FLEET, 999).is_ok());
-    assert!(verify_metrics(&signed, &trust(), DEFAULT_FLEET, 1_000).is_err(), "expired");
+    assert!(verify_metrics(&signed, &expiring_cert, &trust(), DEFAULT_FLEET, 999).is_ok());
+    assert!(verify_metrics(&signed, &expiring_cert, &trust(), DEFAULT_FLEET, 1_000).is_err(), "expired");
 }
 
 #[test]
@@ -118,10 +150,8 @@ fn record_of(node: NodeId, seq: u64, versions: Vec<VersionReport>) -> MetricsRec
     record_at(node, seq, 100, versions)
 }
 
-/// The view takes verified records: the certificate is not looked at again.
 fn record_at(node: NodeId, seq: u64, issued_at: u64, versions: Vec<VersionReport>) -> MetricsRecord {
-    let certificate = crate::trust::test_certificate(&self::node(1), &operator());
-    MetricsRecord { node, certificate, seq, issued_at, versions }
+    MetricsRecord { node, seq, issued_at, versions }
 }
 
 /// The panel members among `nodes` for version 2 of "m": the lowest ranks.
@@ -357,16 +387,16 @@ fn a_record_with_counts_near_u64_max_is_refused_without_a_panic() {
     ];
     for (what, f) in cases {
         let signed = huge(f);
-        let err = verify_metrics(&signed, &trust(), DEFAULT_FLEET, 100).expect_err(what).to_string();
+        let err = verify_metrics(&signed, &cert(5), &trust(), DEFAULT_FLEET, 100).expect_err(what).to_string();
         assert!(err.contains("one node can have"), "{what}: {err}");
         // Whatever got through would still not wrap a view's sums.
         let mut view = FleetView::default();
-        if let Ok(r) = verify_metrics(&signed, &trust(), DEFAULT_FLEET, 100) {
+        if let Ok(r) = verify_metrics(&signed, &cert(5), &trust(), DEFAULT_FLEET, 100) {
             view.update(r, 0);
         }
     }
     // An honest record far below the bounds is taken.
-    assert!(verify_metrics(&huge(&|v| v.requests = 1 << 30), &trust(), DEFAULT_FLEET, 100).is_ok());
+    assert!(verify_metrics(&huge(&|v| v.requests = 1 << 30), &cert(5), &trust(), DEFAULT_FLEET, 100).is_ok());
 }
 
 fn plan() -> RolloutPlan {

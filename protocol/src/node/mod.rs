@@ -289,6 +289,13 @@ struct Peer {
     expires_at: u64,
 }
 
+/// A node's metrics record as held: the signed copy, for anti-entropy, and the
+/// certificate it counted under.
+struct HeldMetrics {
+    signed: SignedMetrics,
+    certificate: EnrollmentCertificate,
+}
+
 struct HelloRetry {
     attempts: u32,
     at: Option<u64>,
@@ -331,9 +338,13 @@ pub struct Node {
     /// Something changed that may let a waiting fetch start.
     fetch_check: bool,
     fleet: FleetView,
-    signed_metrics: BTreeMap<NodeId, SignedMetrics>,
+    /// The signed copy of each record the view holds, for anti-entropy, with the
+    /// certificate it counted under (the node's later records may come without one).
+    signed_metrics: BTreeMap<NodeId, HeldMetrics>,
     metrics_seq: u64,
     metrics_sent_at: Option<u64>,
+    /// When this node last sent its certificate with its record.
+    certificate_sent_at: Option<u64>,
     last_reports: Option<Vec<VersionReport>>,
     /// When this node first had a report of each version (its turn in the panel counts from it).
     reporting_since: BTreeMap<(String, u64), u64>,
@@ -444,6 +455,7 @@ impl Node {
             signed_metrics: BTreeMap::new(),
             metrics_seq: 0,
             metrics_sent_at: None,
+            certificate_sent_at: None,
             last_reports: None,
             reporting_since: BTreeMap::new(),
             verdicts: BTreeMap::new(),

@@ -1,7 +1,7 @@
 //! Peers: the admission handshake, anti-entropy, and what gossip and requests bring in.
 
-use super::{HelloRetry, Level, Node, Output, Peer, Persist, RequestKind};
-use crate::fleet::{verify_metrics, CommandAction, RolloutCommand, SignedCommand, SignedMetrics};
+use super::{HeldMetrics, HelloRetry, Level, Node, Output, Peer, Persist, RequestKind};
+use crate::fleet::{verify_metrics, CommandAction, MetricsMessage, RolloutCommand, SignedCommand};
 use crate::history::HistoryKind;
 use crate::identity::NodeId;
 use crate::manifest::SignedManifest;
@@ -230,16 +230,23 @@ impl Node {
             .collect();
         let haves = self.my_have.iter().take(MAX_SYNC_HAVES).cloned().collect();
         let held = theirs.metrics_held();
+        // The certificate goes with the record of a node the asker holds nothing of.
         let metrics = self
             .fleet
             .records()
-            .filter(|r| {
+            .filter_map(|r| {
                 let (prefix, seq) = metrics_mark(&r.node, r.seq);
-                held.get(&prefix).is_none_or(|theirs| *theirs < seq)
+                let theirs = held.get(&prefix);
+                if theirs.is_some_and(|theirs| *theirs >= seq) {
+                    return None;
+                }
+                let mine = self.signed_metrics.get(&r.node)?;
+                Some(MetricsMessage {
+                    record: mine.signed.clone(),
+                    certificate: theirs.is_none().then(|| mine.certificate.clone()),
+                })
             })
-            .filter_map(|r| self.signed_metrics.get(&r.node))
             .take(MAX_SYNC_METRICS)
-            .cloned()
             .collect();
         let commands = self.commands.values().flatten().take(MAX_SYNC_COMMANDS).cloned().collect();
         let revocations = if theirs.revocations == self.revoked.digest() {
@@ -301,7 +308,7 @@ impl Node {
                 Ok(m) => self.take_manifest(now, m),
                 Err(e) => GossipVerdict::Reject(e.to_string()),
             },
-            TOPIC_METRICS => match SignedMetrics::from_bytes(data) {
+            TOPIC_METRICS => match MetricsMessage::from_bytes(data) {
                 Ok(m) => self.take_metrics(now, m),
                 Err(e) => GossipVerdict::Reject(e.to_string()),
             },
@@ -358,9 +365,22 @@ impl Node {
         }
     }
 
-    /// Keeps the newest record per node; an older or repeated one changes nothing.
-    fn take_metrics(&mut self, now: u64, signed: SignedMetrics) -> GossipVerdict {
-        let record = match verify_metrics(&signed, &self.trust, &self.fleet_id, now / 1000) {
+    /// Keeps the newest record per node; an older or repeated one changes nothing. A
+    /// record without its certificate counts under the one held with the node's last
+    /// record, and is ignored from a node this one holds nothing of.
+    fn take_metrics(&mut self, now: u64, message: MetricsMessage) -> GossipVerdict {
+        let MetricsMessage { record: signed, certificate } = message;
+        let certificate = match certificate {
+            Some(c) => c,
+            None => match self.signed_metrics.get(&signed.signer) {
+                Some(held) => held.certificate.clone(),
+                // Not the forwarder's fault: it may hold the node's certificate.
+                None => {
+                    return GossipVerdict::Ignore("no certificate with the record, and none held for its node".into())
+                }
+            },
+        };
+        let record = match verify_metrics(&signed, &certificate, &self.trust, &self.fleet_id, now / 1000) {
             Ok(r) => r,
             Err(e) => return GossipVerdict::Reject(e.to_string()),
         };
@@ -375,7 +395,7 @@ impl Node {
         if !self.fleet.update(record, now / 1000) {
             return GossipVerdict::Ignore("not newer than the record held, or outside the metrics panel".into());
         }
-        self.signed_metrics.insert(node, signed);
+        self.signed_metrics.insert(node, HeldMetrics { signed, certificate });
         // Records the view let go of (its bound) are not kept either.
         if self.signed_metrics.len() > self.fleet.len() {
             self.drop_signed_metrics_not_in_view();

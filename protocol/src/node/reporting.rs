@@ -16,18 +16,25 @@
 //!   split), unless an operator paused the rollout;
 //! - `METRICS_REFRESH_INTERVALS` intervals passed since its last record, so that peers do
 //!   not expire it.
+//!
+//! Its enrollment certificate goes with the record (`fleet::MetricsMessage`) only when
+//! receivers may not hold it: with the first record, when the record's versions change
+//! (a new panel seat, or reporting again after a pause), and every
+//! `CERTIFICATE_REFRESH_INTERVALS`. Receivers that missed it get it by anti-entropy.
 
-use super::Node;
+use super::{HeldMetrics, Node};
 use super::{Level, Output};
 use crate::fleet::{
-    node_beyond_limits, node_stat, panel_rank, rank_fraction, MetricsRecord, SignedMetrics, VersionReport,
-    MAX_VERSIONS_PER_RECORD, PANEL_SIZE,
+    node_beyond_limits, node_stat, panel_rank, rank_fraction, MetricsMessage, MetricsRecord, SignedMetrics,
+    VersionReport, MAX_VERSIONS_PER_RECORD, PANEL_SIZE,
 };
 use crate::mesh::TOPIC_METRICS;
 
 /// A node gossips its metrics record again after this many intervals, changed or not, so
 /// that peers do not expire it.
 const METRICS_REFRESH_INTERVALS: u64 = 5;
+/// A node sends its certificate with its record again after this many intervals.
+const CERTIFICATE_REFRESH_INTERVALS: u64 = 30;
 /// The longest a new report waits for its turn in the metrics panel, in intervals.
 const MAX_REPORT_WAIT_INTERVALS: u64 = 6;
 
@@ -99,25 +106,26 @@ impl Node {
             return;
         }
         self.metrics_seq = now.max(self.metrics_seq + 1);
-        let record = MetricsRecord {
-            node: self.me,
-            certificate: self.certificate.clone(),
-            seq: self.metrics_seq,
-            issued_at: secs,
-            versions: reports.clone(),
-        };
+        let record = MetricsRecord { node: self.me, seq: self.metrics_seq, issued_at: secs, versions: reports.clone() };
         let signed = match SignedMetrics::sign(&record, &self.secret) {
             Ok(s) => s,
             Err(e) => return self.event(None, Level::Warn, format!("cannot sign the metrics record: {e}")),
         };
-        let data = match signed.to_bytes() {
+        let with_certificate = self.certificate_due(now, &reports);
+        let message =
+            MetricsMessage { record: signed, certificate: with_certificate.then(|| self.certificate.clone()) };
+        let data = match message.to_bytes() {
             Ok(d) => d,
             Err(e) => return self.event(None, Level::Warn, format!("cannot encode the metrics record: {e}")),
         };
         self.fleet.update(record, secs);
-        self.signed_metrics.insert(self.me, signed);
+        let held = HeldMetrics { signed: message.record, certificate: self.certificate.clone() };
+        self.signed_metrics.insert(self.me, held);
         self.last_reports = Some(reports);
         self.metrics_sent_at = Some(now);
+        if with_certificate {
+            self.certificate_sent_at = Some(now);
+        }
         self.outputs.push_back(Output::Gossip { topic: TOPIC_METRICS, data });
     }
 
@@ -153,12 +161,18 @@ impl Node {
         if last == reports {
             return false;
         }
-        let same_versions = last.len() == reports.len()
-            && last.iter().zip(reports).all(|(l, r)| (&l.model, l.version) == (&r.model, r.version));
-        if !same_versions {
+        if !same_versions(last, reports) {
             return true;
         }
         reports.iter().zip(last).any(|(r, l)| self.report_due(now, sent_at, r, l))
+    }
+
+    /// Whether this node's certificate goes with the record now (see the module's docs).
+    fn certificate_due(&self, now: u64, reports: &[VersionReport]) -> bool {
+        let Some(sent_at) = self.certificate_sent_at else { return true };
+        let refresh = self.cfg.metrics_interval_ms.saturating_mul(CERTIFICATE_REFRESH_INTERVALS);
+        now.saturating_sub(sent_at) >= refresh
+            || !same_versions(self.last_reports.as_deref().unwrap_or_default(), reports)
     }
 
     fn report_due(&self, now: u64, sent_at: u64, report: &VersionReport, last: &VersionReport) -> bool {
@@ -199,4 +213,9 @@ impl Node {
         }
         sent_at < window || (now >= soak_end && !self.operator_state(key).paused)
     }
+}
+
+/// Whether two lists of reports are of the same model versions.
+fn same_versions(a: &[VersionReport], b: &[VersionReport]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (&x.model, x.version) == (&y.model, y.version))
 }
