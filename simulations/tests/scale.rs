@@ -377,3 +377,30 @@ fn a_certificate_goes_with_a_nodes_first_record_of_a_version_and_a_node_that_mis
     });
     assert!(!gossiped_certificate, "meanwhile, gossip did not bring the certificate");
 }
+
+#[test]
+fn a_small_canary_in_a_large_fleet_reports_as_soon_as_it_serves() {
+    // Panel seats are taken in turns by rank, spread over the nodes that report the
+    // version: a canary of 5% is one turn, not the six of the whole fleet.
+    let n = 160;
+    let mut f = fleet_on_v1(n);
+    let since = f.now();
+    let m = f.manifest(2, &[(0.05, 60), (1.0, 0)], Fleet::quick_gates(3));
+    f.publish(0, m).expect("publish");
+    let observer = 0;
+    let mut seated: std::collections::BTreeMap<NodeId, f64> = Default::default();
+    for step in 1..=150 {
+        f.run_for(100 * MS);
+        for member in panel_of(&f, observer, 2) {
+            seated.entry(member).or_insert(step as f64 / 10.0);
+        }
+    }
+    let served = f.first_served(2, since);
+    let canary: Vec<(usize, f64)> = served.iter().enumerate().filter_map(|(i, t)| t.map(|t| (i, t))).collect();
+    assert!((3..=PANEL_SIZE).contains(&canary.len()), "a canary of {} nodes", canary.len());
+    for (i, at) in canary {
+        let seat = seated.get(&f.id(i)).copied();
+        // Its first record waits for the next interval (1 s) and a gossip round.
+        assert!(seat.is_some_and(|s| s <= at + 1.5), "node {i} served v2 at {at:.1} s, seated at {seat:?}");
+    }
+}

@@ -50,9 +50,10 @@
 //! (`MetricsMessage`: about 200 of a record's 500 bytes): receivers keep the certificate
 //! with the record they hold and check later records against it. A record's body is
 //! encoded compactly (`wire::Encoding::Compact`).
-//! A report new to a node waits for its turn in proportion to its rank (at most six
+//! A report new to a node waits for its turn in proportion to its rank among the nodes
+//! that report the version (the share of the fleet in its open waves; at most six
 //! intervals), so that a wave opening on thousands of nodes at once does not make them
-//! all report before they see the seats taken.
+//! all report before they see the seats taken, while a canary's members report at once.
 //!
 //! # What k lying nodes can and cannot do
 //!

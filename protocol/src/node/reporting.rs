@@ -131,7 +131,8 @@ impl Node {
 
     /// Keeps the reports that hold a seat in their version's metrics panel (the others
     /// would not count, so they are not sent). A report new to this node first waits in
-    /// proportion to its rank, in intervals, once the fleet is larger than a panel: when a
+    /// proportion to its rank among the nodes that report the version (the share of the
+    /// fleet in its open waves), in intervals, once they are more than a panel: when a
     /// wave opens on many nodes at once, the lowest ranks report first and the rest find
     /// their seats taken, instead of all reporting at once.
     fn keep_panel_reports(&mut self, now: u64, reports: &mut Vec<VersionReport>) {
@@ -141,13 +142,33 @@ impl Node {
         for r in reports.iter() {
             self.reporting_since.entry((r.model.clone(), r.version)).or_insert(now);
         }
-        let (me, since, view) = (self.me, &self.reporting_since, &self.fleet);
-        reports.retain(|r| {
-            let rank = rank_fraction(panel_rank(&me, &r.model, r.version));
-            let turns = ((rank * fleet / PANEL_SIZE as f64).floor() as u64).min(MAX_REPORT_WAIT_INTERVALS);
-            let first = since.get(&(r.model.clone(), r.version)).copied().unwrap_or(now);
-            now >= first.saturating_add(turns.saturating_mul(interval)) && view.would_seat(&me, &r.model, r.version)
-        });
+        let keep: Vec<bool> = reports
+            .iter()
+            .map(|r| {
+                // Ranks are spread over the nodes that report the version: in a canary of
+                // 5%, the lowest rank among them is 20 times the fleet's.
+                let reporters = fleet * self.reporting_share(&r.model, r.version);
+                let rank = rank_fraction(panel_rank(&self.me, &r.model, r.version));
+                let turns = ((rank * reporters / PANEL_SIZE as f64).floor() as u64).min(MAX_REPORT_WAIT_INTERVALS);
+                let first = self.reporting_since.get(&(r.model.clone(), r.version)).copied().unwrap_or(now);
+                now >= first.saturating_add(turns.saturating_mul(interval))
+                    && self.fleet.would_seat(&self.me, &r.model, r.version)
+            })
+            .collect();
+        let mut keep = keep.into_iter();
+        reports.retain(|_| keep.next().unwrap_or(false));
+    }
+
+    /// The share of the fleet that reports a version: that of its open waves while its
+    /// rollout is under way, else all of it.
+    fn reporting_share(&self, model: &str, version: u64) -> f64 {
+        let key = (model.to_string(), version);
+        let (Some(record), Some(m)) = (self.versions.get(&key), self.manifests.get(&key)) else { return 1.0 };
+        let waves = &m.manifest.rollout.waves;
+        match record.opened.len().checked_sub(1).and_then(|k| waves.get(k)) {
+            Some(wave) if record.opened.len() < waves.len() => wave.fraction.clamp(0.0, 1.0),
+            _ => 1.0,
+        }
     }
 
     /// Whether this node's record goes out now (the rules are in this module's docs).
