@@ -915,3 +915,38 @@ fn garbage_collection_cut_short_by_a_crash_leaves_no_version_without_its_files_n
         assert_eq!(staged(&f), BTreeSet::from([2, 3]), "{point:?}");
     }
 }
+
+#[test]
+fn a_record_without_its_certificate_whose_held_one_lapsed_is_ignored_not_blamed_on_the_forwarder() {
+    use slmesh_protocol::fleet::{MetricsMessage, MetricsRecord, SignedMetrics};
+    use slmesh_protocol::trust::Enrollment;
+    let mut f = on_v1(5);
+    // Node 3 restarts with a certificate that lapses in 20 s; node 1 takes its records
+    // under it.
+    f.crash(3);
+    let identity = f.nodes[3].identity.clone();
+    f.nodes[3].identity.certificate = Enrollment {
+        node: identity.secret.public(),
+        tags: identity.tags.clone(),
+        issued_at: slmesh_sim::fleet::T0_MS / 1000 - 10,
+        expires_at: f.now_ms() / 1000 + 20,
+        fleet: identity.fleet.clone(),
+    }
+    .sign(&f.publisher)
+    .expect("sign");
+    f.start(3);
+    f.run_for(10_000 * MS);
+    let node3 = f.id(3);
+    assert!(f.node(1).fleet().record(&node3).is_some(), "node 1 holds node 3's record");
+    f.run_for(12_000 * MS);
+    assert!(f.node(1).fleet().record(&node3).is_some(), "and still does once its certificate lapsed");
+    // A later record of node 3, as it sends after renewing its enrollment, forwarded
+    // without its certificate by an honest peer that has the renewed one.
+    let now = f.now_ms();
+    let record = MetricsRecord { node: node3, seq: u64::MAX / 2, issued_at: now / 1000, versions: vec![] };
+    let record = SignedMetrics::sign(&record, &identity.secret).expect("record");
+    let data = MetricsMessage { record, certificate: None }.to_bytes().expect("bytes");
+    let from = (0..5).map(|j| f.id(j)).find(|j| *j != node3 && f.node(1).is_admitted(j)).expect("an admitted peer");
+    let verdict = f.nodes[1].node.as_mut().expect("running").handle_gossip(now, from, TOPIC_METRICS, &data);
+    assert!(matches!(verdict, GossipVerdict::Ignore(ref why) if why.contains("no longer valid")), "{verdict:?}");
+}

@@ -10,7 +10,7 @@ use crate::mesh::{
     PeerResponse, SignedHave, SyncReply, MAX_SYNC_COMMANDS, MAX_SYNC_HAVES, MAX_SYNC_MANIFESTS, MAX_SYNC_METRICS,
     MAX_SYNC_REVOCATIONS, TOPIC_COMMANDS, TOPIC_MANIFESTS, TOPIC_METRICS, TOPIC_REVOCATIONS,
 };
-use crate::trust::same_fleet;
+use crate::trust::{same_fleet, verify_certificate};
 
 /// Peers asked per anti-entropy round.
 const SYNC_FANOUT: usize = 3;
@@ -373,7 +373,18 @@ impl Node {
         let certificate = match certificate {
             Some(c) => c,
             None => match self.signed_metrics.get(&signed.signer) {
-                Some(held) => held.certificate.clone(),
+                Some(held) => {
+                    // Lapsed since: not the forwarder's fault, it may hold the node's
+                    // renewed certificate (the node's next one comes within
+                    // `CERTIFICATE_REFRESH_INTERVALS`, or by anti-entropy once the
+                    // record held here expires).
+                    if let Err(e) = verify_certificate(&held.certificate, &self.trust, &signed.signer, now / 1000) {
+                        return GossipVerdict::Ignore(format!(
+                            "no certificate with the record, and the one held for its node is no longer valid: {e}"
+                        ));
+                    }
+                    held.certificate.clone()
+                }
                 // Not the forwarder's fault: it may hold the node's certificate.
                 None => {
                     return GossipVerdict::Ignore("no certificate with the record, and none held for its node".into())
