@@ -472,7 +472,6 @@ fn a_revoked_node_is_dropped_by_every_peer_and_stays_out_after_a_restart() {
 fn manifests_commands_revocations_and_peers_of_another_fleet_count_for_nothing() {
     use slmesh_protocol::manifest::{ModelManifest, SignedManifest};
     use slmesh_protocol::revocation::{Revocation, SignedRevocation};
-    use slmesh_protocol::trust::Enrollment;
     // The same publisher key signs for a staging fleet: none of it is valid in this one.
     let mut f = on_v1(3);
     let staging = |m: &SignedManifest| {
@@ -509,17 +508,7 @@ fn manifests_commands_revocations_and_peers_of_another_fleet_count_for_nothing()
 
     // A staging node with a valid certificate from the same key is not admitted.
     f.crash(2);
-    let node2 = f.nodes[2].identity.clone();
-    f.nodes[2].identity.certificate = Enrollment {
-        node: node2.secret.public(),
-        tags: node2.tags.clone(),
-        issued_at: slmesh_sim::fleet::T0_MS / 1000 - 10,
-        expires_at: slmesh_sim::fleet::T0_MS / 1000 + 86_400,
-        fleet: "staging".into(),
-    }
-    .sign(&f.publisher)
-    .expect("sign");
-    f.nodes[2].identity.fleet = "staging".into();
+    f.reenroll(2, slmesh_sim::fleet::T0_MS / 1000 + 86_400, "staging");
     f.run_for(1_000 * MS);
     f.start(2);
     f.run_for(10_000 * MS);
@@ -797,17 +786,7 @@ fn a_peer_whose_certificate_expires_while_connected_is_dropped() {
     // handshake, and drop it when it expires, not at some later handshake.
     let mut f = Fleet::new(FleetSpec::lan(3));
     let expires_at = slmesh_sim::fleet::T0_MS / 1000 + 20;
-    let node2 = f.nodes[2].identity.clone();
-    let cert = slmesh_protocol::trust::Enrollment {
-        node: node2.secret.public(),
-        tags: node2.tags.clone(),
-        issued_at: slmesh_sim::fleet::T0_MS / 1000 - 10,
-        expires_at,
-        fleet: DEFAULT_FLEET.into(),
-    }
-    .sign(&f.publisher)
-    .expect("sign");
-    f.nodes[2].identity.certificate = cert;
+    f.reenroll(2, expires_at, DEFAULT_FLEET);
     f.start_all();
     f.run_for(5_000 * MS);
     assert!(f.node(0).is_admitted(&f.id(2)) && f.node(1).is_admitted(&f.id(2)));
@@ -919,21 +898,11 @@ fn garbage_collection_cut_short_by_a_crash_leaves_no_version_without_its_files_n
 #[test]
 fn a_record_without_its_certificate_whose_held_one_lapsed_is_ignored_not_blamed_on_the_forwarder() {
     use slmesh_protocol::fleet::{MetricsMessage, MetricsRecord, SignedMetrics};
-    use slmesh_protocol::trust::Enrollment;
     let mut f = on_v1(5);
     // Node 3 restarts with a certificate that lapses in 20 s; node 1 takes its records
     // under it.
     f.crash(3);
-    let identity = f.nodes[3].identity.clone();
-    f.nodes[3].identity.certificate = Enrollment {
-        node: identity.secret.public(),
-        tags: identity.tags.clone(),
-        issued_at: slmesh_sim::fleet::T0_MS / 1000 - 10,
-        expires_at: f.now_ms() / 1000 + 20,
-        fleet: identity.fleet.clone(),
-    }
-    .sign(&f.publisher)
-    .expect("sign");
+    f.reenroll(3, f.now_ms() / 1000 + 20, DEFAULT_FLEET);
     f.start(3);
     f.run_for(10_000 * MS);
     let node3 = f.id(3);
@@ -944,7 +913,7 @@ fn a_record_without_its_certificate_whose_held_one_lapsed_is_ignored_not_blamed_
     // without its certificate by an honest peer that has the renewed one.
     let now = f.now_ms();
     let record = MetricsRecord { node: node3, seq: u64::MAX / 2, issued_at: now / 1000, versions: vec![] };
-    let record = SignedMetrics::sign(&record, &identity.secret).expect("record");
+    let record = SignedMetrics::sign(&record, &f.nodes[3].identity.secret).expect("record");
     let data = MetricsMessage { record, certificate: None }.to_bytes().expect("bytes");
     let from = (0..5).map(|j| f.id(j)).find(|j| *j != node3 && f.node(1).is_admitted(j)).expect("an admitted peer");
     let verdict = f.nodes[1].node.as_mut().expect("running").handle_gossip(now, from, TOPIC_METRICS, &data);

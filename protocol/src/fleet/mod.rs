@@ -90,7 +90,8 @@ pub use engine::{
 };
 pub use gates::{evaluate_gates, node_beyond_limits, GateVerdict, NodeStat, VersionSummary, TIME_RATIO_FLOOR_SECS};
 pub use record::{
-    verify_metrics, MetricsMessage, MetricsRecord, SignedMetrics, VersionReport, MAX_VERSIONS_PER_RECORD,
+    verify_metrics, verify_metrics_enrolled, MetricsMessage, MetricsRecord, SignedMetrics, VersionReport,
+    MAX_VERSIONS_PER_RECORD,
 };
 pub use view::{node_stat, panel_rank, FleetView, MAX_FLEET_NODES, MAX_PANELS, PANEL_SIZE};
 

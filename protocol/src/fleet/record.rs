@@ -4,7 +4,7 @@ use crate::error::ProtocolError;
 use crate::identity::NodeId;
 use crate::signed::{Signed, SignedKind};
 use crate::sketch::Sketch;
-use crate::trust::{verify_certificate, EnrollmentCertificate, TrustStore};
+use crate::trust::{verify_certificate, Enrollment, EnrollmentCertificate, TrustStore};
 use serde::{Deserialize, Serialize};
 
 pub const MAX_VERSIONS_PER_RECORD: usize = 64;
@@ -156,6 +156,24 @@ pub fn verify_metrics(
     let record = verify_metrics_body(signed)?;
     let enrollment = verify_certificate(certificate, trust, &record.node, now)
         .map_err(|e| ProtocolError::invalid("metrics record", format!("not from an enrolled node: {e}")))?;
+    crate::trust::same_fleet("the metrics record's node", &enrollment.fleet, fleet)?;
+    Ok(record)
+}
+
+/// `verify_metrics` under an enrollment checked already (the certificate a receiver
+/// holds for the node, verified once for the record).
+pub fn verify_metrics_enrolled(
+    signed: &SignedMetrics,
+    enrollment: &Enrollment,
+    fleet: &str,
+) -> Result<MetricsRecord, ProtocolError> {
+    let record = verify_metrics_body(signed)?;
+    if enrollment.node != record.node {
+        return Err(ProtocolError::invalid(
+            "metrics record",
+            "not from an enrolled node: the enrollment is another node's",
+        ));
+    }
     crate::trust::same_fleet("the metrics record's node", &enrollment.fleet, fleet)?;
     Ok(record)
 }

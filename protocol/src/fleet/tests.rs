@@ -543,3 +543,26 @@ fn the_quality_gate_fails_a_version_its_suite_fails_before_any_request_and_one_l
     let verdict = evaluate_gates(&g, &view.summary("m", 2), None);
     assert!(matches!(&verdict, GateVerdict::Pending(r) if r.contains("2 node(s) ran")), "{verdict:?}");
 }
+
+#[test]
+fn a_record_under_a_held_enrollment_counts_only_for_that_node_and_fleet() {
+    let enrollment = |seed: u8, fleet: &str| crate::trust::Enrollment {
+        node: node(seed).public(),
+        tags: Default::default(),
+        issued_at: 0,
+        expires_at: 1_000,
+        fleet: fleet.into(),
+    };
+    let signed = SignedMetrics::sign(&record(1, 5, vec![report(2, 10, 1, 0.2)]), &node(1)).unwrap();
+    assert!(verify_metrics_enrolled(&signed, &enrollment(1, DEFAULT_FLEET), DEFAULT_FLEET).is_ok());
+    let err = verify_metrics_enrolled(&signed, &enrollment(2, DEFAULT_FLEET), DEFAULT_FLEET).unwrap_err().to_string();
+    assert!(err.contains("not from an enrolled node"), "{err}");
+    assert!(verify_metrics_enrolled(&signed, &enrollment(1, "staging"), DEFAULT_FLEET).is_err(), "another fleet");
+    let mut lying = record(1, 6, vec![report(2, 10, 1, 0.2)]);
+    lying.versions[0].errors = 11;
+    let lying = SignedMetrics::sign(&lying, &node(1)).unwrap();
+    assert!(
+        verify_metrics_enrolled(&lying, &enrollment(1, DEFAULT_FLEET), DEFAULT_FLEET).is_err(),
+        "the body's checks"
+    );
+}

@@ -1,7 +1,9 @@
 //! Peers: the admission handshake, anti-entropy, and what gossip and requests bring in.
 
 use super::{HeldMetrics, HelloRetry, Level, Node, Output, Peer, Persist, RequestKind};
-use crate::fleet::{verify_metrics, CommandAction, MetricsMessage, RolloutCommand, SignedCommand};
+use crate::fleet::{
+    verify_metrics, verify_metrics_enrolled, CommandAction, MetricsMessage, RolloutCommand, SignedCommand,
+};
 use crate::history::HistoryKind;
 use crate::identity::NodeId;
 use crate::manifest::SignedManifest;
@@ -370,29 +372,30 @@ impl Node {
     /// record, and is ignored from a node this one holds nothing of.
     fn take_metrics(&mut self, now: u64, message: MetricsMessage) -> GossipVerdict {
         let MetricsMessage { record: signed, certificate } = message;
-        let certificate = match certificate {
-            Some(c) => c,
-            None => match self.signed_metrics.get(&signed.signer) {
-                Some(held) => {
-                    // Lapsed since: not the forwarder's fault, it may hold the node's
-                    // renewed certificate (the node's next one comes within
-                    // `CERTIFICATE_REFRESH_INTERVALS`, or by anti-entropy once the
-                    // record held here expires).
-                    if let Err(e) = verify_certificate(&held.certificate, &self.trust, &signed.signer, now / 1000) {
+        let verified = match certificate {
+            Some(c) => verify_metrics(&signed, &c, &self.trust, &self.fleet_id, now / 1000).map(|r| (r, c)),
+            None => {
+                // Not the forwarder's fault: it may hold the node's certificate.
+                let Some(held) = self.signed_metrics.get(&signed.signer) else {
+                    return GossipVerdict::Ignore("no certificate with the record, and none held for its node".into());
+                };
+                // Lapsed since: not the forwarder's fault either, it may hold the node's
+                // renewed certificate (the node's next one comes within
+                // `CERTIFICATE_REFRESH_INTERVALS`, or by anti-entropy once the record
+                // held here expires).
+                let enrollment = match verify_certificate(&held.certificate, &self.trust, &signed.signer, now / 1000) {
+                    Ok(e) => e,
+                    Err(e) => {
                         return GossipVerdict::Ignore(format!(
                             "no certificate with the record, and the one held for its node is no longer valid: {e}"
-                        ));
+                        ))
                     }
-                    held.certificate.clone()
-                }
-                // Not the forwarder's fault: it may hold the node's certificate.
-                None => {
-                    return GossipVerdict::Ignore("no certificate with the record, and none held for its node".into())
-                }
-            },
+                };
+                verify_metrics_enrolled(&signed, &enrollment, &self.fleet_id).map(|r| (r, held.certificate.clone()))
+            }
         };
-        let record = match verify_metrics(&signed, &certificate, &self.trust, &self.fleet_id, now / 1000) {
-            Ok(r) => r,
+        let (record, certificate) = match verified {
+            Ok(v) => v,
             Err(e) => return GossipVerdict::Reject(e.to_string()),
         };
         if record.node == self.me {

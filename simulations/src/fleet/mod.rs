@@ -33,7 +33,7 @@ use slmesh_protocol::node::{
 };
 use slmesh_protocol::rollout::{Gates, RolloutPlan, TagSelector, Wave};
 use slmesh_protocol::select::NodeFacts;
-use slmesh_protocol::trust::{Enrollment, Tags, DEFAULT_FLEET};
+use slmesh_protocol::trust::{Enrollment, EnrollmentCertificate, Tags, DEFAULT_FLEET};
 use slmesh_protocol::TrustStore;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -357,6 +357,26 @@ pub struct NodeFleet {
 }
 
 /// The key of simulated node `i`.
+/// The publisher's enrollment of a node key in `fleet`, valid from just before the
+/// simulation's start until `expires_at` (Unix seconds).
+fn enroll(
+    publisher: &SecretKey,
+    secret: &SecretKey,
+    tags: &Tags,
+    expires_at: u64,
+    fleet: &str,
+) -> EnrollmentCertificate {
+    Enrollment {
+        node: secret.public(),
+        tags: tags.clone(),
+        issued_at: T0_MS / 1000 - 10,
+        expires_at,
+        fleet: fleet.into(),
+    }
+    .sign(publisher)
+    .expect("valid tags")
+}
+
 pub fn node_key(i: usize) -> SecretKey {
     let mut seed = [7u8; 32];
     seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
@@ -416,15 +436,7 @@ impl NodeFleet {
             .map(|i| {
                 let secret = node_key(i);
                 let tags: Tags = [("site".to_string(), format!("s{}", site_of[i]))].into();
-                let certificate = Enrollment {
-                    node: secret.public(),
-                    tags: tags.clone(),
-                    issued_at: T0_MS / 1000 - 10,
-                    expires_at: T0_MS / 1000 + 365 * 86_400,
-                    fleet: DEFAULT_FLEET.into(),
-                }
-                .sign(&publisher)
-                .expect("valid tags");
+                let certificate = enroll(&publisher, &secret, &tags, T0_MS / 1000 + 365 * 86_400, DEFAULT_FLEET);
                 SimNode {
                     node: None,
                     identity: NodeIdentity { secret, certificate, tags, fleet: DEFAULT_FLEET.into() },
@@ -602,6 +614,14 @@ impl NodeFleet {
                 self.input(j, Input::PeerDisconnected { peer });
             }
         }
+    }
+
+    /// Gives node `i` a new certificate for its key and tags, in `fleet`, expiring at
+    /// `expires_at` (Unix seconds); it presents it from its next start.
+    pub fn reenroll(&mut self, i: usize, expires_at: u64, fleet: &str) {
+        let identity = &mut self.nodes[i].identity;
+        identity.certificate = enroll(&self.publisher, &identity.secret, &identity.tags, expires_at, fleet);
+        identity.fleet = fleet.into();
     }
 
     /// Cuts (or heals) the links between `side` and every other node.
