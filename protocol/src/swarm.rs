@@ -1,7 +1,7 @@
 //! Piece-level swarming: a blob cut into fixed-size pieces, fetched from several providers
 //! at once, each verified piece served again as soon as it has arrived (a node that is
 //! still fetching is already a provider). Rarest piece first spreads every piece early;
-//! the origin seeds each piece at most once per site and leaves the rest to peers.
+//! the origin seeds each piece once and leaves the rest to peers.
 //!
 //! Decisions only: which piece to ask a provider for, and whether the origin sends a
 //! piece once more. The fetcher's side of one blob is a state machine (`PieceFetch`:
@@ -93,13 +93,32 @@ impl PieceSet {
     }
 }
 
+/// Why a provider does not send a piece now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not now: its upload slots are busy, enough peers hold the blob, or the client is
+    /// not admitted. Ask again later, or another provider.
+    Busy(String),
+    /// Not this piece: it went to another peer already (the origin seeds each piece
+    /// once), and another piece would be sent. Ask for another one at once.
+    Elsewhere(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Busy(reason) | Refusal::Elsewhere(reason) => f.write_str(reason),
+        }
+    }
+}
+
 /// How a node seeds what it originated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SwarmPolicy {
-    /// The origin serves a piece only while fewer than this many other nodes of the
-    /// requester's site hold it or are being sent it (1: it seeds each piece once per
-    /// site at most, peers do the rest; per site, so that a piece held only across a
-    /// partition is seeded again).
+    /// The origin serves a piece only while fewer than this many other nodes hold it or
+    /// are being sent it (1: it seeds each piece once, peers do the rest; a piece is
+    /// seeded again after `node::uploads::RESEED_AFTER_MS`, in case its peer left or is
+    /// cut off from the others by a partition).
     pub origin_copies_per_piece: u32,
 }
 
@@ -141,10 +160,12 @@ pub fn pick_piece(
 }
 
 /// Whether the origin sends this piece once more: `copies_elsewhere` is how many other
-/// nodes of the requester's site hold it or are being sent it.
-pub fn origin_piece_decision(policy: &SwarmPolicy, copies_elsewhere: u32) -> Result<(), String> {
+/// nodes hold it or are being sent it.
+pub fn origin_piece_decision(policy: &SwarmPolicy, copies_elsewhere: u32) -> Result<(), Refusal> {
     if policy.origin_copies_per_piece > 0 && copies_elsewhere >= policy.origin_copies_per_piece {
-        return Err(format!("{copies_elsewhere} peers of this site hold this piece or are fetching it: ask them"));
+        return Err(Refusal::Elsewhere(format!(
+            "{copies_elsewhere} peers hold this piece or are fetching it: ask them"
+        )));
     }
     Ok(())
 }
@@ -189,10 +210,10 @@ mod tests {
     }
 
     #[test]
-    fn the_origin_seeds_each_piece_once_per_site() {
+    fn the_origin_seeds_each_piece_once() {
         let p = SwarmPolicy::default();
-        assert!(origin_piece_decision(&p, 0).is_ok(), "not yet in this site");
-        assert!(origin_piece_decision(&p, 1).is_err(), "sent into this site already: ask the peer");
+        assert!(origin_piece_decision(&p, 0).is_ok(), "sent to nobody yet");
+        assert!(origin_piece_decision(&p, 1).is_err(), "sent already: ask the peer");
         let always = SwarmPolicy { origin_copies_per_piece: 0 };
         assert!(origin_piece_decision(&always, 7).is_ok(), "0: no limit");
     }

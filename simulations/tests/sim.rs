@@ -90,13 +90,14 @@ sync_interval_secs = {sync_interval_secs}
 }
 
 #[test]
-fn pieces_are_seeded_once_per_site_and_peers_serve_them_on_before_they_are_whole() {
+fn pieces_are_seeded_once_and_peers_serve_them_on_before_they_are_whole() {
     let r = slmesh_sim::run(small_fleet(0.0, 30));
-    // The origin sends each piece at most once per site: peers, most of them still
-    // fetching, do the rest.
-    assert!(r.origin_egress_per_site <= 1.05, "{}", r.origin_egress_per_site);
+    // The origin sends each piece once, to either site: peers, most of them still
+    // fetching, do the rest, across sites too.
+    let origin_copies = r.origin_egress_bytes as f64 / r.model_bytes as f64;
+    assert!(origin_copies <= 1.1, "the origin sent {origin_copies:.2} copies");
     let ratio = r.distribution_over_bound.expect("every node got the file");
-    assert!((1.0..3.0).contains(&ratio), "distribution {:?} s, {ratio:.2}x the bound", r.distribution_secs);
+    assert!((1.0..2.4).contains(&ratio), "distribution {:?} s, {ratio:.2}x the bound", r.distribution_secs);
 }
 
 #[test]

@@ -18,6 +18,7 @@ use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::store::GcConfig;
 use iroh_blobs::{BlobsProtocol, Hash};
 use n0_future::StreamExt;
+use slmesh_protocol::swarm::Refusal;
 use slmesh_protocol::{Hex32, NodeId, SecretKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -81,15 +82,17 @@ pub trait UploadGate: Send + Sync {
     fn allow(&self, blob: &Hex32, uploading: usize) -> Result<(), String>;
 
     /// As `allow`, knowing who asks (if known) and which piece (`swarm::PIECE_CHUNKS`
-    /// chunks) the request starts in.
+    /// chunks) the request starts in. `Refusal::Elsewhere` goes to the fetcher as
+    /// iroh-blobs' permission error (1), anything else as its limit error (2), so that
+    /// the fetcher can tell "not this piece" from "not now".
     fn allow_piece(
         &self,
         blob: &Hex32,
         uploading: usize,
         _client: Option<NodeId>,
         _piece: Option<u32>,
-    ) -> Result<(), String> {
-        self.allow(blob, uploading)
+    ) -> Result<(), Refusal> {
+        self.allow(blob, uploading).map_err(Refusal::Busy)
     }
 
     /// `to` has been sent the whole blob (in one transfer or in pieces): it holds a
@@ -551,7 +554,11 @@ async fn provider_events(
                         (offset == 0).then(|| ranges.boundaries().first().map(|c| c.0)).flatten()
                     });
                 let piece = first_chunk.map(|c| (c / swarm::PIECE_CHUNKS) as u32);
-                match gate.admit(client).and_then(|()| gate.allow_piece(&hex_of(&hash), running, client, piece)) {
+                let decision = gate
+                    .admit(client)
+                    .map_err(Refusal::Busy)
+                    .and_then(|()| gate.allow_piece(&hex_of(&hash), running, client, piece));
+                match decision {
                     Ok(()) => {
                         if let Ok(mut m) = uploading.lock() {
                             *m.entry(hash).or_default() += 1;
@@ -606,10 +613,14 @@ async fn provider_events(
                             }
                         });
                     }
-                    Err(reason) => {
-                        tracing::debug!(blob = %hash, %reason, "refused a fetch");
+                    Err(refusal) => {
+                        tracing::debug!(blob = %hash, reason = %refusal, "refused a fetch");
                         counters.refused.fetch_add(1, Ordering::Relaxed);
-                        msg.tx.send(Err(AbortReason::RateLimited)).await.ok();
+                        let code = match refusal {
+                            Refusal::Elsewhere(_) => AbortReason::Permission,
+                            Refusal::Busy(_) => AbortReason::RateLimited,
+                        };
+                        msg.tx.send(Err(code)).await.ok();
                     }
                 }
             }

@@ -97,7 +97,7 @@ impl BlobNode {
         self.check_disk_space(hash, size.saturating_sub(had))?;
         self.protect(hash).await?;
         let local = self.store.blobs().observe(hash_of(hash)).await.map_err(|e| BlobError::StoreOp(e.to_string()))?;
-        let fetch = PieceFetch::new(FetchPolicy::default(), pieces_in(&local.ranges, size), 0);
+        let fetch = PieceFetch::new(FetchPolicy::default(), pieces_in(&local.ranges, size), self.id(), 0);
         let state = Arc::new(Mutex::new(State { fetch, received: 0, delivered: HashMap::new() }));
         let notify = Arc::new(Notify::new());
         let mut workers = tokio::task::JoinSet::new();
@@ -127,7 +127,7 @@ impl BlobNode {
                 };
                 progress(&report);
                 let ranked: Vec<NodeId> = providers.borrow().clone();
-                s.fetch.providers_to_start(&ranked, &self.id())
+                s.fetch.providers_to_start(&ranked)
             };
             for provider in to_start {
                 last_provider.get_or_insert(provider);
@@ -229,12 +229,14 @@ impl BlobNode {
             };
             let mut claim = Claim { state, piece: Some(piece) };
             let result = self.get_piece(hash, size, piece, provider, conn, state).await;
-            // The provider's upload slots are busy: its gate reset the stream with
-            // iroh-blobs' ERR_LIMIT (2). Other resets (3: it failed to read its own data)
-            // and bad data drop the provider.
+            // The provider's gate reset the stream: with iroh-blobs' ERR_LIMIT (2) when
+            // it is busy, with ERR_PERMISSION (1) when it sent this piece to another
+            // peer and would send another. Other resets (3: it failed to read its own
+            // data) and bad data drop the provider.
             let outcome = match result {
                 Ok(()) => PieceOutcome::Received,
                 Err(reason) if reason.ends_with("reset by peer: error 2") => PieceOutcome::Refused,
+                Err(reason) if reason.ends_with("reset by peer: error 1") => PieceOutcome::Declined,
                 Err(reason) => PieceOutcome::Failed(reason),
             };
             claim.piece = None;

@@ -5,6 +5,7 @@
 use slmesh_blobs::UploadGate;
 use slmesh_protocol::mesh::UploadPolicy;
 use slmesh_protocol::node::{UploadView, Uploads};
+use slmesh_protocol::swarm::Refusal;
 use slmesh_protocol::{Hex32, NodeId};
 use std::sync::{Mutex, MutexGuard};
 
@@ -40,7 +41,7 @@ impl UploadGate for GateState {
         uploading: usize,
         client: Option<NodeId>,
         piece: Option<u32>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         self.lock().allow_piece(super::core::unix_millis(), blob, uploading, client, piece)
     }
 

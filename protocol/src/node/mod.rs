@@ -197,13 +197,12 @@ pub enum Level {
 }
 
 /// What the upload gate needs: which blobs this node published, who else holds each,
-/// and the sites of admitted peers.
+/// and which peers are admitted.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct UploadView {
     pub originated: BTreeSet<Hex32>,
     pub holders: BTreeMap<Hex32, BTreeSet<NodeId>>,
     pub admitted: BTreeSet<NodeId>,
-    pub sites: BTreeMap<NodeId, String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

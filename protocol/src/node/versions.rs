@@ -464,7 +464,6 @@ impl Node {
             .iter()
             .map(|b| (*b, self.directory.holders(b).into_iter().filter(|n| admitted.contains(n)).collect()))
             .collect();
-        let sites = self.peers.iter().filter_map(|(n, p)| Some((*n, p.tags.get("site")?.clone()))).collect();
-        UploadView { originated: self.originated.clone(), holders, admitted, sites }
+        UploadView { originated: self.originated.clone(), holders, admitted }
     }
 }

@@ -32,10 +32,10 @@ pub struct FetchPolicy {
 impl Default for FetchPolicy {
     fn default() -> Self {
         FetchPolicy {
-            max_providers: 8,
+            max_providers: 16,
             requests_per_provider: 2,
-            refused_retry_ms: 300,
-            max_refusals: 100,
+            refused_retry_ms: 100,
+            max_refusals: 300,
             stalled_after_ms: 30_000,
             // A 512 KiB piece takes 4 s at 1 Mbit/s: 20 s of silence is not a slow link.
             piece_stall_ms: 20_000,
@@ -60,8 +60,12 @@ pub enum Next {
 pub enum PieceOutcome {
     /// Verified and stored.
     Received,
-    /// The provider's upload slots were busy.
+    /// The provider did not send it now (`Refusal::Busy`: its upload slots were busy,
+    /// say): ask it again after a while.
     Refused,
+    /// The provider will not send this piece, having sent it to another peer
+    /// (`Refusal::Elsewhere`), and would send another: ask it for another at once.
+    Declined,
     /// Bad data, a reset, a closed connection: the provider is dropped.
     Failed(String),
 }
@@ -99,19 +103,26 @@ pub struct PieceFetch {
     asked: BTreeSet<NodeId>,
     running: BTreeSet<NodeId>,
     refusals: BTreeMap<(NodeId, u32), u32>,
-    /// Pieces each provider refused since it last sent one: asked of it again only once
-    /// it has refused everything else it offers. A refusal cannot say why (iroh-blobs
-    /// resets the stream with one code), and an origin that seeded a piece into this
-    /// site already refuses that piece however often it is asked, while it would send
-    /// another.
+    /// Pieces each provider refused (busy) since it last sent one, and pieces it declined
+    /// during this fetch (an origin that seeded them to other peers): asked of it again
+    /// only once it has turned down everything else it offers, and then only those no
+    /// other provider offers. Otherwise its lanes would claim a piece again and again
+    /// while a provider that would send it waits (a straggler in the simulator waited 20
+    /// s for its last piece so).
     refused: BTreeMap<NodeId, PieceSet>,
+    declined: BTreeMap<NodeId, PieceSet>,
     failed: Vec<(NodeId, String)>,
     progressed_at: u64,
+    /// This node, and where its piece picks start (from its id): fetchers that see the
+    /// same offers ask for different pieces, so that an origin that sends each piece
+    /// once is not asked by all of them for the same one.
+    me: NodeId,
+    spread: u32,
 }
 
 impl PieceFetch {
     /// A fetch that holds `mine` already (a resumed fetch never asks for those again).
-    pub fn new(policy: FetchPolicy, mine: PieceSet, now: u64) -> Self {
+    pub fn new(policy: FetchPolicy, mine: PieceSet, me: NodeId, now: u64) -> Self {
         let n = mine.len();
         PieceFetch {
             policy,
@@ -123,8 +134,11 @@ impl PieceFetch {
             running: BTreeSet::new(),
             refusals: BTreeMap::new(),
             refused: BTreeMap::new(),
+            declined: BTreeMap::new(),
             failed: vec![],
             progressed_at: now,
+            me,
+            spread: u32::from_le_bytes([me.as_bytes()[0], me.as_bytes()[1], me.as_bytes()[2], me.as_bytes()[3]]),
         }
     }
 
@@ -138,13 +152,13 @@ impl PieceFetch {
 
     /// Providers to start now from the node's ranked list (best first): those not asked
     /// yet during this fetch, while fewer than `max_providers` run.
-    pub fn providers_to_start(&mut self, ranked: &[NodeId], me: &NodeId) -> Vec<NodeId> {
+    pub fn providers_to_start(&mut self, ranked: &[NodeId]) -> Vec<NodeId> {
         let mut out = vec![];
         for p in ranked {
             if self.running.len() >= self.policy.max_providers {
                 break;
             }
-            if p != me && self.asked.insert(*p) {
+            if *p != self.me && self.asked.insert(*p) {
                 self.running.insert(*p);
                 out.push(*p);
             }
@@ -161,26 +175,38 @@ impl PieceFetch {
     }
 
     /// The next piece one lane of `provider` asks for: the rarest it offers that is
-    /// neither here nor asked for; fetchers with different starts break ties differently
-    /// and spread out.
+    /// neither here nor asked for; ties start from a point set by this node, the provider
+    /// and the lane, so that fetchers and lanes spread out.
     pub fn next(&mut self, provider: &NodeId, lane: u32) -> Next {
         if self.mine.is_full() {
             return Next::Done;
         }
         let Some(offered) = self.theirs.get(provider).filter(|o| !o.is_empty()) else { return Next::Wait };
         let start = u32::from_le_bytes([provider.as_bytes()[0], provider.as_bytes()[1], 0, 0])
-            .wrapping_add(lane.wrapping_mul(7));
-        let copies = &self.copies;
+            .wrapping_add(lane.wrapping_mul(7))
+            .wrapping_add(self.spread);
         let mut skip = self.requested.clone();
-        if let Some(refused) = self.refused.get(provider) {
-            for p in refused.iter() {
+        for p in self.turned_down(provider) {
+            skip.insert(p);
+        }
+        let mut pick = pick_piece(&self.mine, &skip, offered, &self.copies, start);
+        if pick.is_none() && (self.refused.contains_key(provider) || self.declined.contains_key(provider)) {
+            // It turned down everything else it offers: ask it again for what no other
+            // provider offers without having turned it down; the rest wait for those.
+            let refused = self.offered_elsewhere(provider, self.refused.get(provider));
+            let declined = self.offered_elsewhere(provider, self.declined.get(provider));
+            let mut skip = self.requested.clone();
+            for p in refused.iter().chain(declined.iter()) {
                 skip.insert(p);
             }
-        }
-        let mut pick = pick_piece(&self.mine, &skip, offered, copies, start);
-        if pick.is_none() && self.refused.remove(provider).is_some() {
-            // Everything else it offers was refused too: ask again from the start.
-            pick = pick_piece(&self.mine, &self.requested, offered, copies, start);
+            pick = pick_piece(&self.mine, &skip, offered, &self.copies, start);
+            for (map, kept) in [(&mut self.refused, refused), (&mut self.declined, declined)] {
+                if kept.is_empty() {
+                    map.remove(provider);
+                } else {
+                    map.insert(*provider, kept);
+                }
+            }
         }
         match pick {
             Some(p) => {
@@ -189,6 +215,39 @@ impl PieceFetch {
             }
             None => Next::Wait,
         }
+    }
+
+    /// The pieces `provider` refused or declined.
+    fn turned_down(&self, provider: &NodeId) -> impl Iterator<Item = u32> + '_ {
+        [self.refused.get(provider), self.declined.get(provider)].into_iter().flatten().flat_map(|s| s.iter())
+    }
+
+    fn was_turned_down(&self, provider: &NodeId, piece: u32) -> bool {
+        [self.refused.get(provider), self.declined.get(provider)].into_iter().flatten().any(|s| s.contains(piece))
+    }
+
+    /// Whether `provider` offers a piece this node lacks, has not asked for and it has
+    /// not turned down.
+    fn more_to_ask(&self, provider: &NodeId) -> bool {
+        let Some(offered) = self.theirs.get(provider) else { return false };
+        offered
+            .iter()
+            .any(|p| !self.mine.contains(p) && !self.requested.contains(p) && !self.was_turned_down(provider, p))
+    }
+
+    /// Of `pieces`, those some other running provider offers and has not turned down.
+    fn offered_elsewhere(&self, provider: &NodeId, pieces: Option<&PieceSet>) -> PieceSet {
+        let mut out = PieceSet::new(self.mine.len());
+        for piece in pieces.into_iter().flat_map(|s| s.iter()) {
+            let elsewhere = self
+                .theirs
+                .iter()
+                .any(|(q, offer)| q != provider && offer.contains(piece) && !self.was_turned_down(q, piece));
+            if elsewhere {
+                out.insert(piece);
+            }
+        }
+        out
     }
 
     /// Moves `copies` from `old` (the provider's previous offer) to its current one.
@@ -230,6 +289,17 @@ impl PieceFetch {
                 self.refused.remove(provider);
                 AfterPiece::Continue
             }
+            PieceOutcome::Declined => {
+                let n = self.mine.len();
+                self.declined.entry(*provider).or_insert_with(|| PieceSet::new(n)).insert(piece);
+                // Another piece at once, unless it turned down all it offers (it has sent
+                // them to peers that will pass them on).
+                if self.more_to_ask(provider) {
+                    AfterPiece::Continue
+                } else {
+                    AfterPiece::RetryAfter(self.policy.refused_retry_ms)
+                }
+            }
             PieceOutcome::Refused => {
                 let n = self.mine.len();
                 self.refused.entry(*provider).or_insert_with(|| PieceSet::new(n)).insert(piece);
@@ -252,6 +322,7 @@ impl PieceFetch {
             self.count_offer(*provider, Some(&old));
         }
         self.refused.remove(provider);
+        self.declined.remove(provider);
         self.refusals.retain(|(p, _), _| p != provider);
         if let Err(reason) = result {
             self.failed.push((*provider, reason));
@@ -296,8 +367,9 @@ mod tests {
     #[test]
     fn a_fetch_asks_each_provider_once_for_pieces_it_offers_and_completes() {
         let (me, a, b) = (node(1), node(2), node(3));
-        let mut f = PieceFetch::new(FetchPolicy { max_providers: 1, ..FetchPolicy::default() }, PieceSet::new(3), 0);
-        assert_eq!(f.providers_to_start(&[me, a, b], &me), vec![a], "one at a time, never itself");
+        let mut f =
+            PieceFetch::new(FetchPolicy { max_providers: 1, ..FetchPolicy::default() }, PieceSet::new(3), me, 0);
+        assert_eq!(f.providers_to_start(&[me, a, b]), vec![a], "one at a time, never itself");
         assert_eq!(f.next(&a, 0), Next::Wait, "a has not said what it holds");
         f.offered(a, PieceSet::full(3));
         let Next::Ask(p) = f.next(&a, 0) else { panic!("a offers pieces") };
@@ -305,9 +377,9 @@ mod tests {
         assert_ne!(p, q, "two lanes never ask for the same piece");
         assert_eq!(f.outcome(&a, 0, p, PieceOutcome::Received, 5), AfterPiece::Continue);
         f.release(q);
-        assert_eq!(f.providers_to_start(&[a, b], &me), vec![], "a still runs");
+        assert_eq!(f.providers_to_start(&[a, b]), vec![], "a still runs");
         f.provider_ended(&a, Ok(()));
-        assert_eq!(f.providers_to_start(&[a, b], &me), vec![b], "a was asked already");
+        assert_eq!(f.providers_to_start(&[a, b]), vec![b], "a was asked already");
         f.offered(b, PieceSet::full(3));
         while let Next::Ask(p) = f.next(&b, 0) {
             f.outcome(&b, 0, p, PieceOutcome::Received, 6);
@@ -320,42 +392,108 @@ mod tests {
     fn refusals_back_off_then_drop_and_a_stall_ends_the_fetch() {
         let (me, a) = (node(1), node(2));
         let policy = FetchPolicy { max_refusals: 2, stalled_after_ms: 1000, ..FetchPolicy::default() };
-        let mut f = PieceFetch::new(policy, PieceSet::new(2), 0);
-        f.providers_to_start(&[a], &me);
+        let mut f = PieceFetch::new(policy, PieceSet::new(2), me, 0);
+        f.providers_to_start(&[a]);
         f.offered(a, PieceSet::full(2));
         for _ in 0..2 {
             let Next::Ask(p) = f.next(&a, 0) else { panic!() };
-            assert_eq!(f.outcome(&a, 0, p, PieceOutcome::Refused, 10), AfterPiece::RetryAfter(300));
+            assert_eq!(f.outcome(&a, 0, p, PieceOutcome::Refused, 10), AfterPiece::RetryAfter(100));
         }
         let Next::Ask(p) = f.next(&a, 0) else { panic!() };
         assert!(matches!(f.outcome(&a, 0, p, PieceOutcome::Refused, 10), AfterPiece::Drop(_)));
         f.provider_ended(&a, Err("refused".into()));
         assert_eq!(f.state(500), FetchState::Running, "not stalled yet");
         assert!(matches!(f.state(2000), FetchState::Failed(v) if v.len() == 1));
-        let idle = PieceFetch::new(FetchPolicy::default(), PieceSet::new(1), 0);
+        let idle = PieceFetch::new(FetchPolicy::default(), PieceSet::new(1), me, 0);
         assert_eq!(idle.state(60_000), FetchState::NoProvider);
-        let resumed = PieceFetch::new(FetchPolicy::default(), PieceSet::full(4), 0);
+        let resumed = PieceFetch::new(FetchPolicy::default(), PieceSet::full(4), me, 0);
         assert_eq!(resumed.state(0), FetchState::Complete, "a resumed fetch with every piece is done");
     }
 
     #[test]
     fn a_refused_piece_is_asked_of_that_provider_again_only_once_the_others_were() {
-        // An origin that seeded piece p into this site already refuses p, and would send
-        // another piece: the lane asks for another one next.
+        // An origin that seeded piece p already refuses p, and would send another piece:
+        // the lane asks for another one next.
         let (me, a) = (node(1), node(2));
-        let mut f = PieceFetch::new(FetchPolicy::default(), PieceSet::new(3), 0);
-        f.providers_to_start(&[a], &me);
+        let mut f = PieceFetch::new(FetchPolicy::default(), PieceSet::new(3), me, 0);
+        f.providers_to_start(&[a]);
         f.offered(a, PieceSet::full(3));
         let Next::Ask(p) = f.next(&a, 0) else { panic!("a offers pieces") };
-        assert_eq!(f.outcome(&a, 0, p, PieceOutcome::Refused, 1), AfterPiece::RetryAfter(300));
+        assert_eq!(f.outcome(&a, 0, p, PieceOutcome::Refused, 1), AfterPiece::RetryAfter(100));
         let Next::Ask(q) = f.next(&a, 0) else { panic!("a offers other pieces") };
         assert_ne!(q, p, "the refused piece is not asked again first");
-        assert_eq!(f.outcome(&a, 0, q, PieceOutcome::Refused, 2), AfterPiece::RetryAfter(300));
+        assert_eq!(f.outcome(&a, 0, q, PieceOutcome::Refused, 2), AfterPiece::RetryAfter(100));
         let Next::Ask(r) = f.next(&a, 0) else { panic!("one piece left that a has not refused") };
         assert!(r != p && r != q);
-        assert_eq!(f.outcome(&a, 0, r, PieceOutcome::Refused, 3), AfterPiece::RetryAfter(300));
-        // Everything it offers was refused: start over rather than wait forever.
+        assert_eq!(f.outcome(&a, 0, r, PieceOutcome::Refused, 3), AfterPiece::RetryAfter(100));
+        // Everything it offers was refused and nobody else offers it: start over rather
+        // than wait forever.
         assert!(matches!(f.next(&a, 0), Next::Ask(_)));
+    }
+
+    #[test]
+    fn a_piece_one_provider_refused_goes_to_another_that_offers_it() {
+        // The last piece, refused by a (an origin whose peers hold the blob, say): a's
+        // lanes must not keep claiming it, or b's lanes, which would be sent it, wait
+        // behind them for as long as a refuses.
+        let (me, a, b) = (node(1), node(2), node(3));
+        let mut f = PieceFetch::new(FetchPolicy::default(), PieceSet::new(1), me, 0);
+        f.providers_to_start(&[a, b]);
+        f.offered(a, PieceSet::full(1));
+        assert_eq!(f.next(&a, 0), Next::Ask(0));
+        assert_eq!(f.next(&b, 0), Next::Wait, "claimed by a's lane");
+        f.offered(b, PieceSet::full(1));
+        assert_eq!(f.outcome(&a, 0, 0, PieceOutcome::Refused, 1), AfterPiece::RetryAfter(100));
+        assert_eq!(f.next(&a, 0), Next::Wait, "b offers it and has not refused it");
+        assert_eq!(f.next(&a, 1), Next::Wait);
+        assert_eq!(f.next(&b, 0), Next::Ask(0));
+        // b refuses it too: now a may be asked again (both refused: one of them will
+        // have a free slot first).
+        assert_eq!(f.outcome(&b, 0, 0, PieceOutcome::Refused, 2), AfterPiece::RetryAfter(100));
+        assert_eq!(f.next(&a, 0), Next::Ask(0));
+    }
+
+    #[test]
+    fn a_declined_piece_is_passed_over_at_once_and_stays_passed_over_after_a_piece_arrives() {
+        // An origin that sent pieces to other peers declines them ("not this piece"),
+        // where busy slots refuse ("not now"): the lane asks for another piece at once,
+        // and a piece arriving from it does not bring the declined ones back.
+        let (me, origin, peer) = (node(1), node(2), node(3));
+        let mut f = PieceFetch::new(FetchPolicy::default(), PieceSet::new(3), me, 0);
+        f.providers_to_start(&[origin, peer]);
+        f.offered(origin, PieceSet::full(3));
+        let Next::Ask(p) = f.next(&origin, 0) else { panic!("the origin offers pieces") };
+        assert_eq!(f.outcome(&origin, 0, p, PieceOutcome::Declined, 1), AfterPiece::Continue, "others to ask for");
+        let Next::Ask(q) = f.next(&origin, 0) else { panic!("two pieces left") };
+        assert_ne!(q, p);
+        assert_eq!(f.outcome(&origin, 0, q, PieceOutcome::Received, 2), AfterPiece::Continue);
+        let Next::Ask(r) = f.next(&origin, 0) else { panic!("one piece the origin did not decline") };
+        assert!(r != p && r != q, "{p} was declined: not asked again while another is left");
+        assert_eq!(f.outcome(&origin, 0, r, PieceOutcome::Declined, 3), AfterPiece::RetryAfter(100), "all declined");
+        // Declined pieces count no refusals: a busy provider is dropped after
+        // max_refusals, one that sent pieces on is not.
+        let mut pieces = PieceSet::new(3);
+        pieces.insert(p);
+        f.offered(peer, pieces);
+        assert_eq!(f.next(&origin, 0), Next::Ask(r), "p is offered elsewhere, r is not: the origin is asked for r");
+        assert_eq!(f.next(&peer, 0), Next::Ask(p));
+    }
+
+    #[test]
+    fn fetchers_that_see_the_same_offers_start_at_different_pieces() {
+        // Every fetcher asked the origin for the same first piece once: with the origin
+        // sending each piece once, all but one were refused, over and over.
+        let origin = node(2);
+        let firsts: BTreeSet<u32> = (10..30u8)
+            .map(|k| {
+                let mut f = PieceFetch::new(FetchPolicy::default(), PieceSet::new(200), node(k), 0);
+                f.providers_to_start(&[origin]);
+                f.offered(origin, PieceSet::full(200));
+                let Next::Ask(p) = f.next(&origin, 0) else { panic!("the origin offers every piece") };
+                p
+            })
+            .collect();
+        assert!(firsts.len() >= 15, "20 fetchers, {} distinct first pieces", firsts.len());
     }
 
     #[test]
@@ -364,8 +502,8 @@ mod tests {
         // kept counts always equal a count from scratch.
         let me = node(1);
         let providers: Vec<NodeId> = (2..8).map(node).collect();
-        let mut f = PieceFetch::new(FetchPolicy::default(), PieceSet::new(130), 0);
-        f.providers_to_start(&providers, &me);
+        let mut f = PieceFetch::new(FetchPolicy::default(), PieceSet::new(130), me, 0);
+        f.providers_to_start(&providers);
         let mut x = 12345u64;
         for step in 0..400 {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -395,8 +533,8 @@ mod tests {
     fn a_provider_that_offers_nothing_does_not_keep_a_stalled_fetch_alive() {
         let (me, a, b) = (node(1), node(2), node(3));
         let policy = FetchPolicy { stalled_after_ms: 1000, ..FetchPolicy::default() };
-        let mut f = PieceFetch::new(policy, PieceSet::new(2), 0);
-        f.providers_to_start(&[a, b], &me);
+        let mut f = PieceFetch::new(policy, PieceSet::new(2), me, 0);
+        f.providers_to_start(&[a, b]);
         f.offered(a, PieceSet::new(2));
         f.provider_ended(&b, Err("partitioned".into()));
         assert_eq!(f.next(&a, 0), Next::Wait);
@@ -415,8 +553,8 @@ mod tests {
     #[test]
     fn an_offer_of_the_wrong_length_or_from_a_provider_not_asked_is_ignored() {
         let (me, a, b) = (node(1), node(2), node(3));
-        let mut f = PieceFetch::new(FetchPolicy::default(), PieceSet::new(4), 0);
-        f.providers_to_start(&[a], &me);
+        let mut f = PieceFetch::new(FetchPolicy::default(), PieceSet::new(4), me, 0);
+        f.providers_to_start(&[a]);
         f.offered(a, PieceSet::full(9));
         f.offered(b, PieceSet::full(4));
         assert_eq!(f.next(&a, 0), Next::Wait);

@@ -11,7 +11,7 @@ use crate::engine::SECOND;
 use slmesh_protocol::hex32::Hex32;
 use slmesh_protocol::manifest::FileEntry;
 use slmesh_protocol::node::Input;
-use slmesh_protocol::swarm::{AfterPiece, FetchPolicy, FetchState, Next, PieceFetch, PieceOutcome, PieceSet};
+use slmesh_protocol::swarm::{AfterPiece, FetchPolicy, FetchState, Next, PieceFetch, PieceOutcome, PieceSet, Refusal};
 use slmesh_protocol::NodeId;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -53,7 +53,7 @@ impl NodeFleet {
             }
             let n = piece_count(file.size);
             let mine = self.nodes[i].pieces.entry(file.blake3).or_insert_with(|| PieceSet::new(n)).clone();
-            let fetch = PieceFetch::new(FetchPolicy::default(), mine, now);
+            let fetch = PieceFetch::new(FetchPolicy::default(), mine, self.id(i), now);
             let bf = BlobFetch {
                 model: model.clone(),
                 version,
@@ -92,10 +92,9 @@ impl NodeFleet {
 
     /// Starts the providers the state machine picks, then polls the parked lanes.
     pub(super) fn pump(&mut self, i: usize, blob: Hex32) {
-        let me = self.id(i);
         let lanes = FetchPolicy::default().requests_per_provider;
         let Some(bf) = self.nodes[i].fetches.get_mut(&blob) else { return };
-        let started = bf.fetch.providers_to_start(&bf.ranked.clone(), &me);
+        let started = bf.fetch.providers_to_start(&bf.ranked.clone());
         let n = bf.fetch.mine().len();
         for p in started {
             let Some(&j) = self.ids.get(&p) else { continue };
@@ -170,16 +169,20 @@ impl NodeFleet {
         let decision = if holds {
             self.nodes[j].uploads.allow_piece(now, &blob, uploading, Some(client), Some(piece))
         } else {
-            Err("does not hold the piece".into())
+            Err(Refusal::Busy("does not hold the piece".into()))
         };
         match decision {
             Err(_) if !holds => {
                 let at = self.send(j, i, 64).unwrap_or(self.q.now() + SECOND);
                 self.q.at(at, answer(PieceOutcome::Failed("the provider does not hold the piece".into())));
             }
-            Err(_) => {
+            Err(refusal) => {
+                let outcome = match refusal {
+                    Refusal::Busy(_) => PieceOutcome::Refused,
+                    Refusal::Elsewhere(_) => PieceOutcome::Declined,
+                };
                 let at = self.send(j, i, 64).unwrap_or(self.q.now() + SECOND);
-                self.q.at(at, answer(PieceOutcome::Refused));
+                self.q.at(at, answer(outcome));
             }
             Ok(()) => {
                 *self.nodes[j].uploading.entry(blob).or_default() += 1;
