@@ -136,6 +136,14 @@ fn nodes_serve_pieces_of_a_file_they_are_still_fetching() {
     eprintln!("publisher uploaded {up} bytes ({:.2}x the file), fetchers {from_peers}", up as f64 / size as f64);
     assert!(up < 2 * size, "the publisher uploaded {up} bytes for a {size}-byte file: peers should carry most");
     assert!(from_peers > size, "the fetchers uploaded only {from_peers} bytes to each other");
+    // The publisher sends each piece once and declines it after ("not this piece", the
+    // permission code): a fetcher asks for another, and must not drop the publisher.
+    let turned_down = publisher.status()["refused_fetches"].as_u64().unwrap_or(0);
+    eprintln!("the publisher turned down {turned_down} piece requests");
+    for f in &fetchers {
+        let log = f.log_text();
+        assert!(!log.contains("error 1"), "{} took a declined piece for a failed provider:\n{log}", f.node.name);
+    }
 }
 
 #[test]
