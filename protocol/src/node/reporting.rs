@@ -142,21 +142,16 @@ impl Node {
         for r in reports.iter() {
             self.reporting_since.entry((r.model.clone(), r.version)).or_insert(now);
         }
-        let keep: Vec<bool> = reports
-            .iter()
-            .map(|r| {
-                // Ranks are spread over the nodes that report the version: in a canary of
-                // 5%, the lowest rank among them is 20 times the fleet's.
-                let reporters = fleet * self.reporting_share(&r.model, r.version);
-                let rank = rank_fraction(panel_rank(&self.me, &r.model, r.version));
-                let turns = ((rank * reporters / PANEL_SIZE as f64).floor() as u64).min(MAX_REPORT_WAIT_INTERVALS);
-                let first = self.reporting_since.get(&(r.model.clone(), r.version)).copied().unwrap_or(now);
-                now >= first.saturating_add(turns.saturating_mul(interval))
-                    && self.fleet.would_seat(&self.me, &r.model, r.version)
-            })
-            .collect();
-        let mut keep = keep.into_iter();
-        reports.retain(|_| keep.next().unwrap_or(false));
+        reports.retain(|r| {
+            // Ranks are spread over the nodes that report the version: in a canary of 5%,
+            // the lowest rank among them is 20 times the fleet's.
+            let reporters = fleet * self.reporting_share(&r.model, r.version);
+            let rank = rank_fraction(panel_rank(&self.me, &r.model, r.version));
+            let turns = ((rank * reporters / PANEL_SIZE as f64).floor() as u64).min(MAX_REPORT_WAIT_INTERVALS);
+            let first = self.reporting_since.get(&(r.model.clone(), r.version)).copied().unwrap_or(now);
+            now >= first.saturating_add(turns.saturating_mul(interval))
+                && self.fleet.would_seat(&self.me, &r.model, r.version)
+        });
     }
 
     /// The share of the fleet that reports a version: that of its open waves while its

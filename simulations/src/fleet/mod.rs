@@ -356,7 +356,6 @@ pub struct NodeFleet {
     pub response_bytes: BTreeMap<RequestKind, u64>,
 }
 
-/// The key of simulated node `i`.
 /// The publisher's enrollment of a node key in `fleet`, valid from just before the
 /// simulation's start until `expires_at` (Unix seconds).
 fn enroll(
@@ -377,6 +376,7 @@ fn enroll(
     .expect("valid tags")
 }
 
+/// The key of simulated node `i`.
 pub fn node_key(i: usize) -> SecretKey {
     let mut seed = [7u8; 32];
     seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
