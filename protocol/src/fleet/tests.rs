@@ -485,6 +485,30 @@ fn the_gates_read_the_same_figures_without_merging_sketches() {
     assert_eq!(evaluate_gates(&g, &full, None), evaluate_gates(&g, &gates, None));
 }
 
+#[test]
+fn the_gates_summary_kept_between_ticks_follows_every_change_of_the_view() {
+    let mut view = FleetView::with_ttl(60);
+    assert!(view.update(record(1, 1, vec![report(2, 10, 0, 0.2)]), 100));
+    let first = view.gate_summary("m", 2);
+    assert!(std::sync::Arc::ptr_eq(&first, &view.gate_summary("m", 2)), "asked again, unchanged: kept");
+    assert_eq!(first.pooled.requests, 10);
+    // A newer record, another node, an expiry, a removal: each shows at once.
+    assert!(view.update(record(1, 2, vec![report(2, 15, 1, 0.2)]), 101));
+    assert_eq!(view.gate_summary("m", 2).pooled.errors, 1);
+    assert!(view.update(record(2, 1, vec![report(2, 5, 0, 0.2)]), 101));
+    assert_eq!(view.gate_summary("m", 2).nodes_reporting, 2);
+    let gone = view.departures();
+    assert_eq!(gone, 0, "a record replaced by its node's newer one has not left");
+    view.remove(&node(2).public());
+    assert_eq!((view.gate_summary("m", 2).nodes_reporting, view.departures()), (1, gone + 1));
+    assert_eq!(view.expire(200, 60), 1);
+    assert_eq!((view.gate_summary("m", 2).nodes_reporting, view.departures()), (0, gone + 2));
+    // A duplicate changes nothing, and counts no departure.
+    assert!(view.update(record(3, 1, vec![report(2, 5, 0, 0.2)]), 150));
+    assert!(!view.update(record(3, 1, vec![report(2, 5, 0, 0.2)]), 150));
+    assert_eq!((view.gate_summary("m", 2).pooled.requests, view.departures()), (5, gone + 2));
+}
+
 fn gates_for_test() -> Gates {
     Gates { max_error_rate: 0.05, ..gates() }
 }

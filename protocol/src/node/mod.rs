@@ -340,6 +340,8 @@ pub struct Node {
     /// The signed copy of each record the view holds, for anti-entropy, with the
     /// certificate it counted under (the node's later records may come without one).
     signed_metrics: BTreeMap<NodeId, HeldMetrics>,
+    /// `fleet.departures()` when `signed_metrics` was last pruned.
+    fleet_departures_seen: u64,
     metrics_seq: u64,
     metrics_sent_at: Option<u64>,
     /// When this node last sent its certificate with its record.
@@ -452,6 +454,7 @@ impl Node {
             fetch_check: true,
             fleet: FleetView::with_ttl(cfg.metrics_ttl_secs),
             signed_metrics: BTreeMap::new(),
+            fleet_departures_seen: 0,
             metrics_seq: 0,
             metrics_sent_at: None,
             certificate_sent_at: None,

@@ -410,15 +410,18 @@ impl Node {
             return GossipVerdict::Ignore("not newer than the record held, or outside the metrics panel".into());
         }
         self.signed_metrics.insert(node, HeldMetrics { signed, certificate });
-        // Records the view let go of (its bound) are not kept either.
-        if self.signed_metrics.len() > self.fleet.len() {
-            self.drop_signed_metrics_not_in_view();
-        }
+        // Records the view let go of (its bound, seats taken) are not kept either.
+        self.drop_signed_metrics_not_in_view();
         GossipVerdict::Accept
     }
 
-    /// Keeps the signed copy (for anti-entropy) only of records the fleet view holds.
+    /// Keeps the signed copy (for anti-entropy) only of records the fleet view holds:
+    /// pruned when records left the view since the last time.
     pub(super) fn drop_signed_metrics_not_in_view(&mut self) {
+        if self.fleet.departures() == self.fleet_departures_seen {
+            return;
+        }
+        self.fleet_departures_seen = self.fleet.departures();
         let fleet = &self.fleet;
         self.signed_metrics.retain(|n, _| fleet.record(n).is_some());
     }

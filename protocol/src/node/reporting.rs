@@ -118,9 +118,11 @@ impl Node {
             Ok(d) => d,
             Err(e) => return self.event(None, Level::Warn, format!("cannot encode the metrics record: {e}")),
         };
-        self.fleet.update(record, secs);
-        let held = HeldMetrics { signed: message.record, certificate: self.certificate.clone() };
-        self.signed_metrics.insert(self.me, held);
+        // Held for anti-entropy only while the view holds it (it has a seat).
+        if self.fleet.update(record, secs) {
+            let held = HeldMetrics { signed: message.record, certificate: self.certificate.clone() };
+            self.signed_metrics.insert(self.me, held);
+        }
         self.last_reports = Some(reports);
         self.metrics_sent_at = Some(now);
         if with_certificate {
@@ -205,7 +207,7 @@ impl Node {
         let key = (report.model.clone(), report.version);
         let Some(plan) = self.manifests.get(&key).map(|m| &m.manifest.rollout) else { return false };
         let baseline = self.fleet.gate_baseline(&report.model, report.version);
-        let beyond = |r: &VersionReport| node_beyond_limits(&plan.gates, &node_stat(self.me, r), baseline.as_ref());
+        let beyond = |r: &VersionReport| node_beyond_limits(&plan.gates, &node_stat(self.me, r), baseline.as_deref());
         if beyond(report) || beyond(last) {
             return true;
         }

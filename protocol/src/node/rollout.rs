@@ -124,7 +124,7 @@ impl Node {
             let Some(plan) = self.manifests.get(&key).map(|m| m.manifest.rollout.clone()) else { continue };
             let summary = self.fleet.gate_summary(name, version);
             let baseline_summary = self.fleet.gate_baseline(name, version);
-            let verdict = evaluate_gates(&plan.gates, &summary, baseline_summary.as_ref());
+            let verdict = evaluate_gates(&plan.gates, &summary, baseline_summary.as_deref());
             let operator = self.operator_state(&key);
             let record = self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(secs)).clone();
             let mut progress =
