@@ -1,5 +1,7 @@
 """The official `openai` Python client against a node: what it sends is honoured, or
 refused with a 400 that names the parameter. Usage: openai_client.py BASE_URL MODEL"""
+import json
+import math
 import sys
 
 import openai
@@ -29,11 +31,59 @@ assert r.choices[0].text.strip(), r
 assert client.models.retrieve(model).id == model
 assert [m.id for m in client.models.list().data] == [model]
 
+# Log-probabilities: natural logarithms; with greedy decoding the chosen token is the
+# most likely alternative; the alternatives are text, most likely first.
+r = client.chat.completions.create(
+    model=model, messages=question, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+tokens = r.choices[0].logprobs.content
+assert tokens, r
+assert "Paris" in "".join(t.token for t in tokens), tokens
+for t in tokens:
+    assert t.logprob <= 1e-6 and t.bytes == list(t.token.encode()), t
+    assert 1 <= len(t.top_logprobs) <= 3, t
+    alternatives = [a.logprob for a in t.top_logprobs]
+    assert alternatives == sorted(alternatives, reverse=True), t
+    assert t.top_logprobs[0].token == t.token and abs(t.top_logprobs[0].logprob - t.logprob) < 1e-3, t
+    assert sum(math.exp(a) for a in alternatives) <= 1.0 + 1e-3, t
+# "Paris" is a confident answer: well above an even chance.
+assert max(math.exp(t.logprob) for t in tokens if "Paris" in t.token) > 0.5, tokens
+
+chunks = list(client.chat.completions.create(
+    model=model, messages=question, max_tokens=8, temperature=0, stream=True, logprobs=True, top_logprobs=2))
+streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+assert streamed and all(t.logprob <= 1e-6 and len(t.top_logprobs) <= 2 for t in streamed), streamed
+
+r = client.chat.completions.create(
+    model=model, messages=question, max_tokens=8, temperature=0.8, logprobs=True)
+assert all(t.logprob <= 1e-6 and t.top_logprobs == [] for t in r.choices[0].logprobs.content), r
+
+# JSON answers, by the engine's constrained decoding.
+capital = {
+    "type": "object",
+    "properties": {"capital": {"type": "string", "maxLength": 24}},
+    "required": ["capital"],
+    "additionalProperties": False,
+}
+r = client.chat.completions.create(
+    model=model, max_tokens=64, temperature=0,
+    messages=[{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
+    response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": capital}})
+answer = json.loads(r.choices[0].message.content)
+assert list(answer) == ["capital"] and isinstance(answer["capital"], str), answer
+
+r = client.chat.completions.create(
+    model=model, max_tokens=96, temperature=0,
+    messages=[{"role": "user", "content": "Describe Paris in JSON with a name and a country."}],
+    response_format={"type": "json_object"})
+assert isinstance(json.loads(r.choices[0].message.content), dict), r.choices[0].message.content
+
 for kwargs, param in [
     ({"n": 2}, "n"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"logprobs": True}, "logprobs"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"seed": 3, "temperature": 0.7}, "seed"),
 ]:
     try:
         client.chat.completions.create(model=model, messages=question, max_tokens=4, **kwargs)

@@ -140,8 +140,12 @@ fn openai_parameters_are_honoured_or_refused_by_name() {
         (r#","n":2"#, "n"),
         (r#","tools":[{"type":"function","function":{"name":"f","parameters":{}}}]"#, "tools"),
         (r#","tool_choice":"auto""#, "tool_choice"),
-        (r#","response_format":{"type":"json_object"}"#, "response_format"),
-        (r#","logprobs":true"#, "logprobs"),
+        (r#","response_format":{"type":"json_schema"}"#, "response_format"),
+        (r#","response_format":{"type":"json_schema","json_schema":{"name":"x","schema":7}}"#, "response_format"),
+        (r#","response_format":{"type":"xml"}"#, "response_format"),
+        (r#","logprobs":"yes""#, "logprobs"),
+        (r#","top_logprobs":2"#, "top_logprobs"),
+        (r#","logprobs":true,"top_logprobs":21"#, "top_logprobs"),
         (r#","seed":7,"temperature":0.8"#, "seed"),
         (r#","stop":["a","b","c","d","e"]"#, "stop"),
         (r#","stop":[1]"#, "stop"),
@@ -152,8 +156,20 @@ fn openai_parameters_are_honoured_or_refused_by_name() {
         assert_eq!(v["error"]["param"], param, "{extra}: {v}");
         assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
     }
+    // A schema the engine's grammar compiler refuses is the client's mistake: a 400.
+    let (status, v) =
+        chat(r#","response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"frobnicate"}}}"#);
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains("frobnicate")), "{v}");
     let (status, v) = post_json(addr, "/v1/completions", r#"{"prompt":"x","n":3}"#);
     assert_eq!(status, 400, "{v}");
+    // The legacy endpoint's logprobs and JSON modes are not done: said so, by name.
+    for (extra, param) in
+        [(r#","logprobs":2"#, "logprobs"), (r#","response_format":{"type":"json_object"}"#, "response_format")]
+    {
+        let (status, v) = post_json(addr, "/v1/completions", format!(r#"{{"prompt":"x"{extra}}}"#));
+        assert_eq!((status, v["error"]["param"].as_str()), (400, Some(param)), "{v}");
+    }
     let (status, body) = http(addr, "GET", "/v1/models/smollm2", &[], vec![]);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(r#""id":"smollm2""#), "{body}");

@@ -10,6 +10,7 @@
 
 pub use crate::guard::HostPolicy;
 pub use crate::listener::ConnectionLimits;
+use crate::logprobs::{rewrite_choices, TopRecorder};
 use crate::request::{build_request, completion_sampling, ChatRequest, CompletionRequest};
 use crate::{Engine, LoadedModel};
 use axum::body::{to_bytes, Body};
@@ -309,27 +310,51 @@ async fn chat_completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, bod
     authorized(state, headers)?;
     let req: ChatRequest = read_json(state, body, "chat completion request").await?;
     let model = model_for(state, req.common.model.as_deref())?;
-    let builder = build_request(&req, &state.limits)?;
+    let (builder, recorder) = build_request(&req, &state.limits)?;
     let start = Instant::now();
     let turn = take_turn(state).await?;
     if req.common.stream == Some(true) {
-        return Ok(stream_chat(state.clone(), model, builder, turn, start));
+        return Ok(stream_chat(state.clone(), model, builder, recorder, turn, start));
     }
-    generate(state, &model, start, turn, model.chat(builder)).await
+    let work = async {
+        let answer = model.chat(builder).await?;
+        Ok(ChatAnswer { answer, logprobs: recorder.map(|r| (r, model.clone())) })
+    };
+    generate(state, &model, start, turn, work).await
+}
+
+/// The alternatives of step `k` of a generation, named by the model's vocabulary.
+fn alternatives(recorder: &TopRecorder, model: &LoadedModel, k: usize) -> Vec<(String, f64)> {
+    recorder.step(k).into_iter().map(|(id, logprob)| (model.vocabulary.text(id), logprob)).collect()
 }
 
 /// A non-streaming answer of the engine.
-trait Answer: serde::Serialize {
+trait Answer {
     fn usage(&self) -> &Usage;
     fn set_model(&mut self, id: String);
+    /// The body in OpenAI's shape.
+    fn to_json(&self) -> serde_json::Value;
 }
 
-impl Answer for mistralrs::ChatCompletionResponse {
+/// A chat answer, and what names its alternatives if its request asked for logprobs.
+struct ChatAnswer {
+    answer: mistralrs::ChatCompletionResponse,
+    logprobs: Option<(Arc<TopRecorder>, Arc<LoadedModel>)>,
+}
+
+impl Answer for ChatAnswer {
     fn usage(&self) -> &Usage {
-        &self.usage
+        &self.answer.usage
     }
     fn set_model(&mut self, id: String) {
-        self.model = id;
+        self.answer.model = id;
+    }
+    fn to_json(&self) -> serde_json::Value {
+        let mut body = serde_json::to_value(&self.answer).unwrap_or_default();
+        if let Some((recorder, model)) = &self.logprobs {
+            rewrite_choices(&mut body, 0, |k| alternatives(recorder, model, k));
+        }
+        body
     }
 }
 
@@ -340,7 +365,13 @@ impl Answer for mistralrs::CompletionResponse {
     fn set_model(&mut self, id: String) {
         self.model = id;
     }
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
 }
+
+/// How mistral.rs 0.8.1 words a request it refuses before generating.
+const ENGINE_REFUSED: &str = "request validation error";
 
 /// Runs one non-streaming generation under the request timeout, holding `turn`,
 /// records what it measured, and answers.
@@ -374,8 +405,11 @@ async fn generate<R: Answer>(
         Ok(Ok(mut answer)) => {
             state.record(model, &sample_from_usage(latency_secs, queued, answer.usage()));
             answer.set_model(model.spec.id());
-            Ok(Json(answer).into_response())
+            Ok(Json(answer.to_json()).into_response())
         }
+        // The engine refused the request itself (a JSON schema its grammar compiler
+        // cannot take, say): the client's mistake, not a failure of this version.
+        Ok(Err(e)) if e.to_string().contains(ENGINE_REFUSED) => Err(bad_request(e.to_string(), None)),
         Ok(Err(e)) => Err(failed(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
         Err(_) => Err(failed(StatusCode::GATEWAY_TIMEOUT, "generation timed out".into())),
     }
@@ -410,6 +444,7 @@ fn stream_chat(
     state: Arc<HttpState>,
     model: Arc<LoadedModel>,
     builder: RequestBuilder,
+    recorder: Option<Arc<TopRecorder>>,
     turn: OwnedSemaphorePermit,
     start: Instant,
 ) -> Response {
@@ -431,6 +466,8 @@ fn stream_chat(
     tokio::spawn(async move {
         let _turn = turn;
         let mut first_token = None;
+        // Tokens with logprobs streamed so far: the recorder's steps, in order.
+        let mut streamed_tokens = 0;
         let mut usage = None;
         let mut error = None;
         // The client went away or stopped reading (the forwarder gave up): nothing more
@@ -456,7 +493,12 @@ fn stream_chat(
                         chunk.model = model.spec.id();
                         let last = chunk.usage.is_some();
                         usage = chunk.usage.clone().or(usage);
-                        let data = serde_json::to_string(&chunk).unwrap_or_default();
+                        let mut body = serde_json::to_value(&chunk).unwrap_or_default();
+                        if let Some(r) = &recorder {
+                            streamed_tokens +=
+                                rewrite_choices(&mut body, streamed_tokens, |k| alternatives(r, &model, k));
+                        }
+                        let data = body.to_string();
                         if queue.send(Event::default().data(data)).is_err() {
                             gone = true;
                             break;

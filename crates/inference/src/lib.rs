@@ -14,6 +14,7 @@ pub mod eval;
 pub mod guard;
 pub mod http;
 mod listener;
+mod logprobs;
 pub mod prometheus;
 pub mod quantize;
 mod request;
@@ -69,6 +70,8 @@ impl ModelSpec {
 pub struct LoadedModel {
     pub spec: ModelSpec,
     pub info: GgufInfo,
+    /// Token texts, for the alternatives of `top_logprobs`.
+    vocabulary: logprobs::Vocabulary,
     model: Model,
 }
 
@@ -116,9 +119,18 @@ impl LoadedModel {
         let path = spec.gguf.clone();
         let failed = |reason: String| InferenceError::LoadFailed { path: path.clone(), reason };
         let header_path = path.clone();
-        let info = tokio::task::spawn_blocking(move || check_gguf(&header_path))
-            .await
-            .map_err(|e| failed(panic_text(e)))??;
+        let (info, vocabulary) = tokio::task::spawn_blocking(move || {
+            let info = check_gguf(&header_path)?;
+            // A file without a token list loads (or not) in mistral.rs; its alternatives
+            // then come back without text.
+            let vocabulary = logprobs::Vocabulary::read(&header_path).unwrap_or_else(|e| {
+                tracing::warn!(file = %header_path.display(), "no token texts for top_logprobs: {e}");
+                Default::default()
+            });
+            Ok::<_, InferenceError>((info, vocabulary))
+        })
+        .await
+        .map_err(|e| failed(panic_text(e)))??;
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         // mistral.rs falls through to the hub when the folder does not exist: make sure it does.
         let dir = std::fs::canonicalize(dir).map_err(|e| failed(format!("model folder: {e}")))?;
@@ -138,7 +150,7 @@ impl LoadedModel {
         .await
         .map_err(|e| failed(panic_text(e)))?
         .map_err(|e| failed(format!("{e:#}")))?;
-        let loaded = LoadedModel { spec, info, model };
+        let loaded = LoadedModel { spec, info, vocabulary, model };
         loaded.smoke_test().await?;
         Ok(loaded)
     }

@@ -3,14 +3,18 @@
 //! Supported: `messages` (or `prompt`), `max_tokens` / `max_completion_tokens`,
 //! `temperature`, `top_p`, `stop` (a string or up to 4), `frequency_penalty`,
 //! `presence_penalty`, `n` = 1, `seed` with `temperature` 0 (answers are deterministic
-//! then), `response_format` `text`, `stream` and `stream_options.include_usage` (the last
-//! chunk always carries usage), `user`. Anything else a client may rely on (`tools`,
-//! `response_format` JSON, `logprobs`, `n` > 1, a `seed` with sampling) gets a 400 in
-//! OpenAI's error shape naming the parameter, rather than being ignored silently.
+//! then), `response_format` (`text`, `json_object`, `json_schema`: constrained decoding,
+//! chat only), `logprobs` with `top_logprobs` up to 20 (chat only; natural logarithms of
+//! the distribution sampled from, after penalties and temperature), `stream` and
+//! `stream_options.include_usage` (the last chunk always carries usage), `user`.
+//! Anything else a client may rely on (`tools`, `n` > 1, a `seed` with sampling) gets a
+//! 400 in OpenAI's error shape naming the parameter, rather than being ignored silently.
 
 use crate::http::{bad_request, ApiError, HttpLimits};
-use mistralrs::{RequestBuilder, SamplingParams, StopTokens, TextMessageRole, TextMessages};
+use crate::logprobs::{TopRecorder, MAX_TOP_LOGPROBS};
+use mistralrs::{Constraint, RequestBuilder, SamplingParams, StopTokens, TextMessageRole, TextMessages};
 use serde::Deserialize;
+use std::sync::Arc;
 
 /// Stop sequences a request may give, at most (OpenAI's limit).
 const MAX_STOP_SEQUENCES: usize = 4;
@@ -97,6 +101,9 @@ struct Sampling {
     stop: Vec<String>,
     frequency_penalty: Option<f32>,
     presence_penalty: Option<f32>,
+    /// Token log-probabilities asked for, with this many alternatives per token.
+    logprobs: Option<usize>,
+    constraint: Constraint,
 }
 
 fn sampling(
@@ -122,7 +129,57 @@ fn sampling(
         stop: stop_sequences(common.stop.as_ref())?,
         frequency_penalty: penalty(common.frequency_penalty, "frequency_penalty")?,
         presence_penalty: penalty(common.presence_penalty, "presence_penalty")?,
+        logprobs: logprobs(common)?,
+        constraint: constraint(common.response_format.as_ref())?,
     })
+}
+
+/// `logprobs` (true or false) and `top_logprobs` (0 to 20, only with `logprobs`).
+fn logprobs(c: &CommonParams) -> Result<Option<usize>, ApiError> {
+    let wanted = match &c.logprobs {
+        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
+        Some(serde_json::Value::Bool(true)) => true,
+        Some(_) => return Err(bad_request("logprobs must be true or false", Some("logprobs"))),
+    };
+    let top = match c.top_logprobs.as_ref().filter(|v| !v.is_null()) {
+        None => 0,
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= MAX_TOP_LOGPROBS as u64 => n as usize,
+            _ => {
+                return Err(bad_request(
+                    format!("top_logprobs must be a whole number from 0 to {MAX_TOP_LOGPROBS}"),
+                    Some("top_logprobs"),
+                ))
+            }
+        },
+    };
+    if !wanted && c.top_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(bad_request("top_logprobs needs logprobs set to true", Some("top_logprobs")));
+    }
+    Ok(wanted.then_some(top))
+}
+
+/// `response_format`: `text`, `json_object` (any JSON object) or `json_schema` (an
+/// object matching `json_schema.schema`), enforced by the engine's constrained decoding.
+fn constraint(format: Option<&serde_json::Value>) -> Result<Constraint, ApiError> {
+    let Some(format) = format.filter(|v| !v.is_null()) else { return Ok(Constraint::None) };
+    let bad = |m: &str| bad_request(format!("response_format: {m}"), Some("response_format"));
+    match format.get("type").and_then(|t| t.as_str()) {
+        Some("text") => Ok(Constraint::None),
+        Some("json_object") => Ok(Constraint::JsonSchema(serde_json::json!({"type": "object"}))),
+        Some("json_schema") => {
+            let schema = format
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .ok_or_else(|| bad("json_schema needs {\"json_schema\": {\"name\": .., \"schema\": {..}}}"))?;
+            if !schema.is_object() {
+                return Err(bad("json_schema.schema must be a JSON Schema object"));
+            }
+            Ok(Constraint::JsonSchema(schema.clone()))
+        }
+        Some(other) => Err(bad(&format!("type {other:?} is not one of text, json_object, json_schema"))),
+        None => Err(bad("needs a type: text, json_object or json_schema")),
+    }
 }
 
 /// Parameters a client relies on that this node does not do: a clear 400, not silence.
@@ -138,22 +195,9 @@ fn refuse_unsupported(c: &CommonParams) -> Result<(), ApiError> {
             return Err(bad_request(format!("{name} is not supported by this node yet"), Some(name)));
         }
     }
-    if c.logprobs.as_ref().is_some_and(|v| v != &serde_json::Value::Bool(false) && !v.is_null())
-        || present(&c.top_logprobs)
-    {
-        return Err(bad_request("logprobs are not supported by this node yet", Some("logprobs")));
-    }
     if let Some(n) = c.n.as_ref().filter(|v| !v.is_null()) {
         if n.as_u64() != Some(1) {
             return Err(bad_request(format!("n = {n}: this node answers with one choice (n = 1)"), Some("n")));
-        }
-    }
-    if let Some(format) = c.response_format.as_ref().filter(|v| !v.is_null()) {
-        if format.get("type").and_then(|t| t.as_str()) != Some("text") {
-            return Err(bad_request(
-                "response_format: only {\"type\": \"text\"} is supported by this node yet",
-                Some("response_format"),
-            ));
         }
     }
     if present(&c.seed) && c.temperature != Some(0.0) {
@@ -200,7 +244,11 @@ fn max_tokens(requested: Option<&serde_json::Number>, limits: &HttpLimits) -> Re
     }
 }
 
-pub(crate) fn build_request(req: &ChatRequest, limits: &HttpLimits) -> Result<RequestBuilder, ApiError> {
+/// The engine's request, and the recorder of alternatives if the request asked for logprobs.
+pub(crate) fn build_request(
+    req: &ChatRequest,
+    limits: &HttpLimits,
+) -> Result<(RequestBuilder, Option<Arc<TopRecorder>>), ApiError> {
     if req.messages.is_empty() {
         return Err(bad_request("messages must not be empty", Some("messages")));
     }
@@ -244,13 +292,29 @@ pub(crate) fn build_request(req: &ChatRequest, limits: &HttpLimits) -> Result<Re
     if let Some(p) = s.presence_penalty {
         builder = builder.set_sampler_presence_penalty(p);
     }
+    // The engine gives the chosen token's figure; the alternatives come from the
+    // recorder (its own come back empty with greedy decoding: see `logprobs`).
+    let recorder = s.logprobs.map(|top| Arc::new(TopRecorder::new(top, s.temperature)));
+    if let Some(r) = &recorder {
+        builder = builder.return_logprobs(true).add_logits_processor(r.clone());
+    }
+    builder = builder.set_constraint(s.constraint);
     // After set_deterministic_sampler, which resets the length.
-    Ok(builder.set_sampler_max_len(s.max_tokens as usize))
+    Ok((builder.set_sampler_max_len(s.max_tokens as usize), recorder))
 }
 
 /// The engine's sampling settings for a plain completion.
 pub(crate) fn completion_sampling(common: &CommonParams, limits: &HttpLimits) -> Result<SamplingParams, ApiError> {
+    // The legacy endpoint's `logprobs` is a number and its answer another shape.
+    let only_chat =
+        |name: &'static str| bad_request(format!("{name} is supported on /v1/chat/completions only"), Some(name));
+    if common.logprobs.as_ref().is_some_and(|v| !v.is_null() && v != &serde_json::Value::Bool(false)) {
+        return Err(only_chat("logprobs"));
+    }
     let s = sampling(common, None, limits)?;
+    if !matches!(s.constraint, Constraint::None) {
+        return Err(only_chat("response_format"));
+    }
     let mut params = SamplingParams::deterministic();
     params.max_len = Some(s.max_tokens as usize);
     params.temperature = s.temperature.filter(|t| *t > 0.0);
