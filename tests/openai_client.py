@@ -77,9 +77,42 @@ r = client.chat.completions.create(
     response_format={"type": "json_object"})
 assert isinstance(json.loads(r.choices[0].message.content), dict), r.choices[0].message.content
 
+# Function calling: a call when one is required (or named), then the result goes back.
+weather = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 32}},
+                   "required": ["city"], "additionalProperties": False}}}]
+ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+for choice in ["required", {"type": "function", "function": {"name": "get_weather"}}]:
+    r = client.chat.completions.create(
+        model=model, messages=ask, tools=weather, tool_choice=choice, max_tokens=48, temperature=0)
+    message = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and message.content is None, r
+    call = message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id, call
+    assert isinstance(json.loads(call.function.arguments)["city"], str), call
+history = ask + [message, {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}]
+r = client.chat.completions.create(
+    model=model, messages=history, tools=weather, tool_choice="none", max_tokens=24, temperature=0)
+assert r.choices[0].message.content and not r.choices[0].message.tool_calls, r
+# Left to the model ("auto"): a call or text, each in its own shape.
+r = client.chat.completions.create(model=model, messages=ask, tools=weather, max_tokens=48, temperature=0)
+message = r.choices[0].message
+assert (message.tool_calls and message.content is None and r.choices[0].finish_reason == "tool_calls") or (
+    message.content and not message.tool_calls), r
+# Streamed: the call comes as one tool_calls delta.
+chunks = list(client.chat.completions.create(
+    model=model, messages=ask, tools=weather, tool_choice="required", max_tokens=48, temperature=0, stream=True))
+calls = [t for c in chunks if c.choices and c.choices[0].delta.tool_calls for t in c.choices[0].delta.tool_calls]
+assert len(calls) == 1 and calls[0].function.name == "get_weather", chunks
+assert json.loads(calls[0].function.arguments)["city"], calls
+assert any(c.choices and c.choices[0].finish_reason == "tool_calls" for c in chunks), chunks
+
 for kwargs, param in [
     ({"n": 2}, "n"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "two words"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": weather, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
     ({"response_format": {"type": "yaml"}}, "response_format"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),

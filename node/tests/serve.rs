@@ -138,8 +138,11 @@ fn openai_parameters_are_honoured_or_refused_by_name() {
     // Refused by name, not silently ignored.
     for (extra, param) in [
         (r#","n":2"#, "n"),
-        (r#","tools":[{"type":"function","function":{"name":"f","parameters":{}}}]"#, "tools"),
+        (r#","tools":[{"type":"function","function":{"name":"f g"}}]"#, "tools"),
+        (r#","tools":[{"type":"function","function":{"name":"f","parameters":[]}}]"#, "tools"),
         (r#","tool_choice":"auto""#, "tool_choice"),
+        (r#","tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"always""#, "tool_choice"),
+        (r#","functions":[{"name":"f"}]"#, "functions"),
         (r#","response_format":{"type":"json_schema"}"#, "response_format"),
         (r#","response_format":{"type":"json_schema","json_schema":{"name":"x","schema":7}}"#, "response_format"),
         (r#","response_format":{"type":"xml"}"#, "response_format"),

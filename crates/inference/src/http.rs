@@ -11,7 +11,8 @@
 pub use crate::guard::HostPolicy;
 pub use crate::listener::ConnectionLimits;
 use crate::logprobs::{rewrite_choices, TopRecorder};
-use crate::request::{build_request, completion_sampling, ChatRequest, CompletionRequest};
+use crate::request::{build_request, completion_sampling, ChatPlan, ChatRequest, CompletionRequest};
+use crate::tools::{rewrite_as_call, HeldAnswer, ToolPlan};
 use crate::{Engine, LoadedModel};
 use axum::body::{to_bytes, Body};
 use axum::extract::State;
@@ -138,6 +139,13 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status.as_u16()}});
         (self.status, Json(body)).into_response()
+    }
+}
+
+impl ApiError {
+    /// The request parameter at fault, if one is.
+    pub fn param(&self) -> Option<&'static str> {
+        self.param
     }
 }
 
@@ -310,17 +318,25 @@ async fn chat_completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, bod
     authorized(state, headers)?;
     let req: ChatRequest = read_json(state, body, "chat completion request").await?;
     let model = model_for(state, req.common.model.as_deref())?;
-    let (builder, recorder) = build_request(&req, &state.limits)?;
+    let ChatPlan { builder, recorder, tools } = build_request(&req, &state.limits)?;
     let start = Instant::now();
     let turn = take_turn(state).await?;
     if req.common.stream == Some(true) {
-        return Ok(stream_chat(state.clone(), model, builder, recorder, turn, start));
+        return Ok(stream_chat(state.clone(), model, builder, Extras { recorder, tools }, turn, start));
     }
     let work = async {
         let answer = model.chat(builder).await?;
-        Ok(ChatAnswer { answer, logprobs: recorder.map(|r| (r, model.clone())) })
+        Ok(ChatAnswer { answer, model: model.clone(), extras: Extras { recorder, tools } })
     };
     generate(state, &model, start, turn, work).await
+}
+
+/// What a chat answer needs on its way back beyond the engine's answer.
+struct Extras {
+    /// Names the alternatives, if the request asked for logprobs.
+    recorder: Option<Arc<TopRecorder>>,
+    /// The tools offered: an answer that calls one becomes `tool_calls`.
+    tools: Option<ToolPlan>,
 }
 
 /// The alternatives of step `k` of a generation, named by the model's vocabulary.
@@ -336,10 +352,11 @@ trait Answer {
     fn to_json(&self) -> serde_json::Value;
 }
 
-/// A chat answer, and what names its alternatives if its request asked for logprobs.
+/// A chat answer, with what it needs on its way back.
 struct ChatAnswer {
     answer: mistralrs::ChatCompletionResponse,
-    logprobs: Option<(Arc<TopRecorder>, Arc<LoadedModel>)>,
+    model: Arc<LoadedModel>,
+    extras: Extras,
 }
 
 impl Answer for ChatAnswer {
@@ -351,8 +368,16 @@ impl Answer for ChatAnswer {
     }
     fn to_json(&self) -> serde_json::Value {
         let mut body = serde_json::to_value(&self.answer).unwrap_or_default();
-        if let Some((recorder, model)) = &self.logprobs {
-            rewrite_choices(&mut body, 0, |k| alternatives(recorder, model, k));
+        if let Some(recorder) = &self.extras.recorder {
+            rewrite_choices(&mut body, 0, |k| alternatives(recorder, &self.model, k));
+        }
+        if let Some(tools) = &self.extras.tools {
+            let id = crate::tools::call_id(&body);
+            for (choice, answer) in body["choices"].as_array_mut().into_iter().flatten().zip(&self.answer.choices) {
+                if let Some(call) = answer.message.content.as_deref().and_then(|text| tools.call_in(text)) {
+                    rewrite_as_call(choice, "message", &call, &id, false);
+                }
+            }
         }
         body
     }
@@ -444,7 +469,7 @@ fn stream_chat(
     state: Arc<HttpState>,
     model: Arc<LoadedModel>,
     builder: RequestBuilder,
-    recorder: Option<Arc<TopRecorder>>,
+    extras: Extras,
     turn: OwnedSemaphorePermit,
     start: Instant,
 ) -> Response {
@@ -468,6 +493,8 @@ fn stream_chat(
         let mut first_token = None;
         // Tokens with logprobs streamed so far: the recorder's steps, in order.
         let mut streamed_tokens = 0;
+        // The answer held back while tools are offered.
+        let mut held = HeldAnswer::default();
         let mut usage = None;
         let mut error = None;
         // The client went away or stopped reading (the forwarder gave up): nothing more
@@ -494,9 +521,14 @@ fn stream_chat(
                         let last = chunk.usage.is_some();
                         usage = chunk.usage.clone().or(usage);
                         let mut body = serde_json::to_value(&chunk).unwrap_or_default();
-                        if let Some(r) = &recorder {
+                        if let Some(r) = &extras.recorder {
                             streamed_tokens +=
                                 rewrite_choices(&mut body, streamed_tokens, |k| alternatives(r, &model, k));
+                        }
+                        if let Some(tools) = &extras.tools {
+                            if !held.take(&mut body, last, tools) {
+                                continue;
+                            }
                         }
                         let data = body.to_string();
                         if queue.send(Event::default().data(data)).is_err() {

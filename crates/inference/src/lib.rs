@@ -18,6 +18,7 @@ mod logprobs;
 pub mod prometheus;
 pub mod quantize;
 mod request;
+pub mod tools;
 
 use mistralrs::{
     ChatCompletionResponse, CompletionResponse, Constraint, GgufModelBuilder, Model, NormalRequest, Request,

@@ -7,11 +7,14 @@
 //! chat only), `logprobs` with `top_logprobs` up to 20 (chat only; natural logarithms of
 //! the distribution sampled from, after penalties and temperature), `stream` and
 //! `stream_options.include_usage` (the last chunk always carries usage), `user`.
-//! Anything else a client may rely on (`tools`, `n` > 1, a `seed` with sampling) gets a
-//! 400 in OpenAI's error shape naming the parameter, rather than being ignored silently.
+//! `tools` and `tool_choice` (chat only: `tools`), `tool` messages and assistant
+//! messages with `tool_calls`. Anything else a client may rely on (`n` > 1, a `seed`
+//! with sampling, the deprecated `functions`) gets a 400 in OpenAI's error shape naming
+//! the parameter, rather than being ignored silently.
 
 use crate::http::{bad_request, ApiError, HttpLimits};
 use crate::logprobs::{TopRecorder, MAX_TOP_LOGPROBS};
+use crate::tools::{calls_as_text, ToolPlan};
 use mistralrs::{Constraint, RequestBuilder, SamplingParams, StopTokens, TextMessageRole, TextMessages};
 use serde::Deserialize;
 use std::sync::Arc;
@@ -71,6 +74,18 @@ pub(crate) struct ChatRequest {
 struct ChatMessage {
     role: String,
     content: Option<serde_json::Value>,
+    /// An assistant message's calls (content null then).
+    #[serde(default)]
+    tool_calls: Option<serde_json::Value>,
+}
+
+/// What the engine is asked, and what the answer needs on its way back.
+pub(crate) struct ChatPlan {
+    pub builder: RequestBuilder,
+    /// Records the alternatives, if the request asked for logprobs.
+    pub recorder: Option<Arc<TopRecorder>>,
+    /// The tools offered, if any (an answer that calls one becomes `tool_calls`).
+    pub tools: Option<ToolPlan>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,14 +200,9 @@ fn constraint(format: Option<&serde_json::Value>) -> Result<Constraint, ApiError
 /// Parameters a client relies on that this node does not do: a clear 400, not silence.
 fn refuse_unsupported(c: &CommonParams) -> Result<(), ApiError> {
     let present = |v: &Option<serde_json::Value>| v.as_ref().is_some_and(|v| !v.is_null());
-    for (name, value) in [
-        ("tools", &c.tools),
-        ("tool_choice", &c.tool_choice),
-        ("functions", &c.functions),
-        ("function_call", &c.function_call),
-    ] {
+    for (name, value) in [("functions", &c.functions), ("function_call", &c.function_call)] {
         if present(value) {
-            return Err(bad_request(format!("{name} is not supported by this node yet"), Some(name)));
+            return Err(bad_request(format!("{name} (deprecated by OpenAI) is not supported: use tools"), Some(name)));
         }
     }
     if let Some(n) = c.n.as_ref().filter(|v| !v.is_null()) {
@@ -244,38 +254,71 @@ fn max_tokens(requested: Option<&serde_json::Number>, limits: &HttpLimits) -> Re
     }
 }
 
-/// The engine's request, and the recorder of alternatives if the request asked for logprobs.
-pub(crate) fn build_request(
-    req: &ChatRequest,
-    limits: &HttpLimits,
-) -> Result<(RequestBuilder, Option<Arc<TopRecorder>>), ApiError> {
+pub(crate) fn build_request(req: &ChatRequest, limits: &HttpLimits) -> Result<ChatPlan, ApiError> {
     if req.messages.is_empty() {
         return Err(bad_request("messages must not be empty", Some("messages")));
     }
+    let tools = crate::tools::parse(req.common.tools.as_ref(), req.common.tool_choice.as_ref())?;
+    // The tools are described in a system message: the first one, if the request has one.
+    let mut tool_text = tools.as_ref().map(ToolPlan::system_text);
     let mut messages = TextMessages::new();
+    if !matches!(req.messages[0].role.as_str(), "system" | "developer") {
+        if let Some(text) = tool_text.take() {
+            messages = messages.add_message(TextMessageRole::System, text);
+        }
+    }
     for (i, m) in req.messages.iter().enumerate() {
         let role = match m.role.as_str() {
             "system" | "developer" => TextMessageRole::System,
             "user" => TextMessageRole::User,
             "assistant" => TextMessageRole::Assistant,
+            "tool" => TextMessageRole::Tool,
             other => {
                 return Err(bad_request(
-                    format!("messages[{i}].role {other:?} is not one of system, developer, user, assistant"),
+                    format!("messages[{i}].role {other:?} is not one of system, developer, user, assistant, tool"),
                     Some("messages"),
                 ))
             }
         };
-        let text = m
-            .content
-            .as_ref()
-            .and_then(message_text)
-            .ok_or_else(|| bad_request(format!("messages[{i}].content must be text"), Some("messages")))?;
+        let calls = match (&role, m.tool_calls.as_ref().filter(|c| !c.is_null())) {
+            (TextMessageRole::Assistant, Some(calls)) => Some(calls_as_text(i, calls)?),
+            (_, Some(_)) => {
+                return Err(bad_request(
+                    format!("messages[{i}]: only an assistant message has tool_calls"),
+                    Some("messages"),
+                ))
+            }
+            (_, None) => None,
+        };
+        let content = m.content.as_ref().filter(|c| !c.is_null());
+        let text = match (content.map(message_text), calls) {
+            (Some(None), _) => {
+                return Err(bad_request(format!("messages[{i}].content must be text"), Some("messages")))
+            }
+            (Some(Some(text)), None) => text,
+            (Some(Some(text)), Some(calls)) => format!("{text}\n{calls}"),
+            (None, Some(calls)) => calls,
+            (None, None) => String::new(),
+        };
         if text.trim().is_empty() {
             return Err(bad_request(format!("messages[{i}].content is empty"), Some("messages")));
         }
+        let text = match tool_text.take() {
+            Some(tools) => format!("{text}\n\n{tools}"),
+            None => text,
+        };
         messages = messages.add_message(role, text);
     }
-    let s = sampling(&req.common, req.max_completion_tokens.as_ref(), limits)?;
+    let mut s = sampling(&req.common, req.max_completion_tokens.as_ref(), limits)?;
+    if let Some(schema) = tools.as_ref().and_then(ToolPlan::schema) {
+        if !matches!(s.constraint, Constraint::None) {
+            return Err(bad_request(
+                "response_format JSON and a tool_choice that requires a call cannot both shape the answer",
+                Some("response_format"),
+            ));
+        }
+        s.constraint = Constraint::JsonSchema(schema);
+    }
     let mut builder = RequestBuilder::from(messages);
     if let Some(t) = s.temperature {
         builder = if t == 0.0 { builder.set_deterministic_sampler() } else { builder.set_sampler_temperature(t) };
@@ -300,11 +343,16 @@ pub(crate) fn build_request(
     }
     builder = builder.set_constraint(s.constraint);
     // After set_deterministic_sampler, which resets the length.
-    Ok((builder.set_sampler_max_len(s.max_tokens as usize), recorder))
+    Ok(ChatPlan { builder: builder.set_sampler_max_len(s.max_tokens as usize), recorder, tools })
 }
 
 /// The engine's sampling settings for a plain completion.
 pub(crate) fn completion_sampling(common: &CommonParams, limits: &HttpLimits) -> Result<SamplingParams, ApiError> {
+    for (name, value) in [("tools", &common.tools), ("tool_choice", &common.tool_choice)] {
+        if value.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(bad_request(format!("{name} is supported on /v1/chat/completions only"), Some(name)));
+        }
+    }
     // The legacy endpoint's `logprobs` is a number and its answer another shape.
     let only_chat =
         |name: &'static str| bad_request(format!("{name} is supported on /v1/chat/completions only"), Some(name));
