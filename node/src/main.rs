@@ -30,6 +30,12 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads the inference engine computes on (default: every CPU). On a machine that
+    /// runs other work too, fewer can be faster: the engine splits each matrix product
+    /// across all its threads and waits for the slowest, so one thread that shares its
+    /// core stalls the others (measured in BENCHMARKS.md, "Inference threads").
+    #[arg(long, global = true, env = "SLMESH_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -258,7 +264,13 @@ fn main() -> ExitCode {
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // candle and rayon read RAYON_NUM_THREADS (rayon once, when its pool starts): set
+    // while the process has one thread, before any of them runs.
+    if let Some(n) = cli.threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -322,3 +322,29 @@ fn sigterm_lets_the_request_in_flight_finish_then_stops() {
     let exit = node.child.wait().unwrap();
     assert!(exit.success(), "slmesh serve exited with {exit}");
 }
+
+/// Threads of a process (`/proc/PID/status`).
+fn thread_count(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn the_engine_computes_on_the_threads_it_is_given() {
+    // The engine's thread pools are the only parts whose size follows --threads.
+    let counts: Vec<u64> = ["1", "2"]
+        .iter()
+        .map(|n| {
+            let node = start(&["--threads", n]);
+            chat_ok(&node.addr);
+            thread_count(node.child.id())
+        })
+        .collect();
+    assert!(counts[0] < counts[1], "threads with --threads 1 and 2: {counts:?}");
+    let out = Command::new(env!("CARGO_BIN_EXE_slmesh"))
+        .args(["serve", "--threads", "0", "--model", "any.gguf"])
+        .output()
+        .expect("run slmesh");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("--threads"), "{said}");
+}
