@@ -348,3 +348,27 @@ fn the_engine_computes_on_the_threads_it_is_given() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && said.contains("--threads"), "{said}");
 }
+
+#[test]
+fn memory_stays_flat_over_many_different_conversations() {
+    // mistral.rs 0.8.1 kept the attention cache of every finished conversation on a
+    // CPU-only machine (crates/vendor/README.md): 16 are kept, then the oldest go.
+    let node = start(&[]);
+    let pid = node.child.id();
+    let system = "You are a helpful assistant who answers every question in detail. ".repeat(6);
+    let converse = |i: usize| {
+        let body = serde_json::json!({
+            "messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": format!("Conversation {i}: name {i} things that are blue.")}],
+            "max_tokens": 4, "temperature": 0
+        });
+        let (status, v) = post(&node.addr, body.to_string());
+        assert_eq!(status, 200, "{v}");
+    };
+    // Enough to fill the cache, then as many again.
+    (0..20).for_each(converse);
+    let full = rss_mib(pid);
+    (20..40).for_each(converse);
+    let after = rss_mib(pid);
+    assert!(after - full < 30.0, "resident memory grew from {full:.0} to {after:.0} MiB over 20 more conversations");
+}
