@@ -7,10 +7,10 @@
 //! Run: `cargo bench --workspace --bench threads --profile dev` (the dev profile builds
 //! the dependencies optimised, as a node's debug build does).
 
+use slmesh_e2e::serve::{serve_file, Served};
 use slmesh_e2e::{demo_model, post_json};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -22,28 +22,8 @@ const PROMPTS: &[&str] = &[
 ];
 const ROUNDS: usize = 2;
 
-struct Server(Child, String);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(model: &Path, threads: usize) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_slmesh"))
-        .args(["serve", "--http-bind", "127.0.0.1:0", "--threads", &threads.to_string(), "--model"])
-        .arg(model)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start slmesh serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
-    let addr = line.trim().rsplit("http://").next().unwrap_or_default().to_string();
-    assert!(line.starts_with("serving"), "unexpected: {line:?}");
-    Server(child, addr)
+fn serve(model: &Path, threads: usize) -> Served {
+    serve_file(env!("CARGO_BIN_EXE_slmesh").as_ref(), model, &["--threads", &threads.to_string()], "serving ")
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -117,7 +97,7 @@ fn main() {
             for threads in [cpus, 1] {
                 let server = serve(file, threads);
                 let _load = busy.then(Busy::start);
-                let (rate, prompt) = measure(&server.1);
+                let (rate, prompt) = measure(&server.addr);
                 let (base_rate, base_prompt) = *baseline.get_or_insert((rate, prompt));
                 println!(
                     "{:<6} {:<10} {:>8} {:>12.1} {:>7.2}x {:>10.0} ms {:>7.2}x",

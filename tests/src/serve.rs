@@ -1,4 +1,4 @@
-//! `slmesh serve` with the demo model as a real process, stopped when dropped.
+//! `slmesh serve` as a real process (the demo model, or another file), stopped when dropped.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -20,9 +20,14 @@ impl Drop for Served {
 /// Starts `bin serve` on the demo model, named `smollm2`, on a free loopback port, with
 /// `extra` arguments; returns once it serves.
 pub fn serve_demo(bin: &Path, extra: &[&str]) -> Served {
-    let model = crate::demo_model();
+    serve_file(bin, &crate::demo_model(), &[&["--name", "smollm2"], extra].concat(), "serving smollm2@1")
+}
+
+/// Starts `bin serve` on a GGUF file, on a free loopback port, with `extra` arguments;
+/// returns once it serves, its first line starting with `announced`.
+pub fn serve_file(bin: &Path, model: &Path, extra: &[&str], announced: &str) -> Served {
     let mut child = Command::new(bin)
-        .args(["serve", "--model", model.to_str().expect("UTF-8 path"), "--name", "smollm2"])
+        .args(["serve", "--model", model.to_str().expect("UTF-8 path")])
         .args(["--http-bind", "127.0.0.1:0"])
         .args(extra)
         .stdout(Stdio::piped())
@@ -32,6 +37,6 @@ pub fn serve_demo(bin: &Path, extra: &[&str]) -> Served {
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
     let addr = line.trim().rsplit("http://").next().unwrap_or_default().to_string();
-    assert!(line.starts_with("serving smollm2@1"), "unexpected: {line:?}");
+    assert!(line.starts_with(announced), "unexpected: {line:?}");
     Served { child, addr }
 }
