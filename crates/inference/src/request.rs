@@ -348,14 +348,14 @@ pub(crate) fn build_request(req: &ChatRequest, limits: &HttpLimits) -> Result<Ch
 
 /// The engine's sampling settings for a plain completion.
 pub(crate) fn completion_sampling(common: &CommonParams, limits: &HttpLimits) -> Result<SamplingParams, ApiError> {
+    let only_chat =
+        |name: &'static str| bad_request(format!("{name} is supported on /v1/chat/completions only"), Some(name));
     for (name, value) in [("tools", &common.tools), ("tool_choice", &common.tool_choice)] {
         if value.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(bad_request(format!("{name} is supported on /v1/chat/completions only"), Some(name)));
+            return Err(only_chat(name));
         }
     }
     // The legacy endpoint's `logprobs` is a number and its answer another shape.
-    let only_chat =
-        |name: &'static str| bad_request(format!("{name} is supported on /v1/chat/completions only"), Some(name));
     if common.logprobs.as_ref().is_some_and(|v| !v.is_null() && v != &serde_json::Value::Bool(false)) {
         return Err(only_chat("logprobs"));
     }

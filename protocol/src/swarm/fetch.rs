@@ -218,12 +218,17 @@ impl PieceFetch {
     }
 
     /// The pieces `provider` refused or declined.
+    /// The pieces a provider refused, and those it declined.
+    fn turned_down_sets(&self, provider: &NodeId) -> impl Iterator<Item = &PieceSet> + '_ {
+        [self.refused.get(provider), self.declined.get(provider)].into_iter().flatten()
+    }
+
     fn turned_down(&self, provider: &NodeId) -> impl Iterator<Item = u32> + '_ {
-        [self.refused.get(provider), self.declined.get(provider)].into_iter().flatten().flat_map(|s| s.iter())
+        self.turned_down_sets(provider).flat_map(|s| s.iter())
     }
 
     fn was_turned_down(&self, provider: &NodeId, piece: u32) -> bool {
-        [self.refused.get(provider), self.declined.get(provider)].into_iter().flatten().any(|s| s.contains(piece))
+        self.turned_down_sets(provider).any(|s| s.contains(piece))
     }
 
     /// Whether `provider` offers a piece this node lacks, has not asked for and it has
