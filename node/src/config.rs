@@ -113,11 +113,24 @@ pub struct FleetConfig {
     /// seat in a metrics panel goes to the next-ranked node. Keep it above five intervals:
     /// an unchanged record is sent again every five.
     pub metrics_ttl_secs: u64,
+    /// Shadow comparison (a rollout plan's agreement gate) keeps the previous version
+    /// loaded beside the new one while this node is in a canary's soak: only for weights
+    /// files up to this many MiB (0: this node never does).
+    #[serde(default = "default_shadow_max_weights_mib")]
+    pub shadow_max_weights_mib: u64,
+}
+
+fn default_shadow_max_weights_mib() -> u64 {
+    slmesh_protocol::node::DEFAULT_SHADOW_MAX_WEIGHTS_BYTES >> 20
 }
 
 impl Default for FleetConfig {
     fn default() -> Self {
-        FleetConfig { metrics_interval_secs: 10, metrics_ttl_secs: 180 }
+        FleetConfig {
+            metrics_interval_secs: 10,
+            metrics_ttl_secs: 180,
+            shadow_max_weights_mib: default_shadow_max_weights_mib(),
+        }
     }
 }
 
@@ -313,6 +326,9 @@ impl Config {
         out.push_str("# A node not heard from for this many seconds drops out of the fleet view (and its\n");
         out.push_str("# seat in a metrics panel goes to the next node); keep it above five intervals.\n");
         out.push_str(&format!("metrics_ttl_secs = {}\n", self.fleet.metrics_ttl_secs));
+        out.push_str("# Shadow comparison on a canary keeps the previous version loaded too (about its\n");
+        out.push_str("# memory again, and some CPU): only for weights files up to this many MiB; 0: never.\n");
+        out.push_str(&format!("shadow_max_weights_mib = {}\n", self.fleet.shadow_max_weights_mib));
         out.push_str("\n[trust]\n");
         out.push_str("# This node's enrollment certificate, relative to data_dir.\n");
         out.push_str(&format!("certificate = {}\n", q(&self.trust.certificate.to_string_lossy())));

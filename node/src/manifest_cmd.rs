@@ -89,6 +89,16 @@ pub struct CreateArgs {
     /// nodes), in [0, 1].
     #[arg(long, default_value_t = slmesh_protocol::eval::DEFAULT_MIN_PASS_RATE, requires = "eval")]
     pub min_eval_pass_rate: f64,
+    /// Shadow comparison: canary nodes answer a share of live requests again with the
+    /// version they served before (kept loaded during the canary's soak) and score how far
+    /// the two answers agree (chrF, 0 to 1; only the scores leave a node). The rollout
+    /// halts when the median node's median score is below this. Needs a previous version
+    /// on the canary nodes.
+    #[arg(long, value_name = "SCORE")]
+    pub min_agreement: Option<f64>,
+    /// With --min-agreement: the share of live requests compared, in (0, 1].
+    #[arg(long, default_value_t = slmesh_protocol::shadow::DEFAULT_SAMPLE, requires = "min_agreement")]
+    pub shadow_sample: f64,
     /// Accept a GGUF architecture that mistral.rs 0.8.1 cannot load.
     #[arg(long)]
     pub allow_unsupported_architecture: bool,
@@ -250,6 +260,9 @@ pub fn create(args: &CreateArgs) -> Result<ModelManifest> {
                 min_samples: args.min_samples,
                 min_reporting_nodes: args.min_reporting_nodes,
                 min_eval_pass_rate: eval.is_some().then_some(args.min_eval_pass_rate),
+                agreement: args
+                    .min_agreement
+                    .map(|min| slmesh_protocol::shadow::AgreementGate { min, sample: args.shadow_sample }),
             },
         },
         fleet: args.fleet.clone(),

@@ -6,7 +6,7 @@
 //! - on a real four-node mesh, the damaged version is halted in its canary by the suite
 //!   and rolled back, and the good Q4_0 version published after it goes everywhere.
 
-use slmesh_e2e::damage::damage_attention;
+use slmesh_e2e::damage::demo_variants;
 use slmesh_e2e::fleet::{model_field, Fleet};
 use slmesh_e2e::rollout_rig::{mesh_on_v1, nodes_by_cohort, waves_for, LENIENT_RATIOS, MODEL, WAIT};
 use std::path::{Path, PathBuf};
@@ -16,14 +16,7 @@ const SUITE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/eval/smollm2-
 
 /// The demo file, its Q4_0 re-quantisation and a damaged copy of that, in `dir`.
 fn models(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let q4_1 = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    std::fs::copy(slmesh_e2e::demo_model(), &q4_1).expect("copy the demo model");
-    let out = slmesh(dir, &["model", "quantize", q4_1.to_str().expect("path"), "--to", "q4_0"]);
-    assert!(out.status.success(), "quantize: {}", String::from_utf8_lossy(&out.stderr));
-    let q4_0 = dir.join("SmolLM2-135M-Instruct.Q4_0.gguf");
-    let damaged = dir.join("damaged.Q4_0.gguf");
-    damage_attention(&q4_0, &damaged);
-    (q4_1, q4_0, damaged)
+    demo_variants(env!("CARGO_BIN_EXE_slmesh").as_ref(), dir)
 }
 
 fn slmesh(dir: &Path, args: &[&str]) -> std::process::Output {

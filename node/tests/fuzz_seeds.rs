@@ -34,13 +34,18 @@ fn messages() -> BTreeMap<&'static str, Vec<Vec<u8>>> {
     f.wire_log = Some(vec![]);
     f.start_all();
     f.run_for(SECOND);
-    // With an evaluation suite and its gate: the manifest and metrics decoders see both.
+    // With an evaluation suite and its gate, and an agreement gate: the manifest and
+    // metrics decoders see them.
     let suite = slmesh_protocol::eval::EvalSuite::parse_jsonl(
         "{\"prompt\": \"2 + 2?\", \"regex\": \"\\\\b4\\\\b\", \"max_chars\": 40}\n\
          {\"prompt\": \"JSON?\", \"json_schema\": {\"type\": \"object\"}, \"contains_any\": [\"{\"]}",
     )
     .expect("suite");
-    let gates = slmesh_protocol::rollout::Gates { min_eval_pass_rate: Some(0.8), ..NodeFleet::quick_gates(1) };
+    let gates = slmesh_protocol::rollout::Gates {
+        min_eval_pass_rate: Some(0.8),
+        agreement: Some(slmesh_protocol::shadow::AgreementGate { min: 0.3, sample: 0.2 }),
+        ..NodeFleet::quick_gates(1)
+    };
     let m = f.manifest_with_suite(1, &[(0.34, 60), (1.0, 0)], gates, Some(suite));
     f.publish(0, m).expect("publish");
     f.run_for(20 * SECOND);

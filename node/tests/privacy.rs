@@ -1,10 +1,11 @@
 //! No prompt and no answer leaves a node: a three-node mesh (the demo model) serves chat
-//! requests whose prompts carry a unique marker while a rollout with an evaluation suite runs, and every
+//! requests whose prompts carry a unique marker while a rollout with an evaluation suite
+//! and shadow comparison (each request answered again by the previous version) runs, and every
 //! byte each node hands to the mesh (gossip it publishes, requests it sends, answers it
 //! gives peers: `SLMESH_TEST_WIRE_LOG`, recorded before encryption) is searched for the
 //! marker and for the answers the nodes gave.
 
-use slmesh_e2e::fleet::model_field;
+use slmesh_e2e::fleet::{model_field, wait_for};
 use slmesh_e2e::post_json;
 use slmesh_e2e::rollout_rig::{mesh_on_v1, nodes_by_cohort, LENIENT_RATIOS, MODEL, WAIT};
 use std::time::Duration;
@@ -30,17 +31,24 @@ fn no_prompt_or_answer_is_in_any_byte_a_node_sends_its_peers() {
     });
     // Only this test's requests: three nodes of the real model share two cores.
     mesh.stop_load();
-    // A version with a suite rolls out meanwhile, so that evaluation counts travel too.
+    // A version with a suite and shadow comparison rolls out, so that evaluation counts
+    // and agreement scores travel too: every node is in its one wave, which soaks long
+    // enough for the requests below to be compared with version 1's answers.
     let suite = mesh.fleet.path("suite.jsonl");
     std::fs::write(&suite, "{\"prompt\": \"Say something.\", \"max_chars\": 100000}\n").expect("suite");
-    let mut args = vec!["--wave", "1:0", "--eval", suite.to_str().expect("path"), "--min-samples", "5"];
+    let mut args = vec!["--wave", "1:10m", "--eval", suite.to_str().expect("path"), "--min-samples", "5"];
+    args.extend(["--min-agreement", "0.01", "--shadow-sample", "1"]);
     args.extend(LENIENT_RATIOS);
     let slm = mesh.fleet.signed_manifest_with(MODEL, 2, "v2.gguf", &args);
     mesh.fleet.slmesh(&["publish", "--node", &mesh.nodes[0].http, "--manifest", slm.to_str().expect("path")]);
+    for node in &mesh.nodes {
+        node.wait_status("version 2", WAIT, |s| model_field(s, MODEL, "active") == Some(2));
+        wait_for("the shadow comparison", WAIT, || node.log_text().contains("shadow comparison started").then_some(()));
+    }
 
     let marker = "slmesh-privacy-marker-7f3a9c2e5b";
     let mut answers = vec![];
-    for round in 0..3 {
+    for round in 0..5 {
         for node in &mesh.nodes {
             let body = format!(
                 r#"{{"model":"tiny","max_tokens":24,"messages":[{{"role":"user","content":"{marker} round {round}"}}]}}"#
@@ -53,9 +61,14 @@ fn no_prompt_or_answer_is_in_any_byte_a_node_sends_its_peers() {
             }
         }
     }
-    for node in &mesh.nodes {
-        node.wait_status("version 2", WAIT, |s| model_field(s, MODEL, "active") == Some(2));
-    }
+    // Agreement scores reach the fleet view (a node counts once it compared three answers).
+    let compared = wait_for("agreement scores in the fleet view", WAIT, || {
+        let (_, fleet) = slmesh_e2e::http(&mesh.nodes[0].http, "GET", "/v1/fleet", &[], vec![]);
+        let fleet: serde_json::Value = serde_json::from_str(&fleet).ok()?;
+        let v2 = fleet["versions"].as_array()?.iter().find(|v| v["version"] == 2)?.clone();
+        v2["nodes_compared"].as_u64().filter(|n| *n >= 1).map(|n| (n, v2["median_agreement"].clone()))
+    });
+    eprintln!("{} node(s) compared answers, median agreement {}", compared.0, compared.1);
     // Metrics go out every second here: let several records carry the requests' figures.
     std::thread::sleep(Duration::from_secs(6));
     assert!(!answers.is_empty(), "no answer long enough to search for");

@@ -82,6 +82,12 @@ pub struct GateFigures {
     pub median_eval_pass_rate: Option<f64>,
     /// Nodes that ran the suite.
     pub nodes_evaluated: usize,
+    /// The median node's agreement with the previous version (shadow comparison).
+    #[serde(default)]
+    pub median_agreement: Option<f64>,
+    /// Nodes that compared enough answers for the agreement gate.
+    #[serde(default)]
+    pub nodes_compared: usize,
 }
 
 impl GateFigures {
@@ -95,6 +101,8 @@ impl GateFigures {
             median_tokens_per_sec: s.median_node_tokens_per_sec(),
             median_eval_pass_rate: s.median_node_eval_pass_rate(),
             nodes_evaluated: s.nodes_evaluated(),
+            median_agreement: s.median_node_agreement(),
+            nodes_compared: s.nodes_compared(),
         }
     }
 }

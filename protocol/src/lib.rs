@@ -22,6 +22,7 @@ pub mod panel;
 pub mod revocation;
 pub mod rollout;
 pub mod select;
+pub mod shadow;
 pub mod signed;
 pub mod sketch;
 pub mod swarm;

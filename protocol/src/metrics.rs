@@ -79,6 +79,9 @@ pub struct VersionMetrics {
     pub tokens_per_sec: Sketch,
     pub latency_histogram: Histogram,
     pub ttft_histogram: Histogram,
+    /// Shadow comparison scores of this version's answers against the previous version's
+    /// (`crate::shadow::agreement`), one per compared request.
+    pub agreement: Sketch,
 }
 
 impl Default for VersionMetrics {
@@ -93,6 +96,7 @@ impl Default for VersionMetrics {
             tokens_per_sec: Sketch::default(),
             latency_histogram: Histogram::new(LATENCY_BUCKETS),
             ttft_histogram: Histogram::new(LATENCY_BUCKETS),
+            agreement: Sketch::default(),
         }
     }
 }
@@ -134,6 +138,11 @@ pub struct NodeMetrics {
 impl NodeMetrics {
     pub fn record(&mut self, model: &str, version: u64, sample: &RequestSample) {
         self.versions.entry((model.to_string(), version)).or_default().record(sample);
+    }
+
+    /// One shadow comparison of an answer of `model@version`, scored in [0, 1].
+    pub fn record_agreement(&mut self, model: &str, version: u64, score: f64) {
+        self.versions.entry((model.to_string(), version)).or_default().agreement.add(score);
     }
 
     pub fn get(&self, model: &str, version: u64) -> Option<&VersionMetrics> {

@@ -70,6 +70,13 @@ pub struct Gates {
     /// gate. Set, it needs `min_reporting_nodes` nodes to have run the suite.
     #[serde(default)]
     pub min_eval_pass_rate: Option<f64>,
+    /// Shadow comparison on the canary (`crate::shadow`): lowest acceptable agreement of
+    /// the version's answers with the previous version's, and the share of live requests
+    /// compared. None: no agreement gate. Set, it needs `min_reporting_nodes` canary
+    /// nodes to have compared `shadow::MIN_NODE_COMPARISONS` answers each, when there is
+    /// a baseline version to compare with.
+    #[serde(default)]
+    pub agreement: Option<crate::shadow::AgreementGate>,
 }
 
 impl Default for Gates {
@@ -83,6 +90,7 @@ impl Default for Gates {
             // Three, so that a majority is two nodes: one node never decides a gate alone.
             min_reporting_nodes: 3,
             min_eval_pass_rate: None,
+            agreement: None,
         }
     }
 }
@@ -137,6 +145,14 @@ impl RolloutPlan {
         if let Some(r) = g.min_eval_pass_rate {
             if !(0.0..=1.0).contains(&r) {
                 return bad(format!("min_eval_pass_rate {r} is not in [0, 1]"));
+            }
+        }
+        if let Some(a) = &g.agreement {
+            if !(0.0..=1.0).contains(&a.min) {
+                return bad(format!("the agreement gate's minimum {} is not in [0, 1]", a.min));
+            }
+            if !(a.sample > 0.0 && a.sample <= 1.0) {
+                return bad(format!("the shadow sample {} is not in (0, 1]", a.sample));
             }
         }
         for (key, values) in &self.selector.require {

@@ -97,6 +97,7 @@ fn manifest() -> impl Strategy<Value = ModelManifest> {
                     min_samples: g.4,
                     min_reporting_nodes: g.5,
                     min_eval_pass_rate: None,
+                    agreement: None,
                 },
             },
             fleet: format!("fleet-{}", version % 7),

@@ -239,6 +239,7 @@ impl Scenario {
                 min_samples: g.min_samples,
                 min_reporting_nodes: g.min_reporting_nodes,
                 min_eval_pass_rate: None,
+                agreement: None,
             },
         }
     }

@@ -5,7 +5,7 @@
 
 use proptest::prelude::*;
 use slmesh_protocol::cohort::{cohort, wave_of};
-use slmesh_protocol::fleet::{CommandAction, RolloutCommand, SignedCommand};
+use slmesh_protocol::fleet::{CommandAction, GateVerdict, RolloutCommand, SignedCommand};
 use slmesh_protocol::history::{HistoryKind, Outcome};
 use slmesh_protocol::mesh::{GossipVerdict, TOPIC_COMMANDS, TOPIC_METRICS};
 use slmesh_protocol::rollout::{Gates, RolloutPhase};
@@ -161,6 +161,96 @@ fn a_version_that_answers_wrongly_is_halted_in_its_canary_by_its_suite_and_a_goo
     assert!((0..6).all(|i| f.active(i) == Some(4)));
     let v2 = f.node(0).fleet().summary(MODEL, 2);
     assert!(v2.per_node.iter().all(|n| n.eval_pass_rate.is_none()), "{v2:?}");
+}
+
+/// The nodes of `f` in the first `k` of the cohort order of `version` (its canary, when
+/// the canary holds `k` nodes).
+fn first_in_cohort(f: &Fleet, version: u64, k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = f.live().collect();
+    order.sort_by(|a, b| cohort(&f.id(*a), MODEL, version).total_cmp(&cohort(&f.id(*b), MODEL, version)));
+    order.truncate(k);
+    order
+}
+
+#[test]
+fn a_version_that_answers_unlike_its_baseline_is_halted_by_shadow_comparison_and_a_good_one_passes() {
+    let mut f = on_v1(7);
+    // Fast and error-free, but 8 answers in 10 unlike the previous version's.
+    f.wrong_answers.insert(2, 0.2);
+    // A canary of three (the gates' minimum), one of which claims full agreement.
+    let agreement = slmesh_protocol::shadow::AgreementGate { min: 0.5, sample: 0.5 };
+    let gates = Gates { agreement: Some(agreement), ..Fleet::quick_gates(3) };
+    let canary = first_in_cohort(&f, 2, 3);
+    f.nodes[canary[1]].flatterer = true;
+    let m = f.manifest(2, &[(0.01, 20), (1.0, 0)], gates.clone());
+    f.publish(0, m).expect("publish");
+    f.run_for(60_000 * MS);
+    let ever = halted_in_its_canary(&f, "agreement with the previous version 0.1");
+    assert_eq!(
+        ever,
+        {
+            let mut c = canary.clone();
+            c.sort();
+            c
+        },
+        "the canary"
+    );
+    for i in &canary {
+        let events = f.events_of(*i);
+        let started =
+            events.iter().any(|e| e.contains("v2: shadow comparison: 50% of requests answered again by version 1"));
+        assert!(started, "node {i}: {events:#?}");
+        assert!(f.nodes[*i].shadowing.is_none(), "node {i} still shadows after the halt");
+    }
+    for i in (0..7).filter(|i| !canary.contains(i)) {
+        assert!(!f.events_of(i).iter().any(|e| e.contains("shadow comparison")), "node {i} outside the canary");
+    }
+    // A good version with the same gate goes everywhere; its canary compared with v1 and
+    // stopped once the next wave opened.
+    f.nodes[canary[1]].flatterer = false;
+    let m = f.manifest(3, &[(0.01, 10), (1.0, 0)], gates);
+    f.publish(0, m).expect("publish");
+    f.run_for(60_000 * MS);
+    for i in 0..7 {
+        assert_eq!(f.active(i), Some(3), "node {i}: {:#?}", f.events_of(i));
+        assert!(f.nodes[i].shadowing.is_none(), "node {i} still shadows");
+    }
+    let view = f.node(0).rollouts().iter().find(|r| r.version == 3).expect("view").clone();
+    assert!(view.figures.nodes_compared >= 3, "{view:?}");
+    assert!(view.figures.median_agreement.is_some_and(|a| a > 0.85), "{view:?}");
+    let canary3 = first_in_cohort(&f, 3, 3);
+    for i in &canary3 {
+        let events = f.events_of(*i);
+        assert!(
+            events.iter().any(|e| e.contains("v3: shadow comparison with version 1 ended")),
+            "node {i}: {events:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_node_whose_budget_cannot_hold_the_baseline_does_not_shadow_and_says_why() {
+    let mut spec = FleetSpec::lan(4);
+    // The simulated weights are larger than a byte.
+    spec.node_config.shadow_max_weights_bytes = 1;
+    let mut f = Fleet::on_v1(spec);
+    let agreement = slmesh_protocol::shadow::AgreementGate { min: 0.5, sample: 1.0 };
+    let gates = Gates { agreement: Some(agreement), ..Fleet::quick_gates(2) };
+    let m = f.manifest(2, &[(0.01, 5), (1.0, 0)], gates);
+    f.publish(0, m).expect("publish");
+    f.run_for(30_000 * MS);
+    let canary: Vec<usize> = f.live().filter(|i| f.active(*i) == Some(2)).collect();
+    assert!(canary.len() >= 2, "{canary:?}");
+    for i in &canary {
+        let events = f.events_of(*i);
+        let why = events.iter().any(|e| e.contains("no shadow comparison on this node") && e.contains("shadow budget"));
+        assert!(why, "node {i}: {events:#?}");
+        assert!(f.nodes[*i].shadowing.is_none());
+    }
+    // With no comparisons the gate waits: the rollout neither passes nor halts.
+    let view = f.node(canary[0]).rollouts().iter().find(|r| r.version == 2).expect("view").clone();
+    assert_eq!(view.waves_open, 1, "{view:?}");
+    assert!(matches!(&view.verdict, GateVerdict::Pending(r) if r.contains("0 node(s) compared")), "{view:?}");
 }
 
 /// A version number for which no node of `f`'s ids has a cohort below `fraction`.

@@ -3,7 +3,7 @@
 //! GGUF get random 4-bit values (their block scales stay, so nothing becomes NaN).
 
 use candle_core::quantized::{gguf_file, GgmlDType};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Writes `output`: `input` (Q4_0) with the nibbles of every attention query and key
 /// weight replaced by pseudo-random ones (seeded: the same input gives the same bytes).
@@ -36,4 +36,21 @@ pub fn damage_attention(input: &Path, output: &Path) {
     }
     assert!(damaged > 0, "no attention weight in {}", input.display());
     std::fs::write(output, bytes).expect("write the damaged GGUF");
+}
+
+/// The demo file, its Q4_0 re-quantisation (`slmesh model quantize`, by the `slmesh`
+/// binary given) and a damaged copy of that, in `dir`: (Q4_1, Q4_0, damaged Q4_0).
+pub fn demo_variants(slmesh: &Path, dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let q4_1 = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    std::fs::copy(crate::demo_model(), &q4_1).expect("copy the demo model");
+    let out = std::process::Command::new(slmesh)
+        .current_dir(dir)
+        .args(["model", "quantize", q4_1.to_str().expect("path"), "--to", "q4_0"])
+        .output()
+        .expect("run slmesh");
+    assert!(out.status.success(), "quantize: {}", String::from_utf8_lossy(&out.stderr));
+    let q4_0 = dir.join("SmolLM2-135M-Instruct.Q4_0.gguf");
+    let damaged = dir.join("damaged.Q4_0.gguf");
+    damage_attention(&q4_0, &damaged);
+    (q4_1, q4_0, damaged)
 }

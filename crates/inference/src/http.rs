@@ -12,6 +12,7 @@ pub use crate::guard::HostPolicy;
 pub use crate::listener::ConnectionLimits;
 use crate::logprobs::{rewrite_choices, TopRecorder};
 use crate::request::{build_request, completion_sampling, ChatPlan, ChatRequest, CompletionRequest};
+use crate::shadow::ShadowJob;
 use crate::tools::{rewrite_as_call, HeldAnswer, ToolPlan};
 use crate::{Engine, LoadedModel};
 use axum::body::{to_bytes, Body};
@@ -106,6 +107,41 @@ impl HttpState {
 
     fn record(&self, model: &LoadedModel, sample: &RequestSample) {
         self.metrics.lock().unwrap_or_else(|e| e.into_inner()).record(&model.spec.name, model.spec.version, sample);
+    }
+
+    /// One shadow comparison of an answer of `model@version`, scored in [0, 1].
+    pub(crate) fn record_agreement(&self, model: &str, version: u64, score: f64) {
+        self.metrics.lock().unwrap_or_else(|e| e.into_inner()).record_agreement(model, version, score);
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub(crate) fn limits(&self) -> &HttpLimits {
+        &self.limits
+    }
+
+    /// Requests waiting for a turn to generate now.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// A generation slot taken when none is waited for, within `wait`: background work
+    /// (shadow answers) runs on spare capacity only.
+    pub(crate) async fn idle_slot(&self, wait: Duration, poll: Duration) -> Option<OwnedSemaphorePermit> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if self.waiting() == 0 {
+                if let Ok(permit) = self.running.clone().try_acquire_owned() {
+                    return Some(permit);
+                }
+            }
+            if tokio::time::Instant::now() + poll > deadline {
+                return None;
+            }
+            tokio::time::sleep(poll).await;
+        }
     }
 
     fn count_rejected(&self, status: StatusCode) {
@@ -319,14 +355,20 @@ async fn chat_completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, bod
     let req: ChatRequest = read_json(state, body, "chat completion request").await?;
     let model = model_for(state, req.common.model.as_deref())?;
     let ChatPlan { builder, recorder, tools } = build_request(&req, &state.limits)?;
+    // Compared with the previous version (on a canary), if chosen: the same request again.
+    let shadow = ShadowJob::choose(state, &model, || build_request(&req, &state.limits).ok().map(|p| p.builder));
     let start = Instant::now();
     let turn = take_turn(state).await?;
     if req.common.stream == Some(true) {
-        return Ok(stream_chat(state.clone(), model, builder, Extras { recorder, tools }, turn, start));
+        return Ok(stream_chat(state.clone(), model, builder, Extras { recorder, tools, shadow }, turn, start));
     }
     let work = async {
         let answer = model.chat(builder).await?;
-        Ok(ChatAnswer { answer, model: model.clone(), extras: Extras { recorder, tools } })
+        if let Some(job) = shadow {
+            let text = answer.choices.first().and_then(|c| c.message.content.clone()).unwrap_or_default();
+            job.run(state.clone(), text, answer.usage.completion_tokens);
+        }
+        Ok(ChatAnswer { answer, model: model.clone(), extras: Extras { recorder, tools, shadow: None } })
     };
     generate(state, &model, start, turn, work).await
 }
@@ -337,6 +379,8 @@ struct Extras {
     recorder: Option<Arc<TopRecorder>>,
     /// The tools offered: an answer that calls one becomes `tool_calls`.
     tools: Option<ToolPlan>,
+    /// The request is to be answered again by the previous version, for comparison.
+    shadow: Option<ShadowJob>,
 }
 
 /// The alternatives of step `k` of a generation, named by the model's vocabulary.
@@ -497,6 +541,9 @@ fn stream_chat(
         let mut held = HeldAnswer::default();
         let mut usage = None;
         let mut error = None;
+        // The answer's text, for a shadow comparison.
+        let mut text = String::new();
+        let mut extras = extras;
         // The client went away or stopped reading (the forwarder gave up): nothing more
         // is generated or sent.
         let mut gone = false;
@@ -518,6 +565,9 @@ fn stream_chat(
                             first_token = Some(start.elapsed().as_secs_f64());
                         }
                         chunk.model = model.spec.id();
+                        if extras.shadow.is_some() {
+                            text.extend(chunk.choices.first().and_then(|c| c.delta.content.as_deref()));
+                        }
                         let last = chunk.usage.is_some();
                         usage = chunk.usage.clone().or(usage);
                         let mut body = serde_json::to_value(&chunk).unwrap_or_default();
@@ -558,6 +608,9 @@ fn stream_chat(
         }
         if !gone {
             let _ = queue.send(Event::default().data("[DONE]"));
+        }
+        if let (Some(job), Some(u), None, false) = (extras.shadow.take(), &usage, &error, gone) {
+            job.run(state.clone(), text, u.completion_tokens);
         }
         drop(queue);
         let latency_secs = start.elapsed().as_secs_f64();

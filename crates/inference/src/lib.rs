@@ -18,6 +18,7 @@ mod logprobs;
 pub mod prometheus;
 pub mod quantize;
 mod request;
+pub mod shadow;
 pub mod tools;
 
 use mistralrs::{
@@ -218,6 +219,8 @@ pub struct Engine {
     /// One activation at a time: two loads at once would double peak memory for nothing.
     activating: tokio::sync::Mutex<()>,
     last_error: Mutex<Option<String>>,
+    /// The shadow comparison's ticket counter and baseline (`shadow.rs`).
+    shadow: Mutex<(u64, Option<Arc<shadow::Shadow>>)>,
 }
 
 impl Engine {

@@ -114,6 +114,7 @@ impl Driver {
             metrics_interval_ms: parts.config.fleet.metrics_interval_secs.max(1) * 1000,
             metrics_ttl_secs: parts.config.fleet.metrics_ttl_secs.max(1),
             sync_interval_ms: parts.config.network.sync_interval_secs.max(1) * 1000,
+            shadow_max_weights_bytes: parts.config.fleet.shadow_max_weights_mib.saturating_mul(1 << 20),
             facts: NodeFacts {
                 ram_bytes: total_ram_bytes(),
                 cpu_arch: std::env::consts::ARCH.to_string(),
@@ -400,6 +401,7 @@ impl Driver {
                     let _ = tx.send(Internal::Activated { name: model, version, result, eval }).await;
                 });
             }
+            Output::Shadow { model, plan } => self.shadow(model, plan),
             Output::DeleteVersion { model, version } => {
                 let dir = self.staging_dir(&model, version);
                 if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -497,6 +499,24 @@ impl Driver {
             }
         }
         reports
+    }
+
+    /// Starts or stops shadow comparison as the state machine asks: the baseline loads
+    /// in the background (a newer order supersedes a load under way).
+    fn shadow(&mut self, model: String, plan: Option<slmesh_protocol::shadow::ShadowPlan>) {
+        let engine = self.parts.engine.clone();
+        let Some(plan) = plan else {
+            engine.stop_shadow();
+            return;
+        };
+        let ticket = engine.shadow_ticket();
+        let gguf = self.staging_dir(&model, plan.baseline).join(&plan.baseline_weights);
+        let spec = ModelSpec { name: model.clone(), version: plan.baseline, gguf };
+        tokio::spawn(async move {
+            if let Err(e) = engine.start_shadow(ticket, plan.candidate, spec, plan.sample).await {
+                tracing::warn!(model, baseline = plan.baseline, "no shadow comparison: {e}");
+            }
+        });
     }
 
     fn start_fetch(

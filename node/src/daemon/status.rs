@@ -198,6 +198,12 @@ pub struct FleetVersionView {
     pub median_eval_pass_rate: Option<f64>,
     #[serde(default)]
     pub nodes_evaluated: usize,
+    /// The median node's agreement with the previous version (shadow comparison), and
+    /// how many nodes compared enough answers.
+    #[serde(default)]
+    pub median_agreement: Option<f64>,
+    #[serde(default)]
+    pub nodes_compared: usize,
 }
 
 impl FleetVersionView {
@@ -219,6 +225,8 @@ impl FleetVersionView {
             p50_tokens_per_sec: p.tokens_per_sec.quantile(0.5),
             median_eval_pass_rate: s.median_node_eval_pass_rate(),
             nodes_evaluated: s.nodes_evaluated(),
+            median_agreement: s.median_node_agreement(),
+            nodes_compared: s.nodes_compared(),
         }
     }
 }
@@ -230,7 +238,7 @@ fn opt(v: Option<f64>, scale: f64, unit: &str) -> String {
 /// The table `slmesh fleet` prints.
 pub fn fleet_text(versions: &[FleetVersionView]) -> String {
     let mut out = format!(
-        "{:<28} {:>7} {:>6} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>7}\n",
+        "{:<28} {:>7} {:>6} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6}\n",
         "model@version",
         "active",
         "nodes",
@@ -241,12 +249,13 @@ pub fn fleet_text(versions: &[FleetVersionView]) -> String {
         "p95 lat",
         "p95 ttft",
         "tok/s",
-        "suite"
+        "suite",
+        "agree"
     );
     for v in versions {
         let _ = writeln!(
             out,
-            "{:<28} {:>7} {:>6} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>7}",
+            "{:<28} {:>7} {:>6} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6}",
             format!("{}@{}", v.model, v.version),
             v.nodes_active,
             v.nodes_reporting,
@@ -258,6 +267,7 @@ pub fn fleet_text(versions: &[FleetVersionView]) -> String {
             opt(v.p95_ttft_secs, 1000.0, "ms"),
             opt(v.p50_tokens_per_sec, 1.0, ""),
             opt(v.median_eval_pass_rate, 100.0, "%"),
+            v.median_agreement.map(|a| format!("{a:.2}")).unwrap_or_else(|| "-".into()),
         );
     }
     if versions.iter().any(|v| v.nodes_estimated > v.nodes_reporting) {
@@ -265,6 +275,9 @@ pub fn fleet_text(versions: &[FleetVersionView]) -> String {
     }
     if versions.iter().any(|v| v.nodes_evaluated > 0) {
         out.push_str("(suite: the median node's share of the version's evaluation suite passed)\n");
+    }
+    if versions.iter().any(|v| v.nodes_compared > 0) {
+        out.push_str("(agree: the median node's agreement of its answers with the previous version's, 0 to 1)\n");
     }
     out
 }
@@ -332,6 +345,16 @@ fn gate_figures_text(r: &RolloutView) -> String {
             min * 100.0
         );
     }
+    if let Some(a) = &g.agreement {
+        let _ = write!(
+            text,
+            "; agreement with the previous version {} on {} node(s) (min {:.2}, {:.0}% of requests compared)",
+            f.median_agreement.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into()),
+            f.nodes_compared,
+            a.min,
+            a.sample * 100.0
+        );
+    }
     match &r.baseline {
         Some(b) => {
             let _ = write!(
@@ -351,12 +374,17 @@ fn gate_figures_text(r: &RolloutView) -> String {
     text
 }
 
-/// The evaluation suite's figure, when nodes ran one.
-fn eval_text(f: &slmesh_protocol::history::GateFigures) -> String {
-    match f.median_eval_pass_rate {
-        Some(rate) => format!("evaluation suite passed {:.0}% on {} node(s), ", rate * 100.0, f.nodes_evaluated),
-        None => String::new(),
+/// The quality figures (evaluation suite, agreement with the previous version), when
+/// nodes have them.
+fn quality_text(f: &slmesh_protocol::history::GateFigures) -> String {
+    let mut text = String::new();
+    if let Some(rate) = f.median_eval_pass_rate {
+        let _ = write!(text, "evaluation suite passed {:.0}% on {} node(s), ", rate * 100.0, f.nodes_evaluated);
     }
+    if let Some(a) = f.median_agreement {
+        let _ = write!(text, "agreement with the previous version {a:.2} on {} node(s), ", f.nodes_compared);
+    }
+    text
 }
 
 /// The rollout history as `slmesh rollout history` prints it: one line per event, oldest
@@ -386,7 +414,7 @@ pub fn history_text(events: &[slmesh_protocol::history::HistoryEvent]) -> String
                 "    on {} node(s), {} request(s): {}error rate {}, p95 latency {}, p95 TTFT {}, tokens/s {}",
                 f.nodes_measured,
                 f.requests,
-                eval_text(f),
+                quality_text(f),
                 f.median_error_rate.map(|r| format!("{:.1}%", r * 100.0)).unwrap_or_else(|| "-".into()),
                 opt(f.median_p95_latency_secs, 1000.0, " ms"),
                 opt(f.median_p95_ttft_secs, 1000.0, " ms"),

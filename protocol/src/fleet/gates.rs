@@ -21,6 +21,10 @@ pub struct NodeStat {
     /// The share of the evaluation suite's cases this node's answers passed.
     #[serde(default)]
     pub eval_pass_rate: Option<f64>,
+    /// The node's median agreement with the previous version in its shadow comparisons,
+    /// once it compared `shadow::MIN_NODE_COMPARISONS` answers.
+    #[serde(default)]
+    pub agreement: Option<f64>,
 }
 
 /// One version across the fleet.
@@ -104,6 +108,21 @@ impl VersionSummary {
         median(self.eval_pass_rates())
     }
 
+    /// Each node's median agreement with the previous version (nodes that compared enough).
+    fn agreements(&self) -> Vec<f64> {
+        self.per_node.iter().filter_map(|n| n.agreement).collect()
+    }
+
+    /// Reporting nodes whose shadow comparisons count in the agreement gate.
+    pub fn nodes_compared(&self) -> usize {
+        self.per_node.iter().filter(|n| n.agreement.is_some()).count()
+    }
+
+    /// The median across nodes of each node's median agreement with the previous version.
+    pub fn median_node_agreement(&self) -> Option<f64> {
+        median(self.agreements())
+    }
+
     fn error_rate_bounds(&self) -> Option<(f64, f64)> {
         median_bounds(self.measured().map(|n| n.errors as f64 / n.requests as f64).collect())
     }
@@ -121,10 +140,12 @@ impl VersionSummary {
     }
 }
 
-/// One gate's reading: failed by a majority, passed by a majority, or split.
+/// One gate's reading: failed by a majority, passed by a majority, split, or short of
+/// figures.
 enum Reading {
     Fail(String),
     Split(String),
+    Wait(String),
     Pass,
 }
 
@@ -222,11 +243,33 @@ pub fn evaluate_gates(gates: &Gates, candidate: &VersionSummary, baseline: Optio
         readings.push(at_most(tps.map(|(low, high)| (-high, -low)), -gates.min_tokens_per_sec_ratio, |r| {
             format!("tokens/s {:.2}x the baseline's, below {:.2}x", -r, gates.min_tokens_per_sec_ratio)
         }));
+        // Agreement needs a baseline to have been compared with: the first version of a
+        // model has none, and passes it.
+        if let Some(gate) = &gates.agreement {
+            let agreements = candidate.agreements();
+            if agreements.len() < min_nodes {
+                // Not yet: but another gate's failure is still a failure.
+                readings.push(Reading::Wait(format!(
+                    "{} node(s) compared answers with the previous version, {min_nodes} needed",
+                    agreements.len()
+                )));
+            } else {
+                readings.push(at_most(median_bounds(agreements).map(|(low, high)| (-high, -low)), -gate.min, |r| {
+                    format!(
+                        "agreement with the previous version {:.2} (median across nodes), below {:.2}",
+                        -r, gate.min
+                    )
+                }));
+            }
+        }
     }
     let failures: Vec<String> =
         readings.iter().filter_map(|r| if let Reading::Fail(why) = r { Some(why.clone()) } else { None }).collect();
     if !failures.is_empty() {
         return GateVerdict::Fail(failures.join("; "));
+    }
+    if let Some(why) = readings.iter().find_map(|r| if let Reading::Wait(why) = r { Some(why) } else { None }) {
+        return GateVerdict::Pending(why.clone());
     }
     let splits: Vec<String> =
         readings.iter().filter_map(|r| if let Reading::Split(why) = r { Some(why.clone()) } else { None }).collect();

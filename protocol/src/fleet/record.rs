@@ -39,6 +39,11 @@ pub struct VersionReport {
     /// only), once it ran it.
     #[serde(default)]
     pub eval: Option<crate::eval::EvalCounts>,
+    /// Scores of this node's shadow comparisons of the version's answers with the
+    /// previous version's (`crate::shadow`), once it compared any: a sketch of numbers in
+    /// [0, 1], never a prompt or an answer.
+    #[serde(default)]
+    pub agreement: Option<Sketch>,
 }
 
 impl VersionReport {
@@ -58,6 +63,7 @@ impl VersionReport {
             tokens_per_sec: m.tokens_per_sec.clone(),
             activation_failures: 0,
             eval: None,
+            agreement: (m.agreement.count() > 0).then(|| m.agreement.clone()),
         }
     }
 
@@ -67,6 +73,9 @@ impl VersionReport {
         self.latency.merge(&other.latency);
         self.ttft.merge(&other.ttft);
         self.tokens_per_sec.merge(&other.tokens_per_sec);
+        if let Some(theirs) = &other.agreement {
+            self.agreement.get_or_insert_with(Sketch::default).merge(theirs);
+        }
     }
 
     /// Adds another report's counters only (the sketches stay as they are).
@@ -196,7 +205,7 @@ fn verify_metrics_body(signed: &SignedMetrics) -> Result<MetricsRecord, Protocol
         if v.requests > MAX_REPORTED_REQUESTS || v.prompt_tokens.max(v.completion_tokens) > MAX_REPORTED_TOKENS {
             return bad(format!("{}@{}: counts beyond what one node can have served", v.model, v.version));
         }
-        for s in [&v.latency, &v.ttft, &v.tokens_per_sec] {
+        for s in [&v.latency, &v.ttft, &v.tokens_per_sec].into_iter().chain(&v.agreement) {
             s.validate()?;
             if s.count() > MAX_REPORTED_REQUESTS {
                 return bad(format!(

@@ -590,3 +590,81 @@ fn a_record_under_a_held_enrollment_counts_only_for_that_node_and_fleet() {
         "the body's checks"
     );
 }
+
+/// A view of version 2 where each node served 40 requests and compared `compared` answers
+/// with the previous version, all scoring `score`, beside version 1's figures.
+fn compared(nodes: &[(u64, f64)]) -> FleetView {
+    let mut view = FleetView::default();
+    for (i, (compared, score)) in nodes.iter().enumerate() {
+        let mut v = report(2, 40, 0, 0.2);
+        if *compared > 0 {
+            let mut s = crate::sketch::Sketch::default();
+            (0..*compared).for_each(|_| s.add(*score));
+            v.agreement = Some(s);
+        }
+        view.update(record(i as u8 + 1, 1, vec![report(1, 40, 0, 0.2), v]), 0);
+    }
+    view
+}
+
+#[test]
+fn the_agreement_gate_fails_a_version_that_answers_unlike_its_baseline_and_one_liar_cannot_decide() {
+    let g = Gates { agreement: Some(crate::shadow::AgreementGate { min: 0.5, sample: 0.1 }), ..gates() };
+    let verdict_of = |nodes: &[(u64, f64)]| {
+        let view = compared(nodes);
+        evaluate_gates(&g, &view.summary("m", 2), Some(&view.summary("m", 1)))
+    };
+    // Too few nodes compared enough answers (two of three, and one with too few): pending.
+    let verdict = verdict_of(&[(10, 0.1), (10, 0.1), (2, 0.1)]);
+    assert!(matches!(&verdict, GateVerdict::Pending(r) if r.contains("2 node(s) compared")), "{verdict:?}");
+    // Three disagree: failed, with the figure.
+    let verdict = verdict_of(&[(10, 0.1), (10, 0.12), (5, 0.2)]);
+    assert!(
+        matches!(&verdict, GateVerdict::Fail(r) if r.contains("agreement with the previous version 0.1")),
+        "{verdict:?}"
+    );
+    // One liar claiming full agreement among three that disagree: still failed.
+    assert!(matches!(verdict_of(&[(10, 0.1), (10, 1.0), (5, 0.2), (9, 0.1)]), GateVerdict::Fail(_)));
+    // One liar claiming none among three that agree: passes.
+    assert_eq!(verdict_of(&[(10, 0.9), (10, 0.0), (5, 0.8), (9, 0.95)]), GateVerdict::Pass);
+    // Two of four each way: no majority, pending.
+    let verdict = verdict_of(&[(10, 0.9), (10, 0.1), (5, 0.8), (9, 0.1)]);
+    assert!(matches!(&verdict, GateVerdict::Pending(r) if r.contains("no majority")), "{verdict:?}");
+    // Another gate's failure is not hidden while agreement waits for figures.
+    let mut view = compared(&[(10, 0.9)]);
+    for i in 5..8 {
+        view.update(record(i, 1, vec![report(1, 40, 0, 0.2), report(2, 40, 40, 0.2)]), 0);
+    }
+    let verdict = evaluate_gates(&g, &view.summary("m", 2), Some(&view.summary("m", 1)));
+    assert!(matches!(&verdict, GateVerdict::Fail(r) if r.contains("error rate")), "{verdict:?}");
+    // The first version of a model has nothing to be compared with: the gate is skipped.
+    let view = compared(&[(0, 0.0), (0, 0.0), (0, 0.0)]);
+    assert_eq!(evaluate_gates(&g, &view.summary("m", 2), None), GateVerdict::Pass);
+    // Without the gate, scores decide nothing.
+    let view = compared(&[(10, 0.0), (10, 0.0), (10, 0.0)]);
+    assert_eq!(evaluate_gates(&gates(), &view.summary("m", 2), Some(&view.summary("m", 1))), GateVerdict::Pass);
+}
+
+#[test]
+fn agreement_sketches_merge_and_are_checked_like_the_others() {
+    let mut a = report(2, 10, 0, 0.2);
+    let mut s = crate::sketch::Sketch::default();
+    (0..4).for_each(|_| s.add(0.5));
+    a.agreement = Some(s.clone());
+    let mut pooled = report(2, 10, 0, 0.2);
+    pooled.add(&a);
+    pooled.add(&a);
+    assert_eq!(pooled.agreement.as_ref().map(|s| s.count()), Some(8));
+    // A record claiming more comparisons than one node can make is refused.
+    let mut big = report(2, 10, 0, 0.2);
+    let mut lie = crate::sketch::Sketch::default();
+    lie.add(0.5);
+    for _ in 0..41 {
+        let copy = lie.clone();
+        lie.merge(&copy);
+    }
+    big.agreement = Some(lie);
+    let signed = SignedMetrics::sign(&record(1, 5, vec![big]), &node(1)).unwrap();
+    let err = verify_metrics(&signed, &cert(1), &trust(), DEFAULT_FLEET, 100).unwrap_err().to_string();
+    assert!(err.contains("a sketch of more values"), "{err}");
+}

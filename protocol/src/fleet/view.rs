@@ -69,6 +69,11 @@ pub fn node_stat(node: NodeId, v: &VersionReport) -> NodeStat {
         p50_tokens_per_sec: v.tokens_per_sec.quantile(0.5),
         failed_activation: v.activation_failures > 0 && !v.active,
         eval_pass_rate: v.eval.and_then(|e| e.pass_rate()),
+        agreement: v
+            .agreement
+            .as_ref()
+            .filter(|s| s.count() >= crate::shadow::MIN_NODE_COMPARISONS)
+            .and_then(|s| s.quantile(0.5)),
     }
 }
 

@@ -49,6 +49,7 @@ mod peers;
 mod reporting;
 mod revocations;
 mod rollout;
+mod shadow;
 pub mod state;
 pub mod uploads;
 mod versions;
@@ -70,6 +71,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 pub type VersionKey = (String, u64);
+
+/// The largest weights file a node keeps loaded a second time for shadow comparison,
+/// unless configured otherwise: a small model's, on a gateway with a few GiB.
+pub const DEFAULT_SHADOW_MAX_WEIGHTS_BYTES: u64 = 1 << 30;
 
 /// Settings of a node's timers and limits.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,6 +102,9 @@ pub struct NodeConfig {
     pub admission_deadline_ms: u64,
     /// What variant selection needs of this machine.
     pub facts: NodeFacts,
+    /// Shadow comparison keeps the previous version loaded during a canary's soak: this
+    /// node does so only for weights files up to this size (0: never).
+    pub shadow_max_weights_bytes: u64,
 }
 
 impl Default for NodeConfig {
@@ -114,6 +122,7 @@ impl Default for NodeConfig {
             hello_attempts: 5,
             admission_deadline_ms: 20_000,
             facts: NodeFacts { ram_bytes: 0, cpu_arch: String::new(), tags: Tags::new(), simd: false },
+            shadow_max_weights_bytes: DEFAULT_SHADOW_MAX_WEIGHTS_BYTES,
         }
     }
 }
@@ -255,6 +264,14 @@ pub enum Output {
         /// out for the first time whose manifest carries one), and report its counts.
         eval: Option<crate::eval::EvalSuite>,
     },
+    /// Keep the plan's baseline version loaded beside the active one (its weights file
+    /// under its version's folder) and answer its share of live requests again with it,
+    /// recording each agreement score under the candidate; or, with no plan, stop that
+    /// and unload it.
+    Shadow {
+        model: String,
+        plan: Option<crate::shadow::ShadowPlan>,
+    },
     /// Delete a version's staged files.
     DeleteVersion {
         model: String,
@@ -364,6 +381,8 @@ pub struct Node {
     /// `active` may not be loaded yet after a restart, or its load may have failed).
     serving: BTreeMap<String, u64>,
     active_since: BTreeMap<VersionKey, u64>,
+    /// Per model, the shadow comparison asked of the driver (or why this node cannot).
+    shadowing: BTreeMap<String, Result<crate::shadow::ShadowPlan, String>>,
     uploads: UploadView,
     // Timers.
     next_metrics: u64,
@@ -469,6 +488,7 @@ impl Node {
             activating: BTreeMap::new(),
             serving: BTreeMap::new(),
             active_since: BTreeMap::new(),
+            shadowing: BTreeMap::new(),
             uploads: UploadView::default(),
             next_metrics: now + cfg.metrics_interval_ms.min(1_000),
             next_sync: now + cfg.sync_interval_ms,

@@ -184,6 +184,7 @@ impl Node {
             }
         }
         self.choose(now, name, &standings);
+        self.shadow_tick(now, name);
     }
 
     /// Serves the best version this node may serve: a pin first, then a version operators

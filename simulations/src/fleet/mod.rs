@@ -132,9 +132,11 @@ pub struct SimNode {
     pub measured: BTreeMap<u64, VersionReport>,
     /// Loads asked for, per version.
     pub loads: BTreeMap<u64, u32>,
-    /// Reports every request of every version as failed.
+    /// The shadow comparison its node asked for (`Output::Shadow`).
+    pub shadowing: Option<slmesh_protocol::shadow::ShadowPlan>,
+    /// Reports every request of every version as failed (and every answer as disagreeing).
     pub liar: bool,
-    /// Reports every version as flawless: no request failed.
+    /// Reports every version as flawless: no request failed, every answer agreed.
     pub flatterer: bool,
     /// Takes piece requests and never answers them (a provider that keeps the connection
     /// open and sends nothing).
@@ -415,6 +417,15 @@ fn random_links(nodes: &mut [SimNode], degree: usize, rng: &mut Rng, links: impl
 }
 
 /// A gossip message's id for duplicate suppression (gossipsub uses a content hash too).
+/// A sketch of `count` equal values, as a lying node reports its comparisons.
+fn constant_sketch(count: u64, value: f64) -> slmesh_protocol::sketch::Sketch {
+    let mut s = slmesh_protocol::sketch::Sketch::default();
+    for _ in 0..count {
+        s.add(value);
+    }
+    s
+}
+
 fn message_id(data: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     // SipHash with fixed keys: the same ids on every run.
@@ -445,6 +456,7 @@ impl NodeFleet {
                     serving: None,
                     measured: BTreeMap::new(),
                     loads: BTreeMap::new(),
+                    shadowing: None,
                     liar: false,
                     flatterer: false,
                     stalls: false,
@@ -736,6 +748,7 @@ impl NodeFleet {
                 let eval_cases = eval.map(|s| s.cases.len() as u32);
                 self.q.at(at, Ev::Loaded { node: i, model, version, incarnation, eval_cases });
             }
+            Output::Shadow { plan, .. } => self.nodes[i].shadowing = plan,
             Output::ReleaseBlobs { keep } => self.nodes[i].blobs.retain(|b| keep.contains(b)),
             Output::Persist(p) => self.nodes[i].store.apply(p),
             Output::SampleMetrics => {
@@ -790,6 +803,7 @@ impl NodeFleet {
                 tokens_per_sec: 50.0,
                 error_rate: 0.0,
             });
+            let shadow_sample = self.nodes[i].shadowing.as_ref().filter(|p| p.candidate == v).map(|p| p.sample);
             let mut r = self.nodes[i].measured.remove(&v).unwrap_or_else(|| VersionReport {
                 model: MODEL.into(),
                 version: v,
@@ -803,6 +817,15 @@ impl NodeFleet {
                 r.ttft.add(self.rng.lognormal(b.ttft_median_secs, spread));
                 r.tokens_per_sec.add(self.rng.lognormal(b.tokens_per_sec, 0.1));
             }
+            // Shadow comparison: a right answer agrees with the baseline's, a wrong one not.
+            if let Some(sample) = shadow_sample {
+                let right = self.wrong_answers.get(&v).copied().unwrap_or(1.0);
+                let compared = (requests as f64 * sample).round() as u64;
+                for _ in 0..compared {
+                    let score = if self.rng.unit() < right { 0.9 } else { 0.1 };
+                    r.agreement.get_or_insert_with(Default::default).add(score);
+                }
+            }
             self.nodes[i].measured.insert(v, r);
         }
         let mut out: Vec<VersionReport> = self.nodes[i].measured.values().cloned().collect();
@@ -810,11 +833,13 @@ impl NodeFleet {
             for r in &mut out {
                 r.requests = r.requests.max(1000);
                 r.errors = r.requests;
+                r.agreement = r.agreement.as_ref().map(|a| constant_sketch(a.count(), 0.0));
             }
         }
         if self.nodes[i].flatterer {
             for r in &mut out {
                 r.errors = 0;
+                r.agreement = r.agreement.as_ref().map(|a| constant_sketch(a.count(), 1.0));
             }
         }
         out
@@ -1097,6 +1122,7 @@ impl NodeFleet {
             max_p95_ttft_ratio: 10.0,
             min_tokens_per_sec_ratio: 0.1,
             min_eval_pass_rate: None,
+            agreement: None,
         }
     }
 

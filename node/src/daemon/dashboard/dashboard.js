@@ -107,12 +107,13 @@ function drawNode(s) {
 function drawFleet(versions) {
   const heads = ["version", num("active nodes"), num("reporting"), num("≈ fleet"), num("requests"),
     num("error rate"), num("p50 latency"), num("p95 latency"), num("p95 TTFT"), num("p50 tokens/s"),
-    num("suite passed")];
+    num("suite passed"), num("agreement")];
   const rows = versions.map((v) => [
     el("b", {}, v.model + "@" + v.version), v.nodes_active, v.nodes_reporting, v.nodes_estimated, v.requests,
     fmtPct(v.error_rate), fmtMs(v.p50_latency_secs), fmtMs(v.p95_latency_secs), fmtMs(v.p95_ttft_secs),
     fmtNum(v.p50_tokens_per_sec),
-    v.nodes_evaluated ? fmtPct(v.median_eval_pass_rate) + " (" + v.nodes_evaluated + " nodes)" : dash]);
+    v.nodes_evaluated ? fmtPct(v.median_eval_pass_rate) + " (" + v.nodes_evaluated + " nodes)" : dash,
+    v.nodes_compared ? v.median_agreement.toFixed(2) + " (" + v.nodes_compared + " nodes)" : dash]);
   replace("fleet", table(heads, rows, "No version reported yet."));
 }
 
@@ -165,6 +166,12 @@ function drawGates(r) {
     rows.push(["evaluation suite passed (median node)",
       has(rate) ? fmtPct(rate) + " on " + f.nodes_evaluated + " node(s)" : dash,
       "≥ " + fmtPct(g.min_eval_pass_rate), check(has(rate) ? rate >= g.min_eval_pass_rate : null)]);
+  }
+  if (g.agreement) {
+    const a = f.median_agreement;
+    rows.push(["agreement with the previous version (median node, " + fmtPct(g.agreement.sample) + " compared)",
+      has(a) ? a.toFixed(2) + " on " + f.nodes_compared + " node(s)" : dash,
+      "≥ " + g.agreement.min.toFixed(2), check(has(a) ? a >= g.agreement.min : null)]);
   }
   const bf = b ? b.figures : {}, br = b ? b.ratios : {};
   rows.push(ratio("p95 latency (median node)", f.median_p95_latency_secs, bf.median_p95_latency_secs, fmtMs,
