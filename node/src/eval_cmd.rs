@@ -26,6 +26,10 @@ skipped. A case has a prompt, one or more checks, and optionally a name, max_tok
   {\"prompt\": \"Reply with a JSON object with a key ok.\", \"json_schema\": {\"type\": \"object\", \"required\": [\"ok\"]}}
   {\"prompt\": \"What is 2 + 2?\", \"regex\": \"\\\\b4\\\\b\", \"max_chars\": 40}
 
+With --compare-with OLD.gguf the suite also runs on OLD, and each answer is scored
+for how far it agrees with OLD's (chrF, 0 to 1), as shadow comparison scores live
+answers on a canary: the median is a guide to `manifest create --min-agreement`.
+
 Checks: exact (the trimmed answer equals it), contains_any (contains one of them,
 ignoring case), regex (matches somewhere), json_schema (the answer, inside a Markdown
 code fence or not, is JSON valid against the schema), max_chars (at most that many
@@ -44,9 +48,58 @@ pub struct EvalArgs {
     /// --min-eval-pass-rate` gates a rollout on).
     #[arg(long, default_value_t = DEFAULT_MIN_PASS_RATE)]
     pub min_pass_rate: f64,
+    /// Also run the suite on this GGUF (the version now served, say) and score how far
+    /// each answer of --model agrees with its answer (chrF, 0 to 1), as shadow comparison
+    /// does on live traffic: the median tells what `manifest create --min-agreement` to
+    /// set.
+    #[arg(long, value_name = "FILE")]
+    pub compare_with: Option<PathBuf>,
+    /// With --compare-with: exit 1 when the median agreement is below this.
+    #[arg(long, value_name = "SCORE", requires = "compare_with")]
+    pub min_agreement: Option<f64>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The answers of --model against those of --compare-with.
+#[derive(Serialize)]
+struct Agreement {
+    compared_with: String,
+    /// Each case's score, in the suite's order.
+    per_case: Vec<f64>,
+    median: f64,
+    min_agreement: Option<f64>,
+}
+
+impl Agreement {
+    fn of(args: &EvalArgs, run: &SuiteRun, baseline: &SuiteRun) -> Option<Self> {
+        let path = args.compare_with.as_ref()?;
+        let per_case: Vec<f64> = run
+            .cases
+            .iter()
+            .zip(&baseline.cases)
+            .map(|(c, b)| slmesh_protocol::shadow::agreement(&c.answer, &b.answer))
+            .collect();
+        let mut sorted = per_case.clone();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let median = match n {
+            0 => 0.0,
+            _ if n % 2 == 1 => sorted[n / 2],
+            _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+        };
+        Some(Agreement {
+            compared_with: path.display().to_string(),
+            per_case,
+            median,
+            min_agreement: args.min_agreement,
+        })
+    }
+
+    fn ok(&self) -> bool {
+        self.min_agreement.is_none_or(|min| self.median + 1e-9 >= min)
+    }
 }
 
 #[derive(Serialize)]
@@ -72,6 +125,8 @@ struct Report<'a> {
     ok: bool,
     secs: f64,
     results: Vec<CaseReport<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agreement: Option<&'a Agreement>,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
@@ -86,16 +141,42 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if !args.json {
         eprintln!("loading {} ...", args.model.display());
     }
-    let run = runtime.block_on(async {
+    if let Some(min) = args.min_agreement {
+        if !(0.0..=1.0).contains(&min) {
+            bail!("--min-agreement {min} is not in [0, 1]");
+        }
+    }
+    let (run, baseline) = runtime.block_on(async {
         let model = LoadedModel::load(spec).await.context("the model cannot be loaded")?;
-        model.run_suite(&suite).await.context("the suite could not run")
+        let run = model.run_suite(&suite).await.context("the suite could not run")?;
+        // One model in memory at a time.
+        drop(model);
+        let Some(path) = &args.compare_with else { return Ok::<_, anyhow::Error>((run, None)) };
+        if !args.json {
+            eprintln!("loading {} to compare with ...", path.display());
+        }
+        let spec = ModelSpec { name: "baseline".into(), version: 1, gguf: path.clone() };
+        let model = LoadedModel::load(spec).await.context("the model to compare with cannot be loaded")?;
+        let baseline = model.run_suite(&suite).await.context("the suite could not run on the model to compare with")?;
+        Ok((run, Some(baseline)))
     })?;
+    let agreement = baseline.as_ref().and_then(|b| Agreement::of(&args, &run, b));
     let rate = run.counts.pass_rate().unwrap_or(0.0);
     let ok = rate + 1e-9 >= args.min_pass_rate;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report(&args, &run, rate, ok))?);
+        let mut report = report(&args, &run, rate, ok && agreement.as_ref().is_none_or(Agreement::ok));
+        report.agreement = agreement.as_ref();
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", text(&args, &run, rate, ok));
+        print!("{}", text(&args, &run, rate, ok, agreement.as_ref()));
+    }
+    if let Some(a) = agreement.as_ref().filter(|a| !a.ok()) {
+        bail!(
+            "the answers agree {:.2} (median) with those of {}, below {:.2}",
+            a.median,
+            a.compared_with,
+            a.min_agreement.unwrap_or_default()
+        );
     }
     if !ok {
         bail!(
@@ -133,13 +214,14 @@ fn report<'a>(args: &EvalArgs, run: &'a SuiteRun, rate: f64, ok: bool) -> Report
                 secs: c.secs,
             })
             .collect(),
+        agreement: None,
     }
 }
 
-fn text(args: &EvalArgs, run: &SuiteRun, rate: f64, ok: bool) -> String {
+fn text(args: &EvalArgs, run: &SuiteRun, rate: f64, ok: bool, agreement: Option<&Agreement>) -> String {
     let mut out = String::new();
     let width = run.cases.iter().map(|c| c.name.chars().count()).max().unwrap_or(4).min(40);
-    for c in &run.cases {
+    for (i, c) in run.cases.iter().enumerate() {
         let verdict = if c.outcome.passed { "PASS" } else { "FAIL" };
         let _ = writeln!(
             out,
@@ -150,6 +232,9 @@ fn text(args: &EvalArgs, run: &SuiteRun, rate: f64, ok: bool) -> String {
         let _ = writeln!(out, "      answer: {answer:?}");
         for f in &c.outcome.failures {
             let _ = writeln!(out, "      - {f}");
+        }
+        if let Some(score) = agreement.and_then(|a| a.per_case.get(i)) {
+            let _ = writeln!(out, "      agreement with the other model's answer: {score:.2}");
         }
     }
     let _ = writeln!(
@@ -165,5 +250,16 @@ fn text(args: &EvalArgs, run: &SuiteRun, rate: f64, ok: bool) -> String {
         run.secs,
         if ok { "PASS" } else { "FAIL" }
     );
+    if let Some(a) = agreement {
+        let limit = a.min_agreement.map(|m| format!(", needs {m:.2}")).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "agreement with {}: median {:.2} over {} answer(s){limit} (chrF; what --min-agreement compares with): {}",
+            a.compared_with,
+            a.median,
+            a.per_case.len(),
+            if a.ok() { "PASS" } else { "FAIL" }
+        );
+    }
     out
 }

@@ -35,18 +35,31 @@ fn eval(dir: &Path, model: &Path, extra: &[&str]) -> (bool, String, String) {
 fn slmesh_eval_passes_sound_weights_and_fails_damaged_ones() {
     let dir = tempfile::tempdir().expect("tmp");
     let (q4_1, q4_0, damaged) = models(dir.path());
-    for good in [&q4_1, &q4_0] {
-        let (ok, out, err) = eval(dir.path(), good, &[]);
+    let q4_1_path = q4_1.to_str().expect("path");
+    let compare = ["--compare-with", q4_1_path, "--min-agreement", "0.15"];
+    // The re-quantisation's answers agree with the demo file's; the damaged copy's do not.
+    for (good, extra) in [(&q4_1, &[][..]), (&q4_0, &compare[..])] {
+        let (ok, out, err) = eval(dir.path(), good, extra);
         assert!(ok, "{} should pass:\n{out}\n{err}", good.display());
         assert!(out.contains("PASS  sum") && out.contains("7 of 7 case(s) passed"), "{out}");
+        if good == &q4_0 {
+            assert!(out.contains("agreement with the other model's answer:"), "{out}");
+            let summary = format!("agreement with {q4_1_path}: median 0.");
+            assert!(out.contains(&summary) && out.ends_with("PASS\n"), "{out}");
+        }
     }
-    let (ok, out, err) = eval(dir.path(), &damaged, &["--json"]);
+    let mut args = vec!["--json"];
+    args.extend(compare);
+    let (ok, out, err) = eval(dir.path(), &damaged, &args);
     assert!(!ok, "the damaged model passed:\n{out}");
     let report: serde_json::Value = serde_json::from_str(&out).expect("a JSON report");
     let rate = report["pass_rate"].as_f64().expect("pass_rate");
     assert!(rate < 0.5, "the damaged model passed {rate} of the suite:\n{out}");
     assert_eq!(report["results"].as_array().map(Vec::len), Some(7), "{out}");
-    assert!(err.contains("below 80%"), "{err}");
+    let agreement = report["agreement"]["median"].as_f64().expect("agreement");
+    assert!(agreement < 0.15, "the damaged model agrees {agreement}:\n{out}");
+    assert_eq!(report["agreement"]["per_case"].as_array().map(Vec::len), Some(7), "{out}");
+    assert!(err.contains("below 0.15"), "{err}");
 
     // The format is in the command's help.
     let help = String::from_utf8_lossy(&slmesh(dir.path(), &["eval", "--help"]).stdout).into_owned();

@@ -99,10 +99,14 @@ fn ngrams(chars: &[char], n: usize) -> std::collections::HashMap<&[char], usize>
 /// none while live requests wait for a turn. A request that comes due while a comparison
 /// runs, or while others wait, is skipped (counted), not queued: the comparison yields to
 /// live traffic.
+const PPM: u64 = 1_000_000;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShadowSampler {
-    sample: f64,
-    credit: f64,
+    /// The share, in millionths: whole numbers, so that ten offers at 0.1 make exactly one
+    /// (ten additions of 0.1 in floating point fall short of 1).
+    share_ppm: u64,
+    credit_ppm: u64,
     running: bool,
     pub started: u64,
     pub skipped: u64,
@@ -111,17 +115,18 @@ pub struct ShadowSampler {
 impl ShadowSampler {
     pub fn new(sample: f64) -> Self {
         let sample = if sample.is_finite() { sample.clamp(0.0, 1.0) } else { 0.0 };
-        ShadowSampler { sample, credit: 0.0, running: false, started: 0, skipped: 0 }
+        let share_ppm = (sample * PPM as f64).round() as u64;
+        ShadowSampler { share_ppm, credit_ppm: 0, running: false, started: 0, skipped: 0 }
     }
 
     /// A live request was answered (`waiting`: live requests waiting for a turn now):
     /// whether to compare it. A true answer must be followed by `finished`.
     pub fn offer(&mut self, waiting: usize) -> bool {
-        self.credit += self.sample;
-        if self.credit < 1.0 {
+        self.credit_ppm += self.share_ppm;
+        if self.credit_ppm < PPM {
             return false;
         }
-        self.credit -= 1.0;
+        self.credit_ppm -= PPM;
         if self.running || waiting > 0 {
             self.skipped += 1;
             return false;
@@ -185,6 +190,19 @@ mod tests {
             })
             .collect();
         assert_eq!(taken, [false, false, false, true, false, false, false, true]);
+        // A tenth is exactly one in ten, every ten.
+        let mut s = ShadowSampler::new(0.1);
+        let taken = (0..100)
+            .filter(|_| {
+                s.offer(0) && {
+                    s.finished();
+                    true
+                }
+            })
+            .count();
+        assert_eq!(taken, 10);
+        let mut s = ShadowSampler::new(0.1);
+        assert!((0..9).all(|_| !s.offer(0)) && s.offer(0));
         // One at a time: a due request while one runs is skipped, not queued.
         let mut s = ShadowSampler::new(1.0);
         assert!(s.offer(0));

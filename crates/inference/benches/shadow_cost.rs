@@ -3,7 +3,8 @@
 //! baseline, and the same sequential chat requests (concurrency 1, through HTTP) run with
 //! 0%, 10% and 50% of them compared, in interleaved rounds. Live tokens/s per share, as a
 //! ratio against 0% measured in the same run, and how many comparisons ran or were
-//! skipped (a comparison runs only on a free slot with no live request waiting).
+//! skipped (a comparison runs only on a free slot with no live request waiting); and the
+//! resident memory the second model adds.
 //!
 //! Run: `cargo bench --workspace --bench shadow_cost --profile dev` (the dev profile
 //! builds dependencies optimised; a release build of mistral.rs takes about 40 minutes).
@@ -22,8 +23,8 @@ const PROMPTS: &[&str] = &[
     "Name the largest planet in the solar system.",
 ];
 const MAX_TOKENS: u32 = 48;
-const REQUESTS: usize = 10;
-const ROUNDS: usize = 2;
+const REQUESTS: usize = 20;
+const ROUNDS: usize = 3;
 const SHARES: [f64; 3] = [0.0, 0.1, 0.5];
 
 /// One non-streaming chat request: completion tokens.
@@ -34,6 +35,13 @@ fn chat(addr: &str, prompt: &str) -> u64 {
     let (status, v) = slmesh_e2e::post_json(addr, "/v1/chat/completions", body.to_string());
     assert_eq!(status, 200, "{v}");
     v["usage"]["completion_tokens"].as_u64().expect("usage")
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok());
+    kib.unwrap_or(0.0) / 1024.0
 }
 
 fn main() {
@@ -52,11 +60,17 @@ fn main() {
         let a = addr.clone();
         tokio::task::spawn_blocking(move || chat(&a, PROMPTS[0])).await.expect("warm up");
 
+        let rss_alone = rss_mib();
+        engine.start_shadow(engine.shadow_ticket(), 2, baseline.clone(), 0.0).await.expect("shadow");
+        let rss_both = rss_mib();
         let mut tokens = [0u64; SHARES.len()];
         let mut secs = [0f64; SHARES.len()];
         let mut counts = [(0u64, 0u64); SHARES.len()];
         for round in 0..ROUNDS {
-            for (k, share) in SHARES.iter().enumerate() {
+            // A different order each round, so that drift in the engine's speed falls on
+            // every share alike.
+            for k in (0..SHARES.len()).map(|j| (j + round) % SHARES.len()) {
+                let share = &SHARES[k];
                 // The baseline loads once and stays; only the share changes.
                 engine.start_shadow(engine.shadow_ticket(), 2, baseline.clone(), *share).await.expect("shadow");
                 let a = addr.clone();
@@ -96,5 +110,8 @@ fn main() {
         }
         let mean = state.metrics().get("demo", 2).map(|m| m.agreement.sum() / compared.max(1) as f64);
         println!("  {compared} comparison(s) scored, mean agreement {:.2}", mean.unwrap_or(0.0));
+        println!(
+            "resident memory: {rss_alone:.0} MiB serving the candidate alone, {rss_both:.0} MiB with the baseline loaded beside it"
+        );
     });
 }
