@@ -26,6 +26,10 @@ skipped. A case has a prompt, one or more checks, and optionally a name, max_tok
   {\"prompt\": \"Reply with a JSON object with a key ok.\", \"json_schema\": {\"type\": \"object\", \"required\": [\"ok\"]}}
   {\"prompt\": \"What is 2 + 2?\", \"regex\": \"\\\\b4\\\\b\", \"max_chars\": 40}
 
+One line may hold the suite's settings instead of a case: {\"compare_with_previous\": true}
+has every node run the suite on the version it serves as well, and the rollout then also
+fails a version that passes more than one case fewer than that one (median node).
+
 With --compare-with OLD.gguf the suite also runs on OLD, and each answer is scored
 for how far it agrees with OLD's (chrF, 0 to 1), as shadow comparison scores live
 answers on a canary: the median is a guide to `manifest create --min-agreement`.

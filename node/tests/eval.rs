@@ -4,7 +4,8 @@
 //!   whose attention weights were damaged (it loads and answers at full speed, wrongly);
 //!   a bad suite file gets an error naming its line, here and in `manifest create --eval`;
 //! - on a real four-node mesh, the damaged version is halted in its canary by the suite
-//!   and rolled back, and the good Q4_0 version published after it goes everywhere.
+//!   and rolled back, and the good Q4_0 version published after it goes everywhere; the
+//!   suite asks for a comparison, so each node runs it on the version it serves too.
 
 use slmesh_e2e::damage::demo_variants;
 use slmesh_e2e::fleet::{model_field, Fleet};
@@ -98,7 +99,12 @@ fn a_version_that_answers_wrongly_is_halted_in_its_canary_by_the_suite() {
     let waves = waves_for(&dirs, &[2, 4], "3s");
     let mesh = mesh_on_v1(fleet, &dirs, |_| vec![]);
     let node = mesh.nodes[0].http.clone();
-    let mut args = vec!["--eval", SUITE, "--min-samples", "10", "--min-reporting-nodes", "2"];
+    // The suite asks each node to run it on the version it serves too, to compare.
+    let comparing = mesh.fleet.path("comparing.jsonl");
+    let text = std::fs::read_to_string(SUITE).expect("suite");
+    std::fs::write(&comparing, format!("{{\"compare_with_previous\": true}}\n{text}")).expect("suite");
+    let comparing = comparing.to_str().expect("path").to_string();
+    let mut args = vec!["--eval", comparing.as_str(), "--min-samples", "10", "--min-reporting-nodes", "2"];
     args.extend(LENIENT_RATIOS);
     let publish_and_wait = |version: u64, file: &str| {
         let mut create: Vec<&str> = vec![];
@@ -121,6 +127,8 @@ fn a_version_that_answers_wrongly_is_halted_in_its_canary_by_the_suite() {
     let canary = &mesh.nodes[0];
     let history = mesh.fleet.slmesh(&["rollout", "history", "--node", &canary.http, "--model", MODEL]);
     assert!(history.contains("evaluated") && history.contains("of 7 case(s) passed"), "{history}");
+    // (The demo file passes 6 or 7 of the cases while it also serves the mesh's requests.)
+    assert!(history.contains("(the version served before: "), "{history}");
     for n in &mesh.nodes[2..] {
         let served = n.log_text().lines().any(|l| l.contains("serving") && l.contains("version=2"));
         assert!(!served, "{} outside the canary served the damaged version", n.node.name);
@@ -134,6 +142,8 @@ fn a_version_that_answers_wrongly_is_halted_in_its_canary_by_the_suite() {
     }
     let rollouts = mesh.fleet.slmesh(&["rollout", "status", "--node", &canary.http]);
     assert!(rollouts.contains("evaluation suite passed 100.0% on"), "{rollouts}");
+    let history = mesh.fleet.slmesh(&["rollout", "history", "--node", &canary.http, "--model", MODEL]);
+    assert!(history.contains("of 7 case(s) passed (the version served before: "), "{history}");
     // The fleet view shows each version's suite figure beside the others.
     let fleet = mesh.fleet.slmesh(&["fleet", "--node", &canary.http]);
     let line =

@@ -41,6 +41,7 @@ fn messages() -> BTreeMap<&'static str, Vec<Vec<u8>>> {
          {\"prompt\": \"JSON?\", \"json_schema\": {\"type\": \"object\"}, \"contains_any\": [\"{\"]}",
     )
     .expect("suite");
+    let suite = slmesh_protocol::eval::EvalSuite { compare_with_previous: true, ..suite };
     let gates = slmesh_protocol::rollout::Gates {
         min_eval_pass_rate: Some(0.8),
         agreement: Some(slmesh_protocol::shadow::AgreementGate { min: 0.3, sample: 0.2 }),

@@ -18,6 +18,13 @@
 //! (the answer is at most that long). A case passes when the fraction of its checks that
 //! hold reaches its `min_score` (default 1: all of them). Answers are greedy (temperature
 //! 0), `max_tokens` long at most (default 64).
+//!
+//! One line may instead hold the suite's settings: `{"compare_with_previous": true}` has
+//! each node run the suite on the version it serves now too, and report how many cases
+//! that one passed (`EvalCounts::previous_passed`); the gate then also fails a version
+//! that passes `MAX_CASES_LOST` more cases fewer than its predecessor on the median node
+//! (one case may come out differently between two runs of the same model on a node
+//! under load: the engine batches the suite with live requests).
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +35,9 @@ pub const MAX_CASE_TOKENS: u32 = 512;
 pub const DEFAULT_CASE_TOKENS: u32 = 64;
 /// A suite file (or the suite in a manifest) larger than this is refused.
 pub const MAX_SUITE_BYTES: usize = 64 * 1024;
+/// With a suite that compares: how many fewer cases than the previous version a new one
+/// may pass on the median node without failing the gate.
+pub const MAX_CASES_LOST: f64 = 1.0;
 /// The fraction of cases that must pass when the publisher names none.
 pub const DEFAULT_MIN_PASS_RATE: f64 = 0.8;
 /// Compiled regular expressions stay under this size (a hostile pattern cannot blow up).
@@ -36,6 +46,18 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EvalSuite {
     pub cases: Vec<EvalCase>,
+    /// Run the suite on the version a node serves now as well, and report how many of
+    /// its cases that version passed beside the new version's counts: the new version
+    /// then also fails when it passes more than `MAX_CASES_LOST` fewer (median node).
+    #[serde(default)]
+    pub compare_with_previous: bool,
+}
+
+/// The one line of a suite file that is not a case: settings of the whole suite.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuiteLine {
+    compare_with_previous: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,6 +124,10 @@ pub struct EvalCounts {
     pub passed: u32,
     pub checks: u32,
     pub checks_passed: u32,
+    /// With a suite that compares: the cases the version served before passed, run by
+    /// the same node just before (None: no comparison, or nothing served before).
+    #[serde(default)]
+    pub previous_passed: Option<u32>,
 }
 
 impl EvalCounts {
@@ -117,6 +143,14 @@ impl EvalCounts {
     pub fn pass_rate(&self) -> Option<f64> {
         (self.cases > 0 && self.passed <= self.cases).then(|| self.passed as f64 / self.cases as f64)
     }
+
+    /// The cases the new version passed minus those the previous version passed
+    /// (negative: fewer), when compared and the counts add up.
+    pub fn margin_over_previous(&self) -> Option<f64> {
+        let previous = self.previous_passed.filter(|p| *p <= self.cases)?;
+        self.pass_rate()?;
+        Some(f64::from(self.passed) - f64::from(previous))
+    }
 }
 
 impl EvalSuite {
@@ -126,6 +160,7 @@ impl EvalSuite {
             return Err(SuiteError { line: 0, message: format!("larger than {MAX_SUITE_BYTES} bytes") });
         }
         let mut cases = vec![];
+        let mut compare_with_previous = None;
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
             let trimmed = raw.trim();
@@ -133,7 +168,16 @@ impl EvalSuite {
                 continue;
             }
             let at = |message: String| SuiteError { line, message };
-            let c: CaseLine = serde_json::from_str(trimmed).map_err(|e| at(format!("not a case: {e}")))?;
+            let value: serde_json::Value = serde_json::from_str(trimmed).map_err(|e| at(format!("not a case: {e}")))?;
+            if value.get("compare_with_previous").is_some() {
+                let settings: SuiteLine =
+                    serde_json::from_value(value).map_err(|e| at(format!("not the suite's settings: {e}")))?;
+                if compare_with_previous.replace(settings.compare_with_previous).is_some() {
+                    return Err(at("compare_with_previous is given twice".into()));
+                }
+                continue;
+            }
+            let c: CaseLine = serde_json::from_value(value).map_err(|e| at(format!("not a case: {e}")))?;
             let json_schema = c.json_schema.map(|s| s.to_string());
             let case = EvalCase {
                 name: c.name.unwrap_or_else(|| format!("line {line}")),
@@ -157,7 +201,7 @@ impl EvalSuite {
         if cases.is_empty() {
             return Err(SuiteError { line: 0, message: "no case in the file".into() });
         }
-        Ok(EvalSuite { cases })
+        Ok(EvalSuite { cases, compare_with_previous: compare_with_previous.unwrap_or(false) })
     }
 
     /// Checks a suite as it arrives in a manifest: the limits, and every pattern and

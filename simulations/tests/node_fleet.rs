@@ -163,6 +163,28 @@ fn a_version_that_answers_wrongly_is_halted_in_its_canary_by_its_suite_and_a_goo
     assert!(v2.per_node.iter().all(|n| n.eval_pass_rate.is_none()), "{v2:?}");
 }
 
+#[test]
+fn a_suite_that_compares_halts_a_version_that_passes_fewer_cases_than_the_one_it_replaces() {
+    let mut f = on_v1(6);
+    // 7 of 10 cases: above the minimum of 50%, but v1 passes all 10.
+    f.wrong_answers.insert(2, 0.7);
+    let gates = Gates { min_eval_pass_rate: Some(0.5), ..Fleet::quick_gates(2) };
+    let mut comparing = suite(10);
+    comparing.compare_with_previous = true;
+    let m = f.manifest_with_suite(2, &[(0.34, 20), (1.0, 0)], gates.clone(), Some(comparing.clone()));
+    f.publish(0, m).expect("publish");
+    f.run_for(60_000 * MS);
+    let ever = halted_in_its_canary(&f, "3 case(s) fewer than the previous version");
+    let texts: Vec<&str> = f.nodes[ever[0]].history.iter().map(|e| e.text.as_str()).collect();
+    assert!(texts.iter().any(|t| t.contains("7 of 10 case(s) passed (the version served before: 10)")), "{texts:#?}");
+    // Without the comparison the same version passes its suite.
+    let m = f.manifest_with_suite(3, &[(0.34, 5), (1.0, 0)], gates, Some(suite(10)));
+    f.wrong_answers.insert(3, 0.7);
+    f.publish(0, m).expect("publish");
+    f.run_for(60_000 * MS);
+    assert!((0..6).all(|i| f.active(i) == Some(3)), "{:#?}", f.events_of(0));
+}
+
 /// The nodes of `f` in the first `k` of the cohort order of `version` (its canary, when
 /// the canary holds `k` nodes).
 fn first_in_cohort(f: &Fleet, version: u64, k: usize) -> Vec<usize> {

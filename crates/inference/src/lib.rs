@@ -273,6 +273,21 @@ impl Engine {
                 Err(e) => result = Err(e),
             }
         }
+        // A suite that compares runs on the version serving now too (it keeps serving).
+        let comparing = suite.filter(|s| s.compare_with_previous);
+        if let (Some(c), Some(suite), Some(old)) = (&mut counts, comparing, self.active()) {
+            match old.run_suite(suite).await {
+                Ok(run) => {
+                    tracing::info!(
+                        model = %old.spec.id(), passed = run.counts.passed, cases = run.counts.cases,
+                        secs = run.secs, "evaluation suite run on the version serving now, to compare"
+                    );
+                    c.previous_passed = Some(run.counts.passed);
+                }
+                // Its failure says nothing about the new version: no comparison then.
+                Err(e) => tracing::warn!(model = %old.spec.id(), "the suite could not run on the serving version: {e}"),
+            }
+        }
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = result.as_ref().err().map(|e| e.to_string());
         let loaded = Arc::new(result?);
         let old = self.active.write().unwrap_or_else(|e| e.into_inner()).replace(loaded);

@@ -22,7 +22,8 @@ use thiserror::Error;
 
 /// Bump when the layout of stored values changes; `open` refuses other versions.
 // 2: manifests carry an evaluation suite, version records and reports its counts.
-// 3: rollout plans may carry an agreement gate; gate figures hold agreement.
+// 3: rollout plans may carry an agreement gate; gate figures hold agreement; suites may
+// compare with the previous version, and evaluation counts hold its result.
 pub const SCHEMA_VERSION: u32 = 3;
 const SCHEMA_KEY: &[u8] = b"schema_version";
 const ORIGINATED_KEY: &[u8] = b"originated";

@@ -88,11 +88,17 @@ fn counts_add_up_and_bogus_counts_have_no_rate() {
     // "nope" fails the third case but holds its max_chars check.
     let (counts, outcomes) = s.score(["Paris", "{\"ok\": 1}", "nope"]);
     assert_eq!(outcomes.len(), 3);
-    assert_eq!(counts, EvalCounts { cases: 3, passed: 2, checks: 5, checks_passed: 3 });
+    assert_eq!(counts, EvalCounts { cases: 3, passed: 2, checks: 5, checks_passed: 3, previous_passed: None });
     assert!((counts.pass_rate().expect("rate") - 2.0 / 3.0).abs() < 1e-9);
     assert_eq!(EvalCounts::default().pass_rate(), None);
     assert_eq!(EvalCounts { cases: 2, passed: 3, ..Default::default() }.pass_rate(), None);
-    let mut max = EvalCounts { cases: u32::MAX, passed: u32::MAX, checks: u32::MAX, checks_passed: u32::MAX };
+    let mut max = EvalCounts {
+        cases: u32::MAX,
+        passed: u32::MAX,
+        checks: u32::MAX,
+        checks_passed: u32::MAX,
+        previous_passed: None,
+    };
     max.add(&outcomes[0]);
     assert_eq!(max.cases, u32::MAX);
 }
@@ -106,4 +112,31 @@ proptest::proptest! {
             proptest::prop_assert!(outcome.checks_passed <= outcome.checks);
         }
     }
+}
+
+#[test]
+fn a_settings_line_asks_for_a_comparison_once() {
+    let s = EvalSuite::parse_jsonl(&format!("{{\"compare_with_previous\": true}}\n{SUITE}")).expect("suite");
+    assert!(s.compare_with_previous && s.cases.len() == 3);
+    assert!(!suite().compare_with_previous);
+    for (text, want) in [
+        (
+            "{\"compare_with_previous\": true}\n{\"compare_with_previous\": false}\n",
+            "line 2: compare_with_previous is given twice",
+        ),
+        ("{\"compare_with_previous\": \"yes\"}\n", "line 1: not the suite's settings"),
+        ("{\"compare_with_previous\": true, \"prompt\": \"x\"}\n", "line 1: not the suite's settings"),
+    ] {
+        let err = EvalSuite::parse_jsonl(text).unwrap_err().to_string();
+        assert!(err.contains(want), "{text:?}: {err}");
+    }
+    // A settings line alone is no suite.
+    let err = EvalSuite::parse_jsonl("{\"compare_with_previous\": true}\n").unwrap_err().to_string();
+    assert!(err.contains("no case"), "{err}");
+    // The margin over the previous version, from counts a remote node may have made up.
+    let c = |passed, previous| EvalCounts { cases: 10, passed, previous_passed: previous, ..Default::default() };
+    assert_eq!(c(7, Some(9)).margin_over_previous(), Some(-2.0));
+    assert_eq!(c(7, None).margin_over_previous(), None);
+    assert_eq!(c(7, Some(11)).margin_over_previous(), None);
+    assert_eq!(c(12, Some(1)).margin_over_previous(), None);
 }

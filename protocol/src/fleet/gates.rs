@@ -21,6 +21,10 @@ pub struct NodeStat {
     /// The share of the evaluation suite's cases this node's answers passed.
     #[serde(default)]
     pub eval_pass_rate: Option<f64>,
+    /// With a suite that compares: its cases passed minus the previous version's on
+    /// this node (negative: fewer than before).
+    #[serde(default)]
+    pub eval_margin: Option<f64>,
     /// The node's median agreement with the previous version in its shadow comparisons,
     /// once it compared `shadow::MIN_NODE_COMPARISONS` answers.
     #[serde(default)]
@@ -204,6 +208,20 @@ pub fn evaluate_gates(gates: &Gates, candidate: &VersionSummary, baseline: Optio
             return GateVerdict::Fail(why);
         }
         readings.push(reading);
+        // A suite that compares: hardly fewer cases than the previous version, by majority.
+        let margins: Vec<f64> = candidate.per_node.iter().filter_map(|n| n.eval_margin).collect();
+        if margins.len() >= min_nodes {
+            let lost = crate::eval::MAX_CASES_LOST;
+            let reading = at_most(median_bounds(margins).map(|(low, high)| (-high, -low)), lost, |m| {
+                format!(
+                    "evaluation suite passed {m:.0} case(s) fewer than the previous version (median across nodes), more than {lost:.0}"
+                )
+            });
+            if let Reading::Fail(why) = reading {
+                return GateVerdict::Fail(why);
+            }
+            readings.push(reading);
+        }
     }
     let nodes = candidate.nodes_measured();
     if nodes < min_nodes {

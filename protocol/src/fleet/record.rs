@@ -93,6 +93,9 @@ impl VersionReport {
             mine.passed = mine.passed.saturating_add(theirs.passed);
             mine.checks = mine.checks.saturating_add(theirs.checks);
             mine.checks_passed = mine.checks_passed.saturating_add(theirs.checks_passed);
+            if let Some(p) = theirs.previous_passed {
+                mine.previous_passed = Some(mine.previous_passed.unwrap_or(0).saturating_add(p));
+            }
         }
     }
 }

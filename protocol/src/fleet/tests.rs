@@ -533,7 +533,8 @@ fn a_replayed_old_record_does_not_come_back_and_age_counts_from_issue() {
 fn evaluated(passed: &[u32]) -> FleetView {
     let mut view = FleetView::default();
     for (i, p) in passed.iter().enumerate() {
-        let eval = crate::eval::EvalCounts { cases: 10, passed: *p, checks: 10, checks_passed: *p };
+        let eval =
+            crate::eval::EvalCounts { cases: 10, passed: *p, checks: 10, checks_passed: *p, previous_passed: None };
         let v = VersionReport { model: "m".into(), version: 2, active: true, eval: Some(eval), ..Default::default() };
         view.update(record(i as u8 + 1, 1, vec![v]), 0);
     }
@@ -561,7 +562,7 @@ fn the_quality_gate_fails_a_version_its_suite_fails_before_any_request_and_one_l
     assert!(matches!(verdict, GateVerdict::Pending(_)), "{verdict:?}");
     // Counts that do not add up (more passed than run) count as no result.
     let mut view = evaluated(&[10, 10]);
-    let bogus = crate::eval::EvalCounts { cases: 1, passed: 9, checks: 0, checks_passed: 0 };
+    let bogus = crate::eval::EvalCounts { cases: 1, passed: 9, ..Default::default() };
     let v = VersionReport { model: "m".into(), version: 2, active: true, eval: Some(bogus), ..Default::default() };
     view.update(record(9, 1, vec![v]), 0);
     let verdict = evaluate_gates(&g, &view.summary("m", 2), None);
@@ -667,4 +668,36 @@ fn agreement_sketches_merge_and_are_checked_like_the_others() {
     let signed = SignedMetrics::sign(&record(1, 5, vec![big]), &node(1)).unwrap();
     let err = verify_metrics(&signed, &cert(1), &trust(), DEFAULT_FLEET, 100).unwrap_err().to_string();
     assert!(err.contains("a sketch of more values"), "{err}");
+}
+
+#[test]
+fn a_suite_that_compares_fails_a_version_that_passes_fewer_cases_than_its_predecessor() {
+    let g = Gates { min_eval_pass_rate: Some(0.5), ..gates() };
+    let view = |nodes: &[(u32, Option<u32>)]| {
+        let mut view = FleetView::default();
+        for (i, (passed, previous)) in nodes.iter().enumerate() {
+            let eval = crate::eval::EvalCounts {
+                cases: 10,
+                passed: *passed,
+                previous_passed: *previous,
+                ..Default::default()
+            };
+            let v =
+                VersionReport { model: "m".into(), version: 2, active: true, eval: Some(eval), ..Default::default() };
+            view.update(record(i as u8 + 1, 1, vec![v]), 0);
+        }
+        view.summary("m", 2)
+    };
+    // Above the minimum, but two cases fewer than before on every node: failed.
+    let verdict = evaluate_gates(&g, &view(&[(7, Some(9)), (7, Some(9)), (8, Some(10))]), None);
+    assert!(matches!(&verdict, GateVerdict::Fail(r) if r.contains("2 case(s) fewer than the previous")), "{verdict:?}");
+    // As many as before, or one fewer: the suite holds (the traffic gates wait for requests).
+    let verdict = evaluate_gates(&g, &view(&[(9, Some(9)), (6, Some(7)), (10, Some(9))]), None);
+    assert!(matches!(&verdict, GateVerdict::Pending(r) if r.contains("node(s) measured")), "{verdict:?}");
+    // One liar claiming a big drop among nodes that hold: no failure.
+    let verdict = evaluate_gates(&g, &view(&[(9, Some(9)), (7, Some(7)), (10, Some(9)), (5, Some(10))]), None);
+    assert!(!matches!(verdict, GateVerdict::Fail(_)), "{verdict:?}");
+    // Too few nodes compared: only the pass rate counts.
+    let verdict = evaluate_gates(&g, &view(&[(7, Some(10)), (7, None), (8, None)]), None);
+    assert!(!matches!(verdict, GateVerdict::Fail(_)), "{verdict:?}");
 }

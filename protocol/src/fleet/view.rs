@@ -69,6 +69,7 @@ pub fn node_stat(node: NodeId, v: &VersionReport) -> NodeStat {
         p50_tokens_per_sec: v.tokens_per_sec.quantile(0.5),
         failed_activation: v.activation_failures > 0 && !v.active,
         eval_pass_rate: v.eval.and_then(|e| e.pass_rate()),
+        eval_margin: v.eval.and_then(|e| e.margin_over_previous()),
         agreement: v
             .agreement
             .as_ref()

@@ -290,7 +290,11 @@ impl Node {
         if let (Ok(()), Some(counts)) = (&result, eval) {
             self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(secs)).eval = Some(counts);
             let (passed, cases) = (counts.passed, counts.cases);
-            let text = format!("evaluation suite: {passed} of {cases} case(s) passed");
+            let previous = match counts.previous_passed {
+                Some(p) => format!(" (the version served before: {p})"),
+                None => String::new(),
+            };
+            let text = format!("evaluation suite: {passed} of {cases} case(s) passed{previous}");
             self.history(now, &name, version, Level::Info, HistoryKind::Evaluated { passed, cases }, text);
         }
         match result {

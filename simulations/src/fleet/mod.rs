@@ -204,8 +204,9 @@ enum Ev {
         model: String,
         version: u64,
         incarnation: u32,
-        /// Cases of the evaluation suite the node was asked to run.
-        eval_cases: Option<u32>,
+        /// Cases of the evaluation suite the node was asked to run, and whether on the
+        /// version it served before too.
+        eval_cases: Option<(u32, bool)>,
     },
     Timer {
         node: usize,
@@ -745,7 +746,7 @@ impl NodeFleet {
             Output::Activate { model, version, eval, .. } => {
                 *self.nodes[i].loads.entry(version).or_default() += 1;
                 let (incarnation, at) = (self.incarnation[i], self.q.now() + self.spec.load_ms * 1000);
-                let eval_cases = eval.map(|s| s.cases.len() as u32);
+                let eval_cases = eval.map(|s| (s.cases.len() as u32, s.compare_with_previous));
                 self.q.at(at, Ev::Loaded { node: i, model, version, incarnation, eval_cases });
             }
             Output::Shadow { plan, .. } => self.nodes[i].shadowing = plan,
@@ -902,6 +903,7 @@ impl NodeFleet {
                 if incarnation != self.incarnation[node] {
                     return;
                 }
+                let before = self.nodes[node].serving;
                 let result = if self.broken.contains(&version) {
                     Err("tokenizer.ggml.bos_token_id 99999 is out of range".to_string())
                 } else {
@@ -909,10 +911,16 @@ impl NodeFleet {
                     self.nodes[node].served.push((self.q.now(), version));
                     Ok(())
                 };
-                let share = self.wrong_answers.get(&version).copied().unwrap_or(1.0);
-                let eval = eval_cases.filter(|_| result.is_ok()).map(|cases| {
-                    let passed = ((cases as f64 * share).round() as u32).min(cases);
-                    slmesh_protocol::eval::EvalCounts { cases, passed, checks: cases, checks_passed: passed }
+                // The modelled suite: each version passes its share of right answers.
+                let passed_by = |v: u64, cases: u32| {
+                    let share = self.wrong_answers.get(&v).copied().unwrap_or(1.0);
+                    ((cases as f64 * share).round() as u32).min(cases)
+                };
+                let eval = eval_cases.filter(|_| result.is_ok()).map(|(cases, compare)| {
+                    let passed = passed_by(version, cases);
+                    let previous_passed = before.filter(|_| compare).map(|b| passed_by(b, cases));
+                    let checks_passed = passed;
+                    slmesh_protocol::eval::EvalCounts { cases, passed, checks: cases, checks_passed, previous_passed }
                 });
                 self.input(node, Input::ActivationFinished { model, version, result, eval });
             }
