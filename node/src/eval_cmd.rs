@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 use slmesh_inference::eval::SuiteRun;
-use slmesh_inference::{LoadedModel, ModelSpec};
+use slmesh_inference::{LoadOptions, LoadedModel, ModelSpec};
 use slmesh_protocol::eval::DEFAULT_MIN_PASS_RATE;
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -133,7 +133,7 @@ struct Report<'a> {
     agreement: Option<&'a Agreement>,
 }
 
-pub fn run(args: EvalArgs) -> Result<()> {
+pub fn run(args: EvalArgs, options: LoadOptions) -> Result<()> {
     crate::init_logging(false);
     if !(0.0..=1.0).contains(&args.min_pass_rate) {
         bail!("--min-pass-rate {} is not in [0, 1]", args.min_pass_rate);
@@ -151,7 +151,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
     }
     let (run, baseline) = runtime.block_on(async {
-        let model = LoadedModel::load(spec).await.context("the model cannot be loaded")?;
+        let model = LoadedModel::load_with(spec, options).await.context("the model cannot be loaded")?;
         let run = model.run_suite(&suite).await.context("the suite could not run")?;
         // One model in memory at a time.
         drop(model);
@@ -160,7 +160,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
             eprintln!("loading {} to compare with ...", path.display());
         }
         let spec = ModelSpec { name: "baseline".into(), version: 1, gguf: path.clone() };
-        let model = LoadedModel::load(spec).await.context("the model to compare with cannot be loaded")?;
+        let model =
+            LoadedModel::load_with(spec, options).await.context("the model to compare with cannot be loaded")?;
         let baseline = model.run_suite(&suite).await.context("the suite could not run on the model to compare with")?;
         Ok((run, Some(baseline)))
     })?;

@@ -36,6 +36,14 @@ struct Cli {
     /// core stalls the others (measured in BENCHMARKS.md, "Inference threads").
     #[arg(long, global = true, env = "SLMESH_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
+    /// Finished conversations whose attention cache the engine keeps, so that a request
+    /// that starts the same way (a shared system prompt, a conversation's earlier turns)
+    /// skips that part of its prompt; 0 turns it off. Each costs memory in proportion to
+    /// its length (about 10 MiB for a short conversation with the demo model); without
+    /// it, such prompts take several times longer (BENCHMARKS.md, "Memory over many
+    /// conversations").
+    #[arg(long, global = true, env = "SLMESH_PREFIX_CACHE", default_value_t = slmesh_inference::DEFAULT_PREFIX_CACHE as u16)]
+    prefix_cache: u16,
 }
 
 #[derive(Subcommand)]
@@ -236,6 +244,7 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let engine = slmesh_inference::LoadOptions { prefix_cache: cli.prefix_cache.into() };
     match cli.command {
         Command::Init(a) => config_cmd::init(a),
         Command::Keygen(a) => keys::keygen(a),
@@ -243,9 +252,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Enroll(a) => keys::enroll(a),
         Command::Manifest(c) => manifest_cmd::run(c),
         Command::Model(c) => model_cmd::run(c),
-        Command::Serve(a) => serve::run(a),
-        Command::Eval(a) => eval_cmd::run(a),
-        Command::Node(NodeCommand::Run(a)) => daemon::run(a),
+        Command::Serve(a) => serve::run(a, engine),
+        Command::Eval(a) => eval_cmd::run(a, engine),
+        Command::Node(NodeCommand::Run(a)) => daemon::run(a, engine),
         Command::Publish(a) => client::publish(a),
         Command::Status(a) => client::status(a),
         Command::Dashboard(a) => client::dashboard(a),

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use slmesh_inference::http::{self, HttpLimits, HttpState};
-use slmesh_inference::{Engine, ModelSpec};
+use slmesh_inference::{Engine, LoadOptions, ModelSpec};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,20 +68,20 @@ pub(crate) async fn shutdown_signal() {
     ctrl_c.await.unwrap_or(());
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
+pub fn run(args: ServeArgs, options: LoadOptions) -> Result<()> {
     crate::init_logging(false);
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(args, options))
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
+async fn serve(args: ServeArgs, options: LoadOptions) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.http_bind)
         .await
         .with_context(|| format!("cannot listen on {} (in use? pass --http-bind)", args.http_bind))?;
     let addr = listener.local_addr()?;
     let name = args.name.clone().unwrap_or_else(|| default_name(&args.model));
-    let engine = Arc::new(Engine::new());
+    let engine = Arc::new(Engine::with_options(options));
     eprintln!("loading {} ...", args.model.display());
     engine
         .activate(ModelSpec { name: name.clone(), version: args.model_version, gguf: args.model.clone() })

@@ -349,22 +349,46 @@ fn the_engine_computes_on_the_threads_it_is_given() {
     assert!(!out.status.success() && said.contains("--threads"), "{said}");
 }
 
+/// One short conversation of its own (`i`) after a shared system prompt.
+fn converse(addr: &str, system: &str, i: usize) {
+    let body = serde_json::json!({
+        "messages": [{"role": "system", "content": system},
+                     {"role": "user", "content": format!("Conversation {i}: name {i} things that are blue.")}],
+        "max_tokens": 4, "temperature": 0
+    });
+    let (status, v) = post(addr, body.to_string());
+    assert_eq!(status, 200, "{v}");
+}
+
+#[test]
+fn the_prefix_cache_holds_as_many_conversations_as_it_is_told() {
+    // Four conversations of about 170 tokens each: kept, their attention caches take
+    // several MiB each; with --prefix-cache 0 nothing is kept.
+    let system = "You are a helpful assistant who answers every question in detail. ".repeat(14);
+    let growth: Vec<f64> = ["0", "4"]
+        .iter()
+        .map(|n| {
+            let node = start(&["--prefix-cache", n]);
+            converse(&node.addr, &system, 0);
+            let before = rss_mib(node.child.id());
+            (1..5).for_each(|i| converse(&node.addr, &system, i));
+            rss_mib(node.child.id()) - before
+        })
+        .collect();
+    eprintln!("memory grown over 4 conversations with --prefix-cache 0 and 4: {growth:?} MiB");
+    assert!(growth[0] < 4.0, "memory grew by {:.1} MiB with --prefix-cache 0", growth[0]);
+    assert!(growth[1] > growth[0] + 4.0, "memory grew by {growth:?} MiB with --prefix-cache 0 and 4");
+}
+
 #[test]
 fn memory_stays_flat_over_many_different_conversations() {
     // mistral.rs 0.8.1 kept the attention cache of every finished conversation on a
-    // CPU-only machine (crates/vendor/README.md): 16 are kept, then the oldest go.
+    // CPU-only machine (crates/vendor/README.md): now `--prefix-cache` (4 by default) are
+    // kept, then the oldest go.
     let node = start(&[]);
     let pid = node.child.id();
     let system = "You are a helpful assistant who answers every question in detail. ".repeat(6);
-    let converse = |i: usize| {
-        let body = serde_json::json!({
-            "messages": [{"role": "system", "content": system},
-                         {"role": "user", "content": format!("Conversation {i}: name {i} things that are blue.")}],
-            "max_tokens": 4, "temperature": 0
-        });
-        let (status, v) = post(&node.addr, body.to_string());
-        assert_eq!(status, 200, "{v}");
-    };
+    let converse = |i: usize| converse(&node.addr, &system, i);
     // Enough to fill the cache, then as many again.
     (0..20).for_each(converse);
     let full = rss_mib(pid);

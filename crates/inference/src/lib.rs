@@ -68,6 +68,27 @@ impl ModelSpec {
     }
 }
 
+/// Conversations whose attention cache a model keeps for the next turn (see `LoadOptions`).
+pub const DEFAULT_PREFIX_CACHE: usize = 4;
+
+/// How the engine holds a model in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Finished conversations whose attention cache is kept so that a later request that
+    /// starts the same way (a shared system prompt, the earlier turns) skips that part of
+    /// its prompt; 0 turns the cache off. Each costs memory in proportion to its length
+    /// (about 10 MiB for a short conversation with the demo model); prompts without a
+    /// cached beginning take several times longer (BENCHMARKS.md, "Memory over many
+    /// conversations").
+    pub prefix_cache: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { prefix_cache: DEFAULT_PREFIX_CACHE }
+    }
+}
+
 /// A model version loaded into mistral.rs and smoke-tested.
 pub struct LoadedModel {
     pub spec: ModelSpec,
@@ -118,6 +139,11 @@ const SMOKE_TOKENS: usize = 4;
 impl LoadedModel {
     /// Loads a GGUF file through mistral.rs (CPU, local files only) and smoke-tests it.
     pub async fn load(spec: ModelSpec) -> Result<Self> {
+        Self::load_with(spec, LoadOptions::default()).await
+    }
+
+    /// As `load`, holding the model as `options` say.
+    pub async fn load_with(spec: ModelSpec, options: LoadOptions) -> Result<Self> {
         let path = spec.gguf.clone();
         let failed = |reason: String| InferenceError::LoadFailed { path: path.clone(), reason };
         let header_path = path.clone();
@@ -146,6 +172,7 @@ impl LoadedModel {
             GgufModelBuilder::new(dir_text, vec![file])
                 .with_token_source(TokenSource::None)
                 .with_force_cpu()
+                .with_prefix_cache_n((options.prefix_cache > 0).then_some(options.prefix_cache))
                 .build()
                 .await
         })
@@ -221,11 +248,17 @@ pub struct Engine {
     last_error: Mutex<Option<String>>,
     /// The shadow comparison's ticket counter and baseline (`shadow.rs`).
     shadow: Mutex<(u64, Option<Arc<shadow::Shadow>>)>,
+    options: LoadOptions,
 }
 
 impl Engine {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An engine that loads every version (and a shadow baseline) as `options` say.
+    pub fn with_options(options: LoadOptions) -> Self {
+        Self { options, ..Self::default() }
     }
 
     /// The active version. Hold the `Arc` for the whole request: a swap then cannot
@@ -259,7 +292,7 @@ impl Engine {
         suite: Option<&slmesh_protocol::eval::EvalSuite>,
     ) -> Result<Option<slmesh_protocol::eval::EvalCounts>> {
         let _one_at_a_time = self.activating.lock().await;
-        let mut result = LoadedModel::load(spec).await;
+        let mut result = LoadedModel::load_with(spec, self.options).await;
         let mut counts = None;
         if let (Ok(loaded), Some(suite)) = (&result, suite) {
             match loaded.run_suite(suite).await {

@@ -64,7 +64,7 @@ impl Engine {
             Some(loaded) => loaded,
             None => {
                 let _one_at_a_time = self.activating.lock().await;
-                Arc::new(LoadedModel::load(baseline).await?)
+                Arc::new(LoadedModel::load_with(baseline, self.options).await?)
             }
         };
         let mut slot = self.shadow.lock().unwrap_or_else(|e| e.into_inner());

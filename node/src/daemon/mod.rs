@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use slmesh_blobs::{BlobConfig, BlobNode};
 use slmesh_inference::http::{HttpLimits, HttpState};
-use slmesh_inference::Engine;
+use slmesh_inference::{Engine, LoadOptions};
 use slmesh_protocol::identity::KeyKind;
 use slmesh_protocol::mesh::{UploadPolicy, TOPIC_COMMANDS, TOPIC_MANIFESTS, TOPIC_METRICS, TOPIC_REVOCATIONS};
 use slmesh_protocol::trust::verify_certificate;
@@ -37,13 +37,13 @@ pub struct RunArgs {
     pub log_json: bool,
 }
 
-pub fn run(args: RunArgs) -> Result<()> {
+pub fn run(args: RunArgs, options: LoadOptions) -> Result<()> {
     crate::init_logging(args.log_json);
     crate::install_crypto_provider();
     let config = Config::load(&args.config)?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
-    runtime.block_on(run_node(config))
+    runtime.block_on(run_node(config, options))
 }
 
 /// Everything a started node holds; `core::Driver` drives it.
@@ -58,7 +58,7 @@ pub(crate) struct Parts {
     pub gate: Arc<gate::GateState>,
 }
 
-async fn run_node(config: Config) -> Result<()> {
+async fn run_node(config: Config, options: LoadOptions) -> Result<()> {
     let secret = SecretKey::load(&config.key_path(), KeyKind::Node)
         .with_context(|| format!("no node key (create one with `slmesh keygen`): {}", config.key_path().display()))?;
     let trust = config.trust_store()?;
@@ -126,7 +126,7 @@ async fn run_node(config: Config) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (in use? change http.bind)", config.http.bind))?;
     let http_addr = http_listener.local_addr()?;
-    let engine = Arc::new(Engine::new());
+    let engine = Arc::new(Engine::with_options(options));
     let limits = HttpLimits { fault_version: std::env::var("SLMESH_TEST_FAULT").ok(), ..HttpLimits::default() };
     if let Some(f) = &limits.fault_version {
         tracing::warn!("SLMESH_TEST_FAULT: requests to {f} will fail (test-only fault injection)");

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use candle_core::quantized::ggml_file;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::{Embedding, Module};
 use mistralrs_quant::{GgufMatMul, QuantMethod, QuantMethodConfig};
 
 use crate::attention::SdpaParams;
@@ -211,8 +210,57 @@ impl LayerWeights {
     }
 }
 
+// slmesh patch: the token embeddings stay quantised, and only the rows a forward pass
+// looks up are dequantised. Dequantising the whole table to F32 took 110 MiB for a
+// 135M-parameter model (49,152 x 576 x 4 bytes), more than all its quantised weights.
+struct QuantizedEmbedding {
+    table: Arc<QTensor>,
+    hidden: usize,
+    row_bytes: usize,
+}
+
+impl QuantizedEmbedding {
+    fn new(table: Arc<QTensor>) -> Result<Self> {
+        let (_, hidden) = table.shape().dims2()?;
+        let dtype = table.dtype();
+        if hidden % dtype.block_size() != 0 {
+            candle_core::bail!(
+                "token embedding rows of {hidden} values do not fill whole {dtype:?} blocks"
+            );
+        }
+        let row_bytes = hidden / dtype.block_size() * dtype.type_size();
+        Ok(Self {
+            table,
+            hidden,
+            row_bytes,
+        })
+    }
+
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let ids_list = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        let data = self.table.data()?;
+        let mut rows = Vec::with_capacity(ids_list.len() * self.row_bytes);
+        for id in &ids_list {
+            let start = *id as usize * self.row_bytes;
+            match data.get(start..start + self.row_bytes) {
+                Some(row) => rows.extend_from_slice(row),
+                None => candle_core::bail!("token id {id} is outside the embedding table"),
+            }
+        }
+        let picked = ggml_file::qtensor_from_ggml(
+            self.table.dtype(),
+            &rows,
+            vec![ids_list.len(), self.hidden],
+            &Device::Cpu,
+        )?;
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.hidden);
+        picked.dequantize(ids.device())?.reshape(dims)
+    }
+}
+
 pub struct ModelWeights {
-    tok_embeddings: Embedding,
+    tok_embeddings: QuantizedEmbedding,
     layers: Vec<LayerWeights>,
     norm: QRmsNorm,
     output: Arc<dyn QuantMethod>,
@@ -234,8 +282,7 @@ impl ModelConfig::FromGGML for ModelWeights {
             false,
             dtype,
         )?;
-        let tok_embeddings = ct.remove("tok_embeddings.weight")?;
-        let tok_embeddings = tok_embeddings.dequantize(&ct.device)?;
+        let tok_embeddings = Arc::new(ct.remove("tok_embeddings.weight")?);
         let norm = QRmsNorm::new(ct.remove("norm.weight")?, 1e-5)?;
         let output = ct.remove("output.weight")?;
         let mut layers = Vec::with_capacity(ct.hparams.n_layer as usize);
@@ -307,7 +354,7 @@ impl ModelConfig::FromGGML for ModelWeights {
             })
         }
         Ok(Self {
-            tok_embeddings: Embedding::new(tok_embeddings, ct.hparams.n_embd as usize),
+            tok_embeddings: QuantizedEmbedding::new(tok_embeddings)?,
             layers,
             norm,
             output: Arc::new(GgufMatMul::new(QuantMethodConfig::Gguf {
@@ -426,7 +473,7 @@ impl ModelConfig::FromGGUF for ModelWeights {
             head_count,
             head_count_kv,
             block_count,
-            embedding_length,
+            embedding_length: _,
             rope_dim,
             rms_norm_eps,
             max_seq_len,
@@ -435,13 +482,14 @@ impl ModelConfig::FromGGUF for ModelWeights {
             value_length,
         } = PropsGGUF::try_from(metadata).or_else(|err| candle_core::bail!("{err}"))?;
 
-        let qtok_embeddings = ct.tensor("token_embd.weight", device)?;
-        let tok_embeddings = qtok_embeddings.dequantize(device)?;
+        let qtok_embeddings = Arc::new(ct.tensor("token_embd.weight", device)?);
         let norm = QRmsNorm::new(ct.tensor("output_norm.weight", device)?, rms_norm_eps)?;
+        // slmesh patch: tied output weights share the embedding table instead of a
+        // second copy read from the file.
         let output = if !ct.has_tensor("output.weight") {
-            ct.tensor("token_embd.weight", device)?
+            qtok_embeddings.clone()
         } else {
-            ct.tensor("output.weight", device)?
+            Arc::new(ct.tensor("output.weight", device)?)
         };
         let mut layers = Vec::with_capacity(block_count);
 
@@ -641,11 +689,11 @@ impl ModelConfig::FromGGUF for ModelWeights {
             })
         }
         Ok(Self {
-            tok_embeddings: Embedding::new(tok_embeddings, embedding_length),
+            tok_embeddings: QuantizedEmbedding::new(qtok_embeddings)?,
             layers,
             norm,
             output: Arc::new(GgufMatMul::new(QuantMethodConfig::Gguf {
-                q_weight: Arc::new(output),
+                q_weight: output,
                 b: None,
             })?),
             device: device.clone(),
