@@ -57,6 +57,36 @@ r = client.chat.completions.create(
     model=model, messages=question, max_tokens=8, temperature=0.8, logprobs=True)
 assert all(t.logprob <= 1e-6 and t.top_logprobs == [] for t in r.choices[0].logprobs.content), r
 
+# seed with sampling: the same seed gets the same answer, streamed or not, whatever ran
+# before; other seeds get other answers.
+story = [{"role": "user", "content": "Write one sentence about a cat."}]
+
+
+def seeded(seed, **kwargs):
+    r = client.chat.completions.create(model=model, messages=story, max_tokens=24, temperature=1.0, seed=seed, **kwargs)
+    return r.choices[0].message.content
+
+
+first = seeded(42)
+seeded(7)  # another request in between
+assert seeded(42) == first, first
+streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+    model=model, messages=story, max_tokens=24, temperature=1.0, seed=42, stream=True) if c.choices)
+assert streamed == first, (streamed, first)
+others = {seeded(s) for s in (1, 2, 3)}
+assert others - {first}, f"three other seeds all answered {first!r}"
+r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=1.0, seed=9)
+assert r.choices[0].text == client.completions.create(
+    model=model, prompt="Once upon a time", max_tokens=12, temperature=1.0, seed=9).choices[0].text, r
+# A seeded token's logprob is the probability it was drawn with: where it is also among
+# the alternatives, the two figures agree.
+r = client.chat.completions.create(
+    model=model, messages=story, max_tokens=16, temperature=1.3, top_p=0.9, seed=5, logprobs=True, top_logprobs=5)
+tokens = r.choices[0].logprobs.content
+assert tokens and all(t.logprob <= 1e-6 for t in tokens), tokens
+matched = [(t.logprob, a.logprob) for t in tokens for a in t.top_logprobs if a.token == t.token]
+assert matched and all(abs(x - y) < 1e-3 for x, y in matched), matched
+
 # JSON answers, by the engine's constrained decoding.
 capital = {
     "type": "object",
@@ -116,7 +146,7 @@ for kwargs, param in [
     ({"response_format": {"type": "yaml"}}, "response_format"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
-    ({"seed": 3, "temperature": 0.7}, "seed"),
+    ({"seed": 1.5, "temperature": 0.7}, "seed"),
 ]:
     try:
         client.chat.completions.create(model=model, messages=question, max_tokens=4, **kwargs)

@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use slmesh_inference::http::HttpLimits;
 use slmesh_protocol::identity::PublicKey;
 use slmesh_protocol::trust::{validate_tags, Tags};
 use slmesh_protocol::TrustStore;
@@ -147,11 +148,61 @@ pub struct HttpConfig {
     /// another `Host` is refused (a web page reaching the node by DNS rebinding).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_hosts: Vec<String>,
+    /// Requests generating at once (each holds its own attention cache while it runs).
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: usize,
+    /// Requests waiting for a turn; one more gets 429.
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting: usize,
+    /// Largest `max_tokens` a request may ask for.
+    #[serde(default = "default_max_tokens_cap")]
+    pub max_tokens_cap: u32,
+    /// Seconds before a request is answered 504.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+}
+
+fn default_max_concurrent() -> usize {
+    HttpLimits::default().max_concurrent
+}
+
+fn default_max_waiting() -> usize {
+    HttpLimits::default().max_waiting
+}
+
+fn default_max_tokens_cap() -> u32 {
+    HttpLimits::default().max_tokens_cap
+}
+
+fn default_request_timeout_secs() -> u64 {
+    HttpLimits::default().request_timeout.as_secs()
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { bind: "127.0.0.1:8080".into(), bearer_token: None, allowed_hosts: vec![] }
+        HttpConfig {
+            bind: "127.0.0.1:8080".into(),
+            bearer_token: None,
+            allowed_hosts: vec![],
+            max_concurrent: default_max_concurrent(),
+            max_waiting: default_max_waiting(),
+            max_tokens_cap: default_max_tokens_cap(),
+            request_timeout_secs: default_request_timeout_secs(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// What the API allows, from these settings.
+    pub fn limits(&self) -> HttpLimits {
+        HttpLimits {
+            max_concurrent: self.max_concurrent,
+            max_waiting: self.max_waiting,
+            max_tokens_cap: self.max_tokens_cap,
+            default_max_tokens: HttpLimits::default().default_max_tokens.min(self.max_tokens_cap),
+            request_timeout: std::time::Duration::from_secs(self.request_timeout_secs),
+            ..HttpLimits::default()
+        }
     }
 }
 
@@ -237,6 +288,10 @@ impl Config {
         if self.network.blobs_bind.parse::<std::net::SocketAddr>().is_err() {
             bail!("network.blobs_bind {:?} is not an address like 0.0.0.0:4002", self.network.blobs_bind);
         }
+        let h = &self.http;
+        if h.max_concurrent == 0 || h.max_tokens_cap == 0 || h.request_timeout_secs == 0 {
+            bail!("http.max_concurrent, http.max_tokens_cap and http.request_timeout_secs must be at least 1");
+        }
         if let Some(t) = &self.http.bearer_token {
             if t.len() < MIN_TOKEN_CHARS || t.chars().any(|c| !c.is_ascii_graphic()) {
                 bail!("http.bearer_token must be at least {MIN_TOKEN_CHARS} printable characters without spaces");
@@ -320,6 +375,15 @@ impl Config {
             let names: Vec<String> = self.http.allowed_hosts.iter().map(|h| q(h)).collect();
             out.push_str(&format!("allowed_hosts = [{}]\n", names.join(", ")));
         }
+        out.push_str("# Requests generating at once; each holds its own attention cache while it runs,\n");
+        out.push_str("# so this bounds memory as much as it bounds CPU. More wait for a turn:\n");
+        out.push_str(&format!("max_concurrent = {}\n", self.http.max_concurrent));
+        out.push_str("# Requests waiting for a turn; one more gets 429 (Too Many Requests).\n");
+        out.push_str(&format!("max_waiting = {}\n", self.http.max_waiting));
+        out.push_str("# Largest max_tokens a request may ask for.\n");
+        out.push_str(&format!("max_tokens_cap = {}\n", self.http.max_tokens_cap));
+        out.push_str("# Seconds before a request is answered 504 (Gateway Timeout).\n");
+        out.push_str(&format!("request_timeout_secs = {}\n", self.http.request_timeout_secs));
         out.push_str("\n[fleet]\n");
         out.push_str("# Seconds between this node's signed metrics records (numbers only, never prompts).\n");
         out.push_str(&format!("metrics_interval_secs = {}\n", self.fleet.metrics_interval_secs));
@@ -357,6 +421,8 @@ mod tests {
         c.network.bootstrap.push("/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWxyz".into());
         c.trust.publishers.push(TrustedPublisher { name: "ops".into(), key: "ab".repeat(32) });
         c.pins.insert("m".into(), 3);
+        c.http.max_concurrent = 1;
+        c.http.request_timeout_secs = 30;
         let text = c.to_documented_toml().unwrap();
         let back: Config = toml::from_str(&text).unwrap();
         assert_eq!(back, c);
@@ -373,5 +439,20 @@ mod tests {
         let mut c = Config::new("d".into());
         c.trust.publishers.push(TrustedPublisher { name: "ops".into(), key: "zz".into() });
         assert!(c.validate().unwrap_err().to_string().contains("ops"));
+        let mut c = Config::new("d".into());
+        c.http.max_concurrent = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("max_concurrent"));
+    }
+
+    #[test]
+    fn a_config_from_before_the_serving_limits_gets_the_defaults() {
+        let old = "data_dir = \"d\"\n[http]\nbind = \"127.0.0.1:8080\"\n";
+        let c: Config = toml::from_str(old).unwrap();
+        assert_eq!(c.http, HttpConfig::default());
+        let limits = c.http.limits();
+        assert_eq!((limits.max_concurrent, limits.max_waiting), (2, 16));
+        let set: Config =
+            toml::from_str(&old.replace("8080\"", "8080\"\nmax_concurrent = 1\nmax_tokens_cap = 100")).unwrap();
+        assert_eq!((set.http.limits().max_concurrent, set.http.limits().default_max_tokens), (1, 100));
     }
 }

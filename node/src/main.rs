@@ -5,6 +5,7 @@ mod config;
 mod daemon;
 mod eval_cmd;
 mod follow;
+mod kernels;
 mod keys;
 mod manifest_cmd;
 mod model_cmd;
@@ -44,6 +45,13 @@ struct Cli {
     /// conversations").
     #[arg(long, global = true, env = "SLMESH_PREFIX_CACHE", default_value_t = slmesh_inference::DEFAULT_PREFIX_CACHE as u16)]
     prefix_cache: u16,
+    /// Tokens of context (prompt and answer together) a conversation may take at most;
+    /// 0: as many as the GGUF file allows (often 8,192 or more). Each request running and
+    /// each conversation the prefix cache keeps holds an attention cache that grows with
+    /// its length up to this: 45 KiB a token for the demo model, 180 MiB at 4,096. A
+    /// longer prompt gets a 400; an answer that reaches it ends ("length").
+    #[arg(long, global = true, env = "SLMESH_CONTEXT_LENGTH", default_value_t = slmesh_inference::DEFAULT_CONTEXT_LENGTH as u32)]
+    context_length: u32,
 }
 
 #[derive(Subcommand)]
@@ -244,7 +252,10 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let engine = slmesh_inference::LoadOptions { prefix_cache: cli.prefix_cache.into() };
+    let engine = slmesh_inference::LoadOptions {
+        prefix_cache: cli.prefix_cache.into(),
+        context_length: (cli.context_length > 0).then_some(cli.context_length as usize),
+    };
     match cli.command {
         Command::Init(a) => config_cmd::init(a),
         Command::Keygen(a) => keys::keygen(a),

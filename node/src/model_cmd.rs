@@ -14,6 +14,11 @@ pub enum ModelCommand {
     /// are; tokenizer and chat template are copied. Publish the result as a variant
     /// (`slmesh manifest create`), after checking its answers.
     Quantize(QuantizeArgs),
+    /// Measure how fast this engine multiplies by a weight of each quantised kind on this
+    /// CPU (what a node measures once, remembers in data_dir/kernels.json, and chooses
+    /// among a manifest's variants by: the first listed whose kind is within 25% of the
+    /// fastest that fits). Takes about a second; `--threads` applies.
+    Kernels,
 }
 
 #[derive(Args)]
@@ -33,6 +38,19 @@ pub struct QuantizeArgs {
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
         ModelCommand::Quantize(args) => quantize(args),
+        ModelCommand::Kernels => {
+            kernels();
+            Ok(())
+        }
+    }
+}
+
+fn kernels() {
+    let measured = slmesh_inference::calibrate::kernel_ps_per_weight();
+    let fastest = measured.values().copied().min().unwrap_or(1).max(1);
+    println!("{:<6} {:>14} {:>18}", "kind", "ps per weight", "time vs fastest");
+    for (kind, ps) in &measured {
+        println!("{kind:<6} {ps:>14} {:>17.2}x", f64::from(*ps) / f64::from(fastest));
     }
 }
 

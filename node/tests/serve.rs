@@ -122,10 +122,11 @@ fn openai_parameters_are_honoured_or_refused_by_name() {
     assert_eq!(status, 200, "{v}");
     let stopped = v["choices"][0]["message"]["content"].as_str().unwrap_or_default();
     assert!(!stopped.contains("Paris") && stopped.len() < full.len(), "{stopped:?} against {full:?}");
-    // Accepted: n = 1, a text response_format, a seed with temperature 0, penalties, usage options.
+    // Accepted: n = 1, a text response_format, a seed, penalties, usage options.
     for ok in [
         r#","temperature":0,"n":1,"response_format":{"type":"text"},"seed":7,"user":"u1""#,
         r#","temperature":0.7,"top_p":0.9,"frequency_penalty":0.5,"presence_penalty":0.1"#,
+        r#","temperature":0.7,"top_p":0.9,"frequency_penalty":0.5,"seed":-3"#,
     ] {
         let (status, v) = chat(ok);
         assert_eq!(status, 200, "{ok}: {v}");
@@ -149,7 +150,8 @@ fn openai_parameters_are_honoured_or_refused_by_name() {
         (r#","logprobs":"yes""#, "logprobs"),
         (r#","top_logprobs":2"#, "top_logprobs"),
         (r#","logprobs":true,"top_logprobs":21"#, "top_logprobs"),
-        (r#","seed":7,"temperature":0.8"#, "seed"),
+        (r#","seed":7.5,"temperature":0.8"#, "seed"),
+        (r#","seed":"7","temperature":0.8"#, "seed"),
         (r#","stop":["a","b","c","d","e"]"#, "stop"),
         (r#","stop":[1]"#, "stop"),
         (r#","frequency_penalty":3"#, "frequency_penalty"),
@@ -395,4 +397,33 @@ fn memory_stays_flat_over_many_different_conversations() {
     (20..40).for_each(converse);
     let after = rss_mib(pid);
     assert!(after - full < 30.0, "resident memory grew from {full:.0} to {after:.0} MiB over 20 more conversations");
+}
+
+#[test]
+fn a_conversation_never_outgrows_the_context_it_is_given() {
+    // 96 tokens of context: a prompt longer than that is refused by name, and an answer
+    // stops where prompt and answer fill it.
+    let node = start(&["--context-length", "96"]);
+    let long = serde_json::json!({
+        "messages": [{"role": "user", "content": "Tell me about the sea. ".repeat(40)}], "max_tokens": 8
+    });
+    let (status, v) = post(&node.addr, long.to_string());
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "messages", "{v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("context of 96 tokens"), "{v}");
+    let short = serde_json::json!({
+        "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+        "max_tokens": 500, "temperature": 0
+    });
+    let (status, v) = post(&node.addr, short.to_string());
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    let used = v["usage"]["total_tokens"].as_u64().unwrap_or(0);
+    assert!((80..=96).contains(&used), "prompt and answer took {used} tokens of 96: {v}");
+    // The same request with the file's own context (8,192) runs past 96.
+    let node = start(&["--context-length", "0"]);
+    let (status, v) = post(&node.addr, short.to_string());
+    assert_eq!(status, 200, "{v}");
+    assert!(v["usage"]["total_tokens"].as_u64().unwrap_or(0) > 96, "{v}");
 }

@@ -80,7 +80,13 @@ fn spec(sc: &Scenario) -> FleetSpec {
             metrics_ttl_secs: sc.node.metrics_ttl_secs,
             sync_interval_ms: sc.node.sync_interval_secs * 1000,
             rollout_tick_ms: 1_000,
-            facts: NodeFacts { ram_bytes: 8 << 30, cpu_arch: "x86_64".into(), tags: Tags::new(), simd: true },
+            facts: NodeFacts {
+                ram_bytes: 8 << 30,
+                cpu_arch: "x86_64".into(),
+                tags: Tags::new(),
+                simd: true,
+                kernel_ps_per_weight: Default::default(),
+            },
             ..NodeConfig::default()
         },
     }

@@ -305,10 +305,10 @@ async fn completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, body: Bo
     if req.common.stream == Some(true) {
         return Err(bad_request("stream: true is supported on /v1/chat/completions only", Some("stream")));
     }
-    let sampling = completion_sampling(&req.common, &state.limits)?;
+    let plan = completion_sampling(&req.common, &state.limits)?;
     let start = Instant::now();
     let turn = take_turn(state).await?;
-    generate(state, &model, start, turn, model.complete(req.prompt, sampling)).await
+    generate(state, &model, start, turn, model.complete(req.prompt, plan.sampling, plan.processors)).await
 }
 
 /// Reads and parses a JSON body within the size limit.
@@ -442,6 +442,27 @@ impl Answer for mistralrs::CompletionResponse {
 /// How mistral.rs 0.8.1 words a request it refuses before generating.
 const ENGINE_REFUSED: &str = "request validation error";
 
+/// How it words a prompt longer than the model's context (`truncate_sequence` is its
+/// own request field, not OpenAI's).
+const PROMPT_TOO_LONG: &str = "Prompt sequence length is greater than";
+
+/// A request the engine refused, as a 400 that says why in OpenAI's terms.
+fn engine_refusal(message: String) -> ApiError {
+    match message.split_once(PROMPT_TOO_LONG) {
+        Some((_, rest)) => {
+            let limit: String = rest.trim_start().chars().take_while(char::is_ascii_digit).collect();
+            bad_request(
+                format!(
+                    "the prompt is longer than this node's context of {limit} tokens (prompt and answer): \
+                     shorten the conversation (the node's --context-length sets it)"
+                ),
+                Some("messages"),
+            )
+        }
+        None => bad_request(message, None),
+    }
+}
+
 /// Runs one non-streaming generation under the request timeout, holding `turn`,
 /// records what it measured, and answers.
 async fn generate<R: Answer>(
@@ -478,7 +499,7 @@ async fn generate<R: Answer>(
         }
         // The engine refused the request itself (a JSON schema its grammar compiler
         // cannot take, say): the client's mistake, not a failure of this version.
-        Ok(Err(e)) if e.to_string().contains(ENGINE_REFUSED) => Err(bad_request(e.to_string(), None)),
+        Ok(Err(e)) if e.to_string().contains(ENGINE_REFUSED) => Err(engine_refusal(e.to_string())),
         Ok(Err(e)) => Err(failed(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
         Err(_) => Err(failed(StatusCode::GATEWAY_TIMEOUT, "generation timed out".into())),
     }

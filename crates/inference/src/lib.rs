@@ -10,6 +10,7 @@
 //! swap; requests in flight hold their own reference to the old version and finish on
 //! it; the old engine stops when the last of them lets go.
 
+pub mod calibrate;
 pub mod eval;
 pub mod guard;
 pub mod http;
@@ -18,12 +19,14 @@ mod logprobs;
 pub mod prometheus;
 pub mod quantize;
 mod request;
+mod seeded;
 pub mod shadow;
 pub mod tools;
 
 use mistralrs::{
-    ChatCompletionResponse, CompletionResponse, Constraint, GgufModelBuilder, Model, NormalRequest, Request,
-    RequestBuilder, RequestMessage, Response, SamplingParams, TextMessageRole, TextMessages, TokenSource,
+    ChatCompletionResponse, CompletionResponse, Constraint, CustomLogitsProcessor, GgufModelBuilder, Model,
+    NormalRequest, Request, RequestBuilder, RequestMessage, Response, SamplingParams, TextMessageRole, TextMessages,
+    TokenSource,
 };
 use slmesh_protocol::gguf::{self, GgufError, GgufInfo, MISTRALRS_GGUF_ARCHITECTURES};
 use std::path::{Path, PathBuf};
@@ -71,6 +74,10 @@ impl ModelSpec {
 /// Conversations whose attention cache a model keeps for the next turn (see `LoadOptions`).
 pub const DEFAULT_PREFIX_CACHE: usize = 4;
 
+/// Tokens of context (prompt and answer) a model keeps at most, unless told otherwise
+/// (see `LoadOptions`).
+pub const DEFAULT_CONTEXT_LENGTH: usize = 4096;
+
 /// How the engine holds a model in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadOptions {
@@ -81,12 +88,26 @@ pub struct LoadOptions {
     /// cached beginning take several times longer (BENCHMARKS.md, "Memory over many
     /// conversations").
     pub prefix_cache: usize,
+    /// Tokens of context (prompt and answer together) a conversation may take, if fewer
+    /// than the GGUF file allows (`None`: the file's own, often 8,192 or more). A
+    /// conversation's attention cache grows with its length up to this, by (layers x
+    /// KV heads x head size x 8) bytes a token: 45 KiB for the demo model, so 180 MiB at
+    /// 4,096 tokens, for each request running and each conversation the prefix cache
+    /// keeps. A longer prompt is refused with a 400; an answer stops at it ("length").
+    pub context_length: Option<usize>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { prefix_cache: DEFAULT_PREFIX_CACHE }
+        Self { prefix_cache: DEFAULT_PREFIX_CACHE, context_length: Some(DEFAULT_CONTEXT_LENGTH) }
     }
+}
+
+/// One model loading at a time in this process: the context cap is a setting of the
+/// engine's loader (`mistralrs_core::set_context_length_cap`), read while it loads.
+fn loading() -> &'static tokio::sync::Mutex<()> {
+    static LOADING: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    LOADING.get_or_init(|| tokio::sync::Mutex::new(()))
 }
 
 /// A model version loaded into mistral.rs and smoke-tested.
@@ -168,6 +189,8 @@ impl LoadedModel {
             .ok_or_else(|| failed("file name is not UTF-8".into()))?
             .to_string();
         let dir_text = dir.to_str().ok_or_else(|| failed("folder name is not UTF-8".into()))?.to_string();
+        let _one_load = loading().lock().await;
+        mistralrs_core::set_context_length_cap(options.context_length);
         let model = tokio::spawn(async move {
             GgufModelBuilder::new(dir_text, vec![file])
                 .with_token_source(TokenSource::None)
@@ -201,8 +224,14 @@ impl LoadedModel {
         self.model.send_chat_request(request).await.map_err(|e| InferenceError::Generation(e.to_string()))
     }
 
-    /// One plain-text completion (non-streaming) of `prompt`.
-    pub async fn complete(&self, prompt: String, sampling: SamplingParams) -> Result<CompletionResponse> {
+    /// One plain-text completion (non-streaming) of `prompt`, with the logits processors
+    /// given (the engine's penalties first, then these in order).
+    pub async fn complete(
+        &self,
+        prompt: String,
+        sampling: SamplingParams,
+        logits_processors: Option<Vec<Arc<dyn CustomLogitsProcessor>>>,
+    ) -> Result<CompletionResponse> {
         let fail = |e: String| InferenceError::Generation(e);
         let (tx, mut rx) = tokio::sync::mpsc::channel(1);
         let request = Request::Normal(Box::new(NormalRequest {
@@ -216,7 +245,7 @@ impl LoadedModel {
             suffix: None,
             tools: None,
             tool_choice: None,
-            logits_processors: None,
+            logits_processors,
             return_raw_logits: false,
             web_search_options: None,
             model_id: None,

@@ -2,20 +2,24 @@
 //!
 //! Supported: `messages` (or `prompt`), `max_tokens` / `max_completion_tokens`,
 //! `temperature`, `top_p`, `stop` (a string or up to 4), `frequency_penalty`,
-//! `presence_penalty`, `n` = 1, `seed` with `temperature` 0 (answers are deterministic
-//! then), `response_format` (`text`, `json_object`, `json_schema`: constrained decoding,
+//! `presence_penalty`, `n` = 1, `seed` (with a `temperature` above 0 the request is
+//! sampled with a generator of its own, seeded with it: `seeded.rs`; at temperature 0
+//! answers repeat anyway), `response_format` (`text`, `json_object`, `json_schema`: constrained decoding,
 //! chat only), `logprobs` with `top_logprobs` up to 20 (chat only; natural logarithms of
 //! the distribution sampled from, after penalties and temperature), `stream` and
 //! `stream_options.include_usage` (the last chunk always carries usage), `user`.
 //! `tools` and `tool_choice` (chat only: `tools`), `tool` messages and assistant
-//! messages with `tool_calls`. Anything else a client may rely on (`n` > 1, a `seed`
-//! with sampling, the deprecated `functions`) gets a 400 in OpenAI's error shape naming
+//! messages with `tool_calls`. Anything else a client may rely on (`n` > 1, the
+//! deprecated `functions`) gets a 400 in OpenAI's error shape naming
 //! the parameter, rather than being ignored silently.
 
 use crate::http::{bad_request, ApiError, HttpLimits};
 use crate::logprobs::{TopRecorder, MAX_TOP_LOGPROBS};
+use crate::seeded::SeededSampler;
 use crate::tools::{calls_as_text, ToolPlan};
-use mistralrs::{Constraint, RequestBuilder, SamplingParams, StopTokens, TextMessageRole, TextMessages};
+use mistralrs::{
+    Constraint, CustomLogitsProcessor, RequestBuilder, SamplingParams, StopTokens, TextMessageRole, TextMessages,
+};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -119,6 +123,8 @@ struct Sampling {
     /// Token log-probabilities asked for, with this many alternatives per token.
     logprobs: Option<usize>,
     constraint: Constraint,
+    /// Samples with a generator of the request's own (a seed and a temperature above 0).
+    seeded: Option<Arc<SeededSampler>>,
 }
 
 fn sampling(
@@ -137,7 +143,12 @@ fn sampling(
         Some(p) if !(-2.0..=2.0).contains(&p) => Err(bad_request(format!("{name} must be in [-2, 2]"), Some(name))),
         v => Ok(v.map(|p| p as f32)),
     };
+    let seeded = match (seed(common.seed.as_ref())?, common.temperature) {
+        (Some(seed), Some(t)) if t > 0.0 => Some(Arc::new(SeededSampler::new(seed, t, common.top_p))),
+        _ => None,
+    };
     Ok(Sampling {
+        seeded,
         max_tokens: self::max_tokens(max_tokens.or(common.max_tokens.as_ref()), limits)?,
         temperature: common.temperature,
         top_p: common.top_p,
@@ -147,6 +158,18 @@ fn sampling(
         logprobs: logprobs(common)?,
         constraint: constraint(common.response_format.as_ref())?,
     })
+}
+
+/// `seed`: a whole number (a negative one counts by its 64 bits).
+fn seed(seed: Option<&serde_json::Value>) -> Result<Option<u64>, ApiError> {
+    match seed.filter(|v| !v.is_null()) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .or_else(|| v.as_i64().map(|i| i as u64))
+            .map(Some)
+            .ok_or_else(|| bad_request(format!("seed {v} must be a whole number"), Some("seed"))),
+    }
 }
 
 /// `logprobs` (true or false) and `top_logprobs` (0 to 20, only with `logprobs`).
@@ -209,12 +232,6 @@ fn refuse_unsupported(c: &CommonParams) -> Result<(), ApiError> {
         if n.as_u64() != Some(1) {
             return Err(bad_request(format!("n = {n}: this node answers with one choice (n = 1)"), Some("n")));
         }
-    }
-    if present(&c.seed) && c.temperature != Some(0.0) {
-        return Err(bad_request(
-            "seed is not supported with sampling; use temperature 0 for answers that repeat",
-            Some("seed"),
-        ));
     }
     Ok(())
 }
@@ -320,10 +337,14 @@ pub(crate) fn build_request(req: &ChatRequest, limits: &HttpLimits) -> Result<Ch
         s.constraint = Constraint::JsonSchema(schema);
     }
     let mut builder = RequestBuilder::from(messages);
-    if let Some(t) = s.temperature {
-        builder = if t == 0.0 { builder.set_deterministic_sampler() } else { builder.set_sampler_temperature(t) };
+    match s.temperature {
+        // The seeded sampler draws; the engine takes its token greedily.
+        _ if s.seeded.is_some() => builder = builder.set_deterministic_sampler(),
+        Some(0.0) => builder = builder.set_deterministic_sampler(),
+        Some(t) => builder = builder.set_sampler_temperature(t),
+        None => {}
     }
-    if let Some(p) = s.top_p {
+    if let Some(p) = s.top_p.filter(|_| s.seeded.is_none()) {
         builder = builder.set_sampler_topp(p);
     }
     if !s.stop.is_empty() {
@@ -341,13 +362,24 @@ pub(crate) fn build_request(req: &ChatRequest, limits: &HttpLimits) -> Result<Ch
     if let Some(r) = &recorder {
         builder = builder.return_logprobs(true).add_logits_processor(r.clone());
     }
+    // After the recorder, which lists the alternatives before the draw.
+    if let Some(seeded) = s.seeded {
+        builder = builder.add_logits_processor(seeded);
+    }
     builder = builder.set_constraint(s.constraint);
     // After set_deterministic_sampler, which resets the length.
     Ok(ChatPlan { builder: builder.set_sampler_max_len(s.max_tokens as usize), recorder, tools })
 }
 
+/// What the engine is asked for a plain completion.
+pub(crate) struct CompletionPlan {
+    pub sampling: SamplingParams,
+    /// The seeded sampler, if the request has a seed and samples.
+    pub processors: Option<Vec<Arc<dyn CustomLogitsProcessor>>>,
+}
+
 /// The engine's sampling settings for a plain completion.
-pub(crate) fn completion_sampling(common: &CommonParams, limits: &HttpLimits) -> Result<SamplingParams, ApiError> {
+pub(crate) fn completion_sampling(common: &CommonParams, limits: &HttpLimits) -> Result<CompletionPlan, ApiError> {
     let only_chat =
         |name: &'static str| bad_request(format!("{name} is supported on /v1/chat/completions only"), Some(name));
     for (name, value) in [("tools", &common.tools), ("tool_choice", &common.tool_choice)] {
@@ -365,10 +397,13 @@ pub(crate) fn completion_sampling(common: &CommonParams, limits: &HttpLimits) ->
     }
     let mut params = SamplingParams::deterministic();
     params.max_len = Some(s.max_tokens as usize);
-    params.temperature = s.temperature.filter(|t| *t > 0.0);
-    params.top_p = s.top_p;
+    if s.seeded.is_none() {
+        params.temperature = s.temperature.filter(|t| *t > 0.0);
+        params.top_p = s.top_p;
+    }
     params.stop_toks = (!s.stop.is_empty()).then_some(StopTokens::Seqs(s.stop));
     params.frequency_penalty = s.frequency_penalty;
     params.presence_penalty = s.presence_penalty;
-    Ok(params)
+    let processors = s.seeded.map(|p| vec![p as Arc<dyn CustomLogitsProcessor>]);
+    Ok(CompletionPlan { sampling: params, processors })
 }

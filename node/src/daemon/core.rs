@@ -110,6 +110,12 @@ impl Driver {
             originated: store.originated()?,
             on_disk: version_folders(&parts.config.data_dir.join("models")),
         };
+        // Measured once (about a second), then read back: how fast each quantised kind
+        // runs here, which decides among a manifest's variants.
+        let data_dir = parts.config.data_dir.clone();
+        let kernels = tokio::task::spawn_blocking(move || crate::kernels::remembered_or_measured(&data_dir))
+            .await
+            .unwrap_or_default();
         let cfg = NodeConfig {
             metrics_interval_ms: parts.config.fleet.metrics_interval_secs.max(1) * 1000,
             metrics_ttl_secs: parts.config.fleet.metrics_ttl_secs.max(1),
@@ -120,6 +126,7 @@ impl Driver {
                 cpu_arch: std::env::consts::ARCH.to_string(),
                 tags: enrollment.tags.clone(),
                 simd: cpu_has_simd(),
+                kernel_ps_per_weight: kernels,
             },
             ..NodeConfig::default()
         };
@@ -596,6 +603,7 @@ impl Driver {
             .iter()
             .map(|(name, m)| ModelStatus {
                 note: self.node.note_of(name).map(String::from),
+                active_variant: m.active.and_then(|v| self.node.variant_of(name, v)).map(|(id, _)| id),
                 name: name.clone(),
                 latest_known: m.latest_known,
                 staged: m.staged.iter().copied().collect(),

@@ -50,6 +50,10 @@ pub struct ModelStatus {
     pub active: Option<u64>,
     pub previous: Option<u64>,
     pub pinned: Option<u64>,
+    /// The variant of the active version this node took (by its facts and measured
+    /// kernels), e.g. `q4_0`.
+    #[serde(default)]
+    pub active_variant: Option<String>,
     /// The latest problem with this model, if any (no fitting variant, a failed fetch or
     /// activation).
     pub note: Option<String>,
@@ -135,9 +139,10 @@ impl NodeStatus {
             let staged: Vec<String> = m.staged.iter().map(u64::to_string).collect();
             let _ = writeln!(
                 out,
-                "  {}  active={} previous={} latest={} staged=[{}]{}",
+                "  {}  active={}{} previous={} latest={} staged=[{}]{}",
                 m.name,
                 v(m.active),
+                m.active_variant.as_ref().map(|id| format!(" ({id})")).unwrap_or_default(),
                 v(m.previous),
                 m.latest_known,
                 staged.join(","),

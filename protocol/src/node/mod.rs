@@ -121,7 +121,13 @@ impl Default for NodeConfig {
             hello_retry_ms: 1_000,
             hello_attempts: 5,
             admission_deadline_ms: 20_000,
-            facts: NodeFacts { ram_bytes: 0, cpu_arch: String::new(), tags: Tags::new(), simd: false },
+            facts: NodeFacts {
+                ram_bytes: 0,
+                cpu_arch: String::new(),
+                tags: Tags::new(),
+                simd: false,
+                kernel_ps_per_weight: Default::default(),
+            },
             shadow_max_weights_bytes: DEFAULT_SHADOW_MAX_WEIGHTS_BYTES,
         }
     }
@@ -737,6 +743,12 @@ impl Node {
 
     pub fn version_record(&self, name: &str, version: u64) -> Option<&VersionRecord> {
         self.versions.get(&(name.to_string(), version))
+    }
+
+    /// The variant of `model`'s `version` this node takes (by its facts), if it holds
+    /// the manifest: its id and quantisation.
+    pub fn variant_of(&self, model: &str, version: u64) -> Option<(String, String)> {
+        self.chosen_variant(model, version).map(|v| (v.id, v.quantization))
     }
 
     pub fn note_of(&self, model: &str) -> Option<&str> {

@@ -315,7 +315,13 @@ impl FleetSpec {
                 metrics_ttl_secs: 30,
                 sync_interval_ms: 3_000,
                 rollout_tick_ms: 1_000,
-                facts: NodeFacts { ram_bytes: 8 << 30, cpu_arch: "x86_64".into(), tags: Tags::new(), simd: true },
+                facts: NodeFacts {
+                    ram_bytes: 8 << 30,
+                    cpu_arch: "x86_64".into(),
+                    tags: Tags::new(),
+                    simd: true,
+                    kernel_ps_per_weight: Default::default(),
+                },
                 ..NodeConfig::default()
             },
         }

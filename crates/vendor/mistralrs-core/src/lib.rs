@@ -152,6 +152,24 @@ pub use llguidance;
 pub(crate) static DEBUG: AtomicBool = AtomicBool::new(false);
 pub static GLOBAL_HF_CACHE: OnceLock<Cache> = OnceLock::new();
 
+// slmesh patch: a cap on the context of the GGUF models loaded from now on (0: none).
+static CONTEXT_LENGTH_CAP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// slmesh patch: GGUF models loaded after this call keep at most `tokens` of context
+/// (prompt and answer), below what their file allows: a sequence's attention cache then
+/// never grows past it, and a longer prompt is refused. `None`: the file's own length.
+pub fn set_context_length_cap(tokens: Option<usize>) {
+    CONTEXT_LENGTH_CAP.store(tokens.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+}
+
+/// slmesh patch: a GGUF file's context length, under the cap if one is set.
+pub(crate) fn capped_context_length(file: usize) -> usize {
+    match CONTEXT_LENGTH_CAP.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => file,
+        cap => file.min(cap),
+    }
+}
+
 /// Configuration for creating an engine instance
 #[derive(Clone)]
 pub struct EngineConfig {

@@ -968,7 +968,10 @@ impl Sequence {
         {
             // add_token will be called after this check
             Some(StopReason::Length(self.max_len.unwrap()))
-        } else if self.tokens.len().saturating_sub(self.prompt_len) >= max_model_len {
+        } else if self.tokens.len() + 1 >= max_model_len {
+            // slmesh patch: prompt and answer together, not the answer alone, must fit the
+            // model's context (its rotary table and attention cache); the next step would
+            // run past it and fail ("narrow invalid args"). add_token is called after this.
             Some(StopReason::ModelLength(max_model_len))
         } else {
             if !self.stop_strings.is_empty() {

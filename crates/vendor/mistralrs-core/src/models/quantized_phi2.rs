@@ -210,10 +210,12 @@ impl TryFrom<ContentMetadata<'_>> for PropsGGUF {
             embedding_length: c.get_value::<u32>("embedding_length")? as usize,
             rope_dim: c.get_value::<u32>("rope.dimension_count")? as usize,
             ln_eps: c.get_value::<f32>("attention.layer_norm_rms_epsilon")? as f64,
-            max_seq_len: c
-                .get_value::<u64>("context_length")
-                .ok()
-                .unwrap_or(DEFAULT_MAX_SEQ_LEN as u64) as usize,
+            // slmesh patch: under the node's cap, if it set one.
+            max_seq_len: crate::capped_context_length(
+                c.get_value::<u64>("context_length")
+                    .ok()
+                    .unwrap_or(DEFAULT_MAX_SEQ_LEN as u64) as usize,
+            ),
         };
 
         Ok(props)

@@ -282,10 +282,12 @@ impl TryFrom<ContentMetadata<'_>> for PropsGGUF {
             block_count: c.get_value::<u32>("block_count")? as usize,
             embedding_length: embed_len,
             rms_norm_eps: c.get_value("attention.layer_norm_rms_epsilon")?,
-            max_seq_len: c
-                .get_value::<u64>("context_length")
-                .ok()
-                .unwrap_or(DEFAULT_MAX_SEQ_LEN as u64) as usize,
+            // slmesh patch: under the node's cap, if it set one.
+            max_seq_len: crate::capped_context_length(
+                c.get_value::<u64>("context_length")
+                    .ok()
+                    .unwrap_or(DEFAULT_MAX_SEQ_LEN as u64) as usize,
+            ),
             rope_freq_base: c.get_value("rope.freq_base").ok().unwrap_or(10_000_f32),
             key_length: c
                 .get_value::<u32>("attention.key_length")

@@ -1,0 +1,62 @@
+//! A manifest with two variants of the demo model, as `tests/demo.sh` publishes it: the
+//! Q4_1 file listed first and its Q4_0 re-quantisation. Each node measured its kernels
+//! when it started (remembered in data_dir/kernels.json) and takes the first variant whose
+//! kernel runs within 25% of the fastest: on a CPU with AVX2, Q4_0 (candle runs Q4_1 on
+//! scalar kernels). It fetches only that file and serves it.
+
+use slmesh_e2e::fleet::{model_field, wait_for, Fleet};
+use slmesh_e2e::post_json;
+use std::time::Duration;
+
+const MODEL: &str = "smollm2";
+const WAIT: Duration = Duration::from_secs(300);
+
+#[test]
+fn each_node_takes_the_variant_its_measured_kernels_run_fastest() {
+    let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
+    std::fs::copy(slmesh_e2e::demo_model(), fleet.path("smollm2.Q4_1.gguf")).expect("demo model");
+    fleet.slmesh(&["model", "quantize", fleet.path("smollm2.Q4_1.gguf").to_str().expect("path"), "--to", "q4_0"]);
+    let q4_0_size = std::fs::metadata(fleet.path("smollm2.Q4_0.gguf")).expect("the Q4_0 variant").len();
+
+    let publisher = fleet.node("p", "a", &[]).start();
+    let boot = publisher.bootstrap_addr();
+    let node = fleet.node("n1", "a", &["--bootstrap", &boot]).start();
+    publisher.wait_status("a peer", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == 1));
+    // What each node measured when it started, in picoseconds per weight.
+    let measured: serde_json::Value = wait_for("kernels.json", WAIT, || {
+        serde_json::from_slice(&std::fs::read(node.node.data.join("kernels.json")).ok()?).ok()
+    });
+    let ps = |kind: &str| measured["ps_per_weight"][kind].as_f64().unwrap_or(0.0);
+    eprintln!("measured: {measured}");
+    assert!(ps("Q4_0") > 0.0 && ps("Q4_1") > 0.0, "{measured}");
+    // Q4_1 first: the publisher's preference when both run about as fast.
+    let slm = fleet.signed_manifest_with(MODEL, 1, "smollm2.Q4_1.gguf", &["--wave", "1:0", "smollm2.Q4_0.gguf"]);
+    fleet.slmesh(&["publish", "--node", &publisher.http, "--manifest", slm.to_str().expect("path")]);
+    let expected = if ps("Q4_1") <= 1.25 * ps("Q4_0") { "q4_1" } else { "q4_0" };
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        assert_eq!(expected, "q4_0", "Q4_1 measured within 25% of Q4_0 on a CPU with AVX2: {measured}");
+    }
+    for n in [&publisher, &node] {
+        let status = n.wait_status("serving version 1", WAIT, |s| model_field(s, MODEL, "active") == Some(1));
+        let model = status["models"].as_array().into_iter().flatten().find(|m| m["name"] == MODEL).cloned();
+        let variant = model.as_ref().and_then(|m| m["active_variant"].as_str()).unwrap_or_default().to_string();
+        assert_eq!(variant, expected, "{} took {variant}: {model:?}", n.node.name);
+        let text = fleet.slmesh(&["status", "--node", &n.http]);
+        assert!(text.contains(&format!("active=1 ({expected})")), "{text}");
+    }
+    // Only the chosen file was fetched: about its size, not both.
+    let downloaded = node.status()["downloaded_bytes"].as_u64().unwrap_or(0);
+    if expected == "q4_0" {
+        assert!(downloaded <= q4_0_size + (1 << 20), "fetched {downloaded} bytes for a {q4_0_size}-byte variant");
+    }
+    let staged = node.node.data.join(format!("models/{MODEL}/1/smollm2.{}.gguf", expected.to_uppercase()));
+    assert!(staged.exists(), "{} not staged", staged.display());
+    let (code, answer) = post_json(
+        &node.http,
+        "/v1/chat/completions",
+        r#"{"model":"smollm2","max_tokens":12,"temperature":0,"messages":[{"role":"user","content":"What is the capital of France?"}]}"#,
+    );
+    assert_eq!(code, 200, "{answer}");
+    assert!(answer.to_string().contains("Paris"), "{answer}");
+}
