@@ -12,10 +12,10 @@
 //! Run: `cargo bench --workspace --bench matmul_rows --profile dev` (the dev profile builds
 //! the dependencies optimised, as a node's debug build does).
 
+use slmesh_e2e::damage::demo_q4_0;
+use slmesh_e2e::post_json;
 use slmesh_e2e::serve::{serve_file, Served};
-use slmesh_e2e::{demo_model, post_json};
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 const ROUNDS: usize = 3;
@@ -92,16 +92,8 @@ fn round(addr: &str, round: usize, f: &mut Figures) {
 }
 
 fn main() {
-    let q4_1 = demo_model();
     let dir = tempfile::tempdir().expect("temp dir");
-    let q4_0 = dir.path().join("demo.Q4_0.gguf");
-    let made = Command::new(env!("CARGO_BIN_EXE_slmesh"))
-        .args(["model", "quantize", "--to", "q4_0", "--out"])
-        .arg(&q4_0)
-        .arg(&q4_1)
-        .output()
-        .expect("slmesh model quantize");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (q4_1, q4_0) = demo_q4_0(env!("CARGO_BIN_EXE_slmesh").as_ref(), dir.path());
     println!("medians of {ROUNDS} rounds; each pair measured in turn within a round");
     println!(
         "{:<6} {:<12} {:>14} {:>14} {:>14} {:>16} {:>10}",

@@ -7,10 +7,10 @@
 //! Run: `cargo bench --workspace --bench threads --profile dev` (the dev profile builds
 //! the dependencies optimised, as a node's debug build does).
 
+use slmesh_e2e::damage::demo_q4_0;
+use slmesh_e2e::post_json;
 use slmesh_e2e::serve::{serve_file, Served};
-use slmesh_e2e::{demo_model, post_json};
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -76,16 +76,8 @@ impl Drop for Busy {
 
 fn main() {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let q4_1 = demo_model();
     let dir = tempfile::tempdir().expect("temp dir");
-    let q4_0 = dir.path().join("demo.Q4_0.gguf");
-    let made = Command::new(env!("CARGO_BIN_EXE_slmesh"))
-        .args(["model", "quantize", "--to", "q4_0", "--out"])
-        .arg(&q4_0)
-        .arg(&q4_1)
-        .output()
-        .expect("slmesh model quantize");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (q4_1, q4_0) = demo_q4_0(env!("CARGO_BIN_EXE_slmesh").as_ref(), dir.path());
     println!("{cpus} CPUs; medians of {} requests of up to 48 tokens each", ROUNDS * PROMPTS.len());
     println!(
         "{:<6} {:<10} {:>8} {:>12} {:>8} {:>13} {:>8}",

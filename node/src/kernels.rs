@@ -36,7 +36,7 @@ fn measured_on() -> String {
     format!("{cpu}; {threads} threads; slmesh {}", env!("CARGO_PKG_VERSION"))
 }
 
-/// The figures in `data_dir`, or measured now (about a second) and written there. Empty
+/// The figures in `data_dir`, or measured now (about 2 s) and written there. Empty
 /// if they cannot be measured: the table of fast kernels then decides.
 pub fn remembered_or_measured(data_dir: &Path) -> BTreeMap<String, u32> {
     let path = data_dir.join(FILE);

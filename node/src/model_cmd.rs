@@ -17,7 +17,7 @@ pub enum ModelCommand {
     /// Measure how fast this engine multiplies by a weight of each quantised kind on this
     /// CPU (what a node measures once, remembers in data_dir/kernels.json, and chooses
     /// among a manifest's variants by: the first listed whose kind is within 25% of the
-    /// fastest that fits). Takes about a second; `--threads` applies.
+    /// fastest that fits). Takes about 2 s; `--threads` applies.
     Kernels,
 }
 

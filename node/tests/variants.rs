@@ -4,6 +4,7 @@
 //! kernel runs within 25% of the fastest: on a CPU with AVX2, Q4_0 (candle runs Q4_1 on
 //! scalar kernels). It fetches only that file and serves it.
 
+use slmesh_e2e::damage::demo_q4_0;
 use slmesh_e2e::fleet::{model_field, wait_for, Fleet};
 use slmesh_e2e::post_json;
 use std::time::Duration;
@@ -14,9 +15,10 @@ const WAIT: Duration = Duration::from_secs(300);
 #[test]
 fn each_node_takes_the_variant_its_measured_kernels_run_fastest() {
     let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
-    std::fs::copy(slmesh_e2e::demo_model(), fleet.path("smollm2.Q4_1.gguf")).expect("demo model");
-    fleet.slmesh(&["model", "quantize", fleet.path("smollm2.Q4_1.gguf").to_str().expect("path"), "--to", "q4_0"]);
-    let q4_0_size = std::fs::metadata(fleet.path("smollm2.Q4_0.gguf")).expect("the Q4_0 variant").len();
+    let (q4_1, q4_0) = demo_q4_0(env!("CARGO_BIN_EXE_slmesh").as_ref(), &fleet.path(""));
+    let name = |p: &std::path::Path| p.file_name().and_then(|n| n.to_str()).expect("file name").to_string();
+    let (q4_1, q4_0) = (name(&q4_1), name(&q4_0));
+    let q4_0_size = std::fs::metadata(fleet.path(&q4_0)).expect("the Q4_0 variant").len();
 
     let publisher = fleet.node("p", "a", &[]).start();
     let boot = publisher.bootstrap_addr();
@@ -30,7 +32,7 @@ fn each_node_takes_the_variant_its_measured_kernels_run_fastest() {
     eprintln!("measured: {measured}");
     assert!(ps("Q4_0") > 0.0 && ps("Q4_1") > 0.0, "{measured}");
     // Q4_1 first: the publisher's preference when both run about as fast.
-    let slm = fleet.signed_manifest_with(MODEL, 1, "smollm2.Q4_1.gguf", &["--wave", "1:0", "smollm2.Q4_0.gguf"]);
+    let slm = fleet.signed_manifest_with(MODEL, 1, &q4_1, &["--wave", "1:0", &q4_0]);
     fleet.slmesh(&["publish", "--node", &publisher.http, "--manifest", slm.to_str().expect("path")]);
     let expected = if ps("Q4_1") <= 1.25 * ps("Q4_0") { "q4_1" } else { "q4_0" };
     #[cfg(target_arch = "x86_64")]
@@ -50,7 +52,8 @@ fn each_node_takes_the_variant_its_measured_kernels_run_fastest() {
     if expected == "q4_0" {
         assert!(downloaded <= q4_0_size + (1 << 20), "fetched {downloaded} bytes for a {q4_0_size}-byte variant");
     }
-    let staged = node.node.data.join(format!("models/{MODEL}/1/smollm2.{}.gguf", expected.to_uppercase()));
+    let file = if expected == "q4_0" { &q4_0 } else { &q4_1 };
+    let staged = node.node.data.join(format!("models/{MODEL}/1/{file}"));
     assert!(staged.exists(), "{} not staged", staged.display());
     let (code, answer) = post_json(
         &node.http,

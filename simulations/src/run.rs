@@ -9,7 +9,7 @@
 //! loads, and the requests each version answers. Decided by the nodes: everything else.
 
 use crate::engine::{Micros, SECOND};
-use crate::fleet::{FleetSpec, NodeFleet, MODEL};
+use crate::fleet::{simulated_node_facts, FleetSpec, NodeFleet, MODEL};
 use crate::net::Links;
 use crate::report::{CoverageSample, Report, WaveReport};
 use crate::scenario::Scenario;
@@ -18,8 +18,6 @@ use slmesh_protocol::fleet::GateVerdict;
 use slmesh_protocol::mesh::{TOPIC_MANIFESTS, TOPIC_METRICS};
 use slmesh_protocol::node::{NodeConfig, RequestKind, RolloutView};
 use slmesh_protocol::rollout::RolloutPlan;
-use slmesh_protocol::select::NodeFacts;
-use slmesh_protocol::trust::Tags;
 
 const BASELINE: u64 = 1;
 const CANDIDATE: u64 = 2;
@@ -80,13 +78,7 @@ fn spec(sc: &Scenario) -> FleetSpec {
             metrics_ttl_secs: sc.node.metrics_ttl_secs,
             sync_interval_ms: sc.node.sync_interval_secs * 1000,
             rollout_tick_ms: 1_000,
-            facts: NodeFacts {
-                ram_bytes: 8 << 30,
-                cpu_arch: "x86_64".into(),
-                tags: Tags::new(),
-                simd: true,
-                kernel_ps_per_weight: Default::default(),
-            },
+            facts: simulated_node_facts(),
             ..NodeConfig::default()
         },
     }

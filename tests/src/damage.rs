@@ -38,9 +38,9 @@ pub fn damage_attention(input: &Path, output: &Path) {
     std::fs::write(output, bytes).expect("write the damaged GGUF");
 }
 
-/// The demo file, its Q4_0 re-quantisation (`slmesh model quantize`, by the `slmesh`
-/// binary given) and a damaged copy of that, in `dir`: (Q4_1, Q4_0, damaged Q4_0).
-pub fn demo_variants(slmesh: &Path, dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+/// The demo file and its Q4_0 re-quantisation (`slmesh model quantize`, by the `slmesh`
+/// binary given), in `dir`: (Q4_1, Q4_0).
+pub fn demo_q4_0(slmesh: &Path, dir: &Path) -> (PathBuf, PathBuf) {
     let q4_1 = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     std::fs::copy(crate::demo_model(), &q4_1).expect("copy the demo model");
     let out = std::process::Command::new(slmesh)
@@ -49,7 +49,13 @@ pub fn demo_variants(slmesh: &Path, dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         .output()
         .expect("run slmesh");
     assert!(out.status.success(), "quantize: {}", String::from_utf8_lossy(&out.stderr));
-    let q4_0 = dir.join("SmolLM2-135M-Instruct.Q4_0.gguf");
+    (q4_1, dir.join("SmolLM2-135M-Instruct.Q4_0.gguf"))
+}
+
+/// The demo file, its Q4_0 re-quantisation (`demo_q4_0`) and a damaged copy of that, in
+/// `dir`: (Q4_1, Q4_0, damaged Q4_0).
+pub fn demo_variants(slmesh: &Path, dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (q4_1, q4_0) = demo_q4_0(slmesh, dir);
     let damaged = dir.join("damaged.Q4_0.gguf");
     damage_attention(&q4_0, &damaged);
     (q4_1, q4_0, damaged)

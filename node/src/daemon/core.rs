@@ -110,7 +110,7 @@ impl Driver {
             originated: store.originated()?,
             on_disk: version_folders(&parts.config.data_dir.join("models")),
         };
-        // Measured once (about a second), then read back: how fast each quantised kind
+        // Measured once (about 2 s), then read back: how fast each quantised kind
         // runs here, which decides among a manifest's variants.
         let data_dir = parts.config.data_dir.clone();
         let kernels = tokio::task::spawn_blocking(move || crate::kernels::remembered_or_measured(&data_dir))
@@ -603,7 +603,7 @@ impl Driver {
             .iter()
             .map(|(name, m)| ModelStatus {
                 note: self.node.note_of(name).map(String::from),
-                active_variant: m.active.and_then(|v| self.node.variant_of(name, v)).map(|(id, _)| id),
+                active_variant: m.active.and_then(|v| self.node.variant_of(name, v)),
                 name: name.clone(),
                 latest_known: m.latest_known,
                 staged: m.staged.iter().copied().collect(),

@@ -746,9 +746,9 @@ impl Node {
     }
 
     /// The variant of `model`'s `version` this node takes (by its facts), if it holds
-    /// the manifest: its id and quantisation.
-    pub fn variant_of(&self, model: &str, version: u64) -> Option<(String, String)> {
-        self.chosen_variant(model, version).map(|v| (v.id, v.quantization))
+    /// the manifest: its id.
+    pub fn variant_of(&self, model: &str, version: u64) -> Option<String> {
+        self.chosen_variant(model, version).map(|v| v.id)
     }
 
     pub fn note_of(&self, model: &str) -> Option<&str> {

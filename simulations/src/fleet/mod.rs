@@ -315,13 +315,7 @@ impl FleetSpec {
                 metrics_ttl_secs: 30,
                 sync_interval_ms: 3_000,
                 rollout_tick_ms: 1_000,
-                facts: NodeFacts {
-                    ram_bytes: 8 << 30,
-                    cpu_arch: "x86_64".into(),
-                    tags: Tags::new(),
-                    simd: true,
-                    kernel_ps_per_weight: Default::default(),
-                },
+                facts: simulated_node_facts(),
                 ..NodeConfig::default()
             },
         }
@@ -1159,5 +1153,17 @@ impl NodeFleet {
             .iter()
             .map(|n| n.served.iter().find(|(_, v)| *v == version).map(|(t, _)| t.saturating_sub(since) as f64 / 1e6))
             .collect()
+    }
+}
+
+/// What variant selection sees of every simulated node: 8 GiB, x86_64 with AVX2, no tags
+/// (the node adds its own), kernels not measured (the table of fast kernels decides).
+pub fn simulated_node_facts() -> NodeFacts {
+    NodeFacts {
+        ram_bytes: 8 << 30,
+        cpu_arch: "x86_64".into(),
+        tags: Tags::new(),
+        simd: true,
+        kernel_ps_per_weight: Default::default(),
     }
 }
