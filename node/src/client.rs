@@ -151,8 +151,9 @@ pub struct PublishArgs {
     #[arg(long)]
     pub files: Option<PathBuf>,
     /// Then follow the rollout, as this node sees it, with progress bars (waves open,
-    /// the gates' verdict, the soak left, how many of the version's metrics panel serve
-    /// it) until it completes (every wave open and the last one soaked), halts, or
+    /// the gates' verdict, the soak left; per wave, nodes serving the version and nodes
+    /// holding it staged, estimated from the metrics panels and exact up to 16 nodes per
+    /// version; bytes this node uploaded) until it completes (every wave open and the last one soaked), halts, or
     /// --timeout passes. Exit code: 0 completed, 2 halted, 3 timed out, 1 an error.
     #[arg(long)]
     pub wait: bool,

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use slmesh_protocol::node::WaveProgress;
 use slmesh_protocol::rollout::RolloutPlan;
 use std::time::{Duration, Instant};
 
@@ -31,9 +32,9 @@ struct Seen {
     verdict: String,
     halted: Option<String>,
     paused: bool,
-    /// Nodes of the version's metrics panel that serve it (all of them up to 16).
-    nodes_active: u64,
-    nodes_estimated: u64,
+    /// Per wave: nodes known in it, and the estimate of nodes staged and serving.
+    known_per_wave: Vec<u64>,
+    per_wave: Vec<WaveProgress>,
 }
 
 fn look(addr: &str, token: &Option<String>, model: &str, version: u64) -> Result<Option<Seen>> {
@@ -46,8 +47,6 @@ fn look(addr: &str, token: &Option<String>, model: &str, version: u64) -> Result
     else {
         return Ok(None);
     };
-    let fleet = crate::client::get(addr, token, "/v1/fleet")?;
-    let v = fleet["versions"].as_array().into_iter().flatten().find(|v| v["model"] == model && v["version"] == version);
     let verdict = match (r["verdict"]["verdict"].as_str(), r["verdict"]["reason"].as_str()) {
         (Some(v), Some(why)) => format!("{v}: {why}"),
         (Some(v), None) => v.to_string(),
@@ -59,8 +58,8 @@ fn look(addr: &str, token: &Option<String>, model: &str, version: u64) -> Result
         verdict,
         halted: r["halted"].as_str().map(String::from),
         paused: r["paused"].as_bool().unwrap_or(false),
-        nodes_active: v.and_then(|v| v["nodes_active"].as_u64()).unwrap_or(0),
-        nodes_estimated: v.and_then(|v| v["nodes_estimated"].as_u64()).unwrap_or(0),
+        known_per_wave: r["known_per_wave"].as_array().into_iter().flatten().filter_map(|n| n.as_u64()).collect(),
+        per_wave: serde_json::from_value(r["per_wave"].clone()).unwrap_or_default(),
     }))
 }
 
@@ -81,7 +80,11 @@ pub fn follow(
         .context("progress bar template")?
         .progress_chars("=> ");
     let waves = bars.add(ProgressBar::new(plan.waves.len() as u64).with_style(style.clone()).with_prefix("waves"));
-    let nodes = bars.add(ProgressBar::new(0).with_style(style).with_prefix("serving"));
+    // One bar per wave: nodes serving the version out of the nodes known in the wave
+    // (or the estimate, when larger), with the staged ones beside.
+    let per_wave: Vec<ProgressBar> = (1..=plan.waves.len())
+        .map(|w| bars.add(ProgressBar::new(0).with_style(style.clone()).with_prefix(format!("wave {w}"))))
+        .collect();
     // Bytes this node has sent to fetchers since the publish: the origin's share of the
     // spread (peers fetch from each other too, which no single node sees).
     let sent = bars.add(
@@ -115,9 +118,13 @@ pub fn follow(
                 };
                 let paused = if seen.paused { " (paused)" } else { "" };
                 waves.set_message(format!("gates {}{soak}{paused}", seen.verdict));
-                nodes.set_length(seen.nodes_estimated.max(seen.nodes_active));
-                nodes.set_position(seen.nodes_active);
-                nodes.set_message("of the version's metrics panel (up to 16 nodes)");
+                for (i, bar) in per_wave.iter().enumerate() {
+                    let progress = seen.per_wave.get(i).copied().unwrap_or_default();
+                    let known = seen.known_per_wave.get(i).copied().unwrap_or(0);
+                    bar.set_length(known.max(progress.staged.saturating_add(progress.serving)));
+                    bar.set_position(progress.serving);
+                    bar.set_message(format!("serving, {} staged", progress.staged));
+                }
                 if let Some(now_sent) = uploaded(addr) {
                     let bytes = indicatif::HumanBytes(now_sent.saturating_sub(uploaded_at_start));
                     sent.set_message(format!("{bytes} uploaded by this node to its peers since publishing"));
@@ -137,7 +144,7 @@ pub fn follow(
         std::thread::sleep(Duration::from_secs(1));
     };
     waves.finish();
-    nodes.finish();
+    per_wave.iter().for_each(ProgressBar::finish);
     sent.finish();
     match &ending {
         Ending::Completed => println!("{model}@{version}: rollout completed, every wave open and soaked"),

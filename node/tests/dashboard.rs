@@ -108,6 +108,9 @@ fn the_dashboard_shows_versions_waves_gates_and_verdicts_in_a_browser() {
         "data-wave=\"2\"",
         "wave 1 · open",
         "wave 2 · waiting",
+        // Each wave's nodes staged and serving (the counts depend on the rollback's timing).
+        "class=\"progress\"",
+        " staged · ",
         "halted",
         // Gates beside their limits, and the verdicts.
         "error rate (median node)",

@@ -290,6 +290,43 @@ fn two_nodes_in_separate_network_namespaces_find_each_other_by_mdns_alone() {
 }
 
 #[test]
+fn a_slow_fetch_says_in_the_log_how_far_it_is() {
+    let tag = format!("s{}", std::process::id() % 10_000);
+    let (ns_a, ns_b) = match slmesh_e2e::fleet::linked_namespaces(&tag, 3) {
+        Ok(pair) => pair,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot create network namespaces here ({why})");
+            return;
+        }
+    };
+    // About 6 MiB over a 2 Mbit/s link: some 25 s, so the fetch's progress line (every
+    // 10 s) comes at least twice.
+    let (fleet, bytes) = fleet_with_model(1_500_000);
+    let network = ["--http-bind", "127.0.0.1:0", "--listen", "/ip4/0.0.0.0/tcp/4001", "--blobs-bind", "0.0.0.0:4002"];
+    let a = fleet.node_with_network("a", "a", &network).start_in(Some(&ns_a.name));
+    let b = fleet.node_with_network("b", "a", &network).start_in(Some(&ns_b.name));
+    a.wait_status("b found by mDNS and admitted", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == 1));
+    let rate = ["tc", "qdisc", "add", "dev", &format!("sa{tag}"), "root", "tbf", "rate", "2mbit", "burst", "32kb"];
+    if let Err(why) = ns_a.exec(&[&rate[..], &["latency", "1s"]].concat()) {
+        eprintln!("SKIPPED: cannot limit the link's rate here ({why})");
+        return;
+    }
+    let slm = fleet.signed_manifest(MODEL, 1, "tiny.gguf");
+    fleet.slmesh_in(a.netns(), &["publish", "--node", &a.http, "--manifest", slm.to_str().expect("path")]);
+    wait_active(&b, 1);
+    assert_eq!(staged_file(&b, 1), bytes);
+    let log = b.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("fetching:") && l.contains("MiB/s")).collect();
+    let size = format!("of {:.1} MiB", bytes.len() as f64 / (1024.0 * 1024.0));
+    assert!(lines.len() >= 2 && lines.iter().all(|l| l.contains(&size)), "progress lines: {lines:#?}\n{log}");
+    // The rate it names is the link's (2 Mbit/s is 0.24 MiB/s), not a made-up figure.
+    let rates: Vec<f64> =
+        lines.iter().filter_map(|l| l.split(" MiB/s").next()?.rsplit(' ').next()?.parse().ok()).collect();
+    assert!(rates.iter().all(|r| (0.1..=0.4).contains(r)), "rates {rates:?} in {lines:#?}");
+    drop((a, b));
+}
+
+#[test]
 fn old_versions_are_garbage_collected_keeping_active_and_previous() {
     let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
     let publisher = fleet.node("p", "a", &[]).start();

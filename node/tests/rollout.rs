@@ -52,6 +52,24 @@ fn a_good_version_goes_through_three_waves_and_pause_holds_it() {
     }
     let status = mesh.fleet.slmesh(&["rollout", "status", "--node", &mesh.nodes[3].http]);
     assert!(status.contains("paused"), "{status}");
+    // Every node counts the nodes per wave from the metrics records: the canary serves
+    // v2, the four others hold it staged (it rides with records at most five intervals
+    // late). Six nodes fit in a panel, so the counts are exact.
+    for node in &mesh.nodes {
+        slmesh_e2e::fleet::wait_for(
+            &format!("{} to count staged and serving nodes per wave", node.node.name),
+            WAIT,
+            || {
+                let text = mesh.fleet.slmesh(&["rollout", "status", "--node", &node.http]);
+                text.contains("staged/serving per wave (metrics panels' estimate): 0/2  2/0  2/0").then_some(())
+            },
+        );
+    }
+    let (_, metrics) = slmesh_e2e::http(&mesh.nodes[4].http, "GET", "/metrics", &[], vec![]);
+    assert!(
+        metrics.contains(r#"slmesh_rollout_wave_nodes{model="tiny",version="2",wave="2",state="staged"} 2"#),
+        "{metrics}"
+    );
     let resume = args("resume");
     mesh.fleet.slmesh(&resume.iter().map(String::as_str).collect::<Vec<_>>());
     // Waves 2 and 3 follow, each after its soak, while the gates pass.
@@ -176,4 +194,17 @@ fn a_version_that_does_not_load_halts_its_rollout_instead_of_loading_forever() {
             .count();
         assert!((1..=3).contains(&loads), "{} loaded version 2 {loads} times", node.node.name);
     }
+}
+
+#[test]
+fn publish_wait_gives_up_after_its_timeout_with_exit_code_3() {
+    let fleet = Fleet::new(env!("CARGO_BIN_EXE_slmesh").as_ref());
+    let dirs = nodes_by_cohort(&fleet, 1, 2);
+    let mesh = mesh_on_v1(fleet, &dirs, |_| vec![]);
+    // One wave that soaks for ten minutes: the rollout cannot complete within 5 s.
+    let (code, out) = publish_v2_and_wait(&mesh, &["1:10m".to_string()], &["--min-reporting-nodes", "1"], "5s");
+    assert_eq!(code, Some(3), "publish --wait past its timeout: {out}");
+    assert!(out.contains("still rolling out after 5 s"), "{out}");
+    // It gave up following; the rollout itself goes on.
+    mesh.nodes[0].wait_status("v2 active", WAIT, |s| model_field(s, MODEL, "active") == Some(2));
 }

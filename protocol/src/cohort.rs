@@ -125,18 +125,33 @@ pub fn wave_counts<'a>(
     version: u64,
     fleet_size: usize,
 ) -> Vec<usize> {
-    let mut cohorts: Vec<f64> =
-        nodes.into_iter().filter(|(_, t)| plan.selector.matches(t)).map(|(n, _)| cohort(n, model, version)).collect();
-    cohorts.sort_by(f64::total_cmp);
-    let floor = if floor_applies(plan, cohorts.len().max(fleet_size)) { canary_floor(plan) } else { 0 };
+    let eligible = nodes.into_iter().filter(|(_, t)| plan.selector.matches(t)).map(|(n, _)| (n, ()));
     let mut counts = vec![0; plan.waves.len()];
-    for (rank, c) in cohorts.iter().enumerate() {
-        let wave = if rank < floor { Some(0) } else { wave_of(plan, *c) };
+    for (wave, ()) in waves_with_floor(plan, eligible, model, version, fleet_size) {
         if let Some(w) = wave {
             counts[w] += 1;
         }
     }
     counts
+}
+
+/// The wave of each of `nodes` (eligible ones, each with a payload), the canary floor
+/// applied as in `wave_counts`; `None` beyond the plan's last wave.
+pub fn waves_with_floor<'a, T>(
+    plan: &RolloutPlan,
+    nodes: impl IntoIterator<Item = (&'a NodeId, T)>,
+    model: &str,
+    version: u64,
+    fleet_size: usize,
+) -> Vec<(Option<usize>, T)> {
+    let mut cohorts: Vec<(f64, T)> = nodes.into_iter().map(|(n, t)| (cohort(n, model, version), t)).collect();
+    cohorts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let floor = if floor_applies(plan, cohorts.len().max(fleet_size)) { canary_floor(plan) } else { 0 };
+    cohorts
+        .into_iter()
+        .enumerate()
+        .map(|(rank, (c, t))| (if rank < floor { Some(0) } else { wave_of(plan, c) }, t))
+        .collect()
 }
 
 #[cfg(test)]

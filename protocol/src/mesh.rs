@@ -21,6 +21,18 @@ pub struct Hello {
 }
 
 pub const MAX_ADDRS: usize = 16;
+
+/// The addresses of a blob endpoint worth dialing (or announcing): the loopback ones only
+/// when there is no other. A loopback address names the dialer's own host: from another
+/// machine or network namespace it reaches whatever listens on that port there, which on
+/// a fleet's common port is the dialer's own endpoint; its key fails the handshake, and
+/// iroh gives up the whole connection instead of trying the other paths.
+pub fn dialable_addrs(addrs: Vec<std::net::SocketAddr>) -> Vec<std::net::SocketAddr> {
+    if addrs.iter().all(|a| a.ip().is_loopback()) {
+        return addrs;
+    }
+    addrs.into_iter().filter(|a| !a.ip().is_loopback()).collect()
+}
 pub const MAX_BLOBS_PER_HAVE: usize = 4096;
 pub const MAX_DIGEST_ENTRIES: usize = 4096;
 
@@ -211,7 +223,7 @@ pub const TOPIC_MANIFESTS: &str = "slmesh/manifests/1";
 /// (a node of another accuracy would merge buckets that mean other values). 4: the
 /// record's body is encoded compactly (`wire::Encoding::Compact`) and the certificate
 /// goes beside it, only sometimes (`fleet::MetricsMessage`).
-pub const TOPIC_METRICS: &str = "slmesh/metrics/4";
+pub const TOPIC_METRICS: &str = "slmesh/metrics/5";
 pub const TOPIC_COMMANDS: &str = "slmesh/commands/1";
 pub const TOPIC_REVOCATIONS: &str = "slmesh/revocations/1";
 
@@ -378,6 +390,16 @@ mod tests {
 
     fn node(seed: u8) -> SecretKey {
         SecretKey::from_seed(KeyKind::Node, [seed; 32])
+    }
+
+    #[test]
+    fn loopback_addresses_are_dialed_only_when_a_peer_has_no_other() {
+        let addrs = |list: &[&str]| list.iter().map(|a| a.parse().unwrap()).collect::<Vec<std::net::SocketAddr>>();
+        let both = addrs(&["127.0.0.1:4002", "10.77.3.1:4002", "[::1]:4002", "[fd00::1]:4002"]);
+        assert_eq!(dialable_addrs(both), addrs(&["10.77.3.1:4002", "[fd00::1]:4002"]));
+        let local = addrs(&["127.0.0.1:4002", "[::1]:4002"]);
+        assert_eq!(dialable_addrs(local.clone()), local);
+        assert!(dialable_addrs(vec![]).is_empty());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use slmesh_protocol::cohort::{cohort, wave_of};
 use slmesh_protocol::fleet::{CommandAction, GateVerdict, RolloutCommand, SignedCommand};
 use slmesh_protocol::history::{HistoryKind, Outcome};
 use slmesh_protocol::mesh::{GossipVerdict, TOPIC_COMMANDS, TOPIC_METRICS};
-use slmesh_protocol::rollout::{Gates, RolloutPhase};
+use slmesh_protocol::rollout::{Gates, RolloutPhase, Wave};
 use slmesh_protocol::trust::DEFAULT_FLEET;
 use slmesh_sim::fleet::{CrashPoint, FleetSpec, NodeFleet as Fleet, MODEL};
 use slmesh_sim::scenario::Behaviour;
@@ -1030,4 +1030,51 @@ fn a_record_without_its_certificate_whose_held_one_lapsed_is_ignored_not_blamed_
     let from = (0..5).map(|j| f.id(j)).find(|j| *j != node3 && f.node(1).is_admitted(j)).expect("an admitted peer");
     let verdict = f.nodes[1].node.as_mut().expect("running").handle_gossip(now, from, TOPIC_METRICS, &data);
     assert!(matches!(verdict, GossipVerdict::Ignore(ref why) if why.contains("no longer valid")), "{verdict:?}");
+}
+
+/// The truth a rollout's progress per wave estimates: for each wave (as a node that
+/// knows the whole fleet places nodes), nodes holding `version` staged while serving an
+/// older one, and nodes serving it.
+fn true_progress(f: &Fleet, version: u64, waves: &[(f64, u64)]) -> Vec<(u64, u64)> {
+    let plan = slmesh_protocol::rollout::RolloutPlan {
+        waves: waves.iter().map(|(fraction, soak_secs)| Wave { fraction: *fraction, soak_secs: *soak_secs }).collect(),
+        selector: Default::default(),
+        gates: Fleet::quick_gates(2),
+    };
+    let ids: Vec<_> = f.live().map(|i| (f.id(i), i)).collect();
+    let placed =
+        slmesh_protocol::cohort::waves_with_floor(&plan, ids.iter().map(|(id, i)| (id, *i)), MODEL, version, ids.len());
+    let mut truth = vec![(0, 0); waves.len()];
+    for (wave, i) in placed {
+        let Some(w) = wave else { continue };
+        let staged = f.node(i).model(MODEL).is_some_and(|m| m.staged.contains(&version));
+        match f.active(i) {
+            Some(v) if v == version => truth[w].1 += 1,
+            Some(v) if v < version && staged => truth[w].0 += 1,
+            _ => {}
+        }
+    }
+    truth
+}
+
+#[test]
+fn every_node_counts_the_nodes_staged_and_serving_in_each_wave() {
+    let mut f = on_v1(8);
+    let waves = [(0.3, 120), (0.7, 120), (1.0, 0)];
+    let m = f.manifest(2, &waves, Fleet::quick_gates(2));
+    f.publish(0, m).expect("publish");
+    // Fetched and staged everywhere, the canary serving; staged versions ride with the
+    // next record, at most five metrics intervals later.
+    f.run_for(20_000 * MS);
+    let truth = true_progress(&f, 2, &waves);
+    let serving: u64 = truth.iter().map(|t| t.1).sum();
+    let staged: u64 = truth.iter().map(|t| t.0).sum();
+    assert!(serving >= 2 && staged >= 3 && truth[0].0 == 0, "truth: {truth:?}");
+    for i in f.live() {
+        // Every node reports into the panels while they have room: the counts are exact.
+        let seen: Vec<(u64, u64)> = f.node(i).wave_progress(MODEL, 2).iter().map(|w| (w.staged, w.serving)).collect();
+        assert_eq!(seen, truth, "node {i}");
+        let view = f.node(i).rollouts_with_progress().into_iter().find(|r| r.version == 2).expect("view");
+        assert_eq!(view.per_wave.len(), 3);
+    }
 }

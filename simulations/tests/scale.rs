@@ -404,3 +404,31 @@ fn a_small_canary_in_a_large_fleet_reports_as_soon_as_it_serves() {
         assert!(seat.is_some_and(|s| s <= at + 1.5), "node {i} served v2 at {at:.1} s, seated at {seat:?}");
     }
 }
+
+#[test]
+fn in_a_fleet_larger_than_a_panel_the_nodes_staged_and_serving_per_wave_are_estimated_from_the_panels() {
+    let n = 160;
+    let mut f = fleet_on_v1(n);
+    let m = f.manifest(2, &[(0.3, 120), (1.0, 0)], Fleet::quick_gates(3));
+    f.publish(0, m).expect("publish");
+    f.run_for(30 * SECOND);
+    // The truth: the canary (about 30%) serves v2, the rest hold it staged on v1.
+    let in_canary = |i: usize| slmesh_protocol::cohort::cohort(&f.id(i), MODEL, 2) < 0.3;
+    let serving = f.live().filter(|i| f.active(*i) == Some(2)).count() as f64;
+    let staged = f
+        .live()
+        .filter(|i| f.active(*i) == Some(1) && !in_canary(*i))
+        .filter(|i| f.node(*i).model(MODEL).is_some_and(|m| m.staged.contains(&2)))
+        .count() as f64;
+    assert!(serving >= 30.0 && staged >= 90.0, "serving {serving}, staged {staged}");
+    // Both panels are full, so each count is a sample of 16 scaled up: within a factor
+    // of two of the truth (a k-th minimum estimate of 16 has a spread of about 25%).
+    for i in [0, 57, 131] {
+        let p = f.node(i).wave_progress(MODEL, 2);
+        assert_eq!(p.len(), 2);
+        let (seen_serving, seen_staged) = (p[0].serving as f64, p[1].staged as f64);
+        assert!((serving / 2.0..=serving * 2.0).contains(&seen_serving), "node {i}: {p:?}, serving {serving}");
+        assert!((staged / 2.0..=staged * 2.0).contains(&seen_staged), "node {i}: {p:?}, staged {staged}");
+        assert_eq!((p[0].staged, p[1].serving), (0, 0), "node {i}: the canary serves, the rest waits: {p:?}");
+    }
+}

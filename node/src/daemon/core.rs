@@ -375,7 +375,8 @@ impl Driver {
                 }
             }
             Output::LearnAddrs { node, addrs } => {
-                let addrs: Vec<SocketAddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                let addrs =
+                    slmesh_protocol::mesh::dialable_addrs(addrs.iter().filter_map(|a| a.parse().ok()).collect());
                 if !addrs.is_empty() {
                     self.parts.blobs.learn(node, addrs);
                 }
@@ -566,7 +567,7 @@ impl Driver {
     }
 
     /// Where peers reach this node's blob endpoint: the bound sockets, with an unspecified
-    /// address replaced by the addresses libp2p listens on.
+    /// address replaced by the addresses libp2p listens on (loopback only without others).
     fn blob_addrs(&self) -> Vec<SocketAddr> {
         let mut out = vec![];
         for bound in self.parts.blobs.bound_addrs() {
@@ -578,6 +579,7 @@ impl Driver {
                 out.push(bound);
             }
         }
+        let mut out = slmesh_protocol::mesh::dialable_addrs(out);
         out.truncate(slmesh_protocol::mesh::MAX_ADDRS);
         out
     }
@@ -627,7 +629,7 @@ impl Driver {
         let mut shared = lock(&self.shared);
         shared.peers = peers;
         shared.models = models;
-        shared.rollouts = self.node.rollouts().to_vec();
+        shared.rollouts = self.node.rollouts_with_progress();
         // Revocations are never taken back: a new one changes the count.
         if shared.revoked.len() != self.node.revoked().len() {
             shared.revoked = self.node.revoked().map(|r| (r.node.to_string(), r.reason.clone())).collect();

@@ -45,10 +45,15 @@ impl FetchJob {
                     let since = logged.0.elapsed();
                     if since >= PROGRESS_LOG_EVERY {
                         let rate = p.received.saturating_sub(logged.1) as f64 / since.as_secs_f64() / MIB;
+                        let from = if p.received > 0 {
+                            format!("last piece from {}", p.provider.short())
+                        } else {
+                            "no piece received yet".to_string()
+                        };
                         tracing::info!(
                             model = %self.name, version = self.version, file = %file.name,
-                            "fetching: {:.1} of {:.1} MiB, {rate:.1} MiB/s, last piece from {}",
-                            p.had.saturating_add(p.received) as f64 / MIB, p.size as f64 / MIB, p.provider.short()
+                            "fetching: {:.1} of {:.1} MiB, {rate:.2} MiB/s, {from}",
+                            p.had.saturating_add(p.received) as f64 / MIB, p.size as f64 / MIB
                         );
                         logged = (std::time::Instant::now(), p.received);
                     }

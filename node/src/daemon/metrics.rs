@@ -95,6 +95,19 @@ pub fn fleet_text(fleet: &[FleetVersionView], rollouts: &[RolloutView], peers: u
         })
     });
     gauge(&mut out, "slmesh_rollout_verdict", "1 for the gates' current verdict (pass, pending, fail).", verdicts);
+    let per_wave = rollouts.iter().flat_map(|r| {
+        r.per_wave.iter().enumerate().flat_map(move |(i, w)| {
+            [("staged", w.staged), ("serving", w.serving)].map(|(state, n)| {
+                (format!("{},wave=\"{}\",state=\"{state}\"", labels(&r.model, r.version), i + 1), n as f64)
+            })
+        })
+    });
+    gauge(
+        &mut out,
+        "slmesh_rollout_wave_nodes",
+        "Nodes of each wave serving the version or holding it staged (estimated from the metrics panels).",
+        per_wave,
+    );
     header(&mut out, "slmesh_node_peers", "gauge", "Peers this node admitted and is connected to.");
     let _ = writeln!(out, "slmesh_node_peers {peers}");
     out

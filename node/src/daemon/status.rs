@@ -316,6 +316,10 @@ pub fn rollouts_text(rollouts: &[RolloutView]) -> String {
             let counts: Vec<String> = r.known_per_wave.iter().map(usize::to_string).collect();
             let _ = writeln!(out, "  nodes known per wave: {}", counts.join(" / "));
         }
+        if !r.per_wave.is_empty() {
+            let counts: Vec<String> = r.per_wave.iter().map(|w| format!("{}/{}", w.staged, w.serving)).collect();
+            let _ = writeln!(out, "  staged/serving per wave (metrics panels' estimate): {}", counts.join("  "));
+        }
         if r.activation_failures > 0 {
             let _ = writeln!(
                 out,

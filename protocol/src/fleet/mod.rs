@@ -91,9 +91,9 @@ pub use engine::{
 pub use gates::{evaluate_gates, node_beyond_limits, GateVerdict, NodeStat, VersionSummary, TIME_RATIO_FLOOR_SECS};
 pub use record::{
     verify_metrics, verify_metrics_enrolled, MetricsMessage, MetricsRecord, SignedMetrics, VersionReport,
-    MAX_VERSIONS_PER_RECORD,
+    MAX_STAGED_REPORTED, MAX_VERSIONS_PER_RECORD,
 };
-pub use view::{node_stat, panel_rank, FleetView, MAX_FLEET_NODES, MAX_PANELS, PANEL_SIZE};
+pub use view::{node_stat, panel_rank, FleetView, Holder, MAX_FLEET_NODES, MAX_PANELS, PANEL_SIZE};
 
 #[cfg(test)]
 mod tests;

@@ -14,6 +14,8 @@ pub const MAX_VERSIONS_PER_RECORD: usize = 64;
 pub const MAX_REPORTED_REQUESTS: u64 = 1 << 40;
 /// Most tokens (prompt or completion) one node may report for one version.
 pub const MAX_REPORTED_TOKENS: u64 = 1 << 50;
+/// Most newer versions one report may say its node holds staged.
+pub const MAX_STAGED_REPORTED: usize = 8;
 
 /// What one node measured of one model version, since it started serving it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -44,6 +46,11 @@ pub struct VersionReport {
     /// [0, 1], never a prompt or an answer.
     #[serde(default)]
     pub agreement: Option<Sketch>,
+    /// Newer versions of the model that this node holds ready to serve while it serves
+    /// this one, ascending: a rollout's progress counts the nodes staged per wave from
+    /// these (`FleetView::holders`). Empty unless `active`.
+    #[serde(default)]
+    pub staged_newer: Vec<u64>,
 }
 
 impl VersionReport {
@@ -64,6 +71,7 @@ impl VersionReport {
             activation_failures: 0,
             eval: None,
             agreement: (m.agreement.count() > 0).then(|| m.agreement.clone()),
+            staged_newer: vec![],
         }
     }
 
@@ -204,6 +212,16 @@ fn verify_metrics_body(signed: &SignedMetrics) -> Result<MetricsRecord, Protocol
     for v in &record.versions {
         if v.errors > v.requests {
             return bad(format!("{}@{}: more errors than requests", v.model, v.version));
+        }
+        if v.staged_newer.len() > MAX_STAGED_REPORTED
+            || !v.staged_newer.windows(2).all(|w| w[0] < w[1])
+            || v.staged_newer.first().is_some_and(|s| *s <= v.version)
+            || (!v.active && !v.staged_newer.is_empty())
+        {
+            return bad(format!(
+                "{}@{}: staged versions must be at most {MAX_STAGED_REPORTED} newer ones, ascending, of a served version",
+                v.model, v.version
+            ));
         }
         if v.requests > MAX_REPORTED_REQUESTS || v.prompt_tokens.max(v.completion_tokens) > MAX_REPORTED_TOKENS {
             return bad(format!("{}@{}: counts beyond what one node can have served", v.model, v.version));

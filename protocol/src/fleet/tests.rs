@@ -701,3 +701,68 @@ fn a_suite_that_compares_fails_a_version_that_passes_fewer_cases_than_its_predec
     let verdict = evaluate_gates(&g, &view(&[(7, Some(10)), (7, None), (8, None)]), None);
     assert!(!matches!(verdict, GateVerdict::Fail(_)), "{verdict:?}");
 }
+
+#[test]
+fn staged_versions_in_a_record_must_be_few_newer_ascending_and_of_a_served_version() {
+    type Change<'a> = &'a dyn Fn(&mut VersionReport);
+    let with = |f: Change| {
+        let mut v = report(2, 10, 0, 0.2);
+        f(&mut v);
+        verify_metrics(
+            &SignedMetrics::sign(&record(5, 1, vec![v]), &node(5)).unwrap(),
+            &cert(5),
+            &trust(),
+            DEFAULT_FLEET,
+            100,
+        )
+    };
+    assert!(with(&|v| v.staged_newer = vec![3, 7]).is_ok());
+    let cases: [(&str, Change); 6] = [
+        ("too many", &|v| v.staged_newer = (3..3 + MAX_STAGED_REPORTED as u64 + 1).collect()),
+        ("not newer", &|v| v.staged_newer = vec![2]),
+        ("older", &|v| v.staged_newer = vec![1, 3]),
+        ("repeated", &|v| v.staged_newer = vec![3, 3]),
+        ("descending", &|v| v.staged_newer = vec![4, 3]),
+        ("of a version not served", &|v| (v.active, v.staged_newer) = (false, vec![3])),
+    ];
+    for (what, f) in cases {
+        let err = with(f).expect_err(what).to_string();
+        assert!(err.contains("staged versions"), "{what}: {err}");
+    }
+}
+
+fn staging(node: NodeId, seq: u64, serving: u64, staged: Vec<u64>) -> MetricsRecord {
+    let mut r = report(serving, 1, 0, 0.2);
+    r.staged_newer = staged;
+    record_of(node, seq, vec![r])
+}
+
+#[test]
+fn holders_are_the_panels_nodes_serving_a_version_or_holding_it_staged_each_weighed_by_its_panel() {
+    let mut view = FleetView::default();
+    // Ten nodes: three serve v2, five serve v1 with v2 staged, two serve v1 only.
+    for i in 0..10 {
+        let r = match i {
+            0..=2 => staging(many(i), 1, 2, vec![]),
+            3..=7 => staging(many(i), 1, 1, vec![2, 3]),
+            _ => staging(many(i), 1, 1, vec![]),
+        };
+        view.update(r, 0);
+    }
+    let holders = view.holders("m", 2);
+    let count = |serving: bool| holders.iter().filter(|h| h.serving == serving).count();
+    assert_eq!((count(true), count(false)), (3, 5));
+    assert!(holders.iter().all(|h| h.weight == 1.0), "panels with room count exactly: {holders:?}");
+    assert_eq!(view.holders("m", 3).len(), 5, "v3 is staged on five nodes and served by none");
+    // A newer record of a node replaces its old one: it now serves v2, counted once.
+    view.update(staging(many(3), 2, 2, vec![3]), 0);
+    let holders = view.holders("m", 2);
+    assert_eq!((holders.len(), holders.iter().filter(|h| h.serving).count()), (8, 4));
+    // Beyond a panel, each member stands for its share of the version's estimated nodes.
+    let mut view = FleetView::default();
+    for i in 0..400 {
+        view.update(staging(many(i), 1, 1, if i % 2 == 0 { vec![2] } else { vec![] }), 0);
+    }
+    let weight: f64 = view.holders("m", 2).iter().map(|h| h.weight).sum();
+    assert!((100.0..=400.0).contains(&weight), "about 200 of 400 nodes hold v2 staged: {weight}");
+}

@@ -78,6 +78,17 @@ pub fn node_stat(node: NodeId, v: &VersionReport) -> NodeStat {
     }
 }
 
+/// A node that holds a version, as `FleetView::holders` finds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Holder {
+    pub node: NodeId,
+    /// Serving the version (else holding it staged while serving an older one).
+    pub serving: bool,
+    /// How many nodes of the fleet it stands for: its panel's estimated reporters over
+    /// the panel's members.
+    pub weight: f64,
+}
+
 /// The newest record of every panel member heard from, bounded in number and age.
 pub struct FleetView {
     records: BTreeMap<NodeId, Held>,
@@ -264,6 +275,30 @@ impl FleetView {
         }
         s.nodes_estimated = self.estimated_reporters(model, version);
         s
+    }
+
+    /// The nodes a rollout's progress is estimated from, each standing for `weight`
+    /// nodes of the fleet (1 while its panel has room): the members of `version`'s
+    /// panel that serve it, and the members of an older version's panel that serve that
+    /// one and hold `version` staged (`VersionReport::staged_newer`).
+    pub fn holders(&self, model: &str, version: u64) -> Vec<Holder> {
+        let mut holders = vec![];
+        let older = self.panels.keys().filter(|(m, v)| m == model && *v <= version).map(|(_, v)| *v);
+        for panel_version in older.collect::<Vec<_>>() {
+            let key = (model.to_string(), panel_version);
+            let members: Vec<&NodeId> = self.panels.members(&key).collect();
+            let weight = self.estimated_reporters(model, panel_version) as f64 / members.len().max(1) as f64;
+            for node in members {
+                let Some(held) = self.records.get(node) else { continue };
+                let report = held.record.versions.iter().find(|v| v.model == model && v.version == panel_version);
+                let Some(report) = report.filter(|r| r.active) else { continue };
+                let serving = panel_version == version;
+                if serving || report.staged_newer.binary_search(&version).is_ok() {
+                    holders.push(Holder { node: *node, serving, weight });
+                }
+            }
+        }
+        holders
     }
 
     /// The version a candidate is compared with: the newest lower version of the model

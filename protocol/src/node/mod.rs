@@ -437,6 +437,21 @@ pub struct RolloutView {
     pub figures: crate::history::GateFigures,
     #[serde(default)]
     pub baseline: Option<BaselineFigures>,
+    /// Nodes staged and serving per wave, estimated from the metrics panels
+    /// (`Node::rollouts_with_progress`; empty in `Node::rollouts`).
+    #[serde(default)]
+    pub per_wave: Vec<WaveProgress>,
+}
+
+/// How far one wave of a rollout has come, as one node estimates it from the metrics
+/// panels (`Node::wave_progress`): exact while each panel has room for every node that
+/// reports its version, a uniform sample scaled up beyond.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaveProgress {
+    /// Nodes of the wave that hold the version ready while serving an older one.
+    pub staged: u64,
+    /// Nodes of the wave that serve the version.
+    pub serving: u64,
 }
 
 /// The previous version's figures, which a rollout's ratio gates compare with.
@@ -757,6 +772,16 @@ impl Node {
 
     pub fn rollouts(&self) -> &[RolloutView] {
         &self.views
+    }
+
+    /// `rollouts`, each with its progress per wave (for operators; the rollout engine
+    /// does not need it, so it is not computed at every tick).
+    pub fn rollouts_with_progress(&self) -> Vec<RolloutView> {
+        let mut views = self.views.clone();
+        for v in &mut views {
+            v.per_wave = self.wave_progress(&v.model, v.version);
+        }
+        views
     }
 
     pub fn fleet(&self) -> &FleetView {

@@ -26,7 +26,7 @@ use super::{HeldMetrics, Node};
 use super::{Level, Output};
 use crate::fleet::{
     node_beyond_limits, node_stat, panel_rank, rank_fraction, MetricsMessage, MetricsRecord, SignedMetrics,
-    VersionReport, MAX_VERSIONS_PER_RECORD, PANEL_SIZE,
+    VersionReport, MAX_STAGED_REPORTED, MAX_VERSIONS_PER_RECORD, PANEL_SIZE,
 };
 use crate::mesh::TOPIC_METRICS;
 
@@ -60,6 +60,14 @@ impl Node {
                     });
                 }
             }
+        }
+        // Newer versions held ready go with the served version's report, for the
+        // rollout's progress. Not a reason to send a record (`report_due`): they ride
+        // with the next one, at most `METRICS_REFRESH_INTERVALS` intervals later.
+        for r in reports.iter_mut().filter(|r| r.active) {
+            let staged = self.models.get(&r.model).map(|s| &s.staged);
+            let newer = staged.into_iter().flat_map(|s| s.range(r.version.saturating_add(1)..));
+            r.staged_newer = newer.copied().take(MAX_STAGED_REPORTED).collect();
         }
         // The suite's counts go with the version's report (served now or not: a canary
         // that rolled back still tells why), for versions no older than the one before

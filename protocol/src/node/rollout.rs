@@ -2,8 +2,8 @@
 //! soak while the gates pass, halt when they fail or an operator says so, and choose the
 //! one version of each model this node serves.
 
-use super::{Activation, BaselineFigures, Level, Node, RolloutView, VersionKey, VersionRecord};
-use crate::cohort::{membership_with_floor, wave_counts, Membership};
+use super::{Activation, BaselineFigures, Level, Node, RolloutView, VersionKey, VersionRecord, WaveProgress};
+use crate::cohort::{membership_with_floor, wave_counts, waves_with_floor, Membership};
 use crate::fleet::{advance, evaluate_gates, GateVerdict, OperatorState, RolloutCommand, RolloutProgress};
 use crate::history::{verdict_changed, GateFigures, HistoryKind, Outcome};
 use crate::identity::NodeId;
@@ -41,6 +41,36 @@ impl Node {
 
     /// About how many nodes the fleet has, by the metrics panels' estimate or the peers
     /// this node knows (itself included), whichever is more.
+    /// Nodes staged and serving in each wave of `model@version`'s rollout: the metrics
+    /// panels' holders (`FleetView::holders`), each in the wave this node would place
+    /// it (the canary floor over the nodes it knows and the holders), each counted with
+    /// the number of nodes it stands for. Staged counts lag: they ride with records sent
+    /// for other reasons, at most `METRICS_REFRESH_INTERVALS` intervals late.
+    pub fn wave_progress(&self, model: &str, version: u64) -> Vec<WaveProgress> {
+        let Some(plan) = self.manifests.get(&(model.to_string(), version)).map(|m| &m.manifest.rollout) else {
+            return vec![];
+        };
+        let holders: std::collections::BTreeMap<NodeId, crate::fleet::Holder> =
+            self.fleet.holders(model, version).into_iter().map(|h| (h.node, h)).collect();
+        let me: (&NodeId, &Tags) = (&self.me, &self.tags);
+        // Every node this node knows that the plan selects, and every holder (which took
+        // the version, so the plan selected it).
+        let known = self.known.iter().chain(std::iter::once(me));
+        let known = known.filter(|(n, t)| plan.selector.matches(t) || holders.contains_key(n)).map(|(n, _)| n);
+        let unknown = holders.keys().filter(|n| **n != self.me && !self.known.contains_key(n));
+        let nodes = known.chain(unknown).map(|n| (n, holders.get(n)));
+        let mut sums = vec![(0.0f64, 0.0f64); plan.waves.len()];
+        for (wave, holder) in waves_with_floor(plan, nodes, model, version, self.fleet_size()) {
+            if let (Some(w), Some(h)) = (wave, holder) {
+                let (staged, serving) = &mut sums[w];
+                *if h.serving { serving } else { staged } += h.weight;
+            }
+        }
+        sums.into_iter()
+            .map(|(staged, serving)| WaveProgress { staged: staged.round() as u64, serving: serving.round() as u64 })
+            .collect()
+    }
+
     pub(super) fn fleet_size(&self) -> usize {
         self.fleet.estimated_nodes().max(self.known.len() + 1)
     }
@@ -301,6 +331,7 @@ impl Node {
             gates: plan.gates.clone(),
             figures: gates.figures,
             baseline: gates.baseline,
+            per_wave: vec![],
         }
     }
 }

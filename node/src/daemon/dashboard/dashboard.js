@@ -131,11 +131,15 @@ function drawWaves(r) {
     const mine = r.my_wave === i + 1;
     const cls = "wave" + (open ? " open" : "") + (mine ? " mine" : "");
     const known = r.known_per_wave[i];
+    const progress = (r.per_wave || [])[i];
     return el("div", { class: cls, "data-wave": i + 1 },
       el("b", {}, "wave " + (i + 1) + (open ? " · open" : " · waiting")),
       w ? (w.fraction * 100).toFixed(0) + "% of the fleet, soak " + fmtSecs(w.soak_secs) : null,
       el("br"),
       known !== undefined ? known + " node(s) known" : null,
+      progress ? el("br") : null,
+      progress ? el("span", { class: "progress", title: "estimated from the metrics panels" },
+        progress.staged + " staged · " + progress.serving + " serving") : null,
       open && r.opened_at[i] ? el("br") : null,
       open && r.opened_at[i] ? "opened " + fmtTime(r.opened_at[i]) : null,
       mine ? el("br") : null,
