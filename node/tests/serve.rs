@@ -412,6 +412,15 @@ fn a_conversation_never_outgrows_the_context_it_is_given() {
     assert_eq!(v["error"]["param"], "messages", "{v}");
     let message = v["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("context of 96 tokens"), "{v}");
+    // Streamed, the same 400 before any event; neither counts against the version.
+    let mut streamed = long.clone();
+    streamed["stream"] = serde_json::json!(true);
+    let (status, v) = post(&node.addr, streamed.to_string());
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "messages", "{v}");
+    let (_, metrics) = slmesh_e2e::http(&node.addr, "GET", "/metrics", &[], vec![]);
+    assert!(metrics.contains("slmesh_http_rejected_total{code=\"400\"} 2"), "{metrics}");
+    assert!(!metrics.contains("slmesh_request_errors_total{model=\"smollm2\",version=\"1\"} 1"), "{metrics}");
     let short = serde_json::json!({
         "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
         "max_tokens": 500, "temperature": 0

@@ -360,7 +360,7 @@ async fn chat_completions_inner(state: &Arc<HttpState>, headers: &HeaderMap, bod
     let start = Instant::now();
     let turn = take_turn(state).await?;
     if req.common.stream == Some(true) {
-        return Ok(stream_chat(state.clone(), model, builder, Extras { recorder, tools, shadow }, turn, start));
+        return stream_chat(state.clone(), model, builder, Extras { recorder, tools, shadow }, turn, start).await;
     }
     let work = async {
         let answer = model.chat(builder).await?;
@@ -529,16 +529,22 @@ async fn send_or_give_up(tx: &tokio::sync::mpsc::Sender<Event>, event: Event) ->
 
 /// `stream: true`: server-sent events, one per chunk, the last one with usage, then
 /// `data: [DONE]`. A client that goes away, or stops reading for `STREAM_SEND_STALL`,
-/// stops the stream and frees its turn.
-fn stream_chat(
+/// stops the stream and frees its turn. A request the engine refuses before generating
+/// (a prompt longer than the context, a schema it cannot compile) gets the same 400 as
+/// unstreamed and does not count as a failure of the version: the response starts only
+/// once the engine took the request.
+async fn stream_chat(
     state: Arc<HttpState>,
     model: Arc<LoadedModel>,
     builder: RequestBuilder,
     extras: Extras,
     turn: OwnedSemaphorePermit,
     start: Instant,
-) -> Response {
+) -> Result<Response, ApiError> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(32);
+    // Told once, before the first event: the engine took the request, or refused it.
+    let (started, taken) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    let mut started = Some(started);
     // mistral.rs hands out each token through a channel of one: a generation that waited
     // for a client that stopped reading would stop the engine, every other request with
     // it. So generation puts events in a queue that never blocks (at most `max_tokens`
@@ -569,7 +575,10 @@ fn stream_chat(
         // is generated or sent.
         let mut gone = false;
         let deadline = tokio::time::Instant::now() + state.limits.request_timeout;
+        // The engine's refusal of the request, before it generated anything.
+        let mut refusal = None;
         match model.model().stream_chat_request(builder).await {
+            Err(e) if e.to_string().contains(ENGINE_REFUSED) => refusal = Some(e.to_string()),
             Err(e) => error = Some(e.to_string()),
             Ok(mut stream) => loop {
                 let next = match tokio::time::timeout_at(deadline, stream.next()).await {
@@ -602,6 +611,9 @@ fn stream_chat(
                             }
                         }
                         let data = body.to_string();
+                        if let Some(s) = started.take() {
+                            let _ = s.send(Ok(()));
+                        }
                         if queue.send(Event::default().data(data)).is_err() {
                             gone = true;
                             break;
@@ -615,6 +627,10 @@ fn stream_chat(
                         error = Some(e);
                         break;
                     }
+                    EngineResponse::ValidationError(e) if started.is_some() => {
+                        refusal = Some(e.to_string());
+                        break;
+                    }
                     EngineResponse::InternalError(e) | EngineResponse::ValidationError(e) => {
                         error = Some(e.to_string());
                         break;
@@ -622,6 +638,14 @@ fn stream_chat(
                     _ => {}
                 }
             },
+        }
+        if let Some(s) = started.take() {
+            if let Some(why) = refusal {
+                // Answered as a 400 by the handler; nothing to record or send here.
+                let _ = s.send(Err(why));
+                return;
+            }
+            let _ = s.send(Ok(()));
         }
         if let (Some(e), false) = (&error, gone) {
             let body = json!({"error": {"message": e, "type": "server_error", "param": null, "code": 500}});
@@ -642,7 +666,10 @@ fn stream_chat(
         sample.ttft_secs = first_token.or(sample.ttft_secs);
         state.record(&model, &sample);
     });
-    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, Infallible>)).into_response()
+    if let Ok(Err(why)) = taken.await {
+        return Err(engine_refusal(why));
+    }
+    Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, Infallible>)).into_response())
 }
 
 /// Serves the routes on `listener` until `shutdown` completes; requests in flight finish.
