@@ -153,8 +153,9 @@ pub struct PublishArgs {
     /// Then follow the rollout, as this node sees it, with progress bars (waves open,
     /// the gates' verdict, the soak left; per wave, nodes serving the version and nodes
     /// holding it staged, estimated from the metrics panels and exact up to 16 nodes per
-    /// version; bytes this node uploaded) until it completes (every wave open and the last one soaked), halts, or
-    /// --timeout passes. Exit code: 0 completed, 2 halted, 3 timed out, 1 an error.
+    /// version; bytes this node uploaded) until it completes (every wave open and the
+    /// last one soaked), halts, or --timeout passes. Exit code: 0 completed, 2 halted,
+    /// 3 timed out, 1 an error.
     #[arg(long)]
     pub wait: bool,
     /// How long --wait follows the rollout: 600, 90s, 30m, 2h.
