@@ -6,7 +6,7 @@
 //!
 //! A good three-wave rollout (5% / 25% / 100%, 30 s soaks, gates needing 3 nodes and 50
 //! requests) over three sites (1 / 20 / 40 ms apart), 100 Mbit/s links, a gossip mesh of
-//! degree 4, a 20 MB model, metrics every 10 s (the node's default). Prints the
+//! degree 4 (3 for metrics), a 20 MB model, metrics every 10 s (the node's default). Prints the
 //! wall time, events per second, the simulated time until every node served the new
 //! version, and per node during the rollout: metrics gossip received and forwarded per
 //! simulated second, have-record bytes received (they go to direct peers only), and

@@ -186,38 +186,70 @@ fn metrics_sent(f: &Fleet) -> u64 {
     f.gossip_originated.get(slmesh_protocol::mesh::TOPIC_METRICS).map_or(0, |(count, _)| *count)
 }
 
+/// A 30-node fleet on v1, settled; v2 published with a canary of half the fleet soaking
+/// 20 s under `gates`. Runs until 1.5 s before the soak's end; returns the records sent
+/// fleet-wide while v1 was settled (30 s), the records sent since the publication, and
+/// the canary's size.
+fn canary_near_its_soaks_end(f: &mut Fleet, gates: slmesh_protocol::rollout::Gates) -> (u64, u64, u64) {
+    // v1 has settled (one wave, opened more than a refresh period ago).
+    f.run_for(20 * SECOND);
+    let before = metrics_sent(f);
+    f.run_for(30 * SECOND);
+    let settled = metrics_sent(f) - before;
+    let m = f.manifest(2, &[(0.5, 20), (1.0, 0)], gates);
+    f.publish(0, m).expect("publish");
+    let before = metrics_sent(f);
+    // The canary soaks 20 s, counted from the whole second it opened in.
+    f.run_for(18_500 * MS);
+    let canary = f.live().filter(|i| f.active(*i) == Some(2)).count() as u64;
+    (settled, metrics_sent(f) - before, canary)
+}
+
 #[test]
 fn metrics_go_when_a_gate_needs_them_and_the_waves_open_as_soon_as_they_soaked() {
     let mut f = fleet_on_v1(30);
-    // v1 has settled (one wave, opened more than a refresh period ago).
-    f.run_for(20 * SECOND);
-    let before = metrics_sent(&f);
-    f.run_for(30 * SECOND);
-    let settled = metrics_sent(&f) - before;
-    let m = f.manifest(2, &[(0.5, 20), (1.0, 0)], Fleet::quick_gates(3));
-    f.publish(0, m).expect("publish");
-    let before = metrics_sent(&f);
-    // The canary soaks 20 s (counted from the whole second it opened in): each of its
-    // members sends a record in the last interval before that, and the second wave
-    // opens on those figures at once.
-    f.run_for(18_500 * MS);
+    let (settled, mut rolling, canary) = canary_near_its_soaks_end(&mut f, Fleet::quick_gates(3));
+    // The canary's first records hold enough requests for the gates, and its figures
+    // stay within their limits: fresher ones would change no verdict, so the members do
+    // not all send one before the soak's end (the refreshes of some may fall there).
     let before_checkpoint = metrics_sent(&f);
     f.run_for(1_500 * MS);
     let at_checkpoint = metrics_sent(&f) - before_checkpoint;
-    let canary = f.live().filter(|i| f.active(*i) == Some(2)).count() as u64;
+    rolling += at_checkpoint;
     eprintln!("{at_checkpoint} records in the 1.5 s before the soak's end, from a canary of {canary}");
-    assert!(at_checkpoint >= canary.min(PANEL_SIZE as u64), "{at_checkpoint} records before the soak's end");
+    assert!(canary >= 10, "a canary of {canary}");
+    assert!(at_checkpoint * 2 <= canary, "{at_checkpoint} records before the soak's end");
+    let before = metrics_sent(&f);
     f.run_for(3 * SECOND);
     assert!(f.live().all(|i| f.active(i) == Some(2)), "the second wave opened within 3 s of the soak's end");
     f.run_for(7 * SECOND);
-    let rolling = metrics_sent(&f) - before;
+    rolling += metrics_sent(&f) - before;
     eprintln!("metrics records in 30 s: settled {settled}, rolling out {rolling}");
     // Refreshes alone: 16 seats, one record per five intervals of a second.
     assert!(settled <= 2 * 16 * 30 / 5, "settled: {settled} records in 30 s");
     // Two panels of 16 sending every interval would be 960 records: a rollout sends a
-    // record when a version starts, measures, nears the end of a soak, or at the refresh.
+    // record when a version starts, measures, stops or at the refresh.
     assert!(rolling < 2 * 16 * 30 / 3, "rolling out: {rolling} records in 30 s");
     assert!(rolling > settled, "a rollout still sends more than a settled fleet: {rolling} against {settled}");
+}
+
+#[test]
+fn a_gate_that_waits_for_samples_gets_a_record_from_every_member_before_the_soak_ends() {
+    let mut f = fleet_on_v1(30);
+    // More requests than the canary serves in its soak: the gate waits for samples.
+    let gates = slmesh_protocol::rollout::Gates { min_samples: 100_000, ..Fleet::quick_gates(3) };
+    let (_, _, canary) = canary_near_its_soaks_end(&mut f, gates);
+    let before = metrics_sent(&f);
+    f.run_for(1_500 * MS);
+    let at_checkpoint = metrics_sent(&f) - before;
+    eprintln!("{at_checkpoint} records in the 1.5 s before the soak's end, from a canary of {canary}");
+    assert!(at_checkpoint >= canary.min(PANEL_SIZE as u64), "{at_checkpoint} records before the soak's end");
+    // And every interval while the next wave waits on the gate.
+    let before = metrics_sent(&f);
+    f.run_for(5 * SECOND);
+    let waiting = metrics_sent(&f) - before;
+    assert!(f.live().any(|i| f.active(i) == Some(1)), "the second wave waits");
+    assert!(waiting >= 4 * canary.min(PANEL_SIZE as u64), "{waiting} records in 5 s of waiting");
 }
 
 #[test]
@@ -345,7 +377,16 @@ fn a_certificate_goes_with_a_nodes_first_record_of_a_version_and_a_node_that_mis
     // nothing there, until anti-entropy brings the node's record with one.
     let k = 5;
     let observer = if k == 1 { 2 } else { 1 };
-    let author = f.node(observer).fleet().records().map(|r| r.node).find(|n| *n != f.id(k)).expect("a panel member");
+    // The panel member that sent its certificate last: the next one is far off (every 30
+    // intervals), so what brings it below is anti-entropy, not the author's timer.
+    let held: BTreeSet<NodeId> = f.node(observer).fleet().records().map(|r| r.node).collect();
+    let author = records
+        .iter()
+        .rev()
+        .filter(|m| m.certificate.is_some())
+        .filter_map(|m| m.record.verify_self_signed().ok().map(|r| r.node))
+        .find(|n| *n != f.id(k) && held.contains(n))
+        .expect("a panel member that sent its certificate");
     let certless = records
         .iter()
         .rev()
@@ -431,4 +472,58 @@ fn in_a_fleet_larger_than_a_panel_the_nodes_staged_and_serving_per_wave_are_esti
         assert!((staged / 2.0..=staged * 2.0).contains(&seen_staged), "node {i}: {p:?}, staged {staged}");
         assert_eq!((p[0].staged, p[1].serving), (0, 0), "node {i}: the canary serves, the rest waits: {p:?}");
     }
+}
+
+#[test]
+fn a_node_that_moves_to_a_newer_version_tells_its_old_panel_at_the_refresh_not_at_once() {
+    use slmesh_protocol::fleet::MetricsMessage;
+    use slmesh_protocol::mesh::TOPIC_METRICS;
+    // More nodes than a panel: most of v1's panel members get no seat in v2's.
+    let n = 60;
+    let mut f = fleet_on_v1(n);
+    f.run_for(20 * SECOND);
+    let v1_panel = panel_of(&f, 0, 1);
+    f.wire_log = Some(vec![]);
+    // Publish just after v1's panel sent its refresh (every 5 intervals of 1 s), so that
+    // its members switch to v2 well before the next one is due.
+    let before = metrics_sent(&f);
+    while metrics_sent(&f) == before {
+        f.run_for(100 * MS);
+    }
+    f.run_for(SECOND);
+    let (since, since_ms) = (f.now(), f.now_ms());
+    let m = f.manifest(2, &[(1.0, 0)], Fleet::quick_gates(3));
+    f.publish(0, m).expect("publish");
+    f.run_for(20 * SECOND);
+    assert!(f.live().all(|i| f.active(i) == Some(2)), "every node is on v2");
+    let served = f.first_served(2, since);
+    let topic = format!("gossip {TOPIC_METRICS}");
+    let log = f.wire_log.take().expect("logged");
+    let records: Vec<_> = log
+        .iter()
+        .filter(|(what, _)| *what == topic)
+        .map(|(_, bytes)| MetricsMessage::from_bytes(bytes).expect("a metrics message").record)
+        .map(|signed| signed.verify_self_signed().expect("signed"))
+        .collect();
+    // Each v1 panel member that serves v2 without a seat in v2's panel: its last record
+    // before it switched, and its first one saying it left v1 (record sequence numbers
+    // are the node's clock in ms).
+    let (mut moved, mut early) = (0, 0);
+    for i in (0..n).filter(|i| v1_panel.contains(&f.id(*i))) {
+        let mine: Vec<_> = records.iter().filter(|r| r.node == f.id(i)).collect();
+        if mine.iter().any(|r| r.versions.iter().any(|v| v.version == 2)) {
+            continue; // it holds a v2 seat: its first v2 record says both
+        }
+        let switched = since_ms + (served[i].expect("serves v2") * 1000.0) as u64;
+        let last = mine.iter().filter(|r| r.seq < switched).map(|r| r.seq).max().expect("a record before");
+        let told = mine.iter().find(|r| r.versions.iter().any(|v| v.version == 1 && !v.active)).map(|r| r.seq);
+        let told = told.unwrap_or_else(|| panic!("node {i} never said it left v1"));
+        moved += 1;
+        early += u32::from(switched < last + 4_000);
+        assert!(told >= last + 5_000, "node {i} told its panel {} ms after its last record", told - last);
+        assert!(told <= switched + 5_100, "node {i} told its panel {} ms after it switched", told - switched);
+    }
+    eprintln!("{moved} v1 panel members moved without a v2 seat, {early} of them well before their refresh");
+    // Before this rule, each of these sent a record at its first interval on v2.
+    assert!(moved >= 5 && early * 2 >= moved, "{moved} moved, {early} early");
 }

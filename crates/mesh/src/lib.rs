@@ -24,6 +24,7 @@ use libp2p::{
     allow_block_list, identify, identity::Keypair, kad, mdns, noise, ping, request_response, tcp, yamux,
     StreamProtocol, Swarm,
 };
+use slmesh_protocol::mesh::{GOSSIP_MESH_DEGREE, METRICS_MESH_DEGREE, TOPIC_METRICS};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -373,8 +374,27 @@ fn build_swarm(
     Ok(swarm)
 }
 
+/// The default value of a setter's argument type, for types a crate uses in its API but
+/// does not export.
+fn default_argument<T: Default>(
+    _setter: fn(&mut gossipsub::ConfigBuilder, gossipsub::TopicHash, T) -> &mut gossipsub::ConfigBuilder,
+) -> T {
+    T::default()
+}
+
 fn gossip_behaviour(topics: &[String]) -> Result<gossipsub::Behaviour, Box<dyn std::error::Error + Send + Sync>> {
-    let config = gossipsub::ConfigBuilder::default()
+    let mut builder = gossipsub::ConfigBuilder::default();
+    // The metrics topic's mesh is thinner still (`METRICS_MESH_DEGREE`): its records are
+    // most of a rollout's gossip and none is urgent to the second.
+    // gossipsub 0.49 takes a `TopicMeshConfig` but does not export the type: its default
+    // value is had through the method's own signature.
+    let mut metrics_mesh = default_argument(gossipsub::ConfigBuilder::set_topic_config);
+    metrics_mesh.mesh_n = METRICS_MESH_DEGREE;
+    metrics_mesh.mesh_n_low = METRICS_MESH_DEGREE - 1;
+    metrics_mesh.mesh_n_high = METRICS_MESH_DEGREE + 1;
+    metrics_mesh.mesh_outbound_min = 1;
+    builder.set_topic_config(IdentTopic::new(TOPIC_METRICS).hash(), metrics_mesh);
+    let config = builder
         // Every payload is signed by its author (a publisher, an operator, a node) and
         // checked by the protocol core, so gossipsub's own author, sequence number and
         // signature (116 of every message's bytes) would only sign it twice.
@@ -388,9 +408,9 @@ fn gossip_behaviour(topics: &[String]) -> Result<gossipsub::Behaviour, Box<dyn s
         // may grow to 5 (not gossipsub's 12, nor the 8 used before): with 8, grafts from
         // peers pushed meshes in a 24-node fleet well past 4, and the metrics gossip a
         // node handled with them (benches/gossip_bytes).
-        .mesh_n(4)
-        .mesh_n_low(3)
-        .mesh_n_high(5)
+        .mesh_n(GOSSIP_MESH_DEGREE)
+        .mesh_n_low(GOSSIP_MESH_DEGREE - 1)
+        .mesh_n_high(GOSSIP_MESH_DEGREE + 1)
         // A node's own messages go to its mesh peers (and gossip) like any other, not to
         // every connected subscriber: flooding them to its 12 connections doubled the
         // metrics gossip a node sends and receives (24 real nodes, benches/gossip_bytes),

@@ -37,13 +37,22 @@
 //! replay of a silent member's last record cannot keep its seat (nodes' clocks must agree
 //! to well within the TTL, as they must for certificates).
 //! Members send a record when a gate needs it, not every interval (`node::reporting`):
-//! a report that is new, starts or stops serving, measures its first request or fails to
-//! load; figures beyond a gate's limit (every interval, and the all-clear after them), so
-//! that a bad version halts as fast as before; one record in the last interval before a
-//! wave's soak ends, and every interval after it while the next wave waits on the gate;
-//! and every fifth interval regardless, so that peers do not expire them. During a
-//! three-wave rollout that is a third of the records of sending every interval, and the
-//! waves open as early (BENCHMARKS.md). Anti-entropy sends a peer only the records it
+//! a report that is new, starts or stops serving (not when a newer version replaced it
+//! here), measures its first request or fails to load; figures beyond a gate's limit
+//! (every interval, and the all-clear after them), so that a bad version halts as fast
+//! as before; one record in the last interval before a wave's soak ends if the gate
+//! still waits for nodes or requests, and every interval after it while the next wave
+//! waits on the gate; and every fifth interval regardless, so that peers do not expire
+//! them. Since a gate takes the median across nodes of each node's figures against a
+//! limit, its verdict moves only when some node crosses a limit, and that node sends at
+//! once: fresher figures within the limits would change only the counts. (A liar that
+//! claims many requests can make honest members skip that last record; their figures
+//! then count as they last sent them, within the limits, which decides the same.) During a
+//! three-wave rollout that is about a fifth of the records of sending every interval,
+//! and the waves open as early (BENCHMARKS.md). Nodes sample their figures at a phase of
+//! the interval their id picks, so that a fleet started at one moment still spreads its
+//! records, and gossip them over a mesh thinner than other topics'
+//! (`mesh::METRICS_MESH_DEGREE`). Anti-entropy sends a peer only the records it
 //! lacks or holds older: a sync request lists the asker's records by the first 8 bytes of
 //! their node's id and their sequence number (`mesh::MetricsMark`). A record counts only
 //! under its node's enrollment certificate, which travels beside it only now and then

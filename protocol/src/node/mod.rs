@@ -559,7 +559,7 @@ impl Node {
     /// Runs every timer that is due.
     pub fn handle_timeout(&mut self, now: u64) {
         if now >= self.next_metrics {
-            self.next_metrics = now + self.cfg.metrics_interval_ms.max(1);
+            self.next_metrics = metrics_phase_after(now, self.cfg.metrics_interval_ms, &self.me);
             self.outputs.push_back(Output::SampleMetrics);
         }
         if now >= self.next_sync {
@@ -822,5 +822,54 @@ impl Node {
     /// The version of `model` loaded and served since this start.
     pub fn serving(&self, model: &str) -> Option<u64> {
         self.serving.get(model).copied()
+    }
+}
+
+/// The next time after `now` at this node's own phase of the metrics interval (from its
+/// id): a fleet that starts at one moment (a site's power coming back, a simulation)
+/// still spreads its records over the interval, and a node deciding whether a panel seat
+/// is free hears those sent before it instead of deciding at the same instant.
+fn metrics_phase_after(now: u64, interval_ms: u64, me: &NodeId) -> u64 {
+    let interval = interval_ms.max(1);
+    let mut phase = [0u8; 8];
+    phase.copy_from_slice(&me.as_bytes()[..8]);
+    let phase = u64::from_le_bytes(phase) % interval;
+    let next = (now - now % interval).saturating_add(phase);
+    if next > now {
+        next
+    } else {
+        next.saturating_add(interval)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metrics_phase_after;
+    use crate::identity::{KeyKind, SecretKey};
+
+    #[test]
+    fn each_node_samples_at_its_own_phase_of_the_interval_whenever_it_started() {
+        let interval = 10_000;
+        let phases: Vec<u64> = (0..200u8)
+            .map(|i| {
+                let me = SecretKey::from_seed(KeyKind::Node, [i; 32]).public();
+                let next = metrics_phase_after(1_000_000, interval, &me);
+                assert!(next > 1_000_000 && next <= 1_000_000 + interval, "within one interval: {next}");
+                // The same phase from any moment, and one interval later from there.
+                assert_eq!(metrics_phase_after(next, interval, &me), next + interval);
+                assert_eq!(metrics_phase_after(next - 1, interval, &me), next);
+                assert_eq!(metrics_phase_after(1_003_333, interval, &me) % interval, next % interval);
+                next % interval
+            })
+            .collect();
+        // Spread over the interval: every tenth of it holds some of 200 nodes.
+        for tenth in 0..10 {
+            let n = phases.iter().filter(|p| **p / (interval / 10) == tenth).count();
+            assert!(n >= 5, "{n} of 200 nodes in tenth {tenth}");
+        }
+        // No division by zero, no overflow at the end of time.
+        let me = SecretKey::from_seed(KeyKind::Node, [1; 32]).public();
+        assert!(metrics_phase_after(5, 0, &me) > 5);
+        assert!(metrics_phase_after(u64::MAX - 1, interval, &me) >= u64::MAX - 1);
     }
 }

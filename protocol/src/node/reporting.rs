@@ -6,14 +6,17 @@
 //! sends its record when
 //!
 //! - a report is new, starts or stops serving, measures its first request, or fails to
-//!   load (what `min_reporting_nodes` and the failed-load gate count);
+//!   load (what `min_reporting_nodes` and the failed-load gate count). That a newer
+//!   version replaced an older one here is not a reason: the older one's figures stay
+//!   the newer one's baseline as they were, and it rides with the next record;
 //! - its own figures are beyond a gate's limit, or were at the last record: an alarm goes
 //!   every interval, so that a bad version halts as fast as before, and so does the
-//!   all-clear;
-//! - a wave's soak is about to end: one fresh record within the last interval before it,
-//!   so the gate that opens the next wave reads figures at most one interval old; and
-//!   every interval after it while that wave waits on the gate (too few samples, nodes
-//!   split), unless an operator paused the rollout;
+//!   all-clear. Since every gate reads the median across nodes of each node's figures
+//!   against a limit, this alone keeps every verdict but "waiting for samples" current;
+//! - a wave's soak is about to end and the gate, as this node sees it, still waits for
+//!   nodes or requests: one fresh record within the last interval before the end; and
+//!   every interval after it while the next wave waits on the gate (too few samples,
+//!   nodes split), unless an operator paused the rollout;
 //! - `METRICS_REFRESH_INTERVALS` intervals passed since its last record, so that peers do
 //!   not expire it.
 //!
@@ -25,10 +28,11 @@
 use super::{HeldMetrics, Node};
 use super::{Level, Output};
 use crate::fleet::{
-    node_beyond_limits, node_stat, panel_rank, rank_fraction, MetricsMessage, MetricsRecord, SignedMetrics,
-    VersionReport, MAX_STAGED_REPORTED, MAX_VERSIONS_PER_RECORD, PANEL_SIZE,
+    evaluate_gates, node_beyond_limits, node_stat, panel_rank, rank_fraction, GateVerdict, MetricsMessage,
+    MetricsRecord, SignedMetrics, VersionReport, MAX_STAGED_REPORTED, MAX_VERSIONS_PER_RECORD, PANEL_SIZE,
 };
 use crate::mesh::TOPIC_METRICS;
+use crate::rollout::Gates;
 
 /// A node gossips its metrics record again after this many intervals, changed or not, so
 /// that peers do not expire it.
@@ -205,7 +209,11 @@ impl Node {
         if report == last {
             return false;
         }
-        if report.active != last.active
+        // A version a newer one replaced here no longer counts in any gate (its baseline
+        // figures stay as they were): that it stopped rides with the next record.
+        let superseded =
+            last.active && !report.active && self.serving(&report.model).is_some_and(|v| v > report.version);
+        if (report.active != last.active && !superseded)
             || report.activation_failures != last.activation_failures
             || report.eval != last.eval
             || (report.requests == 0) != (last.requests == 0)
@@ -223,8 +231,14 @@ impl Node {
     }
 
     /// Whether the gate that opens a version's next wave needs fresh figures: within the
-    /// last interval before the open wave's soak ends (once), and every interval after it
-    /// while the next wave stays shut and no operator paused the rollout.
+    /// last interval before the open wave's soak ends (once) if it still waits for
+    /// samples as this node sees it, and every interval after it while the next wave
+    /// stays shut and no operator paused the rollout.
+    ///
+    /// A gate compares each node's figures with its limits and takes the median across
+    /// nodes, so its verdict moves only when a node crosses a limit, which sends a record
+    /// at once (`report_due`). Fresher figures within the limits change nothing but the
+    /// counts: the gate needs them only while it waits for enough nodes or requests.
     fn gate_checkpoint_due(&self, now: u64, sent_at: u64, key: &(String, u64)) -> bool {
         let (Some(record), Some(m)) = (self.versions.get(key), self.manifests.get(key)) else { return false };
         let waves = &m.manifest.rollout.waves;
@@ -237,7 +251,18 @@ impl Node {
         if now < window {
             return false;
         }
-        sent_at < window || (now >= soak_end && !self.operator_state(key).paused)
+        if now >= soak_end {
+            return !self.operator_state(key).paused;
+        }
+        sent_at < window && self.gate_waits_for_samples(key, &m.manifest.rollout.gates)
+    }
+
+    /// Whether a version's gates, read on this node's view, wait for more reporting nodes
+    /// or requests (`GateVerdict::Pending`).
+    fn gate_waits_for_samples(&self, key: &(String, u64), gates: &Gates) -> bool {
+        let summary = self.fleet.gate_summary(&key.0, key.1);
+        let baseline = self.fleet.gate_baseline(&key.0, key.1);
+        matches!(evaluate_gates(gates, &summary, baseline.as_deref()), GateVerdict::Pending(_))
     }
 }
 

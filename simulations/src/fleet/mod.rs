@@ -3,8 +3,9 @@
 //! the bytes of transfers, the store and inference are modelled.
 //!
 //! - Network: the simulator's `Links` (per-site latency, per-node uplink and downlink);
-//!   gossip floods a random mesh of degree D (every peer when D is 0), each node
-//!   forwarding what it accepted, as gossipsub does; requests and replies are messages.
+//!   gossip floods a random mesh of degree D (every peer when D is 0; metrics a mesh
+//!   thinned to `METRICS_MESH_DEGREE`), each node forwarding what it accepted, as
+//!   gossipsub does; requests and replies are messages.
 //! - Transfers: in 512 KiB pieces from several providers at once, decided by the protocol
 //!   core's `swarm::PieceFetch` on the fetcher's side and the node's `Uploads` gate on the
 //!   provider's (`pieces.rs`), as `crates/blobs` drives them.
@@ -27,7 +28,7 @@ use slmesh_protocol::identity::{KeyKind, NodeId, SecretKey};
 use slmesh_protocol::manifest::{
     FileEntry, FileRole, InferenceDefaults, ModelFormat, ModelManifest, SignedManifest, Variant,
 };
-use slmesh_protocol::mesh::{GossipVerdict, TOPIC_MANIFESTS};
+use slmesh_protocol::mesh::{GossipVerdict, METRICS_MESH_DEGREE, TOPIC_MANIFESTS, TOPIC_METRICS};
 use slmesh_protocol::node::{
     Input, ModelState, Node, NodeConfig, NodeIdentity, Output, Persist, RequestKind, Restored, VersionRecord,
 };
@@ -150,6 +151,9 @@ pub struct SimNode {
     pub history: std::collections::VecDeque<slmesh_protocol::history::HistoryEvent>,
     /// Gossip peers (indices), for a mesh of degree D.
     pub mesh: Vec<usize>,
+    /// Gossip peers for the metrics topic: the mesh thinned to
+    /// `mesh::METRICS_MESH_DEGREE` (gossipsub keeps a mesh per topic).
+    pub metrics_mesh: Vec<usize>,
     /// Connected peers (indices): the gossip peers and more; the node admits, syncs with
     /// and fetches from these.
     pub peers: Vec<usize>,
@@ -417,7 +421,24 @@ fn random_links(nodes: &mut [SimNode], degree: usize, rng: &mut Rng, links: impl
     }
 }
 
-/// A gossip message's id for duplicate suppression (gossipsub uses a content hash too).
+/// Removes links both ways between nodes that both hold more than `degree` in the list
+/// `links` picks, until few do (a greedy matching: a few nodes keep one link more, as
+/// gossipsub's meshes vary).
+fn thin_links(nodes: &mut [SimNode], degree: usize, links: impl Fn(&mut SimNode) -> &mut Vec<usize>) {
+    for i in 0..nodes.len() {
+        let mut k = 0;
+        while links(&mut nodes[i]).len() > degree && k < links(&mut nodes[i]).len() {
+            let j = links(&mut nodes[i])[k];
+            if links(&mut nodes[j]).len() > degree {
+                links(&mut nodes[i]).remove(k);
+                links(&mut nodes[j]).retain(|x| *x != i);
+            } else {
+                k += 1;
+            }
+        }
+    }
+}
+
 /// A sketch of `count` equal values, as a lying node reports its comparisons.
 fn constant_sketch(count: u64, value: f64) -> slmesh_protocol::sketch::Sketch {
     let mut s = slmesh_protocol::sketch::Sketch::default();
@@ -427,6 +448,7 @@ fn constant_sketch(count: u64, value: f64) -> slmesh_protocol::sketch::Sketch {
     s
 }
 
+/// A gossip message's id for duplicate suppression (gossipsub uses a content hash too).
 fn message_id(data: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     // SipHash with fixed keys: the same ids on every run.
@@ -465,6 +487,7 @@ impl NodeFleet {
                     served: vec![],
                     history: Default::default(),
                     mesh: vec![],
+                    metrics_mesh: vec![],
                     peers: vec![],
                     learned: vec![],
                     completed: vec![],
@@ -500,6 +523,12 @@ impl NodeFleet {
                 node.mesh = (0..n).filter(|j| *j != i).collect();
                 node.peers = node.mesh.clone();
             }
+        }
+        for node in &mut nodes {
+            node.metrics_mesh = node.mesh.clone();
+        }
+        if d > METRICS_MESH_DEGREE {
+            thin_links(&mut nodes, METRICS_MESH_DEGREE, |node| &mut node.metrics_mesh);
         }
         let links = Links::new(
             site_of,
@@ -695,8 +724,9 @@ impl NodeFleet {
     }
 
     fn on_output(&mut self, i: usize, out: Output) {
-        if self.nodes[i].silent && matches!(out, Output::Gossip { .. } | Output::Request { .. }) {
-            return; // it sends nothing
+        if self.nodes[i].silent && matches!(out, Output::Gossip { .. } | Output::Request { .. } | Output::Refuse { .. })
+        {
+            return; // it sends nothing, and holds on to its connections
         }
         match out {
             Output::Gossip { topic, data } => {
@@ -779,8 +809,10 @@ impl NodeFleet {
     fn flood(&mut self, from: usize, skip: Option<usize>, topic: &'static str, data: std::rc::Rc<Vec<u8>>) {
         let bytes = data.len() as u64 + gossip_envelope_bytes(topic);
         // By index: this is the hot path, and the mesh does not change while it runs.
-        for k in 0..self.nodes[from].mesh.len() {
-            let j = self.nodes[from].mesh[k];
+        let metrics = topic == TOPIC_METRICS;
+        let degree = if metrics { self.nodes[from].metrics_mesh.len() } else { self.nodes[from].mesh.len() };
+        for k in 0..degree {
+            let j = if metrics { self.nodes[from].metrics_mesh[k] } else { self.nodes[from].mesh[k] };
             let admitted = self.nodes[from].node.as_ref().is_some_and(|n| n.is_admitted(&self.node_ids[j]));
             if Some(j) != skip && admitted && self.linked(from, j) {
                 *self.gossip_bytes.entry(topic).or_default() += bytes;
