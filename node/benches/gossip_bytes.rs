@@ -104,8 +104,9 @@ fn simulated(n: usize, latency_spread: f64) -> ((f64, f64), f64, Makeup) {
     use slmesh_sim::fleet::{FleetSpec, NodeFleet};
     let mut spec = FleetSpec::lan(n);
     spec.latency_ms = vec![vec![0.1]];
-    spec.mesh_degree = slmesh_protocol::mesh::GOSSIP_MESH_DEGREE; // 3 for metrics (the fleet thins it)
-                                                                  // A node keeps 12 connections (crates/mesh's TARGET_PEERS), its gossip mesh among them.
+    // As crates/mesh keeps it: 4, and 3 for metrics (the simulated fleet thins it). A node
+    // keeps 12 connections (crates/mesh's TARGET_PEERS), its gossip mesh among them.
+    spec.mesh_degree = slmesh_protocol::mesh::GOSSIP_MESH_DEGREE;
     spec.peer_degree = 12;
     spec.load_ms = 300;
     // The bench's load loop reaches each node about once a second.

@@ -225,6 +225,7 @@ pub const TOPIC_MANIFESTS: &str = "slmesh/manifests/1";
 /// goes beside it, only sometimes (`fleet::MetricsMessage`).
 pub const TOPIC_METRICS: &str = "slmesh/metrics/5";
 pub const TOPIC_COMMANDS: &str = "slmesh/commands/1";
+pub const TOPIC_REVOCATIONS: &str = "slmesh/revocations/1";
 
 /// Gossipsub mesh degree of every topic but metrics (gossipsub's default is 6): each
 /// message reaches a node from about D mesh peers and each node forwards it to D - 1.
@@ -235,7 +236,6 @@ pub const GOSSIP_MESH_DEGREE: usize = 4;
 /// 3 is still connected; each node handles each record about four times instead of
 /// five to six.
 pub const METRICS_MESH_DEGREE: usize = 3;
-pub const TOPIC_REVOCATIONS: &str = "slmesh/revocations/1";
 
 pub const MAX_SYNC_MANIFESTS: usize = 64;
 pub const MAX_SYNC_HAVES: usize = 1024;
