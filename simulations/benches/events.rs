@@ -7,6 +7,9 @@
 
 use std::time::Instant;
 
+#[global_allocator]
+static ALLOCATOR: slmesh_sim::Allocator = slmesh_sim::Allocator;
+
 const SCENARIOS: [&str; 5] = ["good-1000-3-sites", "bad-version-canary", "partition-heals", "churn-30", "good-10000"];
 
 fn main() {

@@ -78,10 +78,21 @@ impl VersionReport {
     /// Adds another report of the same version: counters summed, sketches merged.
     pub fn add(&mut self, other: &VersionReport) {
         self.add_counters(other);
-        self.latency.merge(&other.latency);
-        self.ttft.merge(&other.ttft);
-        self.tokens_per_sec.merge(&other.tokens_per_sec);
-        if let Some(theirs) = &other.agreement {
+        self.merge_sketches(&other.latency, &other.ttft, &other.tokens_per_sec, other.agreement.as_ref());
+    }
+
+    /// Merges another report's sketches into this one's.
+    pub fn merge_sketches(
+        &mut self,
+        latency: &Sketch,
+        ttft: &Sketch,
+        tokens_per_sec: &Sketch,
+        agreement: Option<&Sketch>,
+    ) {
+        self.latency.merge(latency);
+        self.ttft.merge(ttft);
+        self.tokens_per_sec.merge(tokens_per_sec);
+        if let Some(theirs) = agreement {
             self.agreement.get_or_insert_with(Sketch::default).merge(theirs);
         }
     }

@@ -766,3 +766,44 @@ fn holders_are_the_panels_nodes_serving_a_version_or_holding_it_staged_each_weig
     let weight: f64 = view.holders("m", 2).iter().map(|h| h.weight).sum();
     assert!((100.0..=400.0).contains(&weight), "about 200 of 400 nodes hold v2 staged: {weight}");
 }
+
+#[test]
+fn a_held_record_keeps_its_sketches_compact_and_the_display_merges_them_whole() {
+    // Two versions per record, so each report's sketches must come back to its own report.
+    let with_agreement = |version: u64, latency: f64, seed: u8| {
+        let mut r = report(version, 20, 1, latency);
+        let mut agreement = crate::sketch::Sketch::default();
+        (0..12).for_each(|k| agreement.add(0.5 + f64::from(k) / 30.0 + f64::from(seed) / 100.0));
+        r.agreement = Some(agreement);
+        r
+    };
+    let records: Vec<MetricsRecord> = (1..=3u8)
+        .map(|seed| {
+            record(
+                seed,
+                1,
+                vec![with_agreement(1, 0.1 * f64::from(seed), seed), with_agreement(2, f64::from(seed), seed)],
+            )
+        })
+        .collect();
+    let mut view = FleetView::with_ttl(60);
+    for r in &records {
+        assert!(view.update(r.clone(), 100));
+    }
+    for version in [1, 2] {
+        let mut expected = VersionReport { model: "m".into(), version, ..Default::default() };
+        records.iter().flat_map(|r| &r.versions).filter(|v| v.version == version).for_each(|v| expected.add(v));
+        let got = view.summary("m", version).pooled;
+        assert_eq!(
+            (&got.latency, &got.ttft, &got.tokens_per_sec),
+            (&expected.latency, &expected.ttft, &expected.tokens_per_sec)
+        );
+        assert_eq!(got.agreement, expected.agreement);
+        assert_eq!(got.latency.quantile(0.5), expected.latency.quantile(0.5));
+    }
+    // What the view hands out carries no sketches; its figures are the gates' own.
+    let held = view.record(&records[0].node).expect("held");
+    assert!(held.versions.iter().all(|v| v.latency.count() == 0 && v.agreement.is_none()));
+    let stats = view.gate_summary("m", 2).per_node.clone();
+    assert!(stats.iter().all(|s| s.agreement.is_some() && s.p95_latency.is_some()), "{stats:?}");
+}

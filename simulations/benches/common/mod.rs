@@ -4,6 +4,9 @@
 
 use slmesh_sim::fleet::FleetSpec;
 
+#[global_allocator]
+static ALLOCATOR: slmesh_sim::Allocator = slmesh_sim::Allocator;
+
 pub fn fleet_spec(n: usize, interval_secs: u64, model_bytes: u64) -> FleetSpec {
     let mut spec = FleetSpec::lan(n);
     let third = n / 3;

@@ -6,6 +6,9 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Instant;
 
+#[global_allocator]
+static ALLOCATOR: slmesh_sim::Allocator = slmesh_sim::Allocator;
+
 #[derive(Parser)]
 #[command(
     name = "slmesh-sim",
