@@ -90,22 +90,27 @@ pub fn membership_with_floor<'a>(
     known: impl IntoIterator<Item = (&'a NodeId, &'a Tags)>,
     fleet_size: usize,
 ) -> Membership {
+    let others = sorted_cohorts(plan, known.into_iter().filter(|(other, _)| *other != node), model, version);
+    membership_among(plan, node, tags, model, version, &others, fleet_size)
+}
+
+/// `membership_with_floor`, given the other known nodes as `sorted_cohorts` gives them.
+pub fn membership_among(
+    plan: &RolloutPlan,
+    node: &NodeId,
+    tags: &Tags,
+    model: &str,
+    version: u64,
+    others: &[f64],
+    fleet_size: usize,
+) -> Membership {
     let by_hash = membership(plan, node, tags, model, version);
     if !matches!(by_hash, Membership::Wave(w) if w > 0) && by_hash != Membership::BeyondLastWave {
         return by_hash;
     }
     let mine = cohort(node, model, version);
-    let mut eligible = 1usize;
-    let mut lower = 0usize;
-    for (other, other_tags) in known {
-        if other == node || !plan.selector.matches(other_tags) {
-            continue;
-        }
-        eligible += 1;
-        if cohort(other, model, version) < mine {
-            lower += 1;
-        }
-    }
+    let eligible = 1 + others.len();
+    let lower = others.partition_point(|c| *c < mine);
     let (size, floor) = (eligible.max(fleet_size), canary_floor(plan));
     let knows_all = eligible >= size;
     let low_enough = knows_all || mine * (size as f64) < 2.0 * floor as f64;
@@ -114,6 +119,22 @@ pub fn membership_with_floor<'a>(
     } else {
         by_hash
     }
+}
+
+/// The cohort values of those of `nodes` the plan selects, ascending: what
+/// `membership_among` and `wave_counts_among` count over. A node keeps them per version
+/// while the nodes it knows stay the same (hashing every known node at every rollout
+/// tick was about a tenth of a simulated fleet's time).
+pub fn sorted_cohorts<'a>(
+    plan: &RolloutPlan,
+    nodes: impl IntoIterator<Item = (&'a NodeId, &'a Tags)>,
+    model: &str,
+    version: u64,
+) -> Vec<f64> {
+    let mut cohorts: Vec<f64> =
+        nodes.into_iter().filter(|(_, t)| plan.selector.matches(t)).map(|(n, _)| cohort(n, model, version)).collect();
+    cohorts.sort_by(f64::total_cmp);
+    cohorts
 }
 
 /// How many of `nodes` (each with its tags; the counting node included) fall in each
@@ -125,11 +146,17 @@ pub fn wave_counts<'a>(
     version: u64,
     fleet_size: usize,
 ) -> Vec<usize> {
-    let eligible = nodes.into_iter().filter(|(_, t)| plan.selector.matches(t)).map(|(n, _)| (n, ()));
+    wave_counts_among(plan, &sorted_cohorts(plan, nodes, model, version), fleet_size)
+}
+
+/// `wave_counts`, given the nodes as `sorted_cohorts` gives them.
+pub fn wave_counts_among(plan: &RolloutPlan, sorted: &[f64], fleet_size: usize) -> Vec<usize> {
+    let floor = if floor_applies(plan, sorted.len().max(fleet_size)) { canary_floor(plan) } else { 0 };
     let mut counts = vec![0; plan.waves.len()];
-    for (wave, ()) in waves_with_floor(plan, eligible, model, version, fleet_size) {
-        if let Some(w) = wave {
-            counts[w] += 1;
+    for (rank, c) in sorted.iter().enumerate() {
+        let wave = if rank < floor { Some(0) } else { wave_of(plan, *c) };
+        if let Some(count) = wave.and_then(|w| counts.get_mut(w)) {
+            *count += 1;
         }
     }
     counts
@@ -177,6 +204,49 @@ mod tests {
                 NodeId::from_bytes(b)
             })
             .collect()
+    }
+
+    #[test]
+    fn membership_over_sorted_cohorts_matches_counting_each_node() {
+        // What membership_with_floor did before it took sorted cohorts: one pass, a hash each.
+        let by_counting = |p: &RolloutPlan, me: &NodeId, others: &[NodeId], fleet_size: usize| {
+            let by_hash = membership(p, me, &Tags::default(), "m", 7);
+            if !matches!(by_hash, Membership::Wave(w) if w > 0) && by_hash != Membership::BeyondLastWave {
+                return by_hash;
+            }
+            let mine = cohort(me, "m", 7);
+            let lower = others.iter().filter(|o| cohort(o, "m", 7) < mine).count();
+            let (size, floor) = ((1 + others.len()).max(fleet_size), canary_floor(p));
+            let low_enough = 1 + others.len() >= size || mine * (size as f64) < 2.0 * floor as f64;
+            if floor_applies(p, size) && lower < floor && low_enough {
+                Membership::Wave(0)
+            } else {
+                by_hash
+            }
+        };
+        let mut p = plan(&[0.05, 0.3, 1.0]);
+        p.gates.min_reporting_nodes = 3;
+        let tags = Tags::default();
+        for (n, fleet_size) in [(1, 1), (5, 5), (20, 20), (20, 200), (60, 60), (300, 1000)] {
+            let ids = random_ids(n, n as u64);
+            for me in &ids {
+                let others: Vec<NodeId> = ids.iter().filter(|o| *o != me).copied().collect();
+                let sorted = sorted_cohorts(&p, others.iter().map(|o| (o, &tags)), "m", 7);
+                let got = membership_among(&p, me, &tags, "m", 7, &sorted, fleet_size);
+                assert_eq!(got, by_counting(&p, me, &others, fleet_size), "{n} nodes, fleet of {fleet_size}");
+            }
+            // And the counts over all of them agree with each node's own placement while
+            // every node knows every other.
+            let all = sorted_cohorts(&p, ids.iter().map(|o| (o, &tags)), "m", 7);
+            let mut each = vec![0; p.waves.len()];
+            for me in &ids {
+                let others: Vec<NodeId> = ids.iter().filter(|o| *o != me).copied().collect();
+                if let Membership::Wave(w) = by_counting(&p, me, &others, n) {
+                    each[w] += 1;
+                }
+            }
+            assert_eq!(wave_counts_among(&p, &all, n), each, "{n} nodes");
+        }
     }
 
     #[test]

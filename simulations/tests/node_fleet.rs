@@ -315,6 +315,23 @@ fn the_status_says_when_a_wave_holds_no_node() {
 }
 
 #[test]
+fn the_waves_a_node_counts_follow_the_nodes_it_knows() {
+    // Each node keeps the cohorts of the nodes it knows per version; a revoked node
+    // leaves the peer book, and the counts at the next tick.
+    let mut f = on_v1(6);
+    let m = f.manifest(2, &[(0.5, 600), (1.0, 0)], Fleet::quick_gates(2));
+    f.publish(0, m).expect("publish");
+    f.run_for(3_000 * MS);
+    let counted = |f: &Fleet| -> usize {
+        f.node(1).rollouts().iter().find(|r| r.version == 2).expect("view").known_per_wave.iter().sum()
+    };
+    assert_eq!(counted(&f), 6, "itself and the five others");
+    f.revoke(0, 5, "decommissioned").expect("revoke");
+    f.run_for(3_000 * MS);
+    assert_eq!(counted(&f), 5, "the revoked node is no longer counted");
+}
+
+#[test]
 fn the_default_gates_need_three_nodes() {
     assert_eq!(Gates::default().min_reporting_nodes, 3);
 }

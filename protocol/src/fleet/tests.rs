@@ -807,3 +807,21 @@ fn a_held_record_keeps_its_sketches_compact_and_the_display_merges_them_whole() 
     let stats = view.gate_summary("m", 2).per_node.clone();
     assert!(stats.iter().all(|s| s.agreement.is_some() && s.p95_latency.is_some()), "{stats:?}");
 }
+
+#[test]
+fn a_kept_gates_summary_goes_only_when_its_version_changes() {
+    let mut view = FleetView::with_ttl(60);
+    assert!(view.update(record(1, 1, vec![report(2, 10, 0, 0.2)]), 100));
+    assert!(view.update(record(2, 1, vec![report(2, 10, 0, 0.2)]), 100));
+    let v2 = view.gate_summary("m", 2);
+    // A record about another version leaves version 2's summary as it was.
+    assert!(view.update(record(3, 1, (100..355).map(|v| report(v, 1, 0, 0.2)).collect()), 100));
+    assert!(std::sync::Arc::ptr_eq(&v2, &view.gate_summary("m", 2)), "kept");
+    assert_eq!(view.gate_summary("m", 100).nodes_reporting, 1);
+    // 256 panels now. A new version takes the room of the smallest (version 100, whose one
+    // member keeps its other seats and its record): that version's summary goes with it.
+    assert!(view.update(record(4, 1, vec![report(999, 1, 0, 0.2)]), 100));
+    assert!(view.record(&node(3).public()).is_some());
+    assert_eq!(view.gate_summary("m", 100).nodes_reporting, 0);
+    assert!(std::sync::Arc::ptr_eq(&v2, &view.gate_summary("m", 2)), "still kept");
+}

@@ -347,6 +347,10 @@ pub struct Node {
     peers: BTreeMap<NodeId, Peer>,
     /// The peer book: every node admitted so far, with its certified tags.
     known: BTreeMap<NodeId, Tags>,
+    /// Per version, the cohort values of the nodes in `known` its plan selects
+    /// (`cohort::sorted_cohorts`), until `known` changes: every rollout tick places this
+    /// node and counts the waves over them.
+    known_cohorts: std::cell::RefCell<BTreeMap<VersionKey, std::sync::Arc<Vec<f64>>>>,
     // What the node holds.
     manifests: BTreeMap<VersionKey, VerifiedManifest>,
     models: BTreeMap<String, ModelState>,
@@ -482,6 +486,7 @@ impl Node {
             hello_retry: BTreeMap::new(),
             peers: BTreeMap::new(),
             known: BTreeMap::new(),
+            known_cohorts: Default::default(),
             manifests: BTreeMap::new(),
             models: BTreeMap::new(),
             versions: BTreeMap::new(),

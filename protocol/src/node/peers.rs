@@ -105,10 +105,14 @@ impl Node {
             let admitted = &self.peers;
             if let Some(old) = self.known.keys().find(|n| !admitted.contains_key(n)).copied() {
                 self.known.remove(&old);
+                self.known_cohorts.get_mut().clear();
                 self.persist(Persist::ForgetPeer(old));
             }
         }
-        self.known.insert(peer, tags);
+        if self.known.get(&peer) != Some(&tags) {
+            self.known.insert(peer, tags);
+            self.known_cohorts.get_mut().clear();
+        }
     }
 
     /// Admitted peers whose certificates have expired since their handshake are refused

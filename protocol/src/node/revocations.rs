@@ -81,6 +81,7 @@ impl Node {
         self.fleet.remove(&node);
         self.signed_metrics.remove(&node);
         if self.known.remove(&node).is_some() {
+            self.known_cohorts.get_mut().clear();
             self.persist(Persist::ForgetPeer(node));
         }
     }

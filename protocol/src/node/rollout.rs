@@ -3,12 +3,13 @@
 //! one version of each model this node serves.
 
 use super::{Activation, BaselineFigures, Level, Node, RolloutView, VersionKey, VersionRecord, WaveProgress};
-use crate::cohort::{membership_with_floor, wave_counts, waves_with_floor, Membership};
+use crate::cohort::{cohort, membership_among, sorted_cohorts, wave_counts_among, waves_with_floor, Membership};
 use crate::fleet::{advance, evaluate_gates, GateVerdict, OperatorState, RolloutCommand, RolloutProgress};
 use crate::history::{verdict_changed, GateFigures, HistoryKind, Outcome};
 use crate::identity::NodeId;
 use crate::rollout::RolloutPhase;
 use crate::trust::Tags;
+use std::sync::Arc;
 
 /// The gates' verdict on a version, and the figures it rests on.
 struct GateReading<'a> {
@@ -114,13 +115,27 @@ impl Node {
         if let Some(w) = record.my_wave {
             return Some(w as usize);
         }
-        let m = self.manifests.get(key)?;
-        let known = self.known.iter();
-        match membership_with_floor(&m.manifest.rollout, &self.me, &self.tags, &key.0, key.1, known, self.fleet_size())
-        {
+        let plan = &self.manifests.get(key)?.manifest.rollout;
+        let others = self.known_cohorts(key, plan);
+        match membership_among(plan, &self.me, &self.tags, &key.0, key.1, &others, self.fleet_size()) {
             Membership::Wave(w) => Some(w),
             _ => None,
         }
+    }
+
+    /// The sorted cohort values of the other nodes this node knows that `key`'s plan
+    /// selects, kept until the nodes it knows change.
+    fn known_cohorts(&self, key: &VersionKey, plan: &crate::rollout::RolloutPlan) -> Arc<Vec<f64>> {
+        if let Some(c) = self.known_cohorts.borrow().get(key) {
+            return c.clone();
+        }
+        let others = self.known.iter().filter(|(n, _)| **n != self.me);
+        let c = Arc::new(sorted_cohorts(plan, others, &key.0, key.1));
+        let mut kept = self.known_cohorts.borrow_mut();
+        // Versions whose manifests went do not keep theirs.
+        kept.retain(|k, _| self.manifests.contains_key(k));
+        kept.insert(key.clone(), c.clone());
+        c
     }
 
     /// Runs the engine for every model: advance each version's rollout, then serve the
@@ -283,9 +298,13 @@ impl Node {
     ) -> RolloutView {
         let state = self.models.get(name).cloned().unwrap_or_default();
         let active_here = self.serving.get(name) == Some(&version);
-        let me_tags: (&NodeId, &Tags) = (&self.me, &self.tags);
-        let nodes = self.known.iter().chain(std::iter::once(me_tags));
-        let known_per_wave = wave_counts(plan, nodes, name, version, self.fleet_size());
+        // The nodes this node knows, itself included.
+        let mut nodes = (*self.known_cohorts(&(name.to_string(), version), plan)).clone();
+        if plan.selector.matches(&self.tags) {
+            let mine = cohort(&self.me, name, version);
+            nodes.insert(nodes.partition_point(|c| *c < mine), mine);
+        }
+        let known_per_wave = wave_counts_among(plan, &nodes, self.fleet_size());
         let empty: Vec<String> =
             known_per_wave.iter().enumerate().filter(|(_, c)| **c == 0).map(|(w, _)| (w + 1).to_string()).collect();
         let decision = if state.pinned.is_some() {

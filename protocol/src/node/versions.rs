@@ -56,6 +56,7 @@ impl Node {
             }
         }
         self.known = restored.peers.into_iter().take(super::peers::MAX_KNOWN_PEERS).collect();
+        self.known_cohorts.get_mut().clear();
         self.complete = restored.complete_blobs.into_iter().collect();
         self.originated = restored.originated.into_iter().collect();
         let models: Vec<(String, super::ModelState)> =
