@@ -1,8 +1,8 @@
 //! Speed of the simulator's fleet of node state machines (`fleet::NodeFleet`): one real
 //! `slmesh_protocol::node::Node` per simulated node, signatures and all.
 //!
-//! Run: `cargo bench --workspace --bench nodes -- [NODES...] [interval=SECS] [plot=FILE.svg]`
-//! (default: 30 100 300, metrics every 10 s)
+//! Run: `cargo bench --workspace --bench nodes -- [NODES...] [interval=SECS] [plot=FILE.svg]
+//! [settled=no]` (default: 30 100 300, metrics every 10 s)
 //!
 //! A good three-wave rollout (5% / 25% / 100%, 30 s soaks, gates needing 3 nodes and 50
 //! requests) over three sites (1 / 20 / 40 ms apart), 100 Mbit/s links, a gossip mesh of
@@ -11,7 +11,10 @@
 //! version, and per node during the rollout: metrics gossip received and forwarded per
 //! simulated second, have-record bytes received (they go to direct peers only), and
 //! manifest gossip received and forwarded per second; then metrics gossip per node once the
-//! fleet has settled (200 s after the last wave soaked). Then, per node and simulated
+//! fleet has settled (200 s after the last wave soaked; `settled=no` skips it, which at
+//! 100,000 nodes saves as much time again as the rollout took), and the process's peak
+//! resident memory so far (`VmHWM`: with sizes in ascending order, that of the largest
+//! fleet yet). Then, per node and simulated
 //! second during the rollout, each term of what a node receives and sends (gossip by
 //! topic, and requests with their answers by kind) and which one dominates; `plot=`
 //! draws them against the fleet's size (log-log).
@@ -53,6 +56,14 @@ fn terms(
 
 mod common;
 
+/// The process's peak resident memory so far, from Linux's `/proc/self/status`.
+fn peak_resident_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
 /// Runs until every live node serves `version`, or `cap` simulated seconds pass; the
 /// simulated seconds it took.
 fn until_all(f: &mut NodeFleet, version: u64, cap: u64) -> Option<f64> {
@@ -73,10 +84,11 @@ fn main() {
     let interval_secs: u64 =
         args.iter().find_map(|a| a.strip_prefix("interval=")).and_then(|s| s.parse().ok()).unwrap_or(10).max(1);
     let plot = args.iter().find_map(|a| a.strip_prefix("plot="));
+    let measure_settled = !args.iter().any(|a| a == "settled=no");
     // Per fleet size: each term, received + sent per node per simulated second.
     let mut by_term: Vec<(usize, [f64; 5])> = vec![];
     println!(
-        "{:>6} {:>9} {:>11} {:>10} {:>10} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "{:>6} {:>9} {:>11} {:>10} {:>10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9}",
         "nodes",
         "wall s",
         "events",
@@ -86,7 +98,8 @@ fn main() {
         "records/s",
         "haves B/ver",
         "manifest B/s",
-        "settled B/s"
+        "settled B/s",
+        "peak MiB"
     );
     for n in sizes {
         let started = Instant::now();
@@ -165,12 +178,17 @@ fn main() {
             (bytes - bytes0) as f64 / (count - count0).max(1) as f64
         );
         // Settled: once the last wave has soaked, metrics go at the refresh pace (50 s).
-        f.run_for(60 * SECOND);
-        let (settled_before, settled_from) = (f.gossip_bytes.clone(), f.now());
-        f.run_for(200 * SECOND);
-        let settled = per_node(&f.gossip_bytes, &settled_before, metrics_topic, (f.now() - settled_from) as f64 / 1e6);
+        let settled = if measure_settled {
+            f.run_for(60 * SECOND);
+            let (settled_before, settled_from) = (f.gossip_bytes.clone(), f.now());
+            f.run_for(200 * SECOND);
+            let span = (f.now() - settled_from) as f64 / 1e6;
+            format!("{:.0}", per_node(&f.gossip_bytes, &settled_before, metrics_topic, span))
+        } else {
+            "-".to_string()
+        };
         println!(
-            "{:>6} {:>9.2} {:>11} {:>10.0} {:>10} {:>12.0} {:>12} {:>12.0} {:>12.0} {:>12.0}",
+            "{:>6} {:>9.2} {:>11} {:>10.0} {:>10} {:>12.0} {:>12} {:>12.0} {:>12.0} {:>12} {:>9}",
             n,
             wall,
             events,
@@ -181,6 +199,7 @@ fn main() {
             haves as f64 / n as f64,
             manifests,
             settled,
+            peak_resident_mib().map_or("-".to_string(), |m| m.to_string()),
         );
     }
     println!();
