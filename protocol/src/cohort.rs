@@ -146,20 +146,37 @@ pub fn wave_counts<'a>(
     version: u64,
     fleet_size: usize,
 ) -> Vec<usize> {
-    wave_counts_among(plan, &sorted_cohorts(plan, nodes, model, version), fleet_size)
+    let sorted = sorted_cohorts(plan, nodes, model, version);
+    wave_counts_among(plan, sorted.len(), sorted.iter().copied(), fleet_size)
 }
 
-/// `wave_counts`, given the nodes as `sorted_cohorts` gives them.
-pub fn wave_counts_among(plan: &RolloutPlan, sorted: &[f64], fleet_size: usize) -> Vec<usize> {
-    let floor = if floor_applies(plan, sorted.len().max(fleet_size)) { canary_floor(plan) } else { 0 };
+/// `wave_counts`, given the `count` nodes' cohort values in ascending order (as
+/// `sorted_cohorts` gives them).
+pub fn wave_counts_among(
+    plan: &RolloutPlan,
+    count: usize,
+    sorted: impl Iterator<Item = f64>,
+    fleet_size: usize,
+) -> Vec<usize> {
     let mut counts = vec![0; plan.waves.len()];
-    for (rank, c) in sorted.iter().enumerate() {
-        let wave = if rank < floor { Some(0) } else { wave_of(plan, *c) };
-        if let Some(count) = wave.and_then(|w| counts.get_mut(w)) {
-            *count += 1;
+    for wave in waves_in_order(plan, count, sorted, fleet_size) {
+        if let Some(n) = wave.and_then(|w| counts.get_mut(w)) {
+            *n += 1;
         }
     }
     counts
+}
+
+/// The wave of each of `count` cohort values given in ascending order, the canary floor
+/// applied: the lowest `floor` go in the canary whatever their value says.
+fn waves_in_order<'p>(
+    plan: &'p RolloutPlan,
+    count: usize,
+    sorted: impl Iterator<Item = f64> + 'p,
+    fleet_size: usize,
+) -> impl Iterator<Item = Option<usize>> + 'p {
+    let floor = if floor_applies(plan, count.max(fleet_size)) { canary_floor(plan) } else { 0 };
+    sorted.enumerate().map(move |(rank, c)| if rank < floor { Some(0) } else { wave_of(plan, c) })
 }
 
 /// The wave of each of `nodes` (eligible ones, each with a payload), the canary floor
@@ -173,12 +190,9 @@ pub fn waves_with_floor<'a, T>(
 ) -> Vec<(Option<usize>, T)> {
     let mut cohorts: Vec<(f64, T)> = nodes.into_iter().map(|(n, t)| (cohort(n, model, version), t)).collect();
     cohorts.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let floor = if floor_applies(plan, cohorts.len().max(fleet_size)) { canary_floor(plan) } else { 0 };
-    cohorts
-        .into_iter()
-        .enumerate()
-        .map(|(rank, (c, t))| (if rank < floor { Some(0) } else { wave_of(plan, c) }, t))
-        .collect()
+    let waves: Vec<Option<usize>> =
+        waves_in_order(plan, cohorts.len(), cohorts.iter().map(|(c, _)| *c), fleet_size).collect();
+    waves.into_iter().zip(cohorts.into_iter().map(|(_, t)| t)).collect()
 }
 
 #[cfg(test)]
@@ -245,7 +259,7 @@ mod tests {
                     each[w] += 1;
                 }
             }
-            assert_eq!(wave_counts_among(&p, &all, n), each, "{n} nodes");
+            assert_eq!(wave_counts_among(&p, all.len(), all.iter().copied(), n), each, "{n} nodes");
         }
     }
 

@@ -298,13 +298,13 @@ impl Node {
     ) -> RolloutView {
         let state = self.models.get(name).cloned().unwrap_or_default();
         let active_here = self.serving.get(name) == Some(&version);
-        // The nodes this node knows, itself included.
-        let mut nodes = (*self.known_cohorts(&(name.to_string(), version), plan)).clone();
-        if plan.selector.matches(&self.tags) {
-            let mine = cohort(&self.me, name, version);
-            nodes.insert(nodes.partition_point(|c| *c < mine), mine);
-        }
-        let known_per_wave = wave_counts_among(plan, &nodes, self.fleet_size());
+        // The nodes this node knows, itself included in its place.
+        let others = self.known_cohorts(&(name.to_string(), version), plan);
+        let mine = plan.selector.matches(&self.tags).then(|| cohort(&self.me, name, version));
+        let at = mine.map_or(others.len(), |m| others.partition_point(|c| *c < m));
+        let nodes = others[..at].iter().copied().chain(mine).chain(others[at..].iter().copied());
+        let count = others.len() + usize::from(mine.is_some());
+        let known_per_wave = wave_counts_among(plan, count, nodes, self.fleet_size());
         let empty: Vec<String> =
             known_per_wave.iter().enumerate().filter(|(_, c)| **c == 0).map(|(w, _)| (w + 1).to_string()).collect();
         let decision = if state.pinned.is_some() {
