@@ -2273,6 +2273,12 @@ fn row_by_row() -> bool {
     })
 }
 
+/// slmesh patch: 4-bit weights go through `tiles.rs` unless `CANDLE_MATMUL_TILES` is "0".
+fn tiles() -> bool {
+    static TILES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TILES.get_or_init(|| std::env::var("CANDLE_MATMUL_TILES").map_or(true, |v| v != "0"))
+}
+
 // https://github.com/ggml-org/llama.cpp/blob/aa3ee0eb0b80efca126cedf9bcb4fb5864b46ce3/ggml/src/ggml-cpu/ggml-cpu.c#L1205
 pub fn matmul<T: GgmlType>(
     (m, k, n): (usize, usize, usize),
@@ -2303,6 +2309,25 @@ pub fn matmul<T: GgmlType>(
             let lhs_b_mut = &mut lhs_b[row_idx * k_in_blocks..(row_idx + 1) * k_in_blocks];
             let lhs = &lhs[row_idx * k..(row_idx + 1) * k];
             T::VecDotType::from_float(lhs, lhs_b_mut)
+        }
+    }
+
+    // slmesh patch: 4-bit weights in tiles (`tiles.rs`), one row or several, unless
+    // CANDLE_MATMUL_TILES=0 (benchmarks compare the two in one run).
+    #[cfg(target_feature = "avx2")]
+    if !row_by_row() && tiles() {
+        // The casts are sound: a block type alone has its `DTYPE`.
+        if T::DTYPE == GgmlDType::Q4_0 {
+            let rhs = unsafe { std::slice::from_raw_parts(rhs_t.as_ptr() as *const BlockQ4_0, rhs_t.len()) };
+            let lhs = unsafe { std::slice::from_raw_parts(lhs_b.as_ptr() as *const BlockQ8_0, lhs_b.len()) };
+            super::tiles::matmul((m, n, k_in_blocks), lhs, rhs, dst);
+            return Ok(());
+        }
+        if T::DTYPE == GgmlDType::Q4_1 {
+            let rhs = unsafe { std::slice::from_raw_parts(rhs_t.as_ptr() as *const BlockQ4_1, rhs_t.len()) };
+            let lhs = unsafe { std::slice::from_raw_parts(lhs_b.as_ptr() as *const BlockQ8_1, lhs_b.len()) };
+            super::tiles::matmul((m, n, k_in_blocks), lhs, rhs, dst);
+            return Ok(());
         }
     }
 

@@ -1,0 +1,61 @@
+//! The quantised matrix product the engine runs every weight through, as patched in the
+//! vendored candle (crates/vendor/README.md: 4-bit weights in tiles): for each shape a
+//! model gives it (one row when decoding, a prompt's rows, widths that are not a multiple
+//! of a tile), the result is the product of the dequantised weights with the input as the
+//! kernel sees it (rounded to 8 bits), up to float rounding.
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+
+fn values(len: usize, seed: u32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+/// `tolerance`: float rounding, and for Q4_1 the input block sums its kernel reads as
+/// stored (f16, as `vec_dot` reads them too).
+fn check(kind: GgmlDType, tolerance: f32) {
+    let dev = Device::Cpu;
+    let k = 576; // the demo model's width: 18 blocks
+    for (m, n) in [(1, 576), (1, 6), (2, 9), (3, 1), (4, 10), (5, 7), (13, 192), (40, 33)] {
+        let w = Tensor::from_vec(values(n * k, n as u32), (n, k), &dev).expect("weights");
+        let x = Tensor::from_vec(values(m * k, 7 + m as u32), (m, k), &dev).expect("input");
+        // The input as the kernel takes it: 8-bit blocks (Q8_1 rounds as Q8_0 does).
+        let x8 = QTensor::quantize(&x, GgmlDType::Q8_0).and_then(|q| q.dequantize(&dev)).expect("x8");
+        let q = QTensor::quantize(&w, kind).expect("quantize");
+        let want = x8.matmul(&q.dequantize(&dev).expect("dequantize").t().expect("t")).expect("matmul");
+        let got = QMatMul::from_qtensor(q).expect("qmatmul").forward(&x).expect("forward");
+        let want: Vec<Vec<f32>> = want.to_vec2().expect("want");
+        let got: Vec<Vec<f32>> = got.to_vec2().expect("got");
+        for i in 0..m {
+            for j in 0..n {
+                // Sums of 576 products of values in [-1, 1], about 8 in size: a wrong offset,
+                // row or column moves one by units.
+                let (e, g) = (want[i][j], got[i][j]);
+                assert!((e - g).abs() < tolerance, "{kind:?} {m}x{n}: row {i}, column {j}: {g} against {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn q4_0_products_match_the_dequantised_weights() {
+    check(GgmlDType::Q4_0, 1e-3);
+}
+
+#[test]
+fn q4_1_products_match_the_dequantised_weights() {
+    check(GgmlDType::Q4_1, 0.05);
+}
+
+#[test]
+fn q8_0_products_match_the_dequantised_weights() {
+    check(GgmlDType::Q8_0, 1e-3);
+}

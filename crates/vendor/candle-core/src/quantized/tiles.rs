@@ -1,0 +1,349 @@
+//! slmesh patch: the quantised matrix product of 4-bit weights (Q4_0, Q4_1) in tiles, on
+//! AVX2. `k_quants::matmul` dotted one weight column with one input row at a time
+//! (`vec_dot`): each call unpacked the column's nibbles again, summed into one
+//! accumulator (every block waited for the one before) and reduced it horizontally. A
+//! tile here takes a few columns and a few rows at once: each column's nibbles are
+//! unpacked once per block for all the rows, each row's bytes loaded once for all the
+//! columns, and every (column, row) pair has its own accumulator. Q4_1 had no SIMD
+//! kernel at all in this release (scalar `vec_dot_unopt`).
+//!
+//! Both kinds store a block as `d * nibble + offset` (Q4_0: offset `-8 * d`; Q4_1: its
+//! `m`), so a block's dot product with an 8-bit input block (`d_a * q`, `sum_a` = the
+//! input block's values summed) is `d * d_a * sum(nibble * q) + offset * sum_a`: the
+//! nibbles go into `maddubs` unsigned, as they are, and the offsets are added once per
+//! block. Results differ from `vec_dot`'s only in the order of float additions.
+
+use super::k_quants::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
+use half::f16;
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86")]
+use core::arch::x86::*;
+#[cfg(target_arch = "x86_64")]
+use core::arch::x86_64::*;
+
+/// A weight block of 32 four-bit values: `d * nibble + offset`.
+pub(crate) trait NibbleBlock: Sync {
+    fn scale(&self) -> f32;
+    fn offset(&self) -> f32;
+    /// 16 bytes: values 0..16 in the low nibbles, 16..32 in the high ones.
+    fn nibbles(&self) -> *const u8;
+}
+
+/// An input block of 32 signed bytes, `d * q`.
+pub(crate) trait ByteBlock: Sync {
+    fn scale(&self) -> f32;
+    /// `d * sum(q)`.
+    fn scaled_sum(&self) -> f32;
+    fn bytes(&self) -> *const i8;
+}
+
+impl NibbleBlock for BlockQ4_0 {
+    fn scale(&self) -> f32 {
+        f16::to_f32(self.d)
+    }
+    fn offset(&self) -> f32 {
+        -8.0 * f16::to_f32(self.d)
+    }
+    fn nibbles(&self) -> *const u8 {
+        self.qs.as_ptr()
+    }
+}
+
+impl NibbleBlock for BlockQ4_1 {
+    fn scale(&self) -> f32 {
+        f16::to_f32(self.d)
+    }
+    fn offset(&self) -> f32 {
+        f16::to_f32(self.m)
+    }
+    fn nibbles(&self) -> *const u8 {
+        self.qs.as_ptr()
+    }
+}
+
+impl ByteBlock for BlockQ8_0 {
+    fn scale(&self) -> f32 {
+        f16::to_f32(self.d)
+    }
+    fn scaled_sum(&self) -> f32 {
+        f16::to_f32(self.d) * self.qs.iter().map(|&q| q as i32).sum::<i32>() as f32
+    }
+    fn bytes(&self) -> *const i8 {
+        self.qs.as_ptr()
+    }
+}
+
+impl ByteBlock for BlockQ8_1 {
+    fn scale(&self) -> f32 {
+        f16::to_f32(self.d)
+    }
+    /// As `BlockQ4_1::vec_dot_unopt` reads it: stored when the input was quantised.
+    fn scaled_sum(&self) -> f32 {
+        f16::to_f32(self.s)
+    }
+    fn bytes(&self) -> *const i8 {
+        self.qs.as_ptr()
+    }
+}
+
+/// One input row: its blocks, and their scales and sums as f32 (read for every column).
+struct Row<'a, A> {
+    blocks: &'a [A],
+    scales: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+/// One weight column: its blocks, and their scales and offsets as f32 (read for every
+/// row), in buffers a task reuses column after column.
+struct Column<'a, W> {
+    blocks: &'a [W],
+    scales: &'a [f32],
+    offsets: &'a [f32],
+}
+
+#[inline(always)]
+unsafe fn nibbles_32(p: *const u8) -> __m256i {
+    let tmp = _mm_loadu_si128(p as *const __m128i);
+    let bytes = _mm256_insertf128_si256::<1>(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4));
+    _mm256_and_si256(_mm256_set1_epi8(0xF), bytes)
+}
+
+#[inline(always)]
+unsafe fn hsum(x: __m256) -> f32 {
+    let res = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+    let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+    _mm_cvtss_f32(_mm_add_ss(res, _mm_movehdup_ps(res)))
+}
+
+/// `sum(a[b] * b[b])`, eight at a time.
+#[inline(always)]
+unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), acc);
+        i += 8;
+    }
+    let mut sum = hsum(acc);
+    while i < n {
+        sum += a[i] * b[i];
+        i += 1;
+    }
+    sum
+}
+
+/// `RN` weight columns dotted with `RM` input rows: `out[j][i]`. The main loop holds
+/// `RN * RM` accumulators, `RN` columns' nibbles and one row's bytes in the 16 AVX2
+/// registers; the scales come from memory as broadcasts (load ports, not arithmetic),
+/// and the offsets' share is added at the end as one f32 dot product per pair.
+#[inline(always)]
+unsafe fn tile<W: NibbleBlock, A: ByteBlock, const RN: usize, const RM: usize>(
+    cols: [&Column<W>; RN],
+    rows: [&Row<A>; RM],
+) -> [[f32; RM]; RN] {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); RM]; RN];
+    let blocks = cols[0].blocks.len();
+    let col_blocks = cols.map(|c| c.blocks.as_ptr());
+    let col_scales = cols.map(|c| c.scales.as_ptr());
+    let row_blocks = rows.map(|r| r.blocks.as_ptr());
+    let row_scales = rows.map(|r| r.scales.as_ptr());
+    for b in 0..blocks {
+        let mut nib = [_mm256_setzero_si256(); RN];
+        for j in 0..RN {
+            nib[j] = nibbles_32((*col_blocks[j].add(b)).nibbles());
+        }
+        for i in 0..RM {
+            let q = _mm256_loadu_si256((*row_blocks[i].add(b)).bytes() as *const __m256i);
+            let da = _mm256_broadcast_ss(&*row_scales[i].add(b));
+            for j in 0..RN {
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(nib[j], q), ones);
+                let scale = _mm256_mul_ps(_mm256_broadcast_ss(&*col_scales[j].add(b)), da);
+                acc[j][i] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[j][i]);
+            }
+        }
+    }
+    let mut out = [[0f32; RM]; RN];
+    for j in 0..RN {
+        for i in 0..RM {
+            out[j][i] = hsum(acc[j][i]) + dot_f32(cols[j].offsets, &rows[i].sums);
+        }
+    }
+    out
+}
+
+/// Rows taken together by a tile, and columns per tile with that many rows; one row (a
+/// single request decoding) goes with four columns.
+const ROWS: usize = 4;
+const COLS_BY_ROWS: usize = 2;
+const COLS_BY_ONE: usize = 4;
+
+/// Columns converted at a time: their scales and offsets stay in the first cache level.
+const COLUMN_GROUP: usize = 64;
+
+/// Columns `first..` (as many as `out` holds, `m` results each, column-major), a group
+/// at a time.
+fn columns<W: NibbleBlock, A: ByteBlock>(
+    weights: &[W],
+    k_blocks: usize,
+    rows: &[Row<A>],
+    first: usize,
+    out: &mut [f32],
+) {
+    let m = rows.len();
+    let count = out.len() / m;
+    let mut scales = Vec::with_capacity(COLUMN_GROUP.min(count) * k_blocks);
+    let mut offsets = Vec::with_capacity(scales.capacity());
+    for g in (0..count).step_by(COLUMN_GROUP) {
+        let group = COLUMN_GROUP.min(count - g);
+        let blocks = &weights[(first + g) * k_blocks..(first + g + group) * k_blocks];
+        scales.clear();
+        scales.extend(blocks.iter().map(|b| b.scale()));
+        offsets.clear();
+        offsets.extend(blocks.iter().map(|b| b.offset()));
+        let cols: Vec<Column<W>> = (0..group)
+            .map(|c| {
+                let r = c * k_blocks..(c + 1) * k_blocks;
+                Column { blocks: &blocks[r.clone()], scales: &scales[r.clone()], offsets: &offsets[r] }
+            })
+            .collect();
+        group_of_columns(&cols, rows, &mut out[g * m..(g + group) * m]);
+    }
+}
+
+/// Every row through these columns, in tiles.
+fn group_of_columns<W: NibbleBlock, A: ByteBlock>(cols: &[Column<W>], rows: &[Row<A>], out: &mut [f32]) {
+    let (m, count) = (rows.len(), cols.len());
+    let full = m - m % ROWS;
+    for i in (0..full).step_by(ROWS) {
+        let r = [&rows[i], &rows[i + 1], &rows[i + 2], &rows[i + 3]];
+        let mut c = 0;
+        while c + COLS_BY_ROWS <= count {
+            let t = unsafe { tile::<W, A, COLS_BY_ROWS, ROWS>([&cols[c], &cols[c + 1]], r) };
+            for (j, t) in t.iter().enumerate() {
+                out[(c + j) * m + i..(c + j) * m + i + ROWS].copy_from_slice(t);
+            }
+            c += COLS_BY_ROWS;
+        }
+        for c in c..count {
+            let [t] = unsafe { tile::<W, A, 1, ROWS>([&cols[c]], r) };
+            out[c * m + i..c * m + i + ROWS].copy_from_slice(&t);
+        }
+    }
+    for i in full..m {
+        let r = [&rows[i]];
+        let mut c = 0;
+        while c + COLS_BY_ONE <= count {
+            let t = unsafe { tile::<W, A, COLS_BY_ONE, 1>([&cols[c], &cols[c + 1], &cols[c + 2], &cols[c + 3]], r) };
+            for (j, [t]) in t.iter().enumerate() {
+                out[(c + j) * m + i] = *t;
+            }
+            c += COLS_BY_ONE;
+        }
+        for c in c..count {
+            let [[t]] = unsafe { tile::<W, A, 1, 1>([&cols[c]], r) };
+            out[c * m + i] = t;
+        }
+    }
+}
+
+/// `dst[m][n] = lhs[m][k] . rhs_t[n][k]^T`, the input already quantised (`lhs_b`, `m`
+/// rows of `k_blocks`); the weights' columns are split among the threads.
+pub(crate) fn matmul<W: NibbleBlock, A: ByteBlock>(
+    (m, n, k_blocks): (usize, usize, usize),
+    lhs_b: &[A],
+    rhs_t: &[W],
+    dst: &mut [f32],
+) {
+    let rows: Vec<Row<A>> = lhs_b
+        .chunks_exact(k_blocks)
+        .take(m)
+        .map(|blocks| Row {
+            blocks,
+            scales: blocks.iter().map(|b| b.scale()).collect(),
+            sums: blocks.iter().map(|b| b.scaled_sum()).collect(),
+        })
+        .collect();
+    // About 64k block products a task, at least two tasks a thread when there is work for
+    // them: the pool is woken once per product, and the last task decides when it ends.
+    let threads = rayon::current_num_threads().max(1);
+    let by_work = (65_536 / (m * k_blocks).max(1)).max(1);
+    let by_threads = n.div_ceil(2 * threads).max(1);
+    let per_task = by_work.min(by_threads).next_multiple_of(COLS_BY_ONE);
+    let one_row = m == 1;
+    let mut dst_t = if one_row { vec![] } else { vec![0f32; n * m] };
+    let out: &mut [f32] = if one_row { &mut dst[..n] } else { &mut dst_t };
+    out.par_chunks_mut(per_task * m).enumerate().for_each(|(t, out)| {
+        columns(rhs_t, k_blocks, &rows, t * per_task, out);
+    });
+    if !one_row {
+        for (row_idx, dst_row) in dst.chunks_exact_mut(n).take(m).enumerate() {
+            for (col_idx, dst) in dst_row.iter_mut().enumerate() {
+                *dst = dst_t[col_idx * m + row_idx];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::k_quants::GgmlType;
+    use super::*;
+
+    fn quantised<T: GgmlType>(values: &[f32]) -> Vec<T> {
+        let mut out = vec![T::zeros(); values.len() / T::BLCK_SIZE];
+        T::from_float(values, &mut out);
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every shape of tile (rows in fours and one by one, columns in twos, fours and one
+    /// by one) against `vec_dot` pair by pair.
+    fn agrees_with_vec_dot<W: GgmlType + NibbleBlock>()
+    where
+        W::VecDotType: ByteBlock,
+    {
+        let k = 96;
+        let kb = k / 32;
+        for (m, n) in [(1, 1), (1, 7), (2, 5), (4, 9), (5, 3), (7, 13), (9, 40)] {
+            let weights: Vec<W> = quantised(&values(n * k, 1));
+            let input: Vec<W::VecDotType> = quantised(&values(m * k, 2));
+            let mut dst = vec![0f32; m * n];
+            matmul((m, n, kb), &input, &weights, &mut dst);
+            for i in 0..m {
+                for j in 0..n {
+                    let want =
+                        W::vec_dot(k, &weights[j * kb..(j + 1) * kb], &input[i * kb..(i + 1) * kb]);
+                    let got = dst[i * n + j];
+                    assert!(
+                        (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "{m}x{n}: row {i}, column {j}: {got} against {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q4_0_tiles_agree_with_vec_dot() {
+        agrees_with_vec_dot::<BlockQ4_0>();
+    }
+
+    #[test]
+    fn q4_1_tiles_agree_with_vec_dot() {
+        agrees_with_vec_dot::<BlockQ4_1>();
+    }
+}
