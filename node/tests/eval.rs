@@ -42,7 +42,9 @@ fn slmesh_eval_passes_sound_weights_and_fails_damaged_ones() {
     for (good, extra) in [(&q4_1, &[][..]), (&q4_0, &compare[..])] {
         let (ok, out, err) = eval(dir.path(), good, extra);
         assert!(ok, "{} should pass:\n{out}\n{err}", good.display());
-        assert!(out.contains("PASS  sum") && out.contains("7 of 7 case(s) passed"), "{out}");
+        // Sound weights pass the suite's 80%, not always every case: a model this small
+        // answers a few of them right or wrong on the order of its float additions alone.
+        assert!(out.contains("of 12 case(s) passed") && out.contains("needs 80%"), "{out}");
         if good == &q4_0 {
             assert!(out.contains("agreement with the other model's answer:"), "{out}");
             let summary = format!("agreement with {q4_1_path}: median 0.");
@@ -56,10 +58,10 @@ fn slmesh_eval_passes_sound_weights_and_fails_damaged_ones() {
     let report: serde_json::Value = serde_json::from_str(&out).expect("a JSON report");
     let rate = report["pass_rate"].as_f64().expect("pass_rate");
     assert!(rate < 0.5, "the damaged model passed {rate} of the suite:\n{out}");
-    assert_eq!(report["results"].as_array().map(Vec::len), Some(7), "{out}");
+    assert_eq!(report["results"].as_array().map(Vec::len), Some(12), "{out}");
     let agreement = report["agreement"]["median"].as_f64().expect("agreement");
     assert!(agreement < 0.15, "the damaged model agrees {agreement}:\n{out}");
-    assert_eq!(report["agreement"]["per_case"].as_array().map(Vec::len), Some(7), "{out}");
+    assert_eq!(report["agreement"]["per_case"].as_array().map(Vec::len), Some(12), "{out}");
     assert!(err.contains("below 0.15"), "{err}");
 
     // The format is in the command's help.
@@ -126,8 +128,7 @@ fn a_version_that_answers_wrongly_is_halted_in_its_canary_by_the_suite() {
     }
     let canary = &mesh.nodes[0];
     let history = mesh.fleet.slmesh(&["rollout", "history", "--node", &canary.http, "--model", MODEL]);
-    assert!(history.contains("evaluated") && history.contains("of 7 case(s) passed"), "{history}");
-    // (The demo file passes 6 or 7 of the cases while it also serves the mesh's requests.)
+    assert!(history.contains("evaluated") && history.contains("of 12 case(s) passed"), "{history}");
     assert!(history.contains("(the version served before: "), "{history}");
     for n in &mesh.nodes[2..] {
         let served = n.log_text().lines().any(|l| l.contains("serving") && l.contains("version=2"));
@@ -143,7 +144,7 @@ fn a_version_that_answers_wrongly_is_halted_in_its_canary_by_the_suite() {
     let rollouts = mesh.fleet.slmesh(&["rollout", "status", "--node", &canary.http]);
     assert!(rollouts.contains("evaluation suite passed 100.0% on"), "{rollouts}");
     let history = mesh.fleet.slmesh(&["rollout", "history", "--node", &canary.http, "--model", MODEL]);
-    assert!(history.contains("of 7 case(s) passed (the version served before: "), "{history}");
+    assert!(history.contains("of 12 case(s) passed (the version served before: "), "{history}");
     // The fleet view shows each version's suite figure beside the others.
     let fleet = mesh.fleet.slmesh(&["fleet", "--node", &canary.http]);
     let line =

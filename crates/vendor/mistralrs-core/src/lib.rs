@@ -60,6 +60,7 @@ mod diagnostics;
 mod diffusion_models;
 pub mod distributed;
 mod gguf;
+mod in_pool;
 pub mod layers;
 mod layers_masker;
 mod layers_utils;
@@ -615,6 +616,8 @@ impl MistralRs {
             #[cfg(not(feature = "metal"))]
             {
                 let rt = Runtime::new().unwrap();
+                // slmesh patch: this thread computes in a rayon pool of its own (`in_pool.rs`).
+                let _pool = in_pool::pool_with_this_thread();
                 rt.block_on(async move {
                     let engine = Engine::new(
                         tx_for_engine,
