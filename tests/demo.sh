@@ -72,10 +72,10 @@ echo "idle node RSS (no model loaded): $(rss_mib "${pids[0]}")"
 
 echo "== publishing the demo model from node1"
 cp "$gguf" .
-# The demo file is Q4_1, for which this engine has only scalar kernels: publish it and
-# the Q4_0 variant derived from it (about 1.5x as fast here, BENCHMARKS.md). Each node
+# The demo file is Q4_1: publish it and the Q4_0 variant derived from it. Each node
 # measured its kernels when it started and takes the first variant listed that runs
-# within 25% of the fastest: here, Q4_0.
+# within 25% of the fastest: with the vendored candle's 4-bit tiles both run about as
+# fast on AVX2 (BENCHMARKS.md), so the Q4_1 file; a CPU without its kernels, Q4_0.
 "$slmesh" model quantize "$(basename "$gguf")" --to q4_0
 model="$(basename "$gguf" | sed 's/\.Q4_1\.gguf$//').Q4_0.gguf"
 "$slmesh" manifest create --name smollm2-135m-instruct --version 1 \
