@@ -95,15 +95,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_kind_is_measured_and_q4_0_has_a_faster_kernel_than_q4_1_on_a_simd_cpu() {
+    fn every_kind_is_measured_and_the_4_bit_tiles_beat_a_scalar_kernel_on_a_simd_cpu() {
         let measured = kernel_ps_per_weight();
         assert_eq!(measured.len(), KINDS.len(), "{measured:?}");
         assert!(measured.values().all(|ps| *ps >= 1), "{measured:?}");
-        // candle 0.10.2 has an AVX2 kernel for Q4_0 and a scalar one for Q4_1 (about the
-        // same size per weight): measured 2.2-3.6x apart on this repository's machines.
+        // The vendored candle runs Q4_0 and Q4_1 through AVX2 tiles (about as fast as each
+        // other: 41-43 ps per weight here) and Q5_1 on its scalar kernel (83 ps).
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
-            assert!(measured["Q4_0"] < measured["Q4_1"], "{measured:?}");
+            let tiled = measured["Q4_0"].min(measured["Q4_1"]);
+            assert!(tiled < measured["Q5_1"], "{measured:?}");
         }
     }
 }
