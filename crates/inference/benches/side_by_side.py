@@ -7,7 +7,9 @@ released it; crates/vendor/README.md), the baseline of the same run.
 
 Usage: python side_by_side.py SLMESH LLAMA_SERVER MODEL.gguf [MODEL.gguf ...]
   SLMESH: the slmesh binary; LLAMA_SERVER: llama.cpp's llama-server (BENCHMARKS.md says
-  how it was built here). Environment: ROUNDS (default 5), THREADS (default 2).
+  how it was built here). Environment: ROUNDS (default 5), THREADS (default 2),
+  MAX_CONCURRENT (slmesh's --max-concurrent; default its own, 2: four requests at once
+  then decode two at a time).
 Prints one table row per server and file, in BENCHMARKS.md's form.
 """
 import json
@@ -123,6 +125,8 @@ def main():
     print("|---|---|---:|---:|---:|---:|")
     for model in models:
         common = ["serve", "--model", model, "--threads", THREADS]
+        if os.environ.get("MAX_CONCURRENT"):
+            common += ["--max-concurrent", os.environ["MAX_CONCURRENT"]]
         servers = [
             Server("slmesh", [slmesh, *common, "--http-bind", "127.0.0.1:18101"], 18101),
             Server(
