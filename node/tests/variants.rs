@@ -6,7 +6,7 @@
 //! move with the machine's load. Each node fetches only the file it chose and serves it.
 
 use slmesh_e2e::damage::demo_q4_0;
-use slmesh_e2e::fleet::{model_field, wait_for, Fleet};
+use slmesh_e2e::fleet::{model_field, wait_for, Fleet, Running};
 use slmesh_e2e::post_json;
 use std::time::Duration;
 
@@ -26,13 +26,13 @@ fn each_node_takes_the_variant_its_measured_kernels_run_fastest() {
     let boot = publisher.bootstrap_addr();
     let node = fleet.node("n1", "a", &["--bootstrap", &boot]).start();
     publisher.wait_status("a peer", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == 1));
-    // What each node measured when it started, in picoseconds per weight.
-    let measured: serde_json::Value = wait_for("kernels.json", WAIT, || {
-        serde_json::from_slice(&std::fs::read(node.node.data.join("kernels.json")).ok()?).ok()
-    });
-    // The variant a node's own measurement picks: Q4_1 is listed first, the publisher's
-    // preference when both run about as fast.
-    let expected_on = |measured: &serde_json::Value| {
+    // The variant a node's own measurement (picoseconds per weight, taken when it started)
+    // picks: Q4_1 is listed first, the publisher's preference when both run about as fast.
+    let expected_on = |n: &Running| {
+        let measured: serde_json::Value = wait_for("kernels.json", WAIT, || {
+            serde_json::from_slice(&std::fs::read(n.node.data.join("kernels.json")).ok()?).ok()
+        });
+        eprintln!("measured on {}: {measured}", n.node.name);
         let ps = |kind: &str| measured["ps_per_weight"][kind].as_f64().unwrap_or(0.0);
         assert!(ps("Q4_0") > 0.0 && ps("Q4_1") > 0.0, "{measured}");
         if ps("Q4_1") <= 1.25 * ps("Q4_0") {
@@ -41,15 +41,11 @@ fn each_node_takes_the_variant_its_measured_kernels_run_fastest() {
             "q4_0"
         }
     };
-    eprintln!("measured on n1: {measured}");
-    let expected = expected_on(&measured);
+    let expected = expected_on(&node);
     let slm = fleet.signed_manifest_with(MODEL, 1, &q4_1, &["--wave", "1:0", &q4_0]);
     fleet.slmesh(&["publish", "--node", &publisher.http, "--manifest", slm.to_str().expect("path")]);
     for n in [&publisher, &node] {
-        let own: serde_json::Value = wait_for("kernels.json", WAIT, || {
-            serde_json::from_slice(&std::fs::read(n.node.data.join("kernels.json")).ok()?).ok()
-        });
-        let expected = expected_on(&own);
+        let expected = expected_on(n);
         let status = n.wait_status("serving version 1", WAIT, |s| model_field(s, MODEL, "active") == Some(1));
         let model = status["models"].as_array().into_iter().flatten().find(|m| m["name"] == MODEL).cloned();
         let variant = model.as_ref().and_then(|m| m["active_variant"].as_str()).unwrap_or_default().to_string();

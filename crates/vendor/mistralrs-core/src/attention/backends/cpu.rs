@@ -6,8 +6,8 @@ use half::bf16;
 use half::f16;
 use rayon::prelude::*;
 use rayon::ThreadPool;
-use std::sync::LazyLock;
 
+use std::sync::LazyLock;
 use std::{f32, iter::Sum};
 
 // Optional hardware prefetch for ping‑pong style scheduling.
