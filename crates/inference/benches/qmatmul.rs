@@ -1,9 +1,15 @@
 //! The quantised matrix product alone (crates/vendor/README.md, candle-core: 4-bit weights
 //! in tiles), on the demo model's shapes: its four weight shapes and its output layer, one
-//! row (decoding one request), four (four decoded together) and 52 (a short prompt).
-//! Each kind and shape runs in two child processes of this bench, the vendored kernel and
-//! `CANDLE_MATMUL_TILES=0` (the product as this repository patched it before), so that
-//! both are measured in the same run; the figure is multiply-adds per second.
+//! row (decoding one request), four (four decoded together) and 52 (a short prompt); and
+//! one decoded token's products, all 211 of them with weights of their own (about 80 MB,
+//! more than the caches hold, as in a server).
+//!
+//! Each figure comes from a child process of this bench, one per setting of
+//! `CANDLE_MATMUL_TILES`, so that all are measured in the same run: `0` (the product as
+//! this repository patched it before the tiles), `grouped` (the tiles, one row through
+//! the pass that converts a group of columns' scales first) and the default (one row
+//! read straight from its blocks), three rounds interleaved. The calling thread is one of the pool's, as the
+//! engine's is (`mistralrs-core`'s `in_pool.rs`). The figure is multiply-adds per second.
 //!
 //! Run: `cargo bench --workspace --bench qmatmul --profile dev`.
 
@@ -15,13 +21,24 @@ use std::time::Instant;
 const SHAPES: &[(usize, usize)] = &[(576, 576), (576, 1536), (1536, 576), (576, 49_152)];
 const ROWS: &[usize] = &[1, 4, 52];
 const KINDS: &[(&str, GgmlDType)] = &[("Q4_0", GgmlDType::Q4_0), ("Q4_1", GgmlDType::Q4_1), ("Q8_0", GgmlDType::Q8_0)];
+/// One layer's products of the demo model (q, k, v, o, gate, up, down), 30 layers, then
+/// the output layer.
+const LAYER: &[(usize, usize)] =
+    &[(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)];
+const LAYERS: usize = 30;
+/// `CANDLE_MATMUL_TILES` for the columns before, grouped and tiles.
+const SETTINGS: [&str; 3] = ["0", "grouped", "1"];
+const ROUNDS: usize = 3;
+
+fn qmatmul(kind: GgmlDType, k: usize, n: usize) -> QMatMul {
+    let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).expect("weights");
+    QMatMul::from_qtensor(QTensor::quantize(&w, kind).expect("quantize")).expect("qmatmul")
+}
 
 /// Multiply-adds per second of `m` rows through a (k, n) weight of `kind`.
 fn measure(kind: GgmlDType, m: usize, k: usize, n: usize) -> f64 {
-    let dev = Device::Cpu;
-    let w = Tensor::randn(0f32, 1.0, (n, k), &dev).expect("weights");
-    let x = Tensor::randn(0f32, 1.0, (m, k), &dev).expect("input");
-    let q = QMatMul::from_qtensor(QTensor::quantize(&w, kind).expect("quantize")).expect("qmatmul");
+    let q = qmatmul(kind, k, n);
+    let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).expect("input");
     // About 0.3 s of work a measurement, after a warm-up.
     let reps = (2_000_000_000 / (m * k * n)).clamp(3, 20_000);
     q.forward(&x).expect("warm up");
@@ -32,14 +49,41 @@ fn measure(kind: GgmlDType, m: usize, k: usize, n: usize) -> f64 {
     (reps * m * k * n) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Multiply-adds per second of one decoded token's products, each weight its own.
+fn measure_token(kind: GgmlDType) -> f64 {
+    let mut shapes: Vec<(usize, usize)> = (0..LAYERS).flat_map(|_| LAYER.iter().copied()).collect();
+    shapes.push((576, 49_152));
+    let weights: Vec<QMatMul> = shapes.iter().map(|&(k, n)| qmatmul(kind, k, n)).collect();
+    let inputs: Vec<Tensor> =
+        [576, 1536].iter().map(|&k| Tensor::randn(0f32, 1.0, (1, k), &Device::Cpu).expect("input")).collect();
+    let token = || {
+        for (q, &(k, _)) in weights.iter().zip(&shapes) {
+            q.forward(&inputs[usize::from(k != 576)]).expect("forward");
+        }
+    };
+    token();
+    let reps = 30;
+    let start = Instant::now();
+    for _ in 0..reps {
+        token();
+    }
+    let macs: usize = shapes.iter().map(|&(k, n)| k * n).sum();
+    (reps * macs) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn child(which: &str) -> f64 {
+    let p: Vec<&str> = which.split(',').collect();
+    let kind = KINDS.iter().find(|(name, _)| *name == p[0]).expect("kind").1;
+    if p[1] == "token" {
+        return measure_token(kind);
+    }
+    measure(kind, p[1].parse().expect("m"), p[2].parse().expect("k"), p[3].parse().expect("n"))
+}
+
 fn main() {
     if let Ok(which) = std::env::var("QMATMUL_CHILD") {
-        let (kind, m, k, n) = {
-            let p: Vec<&str> = which.split(',').collect();
-            let kind = KINDS.iter().find(|(name, _)| *name == p[0]).expect("kind").1;
-            (kind, p[1].parse().expect("m"), p[2].parse().expect("k"), p[3].parse().expect("n"))
-        };
-        println!("{}", measure(kind, m, k, n));
+        let pool = rayon::ThreadPoolBuilder::new().use_current_thread().build().expect("pool");
+        println!("{}", pool.install(|| child(&which)));
         return;
     }
     let me = std::env::current_exe().expect("this bench");
@@ -49,18 +93,34 @@ fn main() {
             .env("CANDLE_MATMUL_TILES", tiles)
             .output()
             .expect("child");
-        String::from_utf8_lossy(&out.stdout).trim().parse().expect("a figure")
+        String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().expect("a figure") / 1e9
     };
-    println!("| kind | rows | k x n | before (GMAC/s) | tiles (GMAC/s) | tiles / before |");
-    println!("|---|---:|---|---:|---:|---:|");
+    println!("multiply-adds per second (G), and each setting against `before`");
+    println!(
+        "| kind | rows | k x n | before | grouped | tiles | grouped / before | tiles / before | tiles / grouped |"
+    );
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for (name, _) in KINDS {
+        let mut cases: Vec<(String, String)> = vec![(format!("{name},token"), "1 (a token)".into())];
         for &m in ROWS {
             for &(k, n) in SHAPES {
-                let which = format!("{name},{m},{k},{n}");
-                let before = run("0", &which) / 1e9;
-                let tiles = run("1", &which) / 1e9;
-                println!("| {name} | {m} | {k} x {n} | {before:.1} | {tiles:.1} | {:.2}x |", tiles / before);
+                cases.push((format!("{name},{m},{k},{n}"), format!("{m} | {k} x {n}")));
             }
+        }
+        for (which, label) in cases {
+            let label = if which.ends_with("token") { format!("{label} | 211 products") } else { label };
+            // Rounds interleaved, medians: the figures move by a fifth from run to run here.
+            let mut rounds: Vec<[f64; 3]> = (0..ROUNDS).map(|_| SETTINGS.map(|setting| run(setting, &which))).collect();
+            let [before, grouped, tiles] = [0, 1, 2].map(|i| {
+                rounds.sort_by(|a, b| a[i].total_cmp(&b[i]));
+                rounds[ROUNDS / 2][i]
+            });
+            println!(
+                "| {name} | {label} | {before:.1} | {grouped:.1} | {tiles:.1} | {:.2}x | {:.2}x | {:.2}x |",
+                grouped / before,
+                tiles / before,
+                tiles / grouped
+            );
         }
     }
 }

@@ -2,14 +2,16 @@
 OpenAI streaming requests, rounds interleaved: decode tokens/s, time to first token for
 a prompt of about 40 tokens, aggregate tokens/s at concurrency 4 against 1, and each
 server's resident memory. `slmesh serve` runs twice: as built, and with
-MISTRALRS_ENGINE_IN_POOL=0 (the engine's thread outside rayon's pool, as mistral.rs 0.8.1
-released it; crates/vendor/README.md), the baseline of the same run.
+one setting changed (BASELINE, by default MISTRALRS_ENGINE_IN_POOL=0: the engine's thread
+outside rayon's pool, as mistral.rs 0.8.1 released it; crates/vendor/README.md), the
+baseline of the same run.
 
 Usage: python side_by_side.py SLMESH LLAMA_SERVER MODEL.gguf [MODEL.gguf ...]
   SLMESH: the slmesh binary; LLAMA_SERVER: llama.cpp's llama-server (BENCHMARKS.md says
   how it was built here). Environment: ROUNDS (default 5), THREADS (default 2),
   MAX_CONCURRENT (slmesh's --max-concurrent; default its own, 2: four requests at once
-  then decode two at a time).
+  then decode two at a time), BASELINE (the second slmesh server's environment, one
+  VAR=value; default MISTRALRS_ENGINE_IN_POOL=0).
 Prints one table row per server and file, in BENCHMARKS.md's form.
 """
 import json
@@ -24,6 +26,8 @@ import urllib.request
 
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
 THREADS = os.environ.get("THREADS", "2")
+# The second slmesh server's one setting: the baseline of the same run.
+BASELINE = os.environ.get("BASELINE", "MISTRALRS_ENGINE_IN_POOL=0")
 DECODE_TOKENS = 64
 # About 40 tokens with the chat template's own.
 TTFT_PROMPT = (
@@ -130,10 +134,10 @@ def main():
         servers = [
             Server("slmesh", [slmesh, *common, "--http-bind", "127.0.0.1:18101"], 18101),
             Server(
-                "slmesh, engine outside the pool",
+                f"slmesh, {BASELINE}",
                 [slmesh, *common, "--http-bind", "127.0.0.1:18102"],
                 18102,
-                {"MISTRALRS_ENGINE_IN_POOL": "0"},
+                dict([BASELINE.split("=", 1)]),
             ),
             Server(
                 "llama.cpp",

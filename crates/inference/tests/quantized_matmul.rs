@@ -2,7 +2,8 @@
 //! vendored candle (crates/vendor/README.md: 4-bit weights in tiles): for each shape a
 //! model gives it (one row when decoding, a prompt's rows, widths that are not a multiple
 //! of a tile), the result is the product of the dequantised weights with the input as the
-//! kernel sees it (rounded to 8 bits), up to float rounding.
+//! kernel sees it (rounded to 8 bits), up to float rounding. And a row decoded alone gets
+//! the same bits as in a batch, so an answer does not depend on what else is decoded.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -58,4 +59,31 @@ fn q4_1_products_match_the_dequantised_weights() {
 #[test]
 fn q8_0_products_match_the_dequantised_weights() {
     check(GgmlDType::Q8_0, 1e-3);
+}
+
+/// Each of five rows, decoded alone (one row: the kernel's decoding path), equals the same
+/// row of the five taken together (the prompt path), bit for bit.
+fn one_row_alone_as_in_a_batch(kind: GgmlDType) {
+    let dev = Device::Cpu;
+    let (m, k, n) = (5, 576, 23);
+    let w = Tensor::from_vec(values(n * k, 3), (n, k), &dev).expect("weights");
+    let q = QMatMul::from_qtensor(QTensor::quantize(&w, kind).expect("quantize")).expect("qmatmul");
+    let x = Tensor::from_vec(values(m * k, 4), (m, k), &dev).expect("input");
+    let batch: Vec<Vec<f32>> = q.forward(&x).and_then(|t| t.to_vec2()).expect("batch");
+    for (i, in_batch) in batch.iter().enumerate() {
+        let row = x.narrow(0, i, 1).expect("row");
+        let alone: Vec<Vec<f32>> = q.forward(&row).and_then(|t| t.to_vec2()).expect("alone");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&alone[0]), bits(in_batch), "{kind:?}: row {i}");
+    }
+}
+
+#[test]
+fn q4_0_one_row_alone_as_in_a_batch() {
+    one_row_alone_as_in_a_batch(GgmlDType::Q4_0);
+}
+
+#[test]
+fn q4_1_one_row_alone_as_in_a_batch() {
+    one_row_alone_as_in_a_batch(GgmlDType::Q4_1);
 }

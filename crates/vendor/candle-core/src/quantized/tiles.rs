@@ -249,6 +249,75 @@ fn group_of_columns<W: NibbleBlock, A: ByteBlock>(cols: &[Column<W>], rows: &[Ro
     }
 }
 
+/// `RN` weight columns dotted with one input row, each column's scales and offsets read
+/// from its blocks where they are used. `columns` converts them in a pass of their own,
+/// which several rows share; for one row (decoding) that pass read every block twice.
+/// The arithmetic, and so every bit of the result, is `tile::<RN, 1>`'s. Safety: every
+/// column holds as many blocks as the row (`one_row_columns` slices them `k_blocks` long).
+#[inline(always)]
+unsafe fn one_row_tile<W: NibbleBlock, A: ByteBlock, const RN: usize>(cols: [&[W]; RN], row: &Row<A>) -> [f32; RN] {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); RN];
+    let blocks = row.blocks.len();
+    for b in 0..blocks {
+        let q = _mm256_loadu_si256(row.blocks.get_unchecked(b).bytes() as *const __m256i);
+        let da = _mm256_broadcast_ss(row.scales.get_unchecked(b));
+        for j in 0..RN {
+            let block = cols[j].get_unchecked(b);
+            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles_32(block.nibbles()), q), ones);
+            let scale = _mm256_mul_ps(_mm256_set1_ps(block.scale()), da);
+            acc[j] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[j]);
+        }
+    }
+    let mut out = [0f32; RN];
+    for j in 0..RN {
+        // `dot_f32(offsets, sums)`, the offsets read from the blocks eight at a time.
+        let (col, sums) = (cols[j], &row.sums);
+        let mut off = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= blocks {
+            let offsets: [f32; 8] = std::array::from_fn(|l| col.get_unchecked(i + l).offset());
+            off = _mm256_fmadd_ps(_mm256_loadu_ps(offsets.as_ptr()), _mm256_loadu_ps(sums.as_ptr().add(i)), off);
+            i += 8;
+        }
+        let mut sum = hsum(off);
+        while i < blocks {
+            sum += col[i].offset() * sums[i];
+            i += 1;
+        }
+        out[j] = hsum(acc[j]) + sum;
+    }
+    out
+}
+
+/// One row through columns `first..` (as many as `out` holds), four at a time.
+fn one_row_columns<W: NibbleBlock, A: ByteBlock>(
+    weights: &[W],
+    k_blocks: usize,
+    row: &Row<A>,
+    first: usize,
+    out: &mut [f32],
+) {
+    let column = |c: usize| &weights[(first + c) * k_blocks..(first + c + 1) * k_blocks];
+    let mut c = 0;
+    while c + COLS_BY_ONE <= out.len() {
+        let cols = [column(c), column(c + 1), column(c + 2), column(c + 3)];
+        out[c..c + COLS_BY_ONE].copy_from_slice(&unsafe { one_row_tile::<W, A, COLS_BY_ONE>(cols, row) });
+        c += COLS_BY_ONE;
+    }
+    for c in c..out.len() {
+        let [t] = unsafe { one_row_tile::<W, A, 1>([column(c)], row) };
+        out[c] = t;
+    }
+}
+
+/// `CANDLE_MATMUL_TILES=grouped`: one row through `columns` too, as before `one_row_tile`
+/// (benchmarks compare the two in one run).
+fn one_row_grouped() -> bool {
+    static GROUPED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GROUPED.get_or_init(|| std::env::var("CANDLE_MATMUL_TILES").is_ok_and(|v| v == "grouped"))
+}
+
 /// `dst[m][n] = lhs[m][k] . rhs_t[n][k]^T`, the input already quantised (`lhs_b`, `m`
 /// rows of `k_blocks`); the weights' columns are split among the threads.
 pub(crate) fn matmul<W: NibbleBlock, A: ByteBlock>(
@@ -272,17 +341,19 @@ pub(crate) fn matmul<W: NibbleBlock, A: ByteBlock>(
     let by_work = (65_536 / (m * k_blocks).max(1)).max(1);
     let by_threads = n.div_ceil(2 * threads).max(1);
     let per_task = by_work.min(by_threads).next_multiple_of(COLS_BY_ONE);
-    let one_row = m == 1;
-    let mut dst_t = if one_row { vec![] } else { vec![0f32; n * m] };
-    let out: &mut [f32] = if one_row { &mut dst[..n] } else { &mut dst_t };
-    out.par_chunks_mut(per_task * m).enumerate().for_each(|(t, out)| {
+    if let ([row], false) = (rows.as_slice(), one_row_grouped()) {
+        dst[..n].par_chunks_mut(per_task).enumerate().for_each(|(t, out)| {
+            one_row_columns(rhs_t, k_blocks, row, t * per_task, out);
+        });
+        return;
+    }
+    let mut dst_t = vec![0f32; n * m];
+    dst_t.par_chunks_mut(per_task * m).enumerate().for_each(|(t, out)| {
         columns(rhs_t, k_blocks, &rows, t * per_task, out);
     });
-    if !one_row {
-        for (row_idx, dst_row) in dst.chunks_exact_mut(n).take(m).enumerate() {
-            for (col_idx, dst) in dst_row.iter_mut().enumerate() {
-                *dst = dst_t[col_idx * m + row_idx];
-            }
+    for (row_idx, dst_row) in dst.chunks_exact_mut(n).take(m).enumerate() {
+        for (col_idx, dst) in dst_row.iter_mut().enumerate() {
+            *dst = dst_t[col_idx * m + row_idx];
         }
     }
 }
@@ -325,8 +396,7 @@ mod tests {
             matmul((m, n, kb), &input, &weights, &mut dst);
             for i in 0..m {
                 for j in 0..n {
-                    let want =
-                        W::vec_dot(k, &weights[j * kb..(j + 1) * kb], &input[i * kb..(i + 1) * kb]);
+                    let want = W::vec_dot(k, &weights[j * kb..(j + 1) * kb], &input[i * kb..(i + 1) * kb]);
                     let got = dst[i * n + j];
                     assert!(
                         (got - want).abs() <= 1e-4 * want.abs().max(1.0),
