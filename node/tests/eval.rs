@@ -13,7 +13,9 @@ use slmesh_e2e::rollout_rig::{mesh_on_v1, nodes_by_cohort, waves_for, LENIENT_RA
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SUITE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/eval/smollm2-basic.jsonl");
+fn suite() -> String {
+    slmesh_e2e::repo_file("tests/eval/smollm2-basic.jsonl").to_string_lossy().into_owned()
+}
 
 /// The demo file, its Q4_0 re-quantisation and a damaged copy of that, in `dir`.
 fn models(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
@@ -25,7 +27,8 @@ fn slmesh(dir: &Path, args: &[&str]) -> std::process::Output {
 }
 
 fn eval(dir: &Path, model: &Path, extra: &[&str]) -> (bool, String, String) {
-    let mut args = vec!["eval", "--model", model.to_str().expect("path"), "--suite", SUITE];
+    let suite = suite();
+    let mut args = vec!["eval", "--model", model.to_str().expect("path"), "--suite", &suite];
     args.extend(extra);
     let out = slmesh(dir, &args);
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
@@ -83,7 +86,7 @@ fn slmesh_eval_passes_sound_weights_and_fails_damaged_ones() {
     let out = create(bad.to_str().expect("path"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("line 2"), "{err}");
-    let out = create(SUITE);
+    let out = create(&suite());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let toml = String::from_utf8_lossy(&out.stdout);
     assert!(toml.contains("min_eval_pass_rate = 0.8") && toml.contains("[[eval.cases]]"), "{toml}");
@@ -103,7 +106,7 @@ fn a_version_that_answers_wrongly_is_halted_in_its_canary_by_the_suite() {
     let node = mesh.nodes[0].http.clone();
     // The suite asks each node to run it on the version it serves too, to compare.
     let comparing = mesh.fleet.path("comparing.jsonl");
-    let text = std::fs::read_to_string(SUITE).expect("suite");
+    let text = std::fs::read_to_string(suite()).expect("suite");
     std::fs::write(&comparing, format!("{{\"compare_with_previous\": true}}\n{text}")).expect("suite");
     let comparing = comparing.to_str().expect("path").to_string();
     let mut args = vec!["--eval", comparing.as_str(), "--min-samples", "10", "--min-reporting-nodes", "2"];

@@ -14,7 +14,7 @@ use slmesh_protocol::manifest::SignedManifest;
 use slmesh_protocol::mesh::{PeerRequest, TOPIC_COMMANDS, TOPIC_MANIFESTS, TOPIC_METRICS, TOPIC_REVOCATIONS};
 use slmesh_sim::fleet::{FleetSpec, NodeFleet};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 const SECOND: u64 = 1_000_000;
 /// Seeds kept per decoder: distinct messages, the smallest first.
@@ -25,7 +25,7 @@ const PER_DECODER: usize = 3;
 const NEED_TRUST: &[&str] = &["verify_manifest", "signed_metrics", "signed_revocation"];
 
 fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../protocol/fuzz")
+    slmesh_e2e::repo_file("protocol/fuzz")
 }
 
 /// Messages of each decoder's kind, from a simulated fleet's traffic.

@@ -32,7 +32,7 @@ fn python_with_openai() -> PathBuf {
 fn the_official_openai_client_gets_what_it_asks_for_or_a_clear_400() {
     let python = python_with_openai();
     let node = serve_demo(env!("CARGO_BIN_EXE_slmesh").as_ref(), &[]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/openai_client.py");
+    let script = slmesh_e2e::repo_file("tests/openai_client.py");
     let out = Command::new(&python)
         .arg(script)
         .arg(format!("http://{}/v1", node.addr))

@@ -11,7 +11,7 @@ pub use tiny_gguf::tiny_llama_gguf;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The API token of every node the test fleets make (`slmesh init --bearer-token`); the
@@ -19,13 +19,24 @@ use std::time::Duration;
 /// the fleet's `slmesh` commands get it as `SLMESH_BEARER_TOKEN`.
 pub const TEST_TOKEN: &str = "slmesh-test-token-0123456789";
 
+/// A file of this repository by its path from the top (`tests/eval/smollm2-basic.jsonl`):
+/// found from the package whose test or bench cargo runs (`CARGO_MANIFEST_DIR` at run
+/// time), else from where this crate was compiled. A build folder shared by two checkouts
+/// can hold a test compiled in the other one, whose compile-time paths may be gone.
+pub fn repo_file(path: &str) -> PathBuf {
+    let compiled = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+    let running = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+    let found = running.iter().flat_map(|dir| dir.ancestors()).map(|dir| dir.join(path)).find(|p| p.exists());
+    found.unwrap_or(compiled)
+}
+
 /// The demo model's GGUF (SmolLM2-135M-Instruct, Q4_1), fetched once into the cache by
 /// `tests/fetch-demo-model.sh`, or `$SLMESH_DEMO_GGUF`.
 pub fn demo_model() -> PathBuf {
     if let Ok(p) = std::env::var("SLMESH_DEMO_GGUF") {
         return p.into();
     }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fetch-demo-model.sh");
+    let script = repo_file("tests/fetch-demo-model.sh");
     let out = std::process::Command::new(script).output().expect("run tests/fetch-demo-model.sh");
     assert!(out.status.success(), "fetch-demo-model.sh failed: {}", String::from_utf8_lossy(&out.stderr));
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())

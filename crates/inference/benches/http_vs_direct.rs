@@ -134,7 +134,7 @@ fn llama_cpp() -> Option<(f64, f64)> {
     let python = std::env::var("SLMESH_LLAMA_CPP_PYTHON").unwrap_or_else(|_| {
         format!("{}/.cache/slmesh-tools/llamacpp/bin/python", std::env::var("HOME").unwrap_or_default())
     });
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/llama_cpp_reference.py");
+    let script = slmesh_e2e::repo_file("crates/inference/benches/llama_cpp_reference.py");
     let out = std::process::Command::new(&python).arg(script).arg(slmesh_e2e::demo_model()).output().ok()?;
     if !out.status.success() {
         println!("llama.cpp: not measured ({python} with llama_cpp is not available)");
