@@ -33,6 +33,28 @@ pub fn dialable_addrs(addrs: Vec<std::net::SocketAddr>) -> Vec<std::net::SocketA
     }
     addrs.into_iter().filter(|a| !a.ip().is_loopback()).collect()
 }
+
+/// The addresses a node announces for its blob endpoint: each socket it is bound to, one
+/// bound to an unspecified address (`0.0.0.0`, `::`) once for each address of its family
+/// the mesh listens on (peers cannot dial "any address"); of those the dialable ones
+/// (`dialable_addrs`), at most `MAX_ADDRS`.
+pub fn announced_blob_addrs(
+    bound: &[std::net::SocketAddr],
+    listen_ips: &std::collections::BTreeSet<std::net::IpAddr>,
+) -> Vec<std::net::SocketAddr> {
+    let mut out = vec![];
+    for bound in bound {
+        if bound.ip().is_unspecified() {
+            let same_family = listen_ips.iter().filter(|ip| ip.is_ipv4() == bound.is_ipv4());
+            out.extend(same_family.map(|ip| std::net::SocketAddr::new(*ip, bound.port())));
+        } else {
+            out.push(*bound);
+        }
+    }
+    let mut out = dialable_addrs(out);
+    out.truncate(MAX_ADDRS);
+    out
+}
 pub const MAX_BLOBS_PER_HAVE: usize = 4096;
 pub const MAX_DIGEST_ENTRIES: usize = 4096;
 
@@ -397,6 +419,30 @@ pub fn upload_decision(
 mod tests {
     use super::*;
     use crate::identity::{KeyKind, SecretKey};
+
+    #[test]
+    fn a_node_announces_where_peers_can_dial_its_blob_endpoint() {
+        let sock = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let ips = |list: &[&str]| list.iter().map(|s| s.parse().unwrap()).collect();
+        // Bound to every address: once per listened address of the family, loopback dropped
+        // beside another, IPv6 addresses not given to an IPv4 socket.
+        let listening = ips(&["127.0.0.1", "10.0.0.2", "192.168.1.5", "::1"]);
+        assert_eq!(
+            announced_blob_addrs(&[sock("0.0.0.0:4919")], &listening),
+            vec![sock("10.0.0.2:4919"), sock("192.168.1.5:4919")]
+        );
+        assert_eq!(announced_blob_addrs(&[sock("[::]:4919")], &listening), vec![sock("[::1]:4919")]);
+        // Bound to one address: that one, whatever the mesh listens on.
+        assert_eq!(announced_blob_addrs(&[sock("10.0.0.9:1")], &listening), vec![sock("10.0.0.9:1")]);
+        // Loopback alone (a test mesh on one host) is kept.
+        assert_eq!(announced_blob_addrs(&[sock("0.0.0.0:7")], &ips(&["127.0.0.1"])), vec![sock("127.0.0.1:7")]);
+        // Nothing listened on yet: nothing to announce for an unspecified socket.
+        assert!(announced_blob_addrs(&[sock("0.0.0.0:7")], &ips(&[])).is_empty());
+        // At most MAX_ADDRS, as a hello may carry.
+        let many: std::collections::BTreeSet<std::net::IpAddr> =
+            (1..=40u8).map(|i| std::net::IpAddr::from([10, 0, 0, i])).collect();
+        assert_eq!(announced_blob_addrs(&[sock("0.0.0.0:7")], &many).len(), MAX_ADDRS);
+    }
 
     fn node(seed: u8) -> SecretKey {
         SecretKey::from_seed(KeyKind::Node, [seed; 32])

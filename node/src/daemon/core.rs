@@ -566,22 +566,10 @@ impl Driver {
         });
     }
 
-    /// Where peers reach this node's blob endpoint: the bound sockets, with an unspecified
-    /// address replaced by the addresses libp2p listens on (loopback only without others).
+    /// Where peers reach this node's blob endpoint, as the protocol core chooses it from
+    /// the bound sockets and the addresses libp2p listens on.
     fn blob_addrs(&self) -> Vec<SocketAddr> {
-        let mut out = vec![];
-        for bound in self.parts.blobs.bound_addrs() {
-            if bound.ip().is_unspecified() {
-                for ip in self.listen_ips.iter().filter(|ip| ip.is_ipv4() == bound.is_ipv4()) {
-                    out.push(SocketAddr::new(*ip, bound.port()));
-                }
-            } else {
-                out.push(bound);
-            }
-        }
-        let mut out = slmesh_protocol::mesh::dialable_addrs(out);
-        out.truncate(slmesh_protocol::mesh::MAX_ADDRS);
-        out
+        slmesh_protocol::mesh::announced_blob_addrs(&self.parts.blobs.bound_addrs(), &self.listen_ips)
     }
 
     fn refresh_shared(&mut self) {
