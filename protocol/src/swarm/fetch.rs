@@ -182,9 +182,14 @@ impl PieceFetch {
             return Next::Done;
         }
         let Some(offered) = self.theirs.get(provider).filter(|o| !o.is_empty()) else { return Next::Wait };
+        // Each piece it declined moves the start by a step of the golden ratio (of 2^32): an
+        // origin seeds runs of pieces from each fetcher's start, and the next piece after a
+        // declined one is likely in the same run, declined too.
+        let declined = self.declined.get(provider).map_or(0, PieceSet::count);
         let start = u32::from_le_bytes([provider.as_bytes()[0], provider.as_bytes()[1], 0, 0])
             .wrapping_add(lane.wrapping_mul(7))
-            .wrapping_add(self.spread);
+            .wrapping_add(self.spread)
+            .wrapping_add(declined.wrapping_mul(0x9E37_79B9));
         let mut skip = self.requested.clone();
         for p in self.turned_down(provider) {
             skip.insert(p);
@@ -482,6 +487,27 @@ mod tests {
         f.offered(peer, pieces);
         assert_eq!(f.next(&origin, 0), Next::Ask(r), "p is offered elsewhere, r is not: the origin is asked for r");
         assert_eq!(f.next(&peer, 0), Next::Ask(p));
+    }
+
+    #[test]
+    fn after_a_declined_piece_the_next_ask_is_elsewhere_in_the_blob() {
+        // The origin seeds runs of pieces, each from a fetcher's start: the piece after a
+        // declined one is likely declined too. A fetcher asked for it, and the one after,
+        // one round trip each; now each decline moves its start.
+        let (me, origin) = (node(1), node(2));
+        let mut f = PieceFetch::new(FetchPolicy::default(), PieceSet::new(400), me, 0);
+        f.providers_to_start(&[origin]);
+        f.offered(origin, PieceSet::full(400));
+        let mut asked = vec![];
+        for t in 1..=8 {
+            let Next::Ask(p) = f.next(&origin, 0) else { panic!("the origin offers pieces") };
+            asked.push(p);
+            assert_eq!(f.outcome(&origin, 0, p, PieceOutcome::Declined, t), AfterPiece::Continue);
+        }
+        for pair in asked.windows(2) {
+            let gap = pair[1].abs_diff(pair[0]).min(400 - pair[1].abs_diff(pair[0]));
+            assert!(gap > 8, "asked {asked:?}: a run walked piece by piece");
+        }
     }
 
     #[test]
