@@ -1,15 +1,17 @@
 //! The quantised matrix product alone (crates/vendor/README.md, candle-core: 4-bit weights
 //! in tiles), on the demo model's shapes: its four weight shapes and its output layer, one
-//! row (decoding one request), four (four decoded together) and 52 (a short prompt); and
+//! row (decoding one request), two and four (decoded together) and 52 (a short prompt); and
 //! one decoded token's products, all 211 of them with weights of their own (about 80 MB,
 //! more than the caches hold, as in a server).
 //!
 //! Each figure comes from a child process of this bench, one per setting of
 //! `CANDLE_MATMUL_TILES`, so that all are measured in the same run: `0` (the product as
-//! this repository patched it before the tiles), `grouped` (the tiles, one row through
-//! the pass that converts a group of columns' scales first) and the default (one row
-//! read straight from its blocks), three rounds interleaved. The calling thread is one of the pool's, as the
-//! engine's is (`mistralrs-core`'s `in_pool.rs`). The figure is multiply-adds per second.
+//! this repository patched it before the tiles), `grouped` (the tiles as first written:
+//! one row through the pass that converts a group of columns' scales first, rows beyond a
+//! multiple of four one at a time) and the default (one row read straight from its
+//! blocks, two rows in pairs), three rounds interleaved. The calling thread is one of the
+//! pool's, as the engine's is (`mistralrs-core`'s `in_pool.rs`). The figure is
+//! multiply-adds per second.
 //!
 //! Run: `cargo bench --workspace --bench qmatmul --profile dev`.
 
@@ -19,7 +21,7 @@ use std::time::Instant;
 
 /// (k, n): attention q and o, the MLP's gate and up, its down, the output layer.
 const SHAPES: &[(usize, usize)] = &[(576, 576), (576, 1536), (1536, 576), (576, 49_152)];
-const ROWS: &[usize] = &[1, 4, 52];
+const ROWS: &[usize] = &[1, 2, 4, 52];
 const KINDS: &[(&str, GgmlDType)] = &[("Q4_0", GgmlDType::Q4_0), ("Q4_1", GgmlDType::Q4_1), ("Q8_0", GgmlDType::Q8_0)];
 /// One layer's products of the demo model (q, k, v, o, gate, up, down), 30 layers, then
 /// the output layer.

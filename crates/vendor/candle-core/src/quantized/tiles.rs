@@ -174,8 +174,8 @@ unsafe fn tile<W: NibbleBlock, A: ByteBlock, const RN: usize, const RM: usize>(
     out
 }
 
-/// Rows taken together by a tile, and columns per tile with that many rows; one row (a
-/// single request decoding) goes with four columns.
+/// Rows taken together by a tile, and columns per tile with that many rows; one to three
+/// rows (requests decoding) go with four columns, without `columns`' pass.
 const ROWS: usize = 4;
 const COLS_BY_ROWS: usize = 2;
 const COLS_BY_ONE: usize = 4;
@@ -311,8 +311,109 @@ fn one_row_columns<W: NibbleBlock, A: ByteBlock>(
     }
 }
 
-/// `CANDLE_MATMUL_TILES=grouped`: one row through `columns` too, as before `one_row_tile`
-/// (benchmarks compare the two in one run).
+/// `one_row_tile` for `RM` rows (two or three requests decoding together): each column's
+/// nibbles unpacked once for the rows, its scales and offsets read from its blocks. The
+/// arithmetic, and so every bit of the result, is `tile::<RN, RM>`'s.
+/// Safety: every column holds as many blocks as the rows (`direct_columns` slices them
+/// `k_blocks` long).
+#[inline(always)]
+unsafe fn direct_tile<W: NibbleBlock, A: ByteBlock, const RN: usize, const RM: usize>(
+    cols: [&[W]; RN],
+    rows: [&Row<A>; RM],
+) -> [[f32; RM]; RN] {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); RM]; RN];
+    let blocks = rows[0].blocks.len();
+    for b in 0..blocks {
+        let mut nib = [_mm256_setzero_si256(); RN];
+        let mut d = [0f32; RN];
+        for j in 0..RN {
+            let block = cols[j].get_unchecked(b);
+            nib[j] = nibbles_32(block.nibbles());
+            d[j] = block.scale();
+        }
+        for i in 0..RM {
+            let q = _mm256_loadu_si256(rows[i].blocks.get_unchecked(b).bytes() as *const __m256i);
+            let da = _mm256_broadcast_ss(rows[i].scales.get_unchecked(b));
+            for j in 0..RN {
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(nib[j], q), ones);
+                let scale = _mm256_mul_ps(_mm256_set1_ps(d[j]), da);
+                acc[j][i] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[j][i]);
+            }
+        }
+    }
+    let mut out = [[0f32; RM]; RN];
+    for j in 0..RN {
+        // `dot_f32(offsets, sums)` for each row, the offsets read from the blocks eight at
+        // a time.
+        let col = cols[j];
+        let mut off = [_mm256_setzero_ps(); RM];
+        let mut i = 0;
+        while i + 8 <= blocks {
+            let offsets: [f32; 8] = std::array::from_fn(|l| col.get_unchecked(i + l).offset());
+            let offsets = _mm256_loadu_ps(offsets.as_ptr());
+            for r in 0..RM {
+                off[r] = _mm256_fmadd_ps(offsets, _mm256_loadu_ps(rows[r].sums.as_ptr().add(i)), off[r]);
+            }
+            i += 8;
+        }
+        for r in 0..RM {
+            let mut sum = hsum(off[r]);
+            for t in i..blocks {
+                sum += col[t].offset() * rows[r].sums[t];
+            }
+            out[j][r] = hsum(acc[j][r]) + sum;
+        }
+    }
+    out
+}
+
+/// Two or three rows through columns `first..` (as many as `out` holds, `m` results each,
+/// column-major): four columns at a time, the rows in pairs, then one.
+fn direct_columns<W: NibbleBlock, A: ByteBlock>(
+    weights: &[W],
+    k_blocks: usize,
+    rows: &[Row<A>],
+    first: usize,
+    out: &mut [f32],
+) {
+    let m = rows.len();
+    let count = out.len() / m;
+    let column = |c: usize| &weights[(first + c) * k_blocks..(first + c + 1) * k_blocks];
+    let mut i = 0;
+    while i < m {
+        let pair = i + 2 <= m;
+        let mut c = 0;
+        while c + COLS_BY_ONE <= count {
+            let cols = [column(c), column(c + 1), column(c + 2), column(c + 3)];
+            if pair {
+                let t = unsafe { direct_tile::<W, A, COLS_BY_ONE, 2>(cols, [&rows[i], &rows[i + 1]]) };
+                for (j, t) in t.iter().enumerate() {
+                    out[(c + j) * m + i..(c + j) * m + i + 2].copy_from_slice(t);
+                }
+            } else {
+                let t = unsafe { direct_tile::<W, A, COLS_BY_ONE, 1>(cols, [&rows[i]]) };
+                for (j, [t]) in t.iter().enumerate() {
+                    out[(c + j) * m + i] = *t;
+                }
+            }
+            c += COLS_BY_ONE;
+        }
+        for c in c..count {
+            if pair {
+                let [t] = unsafe { direct_tile::<W, A, 1, 2>([column(c)], [&rows[i], &rows[i + 1]]) };
+                out[c * m + i..c * m + i + 2].copy_from_slice(&t);
+            } else {
+                let [[t]] = unsafe { direct_tile::<W, A, 1, 1>([column(c)], [&rows[i]]) };
+                out[c * m + i] = t;
+            }
+        }
+        i += if pair { 2 } else { 1 };
+    }
+}
+
+/// `CANDLE_MATMUL_TILES=grouped`: one to three rows through `columns` too, as before
+/// `one_row_tile` and `direct_tile` (benchmarks compare both in one run).
 fn one_row_grouped() -> bool {
     static GROUPED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *GROUPED.get_or_init(|| std::env::var("CANDLE_MATMUL_TILES").is_ok_and(|v| v == "grouped"))
@@ -347,9 +448,14 @@ pub(crate) fn matmul<W: NibbleBlock, A: ByteBlock>(
         });
         return;
     }
+    let direct = m < ROWS && !one_row_grouped();
     let mut dst_t = vec![0f32; n * m];
     dst_t.par_chunks_mut(per_task * m).enumerate().for_each(|(t, out)| {
-        columns(rhs_t, k_blocks, &rows, t * per_task, out);
+        if direct {
+            direct_columns(rhs_t, k_blocks, &rows, t * per_task, out);
+        } else {
+            columns(rhs_t, k_blocks, &rows, t * per_task, out);
+        }
     });
     for (row_idx, dst_row) in dst.chunks_exact_mut(n).take(m).enumerate() {
         for (col_idx, dst) in dst_row.iter_mut().enumerate() {
