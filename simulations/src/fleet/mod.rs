@@ -17,22 +17,22 @@
 //! Deterministic: one seeded random source, one event queue, no threads.
 
 mod installed;
+mod links;
+mod operator;
 mod pieces;
+mod store;
+
+use links::{random_links, thin_links};
+pub use store::FakeStore;
 
 use crate::engine::{Micros, Queue, Rng, SECOND};
 use crate::net::Links;
 use crate::scenario::Behaviour;
-use slmesh_protocol::fleet::{CommandAction, RolloutCommand, SignedCommand, VersionReport};
+use slmesh_protocol::fleet::VersionReport;
 use slmesh_protocol::hex32::Hex32;
 use slmesh_protocol::identity::{KeyKind, NodeId, SecretKey};
-use slmesh_protocol::manifest::{
-    FileEntry, FileRole, InferenceDefaults, ModelFormat, ModelManifest, SignedManifest, Variant,
-};
 use slmesh_protocol::mesh::{GossipVerdict, METRICS_MESH_DEGREE, TOPIC_MANIFESTS, TOPIC_METRICS};
-use slmesh_protocol::node::{
-    Input, ModelState, Node, NodeConfig, NodeIdentity, Output, Persist, RequestKind, Restored, VersionRecord,
-};
-use slmesh_protocol::rollout::{Gates, RolloutPlan, TagSelector, Wave};
+use slmesh_protocol::node::{Input, Node, NodeConfig, NodeIdentity, Output, RequestKind};
 use slmesh_protocol::select::NodeFacts;
 use slmesh_protocol::trust::{Enrollment, EnrollmentCertificate, Tags, DEFAULT_FLEET};
 use slmesh_protocol::TrustStore;
@@ -44,66 +44,6 @@ const REQUEST_TIMEOUT: Micros = 30 * SECOND;
 /// The fake clock starts at a plausible Unix time (milliseconds): certificates and
 /// rollouts count in Unix seconds.
 pub const T0_MS: u64 = 1_800_000_000_000;
-
-/// A node's store: what it persisted, handed back when it restarts.
-#[derive(Default, Clone)]
-pub struct FakeStore {
-    manifests: BTreeMap<(String, u64), SignedManifest>,
-    models: BTreeMap<String, ModelState>,
-    versions: BTreeMap<(String, u64), VersionRecord>,
-    commands: Vec<SignedCommand>,
-    revocations: Vec<slmesh_protocol::revocation::SignedRevocation>,
-    peers: BTreeMap<NodeId, Tags>,
-    originated: Vec<Hex32>,
-}
-
-impl FakeStore {
-    /// A model's state as persisted.
-    pub fn model(&self, name: &str) -> Option<&ModelState> {
-        self.models.get(name)
-    }
-
-    fn apply(&mut self, p: Persist) {
-        match p {
-            Persist::Manifest { name, version, signed } => {
-                self.manifests.insert((name, version), signed);
-            }
-            Persist::Model { name, state } => {
-                self.models.insert(name, state);
-            }
-            Persist::Version { name, version, record } => {
-                self.versions.insert((name, version), record);
-            }
-            Persist::Command(c) => {
-                if !self.commands.contains(&c) {
-                    self.commands.push(c)
-                }
-            }
-            Persist::Peer { node, tags, .. } => {
-                self.peers.insert(node, tags);
-            }
-            Persist::Originated(blobs) => self.originated = blobs,
-            Persist::ForgetPeer(node) => {
-                self.peers.remove(&node);
-            }
-            Persist::Revocation(r) => self.revocations.push(r),
-        }
-    }
-
-    fn restored(&self, blobs: &BTreeSet<Hex32>, on_disk: &BTreeSet<(String, u64)>) -> Restored {
-        Restored {
-            on_disk: on_disk.iter().cloned().collect(),
-            manifests: self.manifests.values().cloned().collect(),
-            models: self.models.clone().into_iter().collect(),
-            versions: self.versions.clone().into_iter().collect(),
-            commands: self.commands.clone(),
-            revocations: self.revocations.clone(),
-            peers: self.peers.clone().into_iter().collect(),
-            complete_blobs: blobs.iter().copied().collect(),
-            originated: self.originated.clone(),
-        }
-    }
-}
 
 /// What gossipsub adds to each message's data, as it counts a message's size (its
 /// protobuf encoding): the data's tag and length (3) and the topic (2 + its name). Nodes
@@ -388,55 +328,6 @@ pub fn node_key(i: usize) -> SecretKey {
     let mut seed = [7u8; 32];
     seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
     SecretKey::from_seed(KeyKind::Node, seed)
-}
-
-/// Adds random links both ways until every node has `degree` in the list `links` picks
-/// (a few end with one or two more).
-fn random_links(nodes: &mut [SimNode], degree: usize, rng: &mut Rng, links: impl Fn(&mut SimNode) -> &mut Vec<usize>) {
-    let n = nodes.len();
-    for i in 0..n {
-        let mut tries = 0;
-        while links(&mut nodes[i]).len() < degree && tries < 100 {
-            tries += 1;
-            let j = rng.below(n);
-            if j != i && links(&mut nodes[j]).len() < degree && !links(&mut nodes[i]).contains(&j) {
-                links(&mut nodes[i]).push(j);
-                links(&mut nodes[j]).push(i);
-            }
-        }
-    }
-    // The last nodes may find every other node full (at 3,000 nodes one was left with no
-    // link at all, and never heard of anything): they link to any node, which may then
-    // hold a link more than `degree` (gossipsub's meshes vary by as much).
-    for i in 0..n {
-        let mut tries = 0;
-        while links(&mut nodes[i]).len() < degree.min(n.saturating_sub(1)) && tries < 1000 {
-            tries += 1;
-            let j = rng.below(n);
-            if j != i && !links(&mut nodes[i]).contains(&j) {
-                links(&mut nodes[i]).push(j);
-                links(&mut nodes[j]).push(i);
-            }
-        }
-    }
-}
-
-/// Removes links both ways between nodes that both hold more than `degree` in the list
-/// `links` picks, until few do (a greedy matching: a few nodes keep one link more, as
-/// gossipsub's meshes vary).
-fn thin_links(nodes: &mut [SimNode], degree: usize, links: impl Fn(&mut SimNode) -> &mut Vec<usize>) {
-    for i in 0..nodes.len() {
-        let mut k = 0;
-        while links(&mut nodes[i]).len() > degree && k < links(&mut nodes[i]).len() {
-            let j = links(&mut nodes[i])[k];
-            if links(&mut nodes[j]).len() > degree {
-                links(&mut nodes[i]).remove(k);
-                links(&mut nodes[j]).retain(|x| *x != i);
-            } else {
-                k += 1;
-            }
-        }
-    }
 }
 
 /// A sketch of `count` equal values, as a lying node reports its comparisons.
@@ -1008,116 +899,6 @@ impl NodeFleet {
         self.run_until(self.q.now() + micros);
     }
 
-    /// A manifest of `version` (one weights file of `model_bytes`) with the given waves
-    /// (fraction, soak seconds) and gates.
-    pub fn manifest(&self, version: u64, waves: &[(f64, u64)], gates: Gates) -> SignedManifest {
-        self.manifest_with_suite(version, waves, gates, None)
-    }
-
-    /// As `manifest`, carrying an evaluation suite (which nodes run before serving).
-    pub fn manifest_with_suite(
-        &self,
-        version: u64,
-        waves: &[(f64, u64)],
-        gates: Gates,
-        eval: Option<slmesh_protocol::eval::EvalSuite>,
-    ) -> SignedManifest {
-        let manifest = ModelManifest {
-            name: MODEL.into(),
-            version,
-            // Written a day before it is published.
-            created_at: (T0_MS / 1000).saturating_sub(86_400),
-            description: String::new(),
-            variants: vec![Variant {
-                id: "q4_0".into(),
-                format: ModelFormat::Gguf,
-                quantization: "Q4_0".into(),
-                architecture: "llama".into(),
-                cpu_archs: vec![],
-                min_ram_bytes: 0,
-                selector: TagSelector::default(),
-                files: vec![FileEntry {
-                    role: FileRole::Weights,
-                    name: format!("v{version}.gguf"),
-                    blake3: Self::weights_blob(version),
-                    size: self.spec.model_bytes.max(1),
-                }],
-            }],
-            inference: InferenceDefaults::default(),
-            rollout: RolloutPlan {
-                waves: waves.iter().map(|(f, s)| Wave { fraction: *f, soak_secs: *s }).collect(),
-                selector: TagSelector::default(),
-                gates,
-            },
-            fleet: DEFAULT_FLEET.into(),
-            eval,
-        };
-        SignedManifest::sign(&manifest, &self.publisher).expect("a valid manifest signs")
-    }
-
-    /// The hash standing for the weights of `version` in `manifest` (the bytes are not
-    /// simulated, only their size).
-    pub fn weights_blob(version: u64) -> Hex32 {
-        let mut blake = [0u8; 32];
-        blake[..8].copy_from_slice(&version.to_le_bytes());
-        Hex32(blake)
-    }
-
-    /// Publishes from node `origin`, which holds the files.
-    pub fn publish(&mut self, origin: usize, signed: SignedManifest) -> Result<String, String> {
-        let now = self.now_ms();
-        let node = self.nodes[origin].node.as_mut().ok_or("the origin is down")?;
-        let files: Vec<Hex32> = node.files_to_publish(&signed)?.iter().map(|f| f.blake3).collect();
-        self.nodes[origin].blobs.extend(files.iter().copied());
-        if let Ok(m) = slmesh_protocol::wire::decode::<ModelManifest>(&signed.body, "manifest") {
-            self.nodes[origin].on_disk.insert((m.name, m.version));
-        }
-        let node = self.nodes[origin].node.as_mut().ok_or("the origin is down")?;
-        let answer = node.publish(now, signed, &files);
-        self.drain(origin);
-        answer
-    }
-
-    /// An operator command, signed by the fleet's publisher key, given to node `at`.
-    pub fn command(&mut self, at: usize, version: u64, action: CommandAction) -> Result<String, String> {
-        let issued_at = self.now_ms() / 1000;
-        self.command_issued(at, version, action, issued_at)
-    }
-
-    /// As `command`, dated `issued_at` (Unix seconds) by the publisher's clock.
-    pub fn command_issued(
-        &mut self,
-        at: usize,
-        version: u64,
-        action: CommandAction,
-        issued_at: u64,
-    ) -> Result<String, String> {
-        let now = self.now_ms();
-        let c = RolloutCommand { model: MODEL.into(), version, action, issued_at, fleet: DEFAULT_FLEET.into() };
-        let signed = SignedCommand::sign(&c, &self.publisher).map_err(|e| e.to_string())?;
-        let node = self.nodes[at].node.as_mut().ok_or("the node is down")?;
-        let answer = node.command(now, signed);
-        self.drain(at);
-        answer
-    }
-
-    /// The operator revokes node `revoked` through node `at`'s API.
-    pub fn revoke(&mut self, at: usize, revoked: usize, reason: &str) -> Result<String, String> {
-        use slmesh_protocol::revocation::{Revocation, SignedRevocation};
-        let now = self.now_ms();
-        let r = Revocation {
-            node: self.id(revoked),
-            issued_at: now / 1000,
-            reason: reason.into(),
-            fleet: DEFAULT_FLEET.into(),
-        };
-        let signed = SignedRevocation::sign(&r, &self.publisher).map_err(|e| e.to_string())?;
-        let node = self.nodes[at].node.as_mut().ok_or("the node is down")?;
-        let answer = node.revoke(now, signed);
-        self.drain(at);
-        answer
-    }
-
     /// Records when node `i`'s highest known version of the model rose.
     fn note_learned(&mut self, i: usize) {
         let Some(latest) = self.nodes[i].node.as_ref().and_then(|n| n.model(MODEL)).map(|m| m.latest_known) else {
@@ -1150,33 +931,6 @@ impl NodeFleet {
     /// What node `i` logged, with simulated seconds.
     pub fn events_of(&self, i: usize) -> Vec<String> {
         self.events.iter().filter(|(_, n, _)| *n == i).map(|(t, _, e)| format!("{:.1}: {e}", *t as f64 / 1e6)).collect()
-    }
-
-    /// Gates that pass on healthy figures within seconds, with `min_nodes` reporting.
-    pub fn quick_gates(min_nodes: u32) -> Gates {
-        Gates {
-            max_error_rate: 0.1,
-            min_samples: 10,
-            min_reporting_nodes: min_nodes,
-            max_p95_latency_ratio: 10.0,
-            max_p95_ttft_ratio: 10.0,
-            min_tokens_per_sec_ratio: 0.1,
-            min_eval_pass_rate: None,
-            agreement: None,
-        }
-    }
-
-    /// Every node started and serving version 1 (one wave, published by node 0).
-    pub fn on_v1(spec: FleetSpec) -> Self {
-        let mut f = NodeFleet::new(spec);
-        f.start_all();
-        f.run_for(SECOND);
-        let m = f.manifest(1, &[(1.0, 0)], NodeFleet::quick_gates(1));
-        if let Err(e) = f.publish(0, m) {
-            panic!("version 1 does not publish: {e}");
-        }
-        f.run_for(10 * SECOND);
-        f
     }
 
     /// Seconds after `since` (simulated) at which each node first served `version`.
