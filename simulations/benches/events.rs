@@ -13,9 +13,7 @@ static ALLOCATOR: slmesh_sim::Allocator = slmesh_sim::Allocator;
 const SCENARIOS: [&str; 5] = ["good-1000-3-sites", "bad-version-canary", "partition-heals", "churn-30", "good-10000"];
 
 fn main() {
-    // Run time first: a build folder shared by two checkouts can hold a bench compiled in
-    // the other one.
-    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()) + "/scenarios";
+    let dir = slmesh_sim::Scenario::shipped_dir();
     let asked: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let names: Vec<String> = if asked.is_empty() { SCENARIOS.iter().map(|s| s.to_string()).collect() } else { asked };
     for name in names {

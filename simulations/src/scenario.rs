@@ -169,6 +169,14 @@ fn positive(x: f64) -> bool {
 }
 
 impl Scenario {
+    /// The folder of the shipped scenario files (`simulations/scenarios`): found from the
+    /// package cargo runs a test or bench of (`CARGO_MANIFEST_DIR` at run time), else from
+    /// where this crate was compiled (a build folder shared by two checkouts can hold a
+    /// binary compiled in the other one, whose compile-time paths may be gone).
+    pub fn shipped_dir() -> String {
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()) + "/scenarios"
+    }
+
     pub fn parse(text: &str) -> Result<Self, String> {
         let s: Scenario = toml::from_str(text).map_err(|e| e.to_string())?;
         let n = s.sites.len();

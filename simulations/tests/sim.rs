@@ -1,14 +1,7 @@
 //! Whole scenarios: determinism, and the blast radius of a bad version.
 
-/// The shipped scenario files: found from the package cargo runs the test of, else from
-/// where it was compiled (a build folder shared by two checkouts can hold a test compiled
-/// in the other one).
-fn scenarios() -> String {
-    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()) + "/scenarios"
-}
-
 fn scenario(name: &str, nodes_scale: f64) -> slmesh_sim::Scenario {
-    let path = format!("{}/{name}.toml", scenarios());
+    let path = format!("{}/{name}.toml", slmesh_sim::Scenario::shipped_dir());
     let mut sc = slmesh_sim::Scenario::parse(&std::fs::read_to_string(path).expect("scenario")).expect("valid");
     for s in &mut sc.sites {
         s.nodes = ((s.nodes as f64 * nodes_scale) as usize).max(2);
@@ -131,7 +124,8 @@ fn under_churn_every_node_still_there_ends_on_the_new_version() {
 
 #[test]
 fn bad_scenarios_are_refused_with_a_reason() {
-    let good = std::fs::read_to_string(format!("{}/good-1000-3-sites.toml", scenarios())).expect("scenario");
+    let good = std::fs::read_to_string(format!("{}/good-1000-3-sites.toml", slmesh_sim::Scenario::shipped_dir()))
+        .expect("scenario");
     let cases = [
         ("nodes = 400", "nodes = 4000000", "2 to 100000 nodes"),
         ("nodes = 400", "nodes = \"many\"", "invalid type"),
