@@ -52,8 +52,9 @@ pub struct NetworkConfig {
     pub mdns: bool,
     /// UDP address of the iroh endpoint that serves and fetches model blobs.
     pub blobs_bind: String,
-    /// Transfers of one blob this node serves at a time; more fetchers try other peers.
-    /// 0: this node uploads nothing.
+    /// Transfers of one blob this node serves at a time; up to 4 more piece requests wait
+    /// in turn for a slot (at most 2 s), further ones try other peers. 0: this node
+    /// uploads nothing.
     #[serde(default = "default_upload_slots")]
     pub upload_slots_per_blob: usize,
     /// A node that published a version serves its files only while fewer than this many

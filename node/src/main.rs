@@ -167,7 +167,8 @@ mod config_cmd {
         /// After publishing, serve a file only while fewer than this many peers hold it (0: always).
         #[arg(long)]
         pub origin_copies: Option<usize>,
-        /// Transfers of one model file served at a time (0: upload nothing).
+        /// Transfers of one model file served at a time; up to 4 more requests wait for a
+        /// slot, at most 2 s (0: upload nothing).
         #[arg(long)]
         pub upload_slots_per_blob: Option<usize>,
         /// Cap on upload bandwidth to peers, bytes per second.

@@ -100,8 +100,10 @@ fn corrupt_blob_store(data_dir: &std::path::Path) {
 fn nodes_serve_pieces_of_a_file_they_are_still_fetching() {
     let (fleet, model) = fleet_with_model(4 << 20);
     let size = model.len() as u64;
-    // A slow publisher: the fetchers have most of the time to swap pieces.
-    let publisher = fleet.node("p", "a", &["--max-upload-bytes-per-sec", "3000000"]).start();
+    // A slow publisher: the fetchers have most of the time to swap pieces. One upload
+    // slot for three fetchers of two lanes each: requests wait for it in turn.
+    let publisher =
+        fleet.node("p", "a", &["--max-upload-bytes-per-sec", "3000000", "--upload-slots-per-blob", "1"]).start();
     let boot = publisher.bootstrap_addr();
     let fetchers: Vec<Running> =
         ["f1", "f2", "f3"].iter().map(|n| fleet.node(n, "a", &["--bootstrap", &boot]).start()).collect();
@@ -138,8 +140,11 @@ fn nodes_serve_pieces_of_a_file_they_are_still_fetching() {
     assert!(from_peers > size, "the fetchers uploaded only {from_peers} bytes to each other");
     // The publisher sends each piece once and declines it after ("not this piece", the
     // permission code): a fetcher asks for another, and must not drop the publisher.
-    let turned_down = publisher.status()["refused_fetches"].as_u64().unwrap_or(0);
-    eprintln!("the publisher turned down {turned_down} piece requests");
+    let status = publisher.status();
+    let turned_down = status["refused_fetches"].as_u64().unwrap_or(0);
+    let held = status["held_fetches"].as_u64().unwrap_or(0);
+    eprintln!("the publisher turned down {turned_down} piece requests and held {held} for its slot");
+    assert!(held > 0, "the publisher's one slot was never waited for: {status}");
     for f in &fetchers {
         let log = f.log_text();
         assert!(!log.contains("error 1"), "{} took a declined piece for a failed provider:\n{log}", f.node.name);

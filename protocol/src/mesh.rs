@@ -381,17 +381,24 @@ pub fn manifest_verdict(result: &Result<(), ProtocolError>) -> GossipVerdict {
 /// stops serving that blob and the mesh spreads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadPolicy {
-    /// Transfers of one blob at a time; more fetchers are refused and try another holder.
-    /// 0: this node uploads nothing (a metered link, say).
+    /// Transfers of one blob at a time; more fetchers wait for a slot (below) or are
+    /// refused and try another holder. 0: this node uploads nothing (a metered link, say).
     pub slots_per_blob: usize,
     /// The origin serves a blob only while fewer than this many admitted peers hold it
     /// (0: no limit).
     pub origin_copies: usize,
+    /// Piece requests of one blob held while every slot is busy, each started as a slot
+    /// frees: the uplink goes on to the next piece at once, where a refusal would leave
+    /// it idle for the fetcher's round trip and back-off. More are refused.
+    pub waiting_per_blob: usize,
+    /// A held request is refused after waiting this long (a transfer that hangs holds its
+    /// slot; the fetcher asks another provider).
+    pub max_wait_ms: u64,
 }
 
 impl Default for UploadPolicy {
     fn default() -> Self {
-        UploadPolicy { slots_per_blob: 2, origin_copies: 2 }
+        UploadPolicy { slots_per_blob: 2, origin_copies: 2, waiting_per_blob: 4, max_wait_ms: 2_000 }
     }
 }
 
@@ -595,15 +602,15 @@ mod tests {
 
     #[test]
     fn the_origin_stops_seeding_once_peers_hold_copies() {
-        let policy = UploadPolicy { slots_per_blob: 2, origin_copies: 2 };
+        let policy = UploadPolicy { slots_per_blob: 2, origin_copies: 2, ..UploadPolicy::default() };
         assert!(upload_decision(&policy, 0, true, 0).is_ok());
         assert!(upload_decision(&policy, 1, true, 1).is_ok());
         assert!(upload_decision(&policy, 2, false, 0).is_err(), "slots are full");
         assert!(upload_decision(&policy, 0, true, 2).is_err(), "two copies exist: the origin steps back");
         assert!(upload_decision(&policy, 0, false, 9).is_ok(), "other holders keep serving");
-        let unlimited = UploadPolicy { slots_per_blob: usize::MAX, origin_copies: 0 };
+        let unlimited = UploadPolicy { slots_per_blob: usize::MAX, origin_copies: 0, ..UploadPolicy::default() };
         assert!(upload_decision(&unlimited, 100, true, 100).is_ok());
-        let leech = UploadPolicy { slots_per_blob: 0, origin_copies: 0 };
+        let leech = UploadPolicy { slots_per_blob: 0, origin_copies: 0, ..UploadPolicy::default() };
         assert!(upload_decision(&leech, 0, false, 0).is_err());
     }
 }

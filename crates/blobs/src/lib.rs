@@ -10,14 +10,12 @@ use iroh::endpoint::{presets, PortmapperConfig};
 use iroh::protocol::Router;
 use iroh::{Endpoint, EndpointAddr, RelayMode};
 use iroh_blobs::api::blobs::{BlobStatus, ExportMode, ExportOptions};
-use iroh_blobs::provider::events::{
-    AbortReason, ConnectMode, EventMask, EventSender, ObserveMode, ProviderMessage, RequestMode, RequestUpdate,
-    ThrottleMode, TransferAborted, TransferCompleted,
-};
+use iroh_blobs::provider::events::{ConnectMode, EventMask, EventSender, ObserveMode, RequestMode, ThrottleMode};
 use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::store::GcConfig;
 use iroh_blobs::{BlobsProtocol, Hash};
 use n0_future::StreamExt;
+use slmesh_protocol::node::PieceAdmission;
 use slmesh_protocol::swarm::Refusal;
 use slmesh_protocol::{Hex32, NodeId, SecretKey};
 use std::collections::HashMap;
@@ -25,9 +23,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use thiserror::Error;
 
+mod provide;
 pub mod swarm;
 
 #[derive(Debug, Error)]
@@ -82,17 +81,28 @@ pub trait UploadGate: Send + Sync {
     fn allow(&self, blob: &Hex32, uploading: usize) -> Result<(), String>;
 
     /// As `allow`, knowing who asks (if known) and which piece (`swarm::PIECE_CHUNKS`
-    /// chunks) the request starts in. `Refusal::Elsewhere` goes to the fetcher as
-    /// iroh-blobs' permission error (1), anything else as its limit error (2), so that
-    /// the fetcher can tell "not this piece" from "not now".
+    /// chunks) the request starts in, and how many requests of the blob wait for a slot
+    /// already (`waiting`; 0 for a held one asked again as a slot frees): send now, hold
+    /// for a slot, or refuse. `Refusal::Elsewhere` goes to the fetcher as iroh-blobs'
+    /// permission error (1), anything else as its limit error (2), so that the fetcher
+    /// can tell "not this piece" from "not now".
     fn allow_piece(
         &self,
         blob: &Hex32,
         uploading: usize,
+        _waiting: usize,
         _client: Option<NodeId>,
         _piece: Option<u32>,
-    ) -> Result<(), Refusal> {
-        self.allow(blob, uploading).map_err(Refusal::Busy)
+    ) -> PieceAdmission {
+        match self.allow(blob, uploading) {
+            Ok(()) => PieceAdmission::Send,
+            Err(reason) => PieceAdmission::Refuse(Refusal::Busy(reason)),
+        }
+    }
+
+    /// How long a held request may wait for a slot before it is refused.
+    fn max_wait_ms(&self) -> u64 {
+        2_000
     }
 
     /// `to` has been sent the whole blob (in one transfer or in pieces): it holds a
@@ -120,6 +130,9 @@ pub struct Counters {
     pub downloaded: AtomicU64,
     /// Fetch requests this node refused (its upload gate said no).
     pub refused: AtomicU64,
+    /// Piece requests held for a busy upload slot (started as one freed, or refused
+    /// after waiting too long).
+    pub held: AtomicU64,
 }
 
 /// Progress of one fetch, for `slmesh status`.
@@ -268,7 +281,7 @@ impl BlobNode {
             connected: ConnectMode::Intercept,
         };
         let (events, rx) = EventSender::channel(64, mask);
-        tokio::spawn(provider_events(
+        tokio::spawn(provide::provider_events(
             rx,
             counters.clone(),
             config.max_upload_bytes_per_sec,
@@ -478,155 +491,6 @@ impl BlobNode {
     pub async fn shutdown(&self) {
         if let Err(e) = self.router.shutdown().await {
             tracing::warn!("blob endpoint shutdown: {e}");
-        }
-    }
-}
-
-/// Answers the provider's questions: whether to serve a fetch request (the upload gate,
-/// given how many transfers of that blob run now), and, per 16 KiB chunk, when to send
-/// it: counts uploaded bytes and, with a cap, paces chunks to stay under it.
-async fn provider_events(
-    mut rx: tokio::sync::mpsc::Receiver<ProviderMessage>,
-    counters: Arc<Counters>,
-    max_bytes_per_sec: Option<u64>,
-    gate: Arc<dyn UploadGate>,
-    store: FsStore,
-) {
-    let uploading: Arc<Mutex<HashMap<Hash, usize>>> = Default::default();
-    // Bytes of each blob sent to each client, over all its (piece) transfers.
-    let sent: Arc<Mutex<HashMap<(NodeId, Hash), u64>>> = Default::default();
-    // Who is at the other end of each connection, to credit completed transfers.
-    let mut clients: HashMap<u64, NodeId> = HashMap::new();
-    // The uplink is free again at `next_free`: a token bucket without burst credit.
-    let mut next_free = Instant::now();
-    while let Some(msg) = rx.recv().await {
-        match msg {
-            ProviderMessage::Throttle(msg) => {
-                if let Some(cap) = max_bytes_per_sec.filter(|c| *c > 0) {
-                    let now = Instant::now();
-                    next_free = next_free.max(now) + Duration::from_secs_f64(msg.inner.size as f64 / cap as f64);
-                    tokio::time::sleep_until(next_free.into()).await;
-                }
-                msg.tx.send(Ok(())).await.ok();
-            }
-            ProviderMessage::ClientConnected(msg) => {
-                let client = msg.inner.endpoint_id.map(|id| NodeId::from_endpoint_id(&id));
-                match gate.admit(client) {
-                    Ok(()) => {
-                        if let Some(id) = client {
-                            clients.insert(msg.inner.connection_id, id);
-                        }
-                        msg.tx.send(Ok(())).await.ok();
-                    }
-                    Err(reason) => {
-                        tracing::info!(client = %client.map_or("unknown".into(), |c| c.short()), %reason, "refused a blob connection");
-                        counters.refused.fetch_add(1, Ordering::Relaxed);
-                        msg.tx.send(Err(AbortReason::Permission)).await.ok();
-                    }
-                }
-            }
-            ProviderMessage::ObserveRequestReceived(msg) => {
-                let client = clients.get(&msg.inner.connection_id).copied();
-                let answer = gate.admit(client).map_err(|reason| {
-                    tracing::debug!(%reason, "refused an observe request");
-                    AbortReason::Permission
-                });
-                msg.tx.send(answer).await.ok();
-            }
-            ProviderMessage::ConnectionClosed(msg) => {
-                clients.remove(&msg.inner.connection_id);
-                // Bytes sent count towards "holds the whole blob" across a client's
-                // connections; past the bound, only connected clients' counts stay.
-                if let Ok(mut m) = sent.lock() {
-                    if m.len() > MAX_SENT_ENTRIES {
-                        let connected: std::collections::HashSet<NodeId> = clients.values().copied().collect();
-                        m.retain(|(client, _), _| connected.contains(client));
-                    }
-                }
-            }
-            ProviderMessage::GetRequestReceived(msg) => {
-                let hash = msg.inner.request.hash;
-                let client = clients.get(&msg.inner.connection_id).copied();
-                let running = uploading.lock().map(|m| m.get(&hash).copied().unwrap_or(0)).unwrap_or(0);
-                // The piece a request starts in: piece requests ask for part of one.
-                let first_chunk =
-                    msg.inner.request.ranges.iter_non_empty_infinite().next().and_then(|(offset, ranges)| {
-                        (offset == 0).then(|| ranges.boundaries().first().map(|c| c.0)).flatten()
-                    });
-                let piece = first_chunk.map(|c| (c / swarm::PIECE_CHUNKS) as u32);
-                let decision = gate
-                    .admit(client)
-                    .map_err(Refusal::Busy)
-                    .and_then(|()| gate.allow_piece(&hex_of(&hash), running, client, piece));
-                match decision {
-                    Ok(()) => {
-                        if let Ok(mut m) = uploading.lock() {
-                            *m.entry(hash).or_default() += 1;
-                        }
-                        msg.tx.send(Ok(())).await.ok();
-                        // The transfer's updates end with Completed or Aborted (or the
-                        // channel closing): then the slot is free again.
-                        let mut updates = msg.rx;
-                        let uploading = uploading.clone();
-                        let counters = counters.clone();
-                        let gate = gate.clone();
-                        let (sent, store) = (sent.clone(), store.clone());
-                        tokio::spawn(async move {
-                            // Counted when the transfer ends: its stats are exact, while
-                            // progress events may be dropped under load.
-                            while let Ok(Some(update)) = updates.recv().await {
-                                match update {
-                                    RequestUpdate::Completed(TransferCompleted { stats }) => {
-                                        counters.uploaded.fetch_add(stats.payload_bytes_sent, Ordering::Relaxed);
-                                        // Fetchers ask only for what they miss: once the
-                                        // blob's size has gone to one, it holds the blob.
-                                        if let Some(to) = client {
-                                            let total = sent.lock().map_or(0, |mut m| {
-                                                let t = m.entry((to, hash)).or_default();
-                                                *t += stats.payload_bytes_sent;
-                                                *t
-                                            });
-                                            let size = match store.blobs().status(hash).await {
-                                                Ok(BlobStatus::Complete { size }) => size,
-                                                _ => u64::MAX,
-                                            };
-                                            if total >= size {
-                                                gate.served(&hex_of(&hash), to);
-                                            }
-                                        }
-                                        break;
-                                    }
-                                    RequestUpdate::Aborted(TransferAborted { stats }) => {
-                                        counters.uploaded.fetch_add(stats.payload_bytes_sent, Ordering::Relaxed);
-                                        break;
-                                    }
-                                    _ => {}
-                                }
-                            }
-                            if let Ok(mut m) = uploading.lock() {
-                                if let Some(n) = m.get_mut(&hash) {
-                                    *n = n.saturating_sub(1);
-                                    if *n == 0 {
-                                        m.remove(&hash);
-                                    }
-                                }
-                            }
-                        });
-                    }
-                    Err(refusal) => {
-                        tracing::debug!(blob = %hash, reason = %refusal, "refused a fetch");
-                        counters.refused.fetch_add(1, Ordering::Relaxed);
-                        let code = match refusal {
-                            Refusal::Elsewhere(_) => AbortReason::Permission,
-                            Refusal::Busy(_) => AbortReason::RateLimited,
-                        };
-                        msg.tx.send(Err(code)).await.ok();
-                    }
-                }
-            }
-            // Only connections, throttle, get and observe are intercepted; the rest need
-            // no answer.
-            _ => {}
         }
     }
 }

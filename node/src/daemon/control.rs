@@ -125,6 +125,7 @@ impl Control {
             uploaded_bytes: counters.uploaded.load(Ordering::Relaxed),
             downloaded_bytes: counters.downloaded.load(Ordering::Relaxed),
             refused_fetches: counters.refused.load(Ordering::Relaxed),
+            held_fetches: counters.held.load(Ordering::Relaxed),
             refused_peers: shared.refused.clone(),
             revoked: shared.revoked.clone(),
             gossip: self.mesh.gossip_bytes(),

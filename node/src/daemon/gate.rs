@@ -4,8 +4,7 @@
 
 use slmesh_blobs::UploadGate;
 use slmesh_protocol::mesh::UploadPolicy;
-use slmesh_protocol::node::{UploadView, Uploads};
-use slmesh_protocol::swarm::Refusal;
+use slmesh_protocol::node::{PieceAdmission, UploadView, Uploads};
 use slmesh_protocol::{Hex32, NodeId};
 use std::sync::{Mutex, MutexGuard};
 
@@ -39,10 +38,15 @@ impl UploadGate for GateState {
         &self,
         blob: &Hex32,
         uploading: usize,
+        waiting: usize,
         client: Option<NodeId>,
         piece: Option<u32>,
-    ) -> Result<(), Refusal> {
-        self.lock().allow_piece(super::core::unix_millis(), blob, uploading, client, piece)
+    ) -> PieceAdmission {
+        self.lock().allow_piece(super::core::unix_millis(), blob, uploading, waiting, client, piece)
+    }
+
+    fn max_wait_ms(&self) -> u64 {
+        self.lock().max_wait_ms()
     }
 
     fn served(&self, blob: &Hex32, to: NodeId) {

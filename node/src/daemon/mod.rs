@@ -89,6 +89,7 @@ async fn run_node(config: Config, options: LoadOptions) -> Result<()> {
     let policy = UploadPolicy {
         slots_per_blob: config.network.upload_slots_per_blob,
         origin_copies: config.network.origin_copies,
+        ..UploadPolicy::default()
     };
     let gate = Arc::new(gate::GateState::new(policy));
     let blobs = BlobNode::start(BlobConfig {

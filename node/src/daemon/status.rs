@@ -23,6 +23,9 @@ pub struct NodeStatus {
     pub uploaded_bytes: u64,
     pub downloaded_bytes: u64,
     pub refused_fetches: u64,
+    /// Piece requests held for a busy upload slot (most are then sent).
+    #[serde(default)]
+    pub held_fetches: u64,
     /// Peers refused at admission since start, with the reason.
     pub refused_peers: Vec<(String, String)>,
     /// Nodes the operator revoked (node id, reason), as this node holds them.
@@ -108,10 +111,11 @@ impl NodeStatus {
         let _ = writeln!(out, "serving  {}", self.serving.as_deref().unwrap_or("nothing yet"));
         let _ = writeln!(
             out,
-            "blobs    uploaded {}, downloaded {}, refused {} fetch(es)",
+            "blobs    uploaded {}, downloaded {}, refused {} fetch(es), held {} for a slot",
             human_bytes(self.uploaded_bytes),
             human_bytes(self.downloaded_bytes),
-            self.refused_fetches
+            self.refused_fetches,
+            self.held_fetches
         );
         let _ = writeln!(out, "\npeers ({})", self.peers.len());
         for p in &self.peers {

@@ -56,7 +56,7 @@ mod versions;
 
 pub use peers::{MAX_CONNECTED, MAX_KNOWN_PEERS};
 pub use state::{ModelState, Persist, Restored, VersionRecord};
-pub use uploads::Uploads;
+pub use uploads::{PieceAdmission, Uploads};
 
 use crate::fleet::{FleetView, SignedCommand, SignedMetrics, VersionReport};
 use crate::hex32::Hex32;

@@ -20,6 +20,17 @@ pub const MAX_SEEDED: usize = 1 << 16;
 /// A piece of a published blob.
 type SeededPiece = (Hex32, u32);
 
+/// What the blob endpoint does with a piece request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PieceAdmission {
+    /// Send it now: it takes an upload slot until the transfer ends.
+    Send,
+    /// Every slot is busy: hold it, and ask again (`waiting` 0) as a slot frees, oldest
+    /// first; refuse it as busy once it has waited `max_wait_ms`.
+    Wait,
+    Refuse(Refusal),
+}
+
 pub struct Uploads {
     policy: UploadPolicy,
     view: UploadView,
@@ -61,37 +72,77 @@ impl Uploads {
         upload_decision(&self.policy, uploading, originated, copies.len())
     }
 
-    /// As `allow`, knowing who asks and which piece: for a published blob, each piece goes
-    /// to one peer (`swarm::origin_piece_decision`), which passes it on as it fetches the
-    /// rest. Once per site instead made the origin upload one copy per site, the slowest
-    /// part of a rollout's distribution (the simulator: 19.3 s against 15.2 s for 1,000
-    /// nodes in three sites); peers carry each piece across sites just the same.
+    /// Whether to send a piece request now, hold it for a slot, or refuse it, knowing who
+    /// asks and which piece; `waiting`: requests of this blob held already (0 for a held
+    /// request asked again as a slot frees). For a published blob, each piece goes to one
+    /// peer (`swarm::origin_piece_decision`), which passes it on as it fetches the rest.
+    /// Once per site instead made the origin upload one copy per site, the slowest part of
+    /// a rollout's distribution (the simulator: 19.3 s against 15.2 s for 1,000 nodes in
+    /// three sites); peers carry each piece across sites just the same. A piece that went
+    /// elsewhere is declined at once, never held: the fetcher asks for another.
     pub fn allow_piece(
         &mut self,
         now: u64,
         blob: &Hex32,
         uploading: usize,
+        waiting: usize,
         client: Option<NodeId>,
         piece: Option<u32>,
-    ) -> Result<(), Refusal> {
+    ) -> PieceAdmission {
+        match self.piece_admission(now, blob, uploading, waiting, client, piece) {
+            Ok(admission) => admission,
+            Err(refusal) => PieceAdmission::Refuse(refusal),
+        }
+    }
+
+    fn piece_admission(
+        &mut self,
+        now: u64,
+        blob: &Hex32,
+        uploading: usize,
+        waiting: usize,
+        client: Option<NodeId>,
+        piece: Option<u32>,
+    ) -> Result<PieceAdmission, Refusal> {
         self.admit(client).map_err(Refusal::Busy)?;
-        self.allow(blob, uploading).map_err(Refusal::Busy)?;
+        // Everything but the slots first: a request the slots would not decide is not held.
+        self.allow(blob, 0).map_err(Refusal::Busy)?;
         let originated = self.view.originated.contains(blob);
         // origin_copies = 0: the publisher serves everyone everything.
-        let Some(piece) = piece.filter(|_| originated && self.policy.origin_copies > 0) else { return Ok(()) };
-        let key = (*blob, piece);
-        // The peer it went to asking again lost it (a restart mid-transfer): not a copy.
-        let copies = u32::from(
-            self.seeded.get(&key).is_some_and(|(at, to)| now.saturating_sub(*at) < RESEED_AFTER_MS && *to != client),
-        );
-        origin_piece_decision(&SwarmPolicy::default(), copies)?;
-        if self.seeded.len() >= MAX_SEEDED && !self.seeded.contains_key(&key) {
-            if let Some(oldest) = self.seeded.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| *k) {
-                self.seeded.remove(&oldest);
-            }
+        let seeded = piece.filter(|_| originated && self.policy.origin_copies > 0).map(|p| (*blob, p));
+        if let Some(key) = seeded {
+            // The peer it went to asking again lost it (a restart mid-transfer): not a copy.
+            let copies = u32::from(
+                self.seeded
+                    .get(&key)
+                    .is_some_and(|(at, to)| now.saturating_sub(*at) < RESEED_AFTER_MS && *to != client),
+            );
+            origin_piece_decision(&SwarmPolicy::default(), copies)?;
         }
-        self.seeded.insert(key, (now, client));
-        Ok(())
+        // Held requests go first: a new one waits behind them even if a slot is free.
+        if uploading >= self.policy.slots_per_blob || waiting > 0 {
+            if waiting < self.policy.waiting_per_blob {
+                return Ok(PieceAdmission::Wait);
+            }
+            return Err(Refusal::Busy(format!(
+                "all {} upload slots of this blob are busy and {waiting} requests wait",
+                self.policy.slots_per_blob
+            )));
+        }
+        if let Some(key) = seeded {
+            if self.seeded.len() >= MAX_SEEDED && !self.seeded.contains_key(&key) {
+                if let Some(oldest) = self.seeded.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| *k) {
+                    self.seeded.remove(&oldest);
+                }
+            }
+            self.seeded.insert(key, (now, client));
+        }
+        Ok(PieceAdmission::Send)
+    }
+
+    /// How long a held request may wait for a slot.
+    pub fn max_wait_ms(&self) -> u64 {
+        self.policy.max_wait_ms
     }
 
     /// `to` has been sent the whole blob: it holds a verified copy, before it says so.
@@ -106,6 +157,7 @@ impl Uploads {
 mod tests {
     use super::*;
     use crate::identity::{KeyKind, SecretKey};
+    use PieceAdmission::{Send as SendNow, Wait};
 
     fn node(seed: u8) -> NodeId {
         SecretKey::from_seed(KeyKind::Node, [seed; 32]).public()
@@ -115,21 +167,61 @@ mod tests {
         UploadView { originated: [blob].into(), holders: BTreeMap::new(), admitted: peers.iter().copied().collect() }
     }
 
+    fn declined(a: PieceAdmission) -> bool {
+        matches!(a, PieceAdmission::Refuse(Refusal::Elsewhere(_)))
+    }
+
+    fn busy(a: PieceAdmission) -> bool {
+        matches!(a, PieceAdmission::Refuse(Refusal::Busy(_)))
+    }
+
     #[test]
     fn the_origin_seeds_each_piece_once_then_again_after_a_while() {
         let blob = Hex32([5; 32]);
         let (a, b, c) = (node(1), node(2), node(3));
         let mut up = Uploads::new(UploadPolicy::default());
         up.update(view(blob, &[a, b, c]));
-        assert!(up.allow_piece(0, &blob, 0, Some(a), Some(7)).is_ok());
-        let declined = up.allow_piece(10, &blob, 0, Some(b), Some(7));
-        assert!(matches!(declined, Err(Refusal::Elsewhere(_))), "a has piece 7: b asks a, or the origin for another");
-        assert!(up.allow_piece(10, &blob, 0, Some(c), Some(7)).is_err(), "c too, whatever its site");
-        assert!(up.allow_piece(10, &blob, 0, Some(a), Some(7)).is_ok(), "a asks again: it lost it");
-        assert!(up.allow_piece(10, &blob, 0, Some(c), Some(8)).is_ok(), "piece 8 was sent to nobody");
-        assert!(up.allow_piece(RESEED_AFTER_MS + 10, &blob, 0, Some(b), Some(7)).is_ok(), "seeded again");
+        assert_eq!(up.allow_piece(0, &blob, 0, 0, Some(a), Some(7)), SendNow);
+        assert!(
+            declined(up.allow_piece(10, &blob, 0, 0, Some(b), Some(7))),
+            "a has piece 7: b asks a, or the origin for another"
+        );
+        assert!(declined(up.allow_piece(10, &blob, 0, 0, Some(c), Some(7))), "c too, whatever its site");
+        assert_eq!(up.allow_piece(10, &blob, 0, 0, Some(a), Some(7)), SendNow, "a asks again: it lost it");
+        assert_eq!(up.allow_piece(10, &blob, 0, 0, Some(c), Some(8)), SendNow, "piece 8 was sent to nobody");
+        assert_eq!(up.allow_piece(RESEED_AFTER_MS + 10, &blob, 0, 0, Some(b), Some(7)), SendNow, "seeded again");
         assert!(up.allow(&blob, 2).is_err(), "both slots busy");
-        assert!(matches!(up.allow_piece(10, &blob, 2, Some(c), Some(9)), Err(Refusal::Busy(_))), "busy: any piece");
+    }
+
+    #[test]
+    fn requests_wait_for_a_busy_slot_in_turn_up_to_a_bound() {
+        let blob = Hex32([5; 32]);
+        let (a, b, c) = (node(1), node(2), node(3));
+        let policy = UploadPolicy { waiting_per_blob: 2, ..UploadPolicy::default() };
+        let mut up = Uploads::new(policy);
+        up.update(view(blob, &[a, b, c]));
+        // Both slots busy: held, not refused, and nothing is claimed while it waits.
+        assert_eq!(up.allow_piece(0, &blob, 2, 0, Some(a), Some(1)), Wait);
+        assert_eq!(up.allow_piece(0, &blob, 2, 1, Some(b), Some(1)), Wait, "a's wait claimed nothing");
+        assert!(busy(up.allow_piece(0, &blob, 2, 2, Some(c), Some(2))), "two wait already: refused");
+        // A slot frees: the held requests are asked again, oldest first.
+        assert_eq!(up.allow_piece(5, &blob, 1, 0, Some(a), Some(1)), SendNow);
+        assert!(declined(up.allow_piece(5, &blob, 1, 0, Some(b), Some(1))), "piece 1 went to a meanwhile");
+        // A newcomer waits behind held requests even with a slot free (they go first).
+        assert_eq!(up.allow_piece(5, &blob, 1, 1, Some(c), Some(3)), Wait);
+        assert_eq!(up.allow_piece(5, &blob, 1, 0, Some(c), Some(3)), SendNow);
+        // A piece that went elsewhere is declined at once, not held for a slot.
+        assert!(declined(up.allow_piece(6, &blob, 2, 0, Some(b), Some(3))));
+        // Nor is a client that is not admitted, or a blob the origin steps back from.
+        assert!(busy(up.allow_piece(6, &blob, 2, 0, Some(node(9)), Some(4))));
+        up.served(&blob, a);
+        up.served(&blob, b);
+        assert!(busy(up.allow_piece(6, &blob, 2, 0, Some(c), Some(4))), "two peers hold it: fetch from them");
+        // No slots at all: refused, never held.
+        let mut leech = Uploads::new(UploadPolicy { slots_per_blob: 0, ..UploadPolicy::default() });
+        leech.update(UploadView { originated: BTreeSet::new(), ..view(blob, &[a]) });
+        assert!(busy(leech.allow_piece(0, &blob, 0, 0, Some(a), Some(0))));
+        assert_eq!(up.max_wait_ms(), UploadPolicy::default().max_wait_ms);
     }
 
     #[test]
@@ -156,9 +248,9 @@ mod tests {
         assert!(up.admit(Some(a)).is_ok());
         assert!(up.admit(Some(outsider)).unwrap_err().contains("not an admitted fleet member"));
         assert!(up.admit(None).is_err(), "a client that does not say who it is");
-        assert!(matches!(up.allow_piece(0, &blob, 0, Some(outsider), Some(0)), Err(Refusal::Busy(_))));
-        assert!(up.allow_piece(0, &blob, 0, None, None).is_err());
-        assert!(up.allow_piece(0, &blob, 0, Some(a), Some(0)).is_ok());
+        assert!(busy(up.allow_piece(0, &blob, 0, 0, Some(outsider), Some(0))));
+        assert!(busy(up.allow_piece(0, &blob, 0, 0, None, None)));
+        assert_eq!(up.allow_piece(0, &blob, 0, 0, Some(a), Some(0)), SendNow);
         up.update(view(blob, &[]));
         assert!(up.admit(Some(a)).is_err(), "admission ends when the peer is refused or leaves");
     }

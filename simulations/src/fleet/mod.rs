@@ -121,6 +121,8 @@ pub struct SimNode {
     uploading: BTreeMap<Hex32, usize>,
     watchers: BTreeSet<(usize, Hex32)>,
     uploads: slmesh_protocol::node::Uploads,
+    /// Piece requests it holds for a busy slot, per blob, oldest first.
+    held: BTreeMap<Hex32, std::collections::VecDeque<pieces::HeldRequest>>,
 }
 
 #[derive(Debug)]
@@ -392,6 +394,7 @@ impl NodeFleet {
                     fetches: BTreeMap::new(),
                     version_fetches: BTreeMap::new(),
                     uploading: BTreeMap::new(),
+                    held: BTreeMap::new(),
                     watchers: BTreeSet::new(),
                     uploads: slmesh_protocol::node::Uploads::new(Default::default()),
                 }
@@ -606,6 +609,11 @@ impl NodeFleet {
     /// None if a partition drops it.
     fn send(&mut self, from: usize, to: usize, bytes: u64) -> Option<Micros> {
         self.transmit(from, to, bytes, false)
+    }
+
+    /// A piece request or a refusal (a small message of the blob protocol).
+    fn send_control(&mut self, from: usize, to: usize) -> Option<Micros> {
+        self.send(from, to, 64)
     }
 
     /// `bytes` plus framing over the link; `lossy`: the links' loss applies.

@@ -10,10 +10,19 @@ use super::{Ev, NodeFleet};
 use crate::engine::SECOND;
 use slmesh_protocol::hex32::Hex32;
 use slmesh_protocol::manifest::FileEntry;
-use slmesh_protocol::node::Input;
+use slmesh_protocol::node::{Input, PieceAdmission};
 use slmesh_protocol::swarm::{AfterPiece, FetchPolicy, FetchState, Next, PieceFetch, PieceOutcome, PieceSet, Refusal};
 use slmesh_protocol::NodeId;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// A piece request a provider holds until one of its upload slots frees.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct HeldRequest {
+    from: usize,
+    piece: u32,
+    lane: u32,
+    incarnation: u32,
+}
 
 /// The node's piece: 512 BLAKE3 chunks of 1 KiB.
 pub const PIECE_BYTES: u64 = 512 * 1024;
@@ -137,7 +146,7 @@ impl NodeFleet {
                 bf.open.insert((j, lane), piece);
                 let stall = bf.fetch.policy().piece_stall_ms * 1000;
                 self.q.after(stall, Ev::PieceStall { node: i, blob, provider: j, lane, piece, incarnation: inc });
-                match self.send(i, j, 64) {
+                match self.send_control(i, j) {
                     Some(at) => self.q.at(at, Ev::PieceRequest { to: j, from: i, blob, piece, lane, incarnation: inc }),
                     None => {
                         let at = self.q.now() + SECOND;
@@ -149,42 +158,54 @@ impl NodeFleet {
         }
     }
 
-    /// A provider takes a piece request: sends the piece, or refuses as its gate says.
+    /// A provider takes a piece request: sends the piece, holds it for a slot, or refuses
+    /// it, as its gate says.
     pub(super) fn on_piece_request(&mut self, j: usize, i: usize, blob: Hex32, piece: u32, lane: u32, inc: u32) {
+        let waiting = self.nodes[j].held.get(&blob).map_or(0, VecDeque::len);
+        let request = HeldRequest { from: i, piece, lane, incarnation: inc };
+        if self.admit_piece(j, blob, &request, waiting) == PieceAdmission::Wait {
+            self.nodes[j].held.entry(blob).or_default().push_back(request);
+        }
+    }
+
+    /// Sends the piece, or answers a refusal, unless the gate holds the request (`Wait`:
+    /// the caller keeps it). `waiting`: requests of the blob held already.
+    fn admit_piece(&mut self, j: usize, blob: Hex32, request: &HeldRequest, waiting: usize) -> PieceAdmission {
+        let HeldRequest { from: i, piece, lane, incarnation: inc } = *request;
         let now = self.now_ms();
         let client = self.id(i);
         let answer = |outcome| Ev::PieceAnswer { to: i, from: j, blob, piece, lane, outcome, incarnation: inc };
         let size = self.nodes[i].fetches.get(&blob).map(|b| b.size);
         let (Some(size), true) = (size, self.linked(i, j)) else {
             let at = self.q.now() + SECOND;
-            self.q.at(at, answer(PieceOutcome::Failed("connection lost".into())));
-            return;
+            let reason = "connection lost";
+            self.q.at(at, answer(PieceOutcome::Failed(reason.into())));
+            return PieceAdmission::Refuse(Refusal::Busy(reason.into()));
         };
         if self.nodes[j].stalls {
-            return; // the request is taken and never answered
+            // The request is taken and never answered.
+            return PieceAdmission::Refuse(Refusal::Busy("stalls".into()));
         }
         let holds =
             self.nodes[j].blobs.contains(&blob) || self.nodes[j].pieces.get(&blob).is_some_and(|s| s.contains(piece));
+        if !holds {
+            let at = self.send_control(j, i).unwrap_or(self.q.now() + SECOND);
+            self.q.at(at, answer(PieceOutcome::Failed("the provider does not hold the piece".into())));
+            return PieceAdmission::Refuse(Refusal::Busy("does not hold the piece".into()));
+        }
         let uploading = self.nodes[j].uploading.get(&blob).copied().unwrap_or(0);
-        let decision = if holds {
-            self.nodes[j].uploads.allow_piece(now, &blob, uploading, Some(client), Some(piece))
-        } else {
-            Err(Refusal::Busy("does not hold the piece".into()))
-        };
-        match decision {
-            Err(_) if !holds => {
-                let at = self.send(j, i, 64).unwrap_or(self.q.now() + SECOND);
-                self.q.at(at, answer(PieceOutcome::Failed("the provider does not hold the piece".into())));
-            }
-            Err(refusal) => {
+        let admission = self.nodes[j].uploads.allow_piece(now, &blob, uploading, waiting, Some(client), Some(piece));
+        match &admission {
+            PieceAdmission::Wait => {}
+            PieceAdmission::Refuse(refusal) => {
                 let outcome = match refusal {
                     Refusal::Busy(_) => PieceOutcome::Refused,
                     Refusal::Elsewhere(_) => PieceOutcome::Declined,
                 };
-                let at = self.send(j, i, 64).unwrap_or(self.q.now() + SECOND);
+                let at = self.send_control(j, i).unwrap_or(self.q.now() + SECOND);
                 self.q.at(at, answer(outcome));
             }
-            Ok(()) => {
+            PieceAdmission::Send => {
                 *self.nodes[j].uploading.entry(blob).or_default() += 1;
                 let now_us = self.q.now();
                 let bytes = piece_bytes(size, piece) + self.spec.overhead_bytes;
@@ -198,13 +219,30 @@ impl NodeFleet {
                 }
             }
         }
+        admission
     }
 
+    /// A transfer ended: the slot goes to the oldest held request the gate now lets
+    /// through (those it refuses meanwhile are answered).
     pub(super) fn on_slot_free(&mut self, j: usize, blob: Hex32, inc: u32) {
-        if inc == self.incarnation[j] {
-            if let Some(u) = self.nodes[j].uploading.get_mut(&blob) {
-                *u = u.saturating_sub(1);
+        if inc != self.incarnation[j] {
+            return;
+        }
+        if let Some(u) = self.nodes[j].uploading.get_mut(&blob) {
+            *u = u.saturating_sub(1);
+        }
+        while let Some(request) = self.nodes[j].held.get_mut(&blob).and_then(VecDeque::pop_front) {
+            match self.admit_piece(j, blob, &request, 0) {
+                PieceAdmission::Send => break,
+                PieceAdmission::Wait => {
+                    self.nodes[j].held.entry(blob).or_default().push_front(request);
+                    break;
+                }
+                PieceAdmission::Refuse(_) => {}
             }
+        }
+        if self.nodes[j].held.get(&blob).is_some_and(VecDeque::is_empty) {
+            self.nodes[j].held.remove(&blob);
         }
     }
 
@@ -395,5 +433,13 @@ impl NodeFleet {
         self.nodes[i].version_fetches.clear();
         self.nodes[i].uploading.clear();
         self.nodes[i].watchers.clear();
+        // Requests it held: their connections close.
+        let at = self.q.now() + SECOND;
+        for (blob, held) in std::mem::take(&mut self.nodes[i].held) {
+            for HeldRequest { from, piece, lane, incarnation } in held {
+                let outcome = PieceOutcome::Failed("the provider went away".into());
+                self.q.at(at, Ev::PieceAnswer { to: from, from: i, blob, piece, lane, outcome, incarnation });
+            }
+        }
     }
 }

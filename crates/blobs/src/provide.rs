@@ -1,0 +1,346 @@
+//! The provider's side of the blob endpoint: answers iroh-blobs' questions (admit a
+//! connection, an observe stream, a get request; when to send each 16 KiB chunk) as the
+//! upload gate decides, holds piece requests for a busy slot and starts them as slots
+//! free, counts uploaded bytes and, with a cap, paces chunks to stay under it.
+
+use crate::{hex_of, swarm, Counters, UploadGate, MAX_SENT_ENTRIES};
+use iroh_blobs::api::blobs::BlobStatus;
+use iroh_blobs::protocol::GetRequest;
+use iroh_blobs::provider::events::{
+    AbortReason, EventResult, ProviderMessage, RequestUpdate, TransferAborted, TransferCompleted,
+};
+use iroh_blobs::store::fs::FsStore;
+use iroh_blobs::Hash;
+use slmesh_protocol::node::PieceAdmission;
+use slmesh_protocol::swarm::Refusal;
+use slmesh_protocol::NodeId;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+type Answer = irpc::channel::oneshot::Sender<EventResult>;
+type Updates = irpc::channel::mpsc::Receiver<RequestUpdate>;
+
+/// Transfers running and requests held, per blob, under one lock: the gate decides on
+/// the counts, and they move in the same step.
+#[derive(Default)]
+struct Slots {
+    running: HashMap<Hash, usize>,
+    /// Held requests, oldest first: each is woken once, when a slot frees for it.
+    held: HashMap<Hash, VecDeque<oneshot::Sender<()>>>,
+}
+
+impl Slots {
+    /// Requests of `hash` still waiting (those that gave up are dropped).
+    fn waiting(&mut self, hash: &Hash) -> usize {
+        let Some(queue) = self.held.get_mut(hash) else { return 0 };
+        queue.retain(|tx| !tx.is_closed());
+        let n = queue.len();
+        if n == 0 {
+            self.held.remove(hash);
+        }
+        n
+    }
+
+    /// Wakes the oldest held request of `hash` that still waits.
+    fn wake(&mut self, hash: &Hash) {
+        if let Some(queue) = self.held.get_mut(hash) {
+            while let Some(tx) = queue.pop_front() {
+                if tx.send(()).is_ok() {
+                    break;
+                }
+            }
+            if queue.is_empty() {
+                self.held.remove(hash);
+            }
+        }
+    }
+
+    /// A transfer of `hash` ended: its slot goes to the oldest held request.
+    fn release(&mut self, hash: &Hash) {
+        if let Some(n) = self.running.get_mut(hash) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.running.remove(hash);
+            }
+        }
+        self.wake(hash);
+    }
+}
+
+/// What every request's handling shares.
+#[derive(Clone)]
+struct Provider {
+    gate: Arc<dyn UploadGate>,
+    counters: Arc<Counters>,
+    store: FsStore,
+    slots: Arc<Mutex<Slots>>,
+    /// Bytes of each blob sent to each client, over all its (piece) transfers.
+    sent: Arc<Mutex<HashMap<(NodeId, Hash), u64>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One get request: what it asks for and who asks.
+struct Request {
+    hash: Hash,
+    client: Option<NodeId>,
+    piece: Option<u32>,
+}
+
+impl Provider {
+    /// The gate's answer, taking a slot if it says send; a request it holds is queued in
+    /// the same step (`held`: one that waited already, asked again as a slot freed, goes
+    /// back to the head of the queue).
+    fn decide(&self, request: &Request, held: bool) -> (PieceAdmission, Option<oneshot::Receiver<()>>) {
+        let mut slots = lock(&self.slots);
+        let running = slots.running.get(&request.hash).copied().unwrap_or(0);
+        let waiting = if held { 0 } else { slots.waiting(&request.hash) };
+        let admission = match self.gate.admit(request.client) {
+            Err(reason) => PieceAdmission::Refuse(Refusal::Busy(reason)),
+            Ok(()) => self.gate.allow_piece(&hex_of(&request.hash), running, waiting, request.client, request.piece),
+        };
+        let wake = match admission {
+            PieceAdmission::Send => {
+                *slots.running.entry(request.hash).or_default() += 1;
+                None
+            }
+            PieceAdmission::Wait => {
+                let (tx, rx) = oneshot::channel();
+                let queue = slots.held.entry(request.hash).or_default();
+                if held {
+                    queue.push_front(tx);
+                } else {
+                    queue.push_back(tx);
+                }
+                Some(rx)
+            }
+            // A woken request that does not take the slot passes it on.
+            PieceAdmission::Refuse(_) => {
+                if held {
+                    slots.wake(&request.hash);
+                }
+                None
+            }
+        };
+        (admission, wake)
+    }
+
+    /// Answers a get request now, or holds it for a slot (in a task of its own, so that
+    /// the provider's other questions are answered meanwhile).
+    async fn get_request(&self, request: Request, answer: Answer, updates: Updates) {
+        match self.decide(&request, false) {
+            (PieceAdmission::Send, _) => self.serve(request, answer, updates).await,
+            (PieceAdmission::Wait, Some(wake)) => {
+                self.counters.held.fetch_add(1, Ordering::Relaxed);
+                let provider = self.clone();
+                tokio::spawn(async move { provider.hold(request, answer, updates, wake).await });
+            }
+            (PieceAdmission::Refuse(refusal), _) => self.refuse(&request, answer, refusal).await,
+            (PieceAdmission::Wait, None) => {
+                self.refuse(&request, answer, Refusal::Busy("no slot to wait for".into())).await
+            }
+        }
+    }
+
+    /// Waits for a slot, at most as long as the gate allows, then sends or refuses.
+    async fn hold(&self, request: Request, answer: Answer, updates: Updates, mut wake: oneshot::Receiver<()>) {
+        let max_wait = Duration::from_millis(self.gate.max_wait_ms());
+        let deadline = tokio::time::Instant::now() + max_wait;
+        loop {
+            match tokio::time::timeout_at(deadline, &mut wake).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    // A wake that came with the deadline goes to the next in line.
+                    if wake.try_recv().is_ok() {
+                        lock(&self.slots).wake(&request.hash);
+                    }
+                    let reason = format!("no upload slot freed within {} ms", max_wait.as_millis());
+                    return self.refuse(&request, answer, Refusal::Busy(reason)).await;
+                }
+            }
+            match self.decide(&request, true) {
+                (PieceAdmission::Send, _) => return self.serve(request, answer, updates).await,
+                (PieceAdmission::Wait, Some(next)) => wake = next,
+                (PieceAdmission::Refuse(refusal), _) => return self.refuse(&request, answer, refusal).await,
+                (PieceAdmission::Wait, None) => {
+                    return self.refuse(&request, answer, Refusal::Busy("no slot to wait for".into())).await
+                }
+            }
+        }
+    }
+
+    async fn refuse(&self, request: &Request, answer: Answer, refusal: Refusal) {
+        tracing::debug!(blob = %request.hash, reason = %refusal, "refused a fetch");
+        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+        let code = match refusal {
+            Refusal::Elsewhere(_) => AbortReason::Permission,
+            Refusal::Busy(_) => AbortReason::RateLimited,
+        };
+        answer.send(Err(code)).await.ok();
+    }
+
+    /// Sends: the request holds a slot until its transfer ends (its updates end with
+    /// Completed or Aborted, or the channel closes).
+    async fn serve(&self, request: Request, answer: Answer, mut updates: Updates) {
+        answer.send(Ok(())).await.ok();
+        let provider = self.clone();
+        tokio::spawn(async move {
+            // Counted when the transfer ends: its stats are exact, while progress events
+            // may be dropped under load.
+            while let Ok(Some(update)) = updates.recv().await {
+                match update {
+                    RequestUpdate::Completed(TransferCompleted { stats }) => {
+                        provider.counters.uploaded.fetch_add(stats.payload_bytes_sent, Ordering::Relaxed);
+                        provider.credit(&request, stats.payload_bytes_sent).await;
+                        break;
+                    }
+                    RequestUpdate::Aborted(TransferAborted { stats }) => {
+                        provider.counters.uploaded.fetch_add(stats.payload_bytes_sent, Ordering::Relaxed);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            lock(&provider.slots).release(&request.hash);
+        });
+    }
+
+    /// Fetchers ask only for what they miss: once the blob's size has gone to one client,
+    /// it holds the blob.
+    async fn credit(&self, request: &Request, bytes: u64) {
+        let Some(to) = request.client else { return };
+        let total = {
+            let mut sent = lock(&self.sent);
+            let t = sent.entry((to, request.hash)).or_default();
+            *t += bytes;
+            *t
+        };
+        let size = match self.store.blobs().status(request.hash).await {
+            Ok(BlobStatus::Complete { size }) => size,
+            _ => u64::MAX,
+        };
+        if total >= size {
+            self.gate.served(&hex_of(&request.hash), to);
+        }
+    }
+}
+
+/// The piece a get request starts in: piece requests ask for part of one.
+fn first_piece(request: &GetRequest) -> Option<u32> {
+    let first_chunk = request
+        .ranges
+        .iter_non_empty_infinite()
+        .next()
+        .and_then(|(offset, ranges)| (offset == 0).then(|| ranges.boundaries().first().map(|c| c.0)).flatten());
+    first_chunk.map(|c| (c / swarm::PIECE_CHUNKS) as u32)
+}
+
+/// Answers the provider's questions: whether to admit a connection, an observe stream or
+/// a get request (the upload gate, given how many transfers of that blob run and wait
+/// now), and, per 16 KiB chunk, when to send it.
+pub(crate) async fn provider_events(
+    mut rx: tokio::sync::mpsc::Receiver<ProviderMessage>,
+    counters: Arc<Counters>,
+    max_bytes_per_sec: Option<u64>,
+    gate: Arc<dyn UploadGate>,
+    store: FsStore,
+) {
+    let provider = Provider { gate, counters, store, slots: Default::default(), sent: Default::default() };
+    // Who is at the other end of each connection, to credit completed transfers.
+    let mut clients: HashMap<u64, NodeId> = HashMap::new();
+    // The uplink is free again at `next_free`: a token bucket without burst credit.
+    let mut next_free = Instant::now();
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            ProviderMessage::Throttle(msg) => {
+                if let Some(cap) = max_bytes_per_sec.filter(|c| *c > 0) {
+                    let now = Instant::now();
+                    next_free = next_free.max(now) + Duration::from_secs_f64(msg.inner.size as f64 / cap as f64);
+                    tokio::time::sleep_until(next_free.into()).await;
+                }
+                msg.tx.send(Ok(())).await.ok();
+            }
+            ProviderMessage::ClientConnected(msg) => {
+                let client = msg.inner.endpoint_id.map(|id| NodeId::from_endpoint_id(&id));
+                match provider.gate.admit(client) {
+                    Ok(()) => {
+                        if let Some(id) = client {
+                            clients.insert(msg.inner.connection_id, id);
+                        }
+                        msg.tx.send(Ok(())).await.ok();
+                    }
+                    Err(reason) => {
+                        tracing::info!(client = %client.map_or("unknown".into(), |c| c.short()), %reason, "refused a blob connection");
+                        provider.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        msg.tx.send(Err(AbortReason::Permission)).await.ok();
+                    }
+                }
+            }
+            ProviderMessage::ObserveRequestReceived(msg) => {
+                let client = clients.get(&msg.inner.connection_id).copied();
+                let answer = provider.gate.admit(client).map_err(|reason| {
+                    tracing::debug!(%reason, "refused an observe request");
+                    AbortReason::Permission
+                });
+                msg.tx.send(answer).await.ok();
+            }
+            ProviderMessage::ConnectionClosed(msg) => {
+                clients.remove(&msg.inner.connection_id);
+                // Bytes sent count towards "holds the whole blob" across a client's
+                // connections; past the bound, only connected clients' counts stay.
+                let mut sent = lock(&provider.sent);
+                if sent.len() > MAX_SENT_ENTRIES {
+                    let connected: std::collections::HashSet<NodeId> = clients.values().copied().collect();
+                    sent.retain(|(client, _), _| connected.contains(client));
+                }
+            }
+            ProviderMessage::GetRequestReceived(msg) => {
+                let request = Request {
+                    hash: msg.inner.request.hash,
+                    client: clients.get(&msg.inner.connection_id).copied(),
+                    piece: first_piece(&msg.inner.request),
+                };
+                provider.get_request(request, msg.tx, msg.rx).await;
+            }
+            // Only connections, throttle, get and observe are intercepted; the rest need
+            // no answer.
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_freed_slot_wakes_the_oldest_request_still_waiting() {
+        let hash = Hash::from([7u8; 32]);
+        let mut slots = Slots::default();
+        slots.running.insert(hash, 2);
+        let mut rxs: Vec<oneshot::Receiver<()>> = (0..3)
+            .map(|_| {
+                let (tx, rx) = oneshot::channel();
+                slots.held.entry(hash).or_default().push_back(tx);
+                rx
+            })
+            .collect();
+        // The oldest gave up waiting (its deadline passed): skipped, and not counted.
+        drop(rxs.remove(0));
+        assert_eq!(slots.waiting(&hash), 2);
+        slots.release(&hash);
+        assert_eq!(slots.running.get(&hash), Some(&1));
+        assert!(rxs[0].try_recv().is_ok(), "the oldest still waiting is woken");
+        assert!(rxs[1].try_recv().is_err(), "one slot, one wake");
+        slots.release(&hash);
+        assert!(rxs[1].try_recv().is_ok());
+        assert!(slots.running.is_empty() && slots.held.is_empty(), "nothing left behind");
+        slots.release(&hash);
+        assert!(slots.running.is_empty(), "a release too many does not underflow");
+    }
+}
