@@ -4,16 +4,16 @@
 //! one decoded token's products, all 211 of them with weights of their own (about 80 MB,
 //! more than the caches hold, as in a server).
 //!
-//! Each figure comes from a child process of this bench, one per setting of
-//! `CANDLE_MATMUL_TILES`, so that all are measured in the same run: `0` (the product as
-//! this repository patched it before the tiles), `grouped` (the tiles as first written:
-//! one row through the pass that converts a group of columns' scales first, rows beyond a
-//! multiple of four one at a time) and the default (one row read straight from its
-//! blocks, two rows in pairs), three rounds interleaved. The calling thread is one of the
-//! pool's, as the engine's is (`mistralrs-core`'s `in_pool.rs`). The figure is
-//! multiply-adds per second.
+//! Each figure comes from a child process of this bench, one per setting, so that all are
+//! measured in the same run: `before` (`CANDLE_MATMUL_TILES=0`: the product as this
+//! repository patched it before the tiles), `avx2` (`CANDLE_MATMUL_VNNI=0`: the tiles,
+//! each block's integer dot product in two AVX2 instructions) and `tiles` (as built: one
+//! VNNI instruction where the CPU has it; the same as `avx2` where it has not), three
+//! rounds interleaved. The calling thread is one of the pool's, as the engine's is
+//! (`mistralrs-core`'s `in_pool.rs`). The figure is multiply-adds per second.
 //!
-//! Run: `cargo bench --workspace --bench qmatmul --profile dev`.
+//! Run: `cargo bench --workspace --bench qmatmul --profile dev [-- FILTER ...]`; a filter
+//! keeps the cases whose name (`Q4_1,token`, `Q4_0,4,576,1536`: kind, rows, k, n) holds it.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -28,8 +28,9 @@ const KINDS: &[(&str, GgmlDType)] = &[("Q4_0", GgmlDType::Q4_0), ("Q4_1", GgmlDT
 const LAYER: &[(usize, usize)] =
     &[(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)];
 const LAYERS: usize = 30;
-/// `CANDLE_MATMUL_TILES` for the columns before, grouped and tiles.
-const SETTINGS: [&str; 3] = ["0", "grouped", "1"];
+/// The environment of the columns before, avx2 and tiles.
+const SETTINGS: [(&str, &str); 3] =
+    [("CANDLE_MATMUL_TILES", "0"), ("CANDLE_MATMUL_VNNI", "0"), ("CANDLE_MATMUL_TILES", "1")];
 const ROUNDS: usize = 3;
 
 fn qmatmul(kind: GgmlDType, k: usize, n: usize) -> QMatMul {
@@ -89,18 +90,12 @@ fn main() {
         return;
     }
     let me = std::env::current_exe().expect("this bench");
-    let run = |tiles: &str, which: &str| -> f64 {
-        let out = std::process::Command::new(&me)
-            .env("QMATMUL_CHILD", which)
-            .env("CANDLE_MATMUL_TILES", tiles)
-            .output()
-            .expect("child");
+    let run = |(var, value): (&str, &str), which: &str| -> f64 {
+        let out = std::process::Command::new(&me).env("QMATMUL_CHILD", which).env(var, value).output().expect("child");
         String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().expect("a figure") / 1e9
     };
     println!("multiply-adds per second (G), and each setting against `before`");
-    println!(
-        "| kind | rows | k x n | before | grouped | tiles | grouped / before | tiles / before | tiles / grouped |"
-    );
+    println!("| kind | rows | k x n | before | avx2 | tiles | avx2 / before | tiles / before | tiles / avx2 |");
     println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for (name, _) in KINDS {
         let mut cases: Vec<(String, String)> = vec![(format!("{name},token"), "1 (a token)".into())];
@@ -109,19 +104,21 @@ fn main() {
                 cases.push((format!("{name},{m},{k},{n}"), format!("{m} | {k} x {n}")));
             }
         }
+        let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+        cases.retain(|(which, _)| filters.is_empty() || filters.iter().any(|f| which.contains(f.as_str())));
         for (which, label) in cases {
             let label = if which.ends_with("token") { format!("{label} | 211 products") } else { label };
             // Rounds interleaved, medians: the figures move by a fifth from run to run here.
             let mut rounds: Vec<[f64; 3]> = (0..ROUNDS).map(|_| SETTINGS.map(|setting| run(setting, &which))).collect();
-            let [before, grouped, tiles] = [0, 1, 2].map(|i| {
+            let [before, avx2, tiles] = [0, 1, 2].map(|i| {
                 rounds.sort_by(|a, b| a[i].total_cmp(&b[i]));
                 rounds[ROUNDS / 2][i]
             });
             println!(
-                "| {name} | {label} | {before:.1} | {grouped:.1} | {tiles:.1} | {:.2}x | {:.2}x | {:.2}x |",
-                grouped / before,
+                "| {name} | {label} | {before:.1} | {avx2:.1} | {tiles:.1} | {:.2}x | {:.2}x | {:.2}x |",
+                avx2 / before,
                 tiles / before,
-                tiles / grouped
+                tiles / avx2
             );
         }
     }

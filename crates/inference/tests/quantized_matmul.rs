@@ -90,3 +90,54 @@ fn q4_0_one_row_alone_as_in_a_batch() {
 fn q4_1_one_row_alone_as_in_a_batch() {
     one_row_alone_as_in_a_batch(GgmlDType::Q4_1);
 }
+
+/// Q8_0 goes through the tiles where the CPU has VNNI, through `vec_dot` elsewhere.
+#[test]
+fn q8_0_one_row_alone_as_in_a_batch() {
+    one_row_alone_as_in_a_batch(GgmlDType::Q8_0);
+}
+
+/// Products of every kernel path (one row, two and three, four and more) as bits.
+fn product_bits() -> Vec<u32> {
+    let dev = Device::Cpu;
+    let (k, n) = (576, 23);
+    let mut bits = Vec::new();
+    for kind in [GgmlDType::Q4_0, GgmlDType::Q4_1] {
+        let w = Tensor::from_vec(values(n * k, 5), (n, k), &dev).expect("weights");
+        let q = QMatMul::from_qtensor(QTensor::quantize(&w, kind).expect("quantize")).expect("qmatmul");
+        for m in [1, 2, 3, 4, 7] {
+            let x = Tensor::from_vec(values(m * k, 6), (m, k), &dev).expect("input");
+            let out: Vec<Vec<f32>> = q.forward(&x).and_then(|t| t.to_vec2()).expect("product");
+            bits.extend(out.iter().flatten().map(|v| v.to_bits()));
+        }
+    }
+    bits
+}
+
+/// Where the CPU has VNNI, the kernels take each block's integer dot product in one
+/// instruction instead of AVX2's two; the sums are the same, so the results must be too,
+/// bit for bit. This test runs itself again with `CANDLE_MATMUL_VNNI=0` and compares (on
+/// a CPU without VNNI both runs take AVX2's path, and agree as they must).
+#[test]
+fn vnni_gives_the_bits_of_avx2() {
+    const CHILD: &str = "QUANTIZED_MATMUL_AVX2_CHILD";
+    let bits = product_bits();
+    let line: String = bits.iter().map(|b| format!("{b:08x}")).collect::<Vec<_>>().join(",");
+    if std::env::var_os(CHILD).is_some() {
+        println!("bits {line}");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("this test"))
+        .args(["--exact", "vnni_gives_the_bits_of_avx2", "--nocapture", "--test-threads", "1"])
+        .env(CHILD, "1")
+        .env("CANDLE_MATMUL_VNNI", "0")
+        .output()
+        .expect("the test again, without VNNI");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // libtest prints the test's name on the same line before it.
+    let avx2 = stdout.lines().find_map(|l| l.split_once("bits ").map(|(_, b)| b)).expect("the child's products");
+    #[cfg(target_arch = "x86_64")]
+    eprintln!("this CPU has AVX-VNNI: {}", std::arch::is_x86_feature_detected!("avxvnni"));
+    assert_eq!(avx2.len(), line.len(), "as many products");
+    assert!(avx2 == line, "the products with VNNI differ from AVX2's");
+}

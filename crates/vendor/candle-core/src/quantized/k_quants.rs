@@ -2273,12 +2273,6 @@ fn row_by_row() -> bool {
     })
 }
 
-/// slmesh patch: 4-bit weights go through `tiles.rs` unless `CANDLE_MATMUL_TILES` is "0".
-fn tiles() -> bool {
-    static TILES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *TILES.get_or_init(|| std::env::var("CANDLE_MATMUL_TILES").map_or(true, |v| v != "0"))
-}
-
 // https://github.com/ggml-org/llama.cpp/blob/aa3ee0eb0b80efca126cedf9bcb4fb5864b46ce3/ggml/src/ggml-cpu/ggml-cpu.c#L1205
 pub fn matmul<T: GgmlType>(
     (m, k, n): (usize, usize, usize),
@@ -2312,20 +2306,28 @@ pub fn matmul<T: GgmlType>(
         }
     }
 
-    // slmesh patch: 4-bit weights in tiles (`tiles.rs`), one row or several, unless
-    // CANDLE_MATMUL_TILES=0 (benchmarks compare the two in one run).
+    // slmesh patch: 4-bit weights in tiles (`tiles.rs`), one row or several, and Q8_0
+    // where the CPU has VNNI, unless CANDLE_MATMUL_TILES=0 (benchmarks compare the two in
+    // one run).
     #[cfg(target_feature = "avx2")]
-    if !row_by_row() && tiles() {
+    if !row_by_row() {
+        let tiles = super::tiles::settings();
         // The casts are sound: a block type alone has its `DTYPE`.
-        if T::DTYPE == GgmlDType::Q4_0 {
+        if T::DTYPE == GgmlDType::Q4_0 && tiles.takes::<BlockQ4_0>() {
             let rhs = unsafe { std::slice::from_raw_parts(rhs_t.as_ptr() as *const BlockQ4_0, rhs_t.len()) };
             let lhs = unsafe { std::slice::from_raw_parts(lhs_b.as_ptr() as *const BlockQ8_0, lhs_b.len()) };
             super::tiles::matmul((m, n, k_in_blocks), lhs, rhs, dst);
             return Ok(());
         }
-        if T::DTYPE == GgmlDType::Q4_1 {
+        if T::DTYPE == GgmlDType::Q4_1 && tiles.takes::<BlockQ4_1>() {
             let rhs = unsafe { std::slice::from_raw_parts(rhs_t.as_ptr() as *const BlockQ4_1, rhs_t.len()) };
             let lhs = unsafe { std::slice::from_raw_parts(lhs_b.as_ptr() as *const BlockQ8_1, lhs_b.len()) };
+            super::tiles::matmul((m, n, k_in_blocks), lhs, rhs, dst);
+            return Ok(());
+        }
+        if T::DTYPE == GgmlDType::Q8_0 && tiles.takes::<BlockQ8_0>() {
+            let rhs = unsafe { std::slice::from_raw_parts(rhs_t.as_ptr() as *const BlockQ8_0, rhs_t.len()) };
+            let lhs = unsafe { std::slice::from_raw_parts(lhs_b.as_ptr() as *const BlockQ8_0, lhs_b.len()) };
             super::tiles::matmul((m, n, k_in_blocks), lhs, rhs, dst);
             return Ok(());
         }

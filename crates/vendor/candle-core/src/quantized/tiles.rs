@@ -12,6 +12,17 @@
 //! input block's values summed) is `d * d_a * sum(nibble * q) + offset * sum_a`: the
 //! nibbles go into `maddubs` unsigned, as they are, and the offsets are added once per
 //! block. Results differ from `vec_dot`'s only in the order of float additions.
+//!
+//! Q8_0 weights go through the same tiles as `d * (q + 128) - 128 * d`, their bytes moved
+//! up by 128 to be unsigned, where the CPU has VNNI (below): `maddubs` would saturate on
+//! them. Its offsets' share cancels most of the sums' size, so results differ from
+//! `vec_dot`'s by float rounding a little more than the 4-bit kinds' do.
+//!
+//! Where the CPU has VNNI (AVX-VNNI, or AVX-512 VNNI with VL), each block's integer dot
+//! product is one `vpdpbusd` instead of `maddubs` then `madd`: the same sums of four
+//! adjacent products in each lane (a nibble times a byte, at most 15 * 127 * 2 in a pair,
+//! never saturates `maddubs`), so the same bits. The crate is built for x86-64-v3 (AVX2);
+//! the VNNI kernels are compiled beside it and chosen when the process starts.
 
 use super::k_quants::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
 use half::f16;
@@ -22,12 +33,16 @@ use core::arch::x86::*;
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
-/// A weight block of 32 four-bit values: `d * nibble + offset`.
-pub(crate) trait NibbleBlock: Sync {
+/// A weight block of 32 values `d * u + offset`, `u` unsigned: four bits (Q4_0, Q4_1) or
+/// eight (Q8_0, its signed bytes moved up by 128).
+pub(crate) trait WeightBlock: Sync {
+    /// Eight-bit `u` saturates `maddubs`' pairs (255 * 127 * 2 > 32767): such a kind goes
+    /// through the tiles only where the CPU has VNNI, whose sums of four do not.
+    const NEEDS_VNNI: bool = false;
     fn scale(&self) -> f32;
     fn offset(&self) -> f32;
-    /// 16 bytes: values 0..16 in the low nibbles, 16..32 in the high ones.
-    fn nibbles(&self) -> *const u8;
+    /// The 32 values of `u`, in order.
+    unsafe fn unsigned(&self) -> __m256i;
 }
 
 /// An input block of 32 signed bytes, `d * q`.
@@ -38,27 +53,44 @@ pub(crate) trait ByteBlock: Sync {
     fn bytes(&self) -> *const i8;
 }
 
-impl NibbleBlock for BlockQ4_0 {
+impl WeightBlock for BlockQ4_0 {
     fn scale(&self) -> f32 {
         f16::to_f32(self.d)
     }
     fn offset(&self) -> f32 {
         -8.0 * f16::to_f32(self.d)
     }
-    fn nibbles(&self) -> *const u8 {
-        self.qs.as_ptr()
+    #[inline(always)]
+    unsafe fn unsigned(&self) -> __m256i {
+        nibbles_32(self.qs.as_ptr())
     }
 }
 
-impl NibbleBlock for BlockQ4_1 {
+impl WeightBlock for BlockQ4_1 {
     fn scale(&self) -> f32 {
         f16::to_f32(self.d)
     }
     fn offset(&self) -> f32 {
         f16::to_f32(self.m)
     }
-    fn nibbles(&self) -> *const u8 {
-        self.qs.as_ptr()
+    #[inline(always)]
+    unsafe fn unsigned(&self) -> __m256i {
+        nibbles_32(self.qs.as_ptr())
+    }
+}
+
+/// `d * q` = `d * (q + 128) - 128 * d`.
+impl WeightBlock for BlockQ8_0 {
+    const NEEDS_VNNI: bool = true;
+    fn scale(&self) -> f32 {
+        f16::to_f32(self.d)
+    }
+    fn offset(&self) -> f32 {
+        -128.0 * f16::to_f32(self.d)
+    }
+    #[inline(always)]
+    unsafe fn unsigned(&self) -> __m256i {
+        _mm256_xor_si256(_mm256_loadu_si256(self.qs.as_ptr() as *const __m256i), _mm256_set1_epi8(-128))
     }
 }
 
@@ -109,6 +141,23 @@ unsafe fn nibbles_32(p: *const u8) -> __m256i {
     _mm256_and_si256(_mm256_set1_epi8(0xF), bytes)
 }
 
+/// How a block's integer dot product is computed: a const parameter of every kernel, so
+/// that each is compiled once per instruction set (`Settings::dot`).
+const AVX2: u8 = 0;
+const AVX_VNNI: u8 = 1;
+const AVX512_VNNI: u8 = 2;
+
+/// Eight lanes, each the sum of four adjacent `nibble * byte` products. The VNNI arms are
+/// only instantiated inside the `task_*` functions that enable their instruction set.
+#[inline(always)]
+unsafe fn block_dot<const DOT: u8>(nib: __m256i, q: __m256i) -> __m256i {
+    match DOT {
+        AVX_VNNI => _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), nib, q),
+        AVX512_VNNI => _mm256_dpbusd_epi32(_mm256_setzero_si256(), nib, q),
+        _ => _mm256_madd_epi16(_mm256_maddubs_epi16(nib, q), _mm256_set1_epi16(1)),
+    }
+}
+
 #[inline(always)]
 unsafe fn hsum(x: __m256) -> f32 {
     let res = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
@@ -139,11 +188,10 @@ unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 /// registers; the scales come from memory as broadcasts (load ports, not arithmetic),
 /// and the offsets' share is added at the end as one f32 dot product per pair.
 #[inline(always)]
-unsafe fn tile<W: NibbleBlock, A: ByteBlock, const RN: usize, const RM: usize>(
+unsafe fn tile<W: WeightBlock, A: ByteBlock, const RN: usize, const RM: usize, const DOT: u8>(
     cols: [&Column<W>; RN],
     rows: [&Row<A>; RM],
 ) -> [[f32; RM]; RN] {
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); RM]; RN];
     let blocks = cols[0].blocks.len();
     let col_blocks = cols.map(|c| c.blocks.as_ptr());
@@ -153,13 +201,13 @@ unsafe fn tile<W: NibbleBlock, A: ByteBlock, const RN: usize, const RM: usize>(
     for b in 0..blocks {
         let mut nib = [_mm256_setzero_si256(); RN];
         for j in 0..RN {
-            nib[j] = nibbles_32((*col_blocks[j].add(b)).nibbles());
+            nib[j] = (*col_blocks[j].add(b)).unsigned();
         }
         for i in 0..RM {
             let q = _mm256_loadu_si256((*row_blocks[i].add(b)).bytes() as *const __m256i);
             let da = _mm256_broadcast_ss(&*row_scales[i].add(b));
             for j in 0..RN {
-                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(nib[j], q), ones);
+                let dot = block_dot::<DOT>(nib[j], q);
                 let scale = _mm256_mul_ps(_mm256_broadcast_ss(&*col_scales[j].add(b)), da);
                 acc[j][i] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[j][i]);
             }
@@ -185,7 +233,8 @@ const COLUMN_GROUP: usize = 64;
 
 /// Columns `first..` (as many as `out` holds, `m` results each, column-major), a group
 /// at a time.
-fn columns<W: NibbleBlock, A: ByteBlock>(
+#[inline(always)]
+fn columns<W: WeightBlock, A: ByteBlock, const DOT: u8>(
     weights: &[W],
     k_blocks: usize,
     rows: &[Row<A>],
@@ -209,26 +258,27 @@ fn columns<W: NibbleBlock, A: ByteBlock>(
                 Column { blocks: &blocks[r.clone()], scales: &scales[r.clone()], offsets: &offsets[r] }
             })
             .collect();
-        group_of_columns(&cols, rows, &mut out[g * m..(g + group) * m]);
+        group_of_columns::<W, A, DOT>(&cols, rows, &mut out[g * m..(g + group) * m]);
     }
 }
 
 /// Every row through these columns, in tiles.
-fn group_of_columns<W: NibbleBlock, A: ByteBlock>(cols: &[Column<W>], rows: &[Row<A>], out: &mut [f32]) {
+#[inline(always)]
+fn group_of_columns<W: WeightBlock, A: ByteBlock, const DOT: u8>(cols: &[Column<W>], rows: &[Row<A>], out: &mut [f32]) {
     let (m, count) = (rows.len(), cols.len());
     let full = m - m % ROWS;
     for i in (0..full).step_by(ROWS) {
         let r = [&rows[i], &rows[i + 1], &rows[i + 2], &rows[i + 3]];
         let mut c = 0;
         while c + COLS_BY_ROWS <= count {
-            let t = unsafe { tile::<W, A, COLS_BY_ROWS, ROWS>([&cols[c], &cols[c + 1]], r) };
+            let t = unsafe { tile::<W, A, COLS_BY_ROWS, ROWS, DOT>([&cols[c], &cols[c + 1]], r) };
             for (j, t) in t.iter().enumerate() {
                 out[(c + j) * m + i..(c + j) * m + i + ROWS].copy_from_slice(t);
             }
             c += COLS_BY_ROWS;
         }
         for c in c..count {
-            let [t] = unsafe { tile::<W, A, 1, ROWS>([&cols[c]], r) };
+            let [t] = unsafe { tile::<W, A, 1, ROWS, DOT>([&cols[c]], r) };
             out[c * m + i..c * m + i + ROWS].copy_from_slice(&t);
         }
     }
@@ -236,14 +286,14 @@ fn group_of_columns<W: NibbleBlock, A: ByteBlock>(cols: &[Column<W>], rows: &[Ro
         let r = [&rows[i]];
         let mut c = 0;
         while c + COLS_BY_ONE <= count {
-            let t = unsafe { tile::<W, A, COLS_BY_ONE, 1>([&cols[c], &cols[c + 1], &cols[c + 2], &cols[c + 3]], r) };
+            let t = unsafe { tile::<W, A, COLS_BY_ONE, 1, DOT>([&cols[c], &cols[c + 1], &cols[c + 2], &cols[c + 3]], r) };
             for (j, [t]) in t.iter().enumerate() {
                 out[(c + j) * m + i] = *t;
             }
             c += COLS_BY_ONE;
         }
         for c in c..count {
-            let [[t]] = unsafe { tile::<W, A, 1, 1>([&cols[c]], r) };
+            let [[t]] = unsafe { tile::<W, A, 1, 1, DOT>([&cols[c]], r) };
             out[c * m + i] = t;
         }
     }
@@ -255,8 +305,10 @@ fn group_of_columns<W: NibbleBlock, A: ByteBlock>(cols: &[Column<W>], rows: &[Ro
 /// The arithmetic, and so every bit of the result, is `tile::<RN, 1>`'s. Safety: every
 /// column holds as many blocks as the row (`one_row_columns` slices them `k_blocks` long).
 #[inline(always)]
-unsafe fn one_row_tile<W: NibbleBlock, A: ByteBlock, const RN: usize>(cols: [&[W]; RN], row: &Row<A>) -> [f32; RN] {
-    let ones = _mm256_set1_epi16(1);
+unsafe fn one_row_tile<W: WeightBlock, A: ByteBlock, const RN: usize, const DOT: u8>(
+    cols: [&[W]; RN],
+    row: &Row<A>,
+) -> [f32; RN] {
     let mut acc = [_mm256_setzero_ps(); RN];
     let blocks = row.blocks.len();
     for b in 0..blocks {
@@ -264,7 +316,7 @@ unsafe fn one_row_tile<W: NibbleBlock, A: ByteBlock, const RN: usize>(cols: [&[W
         let da = _mm256_broadcast_ss(row.scales.get_unchecked(b));
         for j in 0..RN {
             let block = cols[j].get_unchecked(b);
-            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles_32(block.nibbles()), q), ones);
+            let dot = block_dot::<DOT>(block.unsigned(), q);
             let scale = _mm256_mul_ps(_mm256_set1_ps(block.scale()), da);
             acc[j] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[j]);
         }
@@ -291,7 +343,8 @@ unsafe fn one_row_tile<W: NibbleBlock, A: ByteBlock, const RN: usize>(cols: [&[W
 }
 
 /// One row through columns `first..` (as many as `out` holds), four at a time.
-fn one_row_columns<W: NibbleBlock, A: ByteBlock>(
+#[inline(always)]
+fn one_row_columns<W: WeightBlock, A: ByteBlock, const DOT: u8>(
     weights: &[W],
     k_blocks: usize,
     row: &Row<A>,
@@ -302,11 +355,11 @@ fn one_row_columns<W: NibbleBlock, A: ByteBlock>(
     let mut c = 0;
     while c + COLS_BY_ONE <= out.len() {
         let cols = [column(c), column(c + 1), column(c + 2), column(c + 3)];
-        out[c..c + COLS_BY_ONE].copy_from_slice(&unsafe { one_row_tile::<W, A, COLS_BY_ONE>(cols, row) });
+        out[c..c + COLS_BY_ONE].copy_from_slice(&unsafe { one_row_tile::<W, A, COLS_BY_ONE, DOT>(cols, row) });
         c += COLS_BY_ONE;
     }
     for c in c..out.len() {
-        let [t] = unsafe { one_row_tile::<W, A, 1>([column(c)], row) };
+        let [t] = unsafe { one_row_tile::<W, A, 1, DOT>([column(c)], row) };
         out[c] = t;
     }
 }
@@ -317,11 +370,10 @@ fn one_row_columns<W: NibbleBlock, A: ByteBlock>(
 /// Safety: every column holds as many blocks as the rows (`direct_columns` slices them
 /// `k_blocks` long).
 #[inline(always)]
-unsafe fn direct_tile<W: NibbleBlock, A: ByteBlock, const RN: usize, const RM: usize>(
+unsafe fn direct_tile<W: WeightBlock, A: ByteBlock, const RN: usize, const RM: usize, const DOT: u8>(
     cols: [&[W]; RN],
     rows: [&Row<A>; RM],
 ) -> [[f32; RM]; RN] {
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); RM]; RN];
     let blocks = rows[0].blocks.len();
     for b in 0..blocks {
@@ -329,14 +381,14 @@ unsafe fn direct_tile<W: NibbleBlock, A: ByteBlock, const RN: usize, const RM: u
         let mut d = [0f32; RN];
         for j in 0..RN {
             let block = cols[j].get_unchecked(b);
-            nib[j] = nibbles_32(block.nibbles());
+            nib[j] = block.unsigned();
             d[j] = block.scale();
         }
         for i in 0..RM {
             let q = _mm256_loadu_si256(rows[i].blocks.get_unchecked(b).bytes() as *const __m256i);
             let da = _mm256_broadcast_ss(rows[i].scales.get_unchecked(b));
             for j in 0..RN {
-                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(nib[j], q), ones);
+                let dot = block_dot::<DOT>(nib[j], q);
                 let scale = _mm256_mul_ps(_mm256_set1_ps(d[j]), da);
                 acc[j][i] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[j][i]);
             }
@@ -370,7 +422,8 @@ unsafe fn direct_tile<W: NibbleBlock, A: ByteBlock, const RN: usize, const RM: u
 
 /// Two or three rows through columns `first..` (as many as `out` holds, `m` results each,
 /// column-major): four columns at a time, the rows in pairs, then one.
-fn direct_columns<W: NibbleBlock, A: ByteBlock>(
+#[inline(always)]
+fn direct_columns<W: WeightBlock, A: ByteBlock, const DOT: u8>(
     weights: &[W],
     k_blocks: usize,
     rows: &[Row<A>],
@@ -387,12 +440,12 @@ fn direct_columns<W: NibbleBlock, A: ByteBlock>(
         while c + COLS_BY_ONE <= count {
             let cols = [column(c), column(c + 1), column(c + 2), column(c + 3)];
             if pair {
-                let t = unsafe { direct_tile::<W, A, COLS_BY_ONE, 2>(cols, [&rows[i], &rows[i + 1]]) };
+                let t = unsafe { direct_tile::<W, A, COLS_BY_ONE, 2, DOT>(cols, [&rows[i], &rows[i + 1]]) };
                 for (j, t) in t.iter().enumerate() {
                     out[(c + j) * m + i..(c + j) * m + i + 2].copy_from_slice(t);
                 }
             } else {
-                let t = unsafe { direct_tile::<W, A, COLS_BY_ONE, 1>(cols, [&rows[i]]) };
+                let t = unsafe { direct_tile::<W, A, COLS_BY_ONE, 1, DOT>(cols, [&rows[i]]) };
                 for (j, [t]) in t.iter().enumerate() {
                     out[(c + j) * m + i] = *t;
                 }
@@ -401,10 +454,10 @@ fn direct_columns<W: NibbleBlock, A: ByteBlock>(
         }
         for c in c..count {
             if pair {
-                let [t] = unsafe { direct_tile::<W, A, 1, 2>([column(c)], [&rows[i], &rows[i + 1]]) };
+                let [t] = unsafe { direct_tile::<W, A, 1, 2, DOT>([column(c)], [&rows[i], &rows[i + 1]]) };
                 out[c * m + i..c * m + i + 2].copy_from_slice(&t);
             } else {
-                let [[t]] = unsafe { direct_tile::<W, A, 1, 1>([column(c)], [&rows[i]]) };
+                let [[t]] = unsafe { direct_tile::<W, A, 1, 1, DOT>([column(c)], [&rows[i]]) };
                 out[c * m + i] = t;
             }
         }
@@ -412,16 +465,107 @@ fn direct_columns<W: NibbleBlock, A: ByteBlock>(
     }
 }
 
-/// `CANDLE_MATMUL_TILES=grouped`: one to three rows through `columns` too, as before
-/// `one_row_tile` and `direct_tile` (benchmarks compare both in one run).
-fn one_row_grouped() -> bool {
-    static GROUPED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *GROUPED.get_or_init(|| std::env::var("CANDLE_MATMUL_TILES").is_ok_and(|v| v == "grouped"))
+/// The product's settings, read from the environment once, so that benchmarks compare
+/// them in one run (each setting in a process of its own).
+pub(crate) struct Settings {
+    /// `CANDLE_MATMUL_TILES=0`: 4-bit weights as before the tiles (`vec_dot`).
+    pub(crate) tiles: bool,
+    /// `CANDLE_MATMUL_TILES=grouped`: one to three rows through `columns` too, as before
+    /// `one_row_tile` and `direct_tile`.
+    grouped: bool,
+    /// The block dot product: VNNI where the CPU has it, unless `CANDLE_MATMUL_VNNI=0`.
+    dot: u8,
+}
+
+impl Settings {
+    /// Whether weights of kind `W` go through the tiles.
+    pub(crate) fn takes<W: WeightBlock>(&self) -> bool {
+        self.tiles && (!W::NEEDS_VNNI || self.dot != AVX2)
+    }
+}
+
+pub(crate) fn settings() -> &'static Settings {
+    static SETTINGS: std::sync::OnceLock<Settings> = std::sync::OnceLock::new();
+    SETTINGS.get_or_init(|| {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let tiles = var("CANDLE_MATMUL_TILES");
+        let vnni = var("CANDLE_MATMUL_VNNI").is_none_or(|v| v != "0");
+        let dot = if vnni && std::arch::is_x86_feature_detected!("avxvnni") {
+            AVX_VNNI
+        } else if vnni
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            AVX512_VNNI
+        } else {
+            AVX2
+        };
+        Settings {
+            tiles: tiles.as_deref() != Some("0"),
+            grouped: tiles.as_deref() == Some("grouped"),
+            dot,
+        }
+    })
+}
+
+/// Which kernel a task runs.
+#[derive(Clone, Copy)]
+enum Path {
+    /// One row (decoding one request): `dst` itself, a stretch of columns.
+    OneRow,
+    /// Two or three rows: column-major, the rows in pairs.
+    Direct,
+    /// Any number of rows, through the pass that converts a group's scales first.
+    Grouped,
+}
+
+/// One task's columns `first..` through the kernel of `path`, its block dot product
+/// compiled for `DOT`.
+#[inline(always)]
+fn task<W: WeightBlock, A: ByteBlock, const DOT: u8>(
+    path: Path,
+    weights: &[W],
+    k_blocks: usize,
+    rows: &[Row<A>],
+    first: usize,
+    out: &mut [f32],
+) {
+    match path {
+        Path::OneRow => one_row_columns::<W, A, DOT>(weights, k_blocks, &rows[0], first, out),
+        Path::Direct => direct_columns::<W, A, DOT>(weights, k_blocks, rows, first, out),
+        Path::Grouped => columns::<W, A, DOT>(weights, k_blocks, rows, first, out),
+    }
+}
+
+/// `task`, compiled with the instruction set of `dot` enabled. Safety: `dot` is what
+/// `settings` detected on this CPU.
+unsafe fn task_for<W: WeightBlock, A: ByteBlock>(
+    dot: u8,
+    path: Path,
+    weights: &[W],
+    k_blocks: usize,
+    rows: &[Row<A>],
+    first: usize,
+    out: &mut [f32],
+) {
+    #[target_feature(enable = "avxvnni")]
+    unsafe fn avx_vnni<W: WeightBlock, A: ByteBlock>(p: Path, w: &[W], kb: usize, r: &[Row<A>], f: usize, o: &mut [f32]) {
+        task::<W, A, AVX_VNNI>(p, w, kb, r, f, o)
+    }
+    #[target_feature(enable = "avx512vnni,avx512vl")]
+    unsafe fn avx512_vnni<W: WeightBlock, A: ByteBlock>(p: Path, w: &[W], kb: usize, r: &[Row<A>], f: usize, o: &mut [f32]) {
+        task::<W, A, AVX512_VNNI>(p, w, kb, r, f, o)
+    }
+    match dot {
+        AVX_VNNI => avx_vnni(path, weights, k_blocks, rows, first, out),
+        AVX512_VNNI => avx512_vnni(path, weights, k_blocks, rows, first, out),
+        _ => task::<W, A, AVX2>(path, weights, k_blocks, rows, first, out),
+    }
 }
 
 /// `dst[m][n] = lhs[m][k] . rhs_t[n][k]^T`, the input already quantised (`lhs_b`, `m`
 /// rows of `k_blocks`); the weights' columns are split among the threads.
-pub(crate) fn matmul<W: NibbleBlock, A: ByteBlock>(
+pub(crate) fn matmul<W: WeightBlock, A: ByteBlock>(
     (m, n, k_blocks): (usize, usize, usize),
     lhs_b: &[A],
     rhs_t: &[W],
@@ -442,20 +586,23 @@ pub(crate) fn matmul<W: NibbleBlock, A: ByteBlock>(
     let by_work = (65_536 / (m * k_blocks).max(1)).max(1);
     let by_threads = n.div_ceil(2 * threads).max(1);
     let per_task = by_work.min(by_threads).next_multiple_of(COLS_BY_ONE);
-    if let ([row], false) = (rows.as_slice(), one_row_grouped()) {
-        dst[..n].par_chunks_mut(per_task).enumerate().for_each(|(t, out)| {
-            one_row_columns(rhs_t, k_blocks, row, t * per_task, out);
+    assert!(settings().takes::<W>(), "weights this kernel cannot take on this CPU");
+    let Settings { grouped, dot, .. } = *settings();
+    let path = match m {
+        1 if !grouped => Path::OneRow,
+        _ if m < ROWS && !grouped => Path::Direct,
+        _ => Path::Grouped,
+    };
+    // Safety (`task_for`): `dot` comes from `settings`.
+    if let Path::OneRow = path {
+        dst[..n].par_chunks_mut(per_task).enumerate().for_each(|(t, out)| unsafe {
+            task_for(dot, path, rhs_t, k_blocks, &rows, t * per_task, out);
         });
         return;
     }
-    let direct = m < ROWS && !one_row_grouped();
     let mut dst_t = vec![0f32; n * m];
-    dst_t.par_chunks_mut(per_task * m).enumerate().for_each(|(t, out)| {
-        if direct {
-            direct_columns(rhs_t, k_blocks, &rows, t * per_task, out);
-        } else {
-            columns(rhs_t, k_blocks, &rows, t * per_task, out);
-        }
+    dst_t.par_chunks_mut(per_task * m).enumerate().for_each(|(t, out)| unsafe {
+        task_for(dot, path, rhs_t, k_blocks, &rows, t * per_task, out);
     });
     for (row_idx, dst_row) in dst.chunks_exact_mut(n).take(m).enumerate() {
         for (col_idx, dst) in dst_row.iter_mut().enumerate() {
@@ -489,7 +636,7 @@ mod tests {
 
     /// Every shape of tile (rows in fours and one by one, columns in twos, fours and one
     /// by one) against `vec_dot` pair by pair.
-    fn agrees_with_vec_dot<W: GgmlType + NibbleBlock>()
+    fn agrees_with_vec_dot<W: GgmlType + WeightBlock>()
     where
         W::VecDotType: ByteBlock,
     {
