@@ -8,7 +8,7 @@ baseline of the same run.
 
 Usage: python side_by_side.py SLMESH LLAMA_SERVER MODEL.gguf [MODEL.gguf ...]
   SLMESH: the slmesh binary; LLAMA_SERVER: llama.cpp's llama-server (BENCHMARKS.md says
-  how it was built here). Environment: ROUNDS (default 5), THREADS (default 2),
+  how it was built here), or `-` to compare the two slmesh servers alone. Environment: ROUNDS (default 5), THREADS (default 2),
   MAX_CONCURRENT (slmesh's --max-concurrent; default its own, 2: four requests at once
   then decode two at a time), BASELINE (the second slmesh server's environment, one
   VAR=value; default MISTRALRS_ENGINE_IN_POOL=0).
@@ -139,12 +139,15 @@ def main():
                 18102,
                 dict([BASELINE.split("=", 1)]),
             ),
-            Server(
-                "llama.cpp",
-                [llama_server, "-m", model, "-t", THREADS, "-c", "4096", "--port", "18103", "--parallel", "4"],
-                18103,
-            ),
         ]
+        if llama_server != "-":
+            servers.append(
+                Server(
+                    "llama.cpp",
+                    [llama_server, "-m", model, "-t", THREADS, "-c", "4096", "--port", "18103", "--parallel", "4"],
+                    18103,
+                )
+            )
         try:
             decode = {s.name: [] for s in servers}
             ttft = {s.name: [] for s in servers}
