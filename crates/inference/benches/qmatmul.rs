@@ -94,6 +94,7 @@ fn main() {
         let out = std::process::Command::new(&me).env("QMATMUL_CHILD", which).env(var, value).output().expect("child");
         String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().expect("a figure") / 1e9
     };
+    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     println!("multiply-adds per second (G), and each setting against `before`");
     println!("| kind | rows | k x n | before | avx2 | tiles | avx2 / before | tiles / before | tiles / avx2 |");
     println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
@@ -104,7 +105,6 @@ fn main() {
                 cases.push((format!("{name},{m},{k},{n}"), format!("{m} | {k} x {n}")));
             }
         }
-        let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
         cases.retain(|(which, _)| filters.is_empty() || filters.iter().any(|f| which.contains(f.as_str())));
         for (which, label) in cases {
             let label = if which.ends_with("token") { format!("{label} | 211 products") } else { label };
