@@ -18,17 +18,16 @@ fn main() {
     let dir = slmesh_sim::Scenario::shipped_dir();
     let asked: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let names: Vec<String> = if asked.is_empty() { SCENARIOS.iter().map(|s| s.to_string()).collect() } else { asked };
-    for asked in names {
-        let (file, seed) = match asked.split_once('@') {
-            Some((file, seed)) => (file.to_string(), Some(seed.parse::<u64>().expect("a seed is a number"))),
-            None => (asked.clone(), None),
+    for name in names {
+        let (file, seed) = match name.split_once('@') {
+            Some((file, seed)) => (file, Some(seed.parse::<u64>().expect("a seed is a number"))),
+            None => (name.as_str(), None),
         };
         let text = std::fs::read_to_string(format!("{dir}/{file}.toml")).expect("scenario");
         let mut sc = slmesh_sim::Scenario::parse(&text).expect("valid scenario");
         if let Some(seed) = seed {
             sc.seed = seed;
         }
-        let name = asked;
         let started = Instant::now();
         let r = slmesh_sim::run(sc);
         let wall = started.elapsed().as_secs_f64();
