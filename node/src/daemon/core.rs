@@ -18,7 +18,7 @@ use slmesh_protocol::node::{
 };
 use slmesh_protocol::select::NodeFacts;
 use slmesh_protocol::trust::Enrollment;
-use slmesh_protocol::{Hex32, ModelManifest, NodeId, TrustStore};
+use slmesh_protocol::{Hex32, NodeId, TrustStore};
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -86,15 +86,8 @@ impl Driver {
         for d in damaged {
             tracing::warn!("a stored manifest is damaged and skipped: {d}");
         }
-        // The files the stored manifests name (the state machine checks their signatures),
-        // each looked up once.
-        let files: BTreeSet<Hex32> = manifests
-            .iter()
-            .filter_map(|s| slmesh_protocol::wire::decode::<ModelManifest>(&s.body, "manifest").ok())
-            .flat_map(|m| m.variants.into_iter().flat_map(|v| v.files.into_iter().map(|f| f.blake3)))
-            .collect();
         let mut complete_blobs = vec![];
-        for blob in files {
+        for blob in Restored::files_named(&manifests) {
             if parts.blobs.is_complete(&blob).await.unwrap_or(false) {
                 complete_blobs.push(blob);
             }
@@ -117,9 +110,9 @@ impl Driver {
             .await
             .unwrap_or_default();
         let cfg = NodeConfig {
-            metrics_interval_ms: parts.config.fleet.metrics_interval_secs.max(1) * 1000,
-            metrics_ttl_secs: parts.config.fleet.metrics_ttl_secs.max(1),
-            sync_interval_ms: parts.config.network.sync_interval_secs.max(1) * 1000,
+            metrics_interval_ms: parts.config.fleet.metrics_interval_secs.saturating_mul(1000),
+            metrics_ttl_secs: parts.config.fleet.metrics_ttl_secs,
+            sync_interval_ms: parts.config.network.sync_interval_secs.saturating_mul(1000),
             shadow_max_weights_bytes: parts.config.fleet.shadow_max_weights_mib.saturating_mul(1 << 20),
             facts: NodeFacts {
                 ram_bytes: total_ram_bytes(),

@@ -133,6 +133,58 @@ impl Default for NodeConfig {
     }
 }
 
+/// The shortest period a node's timers run at: a zero (a config typed wrong) would wake
+/// the node again at once, for ever.
+pub const MIN_TIMER_MS: u64 = 100;
+
+impl NodeConfig {
+    /// The settings as the node runs them, and a sentence for each that was changed or
+    /// looks wrong (the node says so as a warning).
+    pub fn checked(mut self) -> (Self, Vec<String>) {
+        let mut said = vec![];
+        let periods: [(&str, &mut u64); 5] = [
+            ("the metrics interval", &mut self.metrics_interval_ms),
+            ("the anti-entropy interval", &mut self.sync_interval_ms),
+            ("the rollout tick", &mut self.rollout_tick_ms),
+            ("the hello retry", &mut self.hello_retry_ms),
+            ("the fetch retry", &mut self.fetch_retry_ms),
+        ];
+        for (what, ms) in periods {
+            if *ms < MIN_TIMER_MS {
+                said.push(format!("{what} of {ms} ms is too short: {MIN_TIMER_MS} ms is used"));
+                *ms = MIN_TIMER_MS;
+            }
+        }
+        if self.fetch_retry_max_ms < self.fetch_retry_ms {
+            said.push(format!(
+                "the longest fetch back-off ({} ms) is below the first ({} ms): {} ms is used",
+                self.fetch_retry_max_ms, self.fetch_retry_ms, self.fetch_retry_ms
+            ));
+            self.fetch_retry_max_ms = self.fetch_retry_ms;
+        }
+        if self.metrics_ttl_secs == 0 {
+            said.push("a metrics record lifetime of 0 s would count nobody: 1 s is used".into());
+            self.metrics_ttl_secs = 1;
+        }
+        // An unchanged record is sent again every few intervals: one that expires sooner
+        // drops its node out of metrics panels and back in.
+        let refresh = reporting::METRICS_REFRESH_INTERVALS;
+        if self.metrics_ttl_secs.saturating_mul(1000) <= self.metrics_interval_ms.saturating_mul(refresh) {
+            said.push(format!(
+                "metrics records live {} s, not more than the {refresh} metrics intervals of {} ms after which an \
+                 unchanged one is sent again: nodes will drop out of metrics panels between their records \
+                 (raise fleet.metrics_ttl_secs)",
+                self.metrics_ttl_secs, self.metrics_interval_ms
+            ));
+        }
+        if self.max_activation_attempts == 0 {
+            said.push("0 activation attempts would never load a version: 1 is used".into());
+            self.max_activation_attempts = 1;
+        }
+        (self, said)
+    }
+}
+
 /// Who this node is in its fleet.
 #[derive(Debug, Clone)]
 pub struct NodeIdentity {
@@ -472,6 +524,7 @@ impl Node {
     /// time). Queues what a restart needs: serving the active versions again, resuming
     /// fetches, announcing what it holds.
     pub fn new(cfg: NodeConfig, identity: NodeIdentity, trust: TrustStore, restored: Restored, now: u64) -> Self {
+        let (cfg, said) = cfg.checked();
         let me = identity.secret.public();
         let mut node = Node {
             me,
@@ -525,6 +578,9 @@ impl Node {
             views: vec![],
             cfg,
         };
+        for text in said {
+            node.event(None, Level::Warn, text);
+        }
         node.restore(restored, now);
         node.finish(now);
         node
@@ -849,8 +905,119 @@ fn metrics_phase_after(now: u64, interval_ms: u64, me: &NodeId) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::metrics_phase_after;
-    use crate::identity::{KeyKind, SecretKey};
+    use super::*;
+    use crate::identity::KeyKind;
+    use crate::manifest::SignedManifest;
+    use crate::trust::{Enrollment, DEFAULT_FLEET};
+
+    /// A node of its own one-node fleet, started at `now` with `cfg`.
+    fn lone_node(cfg: NodeConfig, now: u64) -> Node {
+        let publisher = SecretKey::from_seed(KeyKind::Publisher, [3; 32]);
+        let mut trust = TrustStore::new();
+        trust.add("ops", publisher.public()).unwrap();
+        let secret = SecretKey::from_seed(KeyKind::Node, [4; 32]);
+        let enrollment = Enrollment {
+            node: secret.public(),
+            tags: Tags::new(),
+            issued_at: now / 1000,
+            expires_at: now / 1000 + 86_400,
+            fleet: DEFAULT_FLEET.into(),
+        };
+        let certificate = enrollment.sign(&publisher).unwrap();
+        let identity = NodeIdentity { secret, certificate, tags: Tags::new(), fleet: DEFAULT_FLEET.into() };
+        Node::new(cfg, identity, trust, Restored::default(), now)
+    }
+
+    fn warnings(node: &mut Node) -> Vec<String> {
+        std::iter::from_fn(|| node.poll_output())
+            .filter_map(|o| match o {
+                Output::Event { level: Level::Warn, text, .. } => Some(text),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_default_settings_are_taken_as_they_are() {
+        let (cfg, said) = NodeConfig::default().checked();
+        assert_eq!(cfg, NodeConfig::default());
+        assert!(said.is_empty(), "{said:?}");
+        assert!(warnings(&mut lone_node(NodeConfig::default(), 1_000_000)).is_empty());
+    }
+
+    #[test]
+    fn zero_periods_run_at_the_floor_and_the_node_says_so_instead_of_waking_in_a_loop() {
+        let zero = NodeConfig {
+            metrics_interval_ms: 0,
+            metrics_ttl_secs: 0,
+            sync_interval_ms: 0,
+            rollout_tick_ms: 0,
+            hello_retry_ms: 0,
+            fetch_retry_ms: 0,
+            fetch_retry_max_ms: 0,
+            max_activation_attempts: 0,
+            ..NodeConfig::default()
+        };
+        let (cfg, said) = zero.clone().checked();
+        for ms in [cfg.metrics_interval_ms, cfg.sync_interval_ms, cfg.rollout_tick_ms, cfg.hello_retry_ms] {
+            assert_eq!(ms, MIN_TIMER_MS);
+        }
+        assert_eq!((cfg.fetch_retry_ms, cfg.fetch_retry_max_ms), (MIN_TIMER_MS, MIN_TIMER_MS));
+        assert_eq!((cfg.metrics_ttl_secs, cfg.max_activation_attempts), (1, 1));
+        // Five periods, the back-off cap, the lifetime, and the attempts.
+        assert_eq!(said.len(), 8, "{said:?}");
+        let mut node = lone_node(zero, 1_000_000);
+        let warned = warnings(&mut node);
+        assert!(warned.iter().any(|w| w.contains("metrics interval of 0 ms is too short")), "{warned:?}");
+        // Every wake-up is later than the one before: no timer fires again at the same instant.
+        // Over one second, every wake-up is later than the one before, and the node
+        // measures itself at most once per floor period.
+        // (The rollout engine first looks at once.)
+        let (mut now, mut samples) = (1_000_000, 0);
+        node.handle_timeout(now);
+        while now < 1_001_000 {
+            let next = node.poll_timeout();
+            assert!(next > now, "woken at {next}, now {now}");
+            now = next;
+            node.handle_timeout(now);
+            samples += std::iter::from_fn(|| node.poll_output()).filter(|o| matches!(o, Output::SampleMetrics)).count();
+        }
+        assert!((5..=11).contains(&samples), "{samples} samples in a second");
+    }
+
+    #[test]
+    fn a_metrics_lifetime_within_the_refresh_of_unchanged_records_is_reported_and_kept() {
+        let cfg = NodeConfig { metrics_interval_ms: 10_000, metrics_ttl_secs: 50, ..NodeConfig::default() };
+        let (checked, said) = cfg.clone().checked();
+        assert_eq!(checked, cfg, "a lifetime is the operator's choice: only said, not changed");
+        assert_eq!(said.len(), 1);
+        assert!(said[0].contains("fleet.metrics_ttl_secs"), "{}", said[0]);
+        let (_, said) = NodeConfig { metrics_ttl_secs: 51, ..cfg }.checked();
+        assert!(said.is_empty(), "{said:?}");
+        // Settings near the end of time do not overflow (a debug build panics if they do).
+        let huge = NodeConfig { metrics_interval_ms: 1 << 60, metrics_ttl_secs: u64::MAX, ..NodeConfig::default() };
+        assert!(huge.checked().1.is_empty());
+        let huge = NodeConfig { metrics_interval_ms: u64::MAX, metrics_ttl_secs: 1, ..NodeConfig::default() };
+        assert_eq!(huge.checked().1.len(), 1);
+    }
+
+    #[test]
+    fn the_files_to_check_on_start_are_those_the_stored_manifests_name_each_once() {
+        let publisher = SecretKey::from_seed(KeyKind::Publisher, [3; 32]);
+        let v1 = crate::manifest::tests::sample_manifest(1);
+        let mut v2 = crate::manifest::tests::sample_manifest(2);
+        let mut other = v2.variants[0].clone();
+        other.id = "q4_0".into();
+        other.files[0].blake3 = Hex32([8; 32]);
+        v2.variants.push(other);
+        let mut damaged = SignedManifest::sign(&v1, &publisher).unwrap();
+        damaged.body.truncate(5);
+        let stored: Vec<SignedManifest> =
+            [&v1, &v2].iter().map(|m| SignedManifest::sign(m, &publisher).unwrap()).chain([damaged]).collect();
+        let files = Restored::files_named(&stored);
+        assert_eq!(files, [Hex32([8; 32]), Hex32([9; 32])].into());
+        assert!(Restored::files_named(&[]).is_empty());
+    }
 
     #[test]
     fn each_node_samples_at_its_own_phase_of_the_interval_whenever_it_started() {

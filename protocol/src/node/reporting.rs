@@ -36,7 +36,7 @@ use crate::rollout::Gates;
 
 /// A node gossips its metrics record again after this many intervals, changed or not, so
 /// that peers do not expire it.
-const METRICS_REFRESH_INTERVALS: u64 = 5;
+pub(super) const METRICS_REFRESH_INTERVALS: u64 = 5;
 /// A node sends its certificate with its record again after this many intervals.
 const CERTIFICATE_REFRESH_INTERVALS: u64 = 30;
 /// The longest a new report waits for its turn in the metrics panel, in intervals.

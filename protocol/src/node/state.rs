@@ -135,3 +135,15 @@ pub struct Restored {
     /// and its deletion of the files) is deleted.
     pub on_disk: Vec<(String, u64)>,
 }
+
+impl Restored {
+    /// The files the stored manifests name, each once: the blobs the driver checks for
+    /// completeness before the node starts (the node checks the manifests' signatures).
+    pub fn files_named(manifests: &[SignedManifest]) -> BTreeSet<Hex32> {
+        manifests
+            .iter()
+            .filter_map(|s| crate::wire::decode::<crate::manifest::ModelManifest>(&s.body, "manifest").ok())
+            .flat_map(|m| m.variants.into_iter().flat_map(|v| v.files.into_iter().map(|f| f.blake3)))
+            .collect()
+    }
+}
