@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use slmesh_inference::http::HttpLimits;
+use slmesh_inference::http::{default_max_concurrent, HttpLimits};
 use slmesh_protocol::identity::PublicKey;
 use slmesh_protocol::trust::{validate_tags, Tags};
 use slmesh_protocol::TrustStore;
@@ -149,9 +149,10 @@ pub struct HttpConfig {
     /// another `Host` is refused (a web page reaching the node by DNS rebinding).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_hosts: Vec<String>,
-    /// Requests generating at once (each holds its own attention cache while it runs).
-    #[serde(default = "default_max_concurrent")]
-    pub max_concurrent: usize,
+    /// Requests generating at once (each holds its own attention cache while it runs);
+    /// unset: `slmesh_inference::http::default_max_concurrent` of the machine's memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<usize>,
     /// Requests waiting for a turn; one more gets 429.
     #[serde(default = "default_max_waiting")]
     pub max_waiting: usize,
@@ -161,10 +162,6 @@ pub struct HttpConfig {
     /// Seconds before a request is answered 504.
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: u64,
-}
-
-fn default_max_concurrent() -> usize {
-    HttpLimits::default().max_concurrent
 }
 
 fn default_max_waiting() -> usize {
@@ -185,7 +182,7 @@ impl Default for HttpConfig {
             bind: "127.0.0.1:8080".into(),
             bearer_token: None,
             allowed_hosts: vec![],
-            max_concurrent: default_max_concurrent(),
+            max_concurrent: None,
             max_waiting: default_max_waiting(),
             max_tokens_cap: default_max_tokens_cap(),
             request_timeout_secs: default_request_timeout_secs(),
@@ -194,10 +191,10 @@ impl Default for HttpConfig {
 }
 
 impl HttpConfig {
-    /// What the API allows, from these settings.
-    pub fn limits(&self) -> HttpLimits {
+    /// What the API allows, from these settings, on a machine with `ram_bytes` of memory.
+    pub fn limits(&self, ram_bytes: u64) -> HttpLimits {
         HttpLimits {
-            max_concurrent: self.max_concurrent,
+            max_concurrent: self.max_concurrent.unwrap_or_else(|| default_max_concurrent(ram_bytes)),
             max_waiting: self.max_waiting,
             max_tokens_cap: self.max_tokens_cap,
             default_max_tokens: HttpLimits::default().default_max_tokens.min(self.max_tokens_cap),
@@ -290,7 +287,7 @@ impl Config {
             bail!("network.blobs_bind {:?} is not an address like 0.0.0.0:4002", self.network.blobs_bind);
         }
         let h = &self.http;
-        if h.max_concurrent == 0 || h.max_tokens_cap == 0 || h.request_timeout_secs == 0 {
+        if h.max_concurrent == Some(0) || h.max_tokens_cap == 0 || h.request_timeout_secs == 0 {
             bail!("http.max_concurrent, http.max_tokens_cap and http.request_timeout_secs must be at least 1");
         }
         if let Some(t) = &self.http.bearer_token {
@@ -377,8 +374,12 @@ impl Config {
             out.push_str(&format!("allowed_hosts = [{}]\n", names.join(", ")));
         }
         out.push_str("# Requests generating at once; each holds its own attention cache while it runs,\n");
-        out.push_str("# so this bounds memory as much as it bounds CPU. More wait for a turn:\n");
-        out.push_str(&format!("max_concurrent = {}\n", self.http.max_concurrent));
+        out.push_str("# so this bounds memory as much as it bounds CPU. More wait for a turn. Unset: 4\n");
+        out.push_str("# on a machine with 8 GiB of memory or more, else 2.\n");
+        match self.http.max_concurrent {
+            Some(n) => out.push_str(&format!("max_concurrent = {n}\n")),
+            None => out.push_str("# max_concurrent = 2\n"),
+        }
         out.push_str("# Requests waiting for a turn; one more gets 429 (Too Many Requests).\n");
         out.push_str(&format!("max_waiting = {}\n", self.http.max_waiting));
         out.push_str("# Largest max_tokens a request may ask for.\n");
@@ -422,7 +423,7 @@ mod tests {
         c.network.bootstrap.push("/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWxyz".into());
         c.trust.publishers.push(TrustedPublisher { name: "ops".into(), key: "ab".repeat(32) });
         c.pins.insert("m".into(), 3);
-        c.http.max_concurrent = 1;
+        c.http.max_concurrent = Some(1);
         c.http.request_timeout_secs = 30;
         let text = c.to_documented_toml().unwrap();
         let back: Config = toml::from_str(&text).unwrap();
@@ -441,7 +442,7 @@ mod tests {
         c.trust.publishers.push(TrustedPublisher { name: "ops".into(), key: "zz".into() });
         assert!(c.validate().unwrap_err().to_string().contains("ops"));
         let mut c = Config::new("d".into());
-        c.http.max_concurrent = 0;
+        c.http.max_concurrent = Some(0);
         assert!(c.validate().unwrap_err().to_string().contains("max_concurrent"));
     }
 
@@ -450,10 +451,14 @@ mod tests {
         let old = "data_dir = \"d\"\n[http]\nbind = \"127.0.0.1:8080\"\n";
         let c: Config = toml::from_str(old).unwrap();
         assert_eq!(c.http, HttpConfig::default());
-        let limits = c.http.limits();
-        assert_eq!((limits.max_concurrent, limits.max_waiting), (2, 16));
+        // Requests at once follow the machine's memory unless set.
+        let small = c.http.limits(2 << 30);
+        assert_eq!((small.max_concurrent, small.max_waiting), (2, 16));
+        assert_eq!(c.http.limits(0).max_concurrent, 2, "unknown memory counts as small");
+        assert_eq!(c.http.limits(16 << 30).max_concurrent, 4);
         let set: Config =
             toml::from_str(&old.replace("8080\"", "8080\"\nmax_concurrent = 1\nmax_tokens_cap = 100")).unwrap();
-        assert_eq!((set.http.limits().max_concurrent, set.http.limits().default_max_tokens), (1, 100));
+        let limits = set.http.limits(16 << 30);
+        assert_eq!((limits.max_concurrent, limits.default_max_tokens), (1, 100));
     }
 }

@@ -7,6 +7,7 @@ mod eval_cmd;
 mod follow;
 mod kernels;
 mod keys;
+mod machine;
 mod manifest_cmd;
 mod model_cmd;
 mod serve;

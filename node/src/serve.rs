@@ -30,9 +30,11 @@ pub struct ServeArgs {
     /// rebinding.
     #[arg(long = "allow-host")]
     pub allow_hosts: Vec<String>,
-    /// Requests generating at once.
-    #[arg(long, default_value_t = HttpLimits::default().max_concurrent)]
-    pub max_concurrent: usize,
+    /// Requests generating at once (default: 4 on a machine with 8 GiB of memory or more,
+    /// else 2). Each holds an attention cache while it runs (up to 180 MiB for the demo
+    /// model at 4,096 tokens), so this bounds memory as much as CPU; more wait their turn.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_concurrent: Option<u16>,
     /// Requests waiting for a turn before new ones get 429.
     #[arg(long, default_value_t = HttpLimits::default().max_waiting)]
     pub max_waiting: usize,
@@ -88,7 +90,9 @@ async fn serve(args: ServeArgs, options: LoadOptions) -> Result<()> {
         .await
         .context("the model cannot be served")?;
     let limits = HttpLimits {
-        max_concurrent: args.max_concurrent,
+        max_concurrent: args
+            .max_concurrent
+            .map_or_else(|| http::default_max_concurrent(crate::machine::total_ram_bytes()), usize::from),
         max_waiting: args.max_waiting,
         max_tokens_cap: args.max_tokens_cap,
         default_max_tokens: HttpLimits::default().default_max_tokens.min(args.max_tokens_cap),

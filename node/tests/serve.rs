@@ -266,6 +266,37 @@ fn a_full_queue_answers_429_and_the_node_recovers() {
     chat_ok(&addr);
 }
 
+#[test]
+fn without_a_setting_the_requests_at_once_follow_the_machines_memory() {
+    // 4 at once with 8 GiB or more, else 2; none may wait, so each one over gets 429.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let expected = if kib * 1024 >= slmesh_inference::http::LARGE_MACHINE_RAM_BYTES { 4 } else { 2 };
+    let node = start(&["--max-waiting", "0"]);
+    // Long enough to be running still when the one over arrives (under a second later).
+    let long = r#"{"messages":[{"role":"user","content":"Write a long story about a dragon."}],"max_tokens":96,"temperature":0}"#;
+    let running: Vec<_> = (0..expected)
+        .map(|_| {
+            let addr = node.addr.clone();
+            let handle = std::thread::spawn(move || post(&addr, long));
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            handle
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (status, v) = post(&node.addr, long);
+    assert_eq!(status, 429, "one more than {expected} at once: {v}");
+    for r in running {
+        let (status, v) = r.join().unwrap();
+        assert_eq!(status, 200, "{expected} at once on a machine with {kib} KiB: {v}");
+    }
+    chat_ok(&node.addr);
+}
+
 #[cfg(unix)]
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

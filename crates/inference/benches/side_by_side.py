@@ -9,8 +9,8 @@ baseline of the same run.
 Usage: python side_by_side.py SLMESH LLAMA_SERVER MODEL.gguf [MODEL.gguf ...]
   SLMESH: the slmesh binary; LLAMA_SERVER: llama.cpp's llama-server (BENCHMARKS.md says
   how it was built here), or `-` to compare the two slmesh servers alone. Environment: ROUNDS (default 5), THREADS (default 2),
-  MAX_CONCURRENT (slmesh's --max-concurrent; default its own, 2: four requests at once
-  then decode two at a time), BASELINE (the second slmesh server's environment, one
+  MAX_CONCURRENT (slmesh's --max-concurrent; default its own: 4 on a machine with 8 GiB of
+  memory or more, else 2, when four requests at once decode two at a time), BASELINE (the second slmesh server's environment, one
   VAR=value; default MISTRALRS_ENGINE_IN_POOL=0).
 Prints one table row per server and file, in BENCHMARKS.md's form.
 """

@@ -52,6 +52,23 @@ pub struct HttpLimits {
     pub fault_version: Option<String>,
 }
 
+/// Memory from which a node runs four requests at once unless told otherwise.
+pub const LARGE_MACHINE_RAM_BYTES: u64 = 8 << 30;
+
+/// Requests generating at once where the operator set none: 4 on a machine with
+/// `LARGE_MACHINE_RAM_BYTES` or more, where four requests at once decode about 1.6× the
+/// tokens a second of one (two at a time: 1.0–1.35×; BENCHMARKS.md); else 2, because each
+/// running request holds an attention cache of up to 180 MiB (the demo model at 4,096
+/// tokens), which a gateway with one or two GiB cannot give to four. Unknown memory (0)
+/// counts as small.
+pub fn default_max_concurrent(ram_bytes: u64) -> usize {
+    if ram_bytes >= LARGE_MACHINE_RAM_BYTES {
+        4
+    } else {
+        2
+    }
+}
+
 impl Default for HttpLimits {
     fn default() -> Self {
         HttpLimits {

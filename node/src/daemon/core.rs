@@ -115,10 +115,10 @@ impl Driver {
             sync_interval_ms: parts.config.network.sync_interval_secs.saturating_mul(1000),
             shadow_max_weights_bytes: parts.config.fleet.shadow_max_weights_mib.saturating_mul(1 << 20),
             facts: NodeFacts {
-                ram_bytes: total_ram_bytes(),
+                ram_bytes: crate::machine::total_ram_bytes(),
                 cpu_arch: std::env::consts::ARCH.to_string(),
                 tags: enrollment.tags.clone(),
-                simd: cpu_has_simd(),
+                simd: crate::machine::cpu_has_simd(),
                 kernel_ps_per_weight: kernels,
             },
             ..NodeConfig::default()
@@ -628,30 +628,6 @@ fn ip_of(addr: &slmesh_mesh::Multiaddr) -> Option<IpAddr> {
         Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
         _ => None,
     })
-}
-
-/// Physical memory, from /proc/meminfo (0 where unknown: variants with a RAM minimum
-/// then do not fit, which is the safe side).
-fn total_ram_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
-/// Whether this CPU has the SIMD candle's fast quantised kernels use.
-fn cpu_has_simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::is_x86_feature_detected!("avx2");
-    #[cfg(target_arch = "aarch64")]
-    return true; // NEON is part of every aarch64 CPU.
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    return false;
 }
 
 /// The version folders under `models/` (`models/NAME/VERSION`), for the node to check

@@ -128,7 +128,10 @@ async fn run_node(config: Config, options: LoadOptions) -> Result<()> {
         .with_context(|| format!("cannot listen on {} (in use? change http.bind)", config.http.bind))?;
     let http_addr = http_listener.local_addr()?;
     let engine = Arc::new(Engine::with_options(options));
-    let limits = HttpLimits { fault_version: std::env::var("SLMESH_TEST_FAULT").ok(), ..config.http.limits() };
+    let limits = HttpLimits {
+        fault_version: std::env::var("SLMESH_TEST_FAULT").ok(),
+        ..config.http.limits(crate::machine::total_ram_bytes())
+    };
     if let Some(f) = &limits.fault_version {
         tracing::warn!("SLMESH_TEST_FAULT: requests to {f} will fail (test-only fault injection)");
     }
