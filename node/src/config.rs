@@ -241,7 +241,6 @@ impl Config {
         }
     }
 
-    /// Reads and checks a config file; relative paths in it become relative to its folder.
     /// Where `slmesh node run` keeps the API token it made when the config sets none.
     pub fn api_token_path(&self) -> PathBuf {
         self.data_dir.join("api-token")
@@ -261,6 +260,7 @@ impl Config {
         }
     }
 
+    /// Reads and checks a config file; relative paths in it become relative to its folder.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {} (create one with `slmesh init`)", path.display()))?;
@@ -289,6 +289,16 @@ impl Config {
         let h = &self.http;
         if h.max_concurrent == Some(0) || h.max_tokens_cap == 0 || h.request_timeout_secs == 0 {
             bail!("http.max_concurrent, http.max_tokens_cap and http.request_timeout_secs must be at least 1");
+        }
+        // Seconds of the node's timers: a zero would have it gossip or sync without pause
+        // (the state machine runs its timers at 100 ms at the least, and says so).
+        if self.fleet.metrics_interval_secs == 0
+            || self.fleet.metrics_ttl_secs == 0
+            || self.network.sync_interval_secs == 0
+        {
+            bail!(
+                "fleet.metrics_interval_secs, fleet.metrics_ttl_secs and network.sync_interval_secs must be at least 1"
+            );
         }
         if let Some(t) = &self.http.bearer_token {
             if t.len() < MIN_TOKEN_CHARS || t.chars().any(|c| !c.is_ascii_graphic()) {
@@ -444,6 +454,16 @@ mod tests {
         let mut c = Config::new("d".into());
         c.http.max_concurrent = Some(0);
         assert!(c.validate().unwrap_err().to_string().contains("max_concurrent"));
+        for zero in [
+            |c: &mut Config| c.fleet.metrics_interval_secs = 0,
+            |c: &mut Config| c.fleet.metrics_ttl_secs = 0,
+            |c: &mut Config| c.network.sync_interval_secs = 0,
+        ] {
+            let mut c = Config::new("d".into());
+            assert!(c.validate().is_ok());
+            zero(&mut c);
+            assert!(c.validate().unwrap_err().to_string().contains("at least 1"));
+        }
     }
 
     #[test]
