@@ -263,6 +263,30 @@ impl NormalCache {
 
 pub struct NormalCacheManager;
 
+/// slmesh patch: the sequence dimension of `layer`'s growing (`Normal`) caches in `seqs`,
+/// and the largest capacity among them; `None` where the layer has no such cache.
+fn normal_seq_dim(
+    seqs: &mut [&mut crate::sequence::Sequence],
+    layer: usize,
+    modify_draft_cache: bool,
+) -> Option<(usize, usize)> {
+    let mut out: Option<(usize, usize)> = None;
+    for seq in seqs.iter_mut() {
+        let cache = if modify_draft_cache {
+            seq.normal_draft_cache()
+        } else {
+            seq.normal_cache()
+        };
+        if let Some(Some(KvCache::Normal { k, .. })) = cache.get(layer) {
+            if let Some(data) = &k.all_data {
+                let capacity = data.dims()[k.dim];
+                out = Some((k.dim, out.map_or(capacity, |(_, c)| c.max(capacity))));
+            }
+        }
+    }
+    out
+}
+
 impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCacheManager {
     fn clone_in_cache(
         &self,
@@ -307,6 +331,16 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
             let mut dims_v = first_v.dims().to_vec();
             dims_k[0] *= batch_len;
             dims_v[0] *= batch_len;
+            // slmesh patch: sequences batched together may hold caches of different
+            // capacities (one restored from the prefix cache keeps the room of the longer
+            // conversation it came from), and copying one into a batch made for another's
+            // panicked and stopped the engine. The batch takes the largest capacity; the
+            // smaller caches are padded with zeros past their own.
+            let seq_dim = normal_seq_dim(seqs, layer, modify_draft_cache);
+            if let Some((dim, capacity)) = seq_dim {
+                dims_k[dim] = capacity;
+                dims_v[dim] = capacity;
+            }
             let batch_k = Tensor::zeros(dims_k.clone(), first_k.dtype(), first_k.device()).unwrap();
             let batch_v = Tensor::zeros(dims_v.clone(), first_v.dtype(), first_v.device()).unwrap();
             // Fill each sequence's cache slice
@@ -327,6 +361,13 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                         (k.all_data.clone().unwrap(), v.all_data.clone().unwrap())
                     }
                     KvCache::Shared { .. } => continue,
+                };
+                let (src_k, src_v) = match seq_dim {
+                    Some((dim, capacity)) if src_k.dims()[dim] < capacity => (
+                        src_k.pad_with_zeros(dim, 0, capacity - src_k.dims()[dim]).unwrap(),
+                        src_v.pad_with_zeros(dim, 0, capacity - src_v.dims()[dim]).unwrap(),
+                    ),
+                    _ => (src_k, src_v),
                 };
                 let offset = i * first_k.dims()[0];
                 batch_k.slice_set(&src_k, 0, offset).unwrap();
@@ -357,7 +398,10 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                     let template_cache_dim = old_k.dim;
                     let template_cache_csl = old_k.current_seq_len;
                     let template_cache_msl = old_k.max_seq_len;
-                    let template_cache_capsl = old_k.capacity_seq_len;
+                    // slmesh patch: the batch's capacity, the largest of its sequences'.
+                    let template_cache_capsl = k_cache
+                        .as_ref()
+                        .map_or(old_k.capacity_seq_len, |k| k.dims()[template_cache_dim]);
 
                     caches.push(KvCache::Normal {
                         k: SingleCache {
