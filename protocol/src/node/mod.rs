@@ -512,7 +512,7 @@ impl Node {
             self.outputs.push_back(Output::SampleMetrics);
         }
         if now >= self.next_sync {
-            self.next_sync = now + self.cfg.sync_interval_ms.max(1);
+            self.next_sync = now + self.cfg.sync_interval_ms;
             self.sync_round();
         }
         let due: Vec<NodeId> =
@@ -534,7 +534,7 @@ impl Node {
             }
         }
         if now >= self.next_rollout {
-            self.next_rollout = now + self.cfg.rollout_tick_ms.max(1);
+            self.next_rollout = now + self.cfg.rollout_tick_ms;
             self.drop_expired_peers(now);
             self.rollout_tick(now);
         }

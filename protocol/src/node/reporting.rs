@@ -150,7 +150,7 @@ impl Node {
     /// wave opens on many nodes at once, the lowest ranks report first and the rest find
     /// their seats taken, instead of all reporting at once.
     fn keep_panel_reports(&mut self, now: u64, reports: &mut Vec<VersionReport>) {
-        let interval = self.cfg.metrics_interval_ms.max(1);
+        let interval = self.cfg.metrics_interval_ms;
         let fleet = self.fleet_size() as f64;
         self.reporting_since.retain(|(m, v), _| reports.iter().any(|r| &r.model == m && r.version == *v));
         for r in reports.iter() {
@@ -247,7 +247,7 @@ impl Node {
             return false;
         }
         let soak_end = opened.saturating_add(waves[k].soak_secs).saturating_mul(1000);
-        let window = soak_end.saturating_sub(self.cfg.metrics_interval_ms.max(1));
+        let window = soak_end.saturating_sub(self.cfg.metrics_interval_ms);
         if now < window {
             return false;
         }

@@ -142,7 +142,7 @@ impl Node {
     /// best version this node may serve.
     pub(super) fn rollout_tick(&mut self, now: u64) {
         let secs = now / 1000;
-        self.fleet.expire(secs, self.cfg.metrics_ttl_secs.max(1));
+        self.fleet.expire(secs, self.cfg.metrics_ttl_secs);
         self.drop_signed_metrics_not_in_view();
         let names: Vec<String> = self.models.keys().cloned().collect();
         let mut views = vec![];

@@ -328,7 +328,7 @@ impl Node {
                 self.collect_garbage();
             }
             Err(e) => {
-                let max = self.cfg.max_activation_attempts.max(1);
+                let max = self.cfg.max_activation_attempts;
                 let base = self.cfg.activation_retry_ms;
                 let record = self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(secs));
                 record.activation_failures = record.activation_failures.saturating_add(1);
