@@ -115,7 +115,7 @@ impl Driver {
             sync_interval_ms: parts.config.network.sync_interval_secs.saturating_mul(1000),
             shadow_max_weights_bytes: parts.config.fleet.shadow_max_weights_mib.saturating_mul(1 << 20),
             facts: NodeFacts {
-                ram_bytes: crate::machine::total_ram_bytes(),
+                ram_bytes: parts.ram_bytes,
                 cpu_arch: std::env::consts::ARCH.to_string(),
                 tags: enrollment.tags.clone(),
                 simd: crate::machine::cpu_has_simd(),

@@ -56,6 +56,8 @@ pub(crate) struct Parts {
     pub engine: Arc<Engine>,
     pub http: Arc<HttpState>,
     pub gate: Arc<gate::GateState>,
+    /// This machine's memory, read once at start.
+    pub ram_bytes: u64,
 }
 
 async fn run_node(config: Config, options: LoadOptions) -> Result<()> {
@@ -128,10 +130,8 @@ async fn run_node(config: Config, options: LoadOptions) -> Result<()> {
         .with_context(|| format!("cannot listen on {} (in use? change http.bind)", config.http.bind))?;
     let http_addr = http_listener.local_addr()?;
     let engine = Arc::new(Engine::with_options(options));
-    let limits = HttpLimits {
-        fault_version: std::env::var("SLMESH_TEST_FAULT").ok(),
-        ..config.http.limits(crate::machine::total_ram_bytes())
-    };
+    let ram_bytes = crate::machine::total_ram_bytes();
+    let limits = HttpLimits { fault_version: std::env::var("SLMESH_TEST_FAULT").ok(), ..config.http.limits(ram_bytes) };
     if let Some(f) = &limits.fault_version {
         tracing::warn!("SLMESH_TEST_FAULT: requests to {f} will fail (test-only fault injection)");
     }
@@ -146,6 +146,7 @@ async fn run_node(config: Config, options: LoadOptions) -> Result<()> {
         engine: engine.clone(),
         http: http_state.clone(),
         gate,
+        ram_bytes,
     };
     let (node, control) = core::Driver::start(parts, trust, enrollment, mesh.clone()).await?;
     let fleet_metrics = control.clone();
