@@ -382,6 +382,27 @@ fn the_engine_computes_on_the_threads_it_is_given() {
     assert!(!out.status.success() && said.contains("--threads"), "{said}");
 }
 
+#[test]
+fn one_thread_answers_requests_decoded_together() {
+    // A gateway with one core: the engine computes on its own thread alone. Two or more
+    // sequences decoded together once stopped it for good (every request then timed
+    // out): their sampling waited for another thread of the engine's pool.
+    let node = start(&["--threads", "1", "--max-concurrent", "4"]);
+    let body = r#"{"messages":[{"role":"user","content":"Write a story about a lighthouse."}],"max_tokens":24,"temperature":0}"#;
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = node.addr.clone();
+            std::thread::spawn(move || post(&addr, body))
+        })
+        .collect();
+    for c in clients {
+        let (status, v) = c.join().unwrap();
+        assert_eq!(status, 200, "four at once on one thread: {v}");
+        assert!(v["usage"]["completion_tokens"].as_u64().unwrap_or(0) > 0, "{v}");
+    }
+    chat_ok(&node.addr);
+}
+
 /// One short conversation of its own (`i`) after a shared system prompt.
 fn converse(addr: &str, system: &str, i: usize) {
     let body = serde_json::json!({

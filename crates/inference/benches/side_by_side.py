@@ -111,7 +111,10 @@ def concurrent_rate(server, n):
     results = [None] * n
 
     def one(i):
-        results[i] = post(server.port, server.model, STORY_PROMPT, DECODE_TOKENS)
+        try:
+            results[i] = post(server.port, server.model, STORY_PROMPT, DECODE_TOKENS)
+        except Exception as e:  # reported below, with the server's name
+            results[i] = e
 
     start = time.perf_counter()
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
@@ -119,7 +122,11 @@ def concurrent_rate(server, n):
         t.start()
     for t in threads:
         t.join()
-    return sum(r[1] for r in results) / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    for i, r in enumerate(results):
+        if isinstance(r, Exception):
+            raise RuntimeError(f"{server.name}: request {i + 1} of {n} at once failed: {r!r}")
+    return sum(r[1] for r in results) / elapsed
 
 
 def main():

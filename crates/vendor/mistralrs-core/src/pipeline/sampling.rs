@@ -462,6 +462,11 @@ pub async fn sample_sequence(
     multiple_sequences: bool,
 ) -> Result<Logprobs> {
     let logits = logits.squeeze(0)?.squeeze(0)?.to_dtype(DType::F32)?;
+    // slmesh patch: a thread of a rayon pool (the engine's, in_pool.rs) samples here. A
+    // job it spawned into its own pool and awaited waits for the pool's other threads,
+    // and with one thread (`--threads 1`) there is none: two sequences sampled together
+    // stopped the engine for good.
+    let use_async_pool = use_async_pool && rayon::current_thread_index().is_none();
 
     let sampler = seq.sampler();
     let ctx_clone = seq.get_toks().to_vec();
