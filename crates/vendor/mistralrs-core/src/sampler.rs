@@ -1060,6 +1060,12 @@ impl Sampler {
         } else {
             match self.temperature {
                 None => self.sample_argmax(logits, return_logprobs)?,
+                // slmesh patch: top-k 1 keeps the most likely token alone, at any temperature
+                // (a deterministic request arrives here with temperature 1, `add_request`):
+                // take it without a softmax over the vocabulary and a weighted draw from it.
+                Some(_) if self.top_k == 1 && !return_logprobs => {
+                    self.sample_argmax(logits, false)?
+                }
                 Some(temperature) => {
                     let logits = (&logits / temperature)?;
                     let probs = candle_nn::ops::softmax_last_dim(&logits)?;

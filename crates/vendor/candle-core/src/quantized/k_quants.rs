@@ -720,22 +720,26 @@ impl GgmlType for BlockQ8_1 {
             Self::BLCK_SIZE
         );
         for (i, ys) in ys.iter_mut().enumerate() {
-            let mut amax = 0f32;
             let xs = &xs[i * Self::BLCK_SIZE..(i + 1) * Self::BLCK_SIZE];
-            for &x in xs.iter() {
-                amax = amax.max(x.abs())
-            }
+            // slmesh patch: the largest magnitude in eight running maxima, not one chain
+            // (which the compiler kept scalar); the same maximum.
+            let lanes = xs.chunks_exact(8).fold([0f32; 8], |mut m, c| {
+                for (m, x) in m.iter_mut().zip(c) {
+                    *m = m.max(x.abs());
+                }
+                m
+            });
+            let amax = lanes.into_iter().fold(0f32, f32::max);
             let d = amax / ((1 << 7) - 1) as f32;
             let id = if d != 0f32 { 1. / d } else { 0. };
             ys.d = f16::from_f32(d);
-            let mut sum = 0i32;
-            for j in 0..Self::BLCK_SIZE / 2 {
-                let v0 = xs[j] * id;
-                let v1 = xs[j + Self::BLCK_SIZE / 2] * id;
-                ys.qs[j] = f32::round(v0) as i8;
-                ys.qs[j + Self::BLCK_SIZE / 2] = f32::round(v1) as i8;
-                sum += ys.qs[j] as i32 + ys.qs[j + Self::BLCK_SIZE / 2] as i32;
+            // slmesh patch: `round_half_away` for `f32::round` (a libm call per value, which
+            // kept the loop scalar: this quantises every product's input, between the
+            // products, on one thread); the same values, so the same bits.
+            for (q, &x) in ys.qs.iter_mut().zip(xs) {
+                *q = round_half_away(x * id) as i8;
             }
+            let sum: i32 = ys.qs.iter().map(|&q| q as i32).sum();
             ys.s = f16::from_f32(sum as f32) * ys.d;
         }
     }
@@ -2266,6 +2270,19 @@ impl GgmlType for BlockQ8K {
 
 /// slmesh patch: the quantised matmul as released, row by row (`CANDLE_MATMUL_ROW_BY_ROW`
 /// set and not "0"), read once.
+/// slmesh patch: `f32::round` (ties away from zero) in operations the compiler vectorises:
+/// a fraction of exactly one half is a tie, rounded away from zero; anything else rounds
+/// to the nearest integer, where ties-to-even gives the same.
+#[inline(always)]
+fn round_half_away(v: f32) -> f32 {
+    let t = v.trunc();
+    if (v - t).abs() == 0.5 {
+        t + 1f32.copysign(v)
+    } else {
+        v.round_ties_even()
+    }
+}
+
 fn row_by_row() -> bool {
     static ROW_BY_ROW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ROW_BY_ROW.get_or_init(|| {
