@@ -142,12 +142,11 @@ fn vnni_gives_the_bits_of_avx2() {
     assert!(avx2 == line, "the products with VNNI differ from AVX2's");
 }
 
-/// Before a product with Q4_1 weights, its input is quantised to Q8_1 blocks. The
-/// vendored candle rounds them without `f32::round`, which kept the loop scalar
-/// (crates/vendor/README.md). The bytes must still be those of `f32::round`, including
-/// ties (a fraction of exactly one half), which go away from zero.
-#[test]
-fn q8_1_input_rounds_as_f32_round() {
+/// Before a product, its input is quantised to 8-bit blocks: Q8_0 for Q4_0 and Q8_0
+/// weights, Q8_1 for Q4_1. The vendored candle does it without `f32::round`, which kept
+/// the loop scalar (crates/vendor/README.md). The bytes must still be those of
+/// `f32::round`, including ties (a fraction of exactly one half), which go away from zero.
+fn input_rounds_as_f32_round(kind: GgmlDType, header: usize) {
     let mut xs = values(32 * 40, 11);
     // A block whose largest magnitude is 127, so that its scale is exactly 1 and its values
     // are rounded as they are: ties of both signs, and the floats next to them.
@@ -171,15 +170,26 @@ fn q8_1_input_rounds_as_f32_round() {
     ];
     xs[..ties.len()].copy_from_slice(&ties);
     let t = Tensor::from_vec(xs.clone(), (40, 32), &Device::Cpu).expect("input");
-    let q = QTensor::quantize(&t, GgmlDType::Q8_1).expect("quantize");
+    let q = QTensor::quantize(&t, kind).expect("quantize");
     let bytes = q.data().expect("bytes");
-    // A block: its scale and its sum times the scale (two f16), then 32 signed bytes.
-    assert_eq!(bytes.len(), 40 * 36);
-    for (block, (xs, got)) in xs.chunks_exact(32).zip(bytes.chunks_exact(36)).enumerate() {
+    // A block: its scale (and for Q8_1 its sum times the scale), f16, then 32 signed bytes.
+    let block = header + 32;
+    assert_eq!(bytes.len(), 40 * block);
+    for (i, (xs, got)) in xs.chunks_exact(32).zip(bytes.chunks_exact(block)).enumerate() {
         let amax = xs.iter().fold(0f32, |a, x| a.max(x.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let want: Vec<u8> = xs.iter().map(|x| (x * id).round() as i8 as u8).collect();
-        assert_eq!(&got[4..], &want[..], "block {block}");
+        assert_eq!(&got[header..], &want[..], "{kind:?}, block {i}");
     }
+}
+
+#[test]
+fn q8_0_input_rounds_as_f32_round() {
+    input_rounds_as_f32_round(GgmlDType::Q8_0, 2);
+}
+
+#[test]
+fn q8_1_input_rounds_as_f32_round() {
+    input_rounds_as_f32_round(GgmlDType::Q8_1, 4);
 }

@@ -631,17 +631,9 @@ impl GgmlType for BlockQ8_0 {
             Self::BLCK_SIZE
         );
         for (i, ys) in ys.iter_mut().enumerate() {
-            let mut amax = 0f32;
             let xs = &xs[i * Self::BLCK_SIZE..(i + 1) * Self::BLCK_SIZE];
-            for &x in xs.iter() {
-                amax = amax.max(x.abs())
-            }
-            let d = amax / ((1 << 7) - 1) as f32;
-            let id = if d != 0f32 { 1. / d } else { 0. };
-            ys.d = f16::from_f32(d);
-            for (y, &x) in ys.qs.iter_mut().zip(xs.iter()) {
-                *y = f32::round(x * id) as i8
-            }
+            // slmesh patch: `quantize_block_i8`, the same bytes.
+            ys.d = f16::from_f32(quantize_block_i8(xs, &mut ys.qs));
         }
     }
 
@@ -721,24 +713,8 @@ impl GgmlType for BlockQ8_1 {
         );
         for (i, ys) in ys.iter_mut().enumerate() {
             let xs = &xs[i * Self::BLCK_SIZE..(i + 1) * Self::BLCK_SIZE];
-            // slmesh patch: the largest magnitude in eight running maxima, not one chain
-            // (which the compiler kept scalar); the same maximum.
-            let lanes = xs.chunks_exact(8).fold([0f32; 8], |mut m, c| {
-                for (m, x) in m.iter_mut().zip(c) {
-                    *m = m.max(x.abs());
-                }
-                m
-            });
-            let amax = lanes.into_iter().fold(0f32, f32::max);
-            let d = amax / ((1 << 7) - 1) as f32;
-            let id = if d != 0f32 { 1. / d } else { 0. };
-            ys.d = f16::from_f32(d);
-            // slmesh patch: `round_half_away` for `f32::round` (a libm call per value, which
-            // kept the loop scalar: this quantises every product's input, between the
-            // products, on one thread); the same values, so the same bits.
-            for (q, &x) in ys.qs.iter_mut().zip(xs) {
-                *q = round_half_away(x * id) as i8;
-            }
+            // slmesh patch: `quantize_block_i8`, the same bytes.
+            ys.d = f16::from_f32(quantize_block_i8(xs, &mut ys.qs));
             let sum: i32 = ys.qs.iter().map(|&q| q as i32).sum();
             ys.s = f16::from_f32(sum as f32) * ys.d;
         }
@@ -2270,6 +2246,28 @@ impl GgmlType for BlockQ8K {
 
 /// slmesh patch: the quantised matmul as released, row by row (`CANDLE_MATMUL_ROW_BY_ROW`
 /// set and not "0"), read once.
+/// slmesh patch: one block of an 8-bit input (Q8_0, Q8_1) as `quantize_row_q8_0` makes it,
+/// in operations the compiler vectorises: this quantises each product's input, between
+/// the products, on one thread. The largest magnitude is kept in eight running maxima,
+/// not one chain, and `round_half_away` stands for `f32::round`, a libm call per value;
+/// the same maximum and the same values, so the same bytes. Returns the block's scale.
+#[inline]
+fn quantize_block_i8(xs: &[f32], qs: &mut [i8]) -> f32 {
+    let lanes = xs.chunks_exact(8).fold([0f32; 8], |mut m, c| {
+        for (m, x) in m.iter_mut().zip(c) {
+            *m = m.max(x.abs());
+        }
+        m
+    });
+    let amax = lanes.into_iter().fold(0f32, f32::max);
+    let d = amax / ((1 << 7) - 1) as f32;
+    let id = if d != 0f32 { 1. / d } else { 0. };
+    for (q, &x) in qs.iter_mut().zip(xs) {
+        *q = round_half_away(x * id) as i8;
+    }
+    d
+}
+
 /// slmesh patch: `f32::round` (ties away from zero) in operations the compiler vectorises:
 /// a fraction of exactly one half is a tie, rounded away from zero; anything else rounds
 /// to the nearest integer, where ties-to-even gives the same.
