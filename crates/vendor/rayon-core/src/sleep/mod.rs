@@ -70,7 +70,7 @@ fn spin_time() -> Duration {
     static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
     *SPIN.get_or_init(|| {
         let micros = std::env::var("RAYON_SPIN_MICROS").ok().and_then(|v| v.parse().ok());
-        Duration::from_micros(micros.unwrap_or(1_000))
+        Duration::from_micros(micros.unwrap_or(300))
     })
 }
 
