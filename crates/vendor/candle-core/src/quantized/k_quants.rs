@@ -2244,8 +2244,6 @@ impl GgmlType for BlockQ8K {
     }
 }
 
-/// slmesh patch: the quantised matmul as released, row by row (`CANDLE_MATMUL_ROW_BY_ROW`
-/// set and not "0"), read once.
 /// slmesh patch: one block of an 8-bit input (Q8_0, Q8_1) as `quantize_row_q8_0` makes it,
 /// in operations the compiler vectorises: this quantises each product's input, between
 /// the products, on one thread. The largest magnitude is kept in eight running maxima,
@@ -2281,6 +2279,8 @@ fn round_half_away(v: f32) -> f32 {
     }
 }
 
+/// slmesh patch: the quantised matmul as released, row by row (`CANDLE_MATMUL_ROW_BY_ROW`
+/// set and not "0"), read once.
 fn row_by_row() -> bool {
     static ROW_BY_ROW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ROW_BY_ROW.get_or_init(|| {
