@@ -105,6 +105,12 @@ pub trait UploadGate: Send + Sync {
         2_000
     }
 
+    /// Which of `blob`'s held requests takes a freed slot, as an index into `pieces` (the
+    /// piece each one starts in, oldest first). Oldest first unless the gate says otherwise.
+    fn next_held(&self, _blob: &Hex32, _pieces: &[Option<u32>]) -> usize {
+        0
+    }
+
     /// `to` has been sent the whole blob (in one transfer or in pieces): it holds a
     /// verified copy now, even before its announcement arrives.
     fn served(&self, _blob: &Hex32, _to: NodeId) {}

@@ -23,20 +23,26 @@ use tokio::sync::oneshot;
 type Answer = irpc::channel::oneshot::Sender<EventResult>;
 type Updates = irpc::channel::mpsc::Receiver<RequestUpdate>;
 
+/// A request held for a slot: the piece it starts in, and how to wake it.
+struct Held {
+    piece: Option<u32>,
+    wake: oneshot::Sender<()>,
+}
+
 /// Transfers running and requests held, per blob, under one lock: the gate decides on
 /// the counts, and they move in the same step.
 #[derive(Default)]
 struct Slots {
     running: HashMap<Hash, usize>,
     /// Held requests, oldest first: each is woken once, when a slot frees for it.
-    held: HashMap<Hash, VecDeque<oneshot::Sender<()>>>,
+    held: HashMap<Hash, VecDeque<Held>>,
 }
 
 impl Slots {
     /// Requests of `hash` still waiting (those that gave up are dropped).
     fn waiting(&mut self, hash: &Hash) -> usize {
         let Some(queue) = self.held.get_mut(hash) else { return 0 };
-        queue.retain(|tx| !tx.is_closed());
+        queue.retain(|h| !h.wake.is_closed());
         let n = queue.len();
         if n == 0 {
             self.held.remove(hash);
@@ -44,11 +50,16 @@ impl Slots {
         n
     }
 
-    /// Wakes the oldest held request of `hash` that still waits.
-    fn wake(&mut self, hash: &Hash) {
+    /// Wakes the held request of `hash`, among those that still wait, that the gate
+    /// picks (`UploadGate::next_held`).
+    fn wake(&mut self, hash: &Hash, gate: &dyn UploadGate) {
         if let Some(queue) = self.held.get_mut(hash) {
-            while let Some(tx) = queue.pop_front() {
-                if tx.send(()).is_ok() {
+            queue.retain(|h| !h.wake.is_closed());
+            while !queue.is_empty() {
+                let pieces: Vec<Option<u32>> = queue.iter().map(|h| h.piece).collect();
+                let k = gate.next_held(&hex_of(hash), &pieces).min(queue.len() - 1);
+                // One that gave up since is passed over.
+                if queue.remove(k).is_some_and(|h| h.wake.send(()).is_ok()) {
                     break;
                 }
             }
@@ -58,15 +69,15 @@ impl Slots {
         }
     }
 
-    /// A transfer of `hash` ended: its slot goes to the oldest held request.
-    fn release(&mut self, hash: &Hash) {
+    /// A transfer of `hash` ended: its slot goes to a held request.
+    fn release(&mut self, hash: &Hash, gate: &dyn UploadGate) {
         if let Some(n) = self.running.get_mut(hash) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.running.remove(hash);
             }
         }
-        self.wake(hash);
+        self.wake(hash, gate);
     }
 }
 
@@ -112,17 +123,18 @@ impl Provider {
             PieceAdmission::Wait => {
                 let (tx, rx) = oneshot::channel();
                 let queue = slots.held.entry(request.hash).or_default();
+                let entry = Held { piece: request.piece, wake: tx };
                 if held {
-                    queue.push_front(tx);
+                    queue.push_front(entry);
                 } else {
-                    queue.push_back(tx);
+                    queue.push_back(entry);
                 }
                 Some(rx)
             }
             // A woken request that does not take the slot passes it on.
             PieceAdmission::Refuse(_) => {
                 if held {
-                    slots.wake(&request.hash);
+                    slots.wake(&request.hash, self.gate.as_ref());
                 }
                 None
             }
@@ -157,7 +169,7 @@ impl Provider {
                 _ => {
                     // A wake that came with the deadline goes to the next in line.
                     if wake.try_recv().is_ok() {
-                        lock(&self.slots).wake(&request.hash);
+                        lock(&self.slots).wake(&request.hash, self.gate.as_ref());
                     }
                     let reason = format!("no upload slot freed within {} ms", max_wait.as_millis());
                     return self.refuse(&request, answer, Refusal::Busy(reason)).await;
@@ -206,7 +218,7 @@ impl Provider {
                     _ => {}
                 }
             }
-            lock(&provider.slots).release(&request.hash);
+            lock(&provider.slots).release(&request.hash, provider.gate.as_ref());
         });
     }
 
@@ -317,30 +329,94 @@ pub(crate) async fn provider_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ServeAll;
+    use slmesh_protocol::Hex32;
+
+    /// Holds one request per piece of `pieces`, oldest first.
+    fn hold_all(slots: &mut Slots, hash: Hash, pieces: &[Option<u32>]) -> Vec<oneshot::Receiver<()>> {
+        pieces
+            .iter()
+            .map(|piece| {
+                let (tx, rx) = oneshot::channel();
+                slots.held.entry(hash).or_default().push_back(Held { piece: *piece, wake: tx });
+                rx
+            })
+            .collect()
+    }
 
     #[test]
     fn a_freed_slot_wakes_the_oldest_request_still_waiting() {
         let hash = Hash::from([7u8; 32]);
         let mut slots = Slots::default();
         slots.running.insert(hash, 2);
-        let mut rxs: Vec<oneshot::Receiver<()>> = (0..3)
-            .map(|_| {
-                let (tx, rx) = oneshot::channel();
-                slots.held.entry(hash).or_default().push_back(tx);
-                rx
-            })
-            .collect();
+        let mut rxs = hold_all(&mut slots, hash, &[Some(0), Some(1), Some(2)]);
         // The oldest gave up waiting (its deadline passed): skipped, and not counted.
         drop(rxs.remove(0));
         assert_eq!(slots.waiting(&hash), 2);
-        slots.release(&hash);
+        slots.release(&hash, &ServeAll);
         assert_eq!(slots.running.get(&hash), Some(&1));
         assert!(rxs[0].try_recv().is_ok(), "the oldest still waiting is woken");
         assert!(rxs[1].try_recv().is_err(), "one slot, one wake");
-        slots.release(&hash);
+        slots.release(&hash, &ServeAll);
         assert!(rxs[1].try_recv().is_ok());
         assert!(slots.running.is_empty() && slots.held.is_empty(), "nothing left behind");
-        slots.release(&hash);
+        slots.release(&hash, &ServeAll);
         assert!(slots.running.is_empty(), "a release too many does not underflow");
+    }
+
+    /// A gate that starts the held request for the highest piece first, and says which
+    /// pieces it was shown.
+    struct HighestFirst(Mutex<Vec<Vec<Option<u32>>>>);
+
+    impl UploadGate for HighestFirst {
+        fn admit(&self, _: Option<NodeId>) -> Result<(), String> {
+            Ok(())
+        }
+
+        fn allow(&self, _: &Hex32, _: usize) -> Result<(), String> {
+            Ok(())
+        }
+
+        fn next_held(&self, _: &Hex32, pieces: &[Option<u32>]) -> usize {
+            lock(&self.0).push(pieces.to_vec());
+            (0..pieces.len()).max_by_key(|k| pieces[*k]).unwrap_or(0)
+        }
+    }
+
+    #[test]
+    fn the_gate_picks_which_held_request_a_freed_slot_wakes() {
+        let hash = Hash::from([7u8; 32]);
+        let gate = HighestFirst(Mutex::new(vec![]));
+        let mut slots = Slots::default();
+        slots.running.insert(hash, 1);
+        let mut rxs = hold_all(&mut slots, hash, &[Some(1), Some(5), Some(3), Some(4)]);
+        slots.release(&hash, &gate);
+        assert!(rxs[1].try_recv().is_ok(), "piece 5 first");
+        assert!(rxs.iter_mut().enumerate().all(|(k, rx)| k == 1 || rx.try_recv().is_err()), "one wake");
+        // The one the gate would pick next (4) gave up meanwhile: the gate is not shown
+        // it, and the slot goes to 3.
+        drop(rxs.remove(3));
+        slots.release(&hash, &gate);
+        assert!(rxs[2].try_recv().is_ok(), "piece 3, after 4 gave up");
+        assert!(rxs[0].try_recv().is_err());
+        let asked = lock(&gate.0).clone();
+        assert_eq!(asked[0], vec![Some(1), Some(5), Some(3), Some(4)]);
+        assert_eq!(asked.last(), Some(&vec![Some(1), Some(3)]), "only those still waiting are shown");
+        // A gate that answers past the end wakes the newest rather than nobody.
+        struct PastTheEnd;
+        impl UploadGate for PastTheEnd {
+            fn admit(&self, _: Option<NodeId>) -> Result<(), String> {
+                Ok(())
+            }
+            fn allow(&self, _: &Hex32, _: usize) -> Result<(), String> {
+                Ok(())
+            }
+            fn next_held(&self, _: &Hex32, _: &[Option<u32>]) -> usize {
+                usize::MAX
+            }
+        }
+        slots.release(&hash, &PastTheEnd);
+        assert!(rxs[0].try_recv().is_ok());
+        assert!(slots.held.is_empty());
     }
 }

@@ -49,6 +49,10 @@ impl UploadGate for GateState {
         self.lock().max_wait_ms()
     }
 
+    fn next_held(&self, blob: &Hex32, pieces: &[Option<u32>]) -> usize {
+        self.lock().next_held(blob, pieces)
+    }
+
     fn served(&self, blob: &Hex32, to: NodeId) {
         self.lock().served(blob, to);
     }

@@ -222,8 +222,8 @@ impl NodeFleet {
         admission
     }
 
-    /// A transfer ended: the slot goes to the oldest held request the gate now lets
-    /// through (those it refuses meanwhile are answered).
+    /// A transfer ended: the slot goes to the held request the gate picks and lets
+    /// through (those it refuses meanwhile are answered), as `crates/blobs` wakes them.
     pub(super) fn on_slot_free(&mut self, j: usize, blob: Hex32, inc: u32) {
         if inc != self.incarnation[j] {
             return;
@@ -231,7 +231,7 @@ impl NodeFleet {
         if let Some(u) = self.nodes[j].uploading.get_mut(&blob) {
             *u = u.saturating_sub(1);
         }
-        while let Some(request) = self.nodes[j].held.get_mut(&blob).and_then(VecDeque::pop_front) {
+        while let Some(request) = self.next_held(j, &blob) {
             match self.admit_piece(j, blob, &request, 0) {
                 PieceAdmission::Send => break,
                 PieceAdmission::Wait => {
@@ -244,6 +244,15 @@ impl NodeFleet {
         if self.nodes[j].held.get(&blob).is_some_and(VecDeque::is_empty) {
             self.nodes[j].held.remove(&blob);
         }
+    }
+
+    /// Takes the held request of `blob` that provider `j`'s gate would start next.
+    fn next_held(&mut self, j: usize, blob: &Hex32) -> Option<HeldRequest> {
+        let node = &mut self.nodes[j];
+        let held = node.held.get_mut(blob)?;
+        let pieces: Vec<Option<u32>> = held.iter().map(|r| Some(r.piece)).collect();
+        let k = node.uploads.next_held(blob, &pieces);
+        held.remove(k).or_else(|| held.pop_front())
     }
 
     #[allow(clippy::too_many_arguments)]
