@@ -57,6 +57,12 @@ pub struct NetworkConfig {
     /// uploads nothing.
     #[serde(default = "default_upload_slots")]
     pub upload_slots_per_blob: usize,
+    /// A file's uploads start one at a time: another starts beside a running one only once
+    /// that has run this many milliseconds (a slow fetcher), up to `upload_slots_per_blob`.
+    /// One at a time, each piece leaves at the uplink's full speed and is passed on
+    /// sooner. 0: all the slots at once.
+    #[serde(default = "default_upload_stalled_after_ms")]
+    pub upload_stalled_after_ms: u64,
     /// A node that published a version serves its files only while fewer than this many
     /// peers hold them (0: always), so that peers, not the origin, spread them.
     #[serde(default = "default_origin_copies")]
@@ -75,6 +81,10 @@ pub struct NetworkConfig {
 
 fn default_upload_slots() -> usize {
     slmesh_protocol::mesh::UploadPolicy::default().slots_per_blob
+}
+
+fn default_upload_stalled_after_ms() -> u64 {
+    slmesh_protocol::mesh::UploadPolicy::default().stalled_after_ms
 }
 
 fn default_origin_copies() -> usize {
@@ -97,6 +107,7 @@ impl Default for NetworkConfig {
             mdns: true,
             blobs_bind: "0.0.0.0:4002".into(),
             upload_slots_per_blob: default_upload_slots(),
+            upload_stalled_after_ms: default_upload_stalled_after_ms(),
             origin_copies: default_origin_copies(),
             max_upload_bytes_per_sec: None,
             sync_interval_secs: default_sync_interval(),
@@ -353,6 +364,9 @@ impl Config {
         out.push_str("# Transfers of one model file this node serves at a time; more fetchers try other\n");
         out.push_str("# peers. 0: this node uploads nothing.\n");
         out.push_str(&format!("upload_slots_per_blob = {}\n", self.network.upload_slots_per_blob));
+        out.push_str("# Uploads of a file start one at a time; another starts beside a running one once\n");
+        out.push_str("# that has run this many milliseconds (a slow fetcher). 0: all the slots at once.\n");
+        out.push_str(&format!("upload_stalled_after_ms = {}\n", self.network.upload_stalled_after_ms));
         out.push_str("# After publishing, serve a file only while fewer than this many peers hold it\n");
         out.push_str("# (0: always), so that peers rather than the publisher spread it.\n");
         out.push_str(&format!("origin_copies = {}\n", self.network.origin_copies));

@@ -172,6 +172,11 @@ mod config_cmd {
         /// slot, at most 2 s (0: upload nothing).
         #[arg(long)]
         pub upload_slots_per_blob: Option<usize>,
+        /// Uploads of a model file start one at a time: another starts beside a running
+        /// one only once that has run this many milliseconds (a slow fetcher), up to the
+        /// slots (default 250; 0: all the slots at once).
+        #[arg(long)]
+        pub upload_stalled_after_ms: Option<u64>,
         /// Cap on upload bandwidth to peers, bytes per second.
         #[arg(long)]
         pub max_upload_bytes_per_sec: Option<u64>,
@@ -215,6 +220,9 @@ mod config_cmd {
         }
         if let Some(n) = args.upload_slots_per_blob {
             config.network.upload_slots_per_blob = n;
+        }
+        if let Some(ms) = args.upload_stalled_after_ms {
+            config.network.upload_stalled_after_ms = ms;
         }
         config.network.max_upload_bytes_per_sec = args.max_upload_bytes_per_sec;
         if let Some(n) = args.metrics_interval_secs {

@@ -152,6 +152,35 @@ fn nodes_serve_pieces_of_a_file_they_are_still_fetching() {
 }
 
 #[test]
+fn a_slow_upload_lets_a_held_request_start_beside_it() {
+    let (fleet, model) = fleet_with_model(1 << 20);
+    // A publisher whose uplink sends a piece (512 KiB) in half a second, with the default
+    // two slots, started one at a time: a request held behind a transfer is asked again
+    // once that has run 250 ms, and starts beside it.
+    let publisher = fleet.node("p", "a", &["--max-upload-bytes-per-sec", "1000000"]).start();
+    let boot = publisher.bootstrap_addr();
+    let fetchers: Vec<Running> =
+        ["f1", "f2"].iter().map(|n| fleet.node(n, "a", &["--bootstrap", &boot]).start()).collect();
+    publisher.wait_status("2 peers", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == 2));
+    for f in &fetchers {
+        f.wait_status("2 peers", WAIT, |s| s["peers"].as_array().is_some_and(|p| p.len() == 2));
+    }
+    publish(&fleet, &publisher, 1);
+    for f in &fetchers {
+        wait_active(f, 1);
+        assert!(staged_file(f, 1) == model, "{} staged different bytes", f.node.name);
+    }
+    let status = publisher.status();
+    let stalled = status["stalled_uploads"].as_u64().unwrap_or(0);
+    let held = status["held_fetches"].as_u64().unwrap_or(0);
+    eprintln!("the publisher held {held} piece requests; {stalled} uploads stalled and let one start beside them");
+    assert!(held > 0, "no request waited for the publisher's slots: {status}");
+    assert!(stalled > 0, "no upload ran past 250 ms with requests waiting: {status}");
+    let text = fleet.slmesh(&["status", "--node", &publisher.http]);
+    assert!(text.contains(" upload(s) stalled"), "slmesh status does not say how many uploads stalled:\n{text}");
+}
+
+#[test]
 fn a_corrupt_provider_is_detected_and_the_fetch_completes_from_another() {
     let (fleet, model) = fleet_with_model(2 << 20);
     let publisher = fleet.node("p", "a", &[]).start();

@@ -381,9 +381,16 @@ pub fn manifest_verdict(result: &Result<(), ProtocolError>) -> GossipVerdict {
 /// stops serving that blob and the mesh spreads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadPolicy {
-    /// Transfers of one blob at a time; more fetchers wait for a slot (below) or are
-    /// refused and try another holder. 0: this node uploads nothing (a metered link, say).
+    /// Transfers of one blob at a time at most; more fetchers wait for a slot (below) or
+    /// are refused and try another holder. 0: this node uploads nothing (a metered link,
+    /// say).
     pub slots_per_blob: usize,
+    /// A blob's transfers start one at a time: another starts beside a running one only
+    /// once that one has run this long (a slow fetcher or link), up to `slots_per_blob`.
+    /// One at a time, each piece leaves at the uplink's full speed and its fetcher passes
+    /// it on sooner, where two at once each take half of it; a slow fetcher still holds
+    /// no other back for longer than this. 0: `slots_per_blob` at once.
+    pub stalled_after_ms: u64,
     /// The origin serves a blob only while fewer than this many admitted peers hold it
     /// (0: no limit).
     pub origin_copies: usize,
@@ -398,7 +405,13 @@ pub struct UploadPolicy {
 
 impl Default for UploadPolicy {
     fn default() -> Self {
-        UploadPolicy { slots_per_blob: 2, origin_copies: 2, waiting_per_blob: 4, max_wait_ms: 2_000 }
+        UploadPolicy {
+            slots_per_blob: 2,
+            stalled_after_ms: 250,
+            origin_copies: 2,
+            waiting_per_blob: 4,
+            max_wait_ms: 2_000,
+        }
     }
 }
 

@@ -81,23 +81,30 @@ pub trait UploadGate: Send + Sync {
     fn allow(&self, blob: &Hex32, uploading: usize) -> Result<(), String>;
 
     /// As `allow`, knowing who asks (if known) and which piece (`swarm::PIECE_CHUNKS`
-    /// chunks) the request starts in, and how many requests of the blob wait for a slot
-    /// already (`waiting`; 0 for a held one asked again as a slot frees): send now, hold
-    /// for a slot, or refuse. `Refusal::Elsewhere` goes to the fetcher as iroh-blobs'
-    /// permission error (1), anything else as its limit error (2), so that the fetcher
-    /// can tell "not this piece" from "not now".
+    /// chunks) the request starts in, how long each running transfer of the blob has run
+    /// (`running_ms`), and how many requests of the blob wait for a slot already
+    /// (`waiting`; 0 for a held one asked again as a slot frees or a transfer stalls):
+    /// send now, hold for a slot, or refuse. `Refusal::Elsewhere` goes to the fetcher as
+    /// iroh-blobs' permission error (1), anything else as its limit error (2), so that the
+    /// fetcher can tell "not this piece" from "not now".
     fn allow_piece(
         &self,
         blob: &Hex32,
-        uploading: usize,
+        running_ms: &[u64],
         _waiting: usize,
         _client: Option<NodeId>,
         _piece: Option<u32>,
     ) -> PieceAdmission {
-        match self.allow(blob, uploading) {
+        match self.allow(blob, running_ms.len()) {
             Ok(()) => PieceAdmission::Send,
             Err(reason) => PieceAdmission::Refuse(Refusal::Busy(reason)),
         }
+    }
+
+    /// After how long a running transfer lets a held request start beside it (None:
+    /// only when a transfer ends): the endpoint asks again for one then.
+    fn stalled_after_ms(&self) -> Option<u64> {
+        None
     }
 
     /// How long a held request may wait for a slot before it is refused.
@@ -139,6 +146,9 @@ pub struct Counters {
     /// Piece requests held for a busy upload slot (started as one freed, or refused
     /// after waiting too long).
     pub held: AtomicU64,
+    /// Uploads that ran past the gate's `stalled_after_ms` while requests waited: each let
+    /// one of them be asked again, to start beside it.
+    pub stalled: AtomicU64,
 }
 
 /// Progress of one fetch, for `slmesh status`.

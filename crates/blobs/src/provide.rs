@@ -30,10 +30,13 @@ struct Held {
 }
 
 /// Transfers running and requests held, per blob, under one lock: the gate decides on
-/// the counts, and they move in the same step.
+/// them, and they move in the same step.
 #[derive(Default)]
 struct Slots {
-    running: HashMap<Hash, usize>,
+    /// Each running transfer of a blob: its number and when it started.
+    running: HashMap<Hash, Vec<(u64, Instant)>>,
+    /// The next transfer's number, to tell which one ended or stalled.
+    next_transfer: u64,
     /// Held requests, oldest first: each is woken once, when a slot frees for it.
     held: HashMap<Hash, VecDeque<Held>>,
 }
@@ -50,35 +53,62 @@ impl Slots {
         n
     }
 
-    /// Wakes the held request of `hash`, among those that still wait, that the gate
-    /// picks (`UploadGate::next_held`).
-    fn wake(&mut self, hash: &Hash, gate: &dyn UploadGate) {
-        if let Some(queue) = self.held.get_mut(hash) {
-            queue.retain(|h| !h.wake.is_closed());
-            while !queue.is_empty() {
-                let pieces: Vec<Option<u32>> = queue.iter().map(|h| h.piece).collect();
-                let k = gate.next_held(&hex_of(hash), &pieces).min(queue.len() - 1);
-                // One that gave up since is passed over.
-                if queue.remove(k).is_some_and(|h| h.wake.send(()).is_ok()) {
-                    break;
-                }
-            }
-            if queue.is_empty() {
-                self.held.remove(hash);
-            }
-        }
+    /// How long each running transfer of `hash` has run, in milliseconds.
+    fn running_ms(&self, hash: &Hash) -> Vec<u64> {
+        let running = self.running.get(hash).map_or(&[][..], Vec::as_slice);
+        running.iter().map(|(_, at)| u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX)).collect()
     }
 
-    /// A transfer of `hash` ended: its slot goes to a held request.
-    fn release(&mut self, hash: &Hash, gate: &dyn UploadGate) {
-        if let Some(n) = self.running.get_mut(hash) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+    /// A transfer of `hash` starts: its number.
+    fn start(&mut self, hash: Hash) -> u64 {
+        let transfer = self.next_transfer;
+        self.next_transfer = self.next_transfer.wrapping_add(1);
+        self.running.entry(hash).or_default().push((transfer, Instant::now()));
+        transfer
+    }
+
+    /// Wakes the held request of `hash`, among those that still wait, that the gate
+    /// picks (`UploadGate::next_held`); false if none waits.
+    fn wake(&mut self, hash: &Hash, gate: &dyn UploadGate) -> bool {
+        let Some(queue) = self.held.get_mut(hash) else { return false };
+        queue.retain(|h| !h.wake.is_closed());
+        let mut woken = false;
+        while !queue.is_empty() && !woken {
+            let pieces: Vec<Option<u32>> = queue.iter().map(|h| h.piece).collect();
+            let k = gate.next_held(&hex_of(hash), &pieces).min(queue.len() - 1);
+            // One that gave up since is passed over.
+            woken = queue.remove(k).is_some_and(|h| h.wake.send(()).is_ok());
+        }
+        if queue.is_empty() {
+            self.held.remove(hash);
+        }
+        woken
+    }
+
+    /// Transfer `transfer` of `hash` ended: its slot goes to a held request.
+    fn release(&mut self, hash: &Hash, transfer: u64, gate: &dyn UploadGate) {
+        if let Some(running) = self.running.get_mut(hash) {
+            running.retain(|(t, _)| *t != transfer);
+            if running.is_empty() {
                 self.running.remove(hash);
             }
         }
         self.wake(hash, gate);
     }
+
+    /// Transfer `transfer` of `hash` has run `UploadGate::stalled_after_ms`: if it still
+    /// runs, a held request is asked again, and may start beside it (true if one was).
+    fn stalled(&mut self, hash: &Hash, transfer: u64, gate: &dyn UploadGate) -> bool {
+        self.running.get(hash).is_some_and(|r| r.iter().any(|(t, _)| *t == transfer)) && self.wake(hash, gate)
+    }
+}
+
+/// The gate's answer to a request, with what it took: a running transfer's number, or
+/// the wake of a held request.
+enum Decided {
+    Send(u64),
+    Wait(oneshot::Receiver<()>),
+    Refuse(Refusal),
 }
 
 /// What every request's handling shares.
@@ -105,21 +135,18 @@ struct Request {
 
 impl Provider {
     /// The gate's answer, taking a slot if it says send; a request it holds is queued in
-    /// the same step (`held`: one that waited already, asked again as a slot freed, goes
-    /// back to the head of the queue).
-    fn decide(&self, request: &Request, held: bool) -> (PieceAdmission, Option<oneshot::Receiver<()>>) {
+    /// the same step (`held`: one that waited already, asked again as a slot freed or a
+    /// transfer stalled, goes back to the head of the queue).
+    fn decide(&self, request: &Request, held: bool) -> Decided {
         let mut slots = lock(&self.slots);
-        let running = slots.running.get(&request.hash).copied().unwrap_or(0);
+        let running = slots.running_ms(&request.hash);
         let waiting = if held { 0 } else { slots.waiting(&request.hash) };
         let admission = match self.gate.admit(request.client) {
             Err(reason) => PieceAdmission::Refuse(Refusal::Busy(reason)),
-            Ok(()) => self.gate.allow_piece(&hex_of(&request.hash), running, waiting, request.client, request.piece),
+            Ok(()) => self.gate.allow_piece(&hex_of(&request.hash), &running, waiting, request.client, request.piece),
         };
-        let wake = match admission {
-            PieceAdmission::Send => {
-                *slots.running.entry(request.hash).or_default() += 1;
-                None
-            }
+        match admission {
+            PieceAdmission::Send => Decided::Send(slots.start(request.hash)),
             PieceAdmission::Wait => {
                 let (tx, rx) = oneshot::channel();
                 let queue = slots.held.entry(request.hash).or_default();
@@ -129,33 +156,29 @@ impl Provider {
                 } else {
                     queue.push_back(entry);
                 }
-                Some(rx)
+                Decided::Wait(rx)
             }
             // A woken request that does not take the slot passes it on.
-            PieceAdmission::Refuse(_) => {
+            PieceAdmission::Refuse(refusal) => {
                 if held {
                     slots.wake(&request.hash, self.gate.as_ref());
                 }
-                None
+                Decided::Refuse(refusal)
             }
-        };
-        (admission, wake)
+        }
     }
 
     /// Answers a get request now, or holds it for a slot (in a task of its own, so that
     /// the provider's other questions are answered meanwhile).
     async fn get_request(&self, request: Request, answer: Answer, updates: Updates) {
         match self.decide(&request, false) {
-            (PieceAdmission::Send, _) => self.serve(request, answer, updates).await,
-            (PieceAdmission::Wait, Some(wake)) => {
+            Decided::Send(transfer) => self.serve(request, transfer, answer, updates).await,
+            Decided::Wait(wake) => {
                 self.counters.held.fetch_add(1, Ordering::Relaxed);
                 let provider = self.clone();
                 tokio::spawn(async move { provider.hold(request, answer, updates, wake).await });
             }
-            (PieceAdmission::Refuse(refusal), _) => self.refuse(&request, answer, refusal).await,
-            (PieceAdmission::Wait, None) => {
-                self.refuse(&request, answer, Refusal::Busy("no slot to wait for".into())).await
-            }
+            Decided::Refuse(refusal) => self.refuse(&request, answer, refusal).await,
         }
     }
 
@@ -176,12 +199,9 @@ impl Provider {
                 }
             }
             match self.decide(&request, true) {
-                (PieceAdmission::Send, _) => return self.serve(request, answer, updates).await,
-                (PieceAdmission::Wait, Some(next)) => wake = next,
-                (PieceAdmission::Refuse(refusal), _) => return self.refuse(&request, answer, refusal).await,
-                (PieceAdmission::Wait, None) => {
-                    return self.refuse(&request, answer, Refusal::Busy("no slot to wait for".into())).await
-                }
+                Decided::Send(transfer) => return self.serve(request, transfer, answer, updates).await,
+                Decided::Wait(next) => wake = next,
+                Decided::Refuse(refusal) => return self.refuse(&request, answer, refusal).await,
             }
         }
     }
@@ -197,9 +217,19 @@ impl Provider {
     }
 
     /// Sends: the request holds a slot until its transfer ends (its updates end with
-    /// Completed or Aborted, or the channel closes).
-    async fn serve(&self, request: Request, answer: Answer, mut updates: Updates) {
+    /// Completed or Aborted, or the channel closes); once it has run the gate's
+    /// `stalled_after_ms`, a held request is asked again and may start beside it.
+    async fn serve(&self, request: Request, transfer: u64, answer: Answer, mut updates: Updates) {
         answer.send(Ok(())).await.ok();
+        if let Some(ms) = self.gate.stalled_after_ms() {
+            let (provider, hash) = (self.clone(), request.hash);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if lock(&provider.slots).stalled(&hash, transfer, provider.gate.as_ref()) {
+                    provider.counters.stalled.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
         let provider = self.clone();
         tokio::spawn(async move {
             // Counted when the transfer ends: its stats are exact, while progress events
@@ -218,7 +248,7 @@ impl Provider {
                     _ => {}
                 }
             }
-            lock(&provider.slots).release(&request.hash, provider.gate.as_ref());
+            lock(&provider.slots).release(&request.hash, transfer, provider.gate.as_ref());
         });
     }
 
@@ -348,20 +378,42 @@ mod tests {
     fn a_freed_slot_wakes_the_oldest_request_still_waiting() {
         let hash = Hash::from([7u8; 32]);
         let mut slots = Slots::default();
-        slots.running.insert(hash, 2);
+        let (first, second) = (slots.start(hash), slots.start(hash));
+        assert_eq!(slots.running_ms(&hash).len(), 2);
         let mut rxs = hold_all(&mut slots, hash, &[Some(0), Some(1), Some(2)]);
         // The oldest gave up waiting (its deadline passed): skipped, and not counted.
         drop(rxs.remove(0));
         assert_eq!(slots.waiting(&hash), 2);
-        slots.release(&hash, &ServeAll);
-        assert_eq!(slots.running.get(&hash), Some(&1));
+        slots.release(&hash, first, &ServeAll);
+        assert_eq!(slots.running[&hash].iter().map(|(t, _)| *t).collect::<Vec<_>>(), vec![second]);
         assert!(rxs[0].try_recv().is_ok(), "the oldest still waiting is woken");
         assert!(rxs[1].try_recv().is_err(), "one slot, one wake");
-        slots.release(&hash, &ServeAll);
+        slots.release(&hash, second, &ServeAll);
         assert!(rxs[1].try_recv().is_ok());
         assert!(slots.running.is_empty() && slots.held.is_empty(), "nothing left behind");
-        slots.release(&hash, &ServeAll);
-        assert!(slots.running.is_empty(), "a release too many does not underflow");
+        slots.release(&hash, second, &ServeAll);
+        assert!(slots.running.is_empty(), "a release too many changes nothing");
+    }
+
+    #[test]
+    fn a_stalled_transfer_wakes_a_held_request_only_while_it_runs() {
+        let hash = Hash::from([7u8; 32]);
+        let mut slots = Slots::default();
+        let (first, second) = (slots.start(hash), slots.start(hash));
+        assert_ne!(first, second);
+        let mut rxs = hold_all(&mut slots, hash, &[Some(0), Some(1)]);
+        assert!(slots.stalled(&hash, first, &ServeAll));
+        assert!(rxs[0].try_recv().is_ok(), "the oldest is asked again");
+        assert!(rxs[1].try_recv().is_err());
+        assert_eq!(slots.running_ms(&hash).len(), 2, "a stalled transfer still holds its slot");
+        slots.release(&hash, second, &ServeAll);
+        assert!(rxs[1].try_recv().is_ok(), "an ended transfer frees its slot");
+        let mut late = hold_all(&mut slots, hash, &[Some(2)]);
+        assert!(!slots.stalled(&hash, second, &ServeAll));
+        assert!(late[0].try_recv().is_err(), "a transfer that ended before it stalled wakes nobody");
+        assert!(slots.stalled(&hash, first, &ServeAll));
+        assert!(late[0].try_recv().is_ok());
+        assert!(!slots.stalled(&hash, first, &ServeAll), "none waits: nobody to wake");
     }
 
     /// A gate that starts the held request for the highest piece first, and says which
@@ -388,15 +440,14 @@ mod tests {
         let hash = Hash::from([7u8; 32]);
         let gate = HighestFirst(Mutex::new(vec![]));
         let mut slots = Slots::default();
-        slots.running.insert(hash, 1);
         let mut rxs = hold_all(&mut slots, hash, &[Some(1), Some(5), Some(3), Some(4)]);
-        slots.release(&hash, &gate);
+        slots.release(&hash, 0, &gate);
         assert!(rxs[1].try_recv().is_ok(), "piece 5 first");
         assert!(rxs.iter_mut().enumerate().all(|(k, rx)| k == 1 || rx.try_recv().is_err()), "one wake");
         // The one the gate would pick next (4) gave up meanwhile: the gate is not shown
         // it, and the slot goes to 3.
         drop(rxs.remove(3));
-        slots.release(&hash, &gate);
+        slots.release(&hash, 0, &gate);
         assert!(rxs[2].try_recv().is_ok(), "piece 3, after 4 gave up");
         assert!(rxs[0].try_recv().is_err());
         let asked = lock(&gate.0).clone();
@@ -415,7 +466,7 @@ mod tests {
                 usize::MAX
             }
         }
-        slots.release(&hash, &PastTheEnd);
+        slots.release(&hash, 0, &PastTheEnd);
         assert!(rxs[0].try_recv().is_ok());
         assert!(slots.held.is_empty());
     }

@@ -126,6 +126,7 @@ impl Control {
             downloaded_bytes: counters.downloaded.load(Ordering::Relaxed),
             refused_fetches: counters.refused.load(Ordering::Relaxed),
             held_fetches: counters.held.load(Ordering::Relaxed),
+            stalled_uploads: counters.stalled.load(Ordering::Relaxed),
             refused_peers: shared.refused.clone(),
             revoked: shared.revoked.clone(),
             gossip: self.mesh.gossip_bytes(),

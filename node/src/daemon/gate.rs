@@ -37,12 +37,16 @@ impl UploadGate for GateState {
     fn allow_piece(
         &self,
         blob: &Hex32,
-        uploading: usize,
+        running_ms: &[u64],
         waiting: usize,
         client: Option<NodeId>,
         piece: Option<u32>,
     ) -> PieceAdmission {
-        self.lock().allow_piece(super::core::unix_millis(), blob, uploading, waiting, client, piece)
+        self.lock().allow_piece(super::core::unix_millis(), blob, running_ms, waiting, client, piece)
+    }
+
+    fn stalled_after_ms(&self) -> Option<u64> {
+        self.lock().stalled_after_ms()
     }
 
     fn max_wait_ms(&self) -> u64 {

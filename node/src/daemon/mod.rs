@@ -90,6 +90,7 @@ async fn run_node(config: Config, options: LoadOptions) -> Result<()> {
     }
     let policy = UploadPolicy {
         slots_per_blob: config.network.upload_slots_per_blob,
+        stalled_after_ms: config.network.upload_stalled_after_ms,
         origin_copies: config.network.origin_copies,
         ..UploadPolicy::default()
     };

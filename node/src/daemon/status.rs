@@ -26,6 +26,11 @@ pub struct NodeStatus {
     /// Piece requests held for a busy upload slot (most are then sent).
     #[serde(default)]
     pub held_fetches: u64,
+    /// Uploads that ran past `network.upload_stalled_after_ms` while requests waited, so
+    /// that one started beside them (many: slow fetchers, or a threshold too short for
+    /// this uplink).
+    #[serde(default)]
+    pub stalled_uploads: u64,
     /// Peers refused at admission since start, with the reason.
     pub refused_peers: Vec<(String, String)>,
     /// Nodes the operator revoked (node id, reason), as this node holds them.
@@ -111,11 +116,12 @@ impl NodeStatus {
         let _ = writeln!(out, "serving  {}", self.serving.as_deref().unwrap_or("nothing yet"));
         let _ = writeln!(
             out,
-            "blobs    uploaded {}, downloaded {}, refused {} fetch(es), held {} for a slot",
+            "blobs    uploaded {}, downloaded {}, refused {} fetch(es), held {} for a slot, {} upload(s) stalled",
             human_bytes(self.uploaded_bytes),
             human_bytes(self.downloaded_bytes),
             self.refused_fetches,
-            self.held_fetches
+            self.held_fetches,
+            self.stalled_uploads
         );
         let _ = writeln!(out, "\npeers ({})", self.peers.len());
         for p in &self.peers {

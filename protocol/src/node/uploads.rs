@@ -89,8 +89,9 @@ impl Uploads {
     }
 
     /// Whether to send a piece request now, hold it for a slot, or refuse it, knowing who
-    /// asks and which piece; `waiting`: requests of this blob held already (0 for a held
-    /// request asked again as a slot frees). For a published blob, each piece goes to one
+    /// asks and which piece; `running_ms`: how long each running transfer of this blob has
+    /// run; `waiting`: requests of this blob held already (0 for a held request asked
+    /// again as a slot frees, or as a running transfer stalls: `stalled_after_ms`). For a published blob, each piece goes to one
     /// peer (`swarm::origin_piece_decision`), which passes it on as it fetches the rest.
     /// Once per site instead made the origin upload one copy per site, the slowest part of
     /// a rollout's distribution (the simulator: 19.3 s against 15.2 s for 1,000 nodes in
@@ -100,12 +101,12 @@ impl Uploads {
         &mut self,
         now: u64,
         blob: &Hex32,
-        uploading: usize,
+        running_ms: &[u64],
         waiting: usize,
         client: Option<NodeId>,
         piece: Option<u32>,
     ) -> PieceAdmission {
-        match self.piece_admission(now, blob, uploading, waiting, client, piece) {
+        match self.piece_admission(now, blob, running_ms, waiting, client, piece) {
             Ok(admission) => admission,
             Err(refusal) => PieceAdmission::Refuse(refusal),
         }
@@ -115,7 +116,7 @@ impl Uploads {
         &mut self,
         now: u64,
         blob: &Hex32,
-        uploading: usize,
+        running_ms: &[u64],
         waiting: usize,
         client: Option<NodeId>,
         piece: Option<u32>,
@@ -136,7 +137,8 @@ impl Uploads {
             origin_piece_decision(&SwarmPolicy::default(), copies)?;
         }
         // Held requests go first: a new one waits behind them even if a slot is free.
-        if uploading >= self.policy.slots_per_blob || waiting > 0 {
+        let starting = running_ms.iter().filter(|&&ms| ms < self.policy.stalled_after_ms).count();
+        if running_ms.len() >= self.policy.slots_per_blob || starting > 0 || waiting > 0 {
             if waiting < self.policy.waiting_per_blob {
                 return Ok(PieceAdmission::Wait);
             }
@@ -189,6 +191,12 @@ impl Uploads {
         (0..held.len()).min_by_key(|&k| (sent(held[k]), k)).unwrap_or(0)
     }
 
+    /// After how long a running transfer lets another start beside it (None: at once, up
+    /// to the slots): the driver asks again then for a held request, as when a slot frees.
+    pub fn stalled_after_ms(&self) -> Option<u64> {
+        Some(self.policy.stalled_after_ms).filter(|&ms| ms > 0)
+    }
+
     /// How long a held request may wait for a slot.
     pub fn max_wait_ms(&self) -> u64 {
         self.policy.max_wait_ms
@@ -216,6 +224,11 @@ mod tests {
         UploadView { originated: [blob].into(), holders: BTreeMap::new(), admitted: peers.iter().copied().collect() }
     }
 
+    /// Running transfers of a blob, each a second old (long past `stalled_after_ms`).
+    const NONE: &[u64] = &[];
+    const ONE: &[u64] = &[1_000];
+    const TWO: &[u64] = &[1_000, 1_000];
+
     fn declined(a: PieceAdmission) -> bool {
         matches!(a, PieceAdmission::Refuse(Refusal::Elsewhere(_)))
     }
@@ -230,15 +243,15 @@ mod tests {
         let (a, b, c) = (node(1), node(2), node(3));
         let mut up = Uploads::new(UploadPolicy::default());
         up.update(view(blob, &[a, b, c]));
-        assert_eq!(up.allow_piece(0, &blob, 0, 0, Some(a), Some(7)), SendNow);
+        assert_eq!(up.allow_piece(0, &blob, NONE, 0, Some(a), Some(7)), SendNow);
         assert!(
-            declined(up.allow_piece(10, &blob, 0, 0, Some(b), Some(7))),
+            declined(up.allow_piece(10, &blob, NONE, 0, Some(b), Some(7))),
             "a has piece 7: b asks a, or the origin for another"
         );
-        assert!(declined(up.allow_piece(10, &blob, 0, 0, Some(c), Some(7))), "c too, whatever its site");
-        assert_eq!(up.allow_piece(10, &blob, 0, 0, Some(a), Some(7)), SendNow, "a asks again: it lost it");
-        assert_eq!(up.allow_piece(10, &blob, 0, 0, Some(c), Some(8)), SendNow, "piece 8 was sent to nobody");
-        assert_eq!(up.allow_piece(RESEED_AFTER_MS + 10, &blob, 0, 0, Some(b), Some(7)), SendNow, "seeded again");
+        assert!(declined(up.allow_piece(10, &blob, NONE, 0, Some(c), Some(7))), "c too, whatever its site");
+        assert_eq!(up.allow_piece(10, &blob, NONE, 0, Some(a), Some(7)), SendNow, "a asks again: it lost it");
+        assert_eq!(up.allow_piece(10, &blob, NONE, 0, Some(c), Some(8)), SendNow, "piece 8 was sent to nobody");
+        assert_eq!(up.allow_piece(RESEED_AFTER_MS + 10, &blob, NONE, 0, Some(b), Some(7)), SendNow, "seeded again");
         assert!(up.allow(&blob, 2).is_err(), "both slots busy");
     }
 
@@ -250,27 +263,52 @@ mod tests {
         let mut up = Uploads::new(policy);
         up.update(view(blob, &[a, b, c]));
         // Both slots busy: held, not refused, and nothing is claimed while it waits.
-        assert_eq!(up.allow_piece(0, &blob, 2, 0, Some(a), Some(1)), Wait);
-        assert_eq!(up.allow_piece(0, &blob, 2, 1, Some(b), Some(1)), Wait, "a's wait claimed nothing");
-        assert!(busy(up.allow_piece(0, &blob, 2, 2, Some(c), Some(2))), "two wait already: refused");
+        assert_eq!(up.allow_piece(0, &blob, TWO, 0, Some(a), Some(1)), Wait);
+        assert_eq!(up.allow_piece(0, &blob, TWO, 1, Some(b), Some(1)), Wait, "a's wait claimed nothing");
+        assert!(busy(up.allow_piece(0, &blob, TWO, 2, Some(c), Some(2))), "two wait already: refused");
         // A slot frees: the held requests are asked again, oldest first.
-        assert_eq!(up.allow_piece(5, &blob, 1, 0, Some(a), Some(1)), SendNow);
-        assert!(declined(up.allow_piece(5, &blob, 1, 0, Some(b), Some(1))), "piece 1 went to a meanwhile");
+        assert_eq!(up.allow_piece(5, &blob, ONE, 0, Some(a), Some(1)), SendNow);
+        assert!(declined(up.allow_piece(5, &blob, ONE, 0, Some(b), Some(1))), "piece 1 went to a meanwhile");
         // A newcomer waits behind held requests even with a slot free (they go first).
-        assert_eq!(up.allow_piece(5, &blob, 1, 1, Some(c), Some(3)), Wait);
-        assert_eq!(up.allow_piece(5, &blob, 1, 0, Some(c), Some(3)), SendNow);
+        assert_eq!(up.allow_piece(5, &blob, ONE, 1, Some(c), Some(3)), Wait);
+        assert_eq!(up.allow_piece(5, &blob, ONE, 0, Some(c), Some(3)), SendNow);
         // A piece that went elsewhere is declined at once, not held for a slot.
-        assert!(declined(up.allow_piece(6, &blob, 2, 0, Some(b), Some(3))));
+        assert!(declined(up.allow_piece(6, &blob, TWO, 0, Some(b), Some(3))));
         // Nor is a client that is not admitted, or a blob the origin steps back from.
-        assert!(busy(up.allow_piece(6, &blob, 2, 0, Some(node(9)), Some(4))));
+        assert!(busy(up.allow_piece(6, &blob, TWO, 0, Some(node(9)), Some(4))));
         up.served(&blob, a);
         up.served(&blob, b);
-        assert!(busy(up.allow_piece(6, &blob, 2, 0, Some(c), Some(4))), "two peers hold it: fetch from them");
+        assert!(busy(up.allow_piece(6, &blob, TWO, 0, Some(c), Some(4))), "two peers hold it: fetch from them");
         // No slots at all: refused, never held.
         let mut leech = Uploads::new(UploadPolicy { slots_per_blob: 0, ..UploadPolicy::default() });
         leech.update(UploadView { originated: BTreeSet::new(), ..view(blob, &[a]) });
-        assert!(busy(leech.allow_piece(0, &blob, 0, 0, Some(a), Some(0))));
+        assert!(busy(leech.allow_piece(0, &blob, NONE, 0, Some(a), Some(0))));
         assert_eq!(up.max_wait_ms(), UploadPolicy::default().max_wait_ms);
+    }
+
+    #[test]
+    fn a_second_transfer_starts_only_once_the_first_has_stalled() {
+        let blob = Hex32([5; 32]);
+        let (a, b) = (node(1), node(2));
+        let mut up = Uploads::new(UploadPolicy { origin_copies: 0, ..UploadPolicy::default() });
+        up.update(view(blob, &[a, b]));
+        let stall = UploadPolicy::default().stalled_after_ms;
+        assert_eq!(up.stalled_after_ms(), Some(stall));
+        assert_eq!(up.allow_piece(0, &blob, &[stall - 1], 0, Some(a), Some(1)), Wait, "one starting: wait");
+        assert_eq!(up.allow_piece(0, &blob, &[stall], 0, Some(a), Some(1)), SendNow, "it stalled: start beside it");
+        assert_eq!(up.allow_piece(0, &blob, &[stall, 0], 0, Some(b), Some(2)), Wait, "the second is starting");
+        assert_eq!(up.allow_piece(0, &blob, &[stall, stall], 0, Some(b), Some(2)), Wait, "both slots taken");
+        assert_eq!(up.allow_piece(0, &blob, &[u64::MAX], 1, Some(b), Some(2)), Wait, "held requests go first");
+        // 0: every slot at once, as before; one slot: never a second, stalled or not.
+        let mut at_once =
+            Uploads::new(UploadPolicy { origin_copies: 0, stalled_after_ms: 0, ..UploadPolicy::default() });
+        at_once.update(view(blob, &[a]));
+        assert_eq!(at_once.stalled_after_ms(), None);
+        assert_eq!(at_once.allow_piece(0, &blob, &[0], 0, Some(a), Some(1)), SendNow);
+        assert_eq!(at_once.allow_piece(0, &blob, &[0, 0], 0, Some(a), Some(1)), Wait);
+        let mut one = Uploads::new(UploadPolicy { origin_copies: 0, slots_per_blob: 1, ..UploadPolicy::default() });
+        one.update(view(blob, &[a]));
+        assert_eq!(one.allow_piece(0, &blob, &[u64::MAX], 0, Some(a), Some(1)), Wait);
     }
 
     #[test]
@@ -280,7 +318,7 @@ mod tests {
         let mut up = Uploads::new(UploadPolicy::default());
         up.update(UploadView { originated: BTreeSet::new(), ..view(blob, &[a]) });
         for piece in [3, 3, 3, 4, 4, 5] {
-            assert_eq!(up.allow_piece(0, &blob, 0, 0, Some(a), Some(piece)), SendNow);
+            assert_eq!(up.allow_piece(0, &blob, NONE, 0, Some(a), Some(piece)), SendNow);
         }
         assert_eq!(up.next_held(&blob, &[Some(3), Some(4), Some(5)]), 2, "5 was sent once");
         assert_eq!(up.next_held(&blob, &[Some(3), Some(9), Some(4), Some(9)]), 1, "9 never: the oldest of them");
@@ -289,7 +327,7 @@ mod tests {
         assert_eq!(up.next_held(&other, &[Some(3), Some(4)]), 0, "another blob's counts are its own");
         assert_eq!(up.next_held(&blob, &[]), 0);
         // A held request is no send.
-        assert_eq!(up.allow_piece(0, &blob, 2, 0, Some(a), Some(5)), Wait);
+        assert_eq!(up.allow_piece(0, &blob, TWO, 0, Some(a), Some(5)), Wait);
         assert_eq!(up.next_held(&blob, &[Some(4), Some(5)]), 1, "5 still sent once, 4 twice");
     }
 
@@ -301,15 +339,15 @@ mod tests {
         up.update(UploadView { originated: BTreeSet::new(), ..view(blobs[0], &[a]) });
         // A piece index past any real blob is sent (the endpoint finds no such piece) but
         // not counted: it would size the counts by the remote's number.
-        assert_eq!(up.allow_piece(0, &blobs[0], 0, 0, Some(a), Some(u32::MAX)), SendNow);
+        assert_eq!(up.allow_piece(0, &blobs[0], NONE, 0, Some(a), Some(u32::MAX)), SendNow);
         assert!(up.times_sent.is_empty());
         for _ in 0..300 {
-            up.allow_piece(0, &blobs[0], 0, 0, Some(a), Some(MAX_COUNTED_PIECES - 1));
+            up.allow_piece(0, &blobs[0], NONE, 0, Some(a), Some(MAX_COUNTED_PIECES - 1));
         }
         assert_eq!(up.times_sent[&blobs[0]].len(), MAX_COUNTED_PIECES as usize);
         assert_eq!(up.times_sent[&blobs[0]][MAX_COUNTED_PIECES as usize - 1], u8::MAX, "saturates");
         for b in &blobs[1..] {
-            up.allow_piece(0, b, 0, 0, Some(a), Some(0));
+            up.allow_piece(0, b, NONE, 0, Some(a), Some(0));
         }
         assert_eq!(up.times_sent.len(), MAX_COUNTED_BLOBS);
         assert!(!up.times_sent.contains_key(&blobs[0]), "the first in key order went");
@@ -339,9 +377,9 @@ mod tests {
         assert!(up.admit(Some(a)).is_ok());
         assert!(up.admit(Some(outsider)).unwrap_err().contains("not an admitted fleet member"));
         assert!(up.admit(None).is_err(), "a client that does not say who it is");
-        assert!(busy(up.allow_piece(0, &blob, 0, 0, Some(outsider), Some(0))));
-        assert!(busy(up.allow_piece(0, &blob, 0, 0, None, None)));
-        assert_eq!(up.allow_piece(0, &blob, 0, 0, Some(a), Some(0)), SendNow);
+        assert!(busy(up.allow_piece(0, &blob, NONE, 0, Some(outsider), Some(0))));
+        assert!(busy(up.allow_piece(0, &blob, NONE, 0, None, None)));
+        assert_eq!(up.allow_piece(0, &blob, NONE, 0, Some(a), Some(0)), SendNow);
         up.update(view(blob, &[]));
         assert!(up.admit(Some(a)).is_err(), "admission ends when the peer is refused or leaves");
     }

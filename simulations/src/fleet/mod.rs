@@ -118,7 +118,9 @@ pub struct SimNode {
     pub pieces: BTreeMap<Hex32, slmesh_protocol::swarm::PieceSet>,
     fetches: BTreeMap<Hex32, pieces::BlobFetch>,
     version_fetches: BTreeMap<(String, u64), BTreeSet<Hex32>>,
-    uploading: BTreeMap<Hex32, usize>,
+    /// Per blob, each running upload: its number and when it started (µs).
+    uploading: BTreeMap<Hex32, Vec<(u32, u64)>>,
+    next_transfer: u32,
     watchers: BTreeSet<(usize, Hex32)>,
     uploads: slmesh_protocol::node::Uploads,
     /// Piece requests it holds for a busy slot, per blob, oldest first.
@@ -188,6 +190,13 @@ enum Ev {
         incarnation: u32,
     },
     SlotFree {
+        node: usize,
+        blob: Hex32,
+        transfer: u32,
+        incarnation: u32,
+    },
+    /// An upload has run `Uploads::stalled_after_ms` and still runs.
+    SlotStalled {
         node: usize,
         blob: Hex32,
         incarnation: u32,
@@ -394,6 +403,7 @@ impl NodeFleet {
                     fetches: BTreeMap::new(),
                     version_fetches: BTreeMap::new(),
                     uploading: BTreeMap::new(),
+                    next_transfer: 0,
                     held: BTreeMap::new(),
                     watchers: BTreeSet::new(),
                     uploads: slmesh_protocol::node::Uploads::new(Default::default()),
@@ -867,7 +877,10 @@ impl NodeFleet {
             Ev::PieceAnswer { to, from, blob, piece, lane, outcome, incarnation } => {
                 self.on_piece_answer(to, from, blob, piece, lane, outcome, incarnation)
             }
-            Ev::SlotFree { node, blob, incarnation } => self.on_slot_free(node, blob, incarnation),
+            Ev::SlotFree { node, blob, transfer, incarnation } => {
+                self.on_slot_free(node, blob, Some(transfer), incarnation)
+            }
+            Ev::SlotStalled { node, blob, incarnation } => self.on_slot_free(node, blob, None, incarnation),
             Ev::PieceStall { node, blob, provider, lane, piece, incarnation } => {
                 self.on_piece_stall(node, blob, provider, lane, piece, incarnation)
             }

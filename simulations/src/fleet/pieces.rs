@@ -193,8 +193,10 @@ impl NodeFleet {
             self.q.at(at, answer(PieceOutcome::Failed("the provider does not hold the piece".into())));
             return PieceAdmission::Refuse(Refusal::Busy("does not hold the piece".into()));
         }
-        let uploading = self.nodes[j].uploading.get(&blob).copied().unwrap_or(0);
-        let admission = self.nodes[j].uploads.allow_piece(now, &blob, uploading, waiting, Some(client), Some(piece));
+        let now_us = self.q.now();
+        let running = self.nodes[j].uploading.get(&blob).map_or(&[][..], Vec::as_slice);
+        let running_ms: Vec<u64> = running.iter().map(|(_, at)| now_us.saturating_sub(*at) / 1000).collect();
+        let admission = self.nodes[j].uploads.allow_piece(now, &blob, &running_ms, waiting, Some(client), Some(piece));
         match &admission {
             PieceAdmission::Wait => {}
             PieceAdmission::Refuse(refusal) => {
@@ -206,13 +208,21 @@ impl NodeFleet {
                 self.q.at(at, answer(outcome));
             }
             PieceAdmission::Send => {
-                *self.nodes[j].uploading.entry(blob).or_default() += 1;
-                let now_us = self.q.now();
+                let node = &mut self.nodes[j];
+                let transfer = node.next_transfer;
+                node.next_transfer = transfer.wrapping_add(1);
+                node.uploading.entry(blob).or_default().push((transfer, now_us));
                 let bytes = piece_bytes(size, piece) + self.spec.overhead_bytes;
-                self.nodes[j].piece_bytes_sent += bytes;
+                node.piece_bytes_sent += bytes;
+                let stalls_at =
+                    node.uploads.stalled_after_ms().map(|ms| now_us.saturating_add(ms.saturating_mul(1000)));
                 let (sent, arrives) = self.links.send_timed(now_us, j, i, bytes, false, &mut self.rng);
                 let provider_inc = self.incarnation[j];
-                self.q.at(sent, Ev::SlotFree { node: j, blob, incarnation: provider_inc });
+                self.q.at(sent, Ev::SlotFree { node: j, blob, transfer, incarnation: provider_inc });
+                // Known in advance here: whether it runs long enough to stall.
+                if let Some(at) = stalls_at.filter(|at| *at < sent) {
+                    self.q.at(at, Ev::SlotStalled { node: j, blob, incarnation: provider_inc });
+                }
                 match arrives {
                     Some(at) => self.q.at(at, answer(PieceOutcome::Received)),
                     None => self.q.at(sent, answer(PieceOutcome::Failed("partitioned".into()))),
@@ -222,14 +232,18 @@ impl NodeFleet {
         admission
     }
 
-    /// A transfer ended: the slot goes to the held request the gate picks and lets
-    /// through (those it refuses meanwhile are answered), as `crates/blobs` wakes them.
-    pub(super) fn on_slot_free(&mut self, j: usize, blob: Hex32, inc: u32) {
+    /// A transfer ended (`ended`), or stalled (None): the held request the gate picks is
+    /// asked again and may take the slot (those it refuses meanwhile are answered), as
+    /// `crates/blobs` wakes them.
+    pub(super) fn on_slot_free(&mut self, j: usize, blob: Hex32, ended: Option<u32>, inc: u32) {
         if inc != self.incarnation[j] {
             return;
         }
-        if let Some(u) = self.nodes[j].uploading.get_mut(&blob) {
-            *u = u.saturating_sub(1);
+        if let (Some(transfer), Some(running)) = (ended, self.nodes[j].uploading.get_mut(&blob)) {
+            running.retain(|(t, _)| *t != transfer);
+            if running.is_empty() {
+                self.nodes[j].uploading.remove(&blob);
+            }
         }
         while let Some(request) = self.next_held(j, &blob) {
             match self.admit_piece(j, blob, &request, 0) {
