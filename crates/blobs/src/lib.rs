@@ -82,16 +82,17 @@ pub trait UploadGate: Send + Sync {
 
     /// As `allow`, knowing who asks (if known) and which piece (`swarm::PIECE_CHUNKS`
     /// chunks) the request starts in, how long each running transfer of the blob has run
-    /// (`running_ms`), and how many requests of the blob wait for a slot already
-    /// (`waiting`; 0 for a held one asked again as a slot frees or a transfer stalls):
-    /// send now, hold for a slot, or refuse. `Refusal::Elsewhere` goes to the fetcher as
+    /// (`running_ms`), and the piece of each request of the blob held for a slot already
+    /// (`held`, oldest first; none for a held one asked again as a slot frees or a
+    /// transfer stalls): send now, hold for a slot (perhaps in place of a held one), or
+    /// refuse. `Refusal::Elsewhere` goes to the fetcher as
     /// iroh-blobs' permission error (1), anything else as its limit error (2), so that the
     /// fetcher can tell "not this piece" from "not now".
     fn allow_piece(
         &self,
         blob: &Hex32,
         running_ms: &[u64],
-        _waiting: usize,
+        _held: &[Option<u32>],
         _client: Option<NodeId>,
         _piece: Option<u32>,
     ) -> PieceAdmission {

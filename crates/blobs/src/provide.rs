@@ -26,7 +26,16 @@ type Updates = irpc::channel::mpsc::Receiver<RequestUpdate>;
 /// A request held for a slot: the piece it starts in, and how to wake it.
 struct Held {
     piece: Option<u32>,
-    wake: oneshot::Sender<()>,
+    wake: oneshot::Sender<Wake>,
+}
+
+/// Why a held request is woken.
+#[derive(Debug, PartialEq, Eq)]
+enum Wake {
+    /// A slot freed, or a running transfer stalled: ask the gate again.
+    Turn,
+    /// A request for a rarer piece took its place in the full queue: refused as busy.
+    Displaced,
 }
 
 /// Transfers running and requests held, per blob, under one lock: the gate decides on
@@ -42,15 +51,37 @@ struct Slots {
 }
 
 impl Slots {
-    /// Requests of `hash` still waiting (those that gave up are dropped).
-    fn waiting(&mut self, hash: &Hash) -> usize {
-        let Some(queue) = self.held.get_mut(hash) else { return 0 };
+    /// The piece of each request of `hash` still waiting, oldest first (those that gave
+    /// up are dropped).
+    fn waiting(&mut self, hash: &Hash) -> Vec<Option<u32>> {
+        let Some(queue) = self.held.get_mut(hash) else { return vec![] };
         queue.retain(|h| !h.wake.is_closed());
-        let n = queue.len();
-        if n == 0 {
+        let pieces: Vec<Option<u32>> = queue.iter().map(|h| h.piece).collect();
+        if pieces.is_empty() {
             self.held.remove(hash);
         }
-        n
+        pieces
+    }
+
+    /// Holds a request for `piece` of `hash`: at the back, or at the front for one that
+    /// waited already. Its wake.
+    fn hold(&mut self, hash: Hash, piece: Option<u32>, front: bool) -> oneshot::Receiver<Wake> {
+        let (tx, rx) = oneshot::channel();
+        let queue = self.held.entry(hash).or_default();
+        let entry = Held { piece, wake: tx };
+        if front {
+            queue.push_front(entry);
+        } else {
+            queue.push_back(entry);
+        }
+        rx
+    }
+
+    /// The held request of `hash` at `k` (of `waiting`) loses its place: it is refused.
+    fn displace(&mut self, hash: &Hash, k: usize) {
+        if let Some(h) = self.held.get_mut(hash).and_then(|q| q.remove(k)) {
+            h.wake.send(Wake::Displaced).ok();
+        }
     }
 
     /// How long each running transfer of `hash` has run, in milliseconds.
@@ -77,7 +108,7 @@ impl Slots {
             let pieces: Vec<Option<u32>> = queue.iter().map(|h| h.piece).collect();
             let k = gate.next_held(&hex_of(hash), &pieces).min(queue.len() - 1);
             // One that gave up since is passed over.
-            woken = queue.remove(k).is_some_and(|h| h.wake.send(()).is_ok());
+            woken = queue.remove(k).is_some_and(|h| h.wake.send(Wake::Turn).is_ok());
         }
         if queue.is_empty() {
             self.held.remove(hash);
@@ -107,7 +138,7 @@ impl Slots {
 /// the wake of a held request.
 enum Decided {
     Send(u64),
-    Wait(oneshot::Receiver<()>),
+    Wait(oneshot::Receiver<Wake>),
     Refuse(Refusal),
 }
 
@@ -140,23 +171,17 @@ impl Provider {
     fn decide(&self, request: &Request, held: bool) -> Decided {
         let mut slots = lock(&self.slots);
         let running = slots.running_ms(&request.hash);
-        let waiting = if held { 0 } else { slots.waiting(&request.hash) };
+        let waiting = if held { vec![] } else { slots.waiting(&request.hash) };
         let admission = match self.gate.admit(request.client) {
             Err(reason) => PieceAdmission::Refuse(Refusal::Busy(reason)),
-            Ok(()) => self.gate.allow_piece(&hex_of(&request.hash), &running, waiting, request.client, request.piece),
+            Ok(()) => self.gate.allow_piece(&hex_of(&request.hash), &running, &waiting, request.client, request.piece),
         };
         match admission {
             PieceAdmission::Send => Decided::Send(slots.start(request.hash)),
-            PieceAdmission::Wait => {
-                let (tx, rx) = oneshot::channel();
-                let queue = slots.held.entry(request.hash).or_default();
-                let entry = Held { piece: request.piece, wake: tx };
-                if held {
-                    queue.push_front(entry);
-                } else {
-                    queue.push_back(entry);
-                }
-                Decided::Wait(rx)
+            PieceAdmission::Wait => Decided::Wait(slots.hold(request.hash, request.piece, held)),
+            PieceAdmission::WaitInstead(k) => {
+                slots.displace(&request.hash, k);
+                Decided::Wait(slots.hold(request.hash, request.piece, held))
             }
             // A woken request that does not take the slot passes it on.
             PieceAdmission::Refuse(refusal) => {
@@ -183,15 +208,19 @@ impl Provider {
     }
 
     /// Waits for a slot, at most as long as the gate allows, then sends or refuses.
-    async fn hold(&self, request: Request, answer: Answer, updates: Updates, mut wake: oneshot::Receiver<()>) {
+    async fn hold(&self, request: Request, answer: Answer, updates: Updates, mut wake: oneshot::Receiver<Wake>) {
         let max_wait = Duration::from_millis(self.gate.max_wait_ms());
         let deadline = tokio::time::Instant::now() + max_wait;
         loop {
             match tokio::time::timeout_at(deadline, &mut wake).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(Wake::Turn)) => {}
+                Ok(Ok(Wake::Displaced)) => {
+                    let reason = "a request for a piece sent less often took its place in the queue";
+                    return self.refuse(&request, answer, Refusal::Busy(reason.into())).await;
+                }
                 _ => {
-                    // A wake that came with the deadline goes to the next in line.
-                    if wake.try_recv().is_ok() {
+                    // A turn that came with the deadline goes to the next in line.
+                    if wake.try_recv() == Ok(Wake::Turn) {
                         lock(&self.slots).wake(&request.hash, self.gate.as_ref());
                     }
                     let reason = format!("no upload slot freed within {} ms", max_wait.as_millis());
@@ -363,15 +392,12 @@ mod tests {
     use slmesh_protocol::Hex32;
 
     /// Holds one request per piece of `pieces`, oldest first.
-    fn hold_all(slots: &mut Slots, hash: Hash, pieces: &[Option<u32>]) -> Vec<oneshot::Receiver<()>> {
-        pieces
-            .iter()
-            .map(|piece| {
-                let (tx, rx) = oneshot::channel();
-                slots.held.entry(hash).or_default().push_back(Held { piece: *piece, wake: tx });
-                rx
-            })
-            .collect()
+    fn hold_all(slots: &mut Slots, hash: Hash, pieces: &[Option<u32>]) -> Vec<oneshot::Receiver<Wake>> {
+        pieces.iter().map(|piece| slots.hold(hash, *piece, false)).collect()
+    }
+
+    fn turn(rx: &mut oneshot::Receiver<Wake>) -> bool {
+        rx.try_recv() == Ok(Wake::Turn)
     }
 
     #[test]
@@ -383,13 +409,13 @@ mod tests {
         let mut rxs = hold_all(&mut slots, hash, &[Some(0), Some(1), Some(2)]);
         // The oldest gave up waiting (its deadline passed): skipped, and not counted.
         drop(rxs.remove(0));
-        assert_eq!(slots.waiting(&hash), 2);
+        assert_eq!(slots.waiting(&hash), vec![Some(1), Some(2)]);
         slots.release(&hash, first, &ServeAll);
         assert_eq!(slots.running[&hash].iter().map(|(t, _)| *t).collect::<Vec<_>>(), vec![second]);
-        assert!(rxs[0].try_recv().is_ok(), "the oldest still waiting is woken");
+        assert!(turn(&mut rxs[0]), "the oldest still waiting is woken");
         assert!(rxs[1].try_recv().is_err(), "one slot, one wake");
         slots.release(&hash, second, &ServeAll);
-        assert!(rxs[1].try_recv().is_ok());
+        assert!(turn(&mut rxs[1]));
         assert!(slots.running.is_empty() && slots.held.is_empty(), "nothing left behind");
         slots.release(&hash, second, &ServeAll);
         assert!(slots.running.is_empty(), "a release too many changes nothing");
@@ -403,17 +429,33 @@ mod tests {
         assert_ne!(first, second);
         let mut rxs = hold_all(&mut slots, hash, &[Some(0), Some(1)]);
         assert!(slots.stalled(&hash, first, &ServeAll));
-        assert!(rxs[0].try_recv().is_ok(), "the oldest is asked again");
+        assert!(turn(&mut rxs[0]), "the oldest is asked again");
         assert!(rxs[1].try_recv().is_err());
         assert_eq!(slots.running_ms(&hash).len(), 2, "a stalled transfer still holds its slot");
         slots.release(&hash, second, &ServeAll);
-        assert!(rxs[1].try_recv().is_ok(), "an ended transfer frees its slot");
+        assert!(turn(&mut rxs[1]), "an ended transfer frees its slot");
         let mut late = hold_all(&mut slots, hash, &[Some(2)]);
         assert!(!slots.stalled(&hash, second, &ServeAll));
         assert!(late[0].try_recv().is_err(), "a transfer that ended before it stalled wakes nobody");
         assert!(slots.stalled(&hash, first, &ServeAll));
-        assert!(late[0].try_recv().is_ok());
+        assert!(turn(&mut late[0]));
         assert!(!slots.stalled(&hash, first, &ServeAll), "none waits: nobody to wake");
+    }
+
+    #[test]
+    fn a_displaced_request_is_told_so_and_leaves_the_queue() {
+        let hash = Hash::from([7u8; 32]);
+        let mut slots = Slots::default();
+        let mut rxs = hold_all(&mut slots, hash, &[Some(0), Some(1), Some(2)]);
+        slots.displace(&hash, 1);
+        assert_eq!(rxs[1].try_recv(), Ok(Wake::Displaced));
+        assert!(rxs[0].try_recv().is_err() && rxs[2].try_recv().is_err(), "the others keep waiting");
+        assert_eq!(slots.waiting(&hash), vec![Some(0), Some(2)]);
+        slots.displace(&hash, 5);
+        assert_eq!(slots.waiting(&hash), vec![Some(0), Some(2)], "past the end: nobody");
+        let front = slots.hold(hash, Some(9), true);
+        assert_eq!(slots.waiting(&hash), vec![Some(9), Some(0), Some(2)], "one that waited already goes first");
+        drop(front);
     }
 
     /// A gate that starts the held request for the highest piece first, and says which
@@ -442,13 +484,13 @@ mod tests {
         let mut slots = Slots::default();
         let mut rxs = hold_all(&mut slots, hash, &[Some(1), Some(5), Some(3), Some(4)]);
         slots.release(&hash, 0, &gate);
-        assert!(rxs[1].try_recv().is_ok(), "piece 5 first");
+        assert!(turn(&mut rxs[1]), "piece 5 first");
         assert!(rxs.iter_mut().enumerate().all(|(k, rx)| k == 1 || rx.try_recv().is_err()), "one wake");
         // The one the gate would pick next (4) gave up meanwhile: the gate is not shown
         // it, and the slot goes to 3.
         drop(rxs.remove(3));
         slots.release(&hash, 0, &gate);
-        assert!(rxs[2].try_recv().is_ok(), "piece 3, after 4 gave up");
+        assert!(turn(&mut rxs[2]), "piece 3, after 4 gave up");
         assert!(rxs[0].try_recv().is_err());
         let asked = lock(&gate.0).clone();
         assert_eq!(asked[0], vec![Some(1), Some(5), Some(3), Some(4)]);
@@ -467,7 +509,7 @@ mod tests {
             }
         }
         slots.release(&hash, 0, &PastTheEnd);
-        assert!(rxs[0].try_recv().is_ok());
+        assert!(turn(&mut rxs[0]));
         assert!(slots.held.is_empty());
     }
 }

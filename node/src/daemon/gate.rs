@@ -38,11 +38,11 @@ impl UploadGate for GateState {
         &self,
         blob: &Hex32,
         running_ms: &[u64],
-        waiting: usize,
+        held: &[Option<u32>],
         client: Option<NodeId>,
         piece: Option<u32>,
     ) -> PieceAdmission {
-        self.lock().allow_piece(super::core::unix_millis(), blob, running_ms, waiting, client, piece)
+        self.lock().allow_piece(super::core::unix_millis(), blob, running_ms, held, client, piece)
     }
 
     fn stalled_after_ms(&self) -> Option<u64> {

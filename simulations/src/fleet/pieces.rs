@@ -161,16 +161,18 @@ impl NodeFleet {
     /// A provider takes a piece request: sends the piece, holds it for a slot, or refuses
     /// it, as its gate says.
     pub(super) fn on_piece_request(&mut self, j: usize, i: usize, blob: Hex32, piece: u32, lane: u32, inc: u32) {
-        let waiting = self.nodes[j].held.get(&blob).map_or(0, VecDeque::len);
+        let held = self.nodes[j].held.get(&blob);
+        let waiting: Vec<Option<u32>> = held.map_or(vec![], |h| h.iter().map(|r| Some(r.piece)).collect());
         let request = HeldRequest { from: i, piece, lane, incarnation: inc };
-        if self.admit_piece(j, blob, &request, waiting) == PieceAdmission::Wait {
+        if self.admit_piece(j, blob, &request, &waiting) == PieceAdmission::Wait {
             self.nodes[j].held.entry(blob).or_default().push_back(request);
         }
     }
 
     /// Sends the piece, or answers a refusal, unless the gate holds the request (`Wait`:
-    /// the caller keeps it). `waiting`: requests of the blob held already.
-    fn admit_piece(&mut self, j: usize, blob: Hex32, request: &HeldRequest, waiting: usize) -> PieceAdmission {
+    /// the caller keeps it; one it displaces is refused here). `waiting`: the piece of
+    /// each request of the blob held already, oldest first.
+    fn admit_piece(&mut self, j: usize, blob: Hex32, request: &HeldRequest, waiting: &[Option<u32>]) -> PieceAdmission {
         let HeldRequest { from: i, piece, lane, incarnation: inc } = *request;
         let now = self.now_ms();
         let client = self.id(i);
@@ -196,9 +198,26 @@ impl NodeFleet {
         let now_us = self.q.now();
         let running = self.nodes[j].uploading.get(&blob).map_or(&[][..], Vec::as_slice);
         let running_ms: Vec<u64> = running.iter().map(|(_, at)| now_us.saturating_sub(*at) / 1000).collect();
-        let admission = self.nodes[j].uploads.allow_piece(now, &blob, &running_ms, waiting, Some(client), Some(piece));
+        let mut admission =
+            self.nodes[j].uploads.allow_piece(now, &blob, &running_ms, waiting, Some(client), Some(piece));
         match &admission {
             PieceAdmission::Wait => {}
+            &PieceAdmission::WaitInstead(k) => {
+                if let Some(out) = self.nodes[j].held.get_mut(&blob).and_then(|h| h.remove(k)) {
+                    let answer = Ev::PieceAnswer {
+                        to: out.from,
+                        from: j,
+                        blob,
+                        piece: out.piece,
+                        lane: out.lane,
+                        outcome: PieceOutcome::Refused,
+                        incarnation: out.incarnation,
+                    };
+                    let at = self.send_control(j, out.from).unwrap_or(self.q.now() + SECOND);
+                    self.q.at(at, answer);
+                }
+                admission = PieceAdmission::Wait;
+            }
             PieceAdmission::Refuse(refusal) => {
                 let outcome = match refusal {
                     Refusal::Busy(_) => PieceOutcome::Refused,
@@ -246,9 +265,9 @@ impl NodeFleet {
             }
         }
         while let Some(request) = self.next_held(j, &blob) {
-            match self.admit_piece(j, blob, &request, 0) {
+            match self.admit_piece(j, blob, &request, &[]) {
                 PieceAdmission::Send => break,
-                PieceAdmission::Wait => {
+                PieceAdmission::Wait | PieceAdmission::WaitInstead(_) => {
                     self.nodes[j].held.entry(blob).or_default().push_front(request);
                     break;
                 }
