@@ -201,13 +201,12 @@ enum Ev {
         blob: Hex32,
         incarnation: u32,
     },
-    /// The driver's timer on one piece request (`FetchPolicy::piece_stall_ms`).
+    /// The driver's timer on a lane's piece requests (`FetchPolicy::piece_stall_ms`).
     PieceStall {
         node: usize,
         blob: Hex32,
         provider: usize,
         lane: u32,
-        piece: u32,
         incarnation: u32,
     },
     LaneRetry {
@@ -881,8 +880,8 @@ impl NodeFleet {
                 self.on_slot_free(node, blob, Some(transfer), incarnation)
             }
             Ev::SlotStalled { node, blob, incarnation } => self.on_slot_free(node, blob, None, incarnation),
-            Ev::PieceStall { node, blob, provider, lane, piece, incarnation } => {
-                self.on_piece_stall(node, blob, provider, lane, piece, incarnation)
+            Ev::PieceStall { node, blob, provider, lane, incarnation } => {
+                self.on_piece_stall(node, blob, provider, lane, incarnation)
             }
             Ev::LaneRetry { node, blob, provider, lane, incarnation } => {
                 self.on_lane_retry(node, blob, provider, lane, incarnation)
