@@ -6,9 +6,14 @@
 //! Decisions only: which piece to ask a provider for, and whether the origin sends a
 //! piece once more. The fetcher's side of one blob is a state machine (`PieceFetch`:
 //! which providers, which piece, refusals, failures, stalls) that `crates/blobs` and the
-//! simulator drive alike; a provider has no request queue (iroh-blobs has none to order):
-//! its upload gate (`node::Uploads`) serves or refuses, and a refused fetcher retries or
-//! asks another provider.
+//! simulator drive alike. A provider's side is its upload gate (`node::Uploads`): it sends
+//! a piece request now, holds it for a slot, or refuses it (a refused fetcher retries or
+//! asks another provider). A blob's uploads start one at a time, a second beside one
+//! only once that has run `mesh::UploadPolicy::stalled_after_ms` (a slow fetcher), so that
+//! each piece leaves at the uplink's full speed; a freed slot goes to the held request for
+//! the piece this node has sent least often (the rarest around it), and with the queue
+//! full a request for a rarer piece takes the place of the most-sent one. The blob
+//! endpoint and the simulator keep the queue; the gate orders it.
 
 mod fetch;
 pub use fetch::{AfterPiece, FetchPolicy, FetchState, Next, PieceFetch, PieceOutcome};

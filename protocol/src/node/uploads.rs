@@ -1,5 +1,6 @@
-//! Whether to serve a fetcher, as the blob endpoint asks it: upload slots per blob, the
-//! origin's copies, and each piece of a published blob seeded into the fleet once. The
+//! Whether to serve a fetcher, as the blob endpoint asks it: upload slots per blob (started
+//! one at a time), the origin's copies, each piece of a published blob seeded into the
+//! fleet once, and which held request goes next (the piece sent least often). The
 //! node state machine keeps its view current (`Output::Uploads`); the driver asks it
 //! from the endpoint's threads with `now`.
 
