@@ -199,9 +199,8 @@ impl Uploads {
     fn displaced(&self, blob: &Hex32, held: &[Option<u32>], piece: Option<u32>) -> Option<usize> {
         // A whole-blob request is no rarer than the pieces: it displaces nobody.
         let mine = self.times_sent(blob, Some(piece?));
-        (0..held.len())
-            .max_by_key(|&k| (self.times_sent(blob, held[k]), k))
-            .filter(|&k| self.times_sent(blob, held[k]) > mine)
+        let (sent, k) = (0..held.len()).map(|k| (self.times_sent(blob, held[k]), k)).max()?;
+        (sent > mine).then_some(k)
     }
 
     /// Which of `blob`'s held requests takes a freed slot, as an index into `held` (each
