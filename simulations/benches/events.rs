@@ -32,7 +32,7 @@ fn main() {
         let r = slmesh_sim::run(sc);
         let wall = started.elapsed().as_secs_f64();
         println!(
-            "{name:<20} {:>6} nodes {:>11} events in {wall:>7.1} s = {:>9.0} events/s  distribution {} s (bound {:.1} s, {}x)  origin {:.2}x/site  manifest p50/p99 {}/{} s  gossip B/s/node: manifests {:.0}, metrics {:.0}  haves {:.1} KB/node  ever active {:.1}%{}",
+            "{name:<20} {:>6} nodes {:>11} events in {wall:>7.1} s = {:>9.0} events/s  distribution {} s (bound {:.1} s, {}x)  origin {:.2}x/site  manifest p50/p99 {}/{} s  gossip B/s/node: manifests {:.0}, metrics {:.0} (from publication {:.0}; start-up {:.1} KB/node)  haves {:.1} KB/node  ever active {:.1}%{}",
             r.nodes,
             r.events,
             r.events as f64 / wall,
@@ -44,6 +44,8 @@ fn main() {
             r.manifest_propagation_p99_secs.map_or("-".into(), |x| format!("{x:.2}")),
             r.manifest_gossip_bytes_per_node_per_sec,
             r.metrics_gossip_bytes_per_node_per_sec,
+            r.metrics_gossip_rollout_bytes_per_node_per_sec,
+            r.metrics_gossip_start_bytes_per_node / 1e3,
             r.have_bytes_per_node / 1e3,
             r.ever_activated_fraction * 100.0,
             r.halted.as_ref().map(|h| format!("  halted: {h}")).unwrap_or_default(),

@@ -58,6 +58,11 @@ pub struct Report {
     /// Gossip bytes sent (originated and forwarded) per node per second, by topic.
     pub manifest_gossip_bytes_per_node_per_sec: f64,
     pub metrics_gossip_bytes_per_node_per_sec: f64,
+    /// Of it: the bytes per node before publication (the start-up, once: every node
+    /// reports the baseline, which no panel holds yet), and per node per second from
+    /// publication to the end (the rollout, which the scale goal of 2 KB/s is about).
+    pub metrics_gossip_start_bytes_per_node: f64,
+    pub metrics_gossip_rollout_bytes_per_node_per_sec: f64,
     /// Have-record bytes per node over the run (sent to direct peers).
     pub have_bytes_per_node: f64,
     /// Fraction of nodes that ever served the new version.
@@ -127,6 +132,12 @@ pub fn markdown(r: &Report) -> String {
         r.manifest_gossip_bytes_per_node_per_sec,
         r.metrics_gossip_bytes_per_node_per_sec,
         r.have_bytes_per_node / 1e3
+    );
+    let _ = writeln!(
+        s,
+        "- metrics gossip per node: {:.1} KB at start-up (before publication, once), {:.1} B/s from publication on",
+        r.metrics_gossip_start_bytes_per_node / 1e3,
+        r.metrics_gossip_rollout_bytes_per_node_per_sec
     );
     let _ = writeln!(s, "- nodes that ever served the new version: {:.1}%", r.ever_activated_fraction * 100.0);
     if let Some(h) = &r.halted {

@@ -92,6 +92,9 @@ struct Run {
     start: Micros,
     publish_at: Micros,
     published: bool,
+    /// Metrics gossip bytes sent fleet-wide before publication: the start-up, where
+    /// every node reports the baseline once (no panel tells it the fleet's size yet).
+    metrics_gossip_at_publish: u64,
     end: Micros,
     faults: Vec<(Micros, Fault)>,
     /// Nodes still to come back or join.
@@ -175,6 +178,7 @@ impl Run {
             start,
             publish_at,
             published: false,
+            metrics_gossip_at_publish: 0,
             end,
             faults,
             returns_pending,
@@ -236,6 +240,7 @@ impl Run {
     fn publish(&mut self) {
         let manifest = self.fleet.manifest(CANDIDATE, &self.sc.rollout.waves, self.plan.gates.clone());
         self.live_at_publish = (0..self.fleet.nodes.len()).map(|i| self.fleet.nodes[i].node.is_some()).collect();
+        self.metrics_gossip_at_publish = self.fleet.gossip_bytes.get(TOPIC_METRICS).copied().unwrap_or(0);
         if let Err(e) = self.fleet.publish(0, manifest) {
             panic!("the candidate does not publish at the origin: {e}");
         }
@@ -369,6 +374,8 @@ impl Run {
         let span = secs(fleet.now() - self.start).max(1e-9);
         let origin_egress = fleet.nodes[0].piece_bytes_sent;
         let gossip = |topic: &str| fleet.gossip_bytes.get(topic).copied().unwrap_or(0) as f64 / n as f64 / span;
+        let metrics_since_publication =
+            fleet.gossip_bytes.get(TOPIC_METRICS).copied().unwrap_or(0).saturating_sub(self.metrics_gossip_at_publish);
         let ever = (0..n).filter(|i| first_served[*i].is_some()).count();
         let halted = self.origin_view().and_then(|v| v.halted.clone());
         Report {
@@ -391,6 +398,10 @@ impl Run {
             manifest_propagation_p99_secs: q(&prop, 0.99),
             manifest_gossip_bytes_per_node_per_sec: gossip(TOPIC_MANIFESTS),
             metrics_gossip_bytes_per_node_per_sec: gossip(TOPIC_METRICS),
+            metrics_gossip_start_bytes_per_node: self.metrics_gossip_at_publish as f64 / n as f64,
+            metrics_gossip_rollout_bytes_per_node_per_sec: metrics_since_publication as f64
+                / n as f64
+                / secs(fleet.now().saturating_sub(self.publish_at)).max(1e-9),
             have_bytes_per_node: fleet.request_bytes.get(&RequestKind::Have).copied().unwrap_or(0) as f64 / n as f64,
             ever_activated_fraction: ever as f64 / n as f64,
             halted,

@@ -24,6 +24,7 @@ fn the_same_seed_gives_the_same_report_byte_for_byte() {
 fn a_bad_version_stays_within_its_canary() {
     let sc = scenario("bad-version-canary", 0.04);
     let canary = sc.rollout.waves[0].0;
+    let publish_at_secs = sc.rollout.publish_at_secs;
     let r = slmesh_sim::run(sc);
     assert!(r.halted.is_some(), "the rollout was not halted: {:?}", r.gate_decisions);
     assert!(
@@ -32,6 +33,13 @@ fn a_bad_version_stays_within_its_canary() {
         r.ever_activated_fraction
     );
     assert!(r.waves[1].p50_secs.is_none(), "wave 2 opened");
+    // Metrics gossip, split at publication: the start-up (every node reports the baseline
+    // once) and the rollout add up to the whole run.
+    let whole = r.metrics_gossip_bytes_per_node_per_sec * r.simulated_secs;
+    let rollout_secs = r.simulated_secs - publish_at_secs;
+    let parts = r.metrics_gossip_start_bytes_per_node + r.metrics_gossip_rollout_bytes_per_node_per_sec * rollout_secs;
+    assert!(r.metrics_gossip_start_bytes_per_node > 0.0, "no start-up records");
+    assert!((whole - parts).abs() <= whole * 1e-6 + 1.0, "whole run {whole} B per node, parts {parts}");
     // The report's charts (plotters) have their axes, legends and the failing verdict.
     let gates = slmesh_sim::report::gates_svg(&r).expect("gates chart");
     for text in ["gate verdicts", "seconds after the start", "pending", "fail"] {
