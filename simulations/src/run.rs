@@ -374,8 +374,13 @@ impl Run {
         let span = secs(fleet.now() - self.start).max(1e-9);
         let origin_egress = fleet.nodes[0].piece_bytes_sent;
         let gossip = |topic: &str| fleet.gossip_bytes.get(topic).copied().unwrap_or(0) as f64 / n as f64 / span;
-        let metrics_since_publication =
-            fleet.gossip_bytes.get(TOPIC_METRICS).copied().unwrap_or(0).saturating_sub(self.metrics_gossip_at_publish);
+        let metrics_total = fleet.gossip_bytes.get(TOPIC_METRICS).copied().unwrap_or(0);
+        // All of it came before publication if the run ended first (`publish_at_secs` past
+        // its end).
+        let (metrics_before, rollout_secs) = match self.published {
+            true => (self.metrics_gossip_at_publish, secs(fleet.now().saturating_sub(self.publish_at))),
+            false => (metrics_total, 0.0),
+        };
         let ever = (0..n).filter(|i| first_served[*i].is_some()).count();
         let halted = self.origin_view().and_then(|v| v.halted.clone());
         Report {
@@ -398,10 +403,10 @@ impl Run {
             manifest_propagation_p99_secs: q(&prop, 0.99),
             manifest_gossip_bytes_per_node_per_sec: gossip(TOPIC_MANIFESTS),
             metrics_gossip_bytes_per_node_per_sec: gossip(TOPIC_METRICS),
-            metrics_gossip_start_bytes_per_node: self.metrics_gossip_at_publish as f64 / n as f64,
-            metrics_gossip_rollout_bytes_per_node_per_sec: metrics_since_publication as f64
+            metrics_gossip_start_bytes_per_node: metrics_before as f64 / n as f64,
+            metrics_gossip_rollout_bytes_per_node_per_sec: metrics_total.saturating_sub(metrics_before) as f64
                 / n as f64
-                / secs(fleet.now().saturating_sub(self.publish_at)).max(1e-9),
+                / rollout_secs.max(1e-9),
             have_bytes_per_node: fleet.request_bytes.get(&RequestKind::Have).copied().unwrap_or(0) as f64 / n as f64,
             ever_activated_fraction: ever as f64 / n as f64,
             halted,
