@@ -130,7 +130,8 @@ fn main() {
             panic!("version 1 reached {serving} of {n} nodes in 600 s ({missing:?}); refusals: {reasons:?}");
         }
         // The very first version of the first model: no panel exists yet to tell a node
-        // how large the fleet is, so every node reports it once. Measured apart; the
+        // how large the fleet is, so each node reports it unless the records it heard fill
+        // the panel with lower ranks first. Measured apart; the
         // rollout below starts once that has settled.
         let (first, _) = f.gossip_originated.get(slmesh_protocol::mesh::TOPIC_METRICS).copied().unwrap_or_default();
         f.run_for(30 * SECOND);

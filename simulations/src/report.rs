@@ -58,9 +58,10 @@ pub struct Report {
     /// Gossip bytes sent (originated and forwarded) per node per second, by topic.
     pub manifest_gossip_bytes_per_node_per_sec: f64,
     pub metrics_gossip_bytes_per_node_per_sec: f64,
-    /// Of it: the bytes per node before publication (the start-up, once: every node
-    /// reports the baseline, which no panel holds yet), and per node per second from
-    /// publication to the end (the rollout, which the scale goal of 2 KB/s is about).
+    /// Of it: the bytes per node before publication (the start-up, once: each node reports
+    /// the baseline unless the records it heard fill the panel first), and per node per
+    /// second from publication to the end (the rollout, which the scale goal of 2 KB/s is
+    /// about).
     pub metrics_gossip_start_bytes_per_node: f64,
     pub metrics_gossip_rollout_bytes_per_node_per_sec: f64,
     /// Have-record bytes per node over the run (sent to direct peers).

@@ -92,8 +92,8 @@ struct Run {
     start: Micros,
     publish_at: Micros,
     published: bool,
-    /// Metrics gossip bytes sent fleet-wide before publication: the start-up, where
-    /// every node reports the baseline once (no panel tells it the fleet's size yet).
+    /// Metrics gossip bytes sent fleet-wide before publication: the start-up, where each
+    /// node reports the baseline unless the records it heard fill the panel first.
     metrics_gossip_at_publish: u64,
     end: Micros,
     faults: Vec<(Micros, Fault)>,

@@ -33,8 +33,8 @@ fn a_bad_version_stays_within_its_canary() {
         r.ever_activated_fraction
     );
     assert!(r.waves[1].p50_secs.is_none(), "wave 2 opened");
-    // Metrics gossip, split at publication: the start-up (every node reports the baseline
-    // once) and the rollout add up to the whole run.
+    // Metrics gossip, split at publication: the start-up (the baseline's first records)
+    // and the rollout add up to the whole run.
     let whole = r.metrics_gossip_bytes_per_node_per_sec * r.simulated_secs;
     let rollout_secs = r.simulated_secs - publish_at_secs;
     let parts = r.metrics_gossip_start_bytes_per_node + r.metrics_gossip_rollout_bytes_per_node_per_sec * rollout_secs;
