@@ -373,13 +373,15 @@ impl Run {
         };
         let span = secs(fleet.now() - self.start).max(1e-9);
         let origin_egress = fleet.nodes[0].piece_bytes_sent;
-        let gossip = |topic: &str| fleet.gossip_bytes.get(topic).copied().unwrap_or(0) as f64 / n as f64 / span;
-        let metrics_total = fleet.gossip_bytes.get(TOPIC_METRICS).copied().unwrap_or(0);
+        let sent = |topic: &str| fleet.gossip_bytes.get(topic).copied().unwrap_or(0);
+        let gossip = |topic: &str| sent(topic) as f64 / n as f64 / span;
+        let metrics_total = sent(TOPIC_METRICS);
         // All of it came before publication if the run ended first (`publish_at_secs` past
         // its end).
-        let (metrics_before, rollout_secs) = match self.published {
-            true => (self.metrics_gossip_at_publish, secs(fleet.now().saturating_sub(self.publish_at))),
-            false => (metrics_total, 0.0),
+        let (metrics_before, rollout_secs) = if self.published {
+            (self.metrics_gossip_at_publish, secs(fleet.now().saturating_sub(self.publish_at)))
+        } else {
+            (metrics_total, 0.0)
         };
         let ever = (0..n).filter(|i| first_served[*i].is_some()).count();
         let halted = self.origin_view().and_then(|v| v.halted.clone());

@@ -329,16 +329,19 @@ impl NodeFleet {
         }
         let now = self.q.now();
         let Some(bf) = self.nodes[i].fetches.get_mut(&blob) else { return };
-        bf.timed.remove(&(j, lane));
         let piece = match bf.open.get(&(j, lane)) {
-            None => return, // answered, and nothing asked since
+            // A later request: the lane's timer stays armed, for its deadline.
             Some(&(_, at)) if at > now => {
-                bf.timed.insert((j, lane));
                 self.q.at(at, Ev::PieceStall { node: i, blob, provider: j, lane, incarnation: inc });
                 return;
             }
             Some(&(piece, _)) => piece,
+            None => {
+                bf.timed.remove(&(j, lane)); // answered, and nothing asked since
+                return;
+            }
         };
+        bf.timed.remove(&(j, lane));
         bf.open.remove(&(j, lane));
         let secs = bf.fetch.policy().piece_stall_ms / 1000;
         self.piece_outcome(i, j, blob, piece, lane, PieceOutcome::Failed(format!("no data for {secs} s")), inc)
