@@ -82,6 +82,14 @@ impl PieceSet {
         true
     }
 
+    /// The pieces in both sets (of this one's length).
+    pub fn intersection(&self, other: &PieceSet) -> PieceSet {
+        let words: Vec<u64> =
+            self.words.iter().enumerate().map(|(w, a)| a & other.words.get(w).copied().unwrap_or(0)).collect();
+        let count = words.iter().map(|w| w.count_ones()).sum();
+        PieceSet { words, len: self.len, count }
+    }
+
     /// The pieces in the set, in order.
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         self.words.iter().enumerate().flat_map(|(w, &word)| {

@@ -208,21 +208,29 @@ impl PieceFetch {
         // Each piece it declined moves the start by a step of the golden ratio (of 2^32): an
         // origin seeds runs of pieces from each fetcher's start, and the next piece after a
         // declined one is likely in the same run, declined too.
-        let declined = self.declined.get(provider).map_or(0, PieceSet::count);
+        let (refused, declined) = (self.refused.get(provider), self.declined.get(provider));
         let start = u32::from_le_bytes([provider.as_bytes()[0], provider.as_bytes()[1], 0, 0])
             .wrapping_add(lane.wrapping_mul(7))
             .wrapping_add(self.spread)
-            .wrapping_add(declined.wrapping_mul(0x9E37_79B9));
-        let mut skip = self.requested.clone();
-        for p in self.turned_down(provider) {
-            skip.insert(p);
-        }
-        let mut pick = pick_piece(&self.mine, &skip, offered, &self.copies, start);
-        if pick.is_none() && (self.refused.contains_key(provider) || self.declined.contains_key(provider)) {
+            .wrapping_add(declined.map_or(0, PieceSet::count).wrapping_mul(0x9E37_79B9));
+        let turned_down = refused.is_some() || declined.is_some();
+        // On the path of every idle lane polled: the skip set is built only when there is
+        // something to add to what was asked for.
+        let mut pick = if turned_down {
+            let mut skip = self.requested.clone();
+            for p in refused.into_iter().chain(declined).flat_map(PieceSet::iter) {
+                skip.insert(p);
+            }
+            pick_piece(&self.mine, &skip, offered, &self.copies, start)
+        } else {
+            pick_piece(&self.mine, &self.requested, offered, &self.copies, start)
+        };
+        if pick.is_none() && turned_down {
             // It turned down everything else it offers: ask it again for what no other
             // provider offers without having turned it down; the rest wait for those.
-            let refused = self.offered_elsewhere(provider, self.refused.get(provider));
-            let declined = self.offered_elsewhere(provider, self.declined.get(provider));
+            let elsewhere = self.offered_elsewhere(provider);
+            let refused = refused.map_or_else(|| PieceSet::new(self.mine.len()), |r| r.intersection(&elsewhere));
+            let declined = declined.map_or_else(|| PieceSet::new(self.mine.len()), |d| d.intersection(&elsewhere));
             let mut skip = self.requested.clone();
             for p in refused.iter().chain(declined.iter()) {
                 skip.insert(p);
@@ -245,41 +253,31 @@ impl PieceFetch {
         }
     }
 
-    /// The pieces `provider` refused or declined.
-    /// The pieces a provider refused, and those it declined.
-    fn turned_down_sets(&self, provider: &NodeId) -> impl Iterator<Item = &PieceSet> + '_ {
-        [self.refused.get(provider), self.declined.get(provider)].into_iter().flatten()
-    }
-
-    fn turned_down(&self, provider: &NodeId) -> impl Iterator<Item = u32> + '_ {
-        self.turned_down_sets(provider).flat_map(|s| s.iter())
-    }
-
-    fn was_turned_down(&self, provider: &NodeId, piece: u32) -> bool {
-        self.turned_down_sets(provider).any(|s| s.contains(piece))
-    }
-
     /// Whether `provider` offers a piece this node lacks, has not asked for and it has
     /// not turned down.
     fn more_to_ask(&self, provider: &NodeId) -> bool {
         let Some(offered) = self.theirs.get(provider) else { return false };
-        offered
-            .iter()
-            .any(|p| !self.mine.contains(p) && !self.requested.contains(p) && !self.was_turned_down(provider, p))
+        let (refused, declined) = (self.refused.get(provider), self.declined.get(provider));
+        let word = |s: Option<&PieceSet>, w: usize| s.and_then(|s| s.words.get(w)).copied().unwrap_or(0);
+        offered.words.iter().enumerate().any(|(w, bits)| {
+            bits & !word(Some(&self.mine), w) & !word(Some(&self.requested), w) & !word(refused, w) & !word(declined, w)
+                != 0
+        })
     }
 
-    /// Of `pieces`, those some other running provider offers and has not turned down.
-    fn offered_elsewhere(&self, provider: &NodeId, pieces: Option<&PieceSet>) -> PieceSet {
+    /// The pieces some running provider other than `provider` offers and has not turned
+    /// down.
+    fn offered_elsewhere(&self, provider: &NodeId) -> PieceSet {
         let mut out = PieceSet::new(self.mine.len());
-        for piece in pieces.into_iter().flat_map(|s| s.iter()) {
-            let elsewhere = self
-                .theirs
-                .iter()
-                .any(|(q, offer)| q != provider && offer.contains(piece) && !self.was_turned_down(q, piece));
-            if elsewhere {
-                out.insert(piece);
+        for (q, offer) in self.theirs.iter().filter(|(q, _)| *q != provider) {
+            let (refused, declined) = (self.refused.get(q), self.declined.get(q));
+            for (w, word) in out.words.iter_mut().enumerate() {
+                let turned_down = |s: Option<&PieceSet>| s.and_then(|s| s.words.get(w)).copied().unwrap_or(0);
+                let bits = offer.words.get(w).copied().unwrap_or(0);
+                *word |= bits & !turned_down(refused) & !turned_down(declined);
             }
         }
+        out.count = out.words.iter().map(|w| w.count_ones()).sum();
         out
     }
 

@@ -109,7 +109,7 @@ impl NodeFleet {
     pub(super) fn pump(&mut self, i: usize, blob: Hex32) {
         let lanes = FetchPolicy::default().requests_per_provider;
         let Some(bf) = self.nodes[i].fetches.get_mut(&blob) else { return };
-        let started = bf.fetch.providers_to_start(&bf.ranked.clone());
+        let started = bf.fetch.providers_to_start(&bf.ranked);
         let n = bf.fetch.mine().len();
         for p in started {
             let Some(&j) = self.ids.get(&p) else { continue };
@@ -411,10 +411,18 @@ impl NodeFleet {
         for w in watchers {
             let Some(n) = self.nodes[w].fetches.get(&blob).map(|bf| bf.fetch.mine().len()) else { continue };
             let offer = self.offer(i, &blob, n);
-            if let Some(bf) = self.nodes[w].fetches.get_mut(&blob) {
-                bf.fetch.offered(me, offer);
+            let Some(bf) = self.nodes[w].fetches.get_mut(&blob) else { continue };
+            bf.fetch.offered(me, offer);
+            // Only the lanes parked on `i` can find something new to ask for: a gain
+            // elsewhere leaves another provider's lane as it was, and cannot make room
+            // for one more provider (`providers_to_start`).
+            let lanes: Vec<(usize, u32)> = bf.parked.range((i, 0)..=(i, u32::MAX)).copied().collect();
+            for (j, lane) in lanes {
+                if let Some(bf) = self.nodes[w].fetches.get_mut(&blob) {
+                    bf.parked.remove(&(j, lane));
+                }
+                self.lane(w, blob, j, lane);
             }
-            self.pump(w, blob);
         }
     }
 
