@@ -42,7 +42,10 @@ impl<K: Ord + Clone> Panels<K> {
 
     /// Whether `node` would hold a seat for `key`: fewer than `size` others rank lower.
     pub fn would_seat(&self, key: &K, rank: u64, node: &NodeId) -> bool {
-        self.seats.get(key).is_none_or(|s| s.iter().filter(|(r, n)| n != node && *r < rank).count() < self.size)
+        // Seats are in rank order: those ranked lower come first.
+        self.seats
+            .get(key)
+            .is_none_or(|s| s.iter().take_while(|(r, _)| *r < rank).filter(|(_, n)| n != node).count() < self.size)
     }
 
     /// Seats `node` if its rank earns a seat; returns whether it did and the nodes that

@@ -148,6 +148,9 @@ pub struct FleetView {
     gate_summaries: RefCell<BTreeMap<Key, Arc<VersionSummary>>>,
     /// Records that left the view so far (see `departures`).
     departures: u64,
+    /// No held record was heard before this (a lower bound, exact after each scan):
+    /// `expire` runs every tick and scans only when a record may be due.
+    oldest_heard_at: u64,
 }
 
 impl Default for FleetView {
@@ -158,6 +161,7 @@ impl Default for FleetView {
             max_age_secs: None,
             gate_summaries: RefCell::default(),
             departures: 0,
+            oldest_heard_at: u64::MAX,
         }
     }
 }
@@ -203,6 +207,7 @@ impl FleetView {
             let stats = record.versions.iter().map(|v| node_stat(node, v)).collect();
             let sketches = pack_sketches(&mut record);
             self.records.insert(node, Held { record, stats, sketches, heard_at });
+            self.oldest_heard_at = self.oldest_heard_at.min(heard_at);
         } else if had_one {
             self.departures += 1;
         }
@@ -243,11 +248,15 @@ impl FleetView {
     /// Forgets nodes not heard from for `ttl_secs` (counted from a record's issue time, or
     /// its receipt if that is earlier); returns how many.
     pub fn expire(&mut self, now: u64, ttl_secs: u64) -> usize {
+        if now.saturating_sub(self.oldest_heard_at) < ttl_secs {
+            return 0;
+        }
         let gone: Vec<NodeId> =
             self.records.iter().filter(|(_, h)| now.saturating_sub(h.heard_at) >= ttl_secs).map(|(n, _)| *n).collect();
         for n in &gone {
             self.remove(n);
         }
+        self.oldest_heard_at = self.records.values().map(|h| h.heard_at).min().unwrap_or(u64::MAX);
         gone.len()
     }
 
@@ -301,15 +310,21 @@ impl FleetView {
         if let Some(s) = self.gate_summaries.borrow().get(&key) {
             return s.clone();
         }
-        let s = Arc::new(self.summarise(model, version, false));
+        let s = Arc::new(self.summarise_key(&key, false));
         self.gate_summaries.borrow_mut().insert(key, s.clone());
         s
     }
 
     fn summarise(&self, model: &str, version: u64, sketches: bool) -> VersionSummary {
+        self.summarise_key(&(model.to_string(), version), sketches)
+    }
+
+    fn summarise_key(&self, key: &Key, sketches: bool) -> VersionSummary {
+        let (model, version) = (key.0.as_str(), key.1);
         let pooled = VersionReport { model: model.to_string(), version, ..Default::default() };
-        let mut s = VersionSummary { pooled, ..Default::default() };
-        for node in self.panels.members(&(model.to_string(), version)) {
+        let per_node = Vec::with_capacity(PANEL_SIZE);
+        let mut s = VersionSummary { pooled, per_node, ..Default::default() };
+        for node in self.panels.members(key) {
             let Some(held) = self.records.get(node) else { continue };
             let unpacked: Vec<ReportSketches> = if sketches {
                 crate::wire::decode(&held.sketches, "held sketches").unwrap_or_default()
@@ -329,7 +344,7 @@ impl FleetView {
                 s.per_node.push(stat.clone());
             }
         }
-        s.nodes_estimated = self.estimated_reporters(model, version);
+        s.nodes_estimated = self.panels.estimated_candidates(key);
         s
     }
 

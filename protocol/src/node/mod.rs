@@ -319,6 +319,9 @@ pub struct Node {
     /// The gates' last verdict per version whose rollout is under way (a change of kind
     /// goes into the history).
     verdicts: BTreeMap<VersionKey, crate::fleet::GateVerdict>,
+    /// Per version, the gates' last reading and the summaries it was read from. A list: a
+    /// node holds a few versions, and a map's node would hold room for eleven memos.
+    gate_memos: Vec<(VersionKey, rollout::GateMemo)>,
     originated: BTreeSet<Hex32>,
     complete: BTreeSet<Hex32>,
     // Work under way.
@@ -447,6 +450,7 @@ impl Node {
             last_reports: None,
             reporting_since: BTreeMap::new(),
             verdicts: BTreeMap::new(),
+            gate_memos: vec![],
             originated: BTreeSet::new(),
             complete: BTreeSet::new(),
             wanted: BTreeMap::new(),

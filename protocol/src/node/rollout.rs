@@ -9,13 +9,44 @@ use crate::history::{verdict_changed, GateFigures, HistoryKind, Outcome};
 use crate::identity::NodeId;
 use crate::rollout::RolloutPhase;
 use crate::trust::Tags;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// The gates' verdict on a version, and the figures it rests on.
 struct GateReading<'a> {
     verdict: &'a GateVerdict,
     figures: GateFigures,
     baseline: Option<BaselineFigures>,
+}
+
+/// The last gate reading of a version, with what it was read from: the view keeps a
+/// version's summary (the same `Arc`) until a record of that version changes it, so many
+/// ticks read the gates of summaries they read before (evaluating them and their figures
+/// again every tick was a tenth of a simulated fleet's time at 1,000 nodes). Weak: the
+/// memo does not keep a summary the view dropped (a simulated fleet holds one per node),
+/// and the allocation it points to cannot be reused while it does.
+pub(super) struct GateMemo {
+    summary: Weak<crate::fleet::VersionSummary>,
+    baseline: Option<Weak<crate::fleet::VersionSummary>>,
+    gates: crate::rollout::Gates,
+    verdict: GateVerdict,
+    figures: GateFigures,
+    baseline_figures: Option<BaselineFigures>,
+}
+
+impl GateMemo {
+    fn reads(
+        &self,
+        summary: &Arc<crate::fleet::VersionSummary>,
+        baseline: &Option<Arc<crate::fleet::VersionSummary>>,
+        gates: &crate::rollout::Gates,
+    ) -> bool {
+        let same_baseline = match (&self.baseline, baseline) {
+            (Some(a), Some(b)) => std::ptr::eq(a.as_ptr(), Arc::as_ptr(b)),
+            (None, None) => true,
+            _ => false,
+        };
+        std::ptr::eq(self.summary.as_ptr(), Arc::as_ptr(summary)) && same_baseline && self.gates == *gates
+    }
 }
 
 /// How one version stands on this node after a tick.
@@ -86,7 +117,7 @@ impl Node {
         plan: &crate::rollout::RolloutPlan,
         record: &VersionRecord,
         verdict: &GateVerdict,
-        summary: &crate::fleet::VersionSummary,
+        figures: &GateFigures,
     ) {
         let waves_left = record.opened.len() < plan.waves.len();
         if record.halted.is_some() || !(waves_left || matches!(verdict, GateVerdict::Fail(_))) {
@@ -97,7 +128,7 @@ impl Node {
             return;
         }
         self.verdicts.insert(key.clone(), verdict.clone());
-        let figures = GateFigures::of(summary);
+        let figures = figures.clone();
         let text = match verdict {
             GateVerdict::Pending(why) => format!("gates pending: {why}"),
             GateVerdict::Pass => {
@@ -140,6 +171,37 @@ impl Node {
 
     /// Runs the engine for every model: advance each version's rollout, then serve the
     /// best version this node may serve.
+    /// The gates' verdict on a version as this node's view reads it now, with the figures
+    /// it rests on (the version's, and its baseline's), from the memo while the view's
+    /// summaries are those it was read from.
+    fn read_gates(
+        &mut self,
+        key: &VersionKey,
+        gates: &crate::rollout::Gates,
+    ) -> (GateVerdict, GateFigures, Option<BaselineFigures>) {
+        let summary = self.fleet.gate_summary(&key.0, key.1);
+        let baseline = self.fleet.gate_baseline(&key.0, key.1);
+        let memo = self.gate_memos.iter().find(|(k, _)| k == key).map(|(_, m)| m);
+        if let Some(m) = memo.filter(|m| m.reads(&summary, &baseline, gates)) {
+            return (m.verdict.clone(), m.figures.clone(), m.baseline_figures.clone());
+        }
+        let verdict = evaluate_gates(gates, &summary, baseline.as_deref());
+        let figures = GateFigures::of(&summary);
+        let baseline_figures = baseline.as_ref().map(|b| {
+            let base = GateFigures::of(b);
+            BaselineFigures { version: b.pooled.version, ratios: figures.ratios_to(&base), figures: base }
+        });
+        let reading = (verdict.clone(), figures.clone(), baseline_figures.clone());
+        let gates = gates.clone();
+        let (summary, baseline) = (Arc::downgrade(&summary), baseline.as_ref().map(Arc::downgrade));
+        let memo = GateMemo { summary, baseline, gates, verdict, figures, baseline_figures };
+        match self.gate_memos.iter_mut().find(|(k, _)| k == key) {
+            Some((_, m)) => *m = memo,
+            None => self.gate_memos.push((key.clone(), memo)),
+        }
+        reading
+    }
+
     pub(super) fn rollout_tick(&mut self, now: u64) {
         let secs = now / 1000;
         self.fleet.expire(secs, self.cfg.metrics_ttl_secs);
@@ -150,6 +212,9 @@ impl Node {
             self.tick_model(now, &name, &mut views);
         }
         self.views = views;
+        // One memo per version the node holds a manifest of, as the ticks read them.
+        let manifests = &self.manifests;
+        self.gate_memos.retain(|(key, _)| manifests.contains_key(key));
         self.fetch_check = true;
     }
 
@@ -167,15 +232,13 @@ impl Node {
         for version in versions {
             let key = (name.to_string(), version);
             let Some(plan) = self.manifests.get(&key).map(|m| m.manifest.rollout.clone()) else { continue };
-            let summary = self.fleet.gate_summary(name, version);
-            let baseline_summary = self.fleet.gate_baseline(name, version);
-            let verdict = evaluate_gates(&plan.gates, &summary, baseline_summary.as_deref());
+            let (verdict, figures, baseline) = self.read_gates(&key, &plan.gates);
             let operator = self.operator_state(&key);
             let record = self.versions.entry(key.clone()).or_insert_with(|| VersionRecord::new(secs)).clone();
             let mut progress =
                 RolloutProgress { opened: record.opened.clone(), halted: record.halted.clone(), verdict: None };
             advance(&mut progress, &plan, record.first_seen, &verdict, &operator, secs);
-            self.note_verdict(now, &key, &plan, &record, &verdict, &summary);
+            self.note_verdict(now, &key, &plan, &record, &verdict, &figures);
             if progress.opened != record.opened || progress.halted != record.halted {
                 let waves = plan.waves.len() as u32;
                 for k in record.opened.len()..progress.opened.len() {
@@ -219,11 +282,6 @@ impl Node {
             };
             standings.push(Standing { version, ok, roll_back_to: operator.roll_back_to, wave });
             if active.is_none_or(|a| version >= a) {
-                let figures = GateFigures::of(&summary);
-                let baseline = baseline_summary.as_ref().map(|b| {
-                    let base = GateFigures::of(b);
-                    BaselineFigures { version: b.pooled.version, ratios: figures.ratios_to(&base), figures: base }
-                });
                 let reading = GateReading { verdict: &verdict, figures, baseline };
                 views.push(self.view(name, version, &plan, &progress, &operator, wave, reading, &record));
             }
