@@ -15,6 +15,7 @@ static ALLOCATOR: slmesh_sim::Allocator = slmesh_sim::Allocator;
 const SCENARIOS: [&str; 5] = ["good-1000-3-sites", "bad-version-canary", "partition-heals", "churn-30", "good-10000"];
 
 fn main() {
+    slmesh_sim::keep_freed_memory();
     let dir = slmesh_sim::Scenario::shipped_dir();
     let asked: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let names: Vec<String> = if asked.is_empty() { SCENARIOS.iter().map(|s| s.to_string()).collect() } else { asked };

@@ -103,6 +103,7 @@ fn run(n: usize, case: Case) {
 }
 
 fn main() {
+    slmesh_sim::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![1000] } else { sizes };

@@ -78,6 +78,7 @@ fn until_all(f: &mut NodeFleet, version: u64, cap: u64) -> Option<f64> {
 }
 
 fn main() {
+    slmesh_sim::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![30, 100, 300] } else { sizes };

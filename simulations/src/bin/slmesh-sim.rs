@@ -33,6 +33,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    slmesh_sim::keep_freed_memory();
     let Command::Run { scenario, out } = Cli::parse().command;
     let text = std::fs::read_to_string(&scenario).with_context(|| format!("cannot read {}", scenario.display()))?;
     let sc = slmesh_sim::Scenario::parse(&text)

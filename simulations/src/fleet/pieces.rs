@@ -7,7 +7,7 @@
 //! pieces (iroh-blobs' observe stream), and pieces kept on disk across a restart.
 
 use super::{Ev, NodeFleet};
-use crate::engine::SECOND;
+use crate::engine::{Micros, SECOND};
 use slmesh_protocol::hex32::Hex32;
 use slmesh_protocol::manifest::FileEntry;
 use slmesh_protocol::node::{Input, PieceAdmission};
@@ -212,17 +212,8 @@ impl NodeFleet {
             PieceAdmission::Wait => {}
             &PieceAdmission::WaitInstead(k) => {
                 if let Some(out) = self.nodes[j].held.get_mut(&blob).and_then(|h| h.remove(k)) {
-                    let answer = Ev::PieceAnswer {
-                        to: out.from,
-                        from: j,
-                        blob,
-                        piece: out.piece,
-                        lane: out.lane,
-                        outcome: PieceOutcome::Refused,
-                        incarnation: out.incarnation,
-                    };
                     let at = self.send_control(j, out.from).unwrap_or(self.q.now() + SECOND);
-                    self.q.at(at, answer);
+                    self.answer_held(j, blob, out, PieceOutcome::Refused, at);
                 }
                 admission = PieceAdmission::Wait;
             }
@@ -506,10 +497,15 @@ impl NodeFleet {
         // Requests it held: their connections close.
         let at = self.q.now() + SECOND;
         for (blob, held) in std::mem::take(&mut self.nodes[i].held) {
-            for HeldRequest { from, piece, lane, incarnation } in held {
-                let outcome = PieceOutcome::Failed("the provider went away".into());
-                self.q.at(at, Ev::PieceAnswer { to: from, from: i, blob, piece, lane, outcome, incarnation });
+            for request in held {
+                self.answer_held(i, blob, request, PieceOutcome::Failed("the provider went away".into()), at);
             }
         }
+    }
+
+    /// Provider `j` answers a request it held (without the piece) at `at`.
+    fn answer_held(&mut self, j: usize, blob: Hex32, request: HeldRequest, outcome: PieceOutcome, at: Micros) {
+        let HeldRequest { from, piece, lane, incarnation } = request;
+        self.q.at(at, Ev::PieceAnswer { to: from, from: j, blob, piece, lane, outcome, incarnation });
     }
 }
