@@ -10,7 +10,7 @@ pub struct Hex32(pub [u8; 32]);
 
 /// The bytes' lexicographic order, as derived, compared as two big-endian 128-bit words:
 /// node ids and hashes key most of the node's maps, and the derived order called `memcmp`
-/// for every comparison (a tenth of a simulated fleet's time at 1,000 nodes).
+/// for every comparison (about a tenth of a simulated fleet's time at 1,000 nodes).
 impl Ord for Hex32 {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         let halves = |b: &[u8; 32]| {

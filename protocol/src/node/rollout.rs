@@ -21,9 +21,10 @@ struct GateReading<'a> {
 /// The last gate reading of a version, with what it was read from: the view keeps a
 /// version's summary (the same `Arc`) until a record of that version changes it, so many
 /// ticks read the gates of summaries they read before (evaluating them and their figures
-/// again every tick was a tenth of a simulated fleet's time at 1,000 nodes). Weak: the
-/// memo does not keep a summary the view dropped (a simulated fleet holds one per node),
-/// and the allocation it points to cannot be reused while it does.
+/// again every tick was 7% of a simulated fleet's time at 1,000 nodes). Weak references:
+/// the memo keeps no summary alive that the view dropped (a simulated fleet holds one
+/// memo per node and version), and while it holds one, the allocation cannot be reused
+/// for another summary at the same address.
 pub(super) struct GateMemo {
     summary: Weak<crate::fleet::VersionSummary>,
     baseline: Option<Weak<crate::fleet::VersionSummary>>,
@@ -169,8 +170,6 @@ impl Node {
         c
     }
 
-    /// Runs the engine for every model: advance each version's rollout, then serve the
-    /// best version this node may serve.
     /// The gates' verdict on a version as this node's view reads it now, with the figures
     /// it rests on (the version's, and its baseline's), from the memo while the view's
     /// summaries are those it was read from.
@@ -202,6 +201,8 @@ impl Node {
         reading
     }
 
+    /// Runs the engine for every model: advance each version's rollout, then serve the
+    /// best version this node may serve.
     pub(super) fn rollout_tick(&mut self, now: u64) {
         let secs = now / 1000;
         self.fleet.expire(secs, self.cfg.metrics_ttl_secs);
