@@ -82,10 +82,22 @@ impl PieceSet {
         true
     }
 
+    /// Adds every piece of `other` (of this one's length).
+    pub fn union_with(&mut self, other: &PieceSet) {
+        for (w, word) in self.words.iter_mut().enumerate() {
+            *word |= other.word(w);
+        }
+        self.count = self.words.iter().map(|w| w.count_ones()).sum();
+    }
+
+    /// The `w`-th 64 pieces as bits (0 past the end).
+    fn word(&self, w: usize) -> u64 {
+        self.words.get(w).copied().unwrap_or(0)
+    }
+
     /// The pieces in both sets (of this one's length).
     pub fn intersection(&self, other: &PieceSet) -> PieceSet {
-        let words: Vec<u64> =
-            self.words.iter().enumerate().map(|(w, a)| a & other.words.get(w).copied().unwrap_or(0)).collect();
+        let words: Vec<u64> = self.words.iter().enumerate().map(|(w, a)| a & other.word(w)).collect();
         let count = words.iter().map(|w| w.count_ones()).sum();
         PieceSet { words, len: self.len, count }
     }
@@ -208,6 +220,10 @@ mod tests {
         assert_eq!(s.count(), 2);
         assert!(PieceSet::full(130).is_full() && !s.is_full());
         assert!(!s.contains(500));
+        let other = set(130, &[1, 129]);
+        assert_eq!(s.intersection(&other).iter().collect::<Vec<_>>(), vec![129]);
+        s.union_with(&other);
+        assert_eq!((s.iter().collect::<Vec<_>>(), s.count()), (vec![0, 1, 129], 3));
     }
 
     #[test]

@@ -300,7 +300,7 @@ impl FleetView {
 
     /// One version across its panel, with every member's sketches merged (for display).
     pub fn summary(&self, model: &str, version: u64) -> VersionSummary {
-        self.summarise(model, version, true)
+        self.summarise_key(&(model.to_string(), version), true)
     }
 
     /// What the gates read: counters and per-node figures, without merging sketches
@@ -313,10 +313,6 @@ impl FleetView {
         let s = Arc::new(self.summarise_key(&key, false));
         self.gate_summaries.borrow_mut().insert(key, s.clone());
         s
-    }
-
-    fn summarise(&self, model: &str, version: u64, sketches: bool) -> VersionSummary {
-        self.summarise_key(&(model.to_string(), version), sketches)
     }
 
     fn summarise_key(&self, key: &Key, sketches: bool) -> VersionSummary {

@@ -218,8 +218,8 @@ impl PieceFetch {
         // something to add to what was asked for.
         let mut pick = if turned_down {
             let mut skip = self.requested.clone();
-            for p in refused.into_iter().chain(declined).flat_map(PieceSet::iter) {
-                skip.insert(p);
+            for turned in refused.into_iter().chain(declined) {
+                skip.union_with(turned);
             }
             pick_piece(&self.mine, &skip, offered, &self.copies, start)
         } else {
@@ -232,9 +232,8 @@ impl PieceFetch {
             let refused = refused.map_or_else(|| PieceSet::new(self.mine.len()), |r| r.intersection(&elsewhere));
             let declined = declined.map_or_else(|| PieceSet::new(self.mine.len()), |d| d.intersection(&elsewhere));
             let mut skip = self.requested.clone();
-            for p in refused.iter().chain(declined.iter()) {
-                skip.insert(p);
-            }
+            skip.union_with(&refused);
+            skip.union_with(&declined);
             pick = pick_piece(&self.mine, &skip, offered, &self.copies, start);
             for (map, kept) in [(&mut self.refused, refused), (&mut self.declined, declined)] {
                 if kept.is_empty() {
@@ -258,10 +257,9 @@ impl PieceFetch {
     fn more_to_ask(&self, provider: &NodeId) -> bool {
         let Some(offered) = self.theirs.get(provider) else { return false };
         let (refused, declined) = (self.refused.get(provider), self.declined.get(provider));
-        let word = |s: Option<&PieceSet>, w: usize| s.and_then(|s| s.words.get(w)).copied().unwrap_or(0);
+        let word = |s: Option<&PieceSet>, w: usize| s.map_or(0, |s| s.word(w));
         offered.words.iter().enumerate().any(|(w, bits)| {
-            bits & !word(Some(&self.mine), w) & !word(Some(&self.requested), w) & !word(refused, w) & !word(declined, w)
-                != 0
+            bits & !self.mine.word(w) & !self.requested.word(w) & !word(refused, w) & !word(declined, w) != 0
         })
     }
 
@@ -272,9 +270,8 @@ impl PieceFetch {
         for (q, offer) in self.theirs.iter().filter(|(q, _)| *q != provider) {
             let (refused, declined) = (self.refused.get(q), self.declined.get(q));
             for (w, word) in out.words.iter_mut().enumerate() {
-                let turned_down = |s: Option<&PieceSet>| s.and_then(|s| s.words.get(w)).copied().unwrap_or(0);
-                let bits = offer.words.get(w).copied().unwrap_or(0);
-                *word |= bits & !turned_down(refused) & !turned_down(declined);
+                let turned_down = |s: Option<&PieceSet>| s.map_or(0, |s| s.word(w));
+                *word |= offer.word(w) & !turned_down(refused) & !turned_down(declined);
             }
         }
         out.count = out.words.iter().map(|w| w.count_ones()).sum();

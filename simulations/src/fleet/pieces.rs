@@ -408,10 +408,10 @@ impl NodeFleet {
             // elsewhere leaves another provider's lane as it was, and cannot make room
             // for one more provider (`providers_to_start`).
             let lanes: Vec<(usize, u32)> = bf.parked.range((i, 0)..=(i, u32::MAX)).copied().collect();
+            for key in &lanes {
+                bf.parked.remove(key);
+            }
             for (j, lane) in lanes {
-                if let Some(bf) = self.nodes[w].fetches.get_mut(&blob) {
-                    bf.parked.remove(&(j, lane));
-                }
                 self.lane(w, blob, j, lane);
             }
         }
