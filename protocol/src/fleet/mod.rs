@@ -51,7 +51,8 @@
 //! three-wave rollout that is about a fifth of the records of sending every interval,
 //! and the waves open as early (BENCHMARKS.md). Nodes sample their figures at a phase of
 //! the interval their id picks, so that a fleet started at one moment still spreads its
-//! records, and gossip them over a mesh thinner than other topics'
+//! records (a record sent at a panel turn, below, moves the phase to it), and gossip them
+//! over a mesh thinner than other topics'
 //! (`mesh::METRICS_MESH_DEGREE`). Anti-entropy sends a peer only the records it
 //! lacks or holds older: a sync request lists the asker's records by the first 8 bytes of
 //! their node's id and their sequence number (`mesh::MetricsMark`). A record counts only
@@ -60,9 +61,11 @@
 //! with the record they hold and check later records against it. A record's body is
 //! encoded compactly (`wire::Encoding::Compact`).
 //! A report new to a node waits for its turn in proportion to its rank among the nodes
-//! that report the version (the share of the fleet in its open waves; at most six
-//! intervals), so that a wave opening on thousands of nodes at once does not make them
-//! all report before they see the seats taken, while a canary's members report at once.
+//! that report the version (the share of the fleet in its open waves, a panel's worth of
+//! ranks per interval; at most six intervals), counted from when the node started
+//! serving it and taken at that moment, not at the node's next sample: a wave's nodes
+//! start serving at about one time, so they report lowest rank first and the rest find
+//! the seats taken, while a canary no larger than a panel reports at once.
 //!
 //! # What k lying nodes can and cannot do
 //!

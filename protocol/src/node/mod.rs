@@ -339,6 +339,15 @@ pub struct Node {
     uploads: UploadView,
     // Timers.
     next_metrics: u64,
+    /// This node's phase of the metrics interval, in ms: from its id, then from the last
+    /// record it sent off that phase (`reporting`), so that the records after it keep
+    /// their interval.
+    metrics_phase: u64,
+    /// When a report withheld for its turn in a panel may go, or a version started
+    /// serving here: a sample is due then, off this node's phase (`reporting`).
+    report_turn_at: Option<u64>,
+    /// The sample asked for is `report_turn_at`'s.
+    turn_sample: bool,
     next_sync: u64,
     next_rollout: u64,
     sync_cursor: usize,
@@ -462,6 +471,9 @@ impl Node {
             shadowing: BTreeMap::new(),
             uploads: UploadView::default(),
             next_metrics: now + cfg.metrics_interval_ms.min(1_000),
+            metrics_phase: id_phase(&me, cfg.metrics_interval_ms),
+            report_turn_at: None,
+            turn_sample: false,
             next_sync: now + cfg.sync_interval_ms,
             next_rollout: now,
             sync_cursor: 0,
@@ -494,6 +506,9 @@ impl Node {
     /// When `handle_timeout` must be called next (Unix milliseconds).
     pub fn poll_timeout(&self) -> u64 {
         let mut t = self.next_metrics.min(self.next_sync).min(self.next_rollout);
+        if let Some(at) = self.report_turn_at {
+            t = t.min(at);
+        }
         for r in self.hello_retry.values() {
             if let Some(at) = r.at {
                 t = t.min(at);
@@ -511,8 +526,15 @@ impl Node {
 
     /// Runs every timer that is due.
     pub fn handle_timeout(&mut self, now: u64) {
+        let turn = self.report_turn_at.is_some_and(|at| at <= now);
+        if turn {
+            self.report_turn_at = None;
+        }
         if now >= self.next_metrics {
-            self.next_metrics = metrics_phase_after(now, self.cfg.metrics_interval_ms, &self.me);
+            self.next_metrics = metrics_phase_after(now, self.cfg.metrics_interval_ms, self.metrics_phase);
+            self.outputs.push_back(Output::SampleMetrics);
+        } else if turn {
+            self.turn_sample = true;
             self.outputs.push_back(Output::SampleMetrics);
         }
         if now >= self.next_sync {
@@ -778,15 +800,20 @@ impl Node {
     }
 }
 
-/// The next time after `now` at this node's own phase of the metrics interval (from its
-/// id): a fleet that starts at one moment (a site's power coming back, a simulation)
-/// still spreads its records over the interval, and a node deciding whether a panel seat
-/// is free hears those sent before it instead of deciding at the same instant.
-fn metrics_phase_after(now: u64, interval_ms: u64, me: &NodeId) -> u64 {
-    let interval = interval_ms.max(1);
+/// A node's first phase of the metrics interval, from its id: a fleet that starts at one
+/// moment (a site's power coming back, a simulation) still spreads its records over the
+/// interval, and a node deciding whether a panel seat is free hears those sent before it
+/// instead of deciding at the same instant.
+fn id_phase(me: &NodeId, interval_ms: u64) -> u64 {
     let mut phase = [0u8; 8];
     phase.copy_from_slice(&me.as_bytes()[..8]);
-    let phase = u64::from_le_bytes(phase) % interval;
+    u64::from_le_bytes(phase) % interval_ms.max(1)
+}
+
+/// The next time after `now` at `phase` of the metrics interval.
+fn metrics_phase_after(now: u64, interval_ms: u64, phase: u64) -> u64 {
+    let interval = interval_ms.max(1);
+    let phase = phase % interval;
     let next = (now - now % interval).saturating_add(phase);
     if next > now {
         next
@@ -825,12 +852,13 @@ mod tests {
         let phases: Vec<u64> = (0..200u8)
             .map(|i| {
                 let me = SecretKey::from_seed(KeyKind::Node, [i; 32]).public();
-                let next = metrics_phase_after(1_000_000, interval, &me);
+                let phase = id_phase(&me, interval);
+                let next = metrics_phase_after(1_000_000, interval, phase);
                 assert!(next > 1_000_000 && next <= 1_000_000 + interval, "within one interval: {next}");
                 // The same phase from any moment, and one interval later from there.
-                assert_eq!(metrics_phase_after(next, interval, &me), next + interval);
-                assert_eq!(metrics_phase_after(next - 1, interval, &me), next);
-                assert_eq!(metrics_phase_after(1_003_333, interval, &me) % interval, next % interval);
+                assert_eq!(metrics_phase_after(next, interval, phase), next + interval);
+                assert_eq!(metrics_phase_after(next - 1, interval, phase), next);
+                assert_eq!(metrics_phase_after(1_003_333, interval, phase) % interval, next % interval);
                 next % interval
             })
             .collect();
@@ -841,7 +869,7 @@ mod tests {
         }
         // No division by zero, no overflow at the end of time.
         let me = SecretKey::from_seed(KeyKind::Node, [1; 32]).public();
-        assert!(metrics_phase_after(5, 0, &me) > 5);
-        assert!(metrics_phase_after(u64::MAX - 1, interval, &me) >= u64::MAX - 1);
+        assert!(metrics_phase_after(5, 0, id_phase(&me, 0)) > 5);
+        assert!(metrics_phase_after(u64::MAX - 1, interval, id_phase(&me, interval)) >= u64::MAX - 1);
     }
 }

@@ -20,6 +20,17 @@
 //! - `METRICS_REFRESH_INTERVALS` intervals passed since its last record, so that peers do
 //!   not expire it.
 //!
+//! Only a record that holds a seat in its version's panel goes, and a report new to this
+//! node first waits for its turn (`report_turn`): in the order of the nodes' ranks, a
+//! panel's worth of ranks per interval, from the moment this node first had the report,
+//! which for a version it serves is when it started serving it (a sample is taken then).
+//! A wave's nodes, whose fetches end at about one time, so report lowest rank first, and
+//! the rest find the seats taken instead of each taking one for a record or two. A record
+//! sent at a turn, off the node's phase of the interval, moves the phase to it: the next
+//! records go an interval later, so an alarm still goes once an interval, and a refresh
+//! `METRICS_REFRESH_INTERVALS` after the record before (within the receivers' lifetime
+//! of it, not an interval later).
+//!
 //! Its enrollment certificate goes with the record (`fleet::MetricsMessage`) only when
 //! receivers may not hold it: with the first record, when the record's versions change
 //! (a new panel seat, or reporting again after a pause), and every
@@ -48,6 +59,7 @@ impl Node {
     /// expire this node). Versions that failed to load here are reported too.
     pub(super) fn on_local_metrics(&mut self, now: u64, mut reports: Vec<VersionReport>) {
         let secs = now / 1000;
+        let turn = std::mem::take(&mut self.turn_sample);
         for r in &mut reports {
             r.active = self.serving(&r.model) == Some(r.version);
             r.active_since = self.active_since.get(&(r.model.clone(), r.version)).copied();
@@ -137,6 +149,12 @@ impl Node {
         }
         self.last_reports = Some(reports);
         self.metrics_sent_at = Some(now);
+        if turn {
+            // The records after this one go an interval apart from it, not at the old
+            // phase (an alarm goes once an interval).
+            self.metrics_phase = now % self.cfg.metrics_interval_ms.max(1);
+            self.next_metrics = now.saturating_add(self.cfg.metrics_interval_ms);
+        }
         if with_certificate {
             self.certificate_sent_at = Some(now);
         }
@@ -144,28 +162,40 @@ impl Node {
     }
 
     /// Keeps the reports that hold a seat in their version's metrics panel (the others
-    /// would not count, so they are not sent). A report new to this node first waits in
-    /// proportion to its rank among the nodes that report the version (the share of the
-    /// fleet in its open waves), in intervals, once they are more than a panel: when a
-    /// wave opens on many nodes at once, the lowest ranks report first and the rest find
-    /// their seats taken, instead of all reporting at once.
+    /// would not count, so they are not sent). A report new to this node first waits for
+    /// its turn (`report_turn`); one still waiting sets the timer that samples again at
+    /// its turn (`report_turn_at`).
     fn keep_panel_reports(&mut self, now: u64, reports: &mut Vec<VersionReport>) {
-        let interval = self.cfg.metrics_interval_ms;
-        let fleet = self.fleet_size() as f64;
         self.reporting_since.retain(|(m, v), _| reports.iter().any(|r| &r.model == m && r.version == *v));
         for r in reports.iter() {
             self.reporting_since.entry((r.model.clone(), r.version)).or_insert(now);
         }
-        reports.retain(|r| {
-            // Ranks are spread over the nodes that report the version: in a canary of 5%,
-            // the lowest rank among them is 20 times the fleet's.
-            let reporters = fleet * self.reporting_share(&r.model, r.version);
-            let rank = rank_fraction(panel_rank(&self.me, &r.model, r.version));
-            let turns = ((rank * reporters / PANEL_SIZE as f64).floor() as u64).min(MAX_REPORT_WAIT_INTERVALS);
-            let first = self.reporting_since.get(&(r.model.clone(), r.version)).copied().unwrap_or(now);
-            now >= first.saturating_add(turns.saturating_mul(interval))
-                && self.fleet.would_seat(&self.me, &r.model, r.version)
-        });
+        let fleet = self.fleet_size() as f64;
+        let turns: Vec<u64> = reports.iter().map(|r| self.report_turn(now, fleet, r)).collect();
+        self.report_turn_at = turns.iter().copied().filter(|t| *t > now).min();
+        let mut turns = turns.into_iter();
+        reports
+            .retain(|r| turns.next().is_some_and(|t| t <= now) && self.fleet.would_seat(&self.me, &r.model, r.version));
+    }
+
+    /// When a report may take its seat in its version's metrics panel: after a wait in
+    /// proportion to its rank among the nodes that report the version (the share of the
+    /// fleet in its open waves), a panel's worth of ranks per interval, counted from this
+    /// node's first report of it (sampled when it starts serving it). When a wave's
+    /// nodes start serving at about one time (their fetches end together), they report
+    /// in the order of their ranks, whatever their own phase of the interval, so the
+    /// lowest take the seats and the rest find them taken instead of taking one each for
+    /// a record or two.
+    fn report_turn(&self, now: u64, fleet: f64, r: &VersionReport) -> u64 {
+        let interval = self.cfg.metrics_interval_ms as f64;
+        // Ranks are spread over the nodes that report the version: in a canary of 5%,
+        // the lowest rank among them is 20 times the fleet's.
+        let reporters = fleet * self.reporting_share(&r.model, r.version);
+        let rank = rank_fraction(panel_rank(&self.me, &r.model, r.version));
+        let turns = (rank * reporters / PANEL_SIZE as f64).min(MAX_REPORT_WAIT_INTERVALS as f64);
+        let key = (r.model.clone(), r.version);
+        let since = self.reporting_since.get(&key).copied().unwrap_or(now);
+        since.saturating_add((turns * interval) as u64)
     }
 
     /// The share of the fleet that reports a version: that of its open waves while its

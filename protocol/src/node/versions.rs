@@ -319,6 +319,8 @@ impl Node {
                 }
                 self.persist_model(&name);
                 self.active_since.insert(key.clone(), secs);
+                // Measured now: its turn in the version's panel counts from here.
+                self.report_turn_at = Some(self.report_turn_at.map_or(now, |t| t.min(now)));
                 if let Some(r) = self.versions.get_mut(&key) {
                     r.retry_activation_at = None;
                 }

@@ -71,6 +71,8 @@ pub struct SimNode {
     pub serving: Option<u64>,
     /// The engine's cumulative measurements per version.
     pub measured: BTreeMap<u64, VersionReport>,
+    /// When the engine was last sampled (ms) and the fraction of a request due since.
+    pub sampled: Option<(u64, f64)>,
     /// Loads asked for, per version.
     pub loads: BTreeMap<u64, u32>,
     /// The shadow comparison its node asked for (`Output::Shadow`).
@@ -379,6 +381,7 @@ impl NodeFleet {
                     blobs: BTreeSet::new(),
                     serving: None,
                     measured: BTreeMap::new(),
+                    sampled: None,
                     loads: BTreeMap::new(),
                     shadowing: None,
                     liar: false,
@@ -733,10 +736,20 @@ impl NodeFleet {
         }
     }
 
-    /// The modelled engine's figures since the last sample, added to its cumulative ones.
+    /// The modelled engine's figures since the last sample (at most an interval's), added
+    /// to its cumulative ones. A node samples once an interval, and again at its turn in
+    /// a metrics panel.
     fn measure(&mut self, i: usize) -> Vec<VersionReport> {
-        let interval_secs = self.spec.node_config.metrics_interval_ms as f64 / 1000.0;
-        let requests = (self.spec.request_rate * interval_secs).round() as u64;
+        let interval = self.spec.node_config.metrics_interval_ms;
+        let now = self.now_ms();
+        let (elapsed, carry) = match self.nodes[i].sampled {
+            Some((at, carry)) => (now.saturating_sub(at).min(interval), carry),
+            None => (interval, 0.0),
+        };
+        let due = self.spec.request_rate * elapsed as f64 / 1000.0 + carry;
+        let requests = (due + 1e-9).floor() as u64; // 0.3 × 10 is 2.999…
+        let carry = if self.nodes[i].serving.is_some() { due - requests as f64 } else { 0.0 };
+        self.nodes[i].sampled = Some((now, carry));
         if let Some(v) = self.nodes[i].serving {
             let b = self.behaviour.get(&v).cloned().unwrap_or(Behaviour {
                 latency_median_secs: 0.2,
