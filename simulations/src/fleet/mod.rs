@@ -736,10 +736,31 @@ impl NodeFleet {
         }
     }
 
-    /// The modelled engine's figures since the last sample (at most an interval's), added
-    /// to its cumulative ones. A node samples once an interval, and again at its turn in
-    /// a metrics panel.
+    /// The modelled engine's cumulative figures: those since the last sample (at most an
+    /// interval's) added. A node samples once an interval, and again when it starts
+    /// serving a version and at its turn in a metrics panel.
     fn measure(&mut self, i: usize) -> Vec<VersionReport> {
+        self.accrue(i);
+        let mut out: Vec<VersionReport> = self.nodes[i].measured.values().cloned().collect();
+        if self.nodes[i].liar {
+            for r in &mut out {
+                r.requests = r.requests.max(1000);
+                r.errors = r.requests;
+                r.agreement = r.agreement.as_ref().map(|a| constant_sketch(a.count(), 0.0));
+            }
+        }
+        if self.nodes[i].flatterer {
+            for r in &mut out {
+                r.errors = 0;
+                r.agreement = r.agreement.as_ref().map(|a| constant_sketch(a.count(), 1.0));
+            }
+        }
+        out
+    }
+
+    /// Adds what the modelled engine served since the last sample (at most an interval's)
+    /// to the version it serves: a version that starts serving starts from nothing.
+    fn accrue(&mut self, i: usize) {
         let interval = self.spec.node_config.metrics_interval_ms;
         let now = self.now_ms();
         let (elapsed, carry) = match self.nodes[i].sampled {
@@ -782,21 +803,6 @@ impl NodeFleet {
             }
             self.nodes[i].measured.insert(v, r);
         }
-        let mut out: Vec<VersionReport> = self.nodes[i].measured.values().cloned().collect();
-        if self.nodes[i].liar {
-            for r in &mut out {
-                r.requests = r.requests.max(1000);
-                r.errors = r.requests;
-                r.agreement = r.agreement.as_ref().map(|a| constant_sketch(a.count(), 0.0));
-            }
-        }
-        if self.nodes[i].flatterer {
-            for r in &mut out {
-                r.errors = 0;
-                r.agreement = r.agreement.as_ref().map(|a| constant_sketch(a.count(), 1.0));
-            }
-        }
-        out
     }
 
     fn step(&mut self, ev: Ev) {
@@ -857,6 +863,7 @@ impl NodeFleet {
                     return;
                 }
                 let before = self.nodes[node].serving;
+                self.accrue(node);
                 let result = if self.broken.contains(&version) {
                     Err("tokenizer.ggml.bos_token_id 99999 is out of range".to_string())
                 } else {
