@@ -294,6 +294,54 @@ fn a_failing_node_reports_every_interval_so_a_bad_version_halts_long_before_its_
 }
 
 #[test]
+fn a_node_that_rolled_back_from_a_halted_version_tells_it_at_its_refresh_not_at_once() {
+    use slmesh_protocol::fleet::MetricsMessage;
+    use slmesh_protocol::mesh::TOPIC_METRICS;
+    let mut f = fleet_on_v1(30);
+    f.run_for(20 * SECOND);
+    let bad = slmesh_sim::scenario::Behaviour {
+        latency_median_secs: 0.2,
+        ttft_median_secs: 0.05,
+        tokens_per_sec: 50.0,
+        error_rate: 0.5,
+    };
+    f.behaviour.insert(2, bad);
+    f.wire_log = Some(vec![]);
+    let m = f.manifest(2, &[(0.5, 120), (1.0, 0)], Fleet::quick_gates(3));
+    f.publish(0, m).expect("publish");
+    f.run_for(40 * SECOND);
+    assert!(f.live().all(|i| f.active(i) == Some(1)), "every node is back on v1");
+    let topic = format!("gossip {TOPIC_METRICS}");
+    let records: Vec<_> = f
+        .wire_log
+        .take()
+        .expect("logged")
+        .iter()
+        .filter(|(what, _)| *what == topic)
+        .map(|(_, bytes)| MetricsMessage::from_bytes(bytes).expect("a metrics message").record)
+        .map(|signed| signed.verify_self_signed().expect("signed"))
+        .collect();
+    // Each canary node's first record saying it no longer serves v2 is its refresh: five
+    // intervals of 1 s after its record before (sequence numbers are its clock in ms).
+    // Not for members of v1's panel: that they serve v1 again goes at once.
+    let mut told = 0;
+    for i in f.live() {
+        let mine: Vec<_> = records.iter().filter(|r| r.node == f.id(i)).collect();
+        if mine.iter().any(|r| r.versions.iter().any(|v| v.version == 1)) {
+            continue;
+        }
+        let Some(last) = mine.iter().rposition(|r| r.versions.iter().any(|v| v.version == 2 && v.active)) else {
+            continue;
+        };
+        let Some(next) = mine.get(last + 1) else { continue };
+        assert!(next.versions.iter().any(|v| v.version == 2 && !v.active), "node {i}: {:?}", next.versions);
+        assert!(next.seq - mine[last].seq >= 4_900, "node {i} told at once: {} ms after", next.seq - mine[last].seq);
+        told += 1;
+    }
+    assert!(told >= 3, "{told} canary nodes told they rolled back");
+}
+
+#[test]
 fn a_sync_reply_carries_only_the_metrics_records_the_asker_lacks_or_holds_older() {
     use slmesh_protocol::mesh::{metrics_mark, ManifestDigest, MetricsMark};
     let mut f = fleet_on_v1(12);

@@ -20,6 +20,10 @@
 //! - `METRICS_REFRESH_INTERVALS` intervals passed since its last record, so that peers do
 //!   not expire it.
 //!
+//! None of these but the refresh counts for a version whose rollout halted: its gates
+//! decide nothing more, so its last figures, and that this node rolled back from it, ride
+//! with the next record.
+//!
 //! Only a record that holds a seat in its version's panel goes, and a report new to this
 //! node first waits for its turn (`report_turn`): in the order of the nodes' ranks, a
 //! panel's worth of ranks per interval, from the moment this node first had the report,
@@ -239,6 +243,12 @@ impl Node {
         if report == last {
             return false;
         }
+        // A halted version's gates decide nothing more (a halt is final): its last
+        // figures, and that this node rolled back from it, ride with the next record.
+        let key = (report.model.clone(), report.version);
+        if self.versions.get(&key).is_some_and(|r| r.halted.is_some()) {
+            return false;
+        }
         // A version a newer one replaced here no longer counts in any gate (its baseline
         // figures stay as they were): that it stopped rides with the next record.
         let superseded =
@@ -250,7 +260,6 @@ impl Node {
         {
             return true;
         }
-        let key = (report.model.clone(), report.version);
         let Some(plan) = self.manifests.get(&key).map(|m| &m.manifest.rollout) else { return false };
         let baseline = self.fleet.gate_baseline(&report.model, report.version);
         let beyond = |r: &VersionReport| node_beyond_limits(&plan.gates, &node_stat(self.me, r), baseline.as_deref());
