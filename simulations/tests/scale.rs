@@ -186,6 +186,18 @@ fn metrics_sent(f: &Fleet) -> u64 {
     f.gossip_originated.get(slmesh_protocol::mesh::TOPIC_METRICS).map_or(0, |(count, _)| *count)
 }
 
+/// The metrics records the fleet's nodes originated since `wire_log` was set, in order.
+fn metrics_records_logged(f: &mut Fleet) -> Vec<slmesh_protocol::fleet::MetricsRecord> {
+    use slmesh_protocol::fleet::MetricsMessage;
+    let topic = format!("gossip {}", slmesh_protocol::mesh::TOPIC_METRICS);
+    let log = f.wire_log.take().expect("logged");
+    log.iter()
+        .filter(|(what, _)| *what == topic)
+        .map(|(_, bytes)| MetricsMessage::from_bytes(bytes).expect("a metrics message").record)
+        .map(|signed| signed.verify_self_signed().expect("signed"))
+        .collect()
+}
+
 /// A 30-node fleet on v1, settled; v2 published with a canary of half the fleet soaking
 /// 20 s under `gates`. Runs until 1.5 s before the soak's end; returns the records sent
 /// fleet-wide while v1 was settled (30 s), the records sent since the publication, and
@@ -295,8 +307,6 @@ fn a_failing_node_reports_every_interval_so_a_bad_version_halts_long_before_its_
 
 #[test]
 fn a_node_that_rolled_back_from_a_halted_version_tells_it_at_its_refresh_not_at_once() {
-    use slmesh_protocol::fleet::MetricsMessage;
-    use slmesh_protocol::mesh::TOPIC_METRICS;
     let mut f = fleet_on_v1(30);
     f.run_for(20 * SECOND);
     let bad = slmesh_sim::scenario::Behaviour {
@@ -311,16 +321,7 @@ fn a_node_that_rolled_back_from_a_halted_version_tells_it_at_its_refresh_not_at_
     f.publish(0, m).expect("publish");
     f.run_for(40 * SECOND);
     assert!(f.live().all(|i| f.active(i) == Some(1)), "every node is back on v1");
-    let topic = format!("gossip {TOPIC_METRICS}");
-    let records: Vec<_> = f
-        .wire_log
-        .take()
-        .expect("logged")
-        .iter()
-        .filter(|(what, _)| *what == topic)
-        .map(|(_, bytes)| MetricsMessage::from_bytes(bytes).expect("a metrics message").record)
-        .map(|signed| signed.verify_self_signed().expect("signed"))
-        .collect();
+    let records = metrics_records_logged(&mut f);
     // Each canary node's first record saying it no longer serves v2 is its refresh: five
     // intervals of 1 s after its record before (sequence numbers are its clock in ms).
     // Not for members of v1's panel: that they serve v1 again goes at once.
@@ -515,8 +516,6 @@ fn a_canary_larger_than_a_panel_takes_its_seats_in_rank_order_and_no_member_repo
 /// record of v2 in its first 40 s, and v2's panel then. Checks that the panel holds the
 /// canary's lowest ranks, and that each node's records went an interval apart.
 fn canary_reporters(n: usize, fraction: f64) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
-    use slmesh_protocol::fleet::MetricsMessage;
-    use slmesh_protocol::mesh::TOPIC_METRICS;
     let mut spec = FleetSpec::lan(n);
     spec.mesh_degree = 6;
     spec.node_config.metrics_interval_ms = 5_000;
@@ -526,15 +525,8 @@ fn canary_reporters(n: usize, fraction: f64) -> (BTreeSet<NodeId>, BTreeSet<Node
     let m = f.manifest(2, &[(fraction, 120), (1.0, 0)], Fleet::quick_gates(3));
     f.publish(0, m).expect("publish");
     f.run_for(40 * SECOND);
-    let topic = format!("gossip {TOPIC_METRICS}");
-    let reporters: BTreeSet<(NodeId, u64)> = f
-        .wire_log
-        .take()
-        .expect("logged")
-        .iter()
-        .filter(|(what, _)| *what == topic)
-        .map(|(_, bytes)| MetricsMessage::from_bytes(bytes).expect("a metrics message").record)
-        .map(|signed| signed.verify_self_signed().expect("signed"))
+    let reporters: BTreeSet<(NodeId, u64)> = metrics_records_logged(&mut f)
+        .into_iter()
         .filter(|r| r.versions.iter().any(|v| v.version == 2))
         .map(|r| (r.node, r.seq))
         .collect();
@@ -587,8 +579,6 @@ fn in_a_fleet_larger_than_a_panel_the_nodes_staged_and_serving_per_wave_are_esti
 
 #[test]
 fn a_node_that_moves_to_a_newer_version_tells_its_old_panel_at_the_refresh_not_at_once() {
-    use slmesh_protocol::fleet::MetricsMessage;
-    use slmesh_protocol::mesh::TOPIC_METRICS;
     // More nodes than a panel: most of v1's panel members get no seat in v2's.
     let n = 60;
     let mut f = fleet_on_v1(n);
@@ -608,14 +598,7 @@ fn a_node_that_moves_to_a_newer_version_tells_its_old_panel_at_the_refresh_not_a
     f.run_for(20 * SECOND);
     assert!(f.live().all(|i| f.active(i) == Some(2)), "every node is on v2");
     let served = f.first_served(2, since);
-    let topic = format!("gossip {TOPIC_METRICS}");
-    let log = f.wire_log.take().expect("logged");
-    let records: Vec<_> = log
-        .iter()
-        .filter(|(what, _)| *what == topic)
-        .map(|(_, bytes)| MetricsMessage::from_bytes(bytes).expect("a metrics message").record)
-        .map(|signed| signed.verify_self_signed().expect("signed"))
-        .collect();
+    let records = metrics_records_logged(&mut f);
     // Each v1 panel member that serves v2 without a seat in v2's panel: its last record
     // before it switched, and its first one saying it left v1 (record sequence numbers
     // are the node's clock in ms).

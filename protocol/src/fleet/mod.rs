@@ -65,7 +65,7 @@
 //! ranks per interval; at most six intervals), counted from when the node started
 //! serving it and taken at that moment, not at the node's next sample: a wave's nodes
 //! start serving at about one time, so they report lowest rank first and the rest find
-//! the seats taken, while a canary no larger than a panel reports at once.
+//! the seats taken, while a canary no larger than a panel reports within an interval.
 //!
 //! # What k lying nodes can and cannot do
 //!

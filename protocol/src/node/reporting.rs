@@ -20,9 +20,9 @@
 //! - `METRICS_REFRESH_INTERVALS` intervals passed since its last record, so that peers do
 //!   not expire it.
 //!
-//! None of these but the refresh counts for a version whose rollout halted: its gates
-//! decide nothing more, so its last figures, and that this node rolled back from it, ride
-//! with the next record.
+//! For a version whose rollout halted, a changed report is none of these: its gates
+//! decide nothing more (a halt is final), so its last figures, and that this node rolled
+//! back from it, ride with the next record.
 //!
 //! Only a record that holds a seat in its version's panel goes, and a report new to this
 //! node first waits for its turn (`report_turn`): in the order of the nodes' ranks, a
