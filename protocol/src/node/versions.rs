@@ -319,8 +319,9 @@ impl Node {
                 }
                 self.persist_model(&name);
                 self.active_since.insert(key.clone(), secs);
-                // Measured now: its turn in the version's panel counts from here.
-                self.report_turn_at = Some(self.report_turn_at.map_or(now, |t| t.min(now)));
+                // Measured now: its turn in the version's panel counts from here (a turn
+                // of another report still waiting comes due again at the next sample).
+                self.report_turn_at = Some(now);
                 if let Some(r) = self.versions.get_mut(&key) {
                     r.retry_activation_at = None;
                 }
