@@ -344,6 +344,20 @@ impl FleetView {
         s
     }
 
+    /// Each panel member's requests of a version as its record held them, with when the
+    /// record was heard (Unix seconds; see `Held::heard_at`): how old each count is.
+    pub fn panel_requests(&self, model: &str, version: u64) -> Vec<(NodeId, u64, u64)> {
+        let key = (model.to_string(), version);
+        let mut counts = Vec::with_capacity(PANEL_SIZE);
+        for node in self.panels.members(&key) {
+            let Some(held) = self.records.get(node) else { continue };
+            if let Some(v) = held.record.versions.iter().find(|v| v.version == version && v.model == model) {
+                counts.push((*node, v.requests, held.heard_at));
+            }
+        }
+        counts
+    }
+
     /// The nodes a rollout's progress is estimated from, each standing for `weight`
     /// nodes of the fleet (1 while its panel has room): the members of `version`'s
     /// panel that serve it, and the members of an older version's panel that serve that

@@ -10,9 +10,11 @@
 //!   version replaced an older one here is not a reason: the older one's figures stay
 //!   the newer one's baseline as they were, and it rides with the next record;
 //! - its own figures are beyond a gate's limit, or were at the last record: an alarm goes
-//!   every interval, so that a bad version halts as fast as before, and so does the
-//!   all-clear. Since every gate reads the median across nodes of each node's figures
-//!   against a limit, this alone keeps every verdict but "waiting for samples" current;
+//!   every interval, and so does the all-clear, once the gate has its `min_samples`
+//!   requests or, as this node projects the panel's counts, is about to (`alarm_due`);
+//!   before, no verdict can move. Since every gate reads the median across nodes of each
+//!   node's figures against a limit, this alone keeps every verdict but "waiting for
+//!   samples" current;
 //! - a wave's soak is about to end and the gate, as this node sees it, still waits for
 //!   nodes or requests: one fresh record within the last interval before the end; and
 //!   every interval after it while the next wave waits on the gate (too few samples,
@@ -263,10 +265,41 @@ impl Node {
         let Some(plan) = self.manifests.get(&key).map(|m| &m.manifest.rollout) else { return false };
         let baseline = self.fleet.gate_baseline(&report.model, report.version);
         let beyond = |r: &VersionReport| node_beyond_limits(&plan.gates, &node_stat(self.me, r), baseline.as_deref());
-        if beyond(report) || beyond(last) {
+        if (beyond(report) || beyond(last)) && self.alarm_due(now, &key, report, &plan.gates) {
             return true;
         }
         self.gate_checkpoint_due(now, sent_at, &key)
+    }
+
+    /// Whether an alarm (or its all-clear) goes now: every interval once the panel, as
+    /// this node sees it, holds the gate's `min_samples` requests. Before that no verdict
+    /// can move, since the gate waits for requests whatever each node's figures say; so
+    /// the alarm waits until the panel's requests reach them, projected: each member's
+    /// count as last heard, grown at this node's own rate since, and half an interval
+    /// ahead (the members' alarms go at their phases over the next interval). A bad
+    /// canary's members then send about when the gate can read them, instead of once an
+    /// interval from their first error on; the halt comes about when it did.
+    ///
+    /// Only the timing of this node's own records rests on the projection, never a
+    /// verdict: a member that claims many requests makes the others' alarms go sooner
+    /// (as they all did before), and one that claims none can hold them back by its share
+    /// of the panel's requests at most; the refresh goes every
+    /// `METRICS_REFRESH_INTERVALS` regardless.
+    fn alarm_due(&self, now: u64, key: &(String, u64), report: &VersionReport, gates: &Gates) -> bool {
+        let summary = self.fleet.gate_summary(&key.0, key.1);
+        if summary.pooled.requests >= gates.min_samples {
+            return true;
+        }
+        let since = self.reporting_since.get(key).copied().unwrap_or(now);
+        let per_ms = report.requests as f64 / now.saturating_sub(since).max(1) as f64;
+        let ahead = self.cfg.metrics_interval_ms as f64 / 2.0;
+        let secs = now / 1000;
+        let others = self.fleet.panel_requests(&key.0, key.1).into_iter().filter(|(node, _, _)| *node != self.me);
+        let mut projected = report.requests as f64 + per_ms * ahead;
+        for (_, requests, heard_at) in others {
+            projected += requests as f64 + per_ms * (secs.saturating_sub(heard_at) as f64 * 1000.0 + ahead);
+        }
+        projected >= gates.min_samples as f64
     }
 
     /// Whether the gate that opens a version's next wave needs fresh figures: within the
