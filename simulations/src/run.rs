@@ -22,6 +22,9 @@ use slmesh_protocol::rollout::RolloutPlan;
 const BASELINE: u64 = 1;
 const CANDIDATE: u64 = 2;
 const SAMPLE_EVERY_SECS: u64 = 5;
+/// Gossip in flight at the end is delivered for this long (it crosses the fleet in
+/// well under a second).
+const GOSSIP_DRAIN: Micros = 5 * SECOND;
 
 /// A fault, at a simulated time.
 #[derive(Debug, Clone)]
@@ -96,6 +99,9 @@ struct Run {
     /// node reports the baseline unless the records it heard fill the panel first.
     metrics_gossip_at_publish: u64,
     end: Micros,
+    /// When the run ended (its report's figures are up to then; the gossip in flight at
+    /// that moment is delivered after, and its bytes counted).
+    ended_at: Micros,
     faults: Vec<(Micros, Fault)>,
     /// Nodes still to come back or join.
     returns_pending: usize,
@@ -180,6 +186,7 @@ impl Run {
             published: false,
             metrics_gossip_at_publish: 0,
             end,
+            ended_at: start,
             faults,
             returns_pending,
             cohort_wave,
@@ -218,6 +225,8 @@ impl Run {
                 }
             }
         }
+        self.ended_at = self.fleet.now();
+        self.fleet.drain_gossip(GOSSIP_DRAIN);
     }
 
     fn apply(&mut self, fault: Fault) {
@@ -371,7 +380,7 @@ impl Run {
         let q = |v: &[f64], q: f64| {
             (!v.is_empty()).then(|| v[((q * v.len() as f64) as usize).min(v.len() - 1)]).filter(|x| x.is_finite())
         };
-        let span = secs(fleet.now() - self.start).max(1e-9);
+        let span = secs(self.ended_at - self.start).max(1e-9);
         let origin_egress = fleet.nodes[0].piece_bytes_sent;
         let sent = |topic: &str| fleet.gossip_bytes.get(topic).copied().unwrap_or(0);
         let gossip = |topic: &str| sent(topic) as f64 / n as f64 / span;
@@ -379,7 +388,7 @@ impl Run {
         // All of it came before publication if the run ended first (`publish_at_secs` past
         // its end).
         let (metrics_before, rollout_secs) = if self.published {
-            (self.metrics_gossip_at_publish, secs(fleet.now().saturating_sub(self.publish_at)))
+            (self.metrics_gossip_at_publish, secs(self.ended_at.saturating_sub(self.publish_at)))
         } else {
             (metrics_total, 0.0)
         };

@@ -334,23 +334,24 @@ fn a_node_that_rolled_back_from_a_halted_version_tells_it_at_its_refresh_not_at_
     f.run_for(40 * SECOND);
     assert!(f.live().all(|i| f.active(i) == Some(1)), "every node is back on v1");
     let records = metrics_records_logged(&mut f);
-    // Each canary node's first record saying it no longer serves v2 is its refresh: five
-    // intervals of 1 s after its record before (sequence numbers are its clock in ms).
-    // Not for members of v1's panel: that they serve v1 again goes at once.
-    let mut told = 0;
+    // Each canary node's first record saying it no longer serves v2 (or, from a member of
+    // v1's panel, that it serves v1 again) is its refresh: five intervals of 1 s after
+    // its record before (sequence numbers are its clock in ms).
+    let on_v2 = |r: &slmesh_protocol::fleet::MetricsRecord| {
+        r.versions.iter().any(|v| (v.version == 2 && v.active) || (v.version == 1 && !v.active))
+    };
+    let (mut told, mut told_v1_panel) = (0, 0);
     for i in f.live() {
         let mine: Vec<_> = records.iter().filter(|r| r.node == f.id(i)).collect();
-        if mine.iter().any(|r| r.versions.iter().any(|v| v.version == 1)) {
-            continue;
-        }
-        let Some(last) = mine.iter().rposition(|r| r.versions.iter().any(|v| v.version == 2 && v.active)) else {
-            continue;
-        };
+        let Some(last) = mine.iter().rposition(|r| on_v2(r)) else { continue };
         let Some(next) = mine.get(last + 1) else { continue };
-        assert!(next.versions.iter().any(|v| v.version == 2 && !v.active), "node {i}: {:?}", next.versions);
+        assert!(!on_v2(next), "node {i}: {:?}", next.versions);
         assert!(next.seq - mine[last].seq >= 4_900, "node {i} told at once: {} ms after", next.seq - mine[last].seq);
         told += 1;
+        told_v1_panel += usize::from(next.versions.iter().any(|v| v.version == 1 && v.active));
     }
+    eprintln!("{told} canary nodes told they rolled back, {told_v1_panel} of them members of v1's panel");
+    assert!(told_v1_panel >= 1, "no member of v1's panel in the canary told it");
     assert!(told >= 3, "{told} canary nodes told they rolled back");
 }
 
@@ -632,4 +633,32 @@ fn a_node_that_moves_to_a_newer_version_tells_its_old_panel_at_the_refresh_not_a
     eprintln!("{moved} v1 panel members moved without a v2 seat, {early} of them well before their refresh");
     // Before this rule, each of these sent a record at its first interval on v2.
     assert!(moved >= 5 && early * 2 >= moved, "{moved} moved, {early} early");
+}
+
+#[test]
+fn at_a_runs_end_the_gossip_in_flight_is_delivered_and_counted_and_nothing_else_runs() {
+    use slmesh_protocol::mesh::{TOPIC_MANIFESTS, TOPIC_METRICS};
+    let n = 30;
+    let mut f = fleet_on_v1(n);
+    f.run_for(20 * SECOND);
+    // A manifest published at the run's last instant: only its first hops have gone.
+    let m = f.manifest(2, &[(1.0, 0)], Fleet::quick_gates(3));
+    f.publish(0, m).expect("publish");
+    let sent = |f: &Fleet, topic: &str| f.gossip_bytes.get(topic).copied().unwrap_or(0);
+    let (manifest_bytes, metrics_records) = (sent(&f, TOPIC_MANIFESTS), metrics_sent(&f));
+    // Nodes that received it by gossip (every node but its origin, 0).
+    let learned = |f: &Fleet| f.live().filter(|i| f.nodes[*i].learned.iter().any(|(_, v)| *v == 2)).count();
+    let (learned_at_end, end) = (learned(&f), f.now());
+    f.drain_gossip(5 * SECOND);
+    assert!(learned_at_end < n - 1, "the manifest had reached {learned_at_end} nodes at the end");
+    assert_eq!(learned(&f), n - 1, "delivered to every node");
+    // Each node but the origin received it at least once, and those bytes were sent.
+    let size = f.gossip_originated.get(TOPIC_MANIFESTS).map_or(0, |(count, bytes)| bytes / count);
+    let drained = sent(&f, TOPIC_MANIFESTS) - manifest_bytes;
+    assert!(drained >= (n - 1 - learned_at_end) as u64 * size, "{drained} bytes drained");
+    // Nothing but gossip ran: no metrics record originated (the new version's reports
+    // would have sent some), no fetch started, and time stayed within the drain.
+    assert_eq!(metrics_sent(&f), metrics_records);
+    assert!(f.live().all(|i| f.active(i) == Some(1)), "no node activated v2");
+    assert!(f.now() <= end + 5 * SECOND);
 }

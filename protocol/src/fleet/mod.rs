@@ -38,20 +38,21 @@
 //! to well within the TTL, as they must for certificates).
 //! Members send a record when a gate needs it, not every interval (`node::reporting`):
 //! a report that is new, starts or stops serving (not when a newer version replaced it
-//! here), measures its first request or fails to load; figures beyond a gate's limit
-//! (every interval, and the all-clear after them) once the gate has its `min_samples`
-//! requests or, as the member projects the panel's counts from their age and its own
-//! rate, is about to: before, no verdict can move, so a bad canary's members send their
-//! alarms when the gate can read them rather than every interval from their first error
-//! (the halt comes about as soon); one record in the last interval before a wave's soak
-//! ends if the gate still waits for nodes or requests, and every interval after it while
-//! the next wave waits on the gate; and every fifth interval regardless, so that peers
-//! do not expire them. Since a gate takes the median across nodes of each node's figures
-//! against a limit, its verdict moves only when some node crosses a limit, and that node
-//! sends at once (once the gate has its samples): fresher figures within the limits would
-//! change only the counts. (A liar that
-//! claims many requests can make honest members skip that last record; their figures
-//! then count as they last sent them, within the limits, which decides the same.) During a
+//! here, nor when it serves again after a newer one halted), measures its first request
+//! or fails to load; figures beyond a gate's limit (every interval, and the all-clear
+//! after them) once the gate has its `min_samples` requests or, as the member projects
+//! the panel's counts from their age and its own rate, is about to: before, no verdict
+//! can move, so a bad canary's members send their alarms when the gate can read them
+//! rather than every interval from their first error (the halt comes about as soon); one
+//! record in the last interval before a wave's soak ends if the gate still waits for
+//! nodes or requests, and every interval after it while the next wave waits on the gate;
+//! and every fifth interval regardless, so that peers do not expire them. Since a gate
+//! takes the median across nodes of each node's figures against a limit, its verdict
+//! moves only when some node crosses a limit, and that node sends at once (once the gate
+//! has its samples): fresher figures within the limits would change only the counts. (A
+//! liar that claims many requests can make honest members skip that last record; their
+//! figures then count as they last sent them, within the limits, which decides the
+//! same.) During a
 //! three-wave rollout that is about a fifth of the records of sending every interval,
 //! and the waves open as early (BENCHMARKS.md). Nodes sample their figures at a phase of
 //! the interval their id picks, so that a fleet started at one moment still spreads its

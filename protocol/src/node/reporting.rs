@@ -23,8 +23,8 @@
 //!   not expire it.
 //!
 //! For a version whose rollout halted, a changed report is none of these: its gates
-//! decide nothing more (a halt is final), so its last figures, and that this node rolled
-//! back from it, ride with the next record.
+//! decide nothing more (a halt is final), so its last figures, that this node rolled
+//! back from it, and that it serves the version before again, ride with the next record.
 //!
 //! Only a record that holds a seat in its version's panel goes, and a report new to this
 //! node first waits for its turn (`report_turn`): in the order of the nodes' ranks, a
@@ -255,7 +255,11 @@ impl Node {
         // figures stay as they were): that it stopped rides with the next record.
         let superseded =
             last.active && !report.active && self.serving(&report.model).is_some_and(|v| v > report.version);
-        if (report.active != last.active && !superseded)
+        // Nor does one served again after a newer one halted and this node rolled back:
+        // the halted version's gates decide nothing more, and this one's figures stay its
+        // baseline as they were.
+        let restored = report.active && !last.active && self.newer_halted(&report.model, report.version);
+        if (report.active != last.active && !superseded && !restored)
             || report.activation_failures != last.activation_failures
             || report.eval != last.eval
             || (report.requests == 0) != (last.requests == 0)
@@ -300,6 +304,12 @@ impl Node {
             projected += requests as f64 + per_ms * (secs.saturating_sub(heard_at) as f64 * 1000.0 + ahead);
         }
         projected >= gates.min_samples as f64
+    }
+
+    /// Whether the rollout of a version of `model` newer than `version` halted.
+    fn newer_halted(&self, model: &str, version: u64) -> bool {
+        let newer = (model.to_string(), version.saturating_add(1))..;
+        self.versions.range(newer).take_while(|((m, _), _)| m == model).any(|(_, r)| r.halted.is_some())
     }
 
     /// Whether the gate that opens a version's next wave needs fresh figures: within the

@@ -309,6 +309,8 @@ pub struct NodeFleet {
     pub gossip_bytes: BTreeMap<&'static str, u64>,
     /// Gossip messages nodes originated, and their bytes, by topic.
     pub gossip_originated: BTreeMap<&'static str, (u64, u64)>,
+    /// Set by `drain_gossip`: the run is over, and no gossip originates.
+    draining: bool,
     /// Bytes of peer requests sent (have records, syncs, hellos), by kind.
     pub request_bytes: BTreeMap<RequestKind, u64>,
     /// Bytes of the answers to requests, per kind of request.
@@ -468,6 +470,7 @@ impl NodeFleet {
             request_bytes: BTreeMap::new(),
             response_bytes: BTreeMap::new(),
             gossip_originated: BTreeMap::new(),
+            draining: false,
         }
     }
 
@@ -641,6 +644,9 @@ impl NodeFleet {
         }
         match out {
             Output::Gossip { topic, data } => {
+                if self.draining {
+                    return; // the run is over: only the gossip in flight goes on
+                }
                 self.log_wire(|| format!("gossip {topic}"), &data);
                 self.nodes[i].seen.insert(message_id(&data));
                 let origin = self.gossip_originated.entry(topic).or_default();
@@ -919,6 +925,26 @@ impl NodeFleet {
                     assert!(next > now, "node {node} asks to be woken at {next} right after its timeout at {now}");
                 }
                 self.drain(node);
+            }
+        }
+    }
+
+    /// Ends a run: delivers the gossip in flight for at most `within` (forwarding it and
+    /// counting its bytes in `gossip_bytes`), and nothing else: no gossip originates, and
+    /// every other event is dropped, so the fleet runs no further. Otherwise a message
+    /// originated at the run's last instant would count its first hop only, and a
+    /// per-second figure over a short window would depend on whether a burst fell just
+    /// before the end or at it.
+    pub fn drain_gossip(&mut self, within: Micros) {
+        let end = self.q.now();
+        self.draining = true;
+        while let Some(at) = self.q.peek_time() {
+            if at > end + within {
+                break;
+            }
+            let Some((_, ev)) = self.q.pop() else { break };
+            if matches!(ev, Ev::Gossip { .. }) {
+                self.step(ev);
             }
         }
     }
