@@ -637,7 +637,7 @@ fn a_node_that_moves_to_a_newer_version_tells_its_old_panel_at_the_refresh_not_a
 
 #[test]
 fn at_a_runs_end_the_gossip_in_flight_is_delivered_and_counted_and_nothing_else_runs() {
-    use slmesh_protocol::mesh::{TOPIC_MANIFESTS, TOPIC_METRICS};
+    use slmesh_protocol::mesh::TOPIC_MANIFESTS;
     let n = 30;
     let mut f = fleet_on_v1(n);
     f.run_for(20 * SECOND);
