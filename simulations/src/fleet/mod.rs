@@ -309,7 +309,7 @@ pub struct NodeFleet {
     pub gossip_bytes: BTreeMap<&'static str, u64>,
     /// Gossip messages nodes originated, and their bytes, by topic.
     pub gossip_originated: BTreeMap<&'static str, (u64, u64)>,
-    /// Set by `drain_gossip`: the run is over, and no gossip originates.
+    /// Set by `drain_gossip`: the run is over, and nothing new is sent.
     draining: bool,
     /// Bytes of peer requests sent (have records, syncs, hellos), by kind.
     pub request_bytes: BTreeMap<RequestKind, u64>,
@@ -638,15 +638,15 @@ impl NodeFleet {
     }
 
     fn on_output(&mut self, i: usize, out: Output) {
-        if self.nodes[i].silent && matches!(out, Output::Gossip { .. } | Output::Request { .. } | Output::Refuse { .. })
+        // A silent node sends nothing, and holds on to its connections; once the run is
+        // over, nothing new goes out while the gossip in flight drains.
+        if (self.nodes[i].silent || self.draining)
+            && matches!(out, Output::Gossip { .. } | Output::Request { .. } | Output::Refuse { .. })
         {
-            return; // it sends nothing, and holds on to its connections
+            return;
         }
         match out {
             Output::Gossip { topic, data } => {
-                if self.draining {
-                    return; // the run is over: only the gossip in flight goes on
-                }
                 self.log_wire(|| format!("gossip {topic}"), &data);
                 self.nodes[i].seen.insert(message_id(&data));
                 let origin = self.gossip_originated.entry(topic).or_default();
@@ -930,11 +930,11 @@ impl NodeFleet {
     }
 
     /// Ends a run: delivers the gossip in flight for at most `within` (forwarding it and
-    /// counting its bytes in `gossip_bytes`), and nothing else: no gossip originates, and
-    /// every other event is dropped, so the fleet runs no further. Otherwise a message
-    /// originated at the run's last instant would count its first hop only, and a
-    /// per-second figure over a short window would depend on whether a burst fell just
-    /// before the end or at it.
+    /// counting its bytes in `gossip_bytes`), and nothing else: nothing new is sent (no
+    /// gossip, request or refusal, as for a silent node), and every other event is
+    /// dropped, so the fleet runs no further. Otherwise a message originated at the run's
+    /// last instant would count its first hop only, and a per-second figure over a short
+    /// window would depend on whether a burst fell just before the end or at it.
     pub fn drain_gossip(&mut self, within: Micros) {
         let end = self.q.now();
         self.draining = true;
